@@ -1,0 +1,43 @@
+# `make demo` and `make test` work on a fresh machine with Python 3 and make: they create .venv,
+# install the package (torch pinned to the local CPU wheel), then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint typecheck format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" "$(TORCH_PIN)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	RUN_DIR=$${RUN_DIR:-$(CURDIR)/runs} $(BIN)/ml train digits
+
+lint: $(STAMP)
+	$(BIN)/ruff check ml tests bench
+	$(BIN)/ruff format --check ml tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest -q
+
+format: $(STAMP)
+	$(BIN)/ruff format ml tests bench
+	$(BIN)/ruff check --fix ml tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/import_time.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

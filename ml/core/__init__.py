@@ -1,0 +1,1 @@
+"""Core building blocks: configs, the component registry and the trainer state."""

@@ -1,0 +1,1 @@
+"""Loggers: one small interface (:class:`BaseLogger`) and a fan-out (:class:`MultiLogger`)."""

@@ -1,0 +1,1 @@
+"""Optimizers: :class:`BaseOptimizer` builds a ``torch.optim.Optimizer`` for a model."""

@@ -1,0 +1,1 @@
+"""Small utilities: atomic files, distributed helpers, device detection."""

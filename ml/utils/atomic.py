@@ -1,0 +1,75 @@
+"""Defines atomic file writes: a reader sees the old file or the new one, never a partial one.
+
+Each write goes to a temporary file in the destination's folder, is flushed and fsynced, then
+``os.replace``-d over the destination, and the folder is fsynced so the rename survives a crash.
+If the writer is interrupted (an exception, Ctrl-C), the temporary file is removed.
+"""
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+
+def fsync_dir(path: Path) -> None:
+    """Flushes a folder's entries (renames, new files) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Opens a temporary file that replaces ``path`` when the block exits without error.
+
+    Args:
+        path: The destination file.
+        mode: ``"wb"`` or ``"w"``.
+
+    Yields:
+        The open temporary file.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open supports modes 'w' and 'wb', not {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_with(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Calls ``write(file)`` on a temporary file that then atomically replaces ``path``."""
+    with atomic_open(path, "wb") as f:
+        write(f)
+
+
+def atomic_symlink(target: str, link: Path) -> None:
+    """Points ``link`` at ``target`` (kept as given, e.g. relative), replacing any old link atomically."""
+    tmp = link.parent / f".{link.name}.{os.getpid()}.link.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(link.parent)
