@@ -71,8 +71,18 @@ class BaseObject(Generic[ConfigT]):
             raw = OmegaConf.structured(config)
         else:
             raise TypeError(f"{type(self).__name__} expects a config dataclass, got {type(config).__name__}")
+        missing = _unimplemented(type(self))
+        if missing:
+            raise TypeError(f"{type(self).__name__} does not implement {', '.join(missing)}")
         self.config: ConfigT = config
         self.raw_config: DictConfig = raw
+
+
+def _unimplemented(cls: type) -> list[str]:
+    """Abstract methods a class leaves unimplemented (checked here since nn.Module is not an ABC)."""
+    return sorted(
+        name for name in dir(cls) if getattr(getattr(cls, name, None), "__isabstractmethod__", False)
+    )
 
 
 def _exp_name_resolver(default: str | None = None) -> str:
@@ -108,7 +118,11 @@ def register_resolvers() -> None:
         ("ml.abs_path", _abs_path_resolver),
         ("ml.cpu_count", _cpu_count_resolver),
     ):
-        if not OmegaConf.has_resolver(name):
+        if OmegaConf.has_resolver(name):
+            continue
+        if hasattr(OmegaConf, "register_resolver"):  # OmegaConf >= 2.4
+            OmegaConf.register_resolver(name, fn)
+        else:
             OmegaConf.register_new_resolver(name, fn)
 
 

@@ -9,7 +9,7 @@ write now. Only the master process writes.
 """
 
 import time
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +53,7 @@ class LogBatch:
         return bool(self.scalars or self.strings or self.histograms)
 
 
-class BaseLogger(BaseObject[LoggerConfigT]):
+class BaseLogger(BaseObject[LoggerConfigT], ABC):
     """A destination for metrics.
 
     Subclasses implement :meth:`write`; they may override :meth:`initialize` (open files under the
@@ -85,8 +85,12 @@ class BaseLogger(BaseObject[LoggerConfigT]):
         return time.monotonic() - self._last_write_time >= self.config.write_every_n_seconds
 
     def mark_written(self, state: State) -> None:
-        self._last_write_time = time.monotonic()
-        self._last_write_step = state.num_steps
+        """Records a write; only training writes restart the training interval."""
+        # Validation and test always write; letting them reset the clock would shift the
+        # training writes (every 100 steps would become 100 steps after the last validation).
+        if state.training:
+            self._last_write_time = time.monotonic()
+            self._last_write_step = state.num_steps
 
     @abstractmethod
     def write(self, state: State, batch: LogBatch) -> None:

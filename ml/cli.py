@@ -1,0 +1,198 @@
+"""Defines the ``ml`` command.
+
+``ml train CONFIG... [key=value...]`` composes the config, builds the components, claims the run
+directory and trains; ``ml resolve`` prints the composed config. Bad input (bad YAML, unknown key,
+wrong type, missing value or file, unknown component) stops before anything is created on disk with
+one line and exit code 2; ``--debug`` shows the traceback. Exit codes: 0 done or stopped cleanly
+with a checkpoint, 1 failure during training, 2 bad input, 130 interrupted.
+"""
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+USAGE = """\
+ml train CONFIG [CONFIG ...] [key=value ...]   train (a run's config.yaml continues that run)
+ml resolve CONFIG [CONFIG ...] [key=value ...] print the composed config
+ml COMMAND --help                              the config fields, with help texts
+
+CONFIG is a YAML file or a packaged config name (e.g. `digits`); files merge in order, then the
+key=value overrides. Runs go to $RUN_DIR/<exp_name>/run_<N> ($RUN_DIR defaults to ./runs).
+"""
+
+
+class BadInput(Exception):
+    """Input the user can fix; reported as one line with exit code 2."""
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"ml {command}" if command else "ml", usage=USAGE, add_help=False, allow_abbrev=False
+    )
+    parser.add_argument("command", nargs="?", choices=["train", "resolve"])
+    parser.add_argument("args", nargs="*", help="config files and key=value overrides")
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    configs = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    return configs, overrides
+
+
+def _print_help(command: str | None, args: list[str]) -> None:
+    from ml.core.compose import SECTIONS, compose_config, config_fields
+    from ml.core.registry import lookup, registered_names
+
+    print(USAGE)
+    if command is None:
+        return
+    configs, overrides = _split_args(args)
+    chosen: dict[str, list[str]] = {}
+    if configs:
+        root = compose_config(configs, overrides)
+        for section in SECTIONS:
+            nodes = root[section] if section == "logger" else [root[section]]
+            chosen[section] = [str(node.name) for node in nodes]
+    else:
+        print("Give a config to see only the components it selects.\n")
+        chosen = {section: registered_names(kind) for section, kind in SECTIONS.items()}
+    for section, names in chosen.items():
+        for name in names:
+            _, config_cls = lookup(SECTIONS[section], name)
+            print(f"{section}: {name}  ({config_cls.__name__})")
+            for field, type_name, default, help_text in config_fields(config_cls):
+                print(f"  {section}.{field}: {type_name} = {default}\n      {help_text}")
+            print()
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="[%(levelname).1s %(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def _compose(args: list[str]) -> Any:
+    from ml.core.compose import compose_config, set_default_exp_name
+
+    configs, overrides = _split_args(args)
+    root = compose_config(configs, overrides)
+    set_default_exp_name(configs)
+    return root
+
+
+def _resolve(args: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    root = _compose(args)
+    print(OmegaConf.to_yaml(root, resolve=True), end="")
+    return EXIT_OK
+
+
+def _default_run_dir() -> None:
+    if not os.environ.get("RUN_DIR"):
+        os.environ["RUN_DIR"] = str(Path("runs").resolve())
+        print(f"ml: RUN_DIR is not set; using {os.environ['RUN_DIR']}", file=sys.stderr)
+
+
+def _train(args: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from ml.core.compose import ConfigError, build_objects
+    from ml.core.registry import lookup
+
+    root = _compose(args)
+    objects = build_objects(root)
+    initial = root.trainer.checkpoint.load_from_ckpt_path
+    if initial and not Path(initial).expanduser().is_file():
+        raise ConfigError(f"trainer.checkpoint.load_from_ckpt_path: no such file {initial}")
+
+    _default_run_dir()
+    claimed = OmegaConf.is_missing(root.trainer, "exp_dir")
+    trainer_cls, _ = lookup("trainer", str(root.trainer.name))
+    OmegaConf.get_type(root.trainer).resolve(root.trainer)  # type: ignore[union-attr]
+    exp_dir = Path(root.trainer.exp_dir)
+    try:
+        OmegaConf.resolve(root)
+        trainer = trainer_cls(root.trainer)
+        trainer.set_run_config(root)
+        trainer.add_loggers(objects.loggers)
+    except Exception:
+        if claimed:
+            shutil.rmtree(exp_dir, ignore_errors=True)
+        raise
+    print(f"ml: experiment directory {exp_dir}", file=sys.stderr)
+    try:
+        trainer.train(objects.model, objects.task, objects.optimizer, objects.lr_scheduler)
+    except (ConfigError, NotImplementedError, TypeError) as e:
+        # Problems of the task/model definitions found before the first step: leave no empty run.
+        if claimed and not trainer.ckpt_path.exists():
+            shutil.rmtree(exp_dir, ignore_errors=True)
+        raise BadInput(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+    _report(trainer)
+    if getattr(trainer, "stop_signal", None) == signal.Signals.SIGINT:
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _report(trainer: Any) -> None:
+    print(f"ml: run directory   {trainer.exp_dir}", file=sys.stderr)
+    if trainer.ckpt_path.exists():
+        print(f"ml: checkpoint      {trainer.ckpt_path} -> {os.readlink(trainer.ckpt_path)}", file=sys.stderr)
+    tb = trainer.log_dir / "tensorboard"
+    if tb.exists():
+        print(f"ml: tensorboard     tensorboard --logdir {tb}", file=sys.stderr)
+    for name, value in sorted(getattr(trainer, "final_metrics", {}).items()):
+        print(f"ml: {name:<17} {value:.4f}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ml`` console command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as e:
+        return EXIT_BAD_INPUT if e.code else EXIT_OK
+    debug = ns.debug
+    try:
+        if ns.help or ns.command is None:
+            _print_help(ns.command, ns.args)
+            return EXIT_OK if ns.help else EXIT_BAD_INPUT
+        _setup_logging()
+        if ns.command == "resolve":
+            return _resolve(ns.args)
+        return _train(ns.args)
+    except KeyboardInterrupt:
+        print("ml: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        from ml.core.compose import ConfigError
+        from ml.core.registry import RegistryError
+        from ml.utils.checkpoint import CheckpointError
+
+        bad_input = isinstance(e, (BadInput, ConfigError, RegistryError, CheckpointError, KeyError))
+        if debug:
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if bad_input:
+            print(f"ml: error: {first}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if not debug:
+            traceback.print_exc()
+        print(f"ml: training failed: {type(e).__name__}: {first}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Defines how a run's config is composed, validated and turned into objects.
+
+``YAML files (merged in order) + key=value overrides`` are merged over the config dataclass of the
+component each section names. Every problem (bad YAML, unknown section or key, wrong type, missing
+required value, unknown component) raises :class:`ConfigError` with one line naming the key or file,
+before anything is created on disk.
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ml.core.config import EXP_NAME_ENV
+from ml.core.registry import Kind, RegistryError, lookup
+
+# Section name -> registry kind. `logger` is a list of sections.
+SECTIONS: dict[str, Kind] = {
+    "model": "model",
+    "task": "task",
+    "optimizer": "optimizer",
+    "lr_scheduler": "lr_scheduler",
+    "trainer": "trainer",
+    "logger": "logger",
+    "launcher": "launcher",
+}
+DEFAULTS: dict[str, Any] = {
+    "lr_scheduler": {"name": "constant"},
+    "trainer": {"name": "sl"},
+    "logger": [{"name": "stdout"}, {"name": "jsonl"}],
+    "launcher": {"name": "single"},
+}
+PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "examples"
+
+
+class ConfigError(ValueError):
+    """The run's config is invalid; the message is one line naming the problem and the fix."""
+
+
+def _first_line(e: BaseException) -> str:
+    msg = getattr(e, "msg", None) or str(e)
+    return str(msg).strip().splitlines()[0] if str(msg).strip() else type(e).__name__
+
+
+def find_config_file(arg: str) -> Path:
+    """Maps a command-line config argument to a file: a path, or a packaged name like ``digits``.
+
+    Raises:
+        ConfigError: Neither a file nor a packaged config has that name.
+    """
+    path = Path(arg).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir() and (path / "config.yaml").is_file():
+        return path / "config.yaml"
+    packaged = PACKAGED_CONFIGS / arg / "config.yaml"
+    if "/" not in arg and not arg.endswith((".yaml", ".yml")) and packaged.is_file():
+        return packaged
+    names = sorted(p.parent.name for p in PACKAGED_CONFIGS.glob("*/config.yaml"))
+    raise ConfigError(
+        f"config file not found: {arg} (give a YAML path, or a packaged config: {', '.join(names)})"
+    )
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"bad YAML in {where}: {problem}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} must hold a mapping of sections (model:, task:, ...), not a {type(data).__name__}"
+        )
+    try:
+        return OmegaConf.create(data)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad config in {path}: {_first_line(e)}") from e
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"bad override {item!r}: write key=value, e.g. optimizer.lr=3e-4")
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ConfigError(f"bad override: {_first_line(e)}") from e
+
+
+def _typed_section(section: str, kind: Kind, raw: Any) -> DictConfig:
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"section {section!r} must be a mapping with a `name`, got {type(raw).__name__}")
+    name = raw.get("name") if not OmegaConf.is_missing(raw, "name") else None
+    if not name:
+        raise ConfigError(f"{section}.name is required (a registered {kind} or package.module:ClassName)")
+    try:
+        _, config_cls = lookup(kind, str(name))
+    except RegistryError as e:
+        raise ConfigError(f"{section}.name: {e}") from e
+    try:
+        return OmegaConf.merge(OmegaConf.structured(config_cls), raw)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        where = f"{section}.{key}" if key else section
+        raise ConfigError(f"{where}: {_first_line(e)}") from e
+
+
+def compose_config(config_files: list[str], overrides: list[str] | None = None) -> DictConfig:
+    """Merges config files and overrides over the selected components' dataclasses, and validates.
+
+    ``trainer.exp_dir`` may remain unset (``???``): it is filled when the run directory is claimed.
+
+    Args:
+        config_files: YAML paths or packaged names, merged in order.
+        overrides: ``key=value`` strings applied last.
+
+    Returns:
+        The config tree with one typed node per section.
+
+    Raises:
+        ConfigError: Any invalid input, with one line naming it.
+    """
+    if not config_files:
+        raise ConfigError("give at least one config file, e.g. `ml train digits`")
+    paths = [find_config_file(arg) for arg in config_files]
+    merged: Any = OmegaConf.create(DEFAULTS)
+    for path in paths:
+        merged = OmegaConf.merge(merged, _load_yaml(path))
+    merged = OmegaConf.merge(merged, _parse_overrides(list(overrides or [])))
+    _relocate_run_config(merged, paths[-1])
+    unknown = sorted(set(merged) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r}; sections are: {', '.join(SECTIONS)}")
+    for section in ("model", "task", "optimizer"):
+        if section not in merged:
+            raise ConfigError(f"missing section {section!r} (with at least `name:`)")
+
+    typed: dict[str, Any] = {}
+    for section, kind in SECTIONS.items():
+        raw = merged[section]
+        if section == "logger":
+            if not isinstance(raw, ListConfig):
+                raise ConfigError("section 'logger' must be a list, e.g. [{name: stdout}, {name: jsonl}]")
+            typed[section] = [_typed_section(f"logger[{i}]", kind, item) for i, item in enumerate(raw)]
+        else:
+            typed[section] = _typed_section(section, kind, raw)
+    root = OmegaConf.create(typed)
+    _check_complete(root)
+    return root
+
+
+def _relocate_run_config(merged: DictConfig, last_file: Path) -> None:
+    """A run's own ``config.yaml`` continues that run, even if its folder was moved since."""
+    trainer = merged.get("trainer")
+    if last_file.name != "config.yaml" or not isinstance(trainer, DictConfig) or "exp_dir" not in trainer:
+        return
+    if OmegaConf.is_missing(trainer, "exp_dir") or not (last_file.parent / "checkpoints").exists():
+        return
+    here = last_file.resolve().parent
+    if Path(str(trainer.exp_dir)).expanduser().resolve() != here:
+        trainer.exp_dir = str(here)
+
+
+def _check_complete(root: DictConfig) -> None:
+    missing = sorted(k for k in OmegaConf.missing_keys(root) if k != "trainer.exp_dir")
+    if missing:
+        raise ConfigError(f"missing required value {missing[0]}: set it in the YAML or with {missing[0]}=...")
+    try:
+        OmegaConf.to_container(root, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{key or 'config'}: {_first_line(e)}") from e
+
+
+def set_default_exp_name(config_files: list[str]) -> None:
+    """Names the experiment after the first config file (``digits`` for ``ml train digits``)."""
+    if os.environ.get(EXP_NAME_ENV):
+        return
+    first = find_config_file(config_files[0])
+    name = first.parent.name if first.name == "config.yaml" else first.stem
+    os.environ[EXP_NAME_ENV] = name
+
+
+@dataclass
+class Objects:
+    """The components of one run, built from a composed config."""
+
+    config: DictConfig
+    model: Any
+    task: Any
+    optimizer: Any
+    lr_scheduler: Any
+    loggers: list[Any]
+
+
+def build_objects(root: DictConfig) -> Objects:
+    """Constructs model, task, optimizer, scheduler and loggers (not the trainer: it claims a folder).
+
+    Raises:
+        ConfigError: A component rejected its config (the message names the section).
+    """
+
+    def make(section: str, kind: Kind, node: DictConfig) -> Any:
+        cls, _ = lookup(kind, str(node.name))
+        try:
+            return cls(node)
+        except (ValueError, TypeError, KeyError, OmegaConfBaseException) as e:
+            raise ConfigError(f"{section} ({node.name}): {_first_line(e)}") from e
+
+    return Objects(
+        config=root,
+        model=make("model", "model", root.model),
+        task=make("task", "task", root.task),
+        optimizer=make("optimizer", "optimizer", root.optimizer),
+        lr_scheduler=make("lr_scheduler", "lr_scheduler", root.lr_scheduler),
+        loggers=[make(f"logger[{i}]", "logger", node) for i, node in enumerate(root.logger)],
+    )
+
+
+def config_fields(config_cls: type) -> list[tuple[str, str, str, str]]:
+    """``(dotted name, type, default, help)`` for every field of a config dataclass, nested included."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            name = f"{prefix}{f.name}"
+            default: Any = f.default
+            if f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            if dataclasses.is_dataclass(default) and not isinstance(default, type):
+                walk(type(default), f"{name}.")
+                continue
+            type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            rows.append(
+                (name, str(type_name).replace("typing.", ""), str(default), f.metadata.get("help", ""))
+            )
+
+    walk(config_cls, "")
+    return rows

@@ -1,0 +1,1 @@
+"""Built-in examples that ship with the package: ``ml train digits``."""

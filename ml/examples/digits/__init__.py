@@ -1,0 +1,86 @@
+"""Defines the ``digits`` example: the 8x8 handwritten digits that ship with scikit-learn.
+
+1,797 grey-scale images of 64 pixels, split once with a fixed seed into train (1,257), valid (180)
+and test (360) samples; no download. The model is a small MLP (``digits_mlp``); the task
+(``digits``) computes cross-entropy and logs accuracy.
+"""
+
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from ml.core.config import conf_field
+from ml.core.registry import register_model, register_task
+from ml.core.state import Phase, State
+from ml.models.base import BaseModel, BaseModelConfig
+from ml.tasks.sl import SupervisedLearningTask, SupervisedLearningTaskConfig
+
+SPLIT_SIZES = {"train": 1257, "valid": 180, "test": 360}
+
+
+@cache
+def _load_digits_split(split_seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from sklearn.datasets import load_digits  # the data ships inside scikit-learn
+
+    digits = load_digits()
+    images = (digits.data / 16.0).astype(np.float32)
+    labels = digits.target.astype(np.int64)
+    order = np.random.RandomState(split_seed).permutation(len(labels))
+    splits, start = {}, 0
+    for phase, size in SPLIT_SIZES.items():
+        idx = order[start : start + size]
+        splits[phase] = (images[idx], labels[idx])
+        start += size
+    return splits
+
+
+@dataclass
+class DigitsMLPConfig(BaseModelConfig):
+    hidden: int = conf_field(256, help="Width of the hidden layers")
+    num_layers: int = conf_field(2, help="Number of hidden layers")
+    dropout: float = conf_field(0.1, help="Dropout probability after each hidden layer")
+
+
+@register_model("digits_mlp")
+class DigitsMLP(BaseModel[DigitsMLPConfig]):
+    """A multi-layer perceptron from 64 pixels to 10 class logits."""
+
+    def __init__(self, config: DigitsMLPConfig) -> None:
+        super().__init__(config)
+        layers: list[nn.Module] = []
+        width = 64
+        for _ in range(config.num_layers):
+            layers += [nn.Linear(width, config.hidden), nn.ReLU(), nn.Dropout(config.dropout)]
+            width = config.hidden
+        layers.append(nn.Linear(width, 10))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images.flatten(1))
+
+
+@dataclass
+class DigitsTaskConfig(SupervisedLearningTaskConfig):
+    split_seed: int = conf_field(0, help="Seed of the fixed train/valid/test split")
+
+
+@register_task("digits")
+class DigitsTask(SupervisedLearningTask[DigitsTaskConfig]):
+    """Classify 8x8 digit images; logs cross-entropy and accuracy."""
+
+    def get_dataset(self, phase: Phase) -> Dataset:
+        images, labels = _load_digits_split(self.config.split_seed)[phase]
+        return TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
+
+    def compute_loss(
+        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], state: State, output: torch.Tensor
+    ) -> torch.Tensor:
+        _, labels = batch
+        accuracy = (output.argmax(dim=-1) == labels).float().mean()
+        self.logger.log_scalar("accuracy", accuracy, namespace=state.phase)
+        return F.cross_entropy(output, labels)

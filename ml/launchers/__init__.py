@@ -1,0 +1,1 @@
+"""Launchers: how a training run is started (in this process, many processes, torchrun, Slurm)."""

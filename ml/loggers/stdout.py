@@ -1,0 +1,109 @@
+"""Defines :class:`StdoutLogger`, which prints one compact line per write.
+
+Each write becomes a single line such as
+``[train] step 120 epoch 1 | 3.2s | train/loss 0.4123 trainer/lr 0.001 task/split=a``: numbers with
+a few significant digits (whole numbers as integers), strings as ``key=value``, histograms left
+out. The same line is appended to ``<log_directory>/stdout.log`` once the logger is initialized, so
+a run's console history survives the terminal.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from ml.core.config import conf_field
+from ml.core.registry import register_logger
+from ml.core.state import State
+from ml.loggers.base import BaseLogger, BaseLoggerConfig, LogBatch
+
+LOG_FILE_NAME = "stdout.log"
+
+
+@dataclass
+class StdoutLoggerConfig(BaseLoggerConfig):
+    """Config of :class:`StdoutLogger`.
+
+    Attributes:
+        precision: Significant digits printed for non-integer values.
+    """
+
+    precision: int = conf_field(4, help="Significant digits printed for non-integer metric values")
+
+
+def format_number(value: float, precision: int = 4) -> str:
+    """Formats a metric value compactly.
+
+    Args:
+        value: The value.
+        precision: Significant digits for values that are not whole numbers.
+
+    Returns:
+        ``"120"`` for whole numbers (up to 1e15), ``"0.4123"`` / ``"1.235e-05"`` otherwise, and
+        ``"nan"``, ``"inf"`` or ``"-inf"`` for non-finite values.
+    """
+    if math.isfinite(value) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.{precision}g}"
+
+
+def format_duration(seconds: float) -> str:
+    """Formats elapsed seconds as ``3.2s``, ``4m05s`` or ``2h03m07s``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s"
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def format_line(state: State, batch: LogBatch, precision: int = 4) -> str:
+    """Builds the one line written for ``batch`` at ``state`` (without a trailing newline)."""
+    header = f"[{state.phase}] step {state.num_steps} epoch {state.num_epochs}"
+    values = [f"{name} {format_number(value, precision)}" for name, value in batch.scalars.items()]
+    # A string with line breaks would split the line, so they are escaped.
+    values += [f"{name}={_one_line(text)}" for name, text in batch.strings.items()]
+    parts = [header, format_duration(state.elapsed_time_s)]
+    if values:
+        parts.append(" ".join(values))
+    return " | ".join(parts)
+
+
+@register_logger("stdout")
+class StdoutLogger(BaseLogger[StdoutLoggerConfig]):
+    """Prints one line per write to stdout and appends it to ``<log_directory>/stdout.log``.
+
+    Printing works without :meth:`initialize`; the file is written only after it.
+
+    Args:
+        config: The logger's config.
+    """
+
+    def __init__(self, config: StdoutLoggerConfig) -> None:
+        super().__init__(config)
+        self._file: TextIO | None = None
+
+    def initialize(self, log_directory: Path) -> None:
+        super().initialize(log_directory)
+        self.close()
+        path = Path(log_directory) / LOG_FILE_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Line-buffered, appending: every line reaches the file at once, and a resumed run
+        # continues the same log.
+        self._file = path.open("a", buffering=1, encoding="utf-8")
+
+    def write(self, state: State, batch: LogBatch) -> None:
+        line = format_line(state, batch, self.config.precision)
+        print(line, flush=True)
+        if self._file is not None:
+            self._file.write(line + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

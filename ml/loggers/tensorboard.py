@@ -1,0 +1,119 @@
+"""Defines :class:`TensorboardLogger`, which writes TensorBoard event files.
+
+Events go to ``<log_directory>/tensorboard/<phase>/``, one ``SummaryWriter`` per phase (created on
+the phase's first write), so TensorBoard shows ``train``, ``valid`` and ``test`` as separate runs
+that can be overlaid. Scalars, strings and histograms are all written at ``state.num_steps``; the
+run's config is written once as YAML text. TensorBoard is an optional dependency: it is imported
+only when the logger is initialized, so importing this module costs nothing without it.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ml.core.config import conf_field
+from ml.core.registry import register_logger
+from ml.core.state import State
+from ml.loggers.base import BaseLogger, BaseLoggerConfig, LogBatch
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+TENSORBOARD_DIR_NAME = "tensorboard"
+CONFIG_TAG = "config"
+
+
+@dataclass
+class TensorboardLoggerConfig(BaseLoggerConfig):
+    """Config of :class:`TensorboardLogger`.
+
+    Attributes:
+        flush_every_n_seconds: How often the writers flush pending events to disk.
+    """
+
+    flush_every_n_seconds: int = conf_field(
+        30, help="Seconds between flushes of pending events to the event files"
+    )
+
+
+def _summary_writer_class() -> type["SummaryWriter"]:
+    """Imports ``SummaryWriter``, failing with install instructions when TensorBoard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError(
+            "The 'tensorboard' logger needs the tensorboard package: run `pip install tensorboard` "
+            "(or install the extra, `pip install 'ml-trainer[tensorboard]'`), "
+            "or remove {name: tensorboard} from the logger list"
+        ) from e
+    return SummaryWriter
+
+
+@register_logger("tensorboard")
+class TensorboardLogger(BaseLogger[TensorboardLoggerConfig]):
+    """Writes scalars, strings and histograms to TensorBoard event files, one folder per phase.
+
+    Args:
+        config: The logger's config.
+    """
+
+    def __init__(self, config: TensorboardLoggerConfig) -> None:
+        super().__init__(config)
+        self._writer_cls: type[SummaryWriter] | None = None
+        self._writers: dict[str, SummaryWriter] = {}
+
+    def initialize(self, log_directory: Path) -> None:
+        super().initialize(log_directory)
+        # Imported here, not at module level, so a missing TensorBoard fails when the logger is
+        # configured, with a message saying what to install.
+        self._writer_cls = _summary_writer_class()
+
+    def writer(self, phase: str) -> "SummaryWriter":
+        """The phase's writer, created (with its folder) on first use."""
+        writer = self._writers.get(phase)
+        if writer is None:
+            if self.log_directory is None or self._writer_cls is None:
+                raise RuntimeError("TensorboardLogger used before initialize(log_directory)")
+            log_dir = self.log_directory / TENSORBOARD_DIR_NAME / phase
+            writer = self._writer_cls(log_dir=str(log_dir), flush_secs=self.config.flush_every_n_seconds)
+            self._writers[phase] = writer
+        return writer
+
+    def log_config(self, config: DictConfig) -> None:
+        """Writes the resolved config as YAML text (tag ``config``) in the ``train`` folder."""
+        text = OmegaConf.to_yaml(config, resolve=True)
+        # Markdown (which TensorBoard's text tab renders) would reflow plain YAML.
+        self.writer("train").add_text(CONFIG_TAG, f"```yaml\n{text}```", global_step=0)
+
+    def write(self, state: State, batch: LogBatch) -> None:
+        writer = self.writer(state.phase)
+        step = state.num_steps
+        for name, value in batch.scalars.items():
+            writer.add_scalar(name, value, global_step=step)
+        for name, text in batch.strings.items():
+            writer.add_text(name, text, global_step=step)
+        for name, values in batch.histograms.items():
+            finite = _finite_values(values)
+            # TensorBoard cannot bin an empty array or one with NaN/inf; such a histogram is
+            # skipped rather than failing the run.
+            if finite.numel() > 0:
+                writer.add_histogram(name, finite, global_step=step)
+
+    def flush(self) -> None:
+        """Writes pending events of every writer to disk now."""
+        for writer in self._writers.values():
+            writer.flush()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.flush()
+            writer.close()
+        self._writers.clear()
+
+
+def _finite_values(values: torch.Tensor) -> torch.Tensor:
+    flat = values.detach().float().cpu().flatten()
+    return flat[torch.isfinite(flat)]

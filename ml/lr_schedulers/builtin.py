@@ -1,0 +1,189 @@
+"""Defines the built-in learning-rate schedules: ``constant``, ``linear`` and ``cosine``.
+
+Every schedule is a pure function of ``state.num_steps``. The trainer calls
+:meth:`~ml.lr_schedulers.base.SchedulerAdapter.step` *before* each optimizer step, when
+``state.num_steps`` is ``k`` for the ``k``-th update (0-based). The schedules are written in terms of
+``t = k + 1``, the 1-based number of the update about to be made, so the whole curve is shifted
+consistently:
+
+* warmup: ``t / warmup_steps`` for ``t <= warmup_steps``; the first update uses ``1 / warmup_steps``
+  (never 0) and update ``warmup_steps - 1`` (0-based) uses exactly 1;
+* decay: from 1 at ``t = warmup_steps`` to ``min_scale`` at ``t = total_steps``, i.e. the last update
+  of a run of ``total_steps`` updates (``k = total_steps - 1``) uses exactly ``min_scale``, and every
+  later step stays there.
+
+``total_steps`` defaults to the task's ``max_steps`` through the OmegaConf interpolation
+``${oc.select:task.max_steps,null}``, which resolves when the scheduler's config sits in the same
+tree as the task's.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ml.core.config import conf_field
+from ml.core.registry import register_lr_scheduler
+from ml.core.state import State
+from ml.lr_schedulers.base import BaseLRScheduler, BaseLRSchedulerConfig
+
+TOTAL_STEPS_FROM_TASK = "${oc.select:task.max_steps,null}"
+
+
+def _warmup_scale(update: int, warmup_steps: int) -> float:
+    """Linear warmup for the 1-based ``update`` (``update <= warmup_steps``)."""
+    return update / warmup_steps
+
+
+def _check_warmup_steps(warmup_steps: int) -> None:
+    if warmup_steps < 0:
+        raise ValueError(f"lr_scheduler.warmup_steps must be non-negative (>= 0), got {warmup_steps}")
+
+
+def _resolve_total_steps(raw_config: Any, warmup_steps: int, min_scale: float) -> int:
+    """Validates the decay fields and returns ``total_steps`` (resolving its interpolation).
+
+    ``total_steps`` is read from the raw OmegaConf node, so the ``task.max_steps`` interpolation is
+    resolved against the tree the config belongs to (a standalone config resolves it to null).
+
+    Raises:
+        ValueError: If ``total_steps`` is unset, or a field is out of range.
+    """
+    if not 0.0 <= min_scale <= 1.0:
+        raise ValueError(f"lr_scheduler.min_scale must be between 0 and 1 (inclusive), got {min_scale}")
+    total_steps = raw_config.total_steps
+    if total_steps is None:
+        raise ValueError(
+            "the learning-rate schedule needs a length: set lr_scheduler.total_steps or task.max_steps"
+        )
+    total_steps = int(total_steps)
+    if total_steps <= warmup_steps:
+        raise ValueError(
+            f"lr_scheduler.total_steps must be greater than lr_scheduler.warmup_steps ({warmup_steps}), "
+            f"got {total_steps}"
+        )
+    return total_steps
+
+
+@dataclass
+class ConstantConfig(BaseLRSchedulerConfig):
+    """Config of the ``constant`` schedule."""
+
+    name: str = conf_field("constant", help="Registered name, or `package.module:ClassName`")
+    warmup_steps: int = conf_field(0, help="Updates of linear warmup from 1/warmup_steps to 1 (0: none)")
+
+
+@register_lr_scheduler("constant")
+class ConstantLRScheduler(BaseLRScheduler[ConstantConfig]):
+    """A constant scale of 1, after an optional linear warmup.
+
+    ``scale(t) = min(1, t / warmup_steps)`` with ``t = state.num_steps + 1`` (1 when there is no
+    warmup).
+
+    Raises:
+        ValueError: If ``warmup_steps`` is negative.
+    """
+
+    def __init__(self, config: ConstantConfig) -> None:
+        super().__init__(config)
+        self.warmup_steps = int(self.raw_config.warmup_steps)
+        _check_warmup_steps(self.warmup_steps)
+
+    def get_lr_scale(self, state: State) -> float:
+        update = state.num_steps + 1
+        if update < self.warmup_steps:
+            return _warmup_scale(update, self.warmup_steps)
+        return 1.0
+
+
+@dataclass
+class LinearConfig(BaseLRSchedulerConfig):
+    """Config of the ``linear`` schedule."""
+
+    name: str = conf_field("linear", help="Registered name, or `package.module:ClassName`")
+    warmup_steps: int = conf_field(0, help="Updates of linear warmup from 1/warmup_steps to 1 (0: none)")
+    total_steps: int | None = conf_field(
+        TOTAL_STEPS_FROM_TASK, help="Update at which the scale reaches min_scale (default: task.max_steps)"
+    )
+    min_scale: float = conf_field(0.0, help="Final scale, kept after total_steps (0 <= min_scale <= 1)")
+
+
+@register_lr_scheduler("linear")
+class LinearLRScheduler(BaseLRScheduler[LinearConfig]):
+    """Linear warmup, then linear decay from 1 to ``min_scale``.
+
+    With ``t = state.num_steps + 1``, ``W = warmup_steps``, ``T = total_steps``, ``m = min_scale``:
+    ``t / W`` for ``t <= W``; ``1 - (1 - m) * (t - W) / (T - W)`` for ``W < t <= T``; ``m`` after.
+
+    Raises:
+        ValueError: If ``total_steps`` resolves to null, or a field is out of range.
+    """
+
+    def __init__(self, config: LinearConfig) -> None:
+        super().__init__(config)
+        self.warmup_steps = int(self.raw_config.warmup_steps)
+        self.min_scale = float(self.raw_config.min_scale)
+        _check_warmup_steps(self.warmup_steps)
+        self.total_steps = _resolve_total_steps(self.raw_config, self.warmup_steps, self.min_scale)
+
+    def get_lr_scale(self, state: State) -> float:
+        update = state.num_steps + 1
+        if update < self.warmup_steps:
+            return _warmup_scale(update, self.warmup_steps)
+        if update >= self.total_steps:
+            return self.min_scale
+        progress = (update - self.warmup_steps) / (self.total_steps - self.warmup_steps)
+        return 1.0 - (1.0 - self.min_scale) * progress
+
+
+@dataclass
+class CosineConfig(BaseLRSchedulerConfig):
+    """Config of the ``cosine`` schedule."""
+
+    name: str = conf_field("cosine", help="Registered name, or `package.module:ClassName`")
+    warmup_steps: int = conf_field(0, help="Updates of linear warmup from 1/warmup_steps to 1 (0: none)")
+    total_steps: int | None = conf_field(
+        TOTAL_STEPS_FROM_TASK, help="Update at which the scale reaches min_scale (default: task.max_steps)"
+    )
+    min_scale: float = conf_field(0.0, help="Lowest scale of each cycle, kept after total_steps (0..1)")
+    num_cycles: int = conf_field(1, help="Equal cosine cycles after warmup, each restarting at 1 (1: none)")
+
+
+@register_lr_scheduler("cosine")
+class CosineLRScheduler(BaseLRScheduler[CosineConfig]):
+    """Linear warmup, then cosine decay from 1 to ``min_scale``, optionally with restarts.
+
+    With ``t = state.num_steps + 1``, ``W = warmup_steps``, ``T = total_steps``, ``m = min_scale``,
+    ``n = num_cycles``: ``t / W`` for ``t <= W``; ``m + (1 - m) * (1 + cos(pi * q)) / 2`` for
+    ``W <= t < T``, where ``q = frac(n * (t - W) / (T - W))`` is the position in the current cycle;
+    ``m`` for ``t >= T``. Each cycle starts at exactly 1; the last one ends at exactly ``m``.
+
+    Raises:
+        ValueError: If ``total_steps`` resolves to null, or a field is out of range.
+    """
+
+    def __init__(self, config: CosineConfig) -> None:
+        super().__init__(config)
+        self.warmup_steps = int(self.raw_config.warmup_steps)
+        self.min_scale = float(self.raw_config.min_scale)
+        self.num_cycles = int(self.raw_config.num_cycles)
+        _check_warmup_steps(self.warmup_steps)
+        self.total_steps = _resolve_total_steps(self.raw_config, self.warmup_steps, self.min_scale)
+        if self.num_cycles < 1:
+            raise ValueError(f"lr_scheduler.num_cycles must be positive (>= 1), got {self.num_cycles}")
+        decay_steps = self.total_steps - self.warmup_steps
+        if self.num_cycles > decay_steps:
+            raise ValueError(
+                f"lr_scheduler.num_cycles must be at most total_steps - warmup_steps ({decay_steps}) "
+                f"so that every cycle spans at least one update, got {self.num_cycles}"
+            )
+
+    def get_lr_scale(self, state: State) -> float:
+        update = state.num_steps + 1
+        if update < self.warmup_steps:
+            return _warmup_scale(update, self.warmup_steps)
+        if update >= self.total_steps:
+            return self.min_scale
+        # Integer arithmetic, so that a cycle boundary gives exactly 0 (a restart at exactly 1).
+        decay_steps = self.total_steps - self.warmup_steps
+        position = (self.num_cycles * (update - self.warmup_steps)) % decay_steps / decay_steps
+        return self.min_scale + (1.0 - self.min_scale) * 0.5 * (1.0 + math.cos(math.pi * position))

@@ -1,0 +1,1 @@
+"""Models: :class:`~ml.models.base.BaseModel` is an ``nn.Module`` built from a config."""

@@ -1,0 +1,71 @@
+"""Defines :class:`SupervisedLearningTask`: datasets per phase, the forward pass and the loss.
+
+A supervised task implements :meth:`get_dataset` for the phases it has and :meth:`compute_loss`;
+:meth:`run_model` defaults to ``model(batch)``. Data-loader settings live in the config, one block
+per phase (``task.train_dl.batch_size=64``).
+"""
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ml.core.config import conf_field
+from ml.core.state import Phase, State
+from ml.tasks.base import BaseTask, BaseTaskConfig
+
+
+@dataclass
+class DataLoaderConfig:
+    batch_size: int = conf_field(32, help="Samples per batch")
+    num_workers: int = conf_field(0, help="Worker processes loading data (0: load in the main process)")
+    pin_memory: bool | None = conf_field(
+        None, help="Pin host memory for faster GPU copies (default: on CUDA)"
+    )
+    drop_last: bool = conf_field(False, help="Drop the last incomplete batch")
+    shuffle: bool = conf_field(False, help="Shuffle the samples every epoch (resumable mid-epoch)")
+
+
+@dataclass
+class SupervisedLearningTaskConfig(BaseTaskConfig):
+    seed: int = conf_field(1337, help="Seed of the data order (and of the run's generators)")
+    train_dl: DataLoaderConfig = conf_field(
+        DataLoaderConfig(shuffle=True, drop_last=True), help="Training data loader"
+    )
+    valid_dl: DataLoaderConfig = conf_field(DataLoaderConfig(), help="Validation data loader")
+    test_dl: DataLoaderConfig = conf_field(DataLoaderConfig(), help="Test data loader")
+
+
+SLTaskConfigT = TypeVar("SLTaskConfigT", bound=SupervisedLearningTaskConfig)
+
+
+class SupervisedLearningTask(BaseTask[SLTaskConfigT]):
+    """A task that learns from a dataset per phase."""
+
+    @abstractmethod
+    def get_dataset(self, phase: Phase) -> Dataset:
+        """Returns the dataset of ``phase`` (``train``, ``valid`` or ``test``).
+
+        Raise ``NotImplementedError`` for a phase the task does not have: the trainer then skips
+        validation or testing.
+        """
+
+    def run_model(self, model: nn.Module, batch: Any, state: State) -> Any:
+        """The forward pass; by default the batch's first element (or the batch) goes to the model."""
+        del state
+        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return model(inputs)
+
+    @abstractmethod
+    def compute_loss(
+        self, model: nn.Module, batch: Any, state: State, output: Any
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Returns the loss, or a dict of named losses (summed for the backward pass, each logged)."""
+
+    def dataloader_config(self, phase: Phase) -> DataLoaderConfig:
+        return {"train": self.config.train_dl, "valid": self.config.valid_dl, "test": self.config.test_dl}[
+            phase
+        ]

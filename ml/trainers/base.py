@@ -1,0 +1,771 @@
+"""Defines the base trainer class and config.
+
+The trainer is the thing that actually runs the training loop. There are separate trainers for
+supervised and reinforcement learning (``ml.trainers.sl`` and ``ml.trainers.rl``); the base trainer
+handles what they share: the experiment directory and its lock files, the config snapshot,
+checkpoints, loggers, signals and the hooks.
+
+Notes for subclass authors:
+
+- Signals. :meth:`BaseTrainer.install_signal_handlers` installs handlers for SIGTERM, SIGINT and
+  SIGUSR1 that only record the signal in :attr:`BaseTrainer.stop_signal`. Your loop checks it at
+  each step boundary and, when set, calls :meth:`BaseTrainer.on_exit` (which saves a checkpoint and
+  runs the handlers registered with :meth:`BaseTrainer.add_signal_handler`) and then stops. Nothing
+  is saved from inside a signal handler, so a checkpoint always holds a consistent step. A second
+  SIGINT raises ``KeyboardInterrupt`` at once; atomic writes leave no partial file behind.
+- Checkpoints are written atomically by rank 0 and read with ``torch.load(weights_only=True)``.
+  Whatever :meth:`BaseTrainer.update_state_dict` adds must be tensors or plain data.
+"""
+
+import datetime
+import enum
+import logging
+import os
+import signal
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from signal import Signals
+from typing import Any, Generic, Literal, TypeVar, get_args
+
+import torch
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from torch.optim import Optimizer
+
+from ml.core.config import BaseConfig, BaseObject, conf_field
+from ml.core.state import State
+from ml.loggers.base import BaseLogger, MultiLogger
+from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
+from ml.models.base import BaseModel
+from ml.optimizers.base import BaseOptimizer
+from ml.tasks.base import BaseTask
+from ml.utils.atomic import atomic_symlink, atomic_write_text, atomic_write_with
+from ml.utils.checkpoint import (
+    CheckpointError,
+    check_loadable,
+    get_rng_state,
+    load_model_state,
+    read_checkpoint,
+    set_rng_state,
+    unwrap_model,
+)
+from ml.utils.device import detect_device
+from ml.utils.distributed import is_master
+
+logger = logging.getLogger(__name__)
+
+LockType = Literal["running", "scheduled", "ckpt"]
+LOCK_TYPES: tuple[LockType, ...] = get_args(LockType)
+CHECKPOINT_FORMAT = 1
+
+__all__ = [
+    "BaseTrainer",
+    "BaseTrainerConfig",
+    "CheckpointConfig",
+    "CheckpointError",
+    "LockType",
+    "ModelT",
+    "RunDirNotSetError",
+    "TaskT",
+    "TrainerConfigT",
+    "add_lock_file",
+    "diff_configs",
+    "get_ckpt_path",
+    "get_empty_exp_dir",
+    "get_exp_dir",
+    "has_lock_file",
+    "read_lock_file",
+    "remove_lock_file",
+    "save_config",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Lock files and experiment directories
+
+
+def _lock_path(exp_dir: Path, lock_type: LockType) -> Path:
+    if lock_type not in LOCK_TYPES:
+        raise ValueError(f"lock_type must be one of {LOCK_TYPES}, got {lock_type!r}")
+    return Path(exp_dir) / f".lock_{lock_type}"
+
+
+def _lock_text() -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return f"pid: {os.getpid()}\nhost: {socket.gethostname()}\ntime: {now}\n"
+
+
+def add_lock_file(exp_dir: Path, lock_type: LockType, *, exists_ok: bool = False) -> None:
+    """Creates ``exp_dir/.lock_<lock_type>`` holding this process's pid, host and the time.
+
+    The file is created with an exclusive create, so of two processes racing for one lock exactly
+    one wins. Only the master rank writes.
+
+    Args:
+        exp_dir: The experiment directory (created if missing).
+        lock_type: ``running``, ``scheduled`` or ``ckpt``.
+        exists_ok: Overwrite an existing lock instead of raising.
+
+    Raises:
+        RuntimeError: The lock exists and ``exists_ok`` is false.
+    """
+    path = _lock_path(exp_dir, lock_type)
+    if not is_master():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        if not exists_ok:
+            raise RuntimeError(f"lock file already exists: {path}") from None
+        atomic_write_text(path, _lock_text())
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(_lock_text())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def remove_lock_file(exp_dir: Path, lock_type: LockType, *, missing_ok: bool = False) -> None:
+    """Removes ``exp_dir/.lock_<lock_type>`` (master rank only).
+
+    Raises:
+        RuntimeError: The lock does not exist and ``missing_ok`` is false.
+    """
+    path = _lock_path(exp_dir, lock_type)
+    if not is_master():
+        return
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        if not missing_ok:
+            raise RuntimeError(f"lock file not found: {path}") from None
+
+
+def has_lock_file(exp_dir: Path, lock_type: LockType | None = None) -> bool:
+    """Whether ``exp_dir`` holds the given lock, or any lock when ``lock_type`` is None."""
+    types = LOCK_TYPES if lock_type is None else (lock_type,)
+    return any(_lock_path(exp_dir, t).exists() for t in types)
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """What a lock file says about its owner."""
+
+    pid: int | None
+    host: str | None
+    time: str | None
+
+    def is_stale(self) -> bool:
+        """True when the owner ran on this host and its process no longer exists."""
+        if self.pid is None or self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+def read_lock_file(exp_dir: Path, lock_type: LockType) -> LockInfo | None:
+    """Parses a lock file; None when there is none."""
+    try:
+        text = _lock_path(exp_dir, lock_type).read_text()
+    except FileNotFoundError:
+        return None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip().lower()] = value.strip()
+    pid = fields.get("pid")
+    return LockInfo(int(pid) if pid and pid.isdigit() else None, fields.get("host"), fields.get("time"))
+
+
+def get_ckpt_path(exp_dir: Path, state: State | None = None) -> Path:
+    """Defines the path to the checkpoint for a given state.
+
+    Args:
+        exp_dir: The experiment directory
+        state: The current trainer state
+
+    Returns:
+        The path to the PyTorch checkpoint to save or load: ``checkpoints/ckpt.pt`` (the link to
+        the newest) without a state, ``checkpoints/ckpt.<num_steps>.pt`` with one.
+    """
+    name = "ckpt.pt" if state is None else f"ckpt.{state.num_steps}.pt"
+    return Path(exp_dir) / "checkpoints" / name
+
+
+def get_exp_dir(run_dir: Path, run_id: int) -> Path:
+    return (Path(run_dir) / f"run_{run_id}").resolve()
+
+
+def get_empty_exp_dir(run_dir: Path) -> Path:
+    """Returns the path to the run directory, given a run ID.
+
+    Claims the next ``run_<N>`` (one past the highest existing) with an atomic ``mkdir``, so two
+    processes calling this at the same moment never get the same directory.
+
+    Args:
+        run_dir: The base run directory for the experiment
+
+    Returns:
+        An experiment directory without a lockfile
+    """
+    run_dir = Path(run_dir).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[4:]) for p in run_dir.glob("run_*") if p.name[4:].isdigit()]
+    run_id = max(taken, default=-1) + 1
+    while True:
+        exp_dir = get_exp_dir(run_dir, run_id)
+        try:
+            exp_dir.mkdir()
+        except FileExistsError:
+            run_id += 1
+            continue
+        return exp_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Config snapshots and diffs
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=False, enum_to_str=True)
+    if isinstance(value, enum.Enum):
+        return value.name
+    return value
+
+
+def _is_container(value: Any) -> bool:
+    return isinstance(value, (dict, list))
+
+
+def _diff(first: Any, second: Any, path: str, out_first: list[str], out_second: list[str]) -> None:
+    def line(p: str, v: Any) -> str:
+        return f"{p}=" + (f"... ({type(v).__name__})" if _is_container(v) and v else str(v))
+
+    def child(key: Any) -> str:
+        return f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
+
+    if isinstance(first, dict) and isinstance(second, dict):
+        for key in list(first) + [k for k in second if k not in first]:
+            a, b = first.get(key, MISSING), second.get(key, MISSING)
+            _diff(a, b, child(key), out_first, out_second)
+    elif isinstance(first, list) and isinstance(second, list):
+        for i in range(max(len(first), len(second))):
+            a = first[i] if i < len(first) else MISSING
+            b = second[i] if i < len(second) else MISSING
+            _diff(a, b, child(i), out_first, out_second)
+    elif first != second:
+        if first != MISSING:
+            out_first.append(line(path, first))
+        if second != MISSING:
+            out_second.append(line(path, second))
+
+
+def diff_configs(
+    first: ListConfig | DictConfig,
+    second: ListConfig | DictConfig,
+    prefix: str | None = None,
+) -> tuple[list[str], list[str]]:
+    """Returns the difference between two configs.
+
+    Keys added, removed or changed at any depth are reported as ``path=value`` lines; lists are
+    compared element by element (``path[i]``), enums by name, and ``???`` (missing) values count
+    as absent. Interpolations are compared as written, without resolving them.
+
+    Args:
+        first: The first (original) config
+        second: The second (new) config
+        prefix: The prefix to check (used for recursion, not main call)
+
+    Returns:
+        Two lists of lines describing the diff between the two configs: what only the first has
+        (or its old values), and what only the second has (or its new values).
+    """
+    out_first: list[str] = []
+    out_second: list[str] = []
+    _diff(_plain(first), _plain(second), prefix or "", out_first, out_second)
+    return out_first, out_second
+
+
+def save_config(config_path: Path, raw_config: DictConfig) -> None:
+    """Writes the resolved config atomically (master rank only).
+
+    If a different config is already there (a run continued with changed settings), the change is
+    logged as a ``-``/``+`` diff and the old file is kept beside it as ``config.<time>.yaml``.
+    """
+    if not is_master():
+        return
+    config_path = Path(config_path)
+    text = OmegaConf.to_yaml(raw_config, resolve=True)
+    if config_path.exists():
+        old_text = config_path.read_text()
+        if old_text == text:
+            return
+        removed, added = diff_configs(OmegaConf.create(old_text), OmegaConf.create(text))
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        backup = config_path.with_name(f"{config_path.stem}.{stamp}.yaml")
+        atomic_write_text(backup, old_text)
+        lines = [f"- {x}" for x in removed] + [f"+ {x}" for x in added]
+        logger.warning("Config changed (old one kept as %s):\n%s", backup.name, "\n".join(lines))
+    atomic_write_text(config_path, text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+@dataclass
+class CheckpointConfig:
+    save_every_n_steps: int | None = conf_field(None, help="Save a checkpoint every N steps")
+    save_every_n_seconds: float | None = conf_field(3600.0, help="Save a checkpoint every N seconds")
+    only_save_most_recent: bool = conf_field(True, help="Delete the previous checkpoint after a save")
+    load_from_ckpt_path: str | None = conf_field(None, help="Initial model weights from this checkpoint")
+    load_strict: bool = conf_field(True, help="Fail when checkpoint and model keys differ")
+
+
+class RunDirNotSetError(KeyError):
+    """``RUN_DIR`` is needed to place the experiment directory but is not set."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "RUN_DIR is not set"
+
+
+def _is_missing(config: Any, key: str) -> bool:
+    if isinstance(config, DictConfig):
+        return OmegaConf.is_missing(config, key)
+    return getattr(config, key) == MISSING
+
+
+@dataclass
+class BaseTrainerConfig(BaseConfig):
+    """Defines the base config for all trainers."""
+
+    exp_name: str = conf_field("${ml.exp_name:null}", help="Experiment name (the folder under RUN_DIR)")
+    exp_dir: str = conf_field(MISSING, help="Experiment directory; default $RUN_DIR/<exp_name>/run_<N>")
+    log_dir_name: str = conf_field("logs", help="Name of the log folder inside the experiment directory")
+    use_double_weight_precision: bool = conf_field(False, help="Keep the model weights in float64")
+    checkpoint: CheckpointConfig = conf_field(CheckpointConfig(), help="When and how to checkpoint")
+
+    @classmethod
+    def resolve(cls, config: "BaseTrainerConfig") -> None:  # type: ignore[override]
+        """Runs post-construction config resolution.
+
+        Fills ``exp_dir`` with a newly claimed ``$RUN_DIR/<exp_name>/run_<N>`` when it is unset.
+
+        Args:
+            config: The config to resolve
+
+        Raises:
+            RunDirNotSetError: ``exp_dir`` is unset and so is the ``RUN_DIR`` environment variable.
+        """
+        if not _is_missing(config, "exp_dir"):
+            return
+        run_dir = os.environ.get("RUN_DIR")
+        if not run_dir:
+            raise RunDirNotSetError(
+                "Set the RUN_DIR environment variable (the folder experiments go in) or trainer.exp_dir"
+            )
+        config.exp_dir = str(get_empty_exp_dir(Path(run_dir).expanduser() / config.exp_name))
+
+
+TrainerConfigT = TypeVar("TrainerConfigT", bound=BaseTrainerConfig)
+ModelT = TypeVar("ModelT", bound=BaseModel)
+TaskT = TypeVar("TaskT", bound=BaseTask)
+
+Optims = Optimizer | dict[str, Optimizer]
+LRScheds = SchedulerAdapter | dict[str, SchedulerAdapter]
+SignalHandler = Callable[[], None]
+
+
+def _named_state(objs: Any) -> Any:
+    if isinstance(objs, Mapping):
+        return {name: obj.state_dict() for name, obj in objs.items()}
+    return objs.state_dict()
+
+
+def _load_named(objs: Any, state: Any, what: str) -> None:
+    if isinstance(objs, Mapping):
+        if not isinstance(state, Mapping) or set(state) != set(objs):
+            found = sorted(state) if isinstance(state, Mapping) else "a single one"
+            raise CheckpointError(f"checkpoint {what} do not match: expected {sorted(objs)}, found {found}")
+        for name, obj in objs.items():
+            obj.load_state_dict(state[name])
+    else:
+        objs.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, TaskT]):
+    """Defines the base trainer type."""
+
+    def __init__(self, config: TrainerConfigT) -> None:
+        super().__init__(config)
+        if _is_missing(config, "exp_dir"):
+            type(config).resolve(config)
+        self.exp_name: str = config.exp_name
+        self.exp_dir = Path(config.exp_dir).expanduser().resolve()
+        self.log_dir = self.exp_dir / config.log_dir_name
+        self.checkpoint_config: CheckpointConfig = config.checkpoint
+        self.loggers: list[BaseLogger] = []
+        self.logger = MultiLogger(default_namespace="trainer")
+        self.signal_handlers: dict[Signals, list[SignalHandler]] = defaultdict(list)
+        self.run_config: DictConfig = self.raw_config
+        self.stop_signal: Signals | None = None
+        self._last_ckpt_time_s = 0.0
+        self._last_ckpt_step = -1
+        self._device_cache: torch.device | None = None
+
+    # -- devices and precision
+
+    @property
+    def _device(self) -> torch.device:
+        if self._device_cache is None:
+            self._device_cache = detect_device()
+        return self._device_cache
+
+    @property
+    def _device_type(self) -> str:
+        return self._device.type
+
+    @property
+    def _weight_precision(self) -> torch.dtype:
+        return torch.float64 if self.config.use_double_weight_precision else torch.float32
+
+    # -- loggers
+
+    def add_logger(self, sublogger: BaseLogger) -> None:
+        if is_master():
+            sublogger.initialize(self.log_dir)
+        self.loggers.append(sublogger)
+
+    def add_loggers(self, subloggers: list[BaseLogger]) -> None:
+        for sublogger in subloggers:
+            self.add_logger(sublogger)
+
+    def log_run_config(self) -> None:
+        if is_master():
+            for sublogger in self.loggers:
+                sublogger.log_config(self.run_config)
+
+    def write_logs(self, task: TaskT, model: ModelT, state: State) -> None:
+        """Sends what the task, model and trainer logged to the sub-loggers that write now."""
+        sources = [task.logger, getattr(unwrap_model(model), "logger", None), self.logger]
+        MultiLogger.write_all([s for s in sources if isinstance(s, MultiLogger)], self.loggers, state)
+
+    def close_loggers(self) -> None:
+        for sublogger in self.loggers:
+            sublogger.close()
+
+    # -- config and locks
+
+    @property
+    def config_path(self) -> Path:
+        return self.exp_dir / "config.yaml"
+
+    def set_run_config(self, run_config: DictConfig) -> None:
+        """Sets the whole run's config (all sections), saved in config.yaml and in checkpoints."""
+        self.run_config = run_config
+
+    def save_config(self) -> None:
+        save_config(self.config_path, self.run_config)
+
+    def add_lock_file(self, lock_type: LockType, *, exists_ok: bool = False) -> None:
+        add_lock_file(self.exp_dir, lock_type=lock_type, exists_ok=exists_ok)
+
+    def remove_lock_file(self, lock_type: LockType, *, missing_ok: bool = False) -> None:
+        remove_lock_file(self.exp_dir, lock_type=lock_type, missing_ok=missing_ok)
+
+    # -- checkpoints
+
+    def get_ckpt_path(self, state: State | None = None) -> Path:
+        return get_ckpt_path(self.exp_dir, state)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.get_ckpt_path()
+
+    def should_checkpoint(self, state: State) -> bool:
+        """Whether a checkpoint is due: every ``save_every_n_steps`` steps or ``_n_seconds`` seconds."""
+        cfg = self.checkpoint_config
+        if state.num_steps == self._last_ckpt_step:
+            return False
+        if cfg.save_every_n_steps and state.num_steps % cfg.save_every_n_steps == 0 and state.num_steps > 0:
+            return True
+        if cfg.save_every_n_seconds is not None:
+            return state.elapsed_time_s - self._last_ckpt_time_s >= cfg.save_every_n_seconds
+        return False
+
+    def load_checkpoint(
+        self,
+        ckpt: str | Path,
+        task: TaskT,
+        model: ModelT,
+        optims: Optims | None = None,
+        lr_scheds: LRScheds | None = None,
+        *,
+        device: str | torch.device | None = None,
+        strict: bool | None = None,
+    ) -> State:
+        """Loads a given checkpoint, from a path or dictionary.
+
+        The file is read with ``torch.load(weights_only=True)`` only; there is no fallback to full
+        unpickling. Weights saved from a DDP-wrapped or compiled model load into a plain one and
+        the other way around.
+
+        Args:
+            ckpt: The checkpoint to load (a path, or an already loaded checkpoint dict).
+            task: The task to load the checkpoint into.
+            model: The model to load the checkpoint into.
+            optims: The optimizer to load the checkpoint into.
+            lr_scheds: The learning rate scheduler to load the checkpoint into.
+            device: The device to load the checkpoint onto (default: the trainer's device).
+            strict: If set, raise an error if the checkpoint contains keys which don't exist in the
+                model (default: ``checkpoint.load_strict``).
+
+        Returns:
+            The state loaded from the checkpoint.
+
+        Raises:
+            UnpicklingError: If the checkpoint holds objects that would need unpickling (raised as
+                ``UnsafeCheckpointError``, a subclass).
+            CheckpointError: If the checkpoint is missing, truncated, foreign or does not fit.
+        """
+        strict = self.checkpoint_config.load_strict if strict is None else strict
+        if isinstance(ckpt, dict):
+            where, loaded = "checkpoint dict", ckpt
+        else:
+            where = str(ckpt)
+            loaded = read_checkpoint(ckpt, device=self._device if device is None else device)
+        ckpt_dict: dict[str, Any] = loaded
+        task.on_after_load_checkpoint(ckpt_dict)
+        for note in load_model_state(model, ckpt_dict["model"], strict=strict):
+            logger.warning("Loading %s into the model: %s", where, note)
+        if "task" in ckpt_dict:
+            task.load_state_dict(ckpt_dict["task"], strict=strict)
+        if optims is not None:
+            if "optim" not in ckpt_dict:
+                raise CheckpointError(f"{where} has no optimizer state")
+            _load_named(optims, ckpt_dict["optim"], "optimizers")
+        lr_state = ckpt_dict.get("lr", ckpt_dict.get("lr_sched"))
+        if lr_scheds is not None and lr_state is not None:
+            _load_named(lr_scheds, lr_state, "lr schedulers")
+        if "rng" in ckpt_dict:
+            set_rng_state(ckpt_dict["rng"])
+        self.load_state_dict(ckpt_dict)
+        raw_state = ckpt_dict["state"]
+        state = State.from_json(raw_state) if isinstance(raw_state, str) else State.from_dict(raw_state)
+        self._last_ckpt_time_s = state.elapsed_time_s
+        self._last_ckpt_step = state.num_steps
+        return state
+
+    def save_checkpoint(
+        self,
+        state: State,
+        task: TaskT,
+        model: ModelT,
+        optims: Optims | None = None,
+        lr_scheds: LRScheds | None = None,
+    ) -> Path:
+        """Saves a checkpoint atomically and points ``checkpoints/ckpt.pt`` at it.
+
+        Order: write ``ckpt.<num_steps>.pt`` (temp file, fsync, rename), swap the relative
+        ``ckpt.pt`` link, and only then delete the previous checkpoint when
+        ``only_save_most_recent``. A crash at any point leaves a loadable ``ckpt.pt``.
+        Only the master rank writes; every rank returns the path.
+
+        Returns:
+            The path of the new checkpoint.
+        """
+        ckpt_path = self.get_ckpt_path(state)
+        if not is_master():
+            return ckpt_path
+        ckpt: dict[str, Any] = {
+            "format_version": CHECKPOINT_FORMAT,
+            "model": unwrap_model(model).state_dict(),
+            "task": task.state_dict(),
+            "state": state.to_json(),
+            "config": OmegaConf.to_yaml(self.run_config, resolve=True),
+            "rng": get_rng_state(),
+        }
+        if optims is not None:
+            ckpt["optim"] = _named_state(optims)
+        if lr_scheds is not None:
+            ckpt["lr"] = _named_state(lr_scheds)
+        self.update_state_dict(ckpt)
+        check_loadable(ckpt)
+
+        link = self.ckpt_path
+        previous = link.resolve() if link.is_symlink() and link.exists() else None
+        atomic_write_with(ckpt_path, lambda f: torch.save(ckpt, f))
+        atomic_symlink(ckpt_path.name, link)
+        if self.checkpoint_config.only_save_most_recent and previous is not None and previous != ckpt_path:
+            previous.unlink(missing_ok=True)
+        self.add_lock_file("ckpt", exists_ok=True)
+        self._last_ckpt_time_s = state.elapsed_time_s
+        self._last_ckpt_step = state.num_steps
+        logger.info("Saved checkpoint %s", ckpt_path)
+        task.on_after_save_checkpoint(ckpt_path)
+        return ckpt_path
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Function for loading state dict keys for different components.
+
+        Args:
+            state_dict: The loaded checkpoint; overriders read the keys they added in
+                :meth:`update_state_dict`.
+        """
+        del state_dict
+
+    def update_state_dict(self, state_dict: dict) -> None:
+        """Function for getting the checkpoint to save.
+
+        Args:
+            state_dict: The state dictionary being saved (overriders should mutate inplace)
+        """
+        del state_dict
+
+    # -- the loop
+
+    def train(
+        self, model: ModelT, task: TaskT, optimizer: BaseOptimizer, lr_scheduler: BaseLRScheduler
+    ) -> None:
+        """Runs the training loop.
+
+        Args:
+            model: The current model
+            task: The current task
+            optimizer: The current optimizer
+            lr_scheduler: The current learning rate scheduler
+
+        Raises:
+            NotImplementedError: If the subclass does not implement this method
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement train()")
+
+    # -- signals
+
+    def add_signal_handler(self, sig: Signals, handler: SignalHandler) -> None:
+        """Registers ``handler`` to run (after the checkpoint) when the loop stops for ``sig``."""
+        self.signal_handlers[sig].append(handler)
+
+    @contextmanager
+    def install_signal_handlers(
+        self, signals: tuple[Signals, ...] = (Signals.SIGTERM, Signals.SIGINT, Signals.SIGUSR1)
+    ) -> Iterator[None]:
+        """Routes ``signals`` to :attr:`stop_signal` while the block runs, then restores the old handlers.
+
+        The handler only records the signal; a second SIGINT raises ``KeyboardInterrupt``.
+        """
+
+        def on_signal(signum: int, frame: Any) -> None:
+            del frame
+            sig = Signals(signum)
+            if sig == Signals.SIGINT and self.stop_signal == Signals.SIGINT:
+                raise KeyboardInterrupt
+            if self.stop_signal is None or sig == Signals.SIGINT:
+                self.stop_signal = sig
+
+        previous: dict[Signals, Any] = {}
+        try:
+            for sig in signals:
+                previous[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread: leave signals to the caller
+            logger.debug("Not in the main thread; signal handlers not installed")
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def on_exit(
+        self,
+        sig: Signals,
+        state: State,
+        task: TaskT,
+        model: ModelT,
+        optim: Optims,
+        lr_scheduler: LRScheds,
+    ) -> None:
+        """Saves a checkpoint, then runs the handlers registered for ``sig``.
+
+        Called by the loop at a step boundary after a signal set :attr:`stop_signal`; never from
+        inside the signal handler itself.
+        """
+        logger.info("Stopping on %s at step %d: saving a checkpoint", sig.name, state.num_steps)
+        self.save_checkpoint(state, task, model, optim, lr_scheduler)
+        for handler in self.signal_handlers.get(sig, []):
+            handler()
+
+    # -- hooks
+
+    def on_step_start(
+        self, state: State, task: TaskT, model: ModelT, optim: Optims, lr_sched: LRScheds
+    ) -> None:
+        task.on_step_start(state, model, optim, lr_sched)
+
+    def on_step_end(
+        self,
+        state: State,
+        loss_dict: dict[str, torch.Tensor],
+        task: TaskT,
+        model: ModelT,
+        optim: Optims,
+        lr_sched: LRScheds,
+    ) -> None:
+        state.elapsed_time_s = time.time() - state.start_time_s
+        task.on_step_end(state, loss_dict, model, optim, lr_sched)
+
+    def on_epoch_start(
+        self, state: State, task: TaskT, model: ModelT, optim: Optims, lr_sched: LRScheds
+    ) -> None:
+        state.num_epoch_steps = 0
+        state.num_epoch_samples = 0
+        task.on_epoch_start(state, model, optim, lr_sched)
+
+    def on_epoch_end(
+        self, state: State, task: TaskT, model: ModelT, optim: Optims, lr_sched: LRScheds
+    ) -> None:
+        state.num_epochs += 1
+        task.on_epoch_end(state, model, optim, lr_sched)
+
+    def on_training_start(
+        self, state: State, task: TaskT, model: ModelT, optim: Optims, lr_sched: LRScheds
+    ) -> None:
+        """Takes the ``running`` lock, then calls the task's hook.
+
+        A lock left by a process that died on this host is taken over; one held by a live process
+        (or by another host) stops this run, so one experiment is never trained twice at once.
+        Elapsed time continues from the state (a resumed run keeps its clock).
+        """
+        holder = read_lock_file(self.exp_dir, "running")
+        if holder is not None and holder.pid != os.getpid():
+            if not holder.is_stale():
+                raise RuntimeError(
+                    f"{self.exp_dir} is already being trained (pid {holder.pid} on {holder.host}); "
+                    f"remove {_lock_path(self.exp_dir, 'running')} if that process is gone"
+                )
+            logger.warning("Taking over the running lock of dead process %s", holder.pid)
+        self.add_lock_file("running", exists_ok=True)
+        state.start_time_s = time.time() - state.elapsed_time_s
+        task.on_training_start(state, model, optim, lr_sched)
+
+    def on_training_end(
+        self, state: State, task: TaskT, model: ModelT, optim: Optims, lr_sched: LRScheds
+    ) -> None:
+        task.on_training_end(state, model, optim, lr_sched)
+        self.remove_lock_file("running", missing_ok=True)
+        logger.info("Exiting training job for %s", self.config_path)

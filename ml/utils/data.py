@@ -1,0 +1,71 @@
+"""Defines the data order of training: a sampler that can resume in the middle of an epoch.
+
+The order of epoch ``e`` is a permutation drawn from a generator seeded with ``seed + e``, so it is
+the same in every run and on every resume. Resuming at position ``p`` slices the permutation at
+``p``: no batch is loaded to skip ahead, so resume time does not grow with the position.
+"""
+
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ResumableSampler(Sampler[int]):
+    """Yields dataset indices for one epoch, optionally shuffled, from a start position.
+
+    Args:
+        data: The dataset (only its length is used).
+        shuffle: Draw a new permutation each epoch.
+        seed: Base seed of the permutations.
+    """
+
+    def __init__(self, data: Sized, *, shuffle: bool, seed: int) -> None:
+        self.num_samples = len(data)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Selects the epoch's order and the position (in samples) to start from."""
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"start {start} is outside the epoch of {self.num_samples} samples")
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.order()[self.start :].tolist()
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def batch_size_of(batch: Any) -> int:
+    """The number of samples in a batch: the leading size of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, dict):
+        return batch_size_of(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch_size_of(batch[0])
+    raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}")
+
+
+def move_to(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Moves every tensor in a (nested) batch to ``device``; floating tensors to ``dtype`` if given."""
+    if isinstance(batch, torch.Tensor):
+        if dtype is not None and batch.is_floating_point():
+            return batch.to(device=device, dtype=dtype, non_blocking=True)
+        return batch.to(device=device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device, dtype) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device, dtype) for v in batch)
+    return batch

@@ -1,0 +1,174 @@
+"""Tests for :mod:`ml.loggers.base`: laziness, namespacing, write intervals and rank filtering."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ml.core.state import State
+from ml.loggers import base
+from ml.loggers.base import BaseLogger, BaseLoggerConfig, LogBatch, MultiLogger
+
+
+class RecordingLogger(BaseLogger[BaseLoggerConfig]):
+    """A logger that keeps every write in memory."""
+
+    def __init__(self, config: BaseLoggerConfig) -> None:
+        super().__init__(config)
+        self.writes: list[tuple[int, str, LogBatch]] = []
+
+    def write(self, state: State, batch: LogBatch) -> None:
+        self.writes.append((state.num_steps, state.phase, batch))
+
+
+def _logger(seconds: float | None = None, steps: int | None = None) -> RecordingLogger:
+    config = BaseLoggerConfig(name="recording", write_every_n_seconds=seconds, write_every_n_steps=steps)
+    return RecordingLogger(config)
+
+
+class _Counter:
+    def __init__(self, value: float) -> None:
+        self.value = value
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return self.value
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """A controllable ``time.monotonic`` for the base module."""
+    now = [1000.0]
+    monkeypatch.setattr(base, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    return now
+
+
+@pytest.fixture(autouse=True)
+def _master(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+
+
+def test_callable_not_evaluated_when_no_logger_writes(clock: list[float]) -> None:
+    lg = _logger(seconds=10.0)
+    state = State(num_steps=1)
+    ml_logger = MultiLogger("train")
+    ml_logger.log_scalar("loss", 1.0)
+    MultiLogger.write_all([ml_logger], [lg], state)  # first training write always happens
+    assert len(lg.writes) == 1
+
+    counter = _Counter(2.0)
+    clock[0] += 1.0
+    state.num_steps = 2
+    ml_logger.log_scalar("loss", counter)
+    MultiLogger.write_all([ml_logger], [lg], state)
+    assert counter.calls == 0
+    assert len(lg.writes) == 1
+
+    # The dropped value does not linger into the next write.
+    clock[0] += 20.0
+    state.num_steps = 3
+    ml_logger.log_scalar("acc", 0.5)
+    MultiLogger.write_all([ml_logger], [lg], state)
+    assert lg.writes[-1][2].scalars == {"train/acc": 0.5}
+
+
+def test_callable_evaluated_once_for_two_writers() -> None:
+    first, second = _logger(), _logger()
+    counter = _Counter(0.25)
+    ml_logger = MultiLogger("train")
+    ml_logger.log_scalar("loss", counter)
+    MultiLogger.write_all([ml_logger], [first, second], State(num_steps=5))
+    assert counter.calls == 1
+    for lg in (first, second):
+        assert lg.writes == [(5, "train", LogBatch(scalars={"train/loss": 0.25}))]
+
+
+def test_grad_tensor_logged_as_detached_float() -> None:
+    weight = torch.tensor(3.0, requires_grad=True)
+    loss = weight * 2
+    ml_logger = MultiLogger("train")
+    ml_logger.log_scalar("loss", loss)
+    ml_logger.log_scalar("lazy", lambda: weight * 0.5)
+    batch = ml_logger.materialize()
+    assert batch.scalars == {"train/loss": 6.0, "train/lazy": 1.5}
+    assert all(type(v) is float for v in batch.scalars.values())
+
+
+def test_multi_element_tensor_raises() -> None:
+    ml_logger = MultiLogger("train")
+    ml_logger.log_scalar("loss", torch.ones(3))
+    with pytest.raises(ValueError, match="one element"):
+        ml_logger.materialize()
+
+
+def test_namespacing() -> None:
+    ml_logger = MultiLogger(default_namespace="task")
+    ml_logger.log_scalar("loss", 1.0, namespace="train")
+    ml_logger.log_scalar("lr", 0.1)
+    ml_logger.log_string("note", "hi", namespace="info")
+    ml_logger.log_histogram("weights", torch.arange(4).reshape(2, 2))
+    batch = ml_logger.materialize()
+    assert batch.scalars == {"train/loss": 1.0, "task/lr": 0.1}
+    assert batch.strings == {"info/note": "hi"}
+    assert list(batch.histograms) == ["task/weights"]
+    assert batch.histograms["task/weights"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert not ml_logger.materialize()  # materialize clears
+
+
+def test_should_write_step_interval(clock: list[float]) -> None:
+    lg = _logger(steps=10)
+    state = State()
+    written = []
+    for step in range(1, 32):
+        state.num_steps = step
+        if lg.should_write(state):
+            lg.mark_written(state)
+            written.append(step)
+    assert written == [1, 11, 21, 31]
+
+
+def test_should_write_time_interval(clock: list[float]) -> None:
+    lg = _logger(seconds=5.0)
+    state = State()
+    assert lg.should_write(state)
+    lg.mark_written(state)
+    clock[0] += 4.9
+    assert not lg.should_write(state)
+    clock[0] += 0.1
+    assert lg.should_write(state)
+
+
+def test_validation_always_writes_and_keeps_training_interval(clock: list[float]) -> None:
+    lg = _logger(steps=10)
+    state = State(num_steps=1)
+    lg.mark_written(state)
+    state.num_steps = 5
+    assert not lg.should_write(state)
+    state.set_phase("valid")
+    assert lg.should_write(state)
+    lg.mark_written(state)
+    state.set_phase("train")
+    state.num_steps = 11
+    assert lg.should_write(state)  # the validation write at step 5 did not restart the interval
+
+
+def test_non_master_rank_writes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "1")
+    lg = _logger()
+    counter = _Counter(1.0)
+    ml_logger = MultiLogger("train")
+    ml_logger.log_scalar("loss", counter)
+    MultiLogger.write_all([ml_logger], [lg], State(num_steps=1))
+    assert lg.writes == []
+    assert counter.calls == 0
+    assert not ml_logger.materialize()  # pending values were cleared
+
+
+def test_base_logger_is_abstract_and_initialize_sets_directory(tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        BaseLogger(BaseLoggerConfig(name="x"))  # type: ignore[abstract]
+    lg = _logger()
+    lg.initialize(tmp_path)
+    assert lg.log_directory == tmp_path
