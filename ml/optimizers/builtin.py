@@ -149,32 +149,23 @@ class AdamOptimizer(BaseOptimizer[AdamConfig]):
         ValueError: If a field is out of range.
     """
 
+    torch_optimizer: type[torch.optim.Adam] | type[torch.optim.AdamW] = torch.optim.Adam
+
     def __init__(self, config: AdamConfig) -> None:
         super().__init__(config)
         _check_adam(config)
 
-    def get(self, model: nn.Module) -> torch.optim.Adam:
+    def get(self, model: nn.Module) -> torch.optim.Optimizer:
         cfg = self.config
         groups = weight_decay_param_groups(model, cfg.weight_decay, cfg.default_decay)
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        return self.torch_optimizer(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
-@register_optimizer("adamw")
-class AdamWOptimizer(BaseOptimizer[AdamWConfig]):
-    """Builds ``torch.optim.AdamW`` over the decay / no-decay parameter groups.
+@register_optimizer("adamw", AdamWConfig)
+class AdamWOptimizer(AdamOptimizer):
+    """Builds ``torch.optim.AdamW`` (decoupled weight decay) over the same parameter groups."""
 
-    Raises:
-        ValueError: If a field is out of range.
-    """
-
-    def __init__(self, config: AdamWConfig) -> None:
-        super().__init__(config)
-        _check_adam(config)
-
-    def get(self, model: nn.Module) -> torch.optim.AdamW:
-        cfg = self.config
-        groups = weight_decay_param_groups(model, cfg.weight_decay, cfg.default_decay)
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    torch_optimizer = torch.optim.AdamW
 
 
 @dataclass

@@ -70,6 +70,7 @@ __all__ = [
     "LockType",
     "ModelT",
     "RunDirNotSetError",
+    "RunLockedError",
     "TaskT",
     "TrainerConfigT",
     "add_lock_file",
@@ -332,6 +333,10 @@ class CheckpointConfig:
     only_save_most_recent: bool = conf_field(True, help="Delete the previous checkpoint after a save")
     load_from_ckpt_path: str | None = conf_field(None, help="Initial model weights from this checkpoint")
     load_strict: bool = conf_field(True, help="Fail when checkpoint and model keys differ")
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the experiment's ``running`` lock."""
 
 
 class RunDirNotSetError(KeyError):
@@ -754,7 +759,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         holder = read_lock_file(self.exp_dir, "running")
         if holder is not None and holder.pid != os.getpid():
             if not holder.is_stale():
-                raise RuntimeError(
+                raise RunLockedError(
                     f"{self.exp_dir} is already being trained (pid {holder.pid} on {holder.host}); "
                     f"remove {_lock_path(self.exp_dir, 'running')} if that process is gone"
                 )

@@ -19,6 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from ml.core.compose import ConfigError
 from ml.core.config import conf_field
 from ml.core.registry import register_trainer
 from ml.core.state import Phase, State
@@ -74,7 +75,7 @@ class SupervisedLearningTrainer(
     def __init__(self, config: SupervisedLearningTrainerConfig) -> None:
         super().__init__(config)
         if config.non_finite_loss not in ("stop", "skip"):
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.non_finite_loss must be 'stop' or 'skip', got {config.non_finite_loss!r}"
             )
         self.final_metrics: dict[str, float] = {}
@@ -86,12 +87,17 @@ class SupervisedLearningTrainer(
     def _loader(self, task: SupervisedLearningTask, phase: Phase) -> DataLoader | None:
         try:
             dataset = task.get_dataset(phase)
-        except NotImplementedError:
+        except NotImplementedError as e:
             if phase == "train":
-                raise
+                raise ConfigError(f"task {type(task).__name__} has no training data: {e}") from e
             return None
+        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise ConfigError(
+                f"{type(task).__name__}.get_dataset({phase!r}) returned {type(dataset).__name__}, "
+                "not a map-style Dataset (with __len__ and __getitem__)"
+            )
         cfg = task.dataloader_config(phase)
-        sampler = ResumableSampler(dataset, shuffle=cfg.shuffle, seed=task.config.seed)  # type: ignore[arg-type]
+        sampler = ResumableSampler(dataset, shuffle=cfg.shuffle, seed=task.config.seed)
         pin = self._device_type == "cuda" if cfg.pin_memory is None else cfg.pin_memory
         return DataLoader(
             dataset,
@@ -222,13 +228,13 @@ class SupervisedLearningTrainer(
             logger.info("Resumed from %s at step %d", self.ckpt_path, state.num_steps)
         elif self.checkpoint_config.load_from_ckpt_path:
             self._load_initial_weights(model, self.checkpoint_config.load_from_ckpt_path)
-        self.save_config()
-        self.log_run_config()
         self._last_valid_time_s = state.elapsed_time_s
 
         with self.install_signal_handlers():
-            self.on_training_start(state, task, model, optim, lr_sched)
+            self.on_training_start(state, task, model, optim, lr_sched)  # takes the running lock first
             try:
+                self.save_config()
+                self.log_run_config()
                 self._loop(state, train_loader, valid_loader, task, model, optim, lr_sched)
                 if self.stop_signal is not None:
                     self.on_exit(self.stop_signal, state, task, model, optim, lr_sched)
