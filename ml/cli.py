@@ -15,7 +15,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -33,8 +33,15 @@ class BadInput(Exception):
     """Input the user can fix; reported as one line with exit code 2."""
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Reports a bad command line as one ``ml: error:`` line (argparse would print the usage too)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise BadInput(message)
+
+
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog=f"ml {command}" if command else "ml", usage=USAGE, add_help=False, allow_abbrev=False
     )
     parser.add_argument("command", nargs="?", choices=["train", "resolve"])
@@ -55,11 +62,9 @@ def _print_help(command: str | None, args: list[str]) -> None:
     from ml.core.registry import lookup, registered_names
 
     print(USAGE)
-    if command is None:
-        return
     configs, overrides = _split_args(args)
     chosen: dict[str, list[str]] = {}
-    if configs:
+    if command is not None and configs:
         root = compose_config(configs, overrides)
         for section in SECTIONS:
             nodes = root[section] if section == "logger" else [root[section]]
@@ -105,8 +110,33 @@ def _default_run_dir() -> None:
         print(f"ml: RUN_DIR is not set; using {os.environ['RUN_DIR']}", file=sys.stderr)
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet."""
+    first = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        first = folder
+    return first
+
+
+def _remove_claimed(exp_dir: Path, created_from: Path | None) -> None:
+    """Removes a run folder this command claimed, and the empty parents the claim created."""
+    shutil.rmtree(exp_dir, ignore_errors=True)
+    if created_from is None:
+        return
+    for folder in exp_dir.parents:
+        if not folder.is_relative_to(created_from):
+            break
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another run), or already gone
+            break
+
+
 def _train(args: list[str]) -> int:
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from ml.core.compose import ConfigError, build_objects
     from ml.core.registry import lookup
@@ -119,6 +149,10 @@ def _train(args: list[str]) -> int:
 
     _default_run_dir()
     claimed = OmegaConf.is_missing(root.trainer, "exp_dir")
+    created_from = None
+    if claimed:
+        exp_name = str(root.trainer.exp_name)
+        created_from = _first_missing(Path(os.environ["RUN_DIR"]).expanduser().resolve() / exp_name)
     trainer_cls, _ = lookup("trainer", str(root.trainer.name))
     OmegaConf.get_type(root.trainer).resolve(root.trainer)  # type: ignore[union-attr]
     exp_dir = Path(root.trainer.exp_dir)
@@ -127,22 +161,49 @@ def _train(args: list[str]) -> int:
         trainer = trainer_cls(root.trainer)
         trainer.set_run_config(root)
         trainer.add_loggers(objects.loggers)
-    except Exception:
+    except BaseException as e:
         if claimed:
-            shutil.rmtree(exp_dir, ignore_errors=True)
+            _remove_claimed(exp_dir, created_from)
+        if isinstance(e, (ValueError, TypeError, OmegaConfBaseException)):
+            raise ConfigError(f"trainer ({root.trainer.name}): {_first_line(e)}") from e
         raise
     print(f"ml: experiment directory {exp_dir}", file=sys.stderr)
+
     try:
         trainer.train(objects.model, objects.task, objects.optimizer, objects.lr_scheduler)
-    except (ConfigError, NotImplementedError, TypeError) as e:
-        # Problems of the task/model definitions found before the first step: leave no empty run.
+    except ConfigError as e:
+        # The trainer found the task or model unusable while setting up, before the first step:
+        # leave no empty run behind. Any other error is a failure of training (exit 1) and keeps
+        # its traceback and its run folder.
         if claimed and not trainer.ckpt_path.exists():
-            shutil.rmtree(exp_dir, ignore_errors=True)
-        raise BadInput(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+            _remove_claimed(exp_dir, created_from)
+        raise BadInput(_first_line(e)) from e
     _report(trainer)
     if getattr(trainer, "stop_signal", None) == signal.Signals.SIGINT:
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_bad_input(e: BaseException) -> bool:
+    """Whether ``e`` is the user's input at fault (exit 2), not a failure of training (exit 1)."""
+    from ml.core.compose import ConfigError
+    from ml.core.registry import RegistryError
+
+    bad: tuple[type[BaseException], ...] = (BadInput, ConfigError, RegistryError)
+    # A CheckpointError can only come from ml.utils.checkpoint once it is imported; looking it up
+    # in sys.modules keeps a config error from paying for `import torch`.
+    checkpoint = sys.modules.get("ml.utils.checkpoint")
+    if checkpoint is not None:
+        bad += (checkpoint.CheckpointError,)
+    trainers = sys.modules.get("ml.trainers.base")
+    if trainers is not None:
+        bad += (trainers.RunLockedError,)
+    return isinstance(e, bad)
 
 
 def _report(trainer: Any) -> None:
@@ -160,15 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ml`` console command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
+    debug = "--debug" in argv
     try:
         ns = parser.parse_args(argv)
-    except SystemExit as e:
-        return EXIT_BAD_INPUT if e.code else EXIT_OK
-    debug = ns.debug
-    try:
-        if ns.help or ns.command is None:
+        if ns.help:
             _print_help(ns.command, ns.args)
-            return EXIT_OK if ns.help else EXIT_BAD_INPUT
+            return EXIT_OK
+        if ns.command is None:
+            raise BadInput("give a command: `ml train ...` or `ml resolve ...` (see `ml --help`)")
         _setup_logging()
         if ns.command == "resolve":
             return _resolve(ns.args)
@@ -177,15 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         print("ml: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
-        from ml.core.compose import ConfigError
-        from ml.core.registry import RegistryError
-        from ml.utils.checkpoint import CheckpointError
-
-        bad_input = isinstance(e, (BadInput, ConfigError, RegistryError, CheckpointError, KeyError))
         if debug:
             traceback.print_exc()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if bad_input:
+        first = _first_line(e)
+        if _is_bad_input(e):
             print(f"ml: error: {first}", file=sys.stderr)
             return EXIT_BAD_INPUT
         if not debug:

@@ -176,10 +176,13 @@ def _relocate_run_config(merged: DictConfig, last_file: Path) -> None:
 
 
 def _check_complete(root: DictConfig) -> None:
-    missing = sorted(k for k in OmegaConf.missing_keys(root) if k != "trainer.exp_dir")
-    if missing:
-        raise ConfigError(f"missing required value {missing[0]}: set it in the YAML or with {missing[0]}=...")
     try:
+        # missing_keys resolves interpolations too, so a broken `${...}` fails here as well.
+        missing = sorted(k for k in OmegaConf.missing_keys(root) if k != "trainer.exp_dir")
+        if missing:
+            raise ConfigError(
+                f"missing required value {missing[0]}: set it in the YAML or with {missing[0]}=..."
+            )
         OmegaConf.to_container(root, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)

@@ -46,7 +46,9 @@ def config_class_of(cls: type) -> type[BaseConfig]:
         RegistryError: If neither names a config dataclass.
     """
     for klass in cls.__mro__:
-        for base in getattr(klass, "__orig_bases__", ()):
+        # Each class's own generic bases only: getattr would find an ancestor's and shadow a
+        # subclass's narrower ``__init__`` annotation.
+        for base in klass.__dict__.get("__orig_bases__", ()):
             for arg in get_args(base):
                 if isinstance(arg, type) and issubclass(arg, BaseConfig):
                     return arg

@@ -19,6 +19,7 @@ Notes for subclass authors:
 
 import datetime
 import enum
+import itertools
 import logging
 import os
 import signal
@@ -316,6 +317,10 @@ def save_config(config_path: Path, raw_config: DictConfig) -> None:
         removed, added = diff_configs(OmegaConf.create(old_text), OmegaConf.create(text))
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         backup = config_path.with_name(f"{config_path.stem}.{stamp}.yaml")
+        for n in itertools.count(1):  # two changes within a second keep both old configs
+            if not backup.exists():
+                break
+            backup = config_path.with_name(f"{config_path.stem}.{stamp}.{n}.yaml")
         atomic_write_text(backup, old_text)
         lines = [f"- {x}" for x in removed] + [f"+ {x}" for x in added]
         logger.warning("Config changed (old one kept as %s):\n%s", backup.name, "\n".join(lines))

@@ -587,3 +587,11 @@ def test_double_weight_precision(tmp_path: Path) -> None:
     trainer = type(trainer)(config)  # type: ignore[arg-type]
     assert trainer._weight_precision == torch.float64
     assert trainer._device_type in ("cpu", "cuda", "mps")
+
+
+def test_config_changes_within_one_second_keep_every_old_config(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    for lr in (0.1, 0.2, 0.3):
+        base.save_config(path, OmegaConf.create({"lr": lr}))
+    kept = sorted(OmegaConf.load(p).lr for p in tmp_path.iterdir() if p.name != "config.yaml")
+    assert kept == [0.1, 0.2] and OmegaConf.load(path).lr == 0.3

@@ -44,3 +44,11 @@ def test_symlink_swap_is_relative_and_replaces_the_old_link(tmp_path: Path) -> N
     tmp_path.rename(moved)
     assert (moved / "latest").read_text() == "b"  # relative links survive moving the folder
     assert sorted(p.name for p in moved.iterdir()) == ["a", "b", "latest"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    path = tmp_path / "f.txt"
+    atomic_write_text(path, "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

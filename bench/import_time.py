@@ -1,0 +1,95 @@
+"""Measures what importing ``ml`` costs on top of torch, with ``python -X importtime``.
+
+Each statement runs in a fresh interpreter, ``--repeat`` times (interleaved, so drift in machine
+load hits every statement alike), and the table shows medians. A run's time is the sum of the
+cumulative times of the modules the statement imports at the top level; interpreter start-up is
+left out (only imports after a marker written just before the statement count). ``import torch,
+ml`` also reports the part of each module separately: ``ml``'s share there is what ``ml`` adds once
+torch is loaded, measured in the same process, so it is not blurred by torch's run-to-run noise the
+way a difference of two medians is. Run it with ``make bench`` or ``python bench/import_time.py``.
+"""
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+
+MARKER = "@@import-time-start"
+# "import time:  <self us> | <cumulative us> | <module>"; nested imports indent the module name.
+_LINE = re.compile(r"^import time:\s+(\d+)\s+\|\s+(\d+)\s+\|( *)(\S+)\s*$")
+
+STATEMENTS: tuple[str, ...] = (
+    "import torch",
+    "import torch; import omegaconf",
+    "import ml",
+    "import torch, ml",
+    "import ml.trainers.base",
+    "import torch; import ml.trainers.base",
+    "import torch; import omegaconf; import ml.trainers.base",
+)
+
+
+def top_level_import_ms(statement: str) -> dict[str, float]:
+    """Runs ``statement`` in a fresh interpreter; returns ms per module it imports at the top level."""
+    code = f"import sys; sys.stderr.write({MARKER!r} + '\\n'); {statement}"
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, check=True
+    )
+    lines = result.stderr.splitlines()
+    times: dict[str, float] = {}
+    for line in lines[lines.index(MARKER) + 1 :]:
+        match = _LINE.match(line)
+        if match and match.group(3) == " ":  # one space after "|": imported by the statement itself
+            times[match.group(4)] = int(match.group(2)) / 1000
+    return times
+
+
+def measure(repeat: int) -> dict[str, dict[str, float]]:
+    """Median ms per statement (key ``total``) and per top-level module, over ``repeat`` rounds."""
+    runs: dict[str, list[dict[str, float]]] = {statement: [] for statement in STATEMENTS}
+    for _ in range(repeat):
+        for statement in STATEMENTS:
+            runs[statement].append(top_level_import_ms(statement))
+    medians: dict[str, dict[str, float]] = {}
+    for statement, samples in runs.items():
+        modules = list(dict.fromkeys(name for sample in samples for name in sample))  # import order
+        medians[statement] = {name: statistics.median(s.get(name, 0.0) for s in samples) for name in modules}
+        medians[statement]["total"] = statistics.median(sum(s.values()) for s in samples)
+    return medians
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5, help="fresh interpreters per statement")
+    args = parser.parse_args()
+
+    t = measure(args.repeat)
+    print(f"Import time in ms, median of {args.repeat} fresh interpreters ({sys.executable})\n")
+    print(f"{'statement':<56} {'total':>8}  per top-level module")
+    for statement in STATEMENTS:
+        parts = "  ".join(f"{name} {ms:.1f}" for name, ms in t[statement].items() if name != "total")
+        print(f"{statement:<56} {t[statement]['total']:>8.1f}  {parts}")
+
+    torch_ml, base = t["import torch, ml"], "ml.trainers.base"
+    rows = [
+        ("import ml, alone", t["import ml"]["total"], "-"),
+        ("import ml over torch", torch_ml["total"] - t["import torch"]["total"], f"{torch_ml['ml']:.1f}"),
+        (
+            "import ml.trainers.base over torch",
+            t[f"import {base}"]["total"] - t["import torch"]["total"],
+            f"{t['import torch; import ml.trainers.base'][base]:.1f}",
+        ),
+        (
+            "import ml.trainers.base over torch + omegaconf",
+            t[f"import {base}"]["total"] - t["import torch; import omegaconf"]["total"],
+            f"{t['import torch; import omegaconf; import ml.trainers.base'][base]:.1f}",
+        ),
+    ]
+    print(f"\n{'what ml adds':<48} {'difference of medians':>22} {'same process':>13}")
+    for label, difference, same_process in rows:
+        print(f"{label:<48} {difference:>22.1f} {same_process:>13}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,490 @@
+"""End-to-end tests of the ``ml`` command: real subprocesses, a tiny digits config, a temporary RUN_DIR.
+
+Covered: the run folder layout, continuing a run from its ``config.yaml``, ``ml resolve``, help
+texts, user components by import path, and bad input (one ``ml: error:`` line, exit code 2, nothing
+created on disk), a failure during training (exit 1) and Ctrl-C (exit 130).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+_SCRIPT = Path(sys.executable).parent / "ml"
+ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.cli"]
+TIMEOUT_S = 120
+
+TINY = """\
+# ml train tiny.yaml
+model: {name: digits_mlp, hidden: 16, num_layers: 1}
+task:
+  name: digits
+  max_steps: 20
+  train_dl: {batch_size: 16}
+  valid_dl: {batch_size: 512}
+  test_dl: {batch_size: 512}
+optimizer: {name: adam, lr: 1e-3}
+trainer:
+  name: sl
+  exp_name: tiny
+  valid_every_n_steps: 10
+  checkpoint: {save_every_n_steps: 10, only_save_most_recent: false}
+logger:
+  - {name: stdout, write_every_n_steps: 5}
+  - {name: jsonl, write_every_n_steps: 1}
+"""
+
+USER_MODULE = "ml_e2e_user_task"
+USER_TASK = f'''\
+"""A task defined outside the package, selected with `name: {USER_MODULE}:SumSignTask`."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from ml.core.config import MISSING, conf_field
+from ml.tasks.sl import SupervisedLearningTask, SupervisedLearningTaskConfig
+
+
+@dataclass
+class SumSignConfig(SupervisedLearningTaskConfig):
+    num_samples: int = conf_field(64, help="Samples per split")
+    threshold: float = conf_field(MISSING, help="Label 1 when the sum of the inputs exceeds this")
+    fail_at_step: int | None = conf_field(None, help="Raise an error at this step (for tests)")
+    step_sleep_s: float = conf_field(0.0, help="Sleep this long in each loss (for tests)")
+
+
+class SumSignTask(SupervisedLearningTask[SumSignConfig]):
+    def get_dataset(self, phase):
+        generator = torch.Generator().manual_seed({{"train": 0, "valid": 1, "test": 2}}[phase])
+        inputs = torch.randn(self.config.num_samples, 64, generator=generator)
+        return TensorDataset(inputs, (inputs.sum(dim=1) > self.config.threshold).long())
+
+    def compute_loss(self, model, batch, state, output):
+        if state.training and state.num_steps == self.config.fail_at_step:
+            raise TypeError(f"user bug at step {{state.num_steps}}")
+        time.sleep(self.config.step_sleep_s)
+        return F.cross_entropy(output, batch[1])
+'''
+
+USER_CONFIG = f"""\
+# ml train user.yaml
+model: {{name: digits_mlp, hidden: 8, num_layers: 1}}
+task: {{name: "{USER_MODULE}:SumSignTask", max_steps: 6, num_samples: 48, train_dl: {{batch_size: 8}}}}
+optimizer: {{name: sgd, lr: 0.1}}
+trainer: {{name: sl, exp_name: user}}
+logger: [{{name: jsonl, write_every_n_steps: 1}}]
+"""
+
+
+@dataclass(frozen=True)
+class Files:
+    """The config files every test can use; ``lib`` holds the user module (on PYTHONPATH)."""
+
+    tiny: Path
+    user: Path
+    lib: Path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
+    root = tmp_path_factory.mktemp("configs")
+    (root / "lib").mkdir()
+    (root / "lib" / f"{USER_MODULE}.py").write_text(USER_TASK)
+    (root / "tiny.yaml").write_text(TINY)
+    (root / "user.yaml").write_text(USER_CONFIG)
+    return Files(tiny=root / "tiny.yaml", user=root / "user.yaml", lib=root / "lib")
+
+
+def _env(files: Files, run_dir: Path | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("ML_EXP_NAME", None)
+    env.pop("RUN_DIR", None)
+    if run_dir is not None:
+        env["RUN_DIR"] = str(run_dir)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(files.lib), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"  # tiny models; several test processes share few cores
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def ml(
+    files: Files, *args: str | Path, run_dir: Path | None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs the ``ml`` command to completion."""
+    return subprocess.run(
+        [*ML, *map(str, args)],
+        env=_env(files, run_dir),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+
+
+def _ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def _records(exp_dir: Path) -> list[dict]:
+    lines = (exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _train_steps(records: list[dict]) -> list[int]:
+    return [r["step"] for r in records if r["phase"] == "train"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A run and its continuation
+
+
+@dataclass(frozen=True)
+class TwoSegments:
+    """A 20-step run, what its folder held then, and the same run continued to 30 steps."""
+
+    run_dir: Path
+    exp_dir: Path
+    first: subprocess.CompletedProcess[str]
+    second: subprocess.CompletedProcess[str]
+    files_after_first: frozenset[str]
+    links_after_first: dict[str, str]
+    records_after_first: list[dict]
+    config_after_first: str
+
+
+def _listing(exp_dir: Path) -> frozenset[str]:
+    return frozenset(str(p.relative_to(exp_dir)) for p in exp_dir.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def two_segments(files: Files, tmp_path_factory: pytest.TempPathFactory) -> TwoSegments:
+    run_dir = tmp_path_factory.mktemp("runs")
+    first = _ok(ml(files, "train", files.tiny, run_dir=run_dir))
+    exp_dir = run_dir / "tiny" / "run_0"
+    checkpoints = exp_dir / "checkpoints"
+    links = {p.name: os.readlink(p) for p in checkpoints.iterdir() if p.is_symlink()}
+    snapshot = (_listing(exp_dir), links, _records(exp_dir), (exp_dir / "config.yaml").read_text())
+    second = _ok(ml(files, "train", exp_dir / "config.yaml", "task.max_steps=30", run_dir=run_dir))
+    return TwoSegments(run_dir, exp_dir, first, second, *snapshot)
+
+
+def test_run_folder_layout(two_segments: TwoSegments) -> None:
+    seg = two_segments
+    assert sorted(p.name for p in seg.run_dir.iterdir()) == ["tiny"]
+    assert sorted(p.name for p in (seg.run_dir / "tiny").iterdir()) == ["run_0"]
+    assert {
+        "config.yaml",
+        ".lock_ckpt",
+        "checkpoints/ckpt.10.pt",
+        "checkpoints/ckpt.20.pt",
+        "checkpoints/ckpt.pt",
+        "logs/metrics.jsonl",
+        "logs/stdout.log",
+    } <= seg.files_after_first
+    assert ".lock_running" not in seg.files_after_first  # removed when training ended
+    assert not any(name.endswith(".tmp") for name in seg.files_after_first)  # no atomic-write leftovers
+    assert seg.links_after_first == {"ckpt.pt": "ckpt.20.pt"}  # relative link to the newest
+
+    config = yaml.safe_load(seg.config_after_first)
+    assert config["trainer"]["exp_dir"] == str(seg.exp_dir.resolve())
+    assert config["task"]["max_steps"] == 20
+    assert config["model"]["hidden"] == 16
+    assert config["lr_scheduler"]["name"] == "constant"  # defaults are written out in full
+
+    records = seg.records_after_first
+    assert _train_steps(records) == list(range(1, 21))
+    assert [r["step"] for r in records if r["phase"] == "valid"] == [10, 20]
+    assert [r["step"] for r in records if r["phase"] == "test"] == [20]
+    assert all(isinstance(r["metrics"], dict) and r["metrics"] for r in records)
+    assert "train/loss" in records[0]["metrics"]
+    assert "valid/accuracy" in next(r for r in records if r["phase"] == "valid")["metrics"]
+
+    assert f"experiment directory {seg.exp_dir}" in seg.first.stderr
+    assert "ckpt.pt -> ckpt.20.pt" in seg.first.stderr
+
+
+def test_lock_file_names_the_process(two_segments: TwoSegments) -> None:
+    text = (two_segments.exp_dir / ".lock_ckpt").read_text()
+    assert "pid:" in text
+    assert "host:" in text
+
+
+def test_continuing_a_run_keeps_its_folder_and_counters(two_segments: TwoSegments) -> None:
+    seg = two_segments
+    assert sorted(p.name for p in (seg.run_dir / "tiny").iterdir()) == ["run_0"]  # no run_1
+    checkpoints = seg.exp_dir / "checkpoints"
+    assert {p.name for p in checkpoints.iterdir()} == {"ckpt.10.pt", "ckpt.20.pt", "ckpt.30.pt", "ckpt.pt"}
+    assert os.readlink(checkpoints / "ckpt.pt") == "ckpt.30.pt"
+    assert not (seg.exp_dir / ".lock_running").exists()
+    assert "Resumed from" in seg.second.stderr
+
+    records = _records(seg.exp_dir)
+    assert records[: len(seg.records_after_first)] == seg.records_after_first  # appended, not rewritten
+    steps = _train_steps(records)
+    assert steps == list(range(1, 31))  # 21..30 follow 1..20: strictly increasing, none twice
+    keys = [(r["step"], r["phase"]) for r in records]
+    assert len(keys) == len(set(keys))
+    assert [r["step"] for r in records if r["phase"] == "valid"] == [10, 20, 30]
+    second_segment = records[len(seg.records_after_first) :]
+    assert second_segment[0]["elapsed_s"] >= seg.records_after_first[-1]["elapsed_s"]  # the clock goes on
+    assert "step 30" in (seg.exp_dir / "logs" / "stdout.log").read_text()
+
+
+def test_a_changed_config_on_continue_is_saved_with_a_backup(two_segments: TwoSegments) -> None:
+    seg = two_segments
+    backups = sorted(seg.exp_dir.glob("config.*.yaml"))
+    assert len(backups) == 1, backups
+    assert backups[0].read_text() == seg.config_after_first
+    new = yaml.safe_load((seg.exp_dir / "config.yaml").read_text())
+    assert new["task"]["max_steps"] == 30
+    old = yaml.safe_load(seg.config_after_first)
+    old["task"]["max_steps"] = 30
+    assert new == old  # nothing else changed
+    assert "task.max_steps=20" in seg.second.stderr  # the diff is reported
+    assert "task.max_steps=30" in seg.second.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# resolve and help
+
+
+def test_resolve_prints_the_composed_config(files: Files, tmp_path: Path) -> None:
+    more = tmp_path / "more.yaml"
+    more.write_text("model: {hidden: 99}\noptimizer: {lr: 0.5}\n")
+    run_dir = tmp_path / "runs"
+    run_dir.mkdir()
+    result = _ok(ml(files, "resolve", files.tiny, more, "optimizer.lr=0.25", "task.seed=7", run_dir=run_dir))
+    config = yaml.safe_load(result.stdout)
+    assert config["model"]["hidden"] == 99  # the later file wins
+    assert config["optimizer"]["lr"] == 0.25  # overrides win last
+    assert config["task"]["seed"] == 7
+    assert config["task"]["max_steps"] == 20
+    assert config["optimizer"]["beta1"] == 0.9  # the component's defaults are filled in
+    assert set(config) == {"model", "task", "optimizer", "lr_scheduler", "trainer", "logger", "launcher"}
+    assert list(run_dir.iterdir()) == []  # resolving creates nothing
+
+
+def _assert_lists_fields(help_text: str) -> None:
+    assert "trainer.checkpoint.save_every_n_steps" in help_text
+    assert "Save a checkpoint every N steps" in help_text
+    assert "optimizer.lr" in help_text
+    assert "Learning rate" in help_text
+    assert "task.max_steps" in help_text
+    assert "Stop after this many optimizer steps" in help_text
+
+
+def test_top_level_help_lists_every_field(files: Files, tmp_path: Path) -> None:
+    result = _ok(ml(files, "--help", run_dir=tmp_path))
+    _assert_lists_fields(result.stdout)
+    assert "ml train CONFIG" in result.stdout
+    for component in ("optimizer: adam ", "optimizer: sgd ", "logger: jsonl ", "trainer: sl "):
+        assert component in result.stdout
+
+
+def test_help_with_a_config_lists_the_selected_components(files: Files, tmp_path: Path) -> None:
+    result = _ok(ml(files, "train", "digits", "--help", run_dir=tmp_path))
+    _assert_lists_fields(result.stdout)
+    assert "optimizer: adamw " in result.stdout  # what the digits config selects
+    assert "optimizer: sgd " not in result.stdout
+    assert "model.hidden" in result.stdout
+    assert "Width of the hidden layers" in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit code 2, nothing on disk
+
+
+BAD_OVERRIDES: dict[str, tuple[list[str], str]] = {
+    "typo in a key": (["optimizer.lrr=1"], "optimizer.lrr"),
+    "typo in a nested key": (["trainer.checkpoint.save_every=1"], "trainer.checkpoint.save_every"),
+    "wrong type": (["task.max_steps=abc"], "task.max_steps"),
+    "unknown section in an override": (["optimiser.lr=1"], "unknown section 'optimiser'"),
+    "unknown component": (["optimizer.name=adamx"], "unknown optimizer 'adamx'"),
+    "unknown import path": (["model.name=no_such_module_e2e:Model"], "cannot import module"),
+    "missing initial checkpoint": (
+        ["trainer.checkpoint.load_from_ckpt_path=/no/such/ckpt.pt"],
+        "trainer.checkpoint.load_from_ckpt_path",
+    ),
+    "override without a key": (["=3"], "bad override '=3'"),
+    "value a component rejects": (["task.max_steps=-1"], "task.max_steps must be positive"),
+    "value the trainer rejects": (["trainer.non_finite_loss=maybe"], "trainer.non_finite_loss"),
+    "broken interpolation": (["optimizer.lr=${nope}"], "optimizer.lr"),
+}
+BAD_FILES = ("unknown section in YAML", "bad YAML", "missing file")
+
+
+@dataclass(frozen=True)
+class BadRun:
+    result: subprocess.CompletedProcess[str]
+    expected: str
+    run_dir: Path
+
+
+@pytest.fixture(scope="module")
+def bad_runs(files: Files, tmp_path_factory: pytest.TempPathFactory) -> dict[str, BadRun]:
+    """Every bad-input case, run side by side (each mostly waits for `import torch`)."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "extra.yaml").write_text("sheduler: {name: cosine}\n")
+    broken = root / "broken.yaml"
+    broken.write_text(
+        "model: {name: digits_mlp}\noptimizer: {name: adam}\ntask: {name: digits\n  max_steps: 3\n"
+    )
+    cases = {
+        case: ([str(files.tiny), *overrides], expected)
+        for case, (overrides, expected) in BAD_OVERRIDES.items()
+    }
+    cases["unknown section in YAML"] = (
+        [str(files.tiny), str(root / "extra.yaml")],
+        "unknown section 'sheduler'",
+    )
+    cases["bad YAML"] = ([str(broken)], f"bad YAML in {broken}:4")  # the line of the unclosed brace's end
+    cases["missing file"] = ([str(root / "nope.yaml")], f"config file not found: {root / 'nope.yaml'}")
+
+    def run(numbered: tuple[int, str]) -> BadRun:
+        number, case = numbered
+        run_dir = root / f"runs_{number}"
+        run_dir.mkdir()
+        args, expected = cases[case]
+        return BadRun(ml(files, "train", *args, run_dir=run_dir), expected, run_dir)
+
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        return dict(zip(cases, pool.map(run, enumerate(cases)), strict=True))
+
+
+@pytest.mark.parametrize("case", [*BAD_OVERRIDES, *BAD_FILES])
+def test_bad_input_stops_with_one_line(case: str, bad_runs: dict[str, BadRun]) -> None:
+    result, expected, run_dir = bad_runs[case].result, bad_runs[case].expected, bad_runs[case].run_dir
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("ml: error: ")
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert list(run_dir.iterdir()) == []  # not even an empty experiment folder
+
+
+def test_missing_required_value_of_a_user_component(files: Files, tmp_path: Path) -> None:
+    result = ml(files, "train", files.user, run_dir=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "ml: error: missing required value task.threshold: set it in the YAML or with task.threshold=..."
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_command_line(files: Files, tmp_path: Path) -> None:
+    for args in (["bogus"], ["train", str(files.tiny), "--debgu"], []):
+        result = ml(files, *args, run_dir=tmp_path)
+        assert result.returncode == 2, args
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ml: error: "), (args, result.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_debug_shows_the_traceback(files: Files, tmp_path: Path) -> None:
+    result = ml(files, "train", files.tiny, "optimizer.lrr=1", "--debug", run_dir=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "ConfigError" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("ml: error: optimizer.lrr")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults, user code, failures and interrupts
+
+
+def test_unset_run_dir_uses_runs_under_the_working_directory(files: Files, tmp_path: Path) -> None:
+    result = _ok(
+        ml(
+            files,
+            "train",
+            files.tiny,
+            "task.max_steps=2",
+            "trainer.valid_every_n_steps=null",
+            cwd=tmp_path,
+            run_dir=None,
+        )
+    )
+    runs = tmp_path / "runs"
+    mentions = [line for line in result.stderr.splitlines() if "RUN_DIR" in line]
+    assert mentions == [f"ml: RUN_DIR is not set; using {runs.resolve()}"]
+    assert (runs / "tiny" / "run_0" / "config.yaml").is_file()
+    assert os.readlink(runs / "tiny" / "run_0" / "checkpoints" / "ckpt.pt") == "ckpt.2.pt"
+
+
+def test_user_task_by_import_path(files: Files, tmp_path: Path) -> None:
+    _ok(ml(files, "train", files.user, "task.threshold=0.0", run_dir=tmp_path))
+    exp_dir = tmp_path / "user" / "run_0"
+    config = yaml.safe_load((exp_dir / "config.yaml").read_text())
+    assert config["task"]["name"] == f"{USER_MODULE}:SumSignTask"
+    assert config["task"]["num_samples"] == 48  # the user's config class was inferred and filled
+    assert config["task"]["threshold"] == 0.0
+    records = _records(exp_dir)
+    assert _train_steps(records) == [1, 2, 3, 4, 5, 6]
+    assert {"valid", "test"} <= {r["phase"] for r in records}
+
+    result = ml(files, "train", files.user, "task.threshold=0", "task.num_sample=3", run_dir=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("ml: error: task.num_sample: Key 'num_sample' not in 'SumSignConfig'")
+
+
+def test_failure_during_training_exits_1_and_keeps_the_run(files: Files, tmp_path: Path) -> None:
+    args = ["task.threshold=0", "task.fail_at_step=3", "trainer.checkpoint.save_every_n_steps=2"]
+    result = ml(files, "train", files.user, *args, run_dir=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback (most recent call last)" in result.stderr  # a bug in user code: show where
+    assert "TypeError: user bug at step 3" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("ml: training failed: TypeError")
+    exp_dir = tmp_path / "user" / "run_0"
+    assert os.readlink(exp_dir / "checkpoints" / "ckpt.pt") == "ckpt.2.pt"  # the work done is kept
+    assert not (exp_dir / ".lock_running").exists()  # torn down before the error propagated
+    assert _train_steps(_records(exp_dir)) == [1, 2, 3]
+
+
+def test_ctrl_c_checkpoints_and_exits_130(files: Files, tmp_path: Path) -> None:
+    args = ["task.threshold=0", "task.max_steps=100000", "task.step_sleep_s=0.01"]
+    proc = subprocess.Popen(
+        [*ML, "train", str(files.user), *args],
+        env=_env(files, tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    exp_dir = tmp_path / "user" / "run_0"
+    metrics = exp_dir / "logs" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 60
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "Stopping on SIGINT" in stderr
+    last_step = _train_steps(_records(exp_dir))[-1]
+    assert os.readlink(exp_dir / "checkpoints" / "ckpt.pt") == f"ckpt.{last_step}.pt"
+    assert not (exp_dir / ".lock_running").exists()
