@@ -213,9 +213,13 @@ class Objects:
 def build_objects(root: DictConfig) -> Objects:
     """Constructs model, task, optimizer, scheduler and loggers (not the trainer: it claims a folder).
 
+    The model's initial weights are drawn after seeding every generator with ``task.seed`` (when
+    the task has one), so the same config starts from the same weights.
+
     Raises:
         ConfigError: A component rejected its config (the message names the section).
     """
+    from ml.utils.seeding import seed_everything
 
     def make(section: str, kind: Kind, node: DictConfig) -> Any:
         cls, _ = lookup(kind, str(node.name))
@@ -224,6 +228,8 @@ def build_objects(root: DictConfig) -> Objects:
         except (ValueError, TypeError, KeyError, OmegaConfBaseException) as e:
             raise ConfigError(f"{section} ({node.name}): {_first_line(e)}") from e
 
+    if root.task.get("seed") is not None:
+        seed_everything(int(root.task.seed))
     return Objects(
         config=root,
         model=make("model", "model", root.model),

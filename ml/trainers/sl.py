@@ -7,13 +7,11 @@ the teardown; a signal stops the loop at the next step boundary with a checkpoin
 """
 
 import logging
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
-import numpy as np
 import torch
 from torch import nn
 from torch.optim import Optimizer
@@ -30,6 +28,7 @@ from ml.tasks.sl import SupervisedLearningTask
 from ml.trainers.base import BaseTrainer, BaseTrainerConfig
 from ml.utils.checkpoint import CheckpointError, load_model_state, read_checkpoint
 from ml.utils.data import ResumableSampler, batch_size_of, move_to
+from ml.utils.seeding import seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +57,6 @@ def _as_loss_dict(losses: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, t
     raise TypeError(
         f"compute_loss must return a tensor or a non-empty dict of tensors, got {type(losses).__name__}"
     )
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @register_trainer("sl", SupervisedLearningTrainerConfig)

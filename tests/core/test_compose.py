@@ -231,6 +231,23 @@ def test_build_objects_and_component_errors(base: str) -> None:
         build_objects(compose_config([base], ["task.max_steps=-1"]))
 
 
+def test_the_same_config_builds_the_same_initial_weights(base: str) -> None:
+    import torch
+
+    first = build_objects(compose_config([base], []))
+    torch.rand(5)  # whatever ran in between
+    second = build_objects(compose_config([base], []))
+    third = build_objects(compose_config([base], ["task.seed=7"]))
+    for (name, a), b, c in zip(
+        first.model.state_dict().items(),
+        second.model.state_dict().values(),
+        third.model.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(a, b), name
+        assert name.endswith("bias") or not torch.equal(a, c), name
+
+
 def test_config_fields_lists_nested_fields_with_help() -> None:
     from ml.trainers.sl import SupervisedLearningTrainerConfig
 
