@@ -751,6 +751,8 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
     ) -> None:
         state.num_epochs += 1
         task.on_epoch_end(state, model, optim, lr_sched)
+        state.num_epoch_steps = 0  # between epochs the position in the (next) epoch is 0
+        state.num_epoch_samples = 0
 
     def on_training_start(
         self, state: State, task: TaskT, model: ModelT, optim: Optims, lr_sched: LRScheds

@@ -1,11 +1,19 @@
 """Defines :class:`SupervisedLearningTrainer` (``sl``): the supervised training loop.
 
-``train()`` reads top to bottom: set up (device, precision, optimizer, schedule), resume, loop
-(step start, forward, loss, backward, clip, schedule, optimizer step, log, validate, checkpoint,
-stop check), then tear down (final checkpoint, test pass, locks, loggers). Errors propagate after
-the teardown; a signal stops the loop at the next step boundary with a checkpoint.
+``train()`` reads top to bottom: set up (device, precision, optimizer, schedule, data), resume,
+loop (step start, forward, loss, backward, clip, schedule, optimizer step, log, validate,
+checkpoint, stop check), then tear down (final checkpoint, validation and test, locks, loggers).
+Errors propagate after the teardown; a signal stops the loop at the next step boundary with a
+checkpoint.
+
+Resuming is exact: the checkpoint holds the weights, optimizer, scheduler, gradient scaler, every
+generator's state and where the data order stands (the epoch's seed and the position in it). The
+order of each epoch is a fixed permutation that the sampler slices at the saved position, so a run
+stopped at any step and resumed computes the same tensors as one that never stopped (with
+``trainer.deterministic=true`` for kernels that would otherwise be non-deterministic).
 """
 
+import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -26,11 +34,15 @@ from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
 from ml.tasks.sl import SupervisedLearningTask
 from ml.trainers.base import BaseTrainer, BaseTrainerConfig
-from ml.utils.checkpoint import CheckpointError, load_model_state, read_checkpoint
+from ml.utils.checkpoint import load_model_state, read_checkpoint
 from ml.utils.data import ResumableSampler, batch_size_of, move_to
+from ml.utils.precision import PRECISIONS, MixedPrecision
+from ml.utils.progress import progress
 from ml.utils.seeding import seed_everything
 
 logger = logging.getLogger(__name__)
+
+Batches = list[Any]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -39,7 +51,11 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class SupervisedLearningTrainerConfig(BaseTrainerConfig):
-    clip_grad_norm: float | None = conf_field(None, help="Clip the gradient norm to this value")
+    batches_per_step: int = conf_field(1, help="Batches whose gradients are accumulated per optimizer step")
+    clip_grad_norm: float | None = conf_field(None, help="Clip the gradient norm to this value (and log it)")
+    precision: str = conf_field("fp32", help="fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler)")
+    compile_model: bool = conf_field(False, help="Train the model through torch.compile")
+    deterministic: bool = conf_field(False, help="Use only deterministic kernels (bit-exact resume)")
     valid_every_n_steps: int | None = conf_field(None, help="Validate every N training steps")
     valid_every_n_seconds: float | None = conf_field(None, help="Validate every N seconds of training")
     valid_at_end: bool = conf_field(True, help="Validate once more when training ends")
@@ -47,33 +63,67 @@ class SupervisedLearningTrainerConfig(BaseTrainerConfig):
     non_finite_loss: str = conf_field(
         "stop", help="On a NaN/inf loss: `stop` with an error, or `skip` the step"
     )
+    progress_bar: bool = conf_field(True, help="Show a progress bar for validation and test on a terminal")
 
 
 def _as_loss_dict(losses: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if isinstance(losses, torch.Tensor):
         return {"loss": losses}
-    if isinstance(losses, dict) and losses:
+    if isinstance(losses, dict) and losses and all(isinstance(v, torch.Tensor) for v in losses.values()):
         return losses
-    raise TypeError(
-        f"compute_loss must return a tensor or a non-empty dict of tensors, got {type(losses).__name__}"
-    )
+    raise TypeError(f"compute_loss must return a tensor or a non-empty dict of tensors, got {losses!r:.80}")
+
+
+def _check_config(config: SupervisedLearningTrainerConfig) -> None:
+    if config.non_finite_loss not in ("stop", "skip"):
+        raise ConfigError(f"trainer.non_finite_loss must be 'stop' or 'skip', got {config.non_finite_loss!r}")
+    if config.precision not in PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}"
+        )
+    if config.batches_per_step < 1:
+        raise ConfigError(f"trainer.batches_per_step must be positive, got {config.batches_per_step}")
+    if config.clip_grad_norm is not None and config.clip_grad_norm <= 0:
+        raise ConfigError(f"trainer.clip_grad_norm must be positive, got {config.clip_grad_norm}")
+    if config.precision != "fp32" and config.use_double_weight_precision:
+        raise ConfigError("trainer.precision must be fp32 when use_double_weight_precision is set")
 
 
 @register_trainer("sl", SupervisedLearningTrainerConfig)
 class SupervisedLearningTrainer(
     BaseTrainer[SupervisedLearningTrainerConfig, BaseModel, SupervisedLearningTask]
 ):
-    """Trains a model on a :class:`SupervisedLearningTask`."""
+    """Trains a model on a :class:`SupervisedLearningTask`.
+
+    Attributes:
+        final_metrics: The latest validation and test metrics (the final ones once training ends).
+    """
 
     def __init__(self, config: SupervisedLearningTrainerConfig) -> None:
         super().__init__(config)
-        if config.non_finite_loss not in ("stop", "skip"):
-            raise ConfigError(
-                f"trainer.non_finite_loss must be 'stop' or 'skip', got {config.non_finite_loss!r}"
-            )
+        _check_config(config)
         self.final_metrics: dict[str, float] = {}
-        self._last_valid_time_s = 0.0
-        self._last_valid_step = -1
+        self.precision = MixedPrecision(config.precision, self._device)
+        self._data_seed = 0
+        self._last_valid = (-1, 0.0)  # (step, elapsed seconds) of the last validation
+
+    # -- checkpoint extras: the gradient scaler and where the data order stands
+
+    def update_state_dict(self, state_dict: dict) -> None:
+        state = State.from_json(state_dict["state"])
+        state_dict["sampler"] = {
+            "seed": self._data_seed,
+            "epoch": state.num_epochs,
+            "position": state.num_epoch_samples,
+        }
+        if self.precision.scaler is not None:
+            state_dict["grad_scaler"] = self.precision.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        sampler = state_dict.get("sampler")
+        if sampler is not None and sampler.get("seed") != self._data_seed:
+            logger.warning("task.seed changed since the checkpoint: the data order of this epoch changes too")
+        self.precision.load_state_dict(state_dict.get("grad_scaler", {}))
 
     # -- data
 
@@ -90,77 +140,102 @@ class SupervisedLearningTrainer(
                 "not a map-style Dataset (with __len__ and __getitem__)"
             )
         cfg = task.dataloader_config(phase)
-        sampler = ResumableSampler(dataset, shuffle=cfg.shuffle, seed=task.config.seed)
         pin = self._device_type == "cuda" if cfg.pin_memory is None else cfg.pin_memory
         return DataLoader(
             dataset,
             batch_size=cfg.batch_size,
-            sampler=sampler,
+            sampler=ResumableSampler(dataset, shuffle=cfg.shuffle, seed=self._data_seed),
             num_workers=cfg.num_workers,
             pin_memory=pin,
             drop_last=cfg.drop_last,
-            generator=torch.Generator().manual_seed(task.config.seed),
+            generator=torch.Generator(),
         )
 
-    def _epoch_batches(self, loader: DataLoader, state: State) -> Iterator[Any]:
+    def _epoch_steps(self, loader: DataLoader, state: State) -> Iterator[Batches]:
+        """The rest of the current epoch, as groups of ``batches_per_step`` batches (the last may be short).
+
+        The epoch's order and the workers' seeds depend only on ``(task.seed, epoch)``; the sampler
+        starts at the saved position, so resuming skips ahead by index without loading any batch.
+        """
         sampler = cast(ResumableSampler, loader.sampler)
         sampler.set_epoch(state.num_epochs, start=state.num_epoch_samples)
-        if loader.generator is not None:
-            loader.generator.manual_seed(sampler.seed + state.num_epochs)
-        yield from loader
+        assert loader.generator is not None
+        loader.generator.manual_seed(self._data_seed + state.num_epochs)
+        batches = iter(loader)
+        while group := list(itertools.islice(batches, self.config.batches_per_step)):
+            yield group
 
     # -- one training step
 
     def _train_step(
         self,
         state: State,
-        batch: Any,
+        batches: Batches,
         task: SupervisedLearningTask,
-        model: BaseModel,
+        model: nn.Module,
         optim: Optimizer,
         lr_sched: SchedulerAdapter,
     ) -> dict[str, torch.Tensor]:
-        state.set_phase("train")
+        """Forward and backward over ``batches``, then one optimizer step; returns the mean losses.
+
+        Each batch's loss is weighted by its share of the step's samples, so accumulating k batches
+        gives the gradient of one batch k times as large.
+        """
         model.train()
-        batch = move_to(batch, self._device, self._weight_precision)
-        output = task.run_model(model, batch, state)
-        loss_dict = _as_loss_dict(task.compute_loss(model, batch, state, output))
-        loss = torch.stack([v.sum() for v in loss_dict.values()]).sum()
+        total = sum(batch_size_of(b) for b in batches)
+        losses: dict[str, torch.Tensor] = {}
         optim.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            message = f"non-finite loss {loss.item()} at step {state.num_steps}"
+        for batch in batches:
+            weight = batch_size_of(batch) / total
+            batch = move_to(batch, self._device, self._weight_precision)
+            with self.precision.autocast():
+                output = task.run_model(model, batch, state)
+                loss_dict = _as_loss_dict(task.compute_loss(model, batch, state, output))
+            loss = torch.stack([v.float().sum() for v in loss_dict.values()]).sum()
+            self.precision.backward(loss * weight)
+            for name, value in loss_dict.items():
+                losses[name] = losses.get(name, 0.0) + value.detach().float().sum() * weight
+        step_loss = torch.stack(list(losses.values())).sum()
+        if not torch.isfinite(step_loss):  # one host sync per step
+            message = f"non-finite loss ({step_loss.item()}) at step {state.num_steps + 1}"
             if self.config.non_finite_loss == "stop":
                 raise NonFiniteLossError(f"{message}; set trainer.non_finite_loss=skip to skip such steps")
             logger.warning("%s: skipping the step", message)
-            return loss_dict
-        loss.backward()
+            optim.zero_grad(set_to_none=True)
+            return losses
         if self.config.clip_grad_norm is not None:
+            self.precision.unscale_(optim)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), self.config.clip_grad_norm)
             self.logger.log_scalar("grad_norm", grad_norm.detach())
         lr_sched.step(state)
-        optim.step()
+        self.precision.step(optim)
         self.logger.log_scalar("lr", lr_sched.lr)
-        for name, value in loss_dict.items():
-            task.logger.log_scalar(name, value.detach(), namespace="train")
-        return loss_dict
+        for name, value in losses.items():
+            task.logger.log_scalar(name, value, namespace="train")
+        return losses
 
     # -- evaluation
 
     @torch.no_grad()
     def evaluate(
-        self, phase: Phase, loader: DataLoader, task: SupervisedLearningTask, model: BaseModel, state: State
+        self, phase: Phase, loader: DataLoader, task: SupervisedLearningTask, model: nn.Module, state: State
     ) -> dict[str, float]:
-        """Runs a whole validation or test set; returns its sample-weighted mean metrics."""
+        """Runs a whole validation or test set; returns (and logs) its sample-weighted mean metrics.
+
+        Everything the task logs while evaluating (losses, accuracy, ...) is averaged over samples.
+        """
         state.set_phase(phase)
         model.eval()
         totals: dict[str, float] = {}
         count = 0
-        for batch in loader:
+        cast(ResumableSampler, loader.sampler).set_epoch(0)
+        for batch in progress(loader, total=len(loader), description=phase, enabled=self.config.progress_bar):
             batch = move_to(batch, self._device, self._weight_precision)
-            output = task.run_model(model, batch, state)
-            loss_dict = _as_loss_dict(task.compute_loss(model, batch, state, output))
+            with self.precision.autocast():
+                output = task.run_model(model, batch, state)
+                loss_dict = _as_loss_dict(task.compute_loss(model, batch, state, output))
             for name, value in loss_dict.items():
-                task.logger.log_scalar(name, value.detach(), namespace=phase)
+                task.logger.log_scalar(name, value.detach().float().sum(), namespace=phase)
             size = batch_size_of(batch)
             for name, scalar in task.logger.materialize().scalars.items():
                 totals[name] = totals.get(name, 0.0) + scalar * size
@@ -173,17 +248,21 @@ class SupervisedLearningTrainer(
         for name, mean in metrics.items():
             namespace, _, key = name.partition("/")
             task.logger.log_scalar(key, mean, namespace=namespace)
-        self.write_logs(task, model, state)
+        self.write_logs(task, cast(BaseModel, model), state)
         state.set_phase("train")
+        if phase == "valid":
+            self._last_valid = (state.num_steps, state.elapsed_time_s)
+        self.final_metrics.update(metrics)
         return metrics
 
     def _should_validate(self, state: State) -> bool:
-        cfg = self.config
+        cfg, (last_step, last_time) = self.config, self._last_valid
+        if last_step == state.num_steps:
+            return False
         if cfg.valid_every_n_steps and state.num_steps % cfg.valid_every_n_steps == 0:
             return True
         return bool(
-            cfg.valid_every_n_seconds
-            and state.elapsed_time_s - self._last_valid_time_s >= cfg.valid_every_n_seconds
+            cfg.valid_every_n_seconds and state.elapsed_time_s - last_time >= cfg.valid_every_n_seconds
         )
 
     # -- the loop
@@ -195,16 +274,18 @@ class SupervisedLearningTrainer(
         optimizer: BaseOptimizer,
         lr_scheduler: BaseLRScheduler,
     ) -> None:
-        """Runs the training loop until the task's limits or a stop signal."""
+        """Runs the training loop until the task's limits are met or a signal asks it to stop."""
         if not isinstance(task, SupervisedLearningTask):
-            raise TypeError(f"the sl trainer needs a SupervisedLearningTask, got {type(task).__name__}")
+            raise ConfigError(f"the sl trainer needs a SupervisedLearningTask, got {type(task).__name__}")
         if not task.has_limit:
             logger.warning(
                 "The task sets no max_steps/max_epochs/max_samples/max_seconds: training until stopped"
             )
 
-        # Set up: device, precision, optimizer and schedule, data.
-        seed_everything(task.config.seed)
+        # Set up: determinism, device and precision, optimizer and schedule, data.
+        self._data_seed = task.config.seed
+        if self.config.deterministic:
+            torch.use_deterministic_algorithms(True)
         model.to(device=self._device, dtype=self._weight_precision)
         task.to(self._device)
         optim = optimizer.get(model)
@@ -213,32 +294,29 @@ class SupervisedLearningTrainer(
         valid_loader = self._loader(task, "valid")
         test_loader = self._loader(task, "test")
         assert train_loader is not None
+        runner: nn.Module = cast(nn.Module, torch.compile(model)) if self.config.compile_model else model
 
         # Resume from this run's checkpoint, or start from initial weights.
         state = State.init_state()
         if self.ckpt_path.exists():
             state = self.load_checkpoint(self.ckpt_path, task, model, optim, lr_sched)
             logger.info("Resumed from %s at step %d", self.ckpt_path, state.num_steps)
-        elif self.checkpoint_config.load_from_ckpt_path:
-            self._load_initial_weights(model, self.checkpoint_config.load_from_ckpt_path)
-        self._last_valid_time_s = state.elapsed_time_s
+        else:
+            seed_everything(task.config.seed)
+            if self.checkpoint_config.load_from_ckpt_path:
+                self._load_initial_weights(model, self.checkpoint_config.load_from_ckpt_path)
+        self._last_valid = (state.num_steps, state.elapsed_time_s)
 
         with self.install_signal_handlers():
             self.on_training_start(state, task, model, optim, lr_sched)  # takes the running lock first
             try:
                 self.save_config()
                 self.log_run_config()
-                self._loop(state, train_loader, valid_loader, task, model, optim, lr_sched)
+                self._loop(state, train_loader, valid_loader, task, model, runner, optim, lr_sched)
                 if self.stop_signal is not None:
                     self.on_exit(self.stop_signal, state, task, model, optim, lr_sched)
                 else:
-                    if self._last_ckpt_step != state.num_steps:
-                        self.save_checkpoint(state, task, model, optim, lr_sched)
-                    validated_now = self._last_valid_step == state.num_steps
-                    if valid_loader is not None and self.config.valid_at_end and not validated_now:
-                        self.final_metrics.update(self.evaluate("valid", valid_loader, task, model, state))
-                    if test_loader is not None and self.config.test_at_end:
-                        self.final_metrics.update(self.evaluate("test", test_loader, task, model, state))
+                    self._finish(state, valid_loader, test_loader, task, model, runner, optim, lr_sched)
             finally:
                 self.on_training_end(state, task, model, optim, lr_sched)
                 self.close_loggers()
@@ -250,40 +328,58 @@ class SupervisedLearningTrainer(
         valid_loader: DataLoader | None,
         task: SupervisedLearningTask,
         model: BaseModel,
+        runner: nn.Module,
         optim: Optimizer,
         lr_sched: SchedulerAdapter,
     ) -> None:
-        samples_start, time_start = state.num_samples, time.monotonic()
+        start = (state.num_steps, state.num_samples, time.monotonic())
 
-        def samples_per_s() -> float:
-            return (state.num_samples - samples_start) / max(time.monotonic() - time_start, 1e-9)
+        def rate(counter: int, first: int) -> float:
+            return (counter - first) / max(time.monotonic() - start[2], 1e-9)
 
         while not task.is_training_over(state) and self.stop_signal is None:
             if state.num_epoch_samples == 0:
                 self.on_epoch_start(state, task, model, optim, lr_sched)
-            for batch in self._epoch_batches(train_loader, state):
+            for batches in self._epoch_steps(train_loader, state):
                 self.on_step_start(state, task, model, optim, lr_sched)
-                loss_dict = self._train_step(state, batch, task, model, optim, lr_sched)
-                size = batch_size_of(batch)
+                loss_dict = self._train_step(state, batches, task, runner, optim, lr_sched)
+                samples = sum(batch_size_of(b) for b in batches)
                 state.num_steps += 1
                 state.num_epoch_steps += 1
-                state.num_samples += size
-                state.num_epoch_samples += size
+                state.num_samples += samples
+                state.num_epoch_samples += samples
                 self.on_step_end(state, loss_dict, task, model, optim, lr_sched)
                 self.logger.log_scalar("epoch", state.num_epochs)
-                self.logger.log_scalar("samples_per_s", samples_per_s)
+                self.logger.log_scalar("samples_per_s", lambda: rate(state.num_samples, start[1]))
+                self.logger.log_scalar("steps_per_s", lambda: rate(state.num_steps, start[0]))
                 self.write_logs(task, model, state)
                 if valid_loader is not None and self._should_validate(state):
-                    self.evaluate("valid", valid_loader, task, model, state)
-                    self._last_valid_time_s = state.elapsed_time_s
-                    self._last_valid_step = state.num_steps
+                    self.evaluate("valid", valid_loader, task, runner, state)
                 if self.should_checkpoint(state):
                     self.save_checkpoint(state, task, model, optim, lr_sched)
                 if task.is_training_over(state) or self.stop_signal is not None:
                     return
             self.on_epoch_end(state, task, model, optim, lr_sched)
-            state.num_epoch_samples = 0
-            state.num_epoch_steps = 0
+
+    def _finish(
+        self,
+        state: State,
+        valid_loader: DataLoader | None,
+        test_loader: DataLoader | None,
+        task: SupervisedLearningTask,
+        model: BaseModel,
+        runner: nn.Module,
+        optim: Optimizer,
+        lr_sched: SchedulerAdapter,
+    ) -> None:
+        """The end of a completed run: final checkpoint, last validation, test pass."""
+        if self._last_ckpt_step != state.num_steps:
+            self.save_checkpoint(state, task, model, optim, lr_sched)
+        validated = self._last_valid[0] == state.num_steps and self.final_metrics
+        if valid_loader is not None and self.config.valid_at_end and not validated:
+            self.evaluate("valid", valid_loader, task, runner, state)
+        if test_loader is not None and self.config.test_at_end:
+            self.evaluate("test", test_loader, task, runner, state)
 
     def _load_initial_weights(self, model: BaseModel, path: str) -> None:
         """``checkpoint.load_from_ckpt_path``: model weights only (no optimizer, state or RNG)."""
@@ -291,11 +387,3 @@ class SupervisedLearningTrainer(
         for note in load_model_state(model, ckpt["model"], strict=self.checkpoint_config.load_strict):
             logger.warning("Initial weights from %s: %s", path, note)
         logger.info("Initial weights loaded from %s", path)
-
-
-__all__ = [
-    "CheckpointError",
-    "NonFiniteLossError",
-    "SupervisedLearningTrainer",
-    "SupervisedLearningTrainerConfig",
-]

@@ -1,0 +1,66 @@
+"""Defines :class:`MixedPrecision`: autocast and, for float16, the gradient scaler.
+
+``fp32`` runs everything in float32 (or float64 when the trainer keeps float64 weights); ``bf16``
+and ``fp16`` run the forward pass under ``torch.autocast`` with the weights and inputs kept in
+float32, and ``fp16`` scales the loss so small gradients do not underflow. The scaler's state is
+checkpointed; a checkpoint without one (from an fp32 run, or from the CPU) loads fine.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Literal, get_args
+
+import torch
+from torch.optim import Optimizer
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MixedPrecision:
+    """Autocast and loss scaling for one device.
+
+    Args:
+        precision: ``fp32``, ``bf16`` or ``fp16``.
+        device: The device the model runs on.
+    """
+
+    def __init__(self, precision: str, device: torch.device) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        self.device_type = device.type
+        self.dtype = _AUTOCAST_DTYPES.get(precision)
+        self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        if self.dtype is None:
+            yield
+            return
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def unscale_(self, optim: Optimizer) -> None:
+        """Brings gradients back to their true scale (before clipping or measuring them)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optim)
+
+    def step(self, optim: Optimizer) -> None:
+        """Steps the optimizer (the scaler skips steps whose gradients are not finite)."""
+        if self.scaler is None:
+            optim.step()
+        else:
+            self.scaler.step(optim)
+            self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.scaler is not None and state_dict:
+            self.scaler.load_state_dict(state_dict)
