@@ -167,7 +167,6 @@ def _train(args: list[str]) -> int:
         if isinstance(e, (ValueError, TypeError, OmegaConfBaseException)):
             raise ConfigError(f"trainer ({root.trainer.name}): {_first_line(e)}") from e
         raise
-    print(f"ml: experiment directory {exp_dir}", file=sys.stderr)
 
     try:
         trainer.train(objects.model, objects.task, objects.optimizer, objects.lr_scheduler)

@@ -772,6 +772,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                 )
             logger.warning("Taking over the running lock of dead process %s", holder.pid)
         self.add_lock_file("running", exists_ok=True)
+        logger.info("Training in %s", self.exp_dir)
         state.start_time_s = time.time() - state.elapsed_time_s
         task.on_training_start(state, model, optim, lr_sched)
 

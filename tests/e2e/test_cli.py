@@ -77,6 +77,18 @@ class SumSignTask(SupervisedLearningTask[SumSignConfig]):
             raise TypeError(f"user bug at step {{state.num_steps}}")
         time.sleep(self.config.step_sleep_s)
         return F.cross_entropy(output, batch[1])
+
+
+class NoDatasetMethodTask(SupervisedLearningTask[SumSignConfig]):
+    """Forgot to define get_dataset."""
+
+    def compute_loss(self, model, batch, state, output):
+        return F.cross_entropy(output, batch[1])
+
+
+class NoTrainingDataTask(SumSignTask):
+    def get_dataset(self, phase):
+        raise NotImplementedError(f"no {{phase}} split")
 '''
 
 USER_CONFIG = f"""\
@@ -214,7 +226,8 @@ def test_run_folder_layout(two_segments: TwoSegments) -> None:
     assert "train/loss" in records[0]["metrics"]
     assert "valid/accuracy" in next(r for r in records if r["phase"] == "valid")["metrics"]
 
-    assert f"experiment directory {seg.exp_dir}" in seg.first.stderr
+    assert f"Training in {seg.exp_dir}" in seg.first.stderr
+    assert f"ml: run directory   {seg.exp_dir}" in seg.first.stderr
     assert "ckpt.pt -> ckpt.20.pt" in seg.first.stderr
 
 
@@ -378,6 +391,26 @@ def test_bad_input_stops_with_one_line(case: str, bad_runs: dict[str, BadRun]) -
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
     assert list(run_dir.iterdir()) == []  # not even an empty experiment folder
+
+
+@pytest.mark.parametrize(
+    ("task", "expected"),
+    [
+        ("NoDatasetMethodTask", "NoDatasetMethodTask does not implement get_dataset"),
+        ("NoTrainingDataTask", "task NoTrainingDataTask has no training data: no train split"),
+    ],
+)
+def test_a_task_without_training_data_stops_with_one_line(
+    files: Files, tmp_path: Path, task: str, expected: str
+) -> None:
+    result = ml(
+        files, "train", files.user, f"task.name={USER_MODULE}:{task}", "task.threshold=0", run_dir=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ml: error:") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # the run directory claimed for it is gone again
 
 
 def test_missing_required_value_of_a_user_component(files: Files, tmp_path: Path) -> None:

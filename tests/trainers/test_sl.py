@@ -1,14 +1,16 @@
 """Tests of the supervised trainer driven from Python (the CLI is covered in tests/e2e)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from ml.loggers.jsonl import JsonlLogger, JsonlLoggerConfig
 from ml.lr_schedulers.builtin import ConstantConfig, ConstantLRScheduler
-from ml.optimizers.builtin import AdamConfig, AdamOptimizer
+from ml.optimizers.builtin import AdamConfig, AdamOptimizer, SGDConfig, SGDOptimizer
 from ml.tasks.sl import SupervisedLearningTaskConfig
 from ml.trainers.base import has_lock_file
 from ml.trainers.sl import NonFiniteLossError, SupervisedLearningTrainer, SupervisedLearningTrainerConfig
@@ -64,3 +66,83 @@ def test_a_non_finite_loss_stops_and_names_the_step(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteLossError, match="at step"):
         trainer.train(model, task, optimizer, ConstantLRScheduler(ConstantConfig(name="constant")))
     assert not has_lock_file(tmp_path, "running")  # torn down before the error propagated
+
+
+def _trainer(exp_dir: Path, **trainer: object) -> SupervisedLearningTrainer:
+    config = OmegaConf.merge(
+        OmegaConf.structured(SupervisedLearningTrainerConfig),
+        {"name": "sl", "exp_dir": str(exp_dir), **trainer},
+    )
+    sl = SupervisedLearningTrainer(config)  # type: ignore[arg-type]
+    sl.add_logger(JsonlLogger(JsonlLoggerConfig(name="jsonl", write_every_n_steps=1)))
+    return sl
+
+
+def _fit(
+    trainer: SupervisedLearningTrainer, max_steps: int, task_cls: type = TinyTask, sgd: bool = False
+) -> None:
+    task = task_cls(SupervisedLearningTaskConfig(name="tiny", max_steps=max_steps))
+    torch.manual_seed(0)
+    model = TinyModel(TinyModelConfig(name="tiny"))
+    optimizer = SGDOptimizer(SGDConfig(name="sgd", lr=0.1)) if sgd else AdamOptimizer(AdamConfig(name="adam"))
+    trainer.train(model, task, optimizer, ConstantLRScheduler(ConstantConfig(name="constant")))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_resumes_from_an_fp32_checkpoint(tmp_path: Path, precision: str) -> None:
+    _fit(_trainer(tmp_path), max_steps=3)  # an fp32 checkpoint: no grad scaler in it
+    trainer = _trainer(tmp_path, precision=precision, clip_grad_norm=1.0)
+    _fit(trainer, max_steps=6)
+    ckpt = torch.load(tmp_path / "checkpoints" / "ckpt.6.pt", weights_only=True)
+    assert ("grad_scaler" in ckpt) == (precision == "fp16")
+    records = [r for r in _records(tmp_path) if r["phase"] == "train"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["metrics"]["train/loss"]) for r in records)
+    assert all("trainer/grad_norm" in r["metrics"] for r in records[3:])
+    if precision == "fp16":
+        scale = ckpt["grad_scaler"]["scale"]
+        _fit(_trainer(tmp_path, precision="fp16"), max_steps=7)
+        assert trainer.precision.scaler is not None and scale > 0
+
+
+def test_double_precision_weights(tmp_path: Path) -> None:
+    _fit(_trainer(tmp_path, use_double_weight_precision=True), max_steps=2)
+    ckpt = torch.load(tmp_path / "checkpoints" / "ckpt.pt", weights_only=True)
+    assert all(v.dtype == torch.float64 for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_a_non_finite_loss_can_skip_the_step(tmp_path: Path) -> None:
+    class SometimesNaN(TinyTask):
+        def compute_loss(self, model, batch, state, output):  # type: ignore[no-untyped-def]
+            loss = super().compute_loss(model, batch, state, output)
+            return loss * float("nan") if state.num_steps == 1 else loss
+
+    trainer = _trainer(tmp_path, non_finite_loss="skip")
+    _fit(trainer, max_steps=3, task_cls=SometimesNaN)
+    ckpt = torch.load(tmp_path / "checkpoints" / "ckpt.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_a_task_without_validation_or_test_data_skips_them(tmp_path: Path) -> None:
+    class TrainOnly(TinyTask):
+        def get_dataset(self, phase):  # type: ignore[no-untyped-def]
+            if phase != "train":
+                raise NotImplementedError(phase)
+            return super().get_dataset(phase)
+
+    trainer = _trainer(tmp_path, valid_every_n_steps=1)
+    _fit(trainer, max_steps=2, task_cls=TrainOnly)
+    assert trainer.final_metrics == {}
+    assert {r["phase"] for r in _records(tmp_path)} == {"train"}
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path: Path) -> None:
+    eager, compiled = _trainer(tmp_path / "eager"), _trainer(tmp_path / "compiled", compile_model=True)
+    _fit(eager, max_steps=3, sgd=True)  # Adam would magnify rounding noise in near-zero gradients
+    _fit(compiled, max_steps=3, sgd=True)
+    a = torch.load(tmp_path / "eager" / "checkpoints" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "compiled" / "checkpoints" / "ckpt.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()  # no _orig_mod. prefixes in the checkpoint
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
