@@ -134,6 +134,13 @@ def _remove_claimed(exp_dir: Path, created_from: Path | None) -> None:
             break
 
 
+def _has_results(exp_dir: Path) -> bool:
+    """Whether a run folder holds anything worth keeping: a checkpoint or a non-empty log."""
+    return any((exp_dir / "checkpoints").glob("ckpt.*")) or any(
+        p.is_file() and p.stat().st_size > 0 for p in (exp_dir / "logs").rglob("*")
+    )
+
+
 def _train(args: list[str]) -> int:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -154,7 +161,10 @@ def _train(args: list[str]) -> int:
         exp_name = str(root.trainer.exp_name)
         created_from = _first_missing(Path(os.environ["RUN_DIR"]).expanduser().resolve() / exp_name)
     trainer_cls, _ = lookup("trainer", str(root.trainer.name))
-    OmegaConf.get_type(root.trainer).resolve(root.trainer)  # type: ignore[union-attr]
+    try:
+        OmegaConf.get_type(root.trainer).resolve(root.trainer)  # type: ignore[union-attr]
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     exp_dir = Path(root.trainer.exp_dir)
     try:
         OmegaConf.resolve(root)
@@ -170,12 +180,13 @@ def _train(args: list[str]) -> int:
 
     try:
         trainer.train(objects.model, objects.task, objects.optimizer, objects.lr_scheduler)
-    except ConfigError as e:
-        # The trainer found the task or model unusable while setting up, before the first step:
-        # leave no empty run behind. Any other error is a failure of training (exit 1) and keeps
-        # its traceback and its run folder.
-        if claimed and not trainer.ckpt_path.exists():
+    except (ConfigError, KeyboardInterrupt) as e:
+        # Found unusable while setting up, or interrupted at once: leave no empty run behind. Any
+        # other error is a failure of training (exit 1) and keeps its traceback and run folder.
+        if claimed and not _has_results(exp_dir):
             _remove_claimed(exp_dir, created_from)
+        if isinstance(e, KeyboardInterrupt):
+            raise
         raise BadInput(_first_line(e)) from e
     _report(trainer)
     if getattr(trainer, "stop_signal", None) == signal.Signals.SIGINT:
@@ -221,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     debug = "--debug" in argv
+    saved_env = {key: os.environ.get(key) for key in ("RUN_DIR", "ML_EXP_NAME")}
     try:
         ns = parser.parse_args(argv)
         if ns.help:
@@ -246,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"ml: training failed: {type(e).__name__}: {first}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        for key, value in saved_env.items():  # the defaults this command set do not outlive it
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 if __name__ == "__main__":

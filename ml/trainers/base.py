@@ -19,6 +19,7 @@ Notes for subclass authors:
 
 import datetime
 import enum
+import fcntl
 import itertools
 import logging
 import os
@@ -267,7 +268,7 @@ def _diff(first: Any, second: Any, path: str, out_first: list[str], out_second: 
             a = first[i] if i < len(first) else MISSING
             b = second[i] if i < len(second) else MISSING
             _diff(a, b, child(i), out_first, out_second)
-    elif first != second:
+    elif type(first) is not type(second) or first != second:  # True vs 1 and 1 vs 1.0 differ too
         if first != MISSING:
             out_first.append(line(path, first))
         if second != MISSING:
@@ -381,6 +382,9 @@ class BaseTrainerConfig(BaseConfig):
         """
         if not _is_missing(config, "exp_dir"):
             return
+        name = str(config.exp_name)
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise ValueError(f"trainer.exp_name must be a plain folder name, got {name!r}")
         run_dir = os.environ.get("RUN_DIR")
         if not run_dir:
             raise RunDirNotSetError(
@@ -396,6 +400,17 @@ TaskT = TypeVar("TaskT", bound=BaseTask)
 Optims = Optimizer | dict[str, Optimizer]
 LRScheds = SchedulerAdapter | dict[str, SchedulerAdapter]
 SignalHandler = Callable[[], None]
+
+
+def _state_of_checkpoint(ckpt: Mapping[str, Any], where: str) -> State:
+    """The checkpoint's :class:`State` (a JSON string, or a dict in older checkpoints), validated."""
+    if not isinstance(ckpt.get("model"), Mapping):
+        raise CheckpointError(f"{where}: 'model' is not a state dict")
+    raw = ckpt.get("state")
+    try:
+        return State.from_json(raw) if isinstance(raw, str) else State.from_dict(dict(raw))  # type: ignore[arg-type]
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: bad trainer state ({e})") from e
 
 
 def _named_state(objs: Any) -> Any:
@@ -508,6 +523,31 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
     def ckpt_path(self) -> Path:
         return self.get_ckpt_path()
 
+    def find_resume_checkpoint(self) -> Path | None:
+        """The checkpoint this run continues from, or None for a fresh run.
+
+        Normally what ``checkpoints/ckpt.pt`` links to. Without a link but with numbered
+        checkpoints (a crash between writing the first one and linking it), the newest of them.
+
+        Raises:
+            CheckpointError: ``ckpt.pt`` links to a file that is gone.
+        """
+        link = self.ckpt_path
+        if link.is_symlink() and not link.exists():
+            raise CheckpointError(
+                f"{link} points to {os.readlink(link)}, which does not exist; point the link at another "
+                f"checkpoint in {link.parent} (or remove it to start over)"
+            )
+        if link.exists():
+            return link
+        numbered = sorted(
+            (int(p.name[5:-3]), p) for p in link.parent.glob("ckpt.*.pt") if p.name[5:-3].isdigit()
+        )
+        if numbered:
+            logger.warning("No %s link; resuming from the newest checkpoint %s", link.name, numbered[-1][1])
+            return numbered[-1][1]
+        return None
+
     def should_checkpoint(self, state: State) -> bool:
         """Whether a checkpoint is due: every ``save_every_n_steps`` steps or ``_n_seconds`` seconds."""
         cfg = self.checkpoint_config
@@ -561,6 +601,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             where = str(ckpt)
             loaded = read_checkpoint(ckpt, device=self._device if device is None else device)
         ckpt_dict: dict[str, Any] = loaded
+        state = _state_of_checkpoint(ckpt_dict, where)  # validated before anything is restored
         task.on_after_load_checkpoint(ckpt_dict)
         for note in load_model_state(model, ckpt_dict["model"], strict=strict):
             logger.warning("Loading %s into the model: %s", where, note)
@@ -576,8 +617,6 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         if "rng" in ckpt_dict:
             set_rng_state(ckpt_dict["rng"])
         self.load_state_dict(ckpt_dict)
-        raw_state = ckpt_dict["state"]
-        state = State.from_json(raw_state) if isinstance(raw_state, str) else State.from_dict(raw_state)
         self._last_ckpt_time_s = state.elapsed_time_s
         self._last_ckpt_step = state.num_steps
         return state
@@ -754,24 +793,40 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         state.num_epoch_steps = 0  # between epochs the position in the (next) epoch is 0
         state.num_epoch_samples = 0
 
+    def take_running_lock(self) -> None:
+        """Takes ``.lock_running`` for this process, so one experiment is never trained twice at once.
+
+        A lock left by a process that died on this host is taken over; one held by a live process
+        (or by a process on another host) raises :class:`RunLockedError`. Deciding and writing
+        happen under an exclusive ``flock`` on ``.lock_guard``, so of several processes racing for
+        the same run exactly one wins, stale lock or not. Taking a lock this process holds is a
+        no-op. Only the master rank takes it.
+        """
+        if not is_master():
+            return
+        self.exp_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.exp_dir / ".lock_guard", "a") as guard:
+            fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
+            holder = read_lock_file(self.exp_dir, "running")
+            if holder is not None and (holder.pid, holder.host) == (os.getpid(), socket.gethostname()):
+                return
+            if holder is not None:
+                if not holder.is_stale():
+                    raise RunLockedError(
+                        f"{self.exp_dir} is already being trained (pid {holder.pid} on {holder.host}); "
+                        f"remove {_lock_path(self.exp_dir, 'running')} if that process is gone"
+                    )
+                logger.warning("Taking over the running lock of dead process %s", holder.pid)
+            self.add_lock_file("running", exists_ok=True)
+
     def on_training_start(
         self, state: State, task: TaskT, model: ModelT, optim: Optims, lr_sched: LRScheds
     ) -> None:
-        """Takes the ``running`` lock, then calls the task's hook.
+        """Takes the ``running`` lock (see :meth:`take_running_lock`), then calls the task's hook.
 
-        A lock left by a process that died on this host is taken over; one held by a live process
-        (or by another host) stops this run, so one experiment is never trained twice at once.
         Elapsed time continues from the state (a resumed run keeps its clock).
         """
-        holder = read_lock_file(self.exp_dir, "running")
-        if holder is not None and holder.pid != os.getpid():
-            if not holder.is_stale():
-                raise RunLockedError(
-                    f"{self.exp_dir} is already being trained (pid {holder.pid} on {holder.host}); "
-                    f"remove {_lock_path(self.exp_dir, 'running')} if that process is gone"
-                )
-            logger.warning("Taking over the running lock of dead process %s", holder.pid)
-        self.add_lock_file("running", exists_ok=True)
+        self.take_running_lock()
         logger.info("Training in %s", self.exp_dir)
         state.start_time_s = time.time() - state.elapsed_time_s
         task.on_training_start(state, model, optim, lr_sched)

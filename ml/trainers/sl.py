@@ -282,34 +282,29 @@ class SupervisedLearningTrainer(
                 "The task sets no max_steps/max_epochs/max_samples/max_seconds: training until stopped"
             )
 
-        # Set up: determinism, device and precision, optimizer and schedule, data.
-        self._data_seed = task.config.seed
-        if self.config.deterministic:
-            torch.use_deterministic_algorithms(True)
-        model.to(device=self._device, dtype=self._weight_precision)
-        task.to(self._device)
-        optim = optimizer.get(model)
-        lr_sched = lr_scheduler.get(optim)
-        train_loader = self._loader(task, "train")
-        valid_loader = self._loader(task, "valid")
-        test_loader = self._loader(task, "test")
-        assert train_loader is not None
-        runner: nn.Module = cast(nn.Module, torch.compile(model)) if self.config.compile_model else model
-
-        # Resume from this run's checkpoint, or start from initial weights.
-        state = State.init_state()
-        if self.ckpt_path.exists():
-            state = self.load_checkpoint(self.ckpt_path, task, model, optim, lr_sched)
-            logger.info("Resumed from %s at step %d", self.ckpt_path, state.num_steps)
-        else:
-            seed_everything(task.config.seed)
-            if self.checkpoint_config.load_from_ckpt_path:
-                self._load_initial_weights(model, self.checkpoint_config.load_from_ckpt_path)
-        self._last_valid = (state.num_steps, state.elapsed_time_s)
-
         with self.install_signal_handlers():
-            self.on_training_start(state, task, model, optim, lr_sched)  # takes the running lock first
+            # Set up: determinism, device and precision, optimizer and schedule, data. Nothing here
+            # writes to disk, so a task or model that cannot be used stops with the run untouched.
+            self._data_seed = task.config.seed
+            if self.config.deterministic:
+                torch.use_deterministic_algorithms(True)
+            model.to(device=self._device, dtype=self._weight_precision)
+            task.to(self._device)
+            optim = optimizer.get(model)
+            lr_sched = lr_scheduler.get(optim)
+            train_loader = self._loader(task, "train")
+            valid_loader = self._loader(task, "valid")
+            test_loader = self._loader(task, "test")
+            assert train_loader is not None
+            runner = cast(nn.Module, torch.compile(model)) if self.config.compile_model else model
+
+            # Take the run (lock it before reading its checkpoint), resume, loop, tear down.
+            self.take_running_lock()
+            started = False
             try:
+                state = self._resume(task, model, optim, lr_sched)
+                self.on_training_start(state, task, model, optim, lr_sched)
+                started = True
                 self.save_config()
                 self.log_run_config()
                 self._loop(state, train_loader, valid_loader, task, model, runner, optim, lr_sched)
@@ -318,8 +313,27 @@ class SupervisedLearningTrainer(
                 else:
                     self._finish(state, valid_loader, test_loader, task, model, runner, optim, lr_sched)
             finally:
-                self.on_training_end(state, task, model, optim, lr_sched)
+                if started:
+                    self.on_training_end(state, task, model, optim, lr_sched)
+                else:
+                    self.remove_lock_file("running", missing_ok=True)
                 self.close_loggers()
+
+    def _resume(
+        self, task: SupervisedLearningTask, model: BaseModel, optim: Optimizer, lr_sched: SchedulerAdapter
+    ) -> State:
+        """Restores this run's checkpoint, or seeds a fresh run (with initial weights if configured)."""
+        ckpt = self.find_resume_checkpoint()
+        if ckpt is not None:
+            state = self.load_checkpoint(ckpt, task, model, optim, lr_sched)
+            logger.info("Resumed from %s at step %d", ckpt, state.num_steps)
+        else:
+            seed_everything(task.config.seed)
+            if self.checkpoint_config.load_from_ckpt_path:
+                self._load_initial_weights(model, self.checkpoint_config.load_from_ckpt_path)
+            state = State.init_state()
+        self._last_valid = (state.num_steps, state.elapsed_time_s)
+        return state
 
     def _loop(
         self,

@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import IO
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once: os.umask can only be read by setting it, which is not thread-safe
 
 
 def fsync_dir(path: Path) -> None:
@@ -46,8 +49,8 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, mode) as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -48,10 +48,11 @@ def read_checkpoint(path: str | Path, device: str | torch.device | None = None) 
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if not refused:
+            raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint, or damaged") from e
         raise UnsafeCheckpointError(
-            f"refusing to load {path}: it contains objects that are not tensors or plain data, "
-            f"and loading them could run code ({first})"
+            f"refusing to load {path}: it holds pickled objects that could run code ({refused[0]})"
         ) from e
     except Exception as e:  # a damaged archive fails in many ways (zip, pickle memo, EOF, ...)
         raise CheckpointError(

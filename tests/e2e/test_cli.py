@@ -521,3 +521,21 @@ def test_ctrl_c_checkpoints_and_exits_130(files: Files, tmp_path: Path) -> None:
     last_step = _train_steps(_records(exp_dir))[-1]
     assert os.readlink(exp_dir / "checkpoints" / "ckpt.pt") == f"ckpt.{last_step}.pt"
     assert not (exp_dir / ".lock_running").exists()
+
+
+def test_main_leaves_the_environment_as_it_found_it(
+    files: Files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ml.cli import main
+
+    monkeypatch.delenv("RUN_DIR", raising=False)
+    monkeypatch.delenv("ML_EXP_NAME", raising=False)
+    other = tmp_path / "other.yaml"
+    other.write_text(files.tiny.read_text().replace("exp_name: tiny", "exp_name: ${ml.exp_name:null}"))
+    assert main(["resolve", str(other)]) == 0
+    assert "exp_name: other" in capsys.readouterr().out
+    assert "RUN_DIR" not in os.environ and "ML_EXP_NAME" not in os.environ
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text(other.read_text())
+    assert main(["resolve", str(renamed)]) == 0
+    assert "exp_name: renamed" in capsys.readouterr().out  # not the first command's name

@@ -595,3 +595,76 @@ def test_config_changes_within_one_second_keep_every_old_config(tmp_path: Path) 
         base.save_config(path, OmegaConf.create({"lr": lr}))
     kept = sorted(OmegaConf.load(p).lr for p in tmp_path.iterdir() if p.name != "config.yaml")
     assert kept == [0.1, 0.2] and OmegaConf.load(path).lr == 0.3
+
+
+def _take_lock(exp_dir: str, barrier: Any, queue: Any) -> None:
+    trainer, *_ = make_parts(Path(exp_dir))
+    barrier.wait()
+    try:
+        trainer.take_running_lock()
+        queue.put("won")
+    except base.RunLockedError:
+        queue.put("lost")
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_exactly_one_of_many_racing_trainers_takes_a_run(tmp_path: Path, stale: bool) -> None:
+    if stale:  # the lock of a process that died: every racer sees it stale, still one wins
+        dead = mp.get_context("fork").Process(target=os._exit, args=(0,))
+        dead.start()
+        dead.join()
+        (tmp_path / ".lock_running").write_text(f"pid: {dead.pid}\nhost: {socket.gethostname()}\n")
+    results = _race(_take_lock, str(tmp_path), 12)
+    assert sorted(results) == ["lost"] * 11 + ["won"]
+
+
+def test_a_dangling_link_is_an_error_and_a_missing_link_falls_back(tmp_path: Path) -> None:
+    trainer, model, task, optim, sched = make_parts(tmp_path)
+    assert trainer.find_resume_checkpoint() is None
+    for step in (1, 2):
+        trainer.save_checkpoint(State(num_steps=step), task, model, optim, sched)
+    assert trainer.find_resume_checkpoint() == trainer.ckpt_path
+    trainer.ckpt_path.unlink()  # e.g. a crash right after the first save, before the link
+    assert trainer.find_resume_checkpoint() == tmp_path / "checkpoints" / "ckpt.2.pt"
+    os.symlink("ckpt.9.pt", trainer.ckpt_path)
+    with pytest.raises(CheckpointError, match=r"ckpt\.9\.pt, which does not exist"):
+        trainer.find_resume_checkpoint()
+
+
+def test_a_bad_state_is_refused_before_anything_is_restored(tmp_path: Path) -> None:
+    trainer, model, task, optim, sched = make_parts(tmp_path)
+    ckpt = torch.load(
+        trainer.save_checkpoint(State(num_steps=1), task, model, optim, sched), weights_only=True
+    )
+    other = _perturbed_copy(model)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    for bad in ("not json", '{"num_stepz": 3}'):
+        ckpt["state"] = bad
+        with pytest.raises(CheckpointError, match="bad trainer state"):
+            trainer.load_checkpoint(ckpt, task, other)  # type: ignore[arg-type]
+    _assert_tree_equal(other.state_dict(), before)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_not_called_unsafe(tmp_path: Path) -> None:
+    trainer, model, task, *_ = make_parts(tmp_path)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("garbage\n")
+    with pytest.raises(CheckpointError, match="not a torch checkpoint") as info:
+        trainer.load_checkpoint(garbage, task, model)
+    assert not isinstance(info.value, UnsafeCheckpointError)
+    assert "weights_only` set to `False`" not in str(info.value)
+
+
+def test_diff_configs_sees_type_changes() -> None:
+    assert diff_configs(OmegaConf.create({"a": True}), OmegaConf.create({"a": 1})) == (["a=True"], ["a=1"])
+    assert diff_configs(OmegaConf.create({"a": 1}), OmegaConf.create({"a": 1.0})) == (["a=1"], ["a=1.0"])
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ""])
+def test_exp_name_must_be_a_plain_folder_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setenv("RUN_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="plain folder name"):
+        BaseTrainerConfig.resolve(BaseTrainerConfig(name="x", exp_name=name))
+    assert list(tmp_path.iterdir()) == []
