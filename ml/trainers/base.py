@@ -755,7 +755,8 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         inside the signal handler itself.
         """
         logger.info("Stopping on %s at step %d: saving a checkpoint", sig.name, state.num_steps)
-        self.save_checkpoint(state, task, model, optim, lr_scheduler)
+        if self._last_ckpt_step != state.num_steps or not self.ckpt_path.exists():
+            self.save_checkpoint(state, task, model, optim, lr_scheduler)
         for handler in self.signal_handlers.get(sig, []):
             handler()
 
@@ -818,6 +819,8 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                     )
                 logger.warning("Taking over the running lock of dead process %s", holder.pid)
             self.add_lock_file("running", exists_ok=True)
+        for partial in self.ckpt_path.parent.glob(".ckpt.*.tmp"):  # left by a process killed mid-save
+            partial.unlink(missing_ok=True)
 
     def on_training_start(
         self, state: State, task: TaskT, model: ModelT, optim: Optims, lr_sched: LRScheds

@@ -13,6 +13,7 @@ stopped at any step and resumed computes the same tensors as one that never stop
 ``trainer.deterministic=true`` for kernels that would otherwise be non-deterministic).
 """
 
+import contextlib
 import itertools
 import logging
 import time
@@ -35,7 +36,7 @@ from ml.optimizers.base import BaseOptimizer
 from ml.tasks.sl import SupervisedLearningTask
 from ml.trainers.base import BaseTrainer, BaseTrainerConfig
 from ml.utils.checkpoint import load_model_state, read_checkpoint
-from ml.utils.data import ResumableSampler, batch_size_of, move_to
+from ml.utils.data import ResumableSampler, SeededDataset, batch_size_of, move_to
 from ml.utils.precision import PRECISIONS, MixedPrecision
 from ml.utils.progress import progress
 from ml.utils.seeding import seed_everything
@@ -72,6 +73,18 @@ def _as_loss_dict(losses: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, t
     if isinstance(losses, dict) and losses and all(isinstance(v, torch.Tensor) for v in losses.values()):
         return losses
     raise TypeError(f"compute_loss must return a tensor or a non-empty dict of tensors, got {losses!r:.80}")
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    """Uses only deterministic kernels inside the block when ``enabled``; restores the setting after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def _check_config(config: SupervisedLearningTrainerConfig) -> None:
@@ -141,10 +154,11 @@ class SupervisedLearningTrainer(
             )
         cfg = task.dataloader_config(phase)
         pin = self._device_type == "cuda" if cfg.pin_memory is None else cfg.pin_memory
+        seeded = cfg.num_workers > 0  # see ml.utils.data: exact random draws in workers on resume
         return DataLoader(
-            dataset,
+            SeededDataset(dataset) if seeded else dataset,
             batch_size=cfg.batch_size,
-            sampler=ResumableSampler(dataset, shuffle=cfg.shuffle, seed=self._data_seed),
+            sampler=ResumableSampler(dataset, shuffle=cfg.shuffle, seed=self._data_seed, with_seeds=seeded),
             num_workers=cfg.num_workers,
             pin_memory=pin,
             drop_last=cfg.drop_last,
@@ -282,12 +296,10 @@ class SupervisedLearningTrainer(
                 "The task sets no max_steps/max_epochs/max_samples/max_seconds: training until stopped"
             )
 
-        with self.install_signal_handlers():
-            # Set up: determinism, device and precision, optimizer and schedule, data. Nothing here
+        with self.install_signal_handlers(), _deterministic(self.config.deterministic):
+            # Set up: device and precision, optimizer and schedule, data. Nothing here
             # writes to disk, so a task or model that cannot be used stops with the run untouched.
             self._data_seed = task.config.seed
-            if self.config.deterministic:
-                torch.use_deterministic_algorithms(True)
             model.to(device=self._device, dtype=self._weight_precision)
             task.to(self._device)
             optim = optimizer.get(model)

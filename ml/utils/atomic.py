@@ -55,8 +55,12 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if not isinstance(e, KeyboardInterrupt) and isinstance(e.__context__, KeyboardInterrupt):
+            # A writer interrupted by Ctrl-C (torch.save's zip writer) fails again while unwinding;
+            # what happened is the interrupt, so that is what propagates.
+            raise e.__context__ from None
         raise
     fsync_dir(path.parent)
 
