@@ -87,7 +87,7 @@ def test_packaged_config_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert path == PACKAGED_CONFIGS / "digits" / "config.yaml"
     assert path.read_text().startswith("# ml train digits")
     root = compose_config(["digits"], ["task.max_steps=3"])
-    assert root.model.name == "digits_mlp"
+    assert root.model.name == "digits_cnn"
     assert root.task.max_steps == 3
 
 

@@ -314,8 +314,9 @@ def test_help_with_a_config_lists_the_selected_components(files: Files, tmp_path
     _assert_lists_fields(result.stdout)
     assert "optimizer: adamw " in result.stdout  # what the digits config selects
     assert "optimizer: sgd " not in result.stdout
-    assert "model.hidden" in result.stdout
-    assert "Width of the hidden layers" in result.stdout
+    assert "model.channels" in result.stdout
+    assert "Channels of the first convolution" in result.stdout
+    assert "model: digits_mlp " not in result.stdout
     assert list(tmp_path.iterdir()) == []
 
 

@@ -65,6 +65,39 @@ class DigitsMLP(BaseModel[DigitsMLPConfig]):
 
 
 @dataclass
+class DigitsCNNConfig(BaseModelConfig):
+    channels: int = conf_field(32, help="Channels of the first convolution (the second has twice as many)")
+    hidden: int = conf_field(128, help="Width of the hidden fully connected layer")
+    dropout: float = conf_field(0.25, help="Dropout probability before the classifier")
+
+
+@register_model("digits_cnn")
+class DigitsCNN(BaseModel[DigitsCNNConfig]):
+    """Two 3x3 convolutions, a 2x2 max-pool and two fully connected layers, for 8x8 images."""
+
+    def __init__(self, config: DigitsCNNConfig) -> None:
+        super().__init__(config)
+        c = config.channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c, 2 * c, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(2 * c * 4 * 4, config.hidden),
+            nn.ReLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.hidden, 10),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images.view(-1, 1, 8, 8)))
+
+
+@dataclass
 class DigitsTaskConfig(SupervisedLearningTaskConfig):
     split_seed: int = conf_field(0, help="Seed of the fixed train/valid/test split")
 
