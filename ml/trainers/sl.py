@@ -365,6 +365,12 @@ class SupervisedLearningTrainer(
 
         while not task.is_training_over(state) and self.stop_signal is None:
             if state.num_epoch_samples == 0:
+                size, batch = len(train_loader.dataset), train_loader.batch_size or 1  # type: ignore[arg-type]
+                if size == 0 or (train_loader.drop_last and size < batch):  # no step: would loop forever
+                    raise ConfigError(
+                        f"the training data of {type(task).__name__} has no complete batch "
+                        f"({size} samples, batch_size {batch}, drop_last {train_loader.drop_last})"
+                    )
                 self.on_epoch_start(state, task, model, optim, lr_sched)
             for batches in self._epoch_steps(train_loader, state):
                 self.on_step_start(state, task, model, optim, lr_sched)

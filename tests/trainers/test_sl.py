@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ml.core.compose import ConfigError
 from ml.loggers.jsonl import JsonlLogger, JsonlLoggerConfig
 from ml.lr_schedulers.builtin import ConstantConfig, ConstantLRScheduler
 from ml.optimizers.builtin import AdamConfig, AdamOptimizer, SGDConfig, SGDOptimizer
@@ -146,3 +147,14 @@ def test_compiled_training_matches_eager(tmp_path: Path) -> None:
     assert a.keys() == b.keys()  # no _orig_mod. prefixes in the checkpoint
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_training_data_without_a_complete_batch_is_an_error_not_an_endless_loop(tmp_path: Path) -> None:
+    class Empty(TinyTask):
+        def get_dataset(self, phase):  # type: ignore[no-untyped-def]
+            data = super().get_dataset(phase)
+            return torch.utils.data.Subset(data, range(3 if phase == "train" else 8))  # < batch_size 32
+
+    with pytest.raises(ConfigError, match="no complete batch"):
+        _fit(_trainer(tmp_path), max_steps=5, task_cls=Empty)
+    assert not has_lock_file(tmp_path, "running")
