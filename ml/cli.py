@@ -180,14 +180,16 @@ def _train(args: list[str]) -> int:
 
     try:
         trainer.train(objects.model, objects.task, objects.optimizer, objects.lr_scheduler)
-    except (ConfigError, KeyboardInterrupt) as e:
-        # Found unusable while setting up, or interrupted at once: leave no empty run behind. Any
-        # other error is a failure of training (exit 1) and keeps its traceback and run folder.
-        if claimed and not _has_results(exp_dir):
+    except BaseException as e:
+        # Bad input found while setting up (an unusable task, initial weights that do not fit), or
+        # an immediate interrupt: leave no empty run behind. Any other error is a failure of
+        # training (exit 1) and keeps its traceback and run folder.
+        bad = _is_bad_input(e)
+        if (bad or isinstance(e, KeyboardInterrupt)) and claimed and not _has_results(exp_dir):
             _remove_claimed(exp_dir, created_from)
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        raise BadInput(_first_line(e)) from e
+        if bad and not isinstance(e, BadInput):
+            raise BadInput(_first_line(e)) from e
+        raise
     _report(trainer)
     if getattr(trainer, "stop_signal", None) == signal.Signals.SIGINT:
         return EXIT_INTERRUPTED
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             return _resolve(ns.args)
         return _train(ns.args)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C while shutting down changes nothing
         print("ml: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:

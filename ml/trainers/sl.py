@@ -35,7 +35,7 @@ from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
 from ml.tasks.sl import SupervisedLearningTask
 from ml.trainers.base import BaseTrainer, BaseTrainerConfig
-from ml.utils.checkpoint import load_model_state, read_checkpoint
+from ml.utils.checkpoint import CheckpointError, load_model_state, read_checkpoint
 from ml.utils.data import ResumableSampler, SeededDataset, batch_size_of, move_to
 from ml.utils.precision import PRECISIONS, MixedPrecision
 from ml.utils.progress import progress
@@ -75,6 +75,34 @@ def _as_loss_dict(losses: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, t
     raise TypeError(f"compute_loss must return a tensor or a non-empty dict of tensors, got {losses!r:.80}")
 
 
+class _Throughput:
+    """Steps and samples per second since the previous write (evaluated only when a logger writes)."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.last = (state.num_steps, state.num_samples, time.monotonic())
+        self.rates = (0.0, 0.0)
+
+    def _update(self) -> None:
+        steps, samples, then = self.last
+        now = time.monotonic()
+        if now > then and self.state.num_steps > steps:
+            seconds = now - then
+            self.rates = (
+                (self.state.num_steps - steps) / seconds,
+                (self.state.num_samples - samples) / seconds,
+            )
+            self.last = (self.state.num_steps, self.state.num_samples, now)
+
+    def steps_per_s(self) -> float:
+        self._update()
+        return self.rates[0]
+
+    def samples_per_s(self) -> float:
+        self._update()
+        return self.rates[1]
+
+
 @contextlib.contextmanager
 def _deterministic(enabled: bool) -> Iterator[None]:
     """Uses only deterministic kernels inside the block when ``enabled``; restores the setting after."""
@@ -85,6 +113,25 @@ def _deterministic(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def _to_float32(value: Any) -> Any:
+    """``value`` with every half-precision tensor (nested in lists, tuples, dicts) cast to float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+    if isinstance(value, dict):
+        return {k: _to_float32(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_float32(v) for v in value)
+    return value
+
+
+def _with_total(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adds the summed loss (``loss``, or ``total_loss`` if a part is called ``loss``) to named parts."""
+    if len(losses) == 1 and "loss" in losses:
+        return losses
+    total = torch.stack([v.float().sum() for v in losses.values()]).sum()
+    return {**losses, ("total_loss" if "loss" in losses else "loss"): total}
 
 
 def _check_config(config: SupervisedLearningTrainerConfig) -> None:
@@ -119,6 +166,7 @@ class SupervisedLearningTrainer(
         self.precision = MixedPrecision(config.precision, self._device)
         self._data_seed = 0
         self._last_valid = (-1, 0.0)  # (step, elapsed seconds) of the last validation
+        self._finished = False  # the run completed, final validation and test included
 
     # -- checkpoint extras: the gradient scaler and where the data order stands
 
@@ -131,12 +179,17 @@ class SupervisedLearningTrainer(
         }
         if self.precision.scaler is not None:
             state_dict["grad_scaler"] = self.precision.state_dict()
+        if self._finished:
+            state_dict["final_metrics"] = dict(self.final_metrics)
 
     def load_state_dict(self, state_dict: dict) -> None:
         sampler = state_dict.get("sampler")
         if sampler is not None and sampler.get("seed") != self._data_seed:
             logger.warning("task.seed changed since the checkpoint: the data order of this epoch changes too")
         self.precision.load_state_dict(state_dict.get("grad_scaler", {}))
+        if "final_metrics" in state_dict:
+            self._finished = True
+            self.final_metrics = {k: float(v) for k, v in state_dict["final_metrics"].items()}
 
     # -- data
 
@@ -153,6 +206,11 @@ class SupervisedLearningTrainer(
                 "not a map-style Dataset (with __len__ and __getitem__)"
             )
         cfg = task.dataloader_config(phase)
+        if phase == "train" and (len(dataset) == 0 or (cfg.drop_last and len(dataset) < cfg.batch_size)):
+            raise ConfigError(  # an epoch without a step would loop forever
+                f"the training data of {type(task).__name__} has no complete batch "
+                f"({len(dataset)} samples, batch_size {cfg.batch_size}, drop_last {cfg.drop_last})"
+            )
         pin = self._device_type == "cuda" if cfg.pin_memory is None else cfg.pin_memory
         seeded = cfg.num_workers > 0  # see ml.utils.data: exact random draws in workers on resume
         return DataLoader(
@@ -172,6 +230,11 @@ class SupervisedLearningTrainer(
         starts at the saved position, so resuming skips ahead by index without loading any batch.
         """
         sampler = cast(ResumableSampler, loader.sampler)
+        if state.num_epoch_samples > sampler.num_samples:
+            raise CheckpointError(
+                f"the checkpoint stands at sample {state.num_epoch_samples} of epoch {state.num_epochs}, but "
+                f"the training data now has {sampler.num_samples} samples: was the dataset changed?"
+            )
         sampler.set_epoch(state.num_epochs, start=state.num_epoch_samples)
         assert loader.generator is not None
         loader.generator.manual_seed(self._data_seed + state.num_epochs)
@@ -180,6 +243,20 @@ class SupervisedLearningTrainer(
             yield group
 
     # -- one training step
+
+    def _losses(
+        self, task: SupervisedLearningTask, model: nn.Module, batch: Any, state: State
+    ) -> dict[str, torch.Tensor]:
+        """The forward pass under autocast, then the loss outside it, on float32 outputs.
+
+        Computing the loss in bf16/fp16 loses precision for anything but the few losses autocast
+        promotes itself (a defect of the framework we replace).
+        """
+        with self.precision.autocast():
+            output = task.run_model(model, batch, state)
+        if self.precision.dtype is not None:
+            output = _to_float32(output)
+        return _as_loss_dict(task.compute_loss(model, batch, state, output))
 
     def _train_step(
         self,
@@ -202,9 +279,7 @@ class SupervisedLearningTrainer(
         for batch in batches:
             weight = batch_size_of(batch) / total
             batch = move_to(batch, self._device, self._weight_precision)
-            with self.precision.autocast():
-                output = task.run_model(model, batch, state)
-                loss_dict = _as_loss_dict(task.compute_loss(model, batch, state, output))
+            loss_dict = self._losses(task, model, batch, state)
             loss = torch.stack([v.float().sum() for v in loss_dict.values()]).sum()
             self.precision.backward(loss * weight)
             for name, value in loss_dict.items():
@@ -217,14 +292,14 @@ class SupervisedLearningTrainer(
             logger.warning("%s: skipping the step", message)
             optim.zero_grad(set_to_none=True)
             return losses
-        if self.config.clip_grad_norm is not None:
-            self.precision.unscale_(optim)
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), self.config.clip_grad_norm)
-            self.logger.log_scalar("grad_norm", grad_norm.detach())
+        self.precision.unscale_(optim)
+        max_norm = self.config.clip_grad_norm if self.config.clip_grad_norm is not None else float("inf")
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # measured even when not clipping
+        self.logger.log_scalar("grad_norm", grad_norm.detach())
         lr_sched.step(state)
         self.precision.step(optim)
         self.logger.log_scalar("lr", lr_sched.lr)
-        for name, value in losses.items():
+        for name, value in _with_total(losses).items():
             task.logger.log_scalar(name, value, namespace="train")
         return losses
 
@@ -233,10 +308,11 @@ class SupervisedLearningTrainer(
     @torch.no_grad()
     def evaluate(
         self, phase: Phase, loader: DataLoader, task: SupervisedLearningTask, model: nn.Module, state: State
-    ) -> dict[str, float]:
+    ) -> dict[str, float] | None:
         """Runs a whole validation or test set; returns (and logs) its sample-weighted mean metrics.
 
         Everything the task logs while evaluating (losses, accuracy, ...) is averaged over samples.
+        A stop signal abandons the pass at the next batch (None is returned, nothing is logged).
         """
         state.set_phase(phase)
         model.eval()
@@ -244,10 +320,12 @@ class SupervisedLearningTrainer(
         count = 0
         cast(ResumableSampler, loader.sampler).set_epoch(0)
         for batch in progress(loader, total=len(loader), description=phase, enabled=self.config.progress_bar):
+            if self.stop_signal is not None:  # stop promptly; a partial pass is not reported
+                task.logger.clear()
+                state.set_phase("train")
+                return None
             batch = move_to(batch, self._device, self._weight_precision)
-            with self.precision.autocast():
-                output = task.run_model(model, batch, state)
-                loss_dict = _as_loss_dict(task.compute_loss(model, batch, state, output))
+            loss_dict = _with_total(self._losses(task, model, batch, state))
             for name, value in loss_dict.items():
                 task.logger.log_scalar(name, value.detach().float().sum(), namespace=phase)
             size = batch_size_of(batch)
@@ -319,11 +397,15 @@ class SupervisedLearningTrainer(
                 started = True
                 self.save_config()
                 self.log_run_config()
+                if self._finished and task.is_training_over(state):
+                    logger.info("This run already finished at step %d: nothing to do", state.num_steps)
+                    return
+                self._finished = False
                 self._loop(state, train_loader, valid_loader, task, model, runner, optim, lr_sched)
-                if self.stop_signal is not None:
-                    self.on_exit(self.stop_signal, state, task, model, optim, lr_sched)
-                else:
+                if self.stop_signal is None:
                     self._finish(state, valid_loader, test_loader, task, model, runner, optim, lr_sched)
+                if self.stop_signal is not None:  # also a signal during the final evaluation
+                    self.on_exit(self.stop_signal, state, task, model, optim, lr_sched)
             finally:
                 if started:
                     self.on_training_end(state, task, model, optim, lr_sched)
@@ -344,7 +426,7 @@ class SupervisedLearningTrainer(
             if self.checkpoint_config.load_from_ckpt_path:
                 self._load_initial_weights(model, self.checkpoint_config.load_from_ckpt_path)
             state = State.init_state()
-        self._last_valid = (state.num_steps, state.elapsed_time_s)
+        self._last_valid = (-1, state.elapsed_time_s)  # the time-based interval restarts here
         return state
 
     def _loop(
@@ -358,19 +440,9 @@ class SupervisedLearningTrainer(
         optim: Optimizer,
         lr_sched: SchedulerAdapter,
     ) -> None:
-        start = (state.num_steps, state.num_samples, time.monotonic())
-
-        def rate(counter: int, first: int) -> float:
-            return (counter - first) / max(time.monotonic() - start[2], 1e-9)
-
+        throughput = _Throughput(state)
         while not task.is_training_over(state) and self.stop_signal is None:
             if state.num_epoch_samples == 0:
-                size, batch = len(train_loader.dataset), train_loader.batch_size or 1  # type: ignore[arg-type]
-                if size == 0 or (train_loader.drop_last and size < batch):  # no step: would loop forever
-                    raise ConfigError(
-                        f"the training data of {type(task).__name__} has no complete batch "
-                        f"({size} samples, batch_size {batch}, drop_last {train_loader.drop_last})"
-                    )
                 self.on_epoch_start(state, task, model, optim, lr_sched)
             for batches in self._epoch_steps(train_loader, state):
                 self.on_step_start(state, task, model, optim, lr_sched)
@@ -382,8 +454,8 @@ class SupervisedLearningTrainer(
                 state.num_epoch_samples += samples
                 self.on_step_end(state, loss_dict, task, model, optim, lr_sched)
                 self.logger.log_scalar("epoch", state.num_epochs)
-                self.logger.log_scalar("samples_per_s", lambda: rate(state.num_samples, start[1]))
-                self.logger.log_scalar("steps_per_s", lambda: rate(state.num_steps, start[0]))
+                self.logger.log_scalar("samples_per_s", throughput.samples_per_s)
+                self.logger.log_scalar("steps_per_s", throughput.steps_per_s)
                 self.write_logs(task, model, state)
                 if valid_loader is not None and self._should_validate(state):
                     self.evaluate("valid", valid_loader, task, runner, state)
@@ -404,14 +476,20 @@ class SupervisedLearningTrainer(
         optim: Optimizer,
         lr_sched: SchedulerAdapter,
     ) -> None:
-        """The end of a completed run: final checkpoint, last validation, test pass."""
+        """The end of a completed run: final checkpoint, last validation, test pass.
+
+        The checkpoint is saved again afterwards with the final metrics, which marks the run as
+        finished: continuing it with the same limits then has nothing to redo.
+        """
         if self._last_ckpt_step != state.num_steps:
             self.save_checkpoint(state, task, model, optim, lr_sched)
-        validated = self._last_valid[0] == state.num_steps and self.final_metrics
-        if valid_loader is not None and self.config.valid_at_end and not validated:
+        if valid_loader is not None and self.config.valid_at_end and self._last_valid[0] != state.num_steps:
             self.evaluate("valid", valid_loader, task, runner, state)
         if test_loader is not None and self.config.test_at_end:
             self.evaluate("test", test_loader, task, runner, state)
+        if self.stop_signal is None:
+            self._finished = True
+            self.save_checkpoint(state, task, model, optim, lr_sched)
 
     def _load_initial_weights(self, model: BaseModel, path: str) -> None:
         """``checkpoint.load_from_ckpt_path``: model weights only (no optimizer, state or RNG)."""

@@ -540,3 +540,22 @@ def test_main_leaves_the_environment_as_it_found_it(
     renamed.write_text(other.read_text())
     assert main(["resolve", str(renamed)]) == 0
     assert "exp_name: renamed" in capsys.readouterr().out  # not the first command's name
+
+
+def test_initial_weights_that_do_not_fit_stop_with_one_line(
+    files: Files, two_segments: TwoSegments, tmp_path: Path
+) -> None:
+    ckpt = two_segments.exp_dir / "checkpoints" / "ckpt.pt"  # a hidden=16 model
+    result = ml(
+        files,
+        "train",
+        files.tiny,
+        "model.hidden=8",
+        f"trainer.checkpoint.load_from_ckpt_path={ckpt}",
+        run_dir=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ml: error: checkpoint weights do not fit"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []

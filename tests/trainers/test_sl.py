@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from ml.optimizers.builtin import AdamConfig, AdamOptimizer, SGDConfig, SGDOptim
 from ml.tasks.sl import SupervisedLearningTaskConfig
 from ml.trainers.base import has_lock_file
 from ml.trainers.sl import NonFiniteLossError, SupervisedLearningTrainer, SupervisedLearningTrainerConfig
+from ml.utils.checkpoint import CheckpointError
 from tests.tiny import TinyModel, TinyModelConfig, TinyTask
 
 
@@ -158,3 +161,82 @@ def test_training_data_without_a_complete_batch_is_an_error_not_an_endless_loop(
     with pytest.raises(ConfigError, match="no complete batch"):
         _fit(_trainer(tmp_path), max_steps=5, task_cls=Empty)
     assert not has_lock_file(tmp_path, "running")
+
+
+def test_continuing_a_finished_run_redoes_nothing(tmp_path: Path) -> None:
+    first = _trainer(tmp_path, valid_every_n_steps=2)
+    _fit(first, max_steps=4)
+    before = _records(tmp_path)
+    again = _trainer(tmp_path, valid_every_n_steps=2)
+    _fit(again, max_steps=4)
+    assert _records(tmp_path) == before  # no second validation or test at step 4
+    assert again.final_metrics == first.final_metrics and "test/loss" in again.final_metrics
+    _fit(_trainer(tmp_path, valid_every_n_steps=2), max_steps=6)  # a raised limit continues
+    pairs = [(r["step"], r["phase"]) for r in _records(tmp_path)]
+    assert len(pairs) == len(set(pairs)) and (6, "test") in pairs
+
+
+class _NamedLosses(TinyTask):
+    def compute_loss(self, model, batch, state, output):  # type: ignore[no-untyped-def]
+        self.output_dtypes.append(output.dtype)
+        ce = super().compute_loss(model, batch, state, output)
+        return {"ce": ce, "l2": (output**2).mean() * 1e-3}
+
+    output_dtypes: list = []
+
+
+def test_named_losses_are_logged_with_their_sum_and_grad_norm_without_clipping(tmp_path: Path) -> None:
+    _fit(_trainer(tmp_path), max_steps=2, task_cls=_NamedLosses)
+    for record in _records(tmp_path):
+        metrics = record["metrics"]
+        phase = record["phase"]
+        assert {f"{phase}/ce", f"{phase}/l2", f"{phase}/loss"} <= set(metrics)
+        assert math.isclose(
+            metrics[f"{phase}/loss"], metrics[f"{phase}/ce"] + metrics[f"{phase}/l2"], rel_tol=1e-5
+        )
+        if phase == "train":
+            assert metrics["trainer/grad_norm"] > 0
+
+
+def test_the_loss_sees_float32_outputs_under_autocast(tmp_path: Path) -> None:
+    _NamedLosses.output_dtypes = []
+    _fit(_trainer(tmp_path, precision="bf16"), max_steps=2, task_cls=_NamedLosses)
+    assert _NamedLosses.output_dtypes and set(_NamedLosses.output_dtypes) == {torch.float32}
+
+
+def test_a_signal_during_the_final_test_abandons_it_and_runs_the_handlers(tmp_path: Path) -> None:
+    class SignalDuringTest(TinyTask):
+        def compute_loss(self, model, batch, state, output):  # type: ignore[no-untyped-def]
+            if state.phase == "test":
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().compute_loss(model, batch, state, output)
+
+    trainer = _trainer(tmp_path)
+    handled: list[int] = []
+    trainer.add_signal_handler(signal.SIGTERM, lambda: handled.append(1))
+    _fit(trainer, max_steps=2, task_cls=SignalDuringTest)
+    assert handled == [1]
+    assert "test/loss" not in trainer.final_metrics  # abandoned, not reported half done
+    assert not has_lock_file(tmp_path, "running")
+    ckpt = torch.load(tmp_path / "checkpoints" / "ckpt.pt", weights_only=True)
+    assert "final_metrics" not in ckpt  # not finished: continuing runs the test pass
+
+
+def test_a_changed_dataset_size_is_a_clear_checkpoint_error(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path)
+    trainer.add_signal_handler(signal.SIGTERM, lambda: None)
+
+    class StopMidEpoch(TinyTask):
+        def compute_loss(self, model, batch, state, output):  # type: ignore[no-untyped-def]
+            if state.training and state.num_steps == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().compute_loss(model, batch, state, output)
+
+    _fit(trainer, max_steps=5, task_cls=StopMidEpoch)  # stops after step 2, 64 samples into its epoch
+
+    class Smaller(TinyTask):
+        def get_dataset(self, phase):  # type: ignore[no-untyped-def]
+            return torch.utils.data.Subset(super().get_dataset(phase), range(40))
+
+    with pytest.raises(CheckpointError, match="was the dataset changed"):
+        _fit(_trainer(tmp_path), max_steps=5, task_cls=Smaller)

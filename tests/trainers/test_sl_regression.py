@@ -45,8 +45,8 @@ logger:
 def _one_thread_and_restore_determinism() -> Iterator[None]:
     """One intra-op thread (a fixed summation order), and the global flags restored afterwards.
 
-    ``trainer.deterministic`` switches on ``torch.use_deterministic_algorithms`` for the whole
-    process and leaves it on; other tests in this process should not inherit it.
+    ``trainer.deterministic`` switches ``torch.use_deterministic_algorithms`` on during ``train()``
+    (and restores it after); restoring it here as well keeps a failing test from leaking it.
     """
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
