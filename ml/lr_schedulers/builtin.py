@@ -18,8 +18,9 @@ tree as the task's.
 """
 
 import math
+from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ml.core.config import conf_field
 from ml.core.registry import register_lr_scheduler
@@ -96,10 +97,9 @@ class ConstantLRScheduler(BaseLRScheduler[ConstantConfig]):
 
 
 @dataclass
-class LinearConfig(BaseLRSchedulerConfig):
-    """Config of the ``linear`` schedule."""
+class WarmupDecayConfig(BaseLRSchedulerConfig):
+    """Fields shared by the schedules that warm up, then decay to a floor."""
 
-    name: str = conf_field("linear", help="Registered name, or `package.module:ClassName`")
     warmup_steps: int = conf_field(0, help="Updates of linear warmup from 1/warmup_steps to 1 (0: none)")
     total_steps: int | None = conf_field(
         TOTAL_STEPS_FROM_TASK, help="Update at which the scale reaches min_scale (default: task.max_steps)"
@@ -107,23 +107,29 @@ class LinearConfig(BaseLRSchedulerConfig):
     min_scale: float = conf_field(0.0, help="Final scale, kept after total_steps (0 <= min_scale <= 1)")
 
 
-@register_lr_scheduler("linear")
-class LinearLRScheduler(BaseLRScheduler[LinearConfig]):
-    """Linear warmup, then linear decay from 1 to ``min_scale``.
+DecayConfigT = TypeVar("DecayConfigT", bound=WarmupDecayConfig)
 
-    With ``t = state.num_steps + 1``, ``W = warmup_steps``, ``T = total_steps``, ``m = min_scale``:
-    ``t / W`` for ``t <= W``; ``1 - (1 - m) * (t - W) / (T - W)`` for ``W < t <= T``; ``m`` after.
+
+class WarmupDecayLRScheduler(BaseLRScheduler[DecayConfigT]):
+    """Linear warmup to 1, a decay (:meth:`decay`) to ``min_scale`` at ``total_steps``, then ``min_scale``.
+
+    With ``t = state.num_steps + 1``, ``W = warmup_steps`` and ``T = total_steps``: ``t / W`` for
+    ``t < W``; ``decay(t - W, T - W)`` for ``W <= t < T``; ``min_scale`` for ``t >= T``.
 
     Raises:
         ValueError: If ``total_steps`` resolves to null, or a field is out of range.
     """
 
-    def __init__(self, config: LinearConfig) -> None:
+    def __init__(self, config: DecayConfigT) -> None:
         super().__init__(config)
         self.warmup_steps = int(self.raw_config.warmup_steps)
         self.min_scale = float(self.raw_config.min_scale)
         _check_warmup_steps(self.warmup_steps)
         self.total_steps = _resolve_total_steps(self.raw_config, self.warmup_steps, self.min_scale)
+
+    @abstractmethod
+    def decay(self, step: int, span: int) -> float:
+        """The scale ``step`` updates into a decay of ``span`` updates (``0 <= step < span``)."""
 
     def get_lr_scale(self, state: State) -> float:
         update = state.num_steps + 1
@@ -131,43 +137,44 @@ class LinearLRScheduler(BaseLRScheduler[LinearConfig]):
             return _warmup_scale(update, self.warmup_steps)
         if update >= self.total_steps:
             return self.min_scale
-        progress = (update - self.warmup_steps) / (self.total_steps - self.warmup_steps)
-        return 1.0 - (1.0 - self.min_scale) * progress
+        return self.decay(update - self.warmup_steps, self.total_steps - self.warmup_steps)
 
 
 @dataclass
-class CosineConfig(BaseLRSchedulerConfig):
+class LinearConfig(WarmupDecayConfig):
+    """Config of the ``linear`` schedule."""
+
+    name: str = conf_field("linear", help="Registered name, or `package.module:ClassName`")
+
+
+@register_lr_scheduler("linear")
+class LinearLRScheduler(WarmupDecayLRScheduler[LinearConfig]):
+    """Linear warmup, then linear decay from 1 to ``min_scale``: ``1 - (1 - m) * (t - W) / (T - W)``."""
+
+    def decay(self, step: int, span: int) -> float:
+        return 1.0 - (1.0 - self.min_scale) * step / span
+
+
+@dataclass
+class CosineConfig(WarmupDecayConfig):
     """Config of the ``cosine`` schedule."""
 
     name: str = conf_field("cosine", help="Registered name, or `package.module:ClassName`")
-    warmup_steps: int = conf_field(0, help="Updates of linear warmup from 1/warmup_steps to 1 (0: none)")
-    total_steps: int | None = conf_field(
-        TOTAL_STEPS_FROM_TASK, help="Update at which the scale reaches min_scale (default: task.max_steps)"
-    )
-    min_scale: float = conf_field(0.0, help="Lowest scale of each cycle, kept after total_steps (0..1)")
     num_cycles: int = conf_field(1, help="Equal cosine cycles after warmup, each restarting at 1 (1: none)")
 
 
 @register_lr_scheduler("cosine")
-class CosineLRScheduler(BaseLRScheduler[CosineConfig]):
+class CosineLRScheduler(WarmupDecayLRScheduler[CosineConfig]):
     """Linear warmup, then cosine decay from 1 to ``min_scale``, optionally with restarts.
 
-    With ``t = state.num_steps + 1``, ``W = warmup_steps``, ``T = total_steps``, ``m = min_scale``,
-    ``n = num_cycles``: ``t / W`` for ``t <= W``; ``m + (1 - m) * (1 + cos(pi * q)) / 2`` for
-    ``W <= t < T``, where ``q = frac(n * (t - W) / (T - W))`` is the position in the current cycle;
-    ``m`` for ``t >= T``. Each cycle starts at exactly 1; the last one ends at exactly ``m``.
-
-    Raises:
-        ValueError: If ``total_steps`` resolves to null, or a field is out of range.
+    ``m + (1 - m) * (1 + cos(pi * q)) / 2``, where ``q = frac(n * (t - W) / (T - W))`` is the position
+    in the current one of ``n = num_cycles`` cycles. Each cycle starts at exactly 1; the last one ends
+    at exactly ``m``.
     """
 
     def __init__(self, config: CosineConfig) -> None:
         super().__init__(config)
-        self.warmup_steps = int(self.raw_config.warmup_steps)
-        self.min_scale = float(self.raw_config.min_scale)
         self.num_cycles = int(self.raw_config.num_cycles)
-        _check_warmup_steps(self.warmup_steps)
-        self.total_steps = _resolve_total_steps(self.raw_config, self.warmup_steps, self.min_scale)
         if self.num_cycles < 1:
             raise ValueError(f"lr_scheduler.num_cycles must be positive (>= 1), got {self.num_cycles}")
         decay_steps = self.total_steps - self.warmup_steps
@@ -177,13 +184,7 @@ class CosineLRScheduler(BaseLRScheduler[CosineConfig]):
                 f"so that every cycle spans at least one update, got {self.num_cycles}"
             )
 
-    def get_lr_scale(self, state: State) -> float:
-        update = state.num_steps + 1
-        if update < self.warmup_steps:
-            return _warmup_scale(update, self.warmup_steps)
-        if update >= self.total_steps:
-            return self.min_scale
+    def decay(self, step: int, span: int) -> float:
         # Integer arithmetic, so that a cycle boundary gives exactly 0 (a restart at exactly 1).
-        decay_steps = self.total_steps - self.warmup_steps
-        position = (self.num_cycles * (update - self.warmup_steps)) % decay_steps / decay_steps
+        position = (self.num_cycles * step) % span / span
         return self.min_scale + (1.0 - self.min_scale) * 0.5 * (1.0 + math.cos(math.pi * position))
