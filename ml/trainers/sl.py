@@ -35,11 +35,10 @@ from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
 from ml.tasks.sl import SupervisedLearningTask
 from ml.trainers.base import BaseTrainer, BaseTrainerConfig
-from ml.utils.checkpoint import load_model_state, read_checkpoint
+from ml.trainers.common import run_session
 from ml.utils.data import ResumableSampler, SeededDataset, batch_size_of, move_to
 from ml.utils.precision import PRECISIONS, MixedPrecision
 from ml.utils.progress import progress
-from ml.utils.seeding import seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -310,42 +309,21 @@ class SupervisedLearningTrainer(
             assert train_loader is not None
             runner = cast(nn.Module, torch.compile(model)) if self.config.compile_model else model
 
-            # Take the run (lock it before reading its checkpoint), resume, loop, tear down.
-            self.take_running_lock()
-            started = False
-            try:
-                state = self._resume(task, model, optim, lr_sched)
-                self.on_training_start(state, task, model, optim, lr_sched)
-                started = True
-                self.save_config()
-                self.log_run_config()
-                self._loop(state, train_loader, valid_loader, task, model, runner, optim, lr_sched)
-                if self.stop_signal is not None:
-                    self.on_exit(self.stop_signal, state, task, model, optim, lr_sched)
-                else:
-                    self._finish(state, valid_loader, test_loader, task, model, runner, optim, lr_sched)
-            finally:
-                if started:
-                    self.on_training_end(state, task, model, optim, lr_sched)
-                else:
-                    self.remove_lock_file("running", missing_ok=True)
-                self.close_loggers()
-
-    def _resume(
-        self, task: SupervisedLearningTask, model: BaseModel, optim: Optimizer, lr_sched: SchedulerAdapter
-    ) -> State:
-        """Restores this run's checkpoint, or seeds a fresh run (with initial weights if configured)."""
-        ckpt = self.find_resume_checkpoint()
-        if ckpt is not None:
-            state = self.load_checkpoint(ckpt, task, model, optim, lr_sched)
-            logger.info("Resumed from %s at step %d", ckpt, state.num_steps)
-        else:
-            seed_everything(task.config.seed)
-            if self.checkpoint_config.load_from_ckpt_path:
-                self._load_initial_weights(model, self.checkpoint_config.load_from_ckpt_path)
-            state = State.init_state()
-        self._last_valid = (state.num_steps, state.elapsed_time_s)
-        return state
+            self._last_valid = (-1, 0.0)
+            run_session(
+                self,
+                task,
+                model,
+                optim,
+                lr_sched,
+                seed=task.config.seed,
+                loop=lambda state: self._loop(
+                    state, train_loader, valid_loader, task, model, runner, optim, lr_sched
+                ),
+                finish=lambda state: self._finish(
+                    state, valid_loader, test_loader, task, model, runner, optim, lr_sched
+                ),
+            )
 
     def _loop(
         self,
@@ -358,6 +336,7 @@ class SupervisedLearningTrainer(
         optim: Optimizer,
         lr_sched: SchedulerAdapter,
     ) -> None:
+        self._last_valid = (state.num_steps, state.elapsed_time_s)
         start = (state.num_steps, state.num_samples, time.monotonic())
 
         def rate(counter: int, first: int) -> float:
@@ -412,10 +391,3 @@ class SupervisedLearningTrainer(
             self.evaluate("valid", valid_loader, task, runner, state)
         if test_loader is not None and self.config.test_at_end:
             self.evaluate("test", test_loader, task, runner, state)
-
-    def _load_initial_weights(self, model: BaseModel, path: str) -> None:
-        """``checkpoint.load_from_ckpt_path``: model weights only (no optimizer, state or RNG)."""
-        ckpt = read_checkpoint(path, device=self._device)
-        for note in load_model_state(model, ckpt["model"], strict=self.checkpoint_config.load_strict):
-            logger.warning("Initial weights from %s: %s", path, note)
-        logger.info("Initial weights loaded from %s", path)
