@@ -8,6 +8,7 @@ environment's generator state, saved as tensors and JSON strings. The packaged c
 ``cartpole`` and ``pendulum`` use them (``ml train cartpole``).
 """
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ class ActorCriticMLPConfig(BaseModelConfig):
 
 def _mlp(sizes: list[int], activation: type[nn.Module], out_gain: float) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         linear = nn.Linear(a, b)
         last = i == len(sizes) - 2
         nn.init.orthogonal_(linear.weight, out_gain if last else math.sqrt(2))
@@ -56,7 +57,9 @@ class ActorCriticMLP(BaseModel[ActorCriticMLPConfig]):
     def __init__(self, config: ActorCriticMLPConfig) -> None:
         super().__init__(config)
         if config.activation not in _ACTIVATIONS:
-            raise ValueError(f"model.activation must be one of {sorted(_ACTIVATIONS)}, got {config.activation!r}")
+            raise ValueError(
+                f"model.activation must be one of {sorted(_ACTIVATIONS)}, got {config.activation!r}"
+            )
         act = _ACTIVATIONS[config.activation]
         hidden = [config.hidden] * config.num_layers
         self.policy = _mlp([config.observation_size, *hidden, config.action_size], act, 0.01)
@@ -88,7 +91,9 @@ class ClassicControlTask(PPOTask[PPOTaskConfig]):
         if getattr(inner, "state", None) is None:
             return None
         limit = _time_limit(env)
-        extra = {key: getattr(inner, key) for key in ("steps_beyond_terminated", "last_u") if hasattr(inner, key)}
+        extra = {
+            key: getattr(inner, key) for key in ("steps_beyond_terminated", "last_u") if hasattr(inner, key)
+        }
         return {
             "physics": torch.as_tensor(np.asarray(inner.state, dtype=np.float64)),
             "elapsed_steps": None if limit is None else int(limit._elapsed_steps),

@@ -31,14 +31,18 @@ class PPOTaskConfig(ReinforcementLearningTaskConfig):
     gamma: float = conf_field(0.99, help="Discount factor")
     gae_lambda: float = conf_field(0.95, help="GAE lambda (1: Monte Carlo returns, 0: one-step TD)")
     clip_coef: float = conf_field(0.2, help="Clip range of the probability ratio")
-    clip_schedule: str = conf_field("constant", help="`constant`, or `linear` decay to 0 over schedule_env_steps")
+    clip_schedule: str = conf_field(
+        "constant", help="`constant`, or `linear` decay to 0 over schedule_env_steps"
+    )
     schedule_env_steps: int | None = conf_field(
         None, help="Environment steps over which `linear` decays (default: task.max_samples)"
     )
     vf_coef: float = conf_field(0.5, help="Weight of the value loss")
     ent_coef: float = conf_field(0.0, help="Weight of the entropy bonus")
     normalize_advantages: bool = conf_field(True, help="Normalise advantages within each minibatch")
-    target_kl: float | None = conf_field(None, help="Stop the iteration's update when approx KL passes 1.5x this")
+    target_kl: float | None = conf_field(
+        None, help="Stop the iteration's update when approx KL passes 1.5x this"
+    )
 
 
 PPOTaskConfigT = TypeVar("PPOTaskConfigT", bound=PPOTaskConfig)
@@ -80,9 +84,18 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
     def __init__(self, config: PPOTaskConfigT) -> None:
         super().__init__(config)
         if config.clip_schedule not in ("constant", "linear"):
-            raise ValueError(f"task.clip_schedule must be 'constant' or 'linear', got {config.clip_schedule!r}")
+            raise ValueError(
+                f"task.clip_schedule must be 'constant' or 'linear', got {config.clip_schedule!r}"
+            )
         if config.clip_schedule == "linear" and (config.schedule_env_steps or config.max_samples) is None:
             raise ValueError("task.clip_schedule=linear needs task.schedule_env_steps or task.max_samples")
+        # Plain copies of the hyperparameters read on every minibatch (config attribute access is slow).
+        self._gamma, self._gae_lambda = float(config.gamma), float(config.gae_lambda)
+        self._clip_coef, self._linear_clip = float(config.clip_coef), config.clip_schedule == "linear"
+        self._horizon = config.schedule_env_steps or config.max_samples
+        self._vf_coef, self._ent_coef = float(config.vf_coef), float(config.ent_coef)
+        self._normalize_advantages = bool(config.normalize_advantages)
+        self._target_kl = None if config.target_kl is None else float(config.target_kl)
         self.discrete = True
         self._stats: list[torch.Tensor] = []
         self._stop_update = False
@@ -103,7 +116,9 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
     def _log_std(self, model: nn.Module) -> torch.Tensor:
         log_std = getattr(model, "log_std", None)
         if not isinstance(log_std, torch.Tensor):
-            raise ConfigError(f"continuous actions need a model with a `log_std` parameter ({type(model).__name__})")
+            raise ConfigError(
+                f"continuous actions need a model with a `log_std` parameter ({type(model).__name__})"
+            )
         return log_std
 
     def _log_prob_entropy(
@@ -128,7 +143,8 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
             n = self.action_space.n if self.action_space is not None else policy_out.shape[-1]
             if policy_out.shape[-1] != n:
                 raise ConfigError(
-                    f"the model gives {policy_out.shape[-1]} action logits, but the environment has {n} actions"
+                    f"the model gives {policy_out.shape[-1]} action logits, "
+                    f"but the environment has {n} actions"
                 )
             if optimal:
                 actions = policy_out.argmax(-1)
@@ -161,8 +177,8 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
             next_values,
             terminated,
             truncated,
-            self.config.gamma,
-            self.config.gae_lambda,
+            self._gamma,
+            self._gae_lambda,
         )
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
         return {
@@ -178,11 +194,10 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
 
     def clip_range(self, state: State) -> float:
         """The clip range now: constant, or decayed linearly with the environment steps taken."""
-        if self.config.clip_schedule == "constant":
-            return self.config.clip_coef
-        horizon = self.config.schedule_env_steps or self.config.max_samples
-        assert horizon is not None
-        return self.config.clip_coef * max(0.0, 1.0 - state.num_samples / horizon)
+        if not self._linear_clip:
+            return self._clip_coef
+        assert self._horizon is not None
+        return self._clip_coef * max(0.0, 1.0 - state.num_samples / self._horizon)
 
     def compute_loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], state: State, output: Any
@@ -192,7 +207,7 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
         log_ratio = log_prob - batch["log_probs"]
         ratio = log_ratio.exp()
         advantages = batch["advantages"]
-        if self.config.normalize_advantages and advantages.numel() > 1:
+        if self._normalize_advantages and advantages.numel() > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         clip = self.clip_range(state)
         policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
@@ -202,11 +217,11 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
             approx_kl = ((ratio - 1) - log_ratio).mean()
             clip_fraction = ((ratio - 1).abs() > clip).float().mean()
             self._stats.append(torch.stack([approx_kl, clip_fraction, entropy_mean.detach()]))
-        if self.config.target_kl is not None:
-            self._stop_update = bool(approx_kl > 1.5 * self.config.target_kl)  # one sync per minibatch
-        losses = {"policy_loss": policy_loss, "value_loss": self.config.vf_coef * value_loss}
-        if self.config.ent_coef:
-            losses["entropy_loss"] = -self.config.ent_coef * entropy_mean
+        if self._target_kl is not None:
+            self._stop_update = bool(approx_kl > 1.5 * self._target_kl)  # one sync per minibatch
+        losses = {"policy_loss": policy_loss, "value_loss": self._vf_coef * value_loss}
+        if self._ent_coef:
+            losses["entropy_loss"] = -self._ent_coef * entropy_mean
         return losses
 
     def should_stop_update(self) -> bool:

@@ -101,7 +101,8 @@ class ReinforcementLearningTask(BaseTask[RLTaskConfigT]):
         if sub_envs is None:
             return None
         states = [self.get_single_env_state(env) for env in sub_envs]
-        return None if any(s is None for s in states) else states  # type: ignore[misc]
+        complete = [s for s in states if s is not None]
+        return complete if len(complete) == len(states) else None
 
     def set_env_state(self, envs: Any, state: list[dict[str, Any]]) -> None:
         """Restores :meth:`get_env_state`'s result into freshly reset environments."""

@@ -26,7 +26,9 @@ def load_initial_weights(trainer: BaseTrainer, model: Any, path: str) -> None:
     logger.info("Initial weights loaded from %s", path)
 
 
-def resume_or_start(trainer: BaseTrainer, task: Any, model: Any, optim: Any, lr_sched: Any, seed: int) -> State:
+def resume_or_start(
+    trainer: BaseTrainer, task: Any, model: Any, optim: Any, lr_sched: Any, seed: int
+) -> State:
     """Restores the run's checkpoint, or seeds a fresh run (with initial weights if configured)."""
     ckpt = trainer.find_resume_checkpoint()
     if ckpt is not None:

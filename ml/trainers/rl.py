@@ -54,15 +54,23 @@ class ReinforcementLearningTrainerConfig(BaseTrainerConfig):
         1, help="torch CPU threads (1 suits small MLPs beside environment work; null: leave torch's)"
     )
     clip_grad_norm: float | None = conf_field(0.5, help="Clip the gradient norm to this value")
+    optimizer_foreach: bool = conf_field(
+        True, help="Use the optimizer's multi-tensor (foreach) step on CPU too: much faster for small models"
+    )
     eval_every_n_iterations: int | None = conf_field(10, help="Evaluate the deterministic policy every N")
     num_eval_episodes: int = conf_field(10, help="Episodes per evaluation (run side by side)")
     eval_at_end: bool = conf_field(True, help="Evaluate once more when training ends")
-    record_video: bool = conf_field(False, help="Record one evaluation episode per evaluation (needs moviepy)")
+    record_video: bool = conf_field(
+        False, help="Record one evaluation episode per evaluation (needs moviepy)"
+    )
 
 
 def env_seeds(seed: int, rank: int, count: int, stream: int = 0) -> list[int]:
     """Independent seeds for ``count`` environments from ``(seed, rank, stream, env index)``."""
-    return [int(np.random.SeedSequence(seed, spawn_key=(rank, stream, i)).generate_state(1)[0]) for i in range(count)]
+    return [
+        int(np.random.SeedSequence(seed, spawn_key=(rank, stream, i)).generate_state(1)[0])
+        for i in range(count)
+    ]
 
 
 class _Rollout:
@@ -106,7 +114,9 @@ class ReinforcementLearningTrainer(
     def __init__(self, config: ReinforcementLearningTrainerConfig) -> None:
         super().__init__(config)
         if config.vectorization not in VECTORIZATIONS:
-            raise ConfigError(f"trainer.vectorization must be one of {VECTORIZATIONS}, got {config.vectorization!r}")
+            raise ConfigError(
+                f"trainer.vectorization must be one of {VECTORIZATIONS}, got {config.vectorization!r}"
+            )
         if config.num_threads is not None and config.num_threads < 1:
             raise ConfigError(f"trainer.num_threads must be positive, got {config.num_threads}")
         if config.num_eval_episodes < 1:
@@ -118,6 +128,7 @@ class ReinforcementLearningTrainer(
         self._saved_rl: dict[str, Any] | None = None
         self._train_time_s = 0.0
         self._warned: set[str] = set()
+        self._last_eval_step = -1
 
     # -- checkpoint extras: where the environments stand
 
@@ -242,10 +253,11 @@ class ReinforcementLearningTrainer(
         model.train()
         size = next(iter(dataset.values())).shape[0]
         batch_size = min(task.config.minibatch_size, size)
+        epochs, clip_norm = task.config.num_update_epochs, self.config.clip_grad_norm
         totals: dict[str, torch.Tensor] = {}
         count = 0
         params = [p for p in model.parameters() if p.requires_grad]
-        for _ in range(task.config.num_update_epochs):
+        for _ in range(epochs):
             order = torch.randperm(size)
             for start in range(0, size, batch_size):
                 idx = order[start : start + batch_size]
@@ -255,8 +267,8 @@ class ReinforcementLearningTrainer(
                 loss = torch.stack([v.sum() for v in loss_dict.values()]).sum()
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
-                if self.config.clip_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(params, self.config.clip_grad_norm, foreach=True)
+                if clip_norm is not None:
+                    nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
                 optim.step()
                 for name, value in loss_dict.items():
                     totals[name] = totals[name] + value.detach() if name in totals else value.detach()
@@ -281,7 +293,9 @@ class ReinforcementLearningTrainer(
             fns = [task.get_environment for _ in range(count)]
             self._eval_envs = gymnasium.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
         envs = self._eval_envs
-        obs, _ = envs.reset(seed=env_seeds(task.config.seed, get_rank(), count, stream=2**20 + state.num_steps))
+        obs, _ = envs.reset(
+            seed=env_seeds(task.config.seed, get_rank(), count, stream=2**20 + state.num_steps)
+        )
         returns = np.zeros(count)
         lengths = np.zeros(count, dtype=np.int64)
         running = np.ones(count, dtype=bool)
@@ -321,7 +335,9 @@ class ReinforcementLearningTrainer(
             obs, _ = env.reset(seed=env_seeds(task.config.seed, get_rank(), 1, stream=2**21)[0])
             done = False
             while not done:
-                actions, _ = self._act(task, model, torch.as_tensor(obs, dtype=torch.float32)[None], optimal=True)
+                actions, _ = self._act(
+                    task, model, torch.as_tensor(obs, dtype=torch.float32)[None], optimal=True
+                )
                 obs, _, terminated, truncated, _ = env.step(self._env_actions(task, actions, 1)[0])
                 done = terminated or truncated
         finally:
@@ -354,6 +370,10 @@ class ReinforcementLearningTrainer(
             model.to(device=self._device, dtype=self._weight_precision)
             task.to(self._device)
             optim = optimizer.get(model)
+            if self.config.optimizer_foreach:
+                for group in optim.param_groups:
+                    if "foreach" in group:  # torch picks the slow per-tensor loop on CPU by default
+                        group["foreach"] = True
             lr_sched = lr_scheduler.get(optim)
             self._task = task
             rollout = _Rollout(task, self.config.vectorization, task.config.num_envs)
