@@ -54,8 +54,8 @@ class ReinforcementLearningTrainerConfig(BaseTrainerConfig):
         1, help="torch CPU threads (1 suits small MLPs beside environment work; null: leave torch's)"
     )
     clip_grad_norm: float | None = conf_field(0.5, help="Clip the gradient norm to this value")
-    optimizer_foreach: bool = conf_field(
-        True, help="Use the optimizer's multi-tensor (foreach) step on CPU too: much faster for small models"
+    fast_optimizer: bool = conf_field(
+        True, help="Use the optimizer's fused (else multi-tensor) step: much faster for small models on CPU"
     )
     eval_every_n_iterations: int | None = conf_field(10, help="Evaluate the deterministic policy every N")
     num_eval_episodes: int = conf_field(10, help="Episodes per evaluation (run side by side)")
@@ -71,6 +71,20 @@ def env_seeds(seed: int, rank: int, count: int, stream: int = 0) -> list[int]:
         int(np.random.SeedSequence(seed, spawn_key=(rank, stream, i)).generate_state(1)[0])
         for i in range(count)
     ]
+
+
+def _use_fast_optimizer(optim: Optimizer) -> None:
+    """Switches torch's optimizers from their per-tensor loop (the CPU default) to the fused kernel.
+
+    A 64-64 MLP's update is dominated by per-operation overhead, so one fused step per parameter
+    group instead of a dozen small operations per tensor saves a large share of each gradient step.
+    """
+    for group in optim.param_groups:
+        floats = all(p.dtype in (torch.float32, torch.float64) for p in group["params"])
+        if "fused" in group and floats and isinstance(optim, (torch.optim.Adam, torch.optim.AdamW)):
+            group["fused"], group["foreach"] = True, False
+        elif "foreach" in group:
+            group["foreach"] = True
 
 
 class _Rollout:
@@ -370,10 +384,8 @@ class ReinforcementLearningTrainer(
             model.to(device=self._device, dtype=self._weight_precision)
             task.to(self._device)
             optim = optimizer.get(model)
-            if self.config.optimizer_foreach:
-                for group in optim.param_groups:
-                    if "foreach" in group:  # torch picks the slow per-tensor loop on CPU by default
-                        group["foreach"] = True
+            if self.config.fast_optimizer:
+                _use_fast_optimizer(optim)
             lr_sched = lr_scheduler.get(optim)
             self._task = task
             rollout = _Rollout(task, self.config.vectorization, task.config.num_envs)
