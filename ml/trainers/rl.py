@@ -102,13 +102,14 @@ class _Rollout:
         else:
             self.envs = gymnasium.vector.SyncVectorEnv(fns, **kwargs)
         self.count = count
+        self.num_episodes = 0
         self.observations = torch.empty(0)
         self.episode_returns = np.zeros(count, dtype=np.float64)
         self.episode_lengths = np.zeros(count, dtype=np.int64)
 
-    def reset(self, seeds: list[int]) -> None:
+    def reset(self, seeds: list[int], device: torch.device | str = "cpu") -> None:
         obs, _ = self.envs.reset(seed=seeds)
-        self.observations = torch.as_tensor(obs, dtype=torch.float32)
+        self.observations = torch.as_tensor(obs, dtype=torch.float32, device=device)
         self.episode_returns[:] = 0
         self.episode_lengths[:] = 0
 
@@ -152,7 +153,8 @@ class ReinforcementLearningTrainer(
             return
         env_state = task.get_env_state(rollout.envs)
         state_dict["rl"] = {
-            "observations": rollout.observations.clone(),
+            "observations": rollout.observations.cpu().clone(),
+            "num_episodes": rollout.num_episodes,
             "episode_returns": torch.from_numpy(rollout.episode_returns.copy()),
             "episode_lengths": torch.from_numpy(rollout.episode_lengths.copy()),
             "env_state": env_state,
@@ -163,24 +165,27 @@ class ReinforcementLearningTrainer(
 
     def _start_environments(self, rollout: _Rollout, task: ReinforcementLearningTask, state: State) -> None:
         """Fresh run: seeded reset. Resumed run: the saved state, or a reset with new seeds (said once)."""
-        seed, rank = task.config.seed, get_rank()
+        seed, rank, device = task.config.seed, get_rank(), self._device
         saved, self._saved_rl = self._saved_rl, None
+        if saved is not None:
+            rollout.num_episodes = int(saved.get("num_episodes", 0))
         if saved is None:
-            rollout.reset(env_seeds(seed, rank, rollout.count))
+            rollout.reset(env_seeds(seed, rank, rollout.count), device)
             if state.num_steps > 0:
                 logger.warning("The checkpoint holds no environment state: the environments start over")
             return
         if saved["env_state"] is None:
             logger.warning(
-                "%s cannot save its environments' state (no get_env_state hook for %s): resuming resets them",
-                type(task).__name__,
+                "The checkpoint holds no state of the %s environments (%s has no state hook for them, or "
+                "they run in subprocess workers): resuming resets them",
                 task.config.env_id,
+                type(task).__name__,
             )
-            rollout.reset(env_seeds(seed, rank, rollout.count, stream=1 + state.num_steps))
+            rollout.reset(env_seeds(seed, rank, rollout.count, stream=1 + state.num_steps), device)
             return
-        rollout.reset(env_seeds(seed, rank, rollout.count))
+        rollout.reset(env_seeds(seed, rank, rollout.count), device)
         task.set_env_state(rollout.envs, saved["env_state"])
-        rollout.observations = saved["observations"].to(torch.float32).cpu()
+        rollout.observations = saved["observations"].to(device=device, dtype=torch.float32)
         rollout.episode_returns[:] = saved["episode_returns"].numpy()
         rollout.episode_lengths[:] = saved["episode_lengths"].numpy()
 
@@ -216,6 +221,7 @@ class ReinforcementLearningTrainer(
     ) -> tuple[dict[str, torch.Tensor], list[tuple[float, int]]]:
         """Steps every environment ``num_env_steps`` times; returns the trajectory and finished episodes."""
         model.eval()
+        device = self._device
         columns: dict[str, list[torch.Tensor]] = {}
         finished: list[tuple[float, int]] = []
         obs = rollout.observations
@@ -232,22 +238,23 @@ class ReinforcementLearningTrainer(
             if done.any():
                 final_obs = final_obs_template.clone()
                 for i in np.flatnonzero(done):
-                    final_obs[i] = torch.as_tensor(infos["final_obs"][i], dtype=torch.float32)
+                    final_obs[i] = torch.as_tensor(infos["final_obs"][i], dtype=torch.float32, device=device)
                     finished.append((float(rollout.episode_returns[i]), int(rollout.episode_lengths[i])))
+                rollout.num_episodes += int(done.sum())
                 rollout.episode_returns[done] = 0
                 rollout.episode_lengths[done] = 0
             step = {
                 "observations": obs,
                 "actions": actions,
-                "rewards": torch.as_tensor(rewards, dtype=torch.float32),
-                "terminated": torch.as_tensor(terminated),
-                "truncated": torch.as_tensor(truncated),
+                "rewards": torch.as_tensor(rewards, dtype=torch.float32, device=device),
+                "terminated": torch.as_tensor(terminated, device=device),
+                "truncated": torch.as_tensor(truncated, device=device),
                 "final_observations": final_obs,
                 **extras,
             }
             for key, value in step.items():
                 columns.setdefault(key, []).append(value)
-            obs = torch.as_tensor(next_obs, dtype=torch.float32)
+            obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
         rollout.observations = obs
         trajectory = {key: torch.stack(values) for key, values in columns.items()}
         trajectory["next_observations"] = obs
@@ -272,7 +279,7 @@ class ReinforcementLearningTrainer(
         count = 0
         params = [p for p in model.parameters() if p.requires_grad]
         for _ in range(epochs):
-            order = torch.randperm(size)
+            order = torch.randperm(size).to(self._device)
             for start in range(0, size, batch_size):
                 idx = order[start : start + batch_size]
                 batch = {key: value[idx] for key, value in dataset.items()}
@@ -315,7 +322,8 @@ class ReinforcementLearningTrainer(
         running = np.ones(count, dtype=bool)
         model.eval()
         while running.any():
-            actions, _ = self._act(task, model, torch.as_tensor(obs, dtype=torch.float32), optimal=True)
+            observations = torch.as_tensor(obs, dtype=torch.float32, device=self._device)
+            actions, _ = self._act(task, model, observations, optimal=True)
             obs, rewards, terminated, truncated, _ = envs.step(self._env_actions(task, actions, count))
             returns += rewards * running
             lengths += running
@@ -349,9 +357,8 @@ class ReinforcementLearningTrainer(
             obs, _ = env.reset(seed=env_seeds(task.config.seed, get_rank(), 1, stream=2**21)[0])
             done = False
             while not done:
-                actions, _ = self._act(
-                    task, model, torch.as_tensor(obs, dtype=torch.float32)[None], optimal=True
-                )
+                observations = torch.as_tensor(obs, dtype=torch.float32, device=self._device)[None]
+                actions, _ = self._act(task, model, observations, optimal=True)
                 obs, _, terminated, truncated, _ = env.step(self._env_actions(task, actions, 1)[0])
                 done = terminated or truncated
         finally:
@@ -413,7 +420,8 @@ class ReinforcementLearningTrainer(
     def _check_model_fits(self, task: ReinforcementLearningTask, model: nn.Module, envs: Any) -> None:
         """Acts once (deterministically, drawing no random numbers) on a sample observation."""
         sample = np.stack([envs.single_observation_space.sample() for _ in range(envs.num_envs)])
-        actions, _ = self._act(task, model, torch.as_tensor(sample, dtype=torch.float32), optimal=True)
+        observations = torch.as_tensor(sample, dtype=torch.float32, device=self._device)
+        actions, _ = self._act(task, model, observations, optimal=True)
         self._env_actions(task, actions, envs.num_envs)
 
     def _loop(
@@ -462,6 +470,7 @@ class ReinforcementLearningTrainer(
             task.logger.log_scalar("episode_length", float(np.mean([n for _, n in finished])), namespace="rl")
         train_time = self._train_time_s
         task.logger.log_scalar("env_steps", state.num_samples, namespace="rl")
+        task.logger.log_scalar("episodes", self._rollout.num_episodes if self._rollout else 0, namespace="rl")
         task.logger.log_scalar("env_steps_per_s", samples / max(train_time, 1e-9), namespace="rl")
         self.logger.log_scalar("lr", lr_sched.lr)
 
