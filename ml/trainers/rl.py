@@ -304,12 +304,14 @@ class ReinforcementLearningTrainer(
         """Runs ``num_eval_episodes`` episodes side by side with the deterministic policy; logs the means.
 
         The evaluation environments are seeded from ``(seed, rank, evaluation number)`` and the
-        policy draws no random numbers, so evaluating changes nothing about training.
+        policy draws no random numbers, so evaluating changes nothing about training. The metrics
+        are written at once, as a ``valid`` record of the current iteration.
         """
         import gymnasium
         from gymnasium.vector import AutoresetMode
 
         count = self.config.num_eval_episodes
+        state.set_phase("valid")
         if self._eval_envs is None:
             fns = [task.get_environment for _ in range(count)]
             self._eval_envs = gymnasium.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
@@ -333,6 +335,8 @@ class ReinforcementLearningTrainer(
         task.logger.log_scalar("eval_length", metrics["rl/eval_length"], namespace="rl")
         if self.config.record_video:
             self._record_video(task, model, state)
+        self.write_logs(task, model, state)  # type: ignore[arg-type]
+        state.set_phase("train")
         self.final_metrics.update(metrics)
         self._last_eval_step = state.num_steps
         return metrics
@@ -448,9 +452,9 @@ class ReinforcementLearningTrainer(
             self._train_time_s += time.perf_counter() - started
             self.on_step_end(state, loss_dict, task, model, optim, lr_sched)
             self._log_iteration(state, task, loss_dict, finished, lr_sched, state.num_samples - first_samples)
+            self.write_logs(task, model, state)
             if self._should_evaluate(state):
                 self.evaluate(task, model, state)
-            self.write_logs(task, model, state)
             if self.should_checkpoint(state):
                 self.save_checkpoint(state, task, model, optim, lr_sched)
 
@@ -485,7 +489,6 @@ class ReinforcementLearningTrainer(
         """The end of a completed run: a last evaluation, then the final checkpoint."""
         if self.config.eval_at_end and self._last_eval_step != state.num_steps:
             self.evaluate(task, model, state)
-            self.write_logs(task, model, state)
         if self._last_ckpt_step != state.num_steps:
             self.save_checkpoint(state, task, model, optim, lr_sched)
 
