@@ -186,8 +186,8 @@ class ReinforcementLearningTrainer(
         rollout.reset(env_seeds(seed, rank, rollout.count), device)
         task.set_env_state(rollout.envs, saved["env_state"])
         rollout.observations = saved["observations"].to(device=device, dtype=torch.float32)
-        rollout.episode_returns[:] = saved["episode_returns"].numpy()
-        rollout.episode_lengths[:] = saved["episode_lengths"].numpy()
+        rollout.episode_returns[:] = saved["episode_returns"].cpu().numpy()
+        rollout.episode_lengths[:] = saved["episode_lengths"].cpu().numpy()
 
     # -- acting
 
