@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck format bench clean
+.PHONY: install demo test lint typecheck format bench bench-rl clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/import_time.py
+
+bench-rl: $(STAMP)  # ml vs Stable-Baselines3 PPO on CartPole, then PPO on Pendulum (several minutes)
+	$(BIN)/python -m pip install --quiet -e ".[bench]" "$(TORCH_PIN)"
+	$(BIN)/python bench/rl_cartpole.py
+	$(BIN)/python bench/rl_pendulum.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

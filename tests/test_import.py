@@ -33,7 +33,9 @@ def test_import_ml_core_and_cli_import_no_heavy_library() -> None:
     assert sorted(loaded & set(HEAVY)) == []
 
 
-@pytest.mark.parametrize("module", ["ml.trainers.base", "ml.trainers.sl"])
+@pytest.mark.parametrize(
+    "module", ["ml.trainers.base", "ml.trainers.sl", "ml.trainers.rl", "ml.examples.classic_control"]
+)
 def test_trainer_modules_import_only_torch(module: str) -> None:
     loaded = _imported_top_level_modules(f"import {module}")
     assert "torch" in loaded  # the trainer needs it; nothing else heavy comes along

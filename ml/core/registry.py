@@ -18,9 +18,9 @@ Kind = Literal["model", "task", "trainer", "optimizer", "lr_scheduler", "logger"
 KINDS: tuple[Kind, ...] = get_args(Kind)
 
 _BUILTIN_MODULES: dict[Kind, tuple[str, ...]] = {
-    "model": ("ml.examples.digits",),
-    "task": ("ml.examples.digits",),
-    "trainer": ("ml.trainers.sl",),
+    "model": ("ml.examples.digits", "ml.examples.classic_control"),
+    "task": ("ml.examples.digits", "ml.examples.classic_control"),
+    "trainer": ("ml.trainers.sl", "ml.trainers.rl"),
     "optimizer": ("ml.optimizers.builtin",),
     "lr_scheduler": ("ml.lr_schedulers.builtin",),
     "logger": ("ml.loggers.stdout", "ml.loggers.jsonl", "ml.loggers.tensorboard"),

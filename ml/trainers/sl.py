@@ -35,11 +35,11 @@ from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
 from ml.tasks.sl import SupervisedLearningTask
 from ml.trainers.base import BaseTrainer, BaseTrainerConfig
-from ml.utils.checkpoint import CheckpointError, load_model_state, read_checkpoint
+from ml.trainers.common import run_session
+from ml.utils.checkpoint import CheckpointError
 from ml.utils.data import ResumableSampler, SeededDataset, batch_size_of, move_to
 from ml.utils.precision import PRECISIONS, MixedPrecision
 from ml.utils.progress import progress
-from ml.utils.seeding import seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -388,46 +388,21 @@ class SupervisedLearningTrainer(
             assert train_loader is not None
             runner = cast(nn.Module, torch.compile(model)) if self.config.compile_model else model
 
-            # Take the run (lock it before reading its checkpoint), resume, loop, tear down.
-            self.take_running_lock()
-            started = False
-            try:
-                state = self._resume(task, model, optim, lr_sched)
-                self.on_training_start(state, task, model, optim, lr_sched)
-                started = True
-                self.save_config()
-                self.log_run_config()
-                if self._finished and task.is_training_over(state):
-                    logger.info("This run already finished at step %d: nothing to do", state.num_steps)
-                    return
-                self._finished = False
-                self._loop(state, train_loader, valid_loader, task, model, runner, optim, lr_sched)
-                if self.stop_signal is None:
-                    self._finish(state, valid_loader, test_loader, task, model, runner, optim, lr_sched)
-                if self.stop_signal is not None:  # also a signal during the final evaluation
-                    self.on_exit(self.stop_signal, state, task, model, optim, lr_sched)
-            finally:
-                if started:
-                    self.on_training_end(state, task, model, optim, lr_sched)
-                else:
-                    self.remove_lock_file("running", missing_ok=True)
-                self.close_loggers()
-
-    def _resume(
-        self, task: SupervisedLearningTask, model: BaseModel, optim: Optimizer, lr_sched: SchedulerAdapter
-    ) -> State:
-        """Restores this run's checkpoint, or seeds a fresh run (with initial weights if configured)."""
-        ckpt = self.find_resume_checkpoint()
-        if ckpt is not None:
-            state = self.load_checkpoint(ckpt, task, model, optim, lr_sched)
-            logger.info("Resumed from %s at step %d", ckpt, state.num_steps)
-        else:
-            seed_everything(task.config.seed)
-            if self.checkpoint_config.load_from_ckpt_path:
-                self._load_initial_weights(model, self.checkpoint_config.load_from_ckpt_path)
-            state = State.init_state()
-        self._last_valid = (-1, state.elapsed_time_s)  # the time-based interval restarts here
-        return state
+            # Take the run (lock, resume), loop, finish or stop, tear down: shared with the rl trainer.
+            run_session(
+                self,
+                task,
+                model,
+                optim,
+                lr_sched,
+                seed=task.config.seed,
+                loop=lambda state: self._loop(
+                    state, train_loader, valid_loader, task, model, runner, optim, lr_sched
+                ),
+                finish=lambda state: self._finish(
+                    state, valid_loader, test_loader, task, model, runner, optim, lr_sched
+                ),
+            )
 
     def _loop(
         self,
@@ -440,6 +415,11 @@ class SupervisedLearningTrainer(
         optim: Optimizer,
         lr_sched: SchedulerAdapter,
     ) -> None:
+        if self._finished and task.is_training_over(state):
+            logger.info("This run already finished at step %d: nothing to do", state.num_steps)
+            return
+        self._finished = False
+        self._last_valid = (-1, state.elapsed_time_s)  # the time-based interval restarts here
         throughput = _Throughput(state)
         while not task.is_training_over(state) and self.stop_signal is None:
             if state.num_epoch_samples == 0:
@@ -481,6 +461,8 @@ class SupervisedLearningTrainer(
         The checkpoint is saved again afterwards with the final metrics, which marks the run as
         finished: continuing it with the same limits then has nothing to redo.
         """
+        if self._finished:  # resumed from a finished run: nothing was trained, nothing to finish
+            return
         if self._last_ckpt_step != state.num_steps:
             self.save_checkpoint(state, task, model, optim, lr_sched)
         if valid_loader is not None and self.config.valid_at_end and self._last_valid[0] != state.num_steps:
@@ -490,10 +472,3 @@ class SupervisedLearningTrainer(
         if self.stop_signal is None:
             self._finished = True
             self.save_checkpoint(state, task, model, optim, lr_sched)
-
-    def _load_initial_weights(self, model: BaseModel, path: str) -> None:
-        """``checkpoint.load_from_ckpt_path``: model weights only (no optimizer, state or RNG)."""
-        ckpt = read_checkpoint(path, device=self._device)
-        for note in load_model_state(model, ckpt["model"], strict=self.checkpoint_config.load_strict):
-            logger.warning("Initial weights from %s: %s", path, note)
-        logger.info("Initial weights loaded from %s", path)

@@ -1,0 +1,161 @@
+"""Defines :class:`ReinforcementLearningTask`: environments, acting, and turning experience into samples.
+
+A reinforcement-learning task says which gymnasium environment to train in (:meth:`get_environment`:
+any registered id, or override it to build your own class), how the model acts
+(:meth:`get_actions`), how collected trajectories become training samples
+(:meth:`build_rl_dataset`), and the loss (:meth:`run_model`, :meth:`compute_loss`, as in the
+supervised task). ``ml.trainers.rl`` runs the environments, the rollouts and the updates.
+
+Exact resume needs the environments' own state. :meth:`get_env_state` / :meth:`set_env_state`
+save and restore it as tensors and plain data (never pickled objects); the defaults ask
+:meth:`get_single_env_state` / :meth:`set_single_env_state` for each environment of a synchronous
+vector environment, and return None (resume resets the environments) when those are not
+implemented. gymnasium is imported only when an environment is made, so importing this module stays
+cheap.
+"""
+
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from torch import nn
+
+from ml.core.compose import ConfigError
+from ml.core.config import conf_field
+from ml.core.state import State
+from ml.tasks.base import BaseTask, BaseTaskConfig
+
+if TYPE_CHECKING:
+    import gymnasium
+
+
+@dataclass
+class ReinforcementLearningTaskConfig(BaseTaskConfig):
+    """Limits: ``max_steps`` counts iterations (rollout + update), ``max_samples`` environment steps."""
+
+    seed: int = conf_field(1337, help="Seed of the run's generators and of each environment's")
+    env_id: str = conf_field("CartPole-v1", help="A registered gymnasium environment id")
+    env_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Arguments of gymnasium.make"})
+    num_envs: int = conf_field(8, help="Environments stepped together")
+    num_env_steps: int = conf_field(
+        32, help="Steps each environment takes per iteration (transitions = num_envs * num_env_steps)"
+    )
+    num_update_epochs: int = conf_field(10, help="Passes over each iteration's samples")
+    minibatch_size: int = conf_field(64, help="Samples per gradient step")
+
+
+RLTaskConfigT = TypeVar("RLTaskConfigT", bound=ReinforcementLearningTaskConfig)
+
+
+class ReinforcementLearningTask(BaseTask[RLTaskConfigT]):
+    """A task that learns by acting in environments.
+
+    Attributes:
+        observation_space: The single environment's observation space (set by the trainer).
+        action_space: The single environment's action space (set by the trainer).
+    """
+
+    def __init__(self, config: RLTaskConfigT) -> None:
+        super().__init__(config)
+        for key in ("num_envs", "num_env_steps", "num_update_epochs", "minibatch_size"):
+            if getattr(config, key) < 1:
+                raise ValueError(f"task.{key} must be positive, got {getattr(config, key)}")
+        self.observation_space: Any = None
+        self.action_space: Any = None
+
+    # -- environments
+
+    def get_environment(self, render_mode: str | None = None) -> "gymnasium.Env":
+        """Makes one environment (``task.env_id`` with ``task.env_kwargs``).
+
+        Raises:
+            ConfigError: gymnasium does not know the id, or rejects the arguments.
+        """
+        import gymnasium
+
+        try:
+            return gymnasium.make(self.config.env_id, render_mode=render_mode, **dict(self.config.env_kwargs))
+        except gymnasium.error.Error as e:
+            raise ConfigError(f"task.env_id: cannot make environment {self.config.env_id!r}: {e}") from e
+        except TypeError as e:
+            raise ConfigError(f"task.env_kwargs: {self.config.env_id}: {e}") from e
+
+    def on_environments_ready(self, observation_space: Any, action_space: Any) -> None:
+        """Called by the trainer with the single environment's spaces before anything runs."""
+        self.observation_space = observation_space
+        self.action_space = action_space
+
+    def get_single_env_state(self, env: "gymnasium.Env") -> dict[str, Any] | None:
+        """One environment's state as tensors and plain data, or None when it cannot be saved."""
+        del env
+        return None
+
+    def set_single_env_state(self, env: "gymnasium.Env", state: dict[str, Any]) -> None:
+        """Restores what :meth:`get_single_env_state` returned (the environment was just reset)."""
+        raise NotImplementedError
+
+    def get_env_state(self, envs: Any) -> list[dict[str, Any]] | None:
+        """The vector environment's state, or None when it cannot be saved (e.g. subprocess workers)."""
+        sub_envs = getattr(envs, "envs", None)
+        if sub_envs is None:
+            return None
+        states = [self.get_single_env_state(env) for env in sub_envs]
+        complete = [s for s in states if s is not None]
+        return complete if len(complete) == len(states) else None
+
+    def set_env_state(self, envs: Any, state: list[dict[str, Any]]) -> None:
+        """Restores :meth:`get_env_state`'s result into freshly reset environments."""
+        for env, env_state in zip(envs.envs, state, strict=True):
+            self.set_single_env_state(env, env_state)
+
+    # -- acting and learning
+
+    @abstractmethod
+    def get_actions(
+        self, model: nn.Module, observations: torch.Tensor, optimal: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Chooses actions for a batch of observations (one per environment).
+
+        Args:
+            model: The model being trained.
+            observations: ``(num_envs, *observation_shape)``.
+            optimal: Act deterministically (evaluation) instead of sampling (exploration).
+
+        Returns:
+            The actions, ``(num_envs, *action_shape)``, and per-environment tensors the update
+            needs later (e.g. log-probabilities and values), each with a leading ``num_envs`` dim.
+        """
+
+    @abstractmethod
+    def build_rl_dataset(
+        self, model: nn.Module, trajectory: dict[str, torch.Tensor], state: State
+    ) -> dict[str, torch.Tensor]:
+        """Turns one iteration's experience into training samples.
+
+        Args:
+            model: The model being trained (e.g. to value final observations).
+            trajectory: ``(num_env_steps, num_envs, ...)`` tensors ``observations``, ``actions``,
+                ``rewards``, ``terminated``, ``truncated``, ``final_observations`` (the observation
+                an episode ended in, where it ended; zeros elsewhere), whatever :meth:`get_actions`
+                returned, and ``next_observations`` ``(num_envs, ...)``, where the next rollout starts.
+            state: The trainer state.
+
+        Returns:
+            Tensors with one leading sample dimension; the trainer draws minibatches from them.
+        """
+
+    def run_model(self, model: nn.Module, batch: dict[str, torch.Tensor], state: State) -> Any:
+        """The forward pass on a minibatch; by default ``model(batch["observations"])``."""
+        del state
+        return model(batch["observations"])
+
+    @abstractmethod
+    def compute_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], state: State, output: Any
+    ) -> dict[str, torch.Tensor]:
+        """Returns named losses (summed for the backward pass, each logged)."""
+
+    def should_stop_update(self) -> bool:
+        """Whether to end this iteration's update early (e.g. PPO's KL limit); checked per minibatch."""
+        return False

@@ -1,0 +1,87 @@
+"""Defines the set-up and tear-down that every training loop shares (used by ``sl`` and ``rl``).
+
+:func:`run_session` takes the run's lock, resumes from the run's checkpoint (or seeds a fresh run
+and loads configured initial weights), calls the start hooks, saves the config, runs the trainer's
+loop, then either checkpoints for a signal or finishes, and always tears down: end hooks, lock,
+loggers. Errors propagate after the teardown.
+"""
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ml.core.state import State
+from ml.trainers.base import BaseTrainer
+from ml.utils.checkpoint import load_model_state, read_checkpoint
+from ml.utils.seeding import seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+def load_initial_weights(trainer: BaseTrainer, model: Any, path: str) -> None:
+    """``checkpoint.load_from_ckpt_path``: model weights only (no optimizer, state or RNG)."""
+    ckpt = read_checkpoint(path, device=trainer._device)
+    for note in load_model_state(model, ckpt["model"], strict=trainer.checkpoint_config.load_strict):
+        logger.warning("Initial weights from %s: %s", path, note)
+    logger.info("Initial weights loaded from %s", path)
+
+
+def resume_or_start(
+    trainer: BaseTrainer, task: Any, model: Any, optim: Any, lr_sched: Any, seed: int
+) -> State:
+    """Restores the run's checkpoint, or seeds a fresh run (with initial weights if configured)."""
+    ckpt = trainer.find_resume_checkpoint()
+    if ckpt is not None:
+        state = trainer.load_checkpoint(ckpt, task, model, optim, lr_sched)
+        logger.info("Resumed from %s at step %d", ckpt, state.num_steps)
+        return state
+    seed_everything(seed)
+    if trainer.checkpoint_config.load_from_ckpt_path:
+        load_initial_weights(trainer, model, trainer.checkpoint_config.load_from_ckpt_path)
+    return State.init_state()
+
+
+def run_session(
+    trainer: BaseTrainer,
+    task: Any,
+    model: Any,
+    optim: Any,
+    lr_sched: Any,
+    *,
+    seed: int,
+    loop: Callable[[State], None],
+    finish: Callable[[State], None],
+) -> None:
+    """Runs ``loop`` (then ``finish``, unless a signal stopped it) inside the run's lock and hooks.
+
+    Args:
+        trainer: The trainer whose run this is.
+        task: The task, model, optimizer and scheduler adapter being trained.
+        model: See ``task``.
+        optim: See ``task``.
+        lr_sched: See ``task``.
+        seed: Seeds every generator of a fresh run.
+        loop: Trains from the resumed state until done or :attr:`BaseTrainer.stop_signal` is set.
+        finish: The end of a completed run (final checkpoint, last evaluation); it may stop early
+            for a signal, which is then handled like one during ``loop``.
+    """
+    trainer.take_running_lock()  # before reading the checkpoint: one process per run
+    started = False
+    state = State.init_state()
+    try:
+        state = resume_or_start(trainer, task, model, optim, lr_sched, seed)
+        trainer.on_training_start(state, task, model, optim, lr_sched)
+        started = True
+        trainer.save_config()
+        trainer.log_run_config()
+        loop(state)
+        if trainer.stop_signal is None:
+            finish(state)
+        if trainer.stop_signal is not None:  # also a signal during the final evaluation
+            trainer.on_exit(trainer.stop_signal, state, task, model, optim, lr_sched)
+    finally:
+        if started:
+            trainer.on_training_end(state, task, model, optim, lr_sched)
+        else:
+            trainer.remove_lock_file("running", missing_ok=True)
+        trainer.close_loggers()

@@ -1,0 +1,154 @@
+"""End-to-end tests of the ``rl`` trainer: real ``ml train cartpole`` subprocesses, signals and files.
+
+A short CartPole run improves its return. A run stopped by SIGTERM (at an iteration boundary) and
+continued from its ``config.yaml`` ends with exactly the tensors of a run that never stopped:
+model, optimizer, generators and the environments' own state. A bad environment id and a model
+whose actions do not fit the environment each stop with one ``ml: error:`` line and exit code 2.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ml.loggers.jsonl import read_metrics
+
+pytest.importorskip("gymnasium")
+
+_SCRIPT = Path(sys.executable).parent / "ml"
+ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.cli"]
+TIMEOUT_S = 120
+ITERATIONS = 30
+
+LOGGING = """\
+logger:
+  - {name: jsonl, write_every_n_steps: 1}
+"""
+
+
+def _env(run_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("ML_EXP_NAME", None)
+    env["RUN_DIR"] = str(run_dir)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _start(run_dir: Path, *args: str) -> subprocess.Popen:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "stderr.txt").open("a") as err:
+        return subprocess.Popen(
+            [*ML, "train", *args], env=_env(run_dir), stdout=subprocess.DEVNULL, stderr=err
+        )
+
+
+def _finish(proc: subprocess.Popen, run_dir: Path, expected: int = 0) -> str:
+    try:
+        code = proc.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    stderr = (run_dir / "stderr.txt").read_text()
+    assert code == expected, f"exit {code}\n{stderr}"
+    return stderr
+
+
+@pytest.fixture(scope="module")
+def logging_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "logging.yaml"
+    path.write_text(LOGGING)
+    return path
+
+
+def _metric(exp_dir: Path, name: str) -> list[float]:
+    return [r["metrics"][name] for r in read_metrics(exp_dir / "logs") if name in r["metrics"]]
+
+
+def test_short_cartpole_run_improves_the_return(tmp_path: Path, logging_yaml: Path) -> None:
+    proc = _start(tmp_path, "cartpole", str(logging_yaml), "task.max_samples=10240")
+    _finish(proc, tmp_path)
+    exp_dir = tmp_path / "cartpole" / "run_0"
+    returns = _metric(exp_dir, "rl/episode_return")
+    evals = _metric(exp_dir, "rl/eval_return")
+    assert returns[0] < 40  # a random policy balances the pole for about 20 steps
+    assert sum(returns[-5:]) / 5 > 3 * returns[0]
+    assert evals[-1] > 3 * returns[0]
+    speeds = _metric(exp_dir, "rl/env_steps_per_s")
+    assert speeds[-1] > 0 and _metric(exp_dir, "rl/env_steps")[-1] == 10240
+
+
+def _checkpoint(exp_dir: Path) -> dict[str, Any]:
+    return torch.load(exp_dir / "checkpoints" / "ckpt.pt", weights_only=True)
+
+
+def _assert_equal(a: Any, b: Any, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for key in a:
+            _assert_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_sigterm_at_an_iteration_boundary_then_resume_is_exact(tmp_path: Path, logging_yaml: Path) -> None:
+    args = (
+        "cartpole",
+        str(logging_yaml),
+        f"task.max_steps={ITERATIONS}",
+        "task.env_kwargs.max_episode_steps=60",
+    )
+    reference = _start(tmp_path / "reference", *args)  # short episodes: many end mid-rollout
+    stopped_dir = tmp_path / "stopped"
+    proc = _start(stopped_dir, *args)
+    exp_dir = stopped_dir / "cartpole" / "run_0"
+    deadline = time.monotonic() + 60
+    while not (exp_dir / "logs" / "metrics.jsonl").exists() or len(_metric(exp_dir, "rl/env_steps")) < 4:
+        assert proc.poll() is None and time.monotonic() < deadline, (stopped_dir / "stderr.txt").read_text()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _finish(proc, stopped_dir)
+    stopped_at = int(os.readlink(exp_dir / "checkpoints" / "ckpt.pt")[5:-3])
+    assert 4 <= stopped_at < ITERATIONS, stopped_at
+    stopped = _checkpoint(exp_dir)
+    assert stopped["rl"]["env_state"] is not None
+    stderr = _finish(_start(stopped_dir, str(exp_dir / "config.yaml")), stopped_dir)
+    assert "resuming resets them" not in stderr
+
+    _finish(reference, tmp_path / "reference")
+    expected = _checkpoint(tmp_path / "reference" / "cartpole" / "run_0")
+    resumed = _checkpoint(exp_dir)
+    assert os.readlink(exp_dir / "checkpoints" / "ckpt.pt") == f"ckpt.{ITERATIONS}.pt"
+    for key in ("model", "optim", "lr", "rl", "rng", "task"):
+        _assert_equal(resumed[key], expected[key], key)
+    env_state = resumed["rl"]["env_state"]
+    assert any(s["elapsed_steps"] > 0 for s in env_state)  # episodes in flight at the boundary
+    steps = [r["step"] for r in read_metrics(exp_dir / "logs") if "rl/env_steps" in r["metrics"]]
+    assert steps == list(range(1, ITERATIONS + 1))  # counters continue; no iteration logged twice
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("cartpole", "task.env_id=NoSuchEnv-v0"), "NoSuchEnv"),
+        (("pendulum", "model.action_size=2"), "expected shape (4, 1)"),
+    ],
+    ids=["bad-env-id", "wrong-action-shape"],
+)
+def test_bad_environment_or_actions_give_one_clear_line(tmp_path: Path, args: tuple, message: str) -> None:
+    stderr = _finish(_start(tmp_path, *args), tmp_path, expected=2)
+    errors = [line for line in stderr.splitlines() if line.startswith("ml: error:")]
+    assert len(errors) == 1 and message in errors[0], stderr
+    assert "Traceback" not in stderr
+    assert not any((tmp_path / args[0]).glob("run_*/checkpoints/*"))
