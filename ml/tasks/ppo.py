@@ -216,12 +216,14 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
         with torch.no_grad():
             approx_kl = ((ratio - 1) - log_ratio).mean()
             clip_fraction = ((ratio - 1).abs() > clip).float().mean()
-            self._stats.append(torch.stack([approx_kl, clip_fraction, entropy_mean.detach()]))
+            stats = [approx_kl, clip_fraction, entropy_mean.detach(), value_loss.detach()]
+            self._stats.append(torch.stack(stats))
         if self._target_kl is not None:
             self._stop_update = bool(approx_kl > 1.5 * self._target_kl)  # one sync per minibatch
-        losses = {"policy_loss": policy_loss, "value_loss": self._vf_coef * value_loss}
+        # The terms of the objective, as weighted; rl/value_loss logs the unweighted value error.
+        losses = {"policy_loss": policy_loss, "value_term": self._vf_coef * value_loss}
         if self._ent_coef:
-            losses["entropy_loss"] = -self._ent_coef * entropy_mean
+            losses["entropy_term"] = -self._ent_coef * entropy_mean
         return losses
 
     def should_stop_update(self) -> bool:
@@ -237,6 +239,7 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
             self.logger.log_scalar("approx_kl", mean(0), namespace="rl")
             self.logger.log_scalar("clip_fraction", mean(1), namespace="rl")
             self.logger.log_scalar("entropy", mean(2), namespace="rl")
+            self.logger.log_scalar("value_loss", mean(3), namespace="rl")
             self.logger.log_scalar("clip_range", self.clip_range(state), namespace="rl")
         self._stats = []
         self._stop_update = False

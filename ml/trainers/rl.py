@@ -10,7 +10,9 @@ environment steps.
 Vector semantics are explicit: gymnasium's ``SAME_STEP`` autoreset, so an episode's final
 observation arrives in the step that ends it (and a truncated episode is bootstrapped from its
 value), and every environment is seeded from ``(task.seed, rank, env index)``. Environments run in
-this process (``vectorization=sync``) or in subprocess workers (``async``).
+this process (``vectorization=sync``) or in subprocess workers (``async``). Native vectorised
+environments (``gymnasium.make_vec``) are not used: CartPole's supports only ``NEXT_STEP``
+autoreset and one seed for all its copies, which would give up both of the above.
 
 Resume is exact at iteration boundaries: besides model, optimizer, schedule, counters and every
 global generator, the checkpoint holds the observations the next rollout starts from, the running
@@ -136,6 +138,8 @@ class ReinforcementLearningTrainer(
             raise ConfigError(f"trainer.num_threads must be positive, got {config.num_threads}")
         if config.num_eval_episodes < 1:
             raise ConfigError(f"trainer.num_eval_episodes must be positive, got {config.num_eval_episodes}")
+        if config.use_double_weight_precision:
+            raise ConfigError("trainer.use_double_weight_precision is not supported by the rl trainer")
         self.final_metrics: dict[str, float] = {}
         self._rollout: _Rollout | None = None
         self._eval_envs: Any = None
@@ -174,10 +178,17 @@ class ReinforcementLearningTrainer(
             if state.num_steps > 0:
                 logger.warning("The checkpoint holds no environment state: the environments start over")
             return
-        if saved["env_state"] is None:
+        env_state = saved["env_state"]
+        fits = (
+            env_state is not None
+            and hasattr(rollout.envs, "envs")
+            and len(env_state) == rollout.count
+            and saved["observations"].shape[0] == rollout.count
+        )
+        if not fits:
             logger.warning(
-                "The checkpoint holds no state of the %s environments (%s has no state hook for them, or "
-                "they run in subprocess workers): resuming resets them",
+                "The checkpoint holds no usable state of the %s environments (%s has no state hook for "
+                "them, they run in subprocess workers, or task.num_envs changed): resuming resets them",
                 task.config.env_id,
                 type(task).__name__,
             )
@@ -285,6 +296,8 @@ class ReinforcementLearningTrainer(
                 batch = {key: value[idx] for key, value in dataset.items()}
                 output = task.run_model(model, batch, state)
                 loss_dict = task.compute_loss(model, batch, state, output)
+                if task.should_stop_update():  # e.g. the KL limit: this minibatch is not applied either
+                    return {name: total / max(count, 1) for name, total in totals.items()}
                 loss = torch.stack([v.sum() for v in loss_dict.values()]).sum()
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
@@ -294,8 +307,6 @@ class ReinforcementLearningTrainer(
                 for name, value in loss_dict.items():
                     totals[name] = totals[name] + value.detach() if name in totals else value.detach()
                 count += 1
-                if task.should_stop_update():
-                    return {name: total / count for name, total in totals.items()}
         return {name: total / count for name, total in totals.items()}
 
     # -- evaluation
@@ -425,7 +436,13 @@ class ReinforcementLearningTrainer(
         """Acts once (deterministically, drawing no random numbers) on a sample observation."""
         sample = np.stack([envs.single_observation_space.sample() for _ in range(envs.num_envs)])
         observations = torch.as_tensor(sample, dtype=torch.float32, device=self._device)
-        actions, _ = self._act(task, model, observations, optimal=True)
+        try:
+            actions, _ = self._act(task, model, observations, optimal=True)
+        except RuntimeError as e:  # e.g. a layer sized for another observation space
+            raise ConfigError(
+                f"model {type(model).__name__} cannot act on {task.config.env_id} observations of shape "
+                f"{tuple(observations.shape[1:])}: {str(e).splitlines()[0]}"
+            ) from e
         self._env_actions(task, actions, envs.num_envs)
 
     def _loop(

@@ -143,8 +143,9 @@ def test_sigterm_at_an_iteration_boundary_then_resume_is_exact(tmp_path: Path, l
     [
         (("cartpole", "task.env_id=NoSuchEnv-v0"), "NoSuchEnv"),
         (("pendulum", "model.action_size=2"), "expected shape (4, 1)"),
+        (("cartpole", "model.observation_size=5"), "cannot act on CartPole-v1 observations of shape (4,)"),
     ],
-    ids=["bad-env-id", "wrong-action-shape"],
+    ids=["bad-env-id", "wrong-action-shape", "wrong-observation-size"],
 )
 def test_bad_environment_or_actions_give_one_clear_line(tmp_path: Path, args: tuple, message: str) -> None:
     stderr = _finish(_start(tmp_path, *args), tmp_path, expected=2)
@@ -152,3 +153,14 @@ def test_bad_environment_or_actions_give_one_clear_line(tmp_path: Path, args: tu
     assert len(errors) == 1 and message in errors[0], stderr
     assert "Traceback" not in stderr
     assert not any((tmp_path / args[0]).glob("run_*/checkpoints/*"))
+
+
+@pytest.mark.parametrize("change", ["task.num_envs=4", "trainer.vectorization=async"])
+def test_continuing_with_other_environments_resets_them_and_says_so(
+    tmp_path: Path, logging_yaml: Path, change: str
+) -> None:
+    _finish(_start(tmp_path, "cartpole", str(logging_yaml), "task.max_steps=2"), tmp_path)
+    exp_dir = tmp_path / "cartpole" / "run_0"
+    stderr = _finish(_start(tmp_path, str(exp_dir / "config.yaml"), "task.max_steps=4", change), tmp_path)
+    assert "resuming resets them" in stderr
+    assert os.readlink(exp_dir / "checkpoints" / "ckpt.pt") == "ckpt.4.pt"
