@@ -15,14 +15,10 @@ Run it with ``python bench/rl_cartpole.py`` (needs ``pip install -e ".[bench]"``
 """
 
 import argparse
-import os
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
+from ml_runs import evaluations, train_example
 
 HORIZON = 100_000
 EVAL_EVERY = 2_560  # 10 rollouts of 8 x 32 steps
@@ -32,29 +28,8 @@ TARGET = 475.0
 
 def run_ours(seed: int, steps: int) -> dict[str, float]:
     """Trains with the ``ml`` command in a subprocess; reads its metrics.jsonl."""
-    from ml.loggers.jsonl import read_metrics
-
-    with tempfile.TemporaryDirectory() as tmp:
-        logging_yaml = Path(tmp) / "log.yaml"
-        logging_yaml.write_text("logger:\n  - {name: jsonl, write_every_n_steps: 1}\n")
-        env = dict(os.environ, RUN_DIR=tmp)
-        env.pop("ML_EXP_NAME", None)
-        ml = Path(sys.executable).parent / "ml"
-        cmd = [
-            str(ml),
-            "train",
-            "cartpole",
-            str(logging_yaml),
-            f"task.seed={seed}",
-            f"task.max_samples={steps}",
-        ]
-        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        records = list(read_metrics(Path(tmp) / "cartpole" / "run_0" / "logs"))
-    evals, env_steps = [], 0.0
-    for r in records:  # the final evaluation has a record of its own, without rl/env_steps
-        env_steps = r["metrics"].get("rl/env_steps", env_steps)
-        if "rl/eval_return" in r["metrics"]:
-            evals.append((env_steps, r["metrics"]["rl/eval_return"]))
+    records = train_example("cartpole", seed, steps)
+    evals = evaluations(records)
     last_train = [r for r in records if "rl/env_steps_per_s" in r["metrics"]][-1]
     return {
         "steps_per_s": last_train["metrics"]["rl/env_steps_per_s"],

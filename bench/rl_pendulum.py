@@ -7,41 +7,15 @@ first passed -400, env steps/s and wall time. Run it with ``python bench/rl_pend
 """
 
 import argparse
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
+
+from ml_runs import evaluations, train_example
 
 TARGET = -400.0
 
 
 def run(seed: int, steps: int, overrides: list[str]) -> dict[str, float]:
-    from ml.loggers.jsonl import read_metrics
-
-    with tempfile.TemporaryDirectory() as tmp:
-        logging_yaml = Path(tmp) / "log.yaml"
-        logging_yaml.write_text("logger:\n  - {name: jsonl, write_every_n_steps: 1}\n")
-        env = dict(os.environ, RUN_DIR=tmp)
-        env.pop("ML_EXP_NAME", None)
-        ml = Path(sys.executable).parent / "ml"
-        cmd = [
-            str(ml),
-            "train",
-            "pendulum",
-            str(logging_yaml),
-            f"task.seed={seed}",
-            f"task.max_samples={steps}",
-        ]
-        subprocess.run(
-            [*cmd, *overrides], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        records = list(read_metrics(Path(tmp) / "pendulum" / "run_0" / "logs"))
-    evals, env_steps = [], 0.0
-    for r in records:
-        env_steps = r["metrics"].get("rl/env_steps", env_steps)
-        if "rl/eval_return" in r["metrics"]:
-            evals.append((env_steps, r["metrics"]["rl/eval_return"]))
+    records = train_example("pendulum", seed, steps, overrides)
+    evals = evaluations(records)
     for s, ret in evals:
         print(f"#   seed {seed} {int(s):>7,} env steps: eval return {ret:8.1f}", flush=True)
     speeds = [r["metrics"]["rl/env_steps_per_s"] for r in records if "rl/env_steps_per_s" in r["metrics"]]

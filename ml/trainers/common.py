@@ -10,12 +10,25 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ml.core.compose import ConfigError
 from ml.core.state import State
+from ml.tasks.base import BaseTask
 from ml.trainers.base import BaseTrainer
 from ml.utils.checkpoint import load_model_state, read_checkpoint
 from ml.utils.seeding import seed_everything
 
 logger = logging.getLogger(__name__)
+
+
+def check_task(trainer: BaseTrainer, task: Any, task_cls: type[BaseTask]) -> None:
+    """Refuses a task of the wrong kind (one line), and warns when nothing would ever stop training."""
+    if not isinstance(task, task_cls):
+        kind = type(trainer).__name__
+        raise ConfigError(f"{kind} needs a {task_cls.__name__}, got {type(task).__name__}")
+    if not task.has_limit:
+        logger.warning(
+            "The task sets no max_steps/max_epochs/max_samples/max_seconds: training until stopped"
+        )
 
 
 def load_initial_weights(trainer: BaseTrainer, model: Any, path: str) -> None:

@@ -41,7 +41,7 @@ from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
 from ml.tasks.rl import ReinforcementLearningTask
 from ml.trainers.base import BaseTrainer, BaseTrainerConfig
-from ml.trainers.common import run_session
+from ml.trainers.common import check_task, run_session
 from ml.utils.distributed import get_rank
 
 logger = logging.getLogger(__name__)
@@ -393,10 +393,7 @@ class ReinforcementLearningTrainer(
         lr_scheduler: BaseLRScheduler,
     ) -> None:
         """Runs iterations until the task's limits are met or a signal asks it to stop."""
-        if not isinstance(task, ReinforcementLearningTask):
-            raise ConfigError(f"the rl trainer needs a ReinforcementLearningTask, got {type(task).__name__}")
-        if not task.has_limit:
-            logger.warning("The task sets no max_steps/max_samples/max_seconds: training until stopped")
+        check_task(self, task, ReinforcementLearningTask)
         threads = torch.get_num_threads()
         with self.install_signal_handlers():
             # Set up: threads, model, optimizer, environments. Nothing here writes to disk, so a

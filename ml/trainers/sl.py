@@ -35,7 +35,7 @@ from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
 from ml.tasks.sl import SupervisedLearningTask
 from ml.trainers.base import BaseTrainer, BaseTrainerConfig
-from ml.trainers.common import run_session
+from ml.trainers.common import check_task, run_session
 from ml.utils.checkpoint import CheckpointError
 from ml.utils.data import ResumableSampler, SeededDataset, batch_size_of, move_to
 from ml.utils.precision import PRECISIONS, MixedPrecision
@@ -367,12 +367,7 @@ class SupervisedLearningTrainer(
         lr_scheduler: BaseLRScheduler,
     ) -> None:
         """Runs the training loop until the task's limits are met or a signal asks it to stop."""
-        if not isinstance(task, SupervisedLearningTask):
-            raise ConfigError(f"the sl trainer needs a SupervisedLearningTask, got {type(task).__name__}")
-        if not task.has_limit:
-            logger.warning(
-                "The task sets no max_steps/max_epochs/max_samples/max_seconds: training until stopped"
-            )
+        check_task(self, task, SupervisedLearningTask)
 
         with self.install_signal_handlers(), _deterministic(self.config.deterministic):
             # Set up: device and precision, optimizer and schedule, data. Nothing here
