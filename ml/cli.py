@@ -1,10 +1,16 @@
 """Defines the ``ml`` command.
 
 ``ml train CONFIG... [key=value...]`` composes the config, builds the components, claims the run
-directory and trains; ``ml resolve`` prints the composed config. Bad input (bad YAML, unknown key,
-wrong type, missing value or file, unknown component) stops before anything is created on disk with
-one line and exit code 2; ``--debug`` shows the traceback. Exit codes: 0 done or stopped cleanly
-with a checkpoint, 1 failure during training, 2 bad input, 130 interrupted.
+directory and trains; ``ml launch`` does the same through the configured launcher (``single``,
+``torchrun``, ``slurm``); ``ml resolve`` prints the composed config.
+
+Started as one of several processes (by torchrun, or by ``srun`` in a Slurm job), ``ml train`` first
+joins the job's process group; rank 0 alone claims the run directory and tells the others.
+
+Bad input (bad YAML, unknown key, wrong type, missing value or file, unknown component) stops
+before anything is created on disk with one line and exit code 2; ``--debug`` shows the traceback.
+Exit codes: 0 done or stopped cleanly with a checkpoint, 1 failure during training, 2 bad input,
+130 interrupted.
 """
 
 import argparse
@@ -14,6 +20,7 @@ import shutil
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,6 +28,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 USAGE = """\
 ml train CONFIG [CONFIG ...] [key=value ...]   train (a run's config.yaml continues that run)
+ml launch CONFIG [CONFIG ...] [key=value ...]  train through launcher.name: single, torchrun, slurm
 ml resolve CONFIG [CONFIG ...] [key=value ...] print the composed config
 ml COMMAND --help                              the config fields, with help texts
 
@@ -44,7 +52,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog=f"ml {command}" if command else "ml", usage=USAGE, add_help=False, allow_abbrev=False
     )
-    parser.add_argument("command", nargs="?", choices=["train", "resolve"])
+    parser.add_argument("command", nargs="?", choices=["train", "launch", "resolve"])
     parser.add_argument("args", nargs="*", help="config files and key=value overrides")
     parser.add_argument("-h", "--help", action="store_true")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -81,9 +89,20 @@ def _print_help(command: str | None, args: list[str]) -> None:
             print()
 
 
+def _rank() -> int:
+    from ml.utils.distributed import dist_env
+
+    return dist_env().rank
+
+
 def _setup_logging() -> None:
+    rank = _rank()
+    # Other ranks than 0 report only warnings and errors, tagged with their rank.
+    tag = f" rank {rank}" if rank else ""
     logging.basicConfig(
-        level=logging.INFO, format="[%(levelname).1s %(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S"
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[%(levelname).1s %(asctime)s{tag} %(name)s] %(message)s",
+        datefmt="%H:%M:%S",
     )
 
 
@@ -107,7 +126,8 @@ def _resolve(args: list[str]) -> int:
 def _default_run_dir() -> None:
     if not os.environ.get("RUN_DIR"):
         os.environ["RUN_DIR"] = str(Path("runs").resolve())
-        print(f"ml: RUN_DIR is not set; using {os.environ['RUN_DIR']}", file=sys.stderr)
+        if _rank() == 0:
+            print(f"ml: RUN_DIR is not set; using {os.environ['RUN_DIR']}", file=sys.stderr)
 
 
 def _first_missing(path: Path) -> Path | None:
@@ -141,7 +161,8 @@ def _has_results(exp_dir: Path) -> bool:
     )
 
 
-def _train(args: list[str]) -> int:
+def train_command(args: list[str]) -> int:
+    """``ml train ARGS``: trains in this process (one rank of a job when started by torchrun or srun)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -154,26 +175,15 @@ def _train(args: list[str]) -> int:
     if initial and not Path(initial).expanduser().is_file():
         raise ConfigError(f"trainer.checkpoint.load_from_ckpt_path: no such file {initial}")
 
-    _default_run_dir()
-    claimed = OmegaConf.is_missing(root.trainer, "exp_dir")
-    created_from = None
-    if claimed:
-        exp_name = str(root.trainer.exp_name)
-        created_from = _first_missing(Path(os.environ["RUN_DIR"]).expanduser().resolve() / exp_name)
     trainer_cls, _ = lookup("trainer", str(root.trainer.name))
-    try:
-        OmegaConf.get_type(root.trainer).resolve(root.trainer)  # type: ignore[union-attr]
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    exp_dir = Path(root.trainer.exp_dir)
+    exp_dir, release = claim_run_dir(root)
     try:
         OmegaConf.resolve(root)
         trainer = trainer_cls(root.trainer)
         trainer.set_run_config(root)
         trainer.add_loggers(objects.loggers)
     except BaseException as e:
-        if claimed:
-            _remove_claimed(exp_dir, created_from)
+        release()
         if isinstance(e, (ValueError, TypeError, OmegaConfBaseException)):
             raise ConfigError(f"trainer ({root.trainer.name}): {_first_line(e)}") from e
         raise
@@ -185,15 +195,89 @@ def _train(args: list[str]) -> int:
         # an immediate interrupt: leave no empty run behind. Any other error is a failure of
         # training (exit 1) and keeps its traceback and run folder.
         bad = _is_bad_input(e)
-        if (bad or isinstance(e, KeyboardInterrupt)) and claimed and not _has_results(exp_dir):
-            _remove_claimed(exp_dir, created_from)
+        if (bad or isinstance(e, KeyboardInterrupt)) and not _has_results(exp_dir):
+            release()
         if bad and not isinstance(e, BadInput):
             raise BadInput(_first_line(e)) from e
         raise
-    _report(trainer)
+    if is_master():
+        _report(trainer)
+        from ml.launchers.slurm import requeue_if_preempted
+
+        requeue_if_preempted(trainer)
     if getattr(trainer, "stop_signal", None) == signal.Signals.SIGINT:
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def claim_run_dir(root: Any) -> tuple[Path, Callable[[], None]]:
+    """Sets ``trainer.exp_dir`` (claiming a new run folder when unset); returns it and its release.
+
+    The release removes a folder this call claimed (with the empty parents the claim created),
+    on rank 0 only; for a folder given in the config it does nothing.
+    """
+    from omegaconf import OmegaConf
+
+    _default_run_dir()
+    claimed = OmegaConf.is_missing(root.trainer, "exp_dir")
+    created_from = None
+    if claimed:
+        exp_name = str(root.trainer.exp_name)
+        created_from = _first_missing(Path(os.environ["RUN_DIR"]).expanduser().resolve() / exp_name)
+    _claim_exp_dir(root)
+    exp_dir = Path(root.trainer.exp_dir)
+
+    def release() -> None:
+        if claimed and is_master():
+            _remove_claimed(exp_dir, created_from)
+
+    return exp_dir, release
+
+
+def _claim_exp_dir(root: Any) -> None:
+    """Fills ``trainer.exp_dir`` (claiming a new run folder when unset), once for the whole job.
+
+    In a distributed job rank 0 claims the folder and every other rank takes its answer (the
+    process group is joined first); a failure to claim is reported on every rank.
+    """
+    from omegaconf import OmegaConf
+
+    from ml.core.compose import ConfigError
+    from ml.utils.distributed import broadcast_object, init_distributed
+
+    distributed = init_distributed()
+    exp_dir, error = None, None
+    if is_master():
+        try:
+            OmegaConf.get_type(root.trainer).resolve(root.trainer)  # type: ignore[union-attr]
+            exp_dir = str(root.trainer.exp_dir)
+        except (ValueError, KeyError) as e:
+            error = _first_line(e) if isinstance(e, ValueError) else str(e)
+    if distributed:
+        exp_dir, error = broadcast_object((exp_dir, error))
+    if error is not None:
+        raise ConfigError(error)
+    root.trainer.exp_dir = exp_dir
+
+
+def is_master() -> bool:
+    from ml.utils.distributed import is_master as master
+
+    return master()
+
+
+def _launch(args: list[str]) -> int:
+    from ml.core.compose import build_launcher
+
+    root = _compose(args)
+    launcher = build_launcher(root)
+    return launcher.launch(args, root)
+
+
+def _prog() -> str:
+    """``ml``, or ``ml[rank N]`` on the other processes of a distributed job."""
+    rank = _rank()
+    return f"ml[rank {rank}]" if rank else "ml"
 
 
 def _first_line(e: BaseException) -> str:
@@ -245,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging()
         if ns.command == "resolve":
             return _resolve(ns.args)
-        return _train(ns.args)
+        if ns.command == "launch":
+            return _launch(ns.args)
+        return train_command(ns.args)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C while shutting down changes nothing
         print("ml: interrupted", file=sys.stderr)
@@ -255,13 +341,17 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         first = _first_line(e)
         if _is_bad_input(e):
-            print(f"ml: error: {first}", file=sys.stderr)
+            print(f"{_prog()}: error: {first}", file=sys.stderr)
             return EXIT_BAD_INPUT
         if not debug:
             traceback.print_exc()
-        print(f"ml: training failed: {type(e).__name__}: {first}", file=sys.stderr)
+        print(f"{_prog()}: training failed: {type(e).__name__}: {first}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
+        if "torch.distributed" in sys.modules:
+            from ml.utils.distributed import destroy_distributed
+
+            destroy_distributed()
         for key, value in saved_env.items():  # the defaults this command set do not outlive it
             if value is None:
                 os.environ.pop(key, None)

@@ -240,6 +240,15 @@ def build_objects(root: DictConfig) -> Objects:
     )
 
 
+def build_launcher(root: DictConfig) -> Any:
+    """Constructs the launcher named in the ``launcher`` section."""
+    cls, _ = lookup("launcher", str(root.launcher.name))
+    try:
+        return cls(root.launcher)
+    except (ValueError, TypeError, KeyError, OmegaConfBaseException) as e:
+        raise ConfigError(f"launcher ({root.launcher.name}): {_first_line(e)}") from e
+
+
 def config_fields(config_cls: type) -> list[tuple[str, str, str, str]]:
     """``(dotted name, type, default, help)`` for every field of a config dataclass, nested included."""
     rows: list[tuple[str, str, str, str]] = []

@@ -24,7 +24,7 @@ _BUILTIN_MODULES: dict[Kind, tuple[str, ...]] = {
     "optimizer": ("ml.optimizers.builtin",),
     "lr_scheduler": ("ml.lr_schedulers.builtin",),
     "logger": ("ml.loggers.stdout", "ml.loggers.jsonl", "ml.loggers.tensorboard"),
-    "launcher": ("ml.launchers.single",),
+    "launcher": ("ml.launchers.single", "ml.launchers.torchrun", "ml.launchers.slurm"),
 }
 
 _REGISTRY: dict[Kind, dict[str, tuple[type, type[BaseConfig]]]] = {kind: {} for kind in KINDS}

@@ -1,9 +1,10 @@
-"""Defines :class:`BaseLauncher`: starts the training function in one or more processes."""
+"""Defines :class:`BaseLauncher`: how ``ml launch`` starts training (here, many processes, a cluster)."""
 
 from abc import abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
+
+from omegaconf import DictConfig
 
 from ml.core.config import BaseConfig, BaseObject
 
@@ -17,8 +18,13 @@ LauncherConfigT = TypeVar("LauncherConfigT", bound=BaseLauncherConfig)
 
 
 class BaseLauncher(BaseObject[LauncherConfigT]):
-    """Runs ``train_fn`` where and as often as the launcher decides; returns an exit code."""
+    """Starts ``ml train`` on the command line's configs, where and as often as the launcher decides."""
 
     @abstractmethod
-    def launch(self, train_fn: Callable[[], int]) -> int:
-        """Starts training and returns the process exit code."""
+    def launch(self, args: list[str], config: DictConfig) -> int:
+        """Starts training and returns the exit code of ``ml launch``.
+
+        Args:
+            args: The config files and ``key=value`` overrides given to ``ml launch``.
+            config: Those composed (not yet resolved: ``trainer.exp_dir`` may still be unset).
+        """

@@ -1,7 +1,8 @@
 """Defines the ``single`` launcher: train in this process, on one device."""
 
-from collections.abc import Callable
 from dataclasses import dataclass
+
+from omegaconf import DictConfig
 
 from ml.core.registry import register_launcher
 from ml.launchers.base import BaseLauncher, BaseLauncherConfig
@@ -14,7 +15,10 @@ class SingleLauncherConfig(BaseLauncherConfig):
 
 @register_launcher("single")
 class SingleLauncher(BaseLauncher[SingleLauncherConfig]):
-    """Runs training directly in the calling process."""
+    """Runs ``ml train`` in the calling process."""
 
-    def launch(self, train_fn: Callable[[], int]) -> int:
-        return train_fn()
+    def launch(self, args: list[str], config: DictConfig) -> int:
+        del config
+        from ml.cli import train_command
+
+        return train_command(args)

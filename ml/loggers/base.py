@@ -159,14 +159,27 @@ class MultiLogger:
         self._histograms.clear()
 
     @staticmethod
-    def write_all(sources: Sequence["MultiLogger"], loggers: Sequence[BaseLogger], state: State) -> None:
+    def write_all(
+        sources: Sequence["MultiLogger"],
+        loggers: Sequence[BaseLogger],
+        state: State,
+        *,
+        reduce: Callable[[dict[str, float]], dict[str, float]] | None = None,
+    ) -> None:
         """Writes the values pending in ``sources`` to each logger that wants to write now.
 
         Values are evaluated once, and only if some logger writes; otherwise they are dropped (a
         newer value of the same key will come with a later step). Non-master ranks only clear.
+
+        Args:
+            sources: Where the values were logged.
+            loggers: The destinations (the master's; other ranks have none that write).
+            state: The training state the values belong to.
+            reduce: Combines the scalars over ranks (a collective: every rank calls it, so every
+                rank materialises its values whenever it is given).
         """
         writers = [lg for lg in loggers if lg.should_write(state)] if is_master() else []
-        if not writers:
+        if not writers and reduce is None:
             for source in sources:
                 source.clear()
             return
@@ -176,7 +189,9 @@ class MultiLogger:
             batch.scalars.update(part.scalars)
             batch.strings.update(part.strings)
             batch.histograms.update(part.histograms)
-        if not batch:
+        if reduce is not None:
+            batch.scalars = reduce(batch.scalars)
+        if not batch or not writers:
             return
         for lg in writers:
             lg.write(state, batch)

@@ -21,8 +21,12 @@ class BaseModelConfig(BaseConfig):
 ModelConfigT = TypeVar("ModelConfigT", bound=BaseModelConfig)
 
 
-class BaseModel(BaseObject[ModelConfigT], nn.Module):
-    """An ``nn.Module`` built from a config; subclasses define layers and ``forward``."""
+class BaseModel(nn.Module, BaseObject[ModelConfigT]):
+    """An ``nn.Module`` built from a config; subclasses define layers and ``forward``.
+
+    ``nn.Module`` comes first among the bases: FSDP2 re-classes a sharded module, which needs the
+    instance layout of a plain ``nn.Module`` subclass.
+    """
 
     def __init__(self, config: ModelConfigT) -> None:
         nn.Module.__init__(self)

@@ -22,6 +22,7 @@ from ml.core.compose import ConfigError
 from ml.core.config import conf_field
 from ml.core.state import State
 from ml.tasks.rl import ReinforcementLearningTask, ReinforcementLearningTaskConfig
+from ml.utils.checkpoint import unwrap_model
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -114,7 +115,7 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
     # -- the policy
 
     def _log_std(self, model: nn.Module) -> torch.Tensor:
-        log_std = getattr(model, "log_std", None)
+        log_std = getattr(unwrap_model(model), "log_std", None)  # also through a DDP wrapper
         if not isinstance(log_std, torch.Tensor):
             raise ConfigError(
                 f"continuous actions need a model with a `log_std` parameter ({type(model).__name__})"

@@ -56,7 +56,14 @@ from ml.utils.checkpoint import (
     unwrap_model,
 )
 from ml.utils.device import detect_device
-from ml.utils.distributed import is_master
+from ml.utils.distributed import (
+    all_max,
+    dist_env,
+    export_env,
+    init_distributed,
+    is_master,
+    mean_over_ranks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -450,6 +457,10 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         self.signal_handlers: dict[Signals, list[SignalHandler]] = defaultdict(list)
         self.run_config: DictConfig = self.raw_config
         self.stop_signal: Signals | None = None
+        self._pending_signal: Signals | None = None  # distributed: received, not yet agreed on
+        self._distributed = False
+        self._first_sigint = 0.0
+        self._write_due = True  # distributed: whether the ranks agreed to write training logs now
         self._last_ckpt_time_s = 0.0
         self._last_ckpt_step = -1
         self._device_cache: torch.device | None = None
@@ -470,6 +481,45 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
     def _weight_precision(self) -> torch.dtype:
         return torch.float64 if self.config.use_double_weight_precision else torch.float32
 
+    # -- distributed jobs
+
+    def setup_distributed(self) -> bool:
+        """Joins the job's process group when launched as one of several processes; returns whether."""
+        export_env(dist_env())  # Slurm's ranks as torchrun's, before the local device is chosen
+        self._device_cache = None
+        self._distributed = init_distributed(self._device)
+        return self._distributed
+
+    @property
+    def sync_every_n_steps(self) -> int:
+        return max(1, int(getattr(self.config, "sync_every_n_steps", 10)))
+
+    def sync_ranks(self, state: State, *, force: bool = False) -> None:
+        """Every ``sync_every_n_steps`` steps, the ranks agree on what only some of them know.
+
+        One all-reduce of three numbers on the CPU control group (no device sync): the stop
+        signal any rank received (then :attr:`stop_signal` is set on all), whether rank 0's loggers
+        want to write (then all ranks average their metrics for that write), and rank 0's clock
+        (``state.elapsed_time_s``), so that every time-based decision - ``max_seconds``, saving or
+        validating every N seconds - comes out the same on every rank. Without a process group the
+        clock is simply read.
+        """
+        if not self._distributed:
+            state.elapsed_time_s = time.time() - state.start_time_s
+            return
+        if not force and state.num_steps % self.sync_every_n_steps != 0:
+            self._write_due = False
+            return
+        master = is_master()
+        want_write = master and state.training and any(lg.should_write(state) for lg in self.loggers)
+        elapsed = time.time() - state.start_time_s if master else 0.0
+        pending = float(self._pending_signal or 0)
+        sig, write, elapsed = all_max([pending, float(want_write), elapsed])
+        state.elapsed_time_s = elapsed
+        self._write_due = bool(write)
+        if sig and self.stop_signal is None:
+            self.stop_signal = Signals(int(sig))
+
     # -- loggers
 
     def add_logger(self, sublogger: BaseLogger) -> None:
@@ -487,9 +537,22 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                 sublogger.log_config(self.run_config)
 
     def write_logs(self, task: TaskT, model: ModelT, state: State) -> None:
-        """Sends what the task, model and trainer logged to the sub-loggers that write now."""
+        """Sends what the task, model and trainer logged to the sub-loggers that write now.
+
+        In a distributed job the ranks write training logs only at the steps they agreed on in
+        :meth:`sync_ranks`; only then are the values materialised and averaged over the ranks.
+        """
         sources = [task.logger, getattr(unwrap_model(model), "logger", None), self.logger]
-        MultiLogger.write_all([s for s in sources if isinstance(s, MultiLogger)], self.loggers, state)
+        multi = [s for s in sources if isinstance(s, MultiLogger)]
+        if not self._distributed:
+            MultiLogger.write_all(multi, self.loggers, state)
+            return
+        if state.training and not self._write_due:
+            for source in multi:
+                source.clear()
+            return
+        self._write_due = False
+        MultiLogger.write_all(multi, self.loggers, state, reduce=mean_over_ranks)
 
     def close_loggers(self) -> None:
         for sublogger in self.loggers:
@@ -603,14 +666,14 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         ckpt_dict: dict[str, Any] = loaded
         state = _state_of_checkpoint(ckpt_dict, where)  # validated before anything is restored
         task.on_after_load_checkpoint(ckpt_dict)
-        for note in load_model_state(model, ckpt_dict["model"], strict=strict):
+        for note in self.restore_model_state(model, ckpt_dict["model"], strict=strict):
             logger.warning("Loading %s into the model: %s", where, note)
         if "task" in ckpt_dict:
             task.load_state_dict(ckpt_dict["task"], strict=strict)
         if optims is not None:
             if "optim" not in ckpt_dict:
                 raise CheckpointError(f"{where} has no optimizer state")
-            _load_named(optims, ckpt_dict["optim"], "optimizers")
+            self.restore_optim_state(model, optims, ckpt_dict["optim"])
         lr_state = ckpt_dict.get("lr", ckpt_dict.get("lr_sched"))
         if lr_scheds is not None and lr_state is not None:
             _load_named(lr_scheds, lr_state, "lr schedulers")
@@ -640,18 +703,23 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             The path of the new checkpoint.
         """
         ckpt_path = self.get_ckpt_path(state)
-        if not is_master():
+        # What only the ranks together hold (sharded weights, each rank's environments) is
+        # gathered first: every rank takes part, then rank 0 alone writes.
+        model_state, optim_state = self.gather_checkpoint_parts(model, optims)
+        if not is_master():  # every rank keeps the same record of when the last save was
+            self._last_ckpt_time_s = state.elapsed_time_s
+            self._last_ckpt_step = state.num_steps
             return ckpt_path
         ckpt: dict[str, Any] = {
             "format_version": CHECKPOINT_FORMAT,
-            "model": unwrap_model(model).state_dict(),
+            "model": model_state,
             "task": task.state_dict(),
             "state": state.to_json(),
             "config": OmegaConf.to_yaml(self.run_config, resolve=True),
             "rng": get_rng_state(),
         }
-        if optims is not None:
-            ckpt["optim"] = _named_state(optims)
+        if optim_state is not None:
+            ckpt["optim"] = optim_state
         if lr_scheds is not None:
             ckpt["lr"] = _named_state(lr_scheds)
         self.update_state_dict(ckpt)
@@ -669,6 +737,23 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         logger.info("Saved checkpoint %s", ckpt_path)
         task.on_after_save_checkpoint(ckpt_path)
         return ckpt_path
+
+    def gather_checkpoint_parts(self, model: ModelT, optims: Optims | None) -> tuple[Any, Any]:
+        """The model's and optimizers' state for a checkpoint; called on every rank before saving.
+
+        Subclasses that shard state over ranks gather it here (a collective); the default reads
+        this process's copies.
+        """
+        return unwrap_model(model).state_dict(), None if optims is None else _named_state(optims)
+
+    def restore_model_state(self, model: ModelT, state: Mapping[str, Any], *, strict: bool) -> list[str]:
+        """Loads checkpointed weights into ``model`` (on every rank); returns notes on what did not fit."""
+        return load_model_state(model, state, strict=strict)
+
+    def restore_optim_state(self, model: ModelT, optims: Optims, state: Any) -> None:
+        """Loads checkpointed optimizer state (on every rank)."""
+        del model
+        _load_named(optims, state, "optimizers")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Function for loading state dict keys for different components.
@@ -723,9 +808,19 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         def on_signal(signum: int, frame: Any) -> None:
             del frame
             sig = Signals(signum)
-            if sig == Signals.SIGINT and self.stop_signal == Signals.SIGINT:
-                raise KeyboardInterrupt
-            if self.stop_signal is None or sig == Signals.SIGINT:
+            now = time.monotonic()
+            if sig == Signals.SIGINT and Signals.SIGINT in (self.stop_signal, self._pending_signal):
+                # In a job, one Ctrl-C reaches a worker twice: from the terminal and passed on by
+                # torchrun. A second SIGINT within a second is that same keypress.
+                if not (self._distributed and now - self._first_sigint < 1.0):
+                    raise KeyboardInterrupt
+                return
+            if sig == Signals.SIGINT:
+                self._first_sigint = now
+            if self._distributed:  # acted on once the ranks agree (see sync_ranks)
+                if self._pending_signal is None or sig == Signals.SIGINT:
+                    self._pending_signal = sig
+            elif self.stop_signal is None or sig == Signals.SIGINT:
                 self.stop_signal = sig
 
         previous: dict[Signals, Any] = {}
@@ -755,7 +850,8 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         inside the signal handler itself.
         """
         logger.info("Stopping on %s at step %d: saving a checkpoint", sig.name, state.num_steps)
-        if self._last_ckpt_step != state.num_steps or not self.ckpt_path.exists():
+        # In a distributed job every rank must take the same decision (saving may be collective).
+        if self._last_ckpt_step != state.num_steps or (not self._distributed and not self.ckpt_path.exists()):
             self.save_checkpoint(state, task, model, optim, lr_scheduler)
         for handler in self.signal_handlers.get(sig, []):
             handler()
@@ -776,7 +872,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         optim: Optims,
         lr_sched: LRScheds,
     ) -> None:
-        state.elapsed_time_s = time.time() - state.start_time_s
+        self.sync_ranks(state)  # the clock; in a distributed job also the agreed stop flag and log writes
         task.on_step_end(state, loss_dict, model, optim, lr_sched)
 
     def on_epoch_start(

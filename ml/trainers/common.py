@@ -8,14 +8,55 @@ loggers. Errors propagate after the teardown.
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ml.core.compose import ConfigError
+from ml.core.config import conf_field
 from ml.core.state import State
 from ml.tasks.base import BaseTask
-from ml.trainers.base import BaseTrainer
+from ml.trainers.base import BaseTrainer, BaseTrainerConfig, RunLockedError
 from ml.utils.checkpoint import load_model_state, read_checkpoint
+from ml.utils.distributed import broadcast_object
 from ml.utils.seeding import seed_everything
+
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+@dataclass
+class TrainerConfig(BaseTrainerConfig):
+    """Settings every training loop here shares, beyond the spec's :class:`BaseTrainerConfig`."""
+
+    parallel: str = conf_field(
+        "ddp", help="With several processes: `ddp` (a model copy per process) or `fsdp` (sharded, FSDP2)"
+    )
+    sync_every_n_steps: int = conf_field(
+        10, help="With several processes: agree on stop signals, the clock and log writes every N steps"
+    )
+
+
+def check_common_config(config: TrainerConfig) -> None:
+    if config.parallel not in PARALLEL_MODES:
+        choices = ", ".join(PARALLEL_MODES)
+        raise ConfigError(f"trainer.parallel must be one of {choices}, got {config.parallel!r}")
+    if config.sync_every_n_steps < 1:
+        raise ConfigError(f"trainer.sync_every_n_steps must be positive, got {config.sync_every_n_steps}")
+
+
+def take_lock_on_all_ranks(trainer: BaseTrainer) -> None:
+    """Rank 0 takes the run's lock; in a distributed job every rank then learns whether it could."""
+    error: RunLockedError | None = None
+    try:
+        trainer.take_running_lock()
+    except RunLockedError as e:
+        error = e
+    message = broadcast_object(str(error) if error is not None else None)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RunLockedError(message)
+    trainer.remove_lock_file("scheduled", missing_ok=True)  # a submitted job has started
+
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +119,7 @@ def run_session(
         finish: The end of a completed run (final checkpoint, last evaluation); it may stop early
             for a signal, which is then handled like one during ``loop``.
     """
-    trainer.take_running_lock()  # before reading the checkpoint: one process per run
+    take_lock_on_all_ranks(trainer)  # before reading the checkpoint: one process per run
     started = False
     state = State.init_state()
     try:
@@ -88,6 +129,7 @@ def run_session(
         trainer.save_config()
         trainer.log_run_config()
         loop(state)
+        trainer.sync_ranks(state, force=True)  # a signal received since the last agreement counts too
         if trainer.stop_signal is None:
             finish(state)
         if trainer.stop_signal is not None:  # also a signal during the final evaluation

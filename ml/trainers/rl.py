@@ -40,9 +40,10 @@ from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
 from ml.tasks.rl import ReinforcementLearningTask
-from ml.trainers.base import BaseTrainer, BaseTrainerConfig
-from ml.trainers.common import check_task, run_session
-from ml.utils.distributed import get_rank
+from ml.trainers.base import BaseTrainer
+from ml.trainers.common import TrainerConfig, check_common_config, check_task, run_session
+from ml.trainers.parallel import wrap_model
+from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size, mean_over_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ VECTORIZATIONS = ("sync", "async")
 
 
 @dataclass
-class ReinforcementLearningTrainerConfig(BaseTrainerConfig):
+class ReinforcementLearningTrainerConfig(TrainerConfig):
     vectorization: str = conf_field("sync", help="`sync` (in this process) or `async` (subprocess workers)")
     num_threads: int | None = conf_field(
         1, help="torch CPU threads (1 suits small MLPs beside environment work; null: leave torch's)"
@@ -130,6 +131,7 @@ class ReinforcementLearningTrainer(
 
     def __init__(self, config: ReinforcementLearningTrainerConfig) -> None:
         super().__init__(config)
+        check_common_config(config)
         if config.vectorization not in VECTORIZATIONS:
             raise ConfigError(
                 f"trainer.vectorization must be one of {VECTORIZATIONS}, got {config.vectorization!r}"
@@ -148,24 +150,47 @@ class ReinforcementLearningTrainer(
         self._train_time_s = 0.0
         self._warned: set[str] = set()
         self._last_eval_step = -1
+        self._rank_rollouts: list[Any] | None = None
 
     # -- checkpoint extras: where the environments stand
 
-    def update_state_dict(self, state_dict: dict) -> None:
+    def _rollout_state(self) -> dict[str, Any] | None:
         rollout, task = self._rollout, self._task
         if rollout is None or task is None:
-            return
-        env_state = task.get_env_state(rollout.envs)
-        state_dict["rl"] = {
+            return None
+        return {
             "observations": rollout.observations.cpu().clone(),
             "num_episodes": rollout.num_episodes,
             "episode_returns": torch.from_numpy(rollout.episode_returns.copy()),
             "episode_lengths": torch.from_numpy(rollout.episode_lengths.copy()),
-            "env_state": env_state,
+            "env_state": task.get_env_state(rollout.envs),
         }
 
+    def gather_checkpoint_parts(self, model: BaseModel, optims: Any) -> tuple[Any, Any]:
+        """Also gathers every rank's environments (each rank runs its own) for rank 0 to save."""
+        self._rank_rollouts = all_gather_object(self._rollout_state()) if self._distributed else None
+        return super().gather_checkpoint_parts(model, optims)
+
+    def update_state_dict(self, state_dict: dict) -> None:
+        rollout_state = self._rollout_state()
+        if rollout_state is None:
+            return
+        state_dict["rl"] = rollout_state  # rank 0's, the whole state of a single-process run
+        if self._rank_rollouts is not None:
+            state_dict["rl_ranks"] = self._rank_rollouts
+
     def load_state_dict(self, state_dict: dict) -> None:
-        self._saved_rl = state_dict.get("rl")
+        """Takes this rank's environment state; with another number of ranks, rank 0's goes on alone."""
+        ranks, rank = state_dict.get("rl_ranks"), get_rank()
+        if ranks is not None and len(ranks) == get_world_size():
+            self._saved_rl = ranks[rank]
+        elif rank == 0:
+            self._saved_rl = state_dict.get("rl")
+        else:
+            self._saved_rl = None
+            logger.warning(
+                "Rank %d: the checkpoint holds no environments for this rank: they start over", rank
+            )
 
     def _start_environments(self, rollout: _Rollout, task: ReinforcementLearningTask, state: State) -> None:
         """Fresh run: seeded reset. Resumed run: the saved state, or a reset with new seeds (said once)."""
@@ -296,7 +321,10 @@ class ReinforcementLearningTrainer(
                 batch = {key: value[idx] for key, value in dataset.items()}
                 output = task.run_model(model, batch, state)
                 loss_dict = task.compute_loss(model, batch, state, output)
-                if task.should_stop_update():  # e.g. the KL limit: this minibatch is not applied either
+                stop = task.should_stop_update()  # e.g. the KL limit: this minibatch is not applied either
+                if self._distributed:  # all ranks stop together, or the next all-reduce would hang
+                    stop = all_max([float(stop)])[0] > 0
+                if stop:
                     return {name: total / max(count, 1) for name, total in totals.items()}
                 loss = torch.stack([v.sum() for v in loss_dict.values()]).sum()
                 optim.zero_grad(set_to_none=True)
@@ -342,6 +370,7 @@ class ReinforcementLearningTrainer(
             lengths += running
             running &= ~(terminated | truncated)
         metrics = {"rl/eval_return": float(returns.mean()), "rl/eval_length": float(lengths.mean())}
+        metrics = mean_over_ranks(metrics)  # each rank ran its own episodes
         task.logger.log_scalar("eval_return", metrics["rl/eval_return"], namespace="rl")
         task.logger.log_scalar("eval_length", metrics["rl/eval_length"], namespace="rl")
         if self.config.record_video:
@@ -400,8 +429,14 @@ class ReinforcementLearningTrainer(
             # bad environment id or a model that does not fit the environment stops the run untouched.
             if self.config.num_threads is not None:
                 torch.set_num_threads(self.config.num_threads)
+            self.setup_distributed()
+            if self._distributed and self.config.parallel != "ddp":
+                raise ConfigError("the rl trainer supports trainer.parallel=ddp only")
             model.to(device=self._device, dtype=self._weight_precision)
             task.to(self._device)
+            # Every rank collects its own experience with the plain model; gradient steps go
+            # through DDP, which averages the gradients over the ranks.
+            learner = wrap_model(model, self._device, "ddp") if self._distributed else model
             optim = optimizer.get(model)
             if self.config.fast_optimizer:
                 _use_fast_optimizer(optim)
@@ -420,7 +455,7 @@ class ReinforcementLearningTrainer(
                     optim,
                     lr_sched,
                     seed=task.config.seed,
-                    loop=lambda state: self._loop(state, rollout, task, model, optim, lr_sched),
+                    loop=lambda state: self._loop(state, rollout, task, model, learner, optim, lr_sched),
                     finish=lambda state: self._finish(state, task, model, optim, lr_sched),
                 )
             finally:
@@ -448,6 +483,7 @@ class ReinforcementLearningTrainer(
         rollout: _Rollout,
         task: ReinforcementLearningTask,
         model: BaseModel,
+        learner: nn.Module,
         optim: Optimizer,
         lr_sched: SchedulerAdapter,
     ) -> None:
@@ -458,10 +494,10 @@ class ReinforcementLearningTrainer(
             started = time.perf_counter()
             self.on_step_start(state, task, model, optim, lr_sched)
             trajectory, finished = self._collect(rollout, task, model)
-            state.num_samples += rollout.count * task.config.num_env_steps
+            state.num_samples += rollout.count * task.config.num_env_steps * get_world_size()
             dataset = task.build_rl_dataset(model, trajectory, state)
             lr_sched.step(state)
-            loss_dict = self._update(state, dataset, task, model, optim)
+            loss_dict = self._update(state, dataset, task, learner, optim)
             state.num_steps += 1
             self._train_time_s += time.perf_counter() - started
             self.on_step_end(state, loss_dict, task, model, optim, lr_sched)

@@ -34,10 +34,19 @@ from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
 from ml.tasks.sl import SupervisedLearningTask
-from ml.trainers.base import BaseTrainer, BaseTrainerConfig
-from ml.trainers.common import check_task, run_session
+from ml.trainers.base import BaseTrainer
+from ml.trainers.common import TrainerConfig, check_common_config, check_task, run_session
+from ml.trainers.parallel import (
+    full_model_state,
+    full_optim_state,
+    is_sharded,
+    load_full_model_state,
+    load_full_optim_state,
+    wrap_model,
+)
 from ml.utils.checkpoint import CheckpointError
 from ml.utils.data import ResumableSampler, SeededDataset, batch_size_of, move_to
+from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size
 from ml.utils.precision import PRECISIONS, MixedPrecision
 from ml.utils.progress import progress
 
@@ -51,7 +60,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class SupervisedLearningTrainerConfig(BaseTrainerConfig):
+class SupervisedLearningTrainerConfig(TrainerConfig):
     batches_per_step: int = conf_field(1, help="Batches whose gradients are accumulated per optimizer step")
     clip_grad_norm: float | None = conf_field(None, help="Clip the gradient norm to this value (and log it)")
     precision: str = conf_field("fp32", help="fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler)")
@@ -135,6 +144,7 @@ def _with_total(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _check_config(config: SupervisedLearningTrainerConfig) -> None:
+    check_common_config(config)
     if config.non_finite_loss not in ("stop", "skip"):
         raise ConfigError(f"trainer.non_finite_loss must be 'stop' or 'skip', got {config.non_finite_loss!r}")
     if config.precision not in PRECISIONS:
@@ -182,6 +192,39 @@ class SupervisedLearningTrainer(
         if self._finished:
             state_dict["final_metrics"] = dict(self.final_metrics)
 
+    # -- FSDP: checkpoints hold full (unsharded) weights and optimizer state, gathered by all ranks
+
+    def gather_checkpoint_parts(self, model: BaseModel, optims: Any) -> tuple[Any, Any]:
+        if not is_sharded(model):
+            return super().gather_checkpoint_parts(model, optims)
+        return full_model_state(model), None if optims is None else full_optim_state(model, optims)
+
+    def restore_model_state(self, model: BaseModel, state: Any, *, strict: bool) -> list[str]:
+        if not is_sharded(model):
+            return super().restore_model_state(model, state, strict=strict)
+        try:
+            load_full_model_state(model, dict(state), strict=strict)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(
+                f"the checkpoint's weights do not fit the model: {str(e).splitlines()[0]}"
+            ) from e
+        return []
+
+    def restore_optim_state(self, model: BaseModel, optims: Any, state: Any) -> None:
+        """Loads either form: torch's (parameters by position) or FSDP's (parameters by name)."""
+        by_name = bool(state.get("param_groups")) and any(
+            isinstance(p, str) for group in state["param_groups"] for p in group["params"]
+        )
+        if by_name:
+            load_full_optim_state(model, optims, state)
+        elif is_sharded(model):
+            raise CheckpointError(
+                "the checkpoint's optimizer state was saved without FSDP and cannot be sharded; "
+                "resume with trainer.parallel=ddp, or start from its weights (checkpoint.load_from_ckpt_path)"
+            )
+        else:
+            super().restore_optim_state(model, optims, state)
+
     def load_state_dict(self, state_dict: dict) -> None:
         sampler = state_dict.get("sampler")
         if sampler is not None and sampler.get("seed") != self._data_seed:
@@ -213,10 +256,21 @@ class SupervisedLearningTrainer(
             )
         pin = self._device_type == "cuda" if cfg.pin_memory is None else cfg.pin_memory
         seeded = cfg.num_workers > 0  # see ml.utils.data: exact random draws in workers on resume
+        sampler = ResumableSampler(
+            dataset,
+            shuffle=cfg.shuffle,
+            seed=self._data_seed,
+            with_seeds=seeded,
+            rank=get_rank(),
+            world_size=get_world_size(),
+            # Every rank takes as many training steps. Evaluation covers every sample, except under
+            # FSDP, whose forward passes are collective: there all ranks need as many batches too.
+            even=phase == "train" or self.config.parallel == "fsdp",
+        )
         return DataLoader(
             SeededDataset(dataset) if seeded else dataset,
             batch_size=cfg.batch_size,
-            sampler=ResumableSampler(dataset, shuffle=cfg.shuffle, seed=self._data_seed, with_seeds=seeded),
+            sampler=sampler,
             num_workers=cfg.num_workers,
             pin_memory=pin,
             drop_last=cfg.drop_last,
@@ -276,17 +330,24 @@ class SupervisedLearningTrainer(
         total = sum(batch_size_of(b) for b in batches)
         losses: dict[str, torch.Tensor] = {}
         optim.zero_grad(set_to_none=True)
-        for batch in batches:
+        no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce gradients once, after the last batch
+        for i, batch in enumerate(batches):
             weight = batch_size_of(batch) / total
             batch = move_to(batch, self._device, self._weight_precision)
-            loss_dict = self._losses(task, model, batch, state)
-            loss = torch.stack([v.float().sum() for v in loss_dict.values()]).sum()
-            self.precision.backward(loss * weight)
+            last = i == len(batches) - 1
+            with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+                loss_dict = self._losses(task, model, batch, state)
+                loss = torch.stack([v.float().sum() for v in loss_dict.values()]).sum()
+                self.precision.backward(loss * weight)
             for name, value in loss_dict.items():
                 losses[name] = losses.get(name, 0.0) + value.detach().float().sum() * weight
         step_loss = torch.stack(list(losses.values())).sum()
-        if not torch.isfinite(step_loss):  # one host sync per step
-            message = f"non-finite loss ({step_loss.item()}) at step {state.num_steps + 1}"
+        finite = bool(torch.isfinite(step_loss))  # one host sync per step
+        if self._distributed:  # all ranks skip or stop together, or their weights would part
+            finite = all_max([float(not finite)])[0] == 0.0
+        if not finite:
+            where = " on at least one rank" if self._distributed else ""
+            message = f"non-finite loss ({step_loss.item()}{where}) at step {state.num_steps + 1}"
             if self.config.non_finite_loss == "stop":
                 raise NonFiniteLossError(f"{message}; set trainer.non_finite_loss=skip to skip such steps")
             logger.warning("%s: skipping the step", message)
@@ -336,6 +397,10 @@ class SupervisedLearningTrainer(
                 state.num_valid_steps += 1
             else:
                 state.num_test_steps += 1
+        if self._distributed:  # each rank saw its share of the set: combine the sums
+            parts = all_gather_object((totals, count))
+            totals = {name: sum(part[0].get(name, 0.0) for part in parts) for name in parts[0][0]}
+            count = sum(part[1] for part in parts)
         metrics = {name: total / max(count, 1) for name, total in totals.items()}
         for name, mean in metrics.items():
             namespace, _, key = name.partition("/")
@@ -373,15 +438,24 @@ class SupervisedLearningTrainer(
             # Set up: device and precision, optimizer and schedule, data. Nothing here
             # writes to disk, so a task or model that cannot be used stops with the run untouched.
             self._data_seed = task.config.seed
+            self.setup_distributed()
             model.to(device=self._device, dtype=self._weight_precision)
             task.to(self._device)
+            wrapped = wrap_model(model, self._device, self.config.parallel) if self._distributed else model
             optim = optimizer.get(model)
             lr_sched = lr_scheduler.get(optim)
             train_loader = self._loader(task, "train")
             valid_loader = self._loader(task, "valid")
             test_loader = self._loader(task, "test")
             assert train_loader is not None
-            runner = cast(nn.Module, torch.compile(model)) if self.config.compile_model else model
+            runner = cast(nn.Module, torch.compile(wrapped)) if self.config.compile_model else wrapped
+            # Evaluation runs the model without the DDP wrapper, whose forward may sync buffers
+            # across ranks (a collective that ranks with fewer batches would never join).
+            evaluator = model
+            if self._distributed and self.config.compile_model:
+                evaluator = cast(BaseModel, torch.compile(model))
+            elif not self._distributed:
+                evaluator = cast(BaseModel, runner)
 
             # Take the run (lock, resume), loop, finish or stop, tear down: shared with the rl trainer.
             run_session(
@@ -392,10 +466,10 @@ class SupervisedLearningTrainer(
                 lr_sched,
                 seed=task.config.seed,
                 loop=lambda state: self._loop(
-                    state, train_loader, valid_loader, task, model, runner, optim, lr_sched
+                    state, train_loader, valid_loader, task, model, runner, evaluator, optim, lr_sched
                 ),
                 finish=lambda state: self._finish(
-                    state, valid_loader, test_loader, task, model, runner, optim, lr_sched
+                    state, valid_loader, test_loader, task, model, evaluator, optim, lr_sched
                 ),
             )
 
@@ -407,6 +481,7 @@ class SupervisedLearningTrainer(
         task: SupervisedLearningTask,
         model: BaseModel,
         runner: nn.Module,
+        evaluator: nn.Module,
         optim: Optimizer,
         lr_sched: SchedulerAdapter,
     ) -> None:
@@ -422,7 +497,8 @@ class SupervisedLearningTrainer(
             for batches in self._epoch_steps(train_loader, state):
                 self.on_step_start(state, task, model, optim, lr_sched)
                 loss_dict = self._train_step(state, batches, task, runner, optim, lr_sched)
-                samples = sum(batch_size_of(b) for b in batches)
+                # Every rank's step covers as many samples (see ResumableSampler): count them all.
+                samples = sum(batch_size_of(b) for b in batches) * get_world_size()
                 state.num_steps += 1
                 state.num_epoch_steps += 1
                 state.num_samples += samples
@@ -433,7 +509,7 @@ class SupervisedLearningTrainer(
                 self.logger.log_scalar("steps_per_s", throughput.steps_per_s)
                 self.write_logs(task, model, state)
                 if valid_loader is not None and self._should_validate(state):
-                    self.evaluate("valid", valid_loader, task, runner, state)
+                    self.evaluate("valid", valid_loader, task, evaluator, state)
                 if self.should_checkpoint(state):
                     self.save_checkpoint(state, task, model, optim, lr_sched)
                 if task.is_training_over(state) or self.stop_signal is not None:
@@ -447,7 +523,7 @@ class SupervisedLearningTrainer(
         test_loader: DataLoader | None,
         task: SupervisedLearningTask,
         model: BaseModel,
-        runner: nn.Module,
+        evaluator: nn.Module,
         optim: Optimizer,
         lr_sched: SchedulerAdapter,
     ) -> None:
@@ -461,9 +537,9 @@ class SupervisedLearningTrainer(
         if self._last_ckpt_step != state.num_steps:
             self.save_checkpoint(state, task, model, optim, lr_sched)
         if valid_loader is not None and self.config.valid_at_end and self._last_valid[0] != state.num_steps:
-            self.evaluate("valid", valid_loader, task, runner, state)
+            self.evaluate("valid", valid_loader, task, evaluator, state)
         if test_loader is not None and self.config.test_at_end:
-            self.evaluate("test", test_loader, task, runner, state)
+            self.evaluate("test", test_loader, task, evaluator, state)
         if self.stop_signal is None:
             self._finished = True
             self.save_checkpoint(state, task, model, optim, lr_sched)

@@ -4,6 +4,13 @@ The order of epoch ``e`` is a permutation drawn from a generator seeded with ``s
 the same in every run and on every resume. Resuming at position ``p`` slices the permutation at
 ``p``: no batch is loaded to skip ahead, so resume time does not grow with the position.
 
+In a job of ``world_size`` processes, rank ``r`` takes positions ``r, r + W, r + 2W, ...`` of what
+remains of the epoch, cut to the same length on every rank (up to ``W - 1`` samples at the end of an
+epoch are left out). Then step ``i`` of every rank together covers positions ``[i*W*B, (i+1)*W*B)``
+of the remainder, exactly the batch a single process with batch size ``W*B`` takes, so the position
+in samples means the same for any number of processes, and a run can resume with another world size.
+Evaluation shards the same way without cutting (ranks may differ by one sample).
+
 With worker processes, which worker loads a sample depends on where the iteration started, so
 random draws inside ``__getitem__`` (augmentation) would change on resume. :class:`SeededDataset`
 fixes that: each sample is loaded with the generators seeded from ``(seed, epoch, position)``.
@@ -32,13 +39,32 @@ class ResumableSampler(Sampler[int]):
         data: The dataset (only its length is used).
         shuffle: Draw a new permutation each epoch.
         seed: Base seed of the permutations.
+        with_seeds: Yield ``(index, seed)`` keys for :class:`SeededDataset`.
+        rank: This process's rank.
+        world_size: The number of processes sharing the data.
+        even: Cut every rank's share to the same length (training; DDP needs equal step counts).
     """
 
-    def __init__(self, data: Sized, *, shuffle: bool, seed: int, with_seeds: bool = False) -> None:
+    def __init__(
+        self,
+        data: Sized,
+        *,
+        shuffle: bool,
+        seed: int,
+        with_seeds: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        even: bool = True,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside the world of {world_size} processes")
         self.num_samples = len(data)
         self.shuffle = shuffle
         self.seed = seed
         self.with_seeds = with_seeds
+        self.rank = rank
+        self.world_size = world_size
+        self.even = even
         self.epoch = 0
         self.start = 0
 
@@ -54,16 +80,26 @@ class ResumableSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return torch.randperm(self.num_samples, generator=generator)
 
+    def _positions(self) -> range:
+        """The epoch positions this rank reads, from :attr:`start` on."""
+        remaining = self.num_samples - self.start
+        end = self.num_samples
+        if self.even:
+            end = self.start + remaining // self.world_size * self.world_size
+        return range(self.start + self.rank, end, self.world_size)
+
     def __iter__(self) -> Iterator[Any]:
-        indices = self.order()[self.start :].tolist()
+        order = self.order()
+        positions = self._positions()
+        indices = order[positions.start : positions.stop : positions.step].tolist()
         if not self.with_seeds:
             yield from indices
             return
-        for position, index in enumerate(indices, start=self.start):
+        for position, index in zip(positions, indices, strict=True):
             yield index, sample_seed(self.seed, self.epoch, position)
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return len(self._positions())
 
 
 class SeededDataset(Dataset):

@@ -156,6 +156,7 @@ def test_validation_always_writes_and_keeps_training_interval(clock: list[float]
 
 def test_non_master_rank_writes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     lg = _logger()
     counter = _Counter(1.0)
     ml_logger = MultiLogger("train")

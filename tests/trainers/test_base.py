@@ -182,6 +182,7 @@ def test_lock_file_records_owner_and_refuses_a_second_create(tmp_path: Path) -> 
 
 def test_only_the_master_rank_writes_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     add_lock_file(tmp_path, "running")
     assert not has_lock_file(tmp_path)
 

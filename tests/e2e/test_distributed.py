@@ -1,0 +1,273 @@
+"""End-to-end tests of training in several processes: real torchrun, real gloo process groups.
+
+- DDP in 2 processes with batch B follows the loss curve of 1 process with batch 2B (the ranks'
+  shards of each step together are that process's batch), and writes one run folder, one log.
+- FSDP2 in 2 processes follows the same curve, checkpoints full (unsharded) weights and optimizer
+  state from rank 0, and resumes from them, with 2 processes or with 1.
+- Two torchrun "nodes" on this machine meet through a c10d rendezvous on 127.0.0.1 and train one job.
+- SIGTERM to torchrun stops every rank at the same step with a checkpoint; the run then continues
+  in 1 process from that step.
+- The rl trainer collects on each rank and saves every rank's environments.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+_SCRIPT = Path(sys.executable).parent / "ml"
+ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.cli"]
+TIMEOUT_S = 180
+BATCH = 32  # per process; the single-process reference takes 2 * BATCH
+
+CONFIG = """\
+model: {name: digits_mlp, hidden: 64, dropout: 0.0}
+task: {name: digits, seed: 3, max_steps: 24, train_dl: {batch_size: 32}}
+optimizer: {name: adam, lr: 1e-2}
+lr_scheduler: {name: constant}
+trainer:
+  name: sl
+  exp_name: dist
+  sync_every_n_steps: 1
+  valid_at_end: false
+  checkpoint: {save_every_n_steps: 12}
+logger: [{name: jsonl, write_every_n_steps: 1}]
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "dist.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+def _env(run_dir: Path) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ML_EXP_NAME")
+    }
+    env.update(RUN_DIR=str(run_dir), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _ml(*args: str, run_dir: Path, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*ML, *args], env=_env(run_dir), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _torchrun(
+    config: Path, run_dir: Path, *overrides: str, nproc: int = 2
+) -> subprocess.CompletedProcess[str]:
+    result = _ml(
+        "launch",
+        str(config),
+        "launcher.name=torchrun",
+        f"launcher.nproc_per_node={nproc}",
+        *overrides,
+        run_dir=run_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _only_run(run_dir: Path) -> Path:
+    runs = sorted((run_dir / "dist").iterdir())
+    assert [r.name for r in runs] == ["run_0"], runs  # one run folder for the whole job
+    return runs[0]
+
+
+def _records(exp_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_losses(exp_dir: Path) -> dict[int, float]:
+    records = [r for r in _records(exp_dir) if r["phase"] == "train"]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), "a step was logged twice (by two ranks?)"
+    return {r["step"]: r["metrics"]["train/loss"] for r in records}
+
+
+def _state(ckpt: Path) -> dict[str, Any]:
+    return json.loads(torch.load(ckpt, weights_only=True)["state"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """The loss curve of one process with the doubled batch."""
+    tmp = tmp_path_factory.mktemp("reference")
+    (tmp / "dist.yaml").write_text(CONFIG)
+    result = _ml(
+        "train", str(tmp / "dist.yaml"), f"task.train_dl.batch_size={2 * BATCH}", run_dir=tmp / "runs"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = _train_losses(tmp / "runs" / "dist" / "run_0")
+    assert sorted(losses) == list(range(1, 25))
+    return losses
+
+
+def _assert_same_curve(losses: dict[int, float], reference: dict[int, float]) -> None:
+    assert sorted(losses) == sorted(reference)
+    for step, loss in reference.items():
+        assert losses[step] == pytest.approx(loss, rel=2e-4, abs=1e-5), f"step {step}"
+    assert reference[24] < reference[1] * 0.6  # and the curve is one of learning
+
+
+def test_ddp_two_processes_follow_one_process_with_the_doubled_batch(
+    config: Path, tmp_path: Path, reference: dict[int, float]
+) -> None:
+    result = _torchrun(config, tmp_path / "runs")
+    exp_dir = _only_run(tmp_path / "runs")
+    _assert_same_curve(_train_losses(exp_dir), reference)
+    assert "Joined the gloo process group as rank 0 of 2" in result.stderr
+    state = _state(exp_dir / "checkpoints" / "ckpt.pt")
+    assert (state["num_steps"], state["num_samples"]) == (24, 24 * 2 * BATCH)
+    assert "ckpt.12.pt" in result.stderr  # saved once, by rank 0, then replaced by the newer one
+    assert sorted(p.name for p in (exp_dir / "checkpoints").iterdir()) == ["ckpt.24.pt", "ckpt.pt"]
+    test_records = [r for r in _records(exp_dir) if r["phase"] == "test"]
+    assert len(test_records) == 1  # the test set, sharded over the ranks, is reported once
+
+
+def test_fsdp_trains_checkpoints_full_state_and_resumes(
+    config: Path, tmp_path: Path, reference: dict[int, float]
+) -> None:
+    run_dir = tmp_path / "runs"
+    _torchrun(config, run_dir, "trainer.parallel=fsdp", "task.max_steps=12")
+    exp_dir = _only_run(run_dir)
+    ckpt = torch.load(exp_dir / "checkpoints" / "ckpt.12.pt", weights_only=True)
+    # Full tensors, not shards: the shapes of the whole model (64 -> 64 -> 64 -> 10).
+    assert ckpt["model"]["net.0.weight"].shape == (64, 64)
+    assert ckpt["model"]["net.6.weight"].shape == (10, 64)
+    assert "net.0.weight" in ckpt["optim"]["state"]  # optimizer state by parameter name
+    assert ckpt["optim"]["state"]["net.0.weight"]["exp_avg"].shape == (64, 64)
+
+    # Continue the same run to step 24 with FSDP in 2 processes: the curve is the reference's.
+    _torchrun(exp_dir / "config.yaml", run_dir, "task.max_steps=24")
+    assert _state(exp_dir / "checkpoints" / "ckpt.pt")["num_steps"] == 24
+    _assert_same_curve(_train_losses(exp_dir), reference)
+
+    # And on in a single process (no FSDP there), from the full state.
+    result = _ml("train", str(exp_dir / "config.yaml"), "task.max_steps=30", run_dir=run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from" in result.stderr and "at step 24" in result.stderr
+    assert _state(exp_dir / "checkpoints" / "ckpt.pt")["num_steps"] == 30
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_nodes_meet_through_a_c10d_rendezvous(
+    config: Path, tmp_path: Path, reference: dict[int, float]
+) -> None:
+    run_dir = tmp_path / "runs"
+    node = [
+        *ML,
+        "launch",
+        str(config),
+        "launcher.name=torchrun",
+        "launcher.nnodes=2",
+        "launcher.nproc_per_node=1",
+        f"launcher.rdzv_endpoint=127.0.0.1:{_free_port()}",
+    ]
+    # The same command line on each "node".
+    nodes = [
+        subprocess.Popen(node, env=_env(run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=TIMEOUT_S) for p in nodes]
+    for p, (_, err) in zip(nodes, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert sum("Joined the gloo process group as rank 0 of 2" in err for _, err in outputs) == 1
+    exp_dir = _only_run(run_dir)
+    state = _state(exp_dir / "checkpoints" / "ckpt.pt")
+    assert (state["num_steps"], state["num_samples"]) == (24, 24 * 2 * BATCH)
+    _assert_same_curve(_train_losses(exp_dir), reference)
+
+
+def _wait_for_step(exp_dir: Path, step: int, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    metrics = exp_dir / "logs" / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if metrics.exists() and any(r["step"] >= step for r in _records(exp_dir) if r["phase"] == "train"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} never came")
+
+
+def test_sigterm_under_torchrun_checkpoints_and_resumes_with_one_process(
+    config: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "runs"
+    launch = [*ML, "launch", str(config), "launcher.name=torchrun", "launcher.nproc_per_node=2"]
+    proc = subprocess.Popen(
+        [*launch, "task.max_steps=100000", "trainer.checkpoint.save_every_n_steps=100000"],
+        env=_env(run_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_step(run_dir / "dist" / "run_0", 20, proc)
+    proc.send_signal(signal.SIGTERM)  # to torchrun (`ml launch` became it), which passes it to the workers
+    _, err = proc.communicate(timeout=TIMEOUT_S)
+    exp_dir = _only_run(run_dir)
+    assert "Stopping on SIGTERM at step" in err
+    saved = _state(exp_dir / "checkpoints" / "ckpt.pt")
+    stopped_at = saved["num_steps"]
+    assert 20 <= stopped_at < 100000
+    assert max(_train_losses(exp_dir)) == stopped_at  # the ranks stopped together, at the saved step
+
+    result = _ml("train", str(exp_dir / "config.yaml"), f"task.max_steps={stopped_at + 10}", run_dir=run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step {stopped_at}" in result.stderr
+    losses = _train_losses(exp_dir)  # no step trained twice, none skipped
+    assert sorted(losses) == list(range(1, stopped_at + 11))
+    final = _state(exp_dir / "checkpoints" / "ckpt.pt")
+    assert final["num_steps"] == stopped_at + 10
+    assert final["num_samples"] > saved["num_samples"]
+
+
+def test_rl_collects_on_every_rank_and_saves_every_ranks_environments(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs"
+    overrides = [
+        "task.max_steps=3",
+        "task.num_envs=2",
+        "trainer.eval_every_n_iterations=null",
+        "trainer.num_eval_episodes=2",
+    ]
+    result = _ml(
+        "launch",
+        "cartpole",
+        "launcher.name=torchrun",
+        "launcher.nproc_per_node=2",
+        *overrides,
+        run_dir=run_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (exp_dir,) = (run_dir / "cartpole").iterdir()
+    ckpt = torch.load(exp_dir / "checkpoints" / "ckpt.pt", weights_only=True)
+    state = json.loads(ckpt["state"])
+    assert state["num_samples"] == 3 * 2 * 32 * 2  # iterations x envs x steps x ranks
+    first, second = ckpt["rl_ranks"]
+    assert not torch.equal(first["observations"], second["observations"])  # each rank's own environments
+
+    result = _ml(
+        "launch", str(exp_dir / "config.yaml"), "launcher.name=torchrun", "task.max_steps=4", run_dir=run_dir
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at step 3" in result.stderr
+    assert (
+        json.loads(torch.load(exp_dir / "checkpoints" / "ckpt.pt", weights_only=True)["state"])["num_steps"]
+        == 4
+    )
