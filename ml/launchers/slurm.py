@@ -52,7 +52,7 @@ class SlurmLauncherConfig(BaseLauncherConfig):
     time: str | None = conf_field(None, help="Time limit, e.g. 1-00:00:00 (default: the partition's)")
     signal_grace_s: int = conf_field(90, help="Seconds before the end at which to checkpoint and requeue")
     requeue: bool = conf_field(True, help="Requeue the job when it is signalled (preemption, time limit)")
-    extra_args: list[str] = conf_field(list, help="More sbatch options, e.g. ['--mem=32G']")
+    extra_args: list[str] = conf_field([], help="More sbatch options, e.g. ['--mem=32G']")
     submit: bool = conf_field(True, help="Submit the script (false: only write it)")
 
 

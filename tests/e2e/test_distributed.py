@@ -271,3 +271,41 @@ def test_rl_collects_on_every_rank_and_saves_every_ranks_environments(tmp_path: 
         json.loads(torch.load(exp_dir / "checkpoints" / "ckpt.pt", weights_only=True)["state"])["num_steps"]
         == 4
     )
+
+
+def _worker_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker with global rank ``rank`` (read from /proc)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher_pid and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    raise AssertionError(f"no worker of rank {rank} under pid {launcher_pid}")
+
+
+def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(config: Path, tmp_path: Path) -> None:
+    """SIGUSR1 reaches rank 1 only; the ranks agree at the next sync, rank 0 saves, all exit 0."""
+    run_dir = tmp_path / "runs"
+    launch = [*ML, "launch", str(config), "launcher.name=torchrun", "launcher.nproc_per_node=2"]
+    proc = subprocess.Popen(
+        [*launch, "task.max_steps=100000", "trainer.sync_every_n_steps=5"],
+        env=_env(run_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_step(run_dir / "dist" / "run_0", 12, proc)
+    os.kill(_worker_pid(proc.pid, 1), signal.SIGUSR1)
+    _, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 0, err[-3000:]  # both workers stopped cleanly
+    exp_dir = _only_run(run_dir)
+    assert "Stopping on SIGUSR1 at step" in err
+    stopped_at = _state(exp_dir / "checkpoints" / "ckpt.pt")["num_steps"]
+    assert stopped_at % 5 == 0  # at a step where the ranks compare notes
+    assert stopped_at < 100000
+    assert not (exp_dir / ".lock_running").exists()
