@@ -309,3 +309,10 @@ def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(config: Path, tmp
     assert stopped_at % 5 == 0  # at a step where the ranks compare notes
     assert stopped_at < 100000
     assert not (exp_dir / ".lock_running").exists()
+
+
+def test_launch_with_the_default_launcher_trains_in_this_process(config: Path, tmp_path: Path) -> None:
+    result = _ml("launch", str(config), "task.max_steps=3", run_dir=tmp_path / "runs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process group" not in result.stderr
+    assert _state(_only_run(tmp_path / "runs") / "checkpoints" / "ckpt.pt")["num_steps"] == 3
