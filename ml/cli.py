@@ -200,6 +200,11 @@ def train_command(args: list[str]) -> int:
         if bad and not isinstance(e, BadInput):
             raise BadInput(_first_line(e)) from e
         raise
+    # The ranks leave together: a rank that tears its process group down while another still
+    # works (rank 0 writing the last checkpoint) can abort inside gloo.
+    from ml.utils.distributed import barrier
+
+    barrier()
     if is_master():
         _report(trainer)
         from ml.launchers.slurm import requeue_if_preempted

@@ -156,6 +156,12 @@ def init_distributed(device: torch.device | None = None, timeout_s: float = 600.
     return info.world_size > 1
 
 
+def barrier() -> None:
+    """Waits until every rank gets here (on the CPU control group)."""
+    if is_initialized():
+        dist.barrier(group=control_group())
+
+
 def destroy_distributed() -> None:
     """Leaves the process group (if one was joined)."""
     global _control_group
