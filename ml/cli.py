@@ -319,7 +319,26 @@ def _report(trainer: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``ml`` console command; returns the exit code."""
+    """Entry point of the ``ml`` console command; returns the exit code.
+
+    A process that was one rank of a distributed job ends here with ``os._exit`` once its output
+    is flushed: the interpreter's own teardown can abort inside the C++ of a process group that a
+    lingering module still references ("terminate called without an active exception").
+    """
+    code = _main(argv)
+    if _left_a_process_group:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+_left_a_process_group = False
+
+
+def _main(argv: list[str] | None) -> int:
+    global _left_a_process_group
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     debug = "--debug" in argv
@@ -354,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     finally:
         if "torch.distributed" in sys.modules:
-            from ml.utils.distributed import destroy_distributed
+            from ml.utils.distributed import destroy_distributed, is_initialized
 
+            _left_a_process_group = _left_a_process_group or is_initialized()
             destroy_distributed()
         for key, value in saved_env.items():  # the defaults this command set do not outlive it
             if value is None:
