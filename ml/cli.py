@@ -32,6 +32,11 @@ ml launch CONFIG [CONFIG ...] [key=value ...]  train through launcher.name: sing
 ml resolve CONFIG [CONFIG ...] [key=value ...] print the composed config
 ml COMMAND --help                              the config fields, with help texts
 
+--allow-config-change  continue a run although its model, optimizer, data, batch size, seed or
+                       number of processes changed since its checkpoint (the diff is kept in
+                       <run>/config_changes.log); without it such a change stops with exit code 2
+--debug                show tracebacks
+
 CONFIG is a YAML file or a packaged config name (e.g. `digits`); files merge in order, then the
 key=value overrides. Runs go to $RUN_DIR/<exp_name>/run_<N> ($RUN_DIR defaults to ./runs).
 """
@@ -56,6 +61,11 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("args", nargs="*", help="config files and key=value overrides")
     parser.add_argument("-h", "--help", action="store_true")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="continue a run although its model, optimizer, data, batch size, seed or process count changed",
+    )
     return parser
 
 
@@ -161,7 +171,7 @@ def _has_results(exp_dir: Path) -> bool:
     )
 
 
-def train_command(args: list[str]) -> int:
+def train_command(args: list[str], *, allow_config_change: bool = False) -> int:
     """``ml train ARGS``: trains in this process (one rank of a job when started by torchrun or srun)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -181,6 +191,7 @@ def train_command(args: list[str]) -> int:
         OmegaConf.resolve(root)
         trainer = trainer_cls(root.trainer)
         trainer.set_run_config(root)
+        trainer.allow_config_change = allow_config_change
         trainer.add_loggers(objects.loggers)
     except BaseException as e:
         release()
@@ -271,12 +282,12 @@ def is_master() -> bool:
     return master()
 
 
-def _launch(args: list[str]) -> int:
+def _launch(args: list[str], flags: list[str]) -> int:
     from ml.core.compose import build_launcher
 
     root = _compose(args)
     launcher = build_launcher(root)
-    return launcher.launch(args, root)
+    return launcher.launch([*args, *flags], root)
 
 
 def _prog() -> str:
@@ -353,9 +364,10 @@ def _main(argv: list[str] | None) -> int:
         _setup_logging()
         if ns.command == "resolve":
             return _resolve(ns.args)
+        flags = ["--allow-config-change"] if ns.allow_config_change else []
         if ns.command == "launch":
-            return _launch(ns.args)
-        return train_command(ns.args)
+            return _launch(ns.args, flags)
+        return train_command(ns.args, allow_config_change=ns.allow_config_change)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C while shutting down changes nothing
         print("ml: interrupted", file=sys.stderr)

@@ -21,4 +21,6 @@ class SingleLauncher(BaseLauncher[SingleLauncherConfig]):
         del config
         from ml.cli import train_command
 
-        return train_command(args)
+        flags = [a for a in args if a.startswith("--")]
+        configs = [a for a in args if not a.startswith("--")]
+        return train_command(configs, allow_config_change="--allow-config-change" in flags)

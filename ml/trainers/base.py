@@ -60,6 +60,7 @@ from ml.utils.distributed import (
     all_max,
     dist_env,
     export_env,
+    get_world_size,
     init_distributed,
     is_master,
     mean_over_ranks,
@@ -459,6 +460,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         self.stop_signal: Signals | None = None
         self._pending_signal: Signals | None = None  # distributed: received, not yet agreed on
         self._distributed = False
+        self.allow_config_change = False  # resume even if the model, data, ... changed (the CLI's flag)
         self._first_sigint = 0.0
         self._write_due = True  # distributed: whether the ranks agreed to write training logs now
         self._last_ckpt_time_s = 0.0
@@ -717,6 +719,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             "state": state.to_json(),
             "config": OmegaConf.to_yaml(self.run_config, resolve=True),
             "rng": get_rng_state(),
+            "world_size": get_world_size(),
         }
         if optim_state is not None:
             ckpt["optim"] = optim_state

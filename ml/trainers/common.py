@@ -6,10 +6,13 @@ loop, then either checkpoints for a signal or finishes, and always tears down: e
 loggers. Errors propagate after the teardown.
 """
 
+import datetime
+import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ml.core.compose import ConfigError
 from ml.core.config import conf_field
@@ -17,7 +20,7 @@ from ml.core.state import State
 from ml.tasks.base import BaseTask
 from ml.trainers.base import BaseTrainer, BaseTrainerConfig, RunLockedError
 from ml.utils.checkpoint import load_model_state, read_checkpoint
-from ml.utils.distributed import broadcast_object
+from ml.utils.distributed import broadcast_object, is_master
 from ml.utils.seeding import seed_everything
 
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -80,14 +83,110 @@ def load_initial_weights(trainer: BaseTrainer, model: Any, path: str) -> None:
     logger.info("Initial weights loaded from %s", path)
 
 
+# Changing these between the segments of one run changes what the run means: the model, the
+# optimizer, the data and how it is batched, the seed (and the number of processes, checked apart).
+# Everything else (limits such as task.max_steps, logging, checkpointing, validation frequency,
+# workers, launcher) may change freely.
+MEANINGFUL = (
+    "model.",
+    "optimizer.",
+    "task.",
+    "trainer.batches_per_step",
+    "trainer.use_double_weight_precision",
+)
+FREE_TASK_KEYS = ("max_steps", "max_epochs", "max_samples", "max_seconds", "num_workers", "pin_memory")
+FREE_TASK_SECTIONS = ("valid_dl.", "test_dl.")
+
+
+class ConfigChangedError(ConfigError):
+    """The config changed since the checkpoint in a way that changes the experiment."""
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def is_meaningful(key: str) -> bool:
+    """Whether changing ``key`` (dotted) between segments of a run changes the experiment."""
+    if not key.startswith(MEANINGFUL) and key not in {m.rstrip(".") for m in MEANINGFUL}:
+        return False
+    if key.startswith("task."):
+        rest = key[len("task.") :]
+        if rest.startswith(FREE_TASK_SECTIONS) or rest.split(".")[-1] in FREE_TASK_KEYS:
+            return False
+    return True
+
+
+def check_config_change(trainer: BaseTrainer, ckpt: dict[str, Any], where: str) -> None:
+    """Compares the config a checkpoint was trained with to this run's; stops on a meaningful change.
+
+    The whole diff is logged. Changes of the model, optimizer, data, batch size, seed or number of
+    processes stop the resume with :class:`ConfigChangedError` (exit code 2), unless the run allows
+    config changes (``ml train --allow-config-change``); then the diff is appended to
+    ``<exp_dir>/config_changes.log`` with the step it applies from.
+    """
+    from omegaconf import OmegaConf
+
+    from ml.utils.atomic import fsync_dir
+    from ml.utils.distributed import get_world_size
+
+    old_text = ckpt.get("config")
+    if not isinstance(old_text, str):
+        return
+    try:
+        old = OmegaConf.to_container(OmegaConf.create(old_text), resolve=False)
+    except Exception:  # a config that does not parse is not ours to judge
+        logger.warning("%s holds a config that cannot be read; not comparing it", where)
+        return
+    new = OmegaConf.to_container(trainer.run_config, resolve=True)
+    old_flat, new_flat = _flat(old), _flat(new)
+    changed = sorted(
+        k
+        for k in old_flat.keys() | new_flat.keys()
+        if old_flat.get(k, "<unset>") != new_flat.get(k, "<unset>")
+    )
+    lines = [f"{k}: {old_flat.get(k, '<unset>')} -> {new_flat.get(k, '<unset>')}" for k in changed]
+    old_world, world = int(ckpt.get("world_size", 1)), get_world_size()
+    meaningful = [line for k, line in zip(changed, lines, strict=True) if is_meaningful(k)]
+    if old_world != world:
+        line = f"number of processes: {old_world} -> {world}"
+        lines.append(line)
+        meaningful.append(line)
+    if not lines:
+        return
+    logger.warning("The config differs from the checkpoint's (%s):\n  %s", where, "\n  ".join(lines))
+    if meaningful and not trainer.allow_config_change:
+        raise ConfigChangedError(
+            f"the config changed since the checkpoint in what the experiment means "
+            f"({'; '.join(meaningful)}): continue anyway with --allow-config-change, or start a new run"
+        )
+    if meaningful and is_master():
+        state = json.loads(ckpt["state"]) if isinstance(ckpt.get("state"), str) else {}
+        log = trainer.exp_dir / "config_changes.log"
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        with open(log, "a") as f:
+            f.write(f"# {stamp}: allowed at step {state.get('num_steps', '?')} (--allow-config-change)\n")
+            f.writelines(f"{line}\n" for line in lines)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(trainer.exp_dir)
+
+
 def resume_or_start(
     trainer: BaseTrainer, task: Any, model: Any, optim: Any, lr_sched: Any, seed: int
 ) -> State:
     """Restores the run's checkpoint, or seeds a fresh run (with initial weights if configured)."""
-    ckpt = trainer.find_resume_checkpoint()
-    if ckpt is not None:
-        state = trainer.load_checkpoint(ckpt, task, model, optim, lr_sched)
-        logger.info("Resumed from %s at step %d", ckpt, state.num_steps)
+    path = trainer.find_resume_checkpoint()
+    if path is not None:
+        ckpt = read_checkpoint(path, device=trainer._device)
+        check_config_change(trainer, ckpt, str(path))
+        state = trainer.load_checkpoint(cast(Any, ckpt), task, model, optim, lr_sched)
+        logger.info("Resumed from %s at step %d", path, state.num_steps)
         return state
     seed_everything(seed)
     if trainer.checkpoint_config.load_from_ckpt_path:

@@ -44,7 +44,7 @@ from ml.trainers.parallel import (
     load_full_optim_state,
     wrap_model,
 )
-from ml.utils.checkpoint import CheckpointError
+from ml.utils.checkpoint import CheckpointError, unwrap_model
 from ml.utils.data import ResumableSampler, SeededDataset, batch_size_of, move_to
 from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size
 from ml.utils.precision import PRECISIONS, MixedPrecision
@@ -173,6 +173,7 @@ class SupervisedLearningTrainer(
         super().__init__(config)
         _check_config(config)
         self.final_metrics: dict[str, float] = {}
+        self.num_skipped_steps = 0  # steps dropped for non-finite values (non_finite_loss=skip)
         self.precision = MixedPrecision(config.precision, self._device)
         self._data_seed = 0
         self._last_valid = (-1, 0.0)  # (step, elapsed seconds) of the last validation
@@ -189,6 +190,7 @@ class SupervisedLearningTrainer(
         }
         if self.precision.scaler is not None:
             state_dict["grad_scaler"] = self.precision.state_dict()
+        state_dict["skipped_steps"] = self.num_skipped_steps
         if self._finished:
             state_dict["final_metrics"] = dict(self.final_metrics)
 
@@ -230,6 +232,7 @@ class SupervisedLearningTrainer(
         if sampler is not None and sampler.get("seed") != self._data_seed:
             logger.warning("task.seed changed since the checkpoint: the data order of this epoch changes too")
         self.precision.load_state_dict(state_dict.get("grad_scaler", {}))
+        self.num_skipped_steps = int(state_dict.get("skipped_steps", 0))
         if "final_metrics" in state_dict:
             self._finished = True
             self.final_metrics = {k: float(v) for k, v in state_dict["final_metrics"].items()}
@@ -342,20 +345,24 @@ class SupervisedLearningTrainer(
             for name, value in loss_dict.items():
                 losses[name] = losses.get(name, 0.0) + value.detach().float().sum() * weight
         step_loss = torch.stack(list(losses.values())).sum()
-        finite = bool(torch.isfinite(step_loss))  # one host sync per step
+        self.precision.unscale_(optim)
+        params = [p for p in model.parameters() if p.grad is not None]
+        grads = [cast(torch.Tensor, p.grad) for p in params]
+        grad_norm = nn.utils.get_total_norm(grads)  # measured (and logged) even when not clipping
+        # One host sync per step decides whether to step: the loss and the gradient norm, which is
+        # computed anyway. (Under fp16, non-finite gradients are the scaler's business: it skips
+        # those steps and lowers its scale.)
+        checked = step_loss.detach().float()
+        if self.precision.scaler is None:
+            checked = torch.stack([checked, grad_norm.detach().float()])
+        finite = bool(torch.isfinite(checked).all())
         if self._distributed:  # all ranks skip or stop together, or their weights would part
             finite = all_max([float(not finite)])[0] == 0.0
         if not finite:
-            where = " on at least one rank" if self._distributed else ""
-            message = f"non-finite loss ({step_loss.item()}{where}) at step {state.num_steps + 1}"
-            if self.config.non_finite_loss == "stop":
-                raise NonFiniteLossError(f"{message}; set trainer.non_finite_loss=skip to skip such steps")
-            logger.warning("%s: skipping the step", message)
-            optim.zero_grad(set_to_none=True)
+            self._non_finite_step(state, step_loss, model, optim)
             return losses
-        self.precision.unscale_(optim)
-        max_norm = self.config.clip_grad_norm if self.config.clip_grad_norm is not None else float("inf")
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # measured even when not clipping
+        if self.config.clip_grad_norm is not None:  # after the check: clipping spreads a NaN everywhere
+            nn.utils.clip_grads_with_norm_(params, self.config.clip_grad_norm, grad_norm)
         self.logger.log_scalar("grad_norm", grad_norm.detach())
         lr_sched.step(state)
         self.precision.step(optim)
@@ -363,6 +370,28 @@ class SupervisedLearningTrainer(
         for name, value in _with_total(losses).items():
             task.logger.log_scalar(name, value, namespace="train")
         return losses
+
+    def _non_finite_step(self, state: State, loss: torch.Tensor, model: nn.Module, optim: Optimizer) -> None:
+        """Stops (naming the step and the first module with a non-finite gradient) or skips the step."""
+        step = state.num_steps + 1
+        culprit = next(
+            (
+                name.rsplit(".", 1)[0] if "." in name else name
+                for name, p in unwrap_model(model).named_parameters()
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            ),
+            None,
+        )
+        what = f"loss {loss.item()}" + (f", first non-finite gradient in `{culprit}`" if culprit else "")
+        where = " on at least one rank" if self._distributed else ""
+        message = f"non-finite values at step {step}{where} ({what})"
+        if self.config.non_finite_loss == "stop":
+            raise NonFiniteLossError(f"{message}; set trainer.non_finite_loss=skip to skip such steps")
+        self.num_skipped_steps += 1
+        logger.warning("%s: skipping the step (%d skipped so far)", message, self.num_skipped_steps)
+        optim.zero_grad(set_to_none=True)
+        self.precision.skip_step()
+        self.logger.log_scalar("skipped_steps", self.num_skipped_steps)
 
     # -- evaluation
 

@@ -58,6 +58,11 @@ class MixedPrecision:
             self.scaler.step(optim)
             self.scaler.update()
 
+    def skip_step(self) -> None:
+        """Drops this step after :meth:`unscale_` (the scaler lowers its scale as for an overflow)."""
+        if self.scaler is not None:
+            self.scaler.update()
+
     def state_dict(self) -> dict[str, Any]:
         return {} if self.scaler is None else self.scaler.state_dict()
 

@@ -272,6 +272,32 @@ def test_a_changed_config_on_continue_is_saved_with_a_backup(two_segments: TwoSe
     assert "task.max_steps=30" in seg.second.stderr
 
 
+def _snapshot(exp_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(exp_dir)): p.read_bytes() for p in sorted(exp_dir.rglob("*")) if p.is_file()}
+
+
+def test_a_meaningful_config_change_stops_the_resume_unless_allowed(files: Files, tmp_path: Path) -> None:
+    """An edited optimizer is refused (exit 2, one line, nothing touched); with the flag it is recorded."""
+    _ok(ml(files, "train", files.tiny, "task.max_steps=5", run_dir=tmp_path))
+    exp_dir = tmp_path / "tiny" / "run_0"
+    config = exp_dir / "config.yaml"
+    config.write_text(config.read_text().replace("lr: 0.001", "lr: 0.002"))  # edited by hand
+    before = _snapshot(exp_dir)
+    refused = ml(files, "train", config, "task.max_steps=8", run_dir=tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("ml: error: the config changed since the checkpoint")
+    assert "optimizer.lr: 0.001 -> 0.002" in last and "--allow-config-change" in last
+    assert "Traceback" not in refused.stderr
+    assert _snapshot(exp_dir) == before  # nothing on disk changed, the lock is gone again
+
+    allowed = _ok(ml(files, "train", config, "task.max_steps=8", "--allow-config-change", run_dir=tmp_path))
+    assert "Resumed from" in allowed.stderr
+    log = (exp_dir / "config_changes.log").read_text()
+    assert "allowed at step 5" in log and "optimizer.lr: 0.001 -> 0.002" in log
+    assert "task.max_steps: 5 -> 8" in log  # the whole diff is recorded, free keys included
+
+
 # ---------------------------------------------------------------------------------------------
 # resolve and help
 

@@ -155,7 +155,9 @@ def test_fsdp_trains_checkpoints_full_state_and_resumes(
     _assert_same_curve(_train_losses(exp_dir), reference)
 
     # And on in a single process (no FSDP there), from the full state.
-    result = _ml("train", str(exp_dir / "config.yaml"), "task.max_steps=30", run_dir=run_dir)
+    result = _ml(
+        "train", str(exp_dir / "config.yaml"), "task.max_steps=30", "--allow-config-change", run_dir=run_dir
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from" in result.stderr and "at step 24" in result.stderr
     assert _state(exp_dir / "checkpoints" / "ckpt.pt")["num_steps"] == 30
@@ -228,8 +230,15 @@ def test_sigterm_under_torchrun_checkpoints_and_resumes_with_one_process(
     assert 20 <= stopped_at < 100000
     assert max(_train_losses(exp_dir)) == stopped_at  # the ranks stopped together, at the saved step
 
-    result = _ml("train", str(exp_dir / "config.yaml"), f"task.max_steps={stopped_at + 10}", run_dir=run_dir)
+    # Another number of processes changes the experiment: refused unless asked for, then recorded.
+    again = [str(exp_dir / "config.yaml"), f"task.max_steps={stopped_at + 10}"]
+    refused = _ml("train", *again, run_dir=run_dir)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "number of processes: 2 -> 1" in refused.stderr.splitlines()[-1]
+    assert _state(exp_dir / "checkpoints" / "ckpt.pt") == saved
+    result = _ml("train", *again, "--allow-config-change", run_dir=run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "number of processes: 2 -> 1" in (exp_dir / "config_changes.log").read_text()
     assert f"at step {stopped_at}" in result.stderr
     losses = _train_losses(exp_dir)  # no step trained twice, none skipped
     assert sorted(losses) == list(range(1, stopped_at + 11))

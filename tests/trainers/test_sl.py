@@ -17,7 +17,7 @@ from ml.optimizers.builtin import AdamConfig, AdamOptimizer, SGDConfig, SGDOptim
 from ml.tasks.sl import SupervisedLearningTaskConfig
 from ml.trainers.base import has_lock_file
 from ml.trainers.sl import NonFiniteLossError, SupervisedLearningTrainer, SupervisedLearningTrainerConfig
-from ml.utils.checkpoint import CheckpointError
+from ml.utils.checkpoint import CheckpointError, unwrap_model
 from tests.tiny import TinyModel, TinyModelConfig, TinyTask
 
 
@@ -123,6 +123,37 @@ def test_a_non_finite_loss_can_skip_the_step(tmp_path: Path) -> None:
 
     trainer = _trainer(tmp_path, non_finite_loss="skip")
     _fit(trainer, max_steps=3, task_cls=SometimesNaN)
+    ckpt = torch.load(tmp_path / "checkpoints" / "ckpt.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert trainer.num_skipped_steps == 1 and ckpt["skipped_steps"] == 1  # counted, and kept on resume
+    records = [r for r in _records(tmp_path) if r["phase"] == "train"]
+    assert [r["metrics"].get("trainer/skipped_steps") for r in records] == [None, 1, None]
+
+
+class InfGradientInLastLayer(TinyTask):
+    """A finite loss whose gradient becomes infinite in the model's last layer (``net.3``) at step 2."""
+
+    def compute_loss(self, model, batch, state, output):  # type: ignore[no-untyped-def]
+        loss = super().compute_loss(model, batch, state, output)
+        if state.num_steps == 1:
+            layer = unwrap_model(model).net[3].weight
+            layer.register_hook(lambda grad: grad * float("inf"))
+        return loss
+
+
+def test_a_non_finite_gradient_stops_and_names_the_step_and_module(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, clip_grad_norm=1.0)  # clipping must not hide which module it was
+    with pytest.raises(NonFiniteLossError) as error:
+        _fit(trainer, max_steps=5, task_cls=InfGradientInLastLayer)
+    message = str(error.value)
+    assert "at step 2" in message and "first non-finite gradient in `net.3`" in message
+    assert "trainer.non_finite_loss=skip" in message
+
+
+def test_a_non_finite_gradient_can_skip_the_step(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, non_finite_loss="skip", clip_grad_norm=1.0)
+    _fit(trainer, max_steps=4, task_cls=InfGradientInLastLayer)
+    assert trainer.num_skipped_steps == 3  # the hook stays: steps 2, 3 and 4
     ckpt = torch.load(tmp_path / "checkpoints" / "ckpt.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
