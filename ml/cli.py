@@ -14,6 +14,7 @@ Exit codes: 0 done or stopped cleanly with a checkpoint, 1 failure during traini
 """
 
 import argparse
+import errno
 import logging
 import os
 import shutil
@@ -318,6 +319,20 @@ def _is_bad_input(e: BaseException) -> bool:
     return isinstance(e, bad)
 
 
+_DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def _disk_trouble(e: BaseException) -> str | None:
+    """One line saying which write the disk refused and why, or None for any other error."""
+    base = sys.modules.get("ml.trainers.base")
+    if base is not None and isinstance(e, base.CheckpointWriteError):
+        return _first_line(e)
+    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+        where = f" {e.filename}" if e.filename else ""
+        return f"cannot write{where}: {e.strerror}"
+    return None
+
+
 def _report(trainer: Any) -> None:
     print(f"ml: run directory   {trainer.exp_dir}", file=sys.stderr)
     if trainer.ckpt_path.exists():
@@ -379,6 +394,10 @@ def _main(argv: list[str] | None) -> int:
         if _is_bad_input(e):
             print(f"{_prog()}: error: {first}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        disk = _disk_trouble(e)
+        if disk is not None:  # not a bug to trace: the machine's disk refused a write
+            print(f"{_prog()}: training failed: {disk}", file=sys.stderr)
+            return EXIT_FAILURE
         if not debug:
             traceback.print_exc()
         print(f"{_prog()}: training failed: {type(e).__name__}: {first}", file=sys.stderr)

@@ -23,6 +23,7 @@ import fcntl
 import itertools
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -347,6 +348,26 @@ class CheckpointConfig:
     only_save_most_recent: bool = conf_field(True, help="Delete the previous checkpoint after a save")
     load_from_ckpt_path: str | None = conf_field(None, help="Initial model weights from this checkpoint")
     load_strict: bool = conf_field(True, help="Fail when checkpoint and model keys differ")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, file too large, read-only); the old one is kept."""
+
+
+def _io_reason(error: BaseException, folder: Path) -> str:
+    """Why a write failed, in words: the OS error, and how much space is left where it wrote."""
+    os_error = error if isinstance(error, OSError) else None
+    cause: BaseException | None = error
+    while os_error is None and cause is not None:  # torch wraps the OSError in a RuntimeError
+        cause = cause.__cause__ or cause.__context__
+        os_error = cause if isinstance(cause, OSError) else None
+    reason = os_error.strerror if os_error is not None and os_error.strerror else str(error).splitlines()[0]
+    try:
+        free = shutil.disk_usage(folder).free
+        reason += f" ({free / 2**20:.1f} MiB free there)"
+    except OSError:
+        pass
+    return reason
 
 
 class RunLockedError(RuntimeError):
@@ -730,7 +751,13 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
 
         link = self.ckpt_path
         previous = link.resolve() if link.is_symlink() and link.exists() else None
-        atomic_write_with(ckpt_path, lambda f: torch.save(ckpt, f))
+        try:
+            atomic_write_with(ckpt_path, lambda f: torch.save(ckpt, f))
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            kept = f"{previous.name} is kept" if previous is not None else "no earlier checkpoint exists"
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {ckpt_path}: {_io_reason(e, ckpt_path.parent)}; {kept}"
+            ) from e
         atomic_symlink(ckpt_path.name, link)
         if self.checkpoint_config.only_save_most_recent and previous is not None and previous != ckpt_path:
             previous.unlink(missing_ok=True)

@@ -221,6 +221,7 @@ def run_session(
     take_lock_on_all_ranks(trainer)  # before reading the checkpoint: one process per run
     started = False
     state = State.init_state()
+    failed = False
     try:
         state = resume_or_start(trainer, task, model, optim, lr_sched, seed)
         trainer.on_training_start(state, task, model, optim, lr_sched)
@@ -233,9 +234,33 @@ def run_session(
             finish(state)
         if trainer.stop_signal is not None:  # also a signal during the final evaluation
             trainer.on_exit(trainer.stop_signal, state, task, model, optim, lr_sched)
+    except BaseException:
+        failed = True
+        raise
     finally:
-        if started:
-            trainer.on_training_end(state, task, model, optim, lr_sched)
-        else:
-            trainer.remove_lock_file("running", missing_ok=True)
-        trainer.close_loggers()
+        steps: list[Callable[[], None]] = [
+            (lambda: trainer.on_training_end(state, task, model, optim, lr_sched))
+            if started
+            else (lambda: trainer.remove_lock_file("running", missing_ok=True)),
+            trainer.close_loggers,
+        ]
+        _tear_down(steps, quiet=failed)
+
+
+def _tear_down(steps: list[Callable[[], None]], *, quiet: bool) -> None:
+    """Runs every step; a step that fails does not skip the others, nor hide the error in flight.
+
+    With ``quiet`` (an error is already propagating: the disk may be full or read-only), failures
+    are logged; otherwise the first one is raised after all steps ran.
+    """
+    first: Exception | None = None
+    for step in steps:
+        try:
+            step()
+        except Exception as e:
+            if quiet:
+                logger.warning("While stopping after an error: %s: %s", type(e).__name__, e)
+            elif first is None:
+                first = e
+    if first is not None:
+        raise first
