@@ -364,6 +364,16 @@ _left_a_process_group = False
 
 
 def _main(argv: list[str] | None) -> int:
+    from ml.utils.signals import listen_early, restore
+
+    early = listen_early()  # a SIGTERM or SIGUSR1 while starting up is kept for the trainer
+    try:
+        return _run(argv)
+    finally:
+        restore(early)
+
+
+def _run(argv: list[str] | None) -> int:
     global _left_a_process_group
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()

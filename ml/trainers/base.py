@@ -66,6 +66,7 @@ from ml.utils.distributed import (
     is_master,
     mean_over_ranks,
 )
+from ml.utils.signals import take_early_signal
 
 logger = logging.getLogger(__name__)
 
@@ -847,7 +848,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                 return
             if sig == Signals.SIGINT:
                 self._first_sigint = now
-            if self._distributed:  # acted on once the ranks agree (see sync_ranks)
+            if self._distributed or dist_env().is_distributed:  # acted on once the ranks agree (sync_ranks)
                 if self._pending_signal is None or sig == Signals.SIGINT:
                     self._pending_signal = sig
             elif self.stop_signal is None or sig == Signals.SIGINT:
@@ -859,6 +860,13 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                 previous[sig] = signal.signal(sig, on_signal)
         except ValueError:  # not the main thread: leave signals to the caller
             logger.debug("Not in the main thread; signal handlers not installed")
+        early = take_early_signal()  # received while the program was starting
+        if early is not None:
+            logger.warning("%s arrived during start-up: stopping at once, with a checkpoint", early.name)
+            if self._distributed or dist_env().is_distributed:
+                self._pending_signal = early
+            else:
+                self.stop_signal = early
         try:
             yield
         finally:
