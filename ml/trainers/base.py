@@ -953,8 +953,11 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                     )
                 logger.warning("Taking over the running lock of dead process %s", holder.pid)
             self.add_lock_file("running", exists_ok=True)
-        for partial in self.ckpt_path.parent.glob(".ckpt.*.tmp"):  # left by a process killed mid-save
-            partial.unlink(missing_ok=True)
+        # Temporary files of atomic writes (checkpoints, the link, config.yaml) left by a process
+        # killed mid-write: only the lock holder writes here, so none of them is in use.
+        for folder in (self.exp_dir, self.ckpt_path.parent):
+            for partial in folder.glob(".*.tmp"):
+                partial.unlink(missing_ok=True)
 
     def on_training_start(
         self, state: State, task: TaskT, model: ModelT, optim: Optims, lr_sched: LRScheds
