@@ -69,11 +69,15 @@ def find_config_file(arg: str) -> Path:
 
 def _load_yaml(path: Path) -> DictConfig:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a YAML text file (not UTF-8 at byte {e.start})") from e
     try:
         data = yaml.safe_load(text)
+    except RecursionError as e:
+        raise ConfigError(f"{path} is nested too deeply to be a config") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -87,7 +91,7 @@ def _load_yaml(path: Path) -> DictConfig:
         )
     try:
         return OmegaConf.create(data)
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, RecursionError) as e:
         raise ConfigError(f"bad config in {path}: {_first_line(e)}") from e
 
 
@@ -97,8 +101,9 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
             raise ConfigError(f"bad override {item!r}: write key=value, e.g. optimizer.lr=3e-4")
     try:
         return OmegaConf.from_dotlist(overrides)
-    except (OmegaConfBaseException, yaml.YAMLError) as e:
-        raise ConfigError(f"bad override: {_first_line(e)}") from e
+    # OmegaConf's key grammar fails on some keys (`[=1`) with plain Python errors.
+    except (OmegaConfBaseException, yaml.YAMLError, IndexError, KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"bad override in {' '.join(overrides)}: {_first_line(e)}") from e
 
 
 def _typed_section(section: str, kind: Kind, raw: Any) -> DictConfig:
@@ -138,9 +143,13 @@ def compose_config(config_files: list[str], overrides: list[str] | None = None) 
         raise ConfigError("give at least one config file, e.g. `ml train digits`")
     paths = [find_config_file(arg) for arg in config_files]
     merged: Any = OmegaConf.create(DEFAULTS)
-    for path in paths:
-        merged = OmegaConf.merge(merged, _load_yaml(path))
-    merged = OmegaConf.merge(merged, _parse_overrides(list(overrides or [])))
+    layers = [(str(path), _load_yaml(path)) for path in paths]
+    layers.append(("the overrides", _parse_overrides(list(overrides or []))))
+    for where, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except (OmegaConfBaseException, TypeError, ValueError, RecursionError) as e:  # e.g. a list given keys
+            raise ConfigError(f"{where} does not fit the config's shape: {_first_line(e)}") from e
     _relocate_run_config(merged, paths[-1])
     unknown = sorted(set(merged) - set(SECTIONS))
     if unknown:

@@ -112,6 +112,8 @@ def lookup(kind: Kind, name: str) -> tuple[type, type[BaseConfig]]:
     """
     if ":" in name:
         module_name, _, attr = name.partition(":")
+        if not all(part.isidentifier() for part in module_name.split(".")) or not attr.isidentifier():
+            raise RegistryError(f"{kind} {name!r}: expected `package.module:ClassName`")
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:

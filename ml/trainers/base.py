@@ -22,6 +22,7 @@ import enum
 import fcntl
 import itertools
 import logging
+import math
 import os
 import shutil
 import signal
@@ -262,9 +263,32 @@ def _is_container(value: Any) -> bool:
     return isinstance(value, (dict, list))
 
 
+def _both_nan(first: Any, second: Any) -> bool:
+    return isinstance(first, float) and isinstance(second, float) and math.isnan(first) and math.isnan(second)
+
+
+def _reads_as_other(text: str) -> bool:
+    """Whether ``text`` printed bare would read as a number, a boolean, None or nothing."""
+    if (
+        text.strip() != text
+        or text in ("", "None", "True", "False", "MISSING", "???")
+        or text[:2] in ("b'", 'b"')
+    ):
+        return True
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def _diff(first: Any, second: Any, path: str, out_first: list[str], out_second: list[str]) -> None:
     def line(p: str, v: Any) -> str:
-        return f"{p}=" + (f"... ({type(v).__name__})" if _is_container(v) and v else str(v))
+        if _is_container(v) and v:
+            return f"{p}=... ({type(v).__name__})"
+        # A string that reads like another value (None, 1.5, true) is quoted, so `x=None` (null)
+        # and `x='None'` (text) are told apart.
+        return f"{p}=" + (repr(v) if isinstance(v, str) and _reads_as_other(v) else str(v))
 
     def child(key: Any) -> str:
         return f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
@@ -278,6 +302,8 @@ def _diff(first: Any, second: Any, path: str, out_first: list[str], out_second: 
             a = first[i] if i < len(first) else MISSING
             b = second[i] if i < len(second) else MISSING
             _diff(a, b, child(i), out_first, out_second)
+    elif _both_nan(first, second):
+        return
     elif type(first) is not type(second) or first != second:  # True vs 1 and 1 vs 1.0 differ too
         if first != MISSING:
             out_first.append(line(path, first))
