@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck format bench bench-rl clean
+.PHONY: install demo test lint typecheck format bench bench-rl reliability clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
-	$(BIN)/python -m pytest -q
+test: lint typecheck  # the long fault-injection files run in `make reliability`
+	$(BIN)/python -m pytest -q --ignore=tests/reliability/test_concurrency.py \
+		--ignore=tests/reliability/test_kill_anywhere.py --ignore=tests/reliability/test_signals_anywhere.py
 
 format: $(STAMP)
 	$(BIN)/ruff format ml tests bench
@@ -43,6 +44,9 @@ bench-rl: $(STAMP)  # ml vs Stable-Baselines3 PPO on CartPole, then PPO on Pendu
 	$(BIN)/python -m pip install --quiet -e ".[bench]" "$(TORCH_PIN)"
 	$(BIN)/python bench/rl_cartpole.py
 	$(BIN)/python bench/rl_pendulum.py
+
+reliability: $(STAMP)  # fault injection at full counts: 200 kill -9, 100 SIGTERM/SIGUSR1 (about 15 minutes)
+	ML_RELIABILITY_KILLS=200 ML_RELIABILITY_SIGNALS=100 $(BIN)/python -m pytest -q -s tests/reliability
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -319,7 +319,18 @@ def _is_bad_input(e: BaseException) -> bool:
     return isinstance(e, bad)
 
 
-_DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO}
+_DISK_ERRNOS = {
+    errno.ENOSPC,
+    errno.EFBIG,
+    errno.EROFS,
+    errno.EDQUOT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EIO,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.ENAMETOOLONG,
+}
 
 
 def _disk_trouble(e: BaseException) -> str | None:

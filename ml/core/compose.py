@@ -83,6 +83,7 @@ def _load_yaml(path: Path) -> DictConfig:
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise ConfigError(f"bad YAML in {where}: {problem}") from e
+    _check_size(data, path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -93,6 +94,23 @@ def _load_yaml(path: Path) -> DictConfig:
         return OmegaConf.create(data)
     except (OmegaConfBaseException, RecursionError) as e:
         raise ConfigError(f"bad config in {path}: {_first_line(e)}") from e
+
+
+MAX_CONFIG_NODES = 100_000
+
+
+def _check_size(data: Any, path: Path) -> None:
+    """Refuses a document whose YAML aliases expand to more values than any config has (alias bombs)."""
+    count, stack = 0, [data]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_NODES:
+            raise ConfigError(f"{path} expands to more than {MAX_CONFIG_NODES} values (YAML aliases?)")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _parse_overrides(overrides: list[str]) -> DictConfig:
@@ -144,7 +162,7 @@ def compose_config(config_files: list[str], overrides: list[str] | None = None) 
     paths = [find_config_file(arg) for arg in config_files]
     merged: Any = OmegaConf.create(DEFAULTS)
     layers = [(str(path), _load_yaml(path)) for path in paths]
-    layers.append(("the overrides", _parse_overrides(list(overrides or []))))
+    layers.append((f"overrides {' '.join(overrides or [])}", _parse_overrides(list(overrides or []))))
     for where, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)

@@ -127,11 +127,30 @@ def load_model_state(model: nn.Module, state_dict: Mapping[str, Any], *, strict:
             expected & set(state_dict)
         ):
             state_dict = stripped
+    notes = []
+    if not strict:  # load what fits: tensors of another shape are left out (and named)
+        own = target.state_dict()
+        misfits = [
+            k
+            for k, v in state_dict.items()
+            if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)
+        ]
+        if misfits:
+            notes.append(
+                "not loaded, shapes differ: "
+                + ", ".join(f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in misfits)
+            )
+            state_dict = {k: v for k, v in state_dict.items() if k not in misfits}
     try:
         result = target.load_state_dict(dict(state_dict), strict=strict)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not fit the model: {str(e).splitlines()[0]} ...") from e
-    notes = []
+        # torch lists every problem on its own line: name the first ones, not the generic header.
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        shown = "; ".join(details[:3]) + (f"; and {len(details) - 3} more" if len(details) > 3 else "")
+        raise CheckpointError(
+            f"checkpoint weights do not fit the model: {shown or str(e).splitlines()[0]} "
+            "(checkpoint.load_strict=false loads what fits)"
+        ) from e
     if result.missing_keys:
         notes.append(f"missing keys: {', '.join(result.missing_keys)}")
     if result.unexpected_keys:
