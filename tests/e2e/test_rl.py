@@ -161,6 +161,10 @@ def test_continuing_with_other_environments_resets_them_and_says_so(
 ) -> None:
     _finish(_start(tmp_path, "cartpole", str(logging_yaml), "task.max_steps=2"), tmp_path)
     exp_dir = tmp_path / "cartpole" / "run_0"
-    stderr = _finish(_start(tmp_path, str(exp_dir / "config.yaml"), "task.max_steps=4", change), tmp_path)
+    # Other environments change the experiment: continuing takes --allow-config-change.
+    flags = ["--allow-config-change"] if change.startswith("task.") else []
+    stderr = _finish(
+        _start(tmp_path, str(exp_dir / "config.yaml"), "task.max_steps=4", change, *flags), tmp_path
+    )
     assert "resuming resets them" in stderr
     assert os.readlink(exp_dir / "checkpoints" / "ckpt.pt") == "ckpt.4.pt"
