@@ -372,7 +372,7 @@ def save_config(config_path: Path, raw_config: DictConfig) -> None:
 class CheckpointConfig:
     save_every_n_steps: int | None = conf_field(None, help="Save a checkpoint every N steps")
     save_every_n_seconds: float | None = conf_field(3600.0, help="Save a checkpoint every N seconds")
-    only_save_most_recent: bool = conf_field(True, help="Delete the previous checkpoint after a save")
+    only_save_most_recent: bool = conf_field(True, help="Delete older numbered checkpoints after a save")
     load_from_ckpt_path: str | None = conf_field(None, help="Initial model weights from this checkpoint")
     load_strict: bool = conf_field(True, help="Fail when checkpoint and model keys differ")
 
@@ -745,7 +745,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         """Saves a checkpoint atomically and points ``checkpoints/ckpt.pt`` at it.
 
         Order: write ``ckpt.<num_steps>.pt`` (temp file, fsync, rename), swap the relative
-        ``ckpt.pt`` link, and only then delete the previous checkpoint when
+        ``ckpt.pt`` link, and only then delete every other numbered checkpoint when
         ``only_save_most_recent``. A crash at any point leaves a loadable ``ckpt.pt``.
         Only the master rank writes; every rank returns the path.
 
@@ -786,8 +786,12 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                 f"cannot write checkpoint {ckpt_path}: {_io_reason(e, ckpt_path.parent)}; {kept}"
             ) from e
         atomic_symlink(ckpt_path.name, link)
-        if self.checkpoint_config.only_save_most_recent and previous is not None and previous != ckpt_path:
-            previous.unlink(missing_ok=True)
+        if self.checkpoint_config.only_save_most_recent:
+            # Every other numbered checkpoint, not only the one the link named before: a process
+            # killed between the link swap and this point left its previous one behind.
+            for old in ckpt_path.parent.glob("ckpt.*.pt"):
+                if old != ckpt_path and old.name.split(".")[1].isdigit():
+                    old.unlink(missing_ok=True)
         self.add_lock_file("ckpt", exists_ok=True)
         self._last_ckpt_time_s = state.elapsed_time_s
         self._last_ckpt_step = state.num_steps

@@ -4,6 +4,7 @@ import dataclasses
 import inspect
 import multiprocessing as mp
 import os
+import shutil
 import pickle
 import random
 import signal
@@ -375,6 +376,18 @@ def test_only_save_most_recent_keeps_one_checkpoint(tmp_path: Path) -> None:
         "ckpt.2.pt",
         "ckpt.pt",
     ]
+
+
+def test_a_save_removes_checkpoints_a_killed_save_left_behind(tmp_path: Path) -> None:
+    """Killed between the link swap and retention, a run leaves two numbered checkpoints; the link
+    then names the newer one, so the next save must remove the older one too."""
+    trainer, model, task, optim, sched = make_parts(tmp_path, only_save_most_recent=True)
+    trainer.save_checkpoint(State(num_steps=5), task, model, optim, sched)
+    folder = tmp_path / "checkpoints"
+    shutil.copy(folder / "ckpt.5.pt", folder / "ckpt.4.pt")  # the one retention never removed
+    (folder / "ckpt.best.pt").write_bytes(b"not a numbered checkpoint")
+    trainer.save_checkpoint(State(num_steps=6), task, model, optim, sched)
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt.6.pt", "ckpt.best.pt", "ckpt.pt"]
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
