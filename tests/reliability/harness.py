@@ -100,15 +100,24 @@ def grown(path: Path, size: int) -> Callable[[], bool]:
     return condition
 
 
-def poll(proc: subprocess.Popen, condition: Callable[[], bool], what: str, timeout_s: float = 90.0) -> bool:
-    """Waits until ``condition()`` holds (True) or the process exits first (False); fails on timeout."""
+def poll(
+    proc: subprocess.Popen,
+    condition: Callable[[], bool],
+    what: str,
+    timeout_s: float = 90.0,
+    interval_s: float = 0.002,
+) -> bool:
+    """Waits until ``condition()`` holds (True) or the process exits first (False); fails on timeout.
+
+    ``interval_s=0`` polls without pausing (only yielding the CPU), to catch a moment of a few ms.
+    """
     deadline = time.monotonic() + timeout_s
     while not condition():
         if proc.poll() is not None:
             return condition()
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.002)
+        time.sleep(interval_s)
     return True
 
 
