@@ -639,8 +639,10 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
     def find_resume_checkpoint(self) -> Path | None:
         """The checkpoint this run continues from, or None for a fresh run.
 
-        Normally what ``checkpoints/ckpt.pt`` links to. Without a link but with numbered
-        checkpoints (a crash between writing the first one and linking it), the newest of them.
+        Normally what ``checkpoints/ckpt.pt`` links to. A numbered checkpoint newer than the
+        link's target (a run stopped between writing it and swapping the link) is complete, since
+        it was renamed into place only after its bytes were on disk: then that one. Without a link
+        but with numbered checkpoints, the newest of them.
 
         Raises:
             CheckpointError: ``ckpt.pt`` links to a file that is gone.
@@ -651,11 +653,27 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                 f"{link} points to {os.readlink(link)}, which does not exist; point the link at another "
                 f"checkpoint in {link.parent} (or remove it to start over)"
             )
-        if link.exists():
-            return link
         numbered = sorted(
             (int(p.name[5:-3]), p) for p in link.parent.glob("ckpt.*.pt") if p.name[5:-3].isdigit()
         )
+        if link.exists():
+            target = link.resolve()
+            linked_step = int(target.name[5:-3]) if target.name[5:-3].isdigit() else None
+            if (
+                numbered
+                and target.parent == link.parent.resolve()
+                and linked_step is not None
+                and numbered[-1][0] > linked_step
+            ):
+                logger.warning(
+                    "%s is newer than what %s links to (%s): the last run stopped before linking it; "
+                    "resuming from it",
+                    numbered[-1][1].name,
+                    link.name,
+                    target.name,
+                )
+                return numbered[-1][1]
+            return link
         if numbered:
             logger.warning("No %s link; resuming from the newest checkpoint %s", link.name, numbered[-1][1])
             return numbered[-1][1]

@@ -645,6 +645,18 @@ def test_a_dangling_link_is_an_error_and_a_missing_link_falls_back(tmp_path: Pat
         trainer.find_resume_checkpoint()
 
 
+def test_a_checkpoint_written_but_not_yet_linked_is_the_one_resumed(tmp_path: Path) -> None:
+    """Killed between renaming ckpt.3.pt into place and swapping the link: ckpt.3.pt is complete."""
+    trainer, model, task, optim, sched = make_parts(tmp_path)
+    trainer.save_checkpoint(State(num_steps=2), task, model, optim, sched)
+    folder = tmp_path / "checkpoints"
+    shutil.copy(folder / "ckpt.2.pt", folder / "ckpt.3.pt")
+    assert trainer.find_resume_checkpoint() == folder / "ckpt.3.pt"
+    (folder / "ckpt.3.pt").unlink()
+    shutil.copy(folder / "ckpt.2.pt", folder / "ckpt.1.pt")  # older than the link: the link wins
+    assert trainer.find_resume_checkpoint() == trainer.ckpt_path
+
+
 def test_a_bad_state_is_refused_before_anything_is_restored(tmp_path: Path) -> None:
     trainer, model, task, optim, sched = make_parts(tmp_path)
     ckpt = torch.load(
