@@ -10,10 +10,15 @@ way a difference of two medians is. Run it with ``make bench`` or ``python bench
 """
 
 import argparse
+import importlib.util
 import re
 import statistics
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+from common import table, write_results
 
 MARKER = "@@import-time-start"
 # "import time:  <self us> | <cumulative us> | <module>"; nested imports indent the module name.
@@ -27,6 +32,10 @@ STATEMENTS: tuple[str, ...] = (
     "import ml.trainers.base",
     "import torch; import ml.trainers.base",
     "import torch; import omegaconf; import ml.trainers.base",
+)
+# The peers, each measured like ``import ml`` (only when installed: ``pip install -e ".[bench]"``).
+PEERS: tuple[str, ...] = tuple(
+    f"import {name}" for name in ("lightning", "accelerate") if importlib.util.find_spec(name) is not None
 )
 
 
@@ -47,9 +56,9 @@ def top_level_import_ms(statement: str) -> dict[str, float]:
 
 def measure(repeat: int) -> dict[str, dict[str, float]]:
     """Median ms per statement (key ``total``) and per top-level module, over ``repeat`` rounds."""
-    runs: dict[str, list[dict[str, float]]] = {statement: [] for statement in STATEMENTS}
+    runs: dict[str, list[dict[str, float]]] = {statement: [] for statement in STATEMENTS + PEERS}
     for _ in range(repeat):
-        for statement in STATEMENTS:
+        for statement in STATEMENTS + PEERS:
             runs[statement].append(top_level_import_ms(statement))
     medians: dict[str, dict[str, float]] = {}
     for statement, samples in runs.items():
@@ -57,6 +66,24 @@ def measure(repeat: int) -> dict[str, dict[str, float]]:
         medians[statement] = {name: statistics.median(s.get(name, 0.0) for s in samples) for name in modules}
         medians[statement]["total"] = statistics.median(sum(s.values()) for s in samples)
     return medians
+
+
+def help_wall_ms(repeat: int) -> dict[str, float]:
+    """Median wall times in ms: ``ml --help``, ``ml train digits --help`` (which loads the components
+    and so torch) and a bare ``python -c pass`` (interpreter start-up)."""
+    script = str(Path(sys.executable).parent / "ml")
+    commands = {
+        "ml --help": [script, "--help"],
+        "ml train digits --help": [script, "train", "digits", "--help"],
+        "python -c pass": [sys.executable, "-c", "pass"],
+    }
+    samples: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeat):
+        for name, command in commands.items():
+            started = time.perf_counter()
+            subprocess.run(command, capture_output=True, check=True)
+            samples[name].append((time.perf_counter() - started) * 1000)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:
@@ -67,28 +94,47 @@ def main() -> None:
     t = measure(args.repeat)
     print(f"Import time in ms, median of {args.repeat} fresh interpreters ({sys.executable})\n")
     print(f"{'statement':<56} {'total':>8}  per top-level module")
-    for statement in STATEMENTS:
+    for statement in STATEMENTS + PEERS:
         parts = "  ".join(f"{name} {ms:.1f}" for name, ms in t[statement].items() if name != "total")
+        if len(parts) > 200:
+            parts = parts[:200] + " ..."
         print(f"{statement:<56} {t[statement]['total']:>8.1f}  {parts}")
 
+    torch_ms = t["import torch"]["total"]
     torch_ml, base = t["import torch, ml"], "ml.trainers.base"
-    rows = [
-        ("import ml, alone", t["import ml"]["total"], "-"),
-        ("import ml over torch", torch_ml["total"] - t["import torch"]["total"], f"{torch_ml['ml']:.1f}"),
+    rows: list[tuple[str, float, float | None]] = [
+        ("import ml, alone", t["import ml"]["total"], None),
+        ("import ml over torch", torch_ml["total"] - torch_ms, torch_ml["ml"]),
         (
             "import ml.trainers.base over torch",
-            t[f"import {base}"]["total"] - t["import torch"]["total"],
-            f"{t['import torch; import ml.trainers.base'][base]:.1f}",
+            t[f"import {base}"]["total"] - torch_ms,
+            t["import torch; import ml.trainers.base"][base],
         ),
         (
             "import ml.trainers.base over torch + omegaconf",
             t[f"import {base}"]["total"] - t["import torch; import omegaconf"]["total"],
-            f"{t['import torch; import omegaconf; import ml.trainers.base'][base]:.1f}",
+            t["import torch; import omegaconf; import ml.trainers.base"][base],
         ),
     ]
-    print(f"\n{'what ml adds':<48} {'difference of medians':>22} {'same process':>13}")
-    for label, difference, same_process in rows:
-        print(f"{label:<48} {difference:>22.1f} {same_process:>13}")
+    rows += [(f"{peer} over torch", t[peer]["total"] - torch_ms, None) for peer in PEERS]
+    print()
+    print(table(("what it adds", "ms (difference of medians)", "ms (same process)"), rows))
+
+    wall = help_wall_ms(args.repeat)
+    print()
+    print(table(("command", "ms wall"), list(wall.items())))
+    print("\ntargets: import ml over torch < 300 ms, ml --help < 1000 ms")
+    write_results(
+        "import_time",
+        {
+            "repeat": args.repeat,
+            "median_ms": {statement: t[statement]["total"] for statement in STATEMENTS + PEERS},
+            "over_torch_ms": {label: difference for label, difference, _ in rows},
+            "ml_over_torch_same_process_ms": torch_ml["ml"],
+            "wall_ms": wall,
+        },
+        peers=("lightning", "accelerate"),
+    )
 
 
 if __name__ == "__main__":

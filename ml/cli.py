@@ -77,10 +77,20 @@ def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _print_help(command: str | None, args: list[str]) -> None:
+    print(USAGE)
+    if command is None:  # the overview: the names alone, without importing a component (or torch)
+        from ml.core.registry import BUILTIN_NAMES
+
+        print("Built-in components (`name:` in each config section):")
+        for kind, names in BUILTIN_NAMES.items():
+            print(f"  {kind + ':':<14}{', '.join(names)}")
+        print("\n`ml train --help` lists every config field with its help text; `ml train CONFIG --help`")
+        print("only the fields of the components CONFIG selects.")
+        return
+
     from ml.core.compose import SECTIONS, compose_config, config_fields
     from ml.core.registry import lookup, registered_names
 
-    print(USAGE)
     configs, overrides = _split_args(args)
     chosen: dict[str, list[str]] = {}
     if command is not None and configs:

@@ -27,6 +27,18 @@ _BUILTIN_MODULES: dict[Kind, tuple[str, ...]] = {
     "launcher": ("ml.launchers.single", "ml.launchers.torchrun", "ml.launchers.slurm"),
 }
 
+# The names those modules register, known without importing them (``ml --help`` lists them without
+# loading torch); a test checks this against what the modules register.
+BUILTIN_NAMES: dict[Kind, tuple[str, ...]] = {
+    "model": ("actor_critic_mlp", "digits_cnn", "digits_mlp"),
+    "task": ("classic_control", "digits"),
+    "trainer": ("rl", "sl"),
+    "optimizer": ("adam", "adamw", "sgd"),
+    "lr_scheduler": ("constant", "cosine", "linear"),
+    "logger": ("jsonl", "stdout", "tensorboard"),
+    "launcher": ("single", "slurm", "torchrun"),
+}
+
 _REGISTRY: dict[Kind, dict[str, tuple[type, type[BaseConfig]]]] = {kind: {} for kind in KINDS}
 
 _C = TypeVar("_C", bound=type)

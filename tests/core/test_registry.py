@@ -61,6 +61,17 @@ def test_builtin_names_resolve() -> None:
     assert "single" in registered_names("launcher")
 
 
+def test_the_static_list_of_builtin_names_matches_what_the_modules_register() -> None:
+    """``ml --help`` prints BUILTIN_NAMES without importing the modules: it must not go stale."""
+    for kind in KINDS:
+        built_in = {
+            name
+            for name, (cls, _) in registry._REGISTRY[kind].items()
+            if cls.__module__ in registry._BUILTIN_MODULES[kind]
+        }
+        assert set(registry.BUILTIN_NAMES[kind]) == built_in, kind
+
+
 def test_register_and_lookup_infers_the_config_class() -> None:
     decorated = register_model("toy_model_for_tests")(_ToyModel)
     assert decorated is _ToyModel

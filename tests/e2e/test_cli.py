@@ -327,10 +327,20 @@ def _assert_lists_fields(help_text: str) -> None:
     assert "Stop after this many optimizer steps" in help_text
 
 
-def test_top_level_help_lists_every_field(files: Files, tmp_path: Path) -> None:
+def test_top_level_help_names_the_components_without_importing_torch(files: Files, tmp_path: Path) -> None:
     result = _ok(ml(files, "--help", run_dir=tmp_path))
-    _assert_lists_fields(result.stdout)
     assert "ml train CONFIG" in result.stdout
+    assert "optimizer:    adam, adamw, sgd" in result.stdout
+    assert "trainer:      rl, sl" in result.stdout
+    assert "ml train --help" in result.stdout
+    code = "import sys; from ml.cli import main; main(['--help']); print('torch' in sys.modules)"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert shown.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_train_help_lists_every_field(files: Files, tmp_path: Path) -> None:
+    result = _ok(ml(files, "train", "--help", run_dir=tmp_path))
+    _assert_lists_fields(result.stdout)
     for component in ("optimizer: adam ", "optimizer: sgd ", "logger: jsonl ", "trainer: sl "):
         assert component in result.stdout
 
