@@ -29,9 +29,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck  # the long fault-injection files run in `make reliability`
-	$(BIN)/python -m pytest -q --ignore=tests/reliability/test_concurrency.py \
-		--ignore=tests/reliability/test_kill_anywhere.py --ignore=tests/reliability/test_signals_anywhere.py
+test: lint typecheck  # fault injection at its default counts: 20 kills, 10 signals, 8 racing runs
+	$(BIN)/python -m pytest -q --durations=15
 
 format: $(STAMP)
 	$(BIN)/ruff format ml tests bench
@@ -45,8 +44,8 @@ bench-rl: $(STAMP)  # ml vs Stable-Baselines3 PPO on CartPole, then PPO on Pendu
 	$(BIN)/python bench/rl_cartpole.py
 	$(BIN)/python bench/rl_pendulum.py
 
-reliability: $(STAMP)  # fault injection at full counts: 200 kill -9, 100 SIGTERM/SIGUSR1 (about 15 minutes)
-	ML_RELIABILITY_KILLS=200 ML_RELIABILITY_SIGNALS=100 $(BIN)/python -m pytest -q -s tests/reliability
+reliability: $(STAMP)  # fault injection at full counts: 200 kill -9, 100 SIGTERM/SIGUSR1, 64 racing runs (about 17 minutes)
+	ML_RELIABILITY_KILLS=200 ML_RELIABILITY_SIGNALS=100 ML_RELIABILITY_RACERS=64 $(BIN)/python -m pytest -q -s tests/reliability
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
