@@ -679,6 +679,24 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             return numbered[-1][1]
         return None
 
+    def tidy_checkpoints(self, resumed: Path) -> None:
+        """After resuming from ``resumed``: the link names it, and with ``only_save_most_recent``
+        no other numbered checkpoint is kept (a killed run can leave one before retention ran).
+
+        Called by the lock holder, so no other process writes here; only rank 0 acts.
+        """
+        if not is_master():
+            return
+        target = resumed.resolve()
+        if target.parent != self.ckpt_path.parent.resolve():
+            return
+        if not (self.ckpt_path.is_symlink() and self.ckpt_path.resolve() == target):
+            atomic_symlink(target.name, self.ckpt_path)
+        if self.checkpoint_config.only_save_most_recent:
+            for old in target.parent.glob("ckpt.*.pt"):
+                if old != target and old.name.split(".")[1].isdigit():
+                    old.unlink(missing_ok=True)
+
     def should_checkpoint(self, state: State) -> bool:
         """Whether a checkpoint is due: every ``save_every_n_steps`` steps or ``_n_seconds`` seconds."""
         cfg = self.checkpoint_config

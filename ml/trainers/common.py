@@ -187,6 +187,7 @@ def resume_or_start(
         check_config_change(trainer, ckpt, str(path))
         state = trainer.load_checkpoint(cast(Any, ckpt), task, model, optim, lr_sched)
         logger.info("Resumed from %s at step %d", path, state.num_steps)
+        trainer.tidy_checkpoints(path)
         return state
     seed_everything(seed)
     if trainer.checkpoint_config.load_from_ckpt_path:

@@ -31,6 +31,7 @@ from ml.trainers.base import (
     has_lock_file,
     remove_lock_file,
 )
+from ml.utils.atomic import atomic_symlink
 from ml.utils.checkpoint import CheckpointError, UnsafeCheckpointError
 from tests.tiny import TinyModel, TinyModelConfig, TinyTask, make_parts, train_steps
 
@@ -652,6 +653,15 @@ def test_a_checkpoint_written_but_not_yet_linked_is_the_one_resumed(tmp_path: Pa
     folder = tmp_path / "checkpoints"
     shutil.copy(folder / "ckpt.2.pt", folder / "ckpt.3.pt")
     assert trainer.find_resume_checkpoint() == folder / "ckpt.3.pt"
+    # Once resumed from it, the link names it and the older one goes (only_save_most_recent).
+    trainer.tidy_checkpoints(folder / "ckpt.3.pt")
+    assert os.readlink(trainer.ckpt_path) == "ckpt.3.pt"
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt.3.pt", "ckpt.pt"]
+    shutil.copy(folder / "ckpt.3.pt", folder / "ckpt.2.pt")
+    trainer.tidy_checkpoints(trainer.ckpt_path)  # resumed through the link: only the leftover goes
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt.3.pt", "ckpt.pt"]
+    shutil.copy(folder / "ckpt.3.pt", folder / "ckpt.2.pt")
+    atomic_symlink("ckpt.2.pt", trainer.ckpt_path)
     (folder / "ckpt.3.pt").unlink()
     shutil.copy(folder / "ckpt.2.pt", folder / "ckpt.1.pt")  # older than the link: the link wins
     assert trainer.find_resume_checkpoint() == trainer.ckpt_path
