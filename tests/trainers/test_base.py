@@ -4,9 +4,9 @@ import dataclasses
 import inspect
 import multiprocessing as mp
 import os
-import shutil
 import pickle
 import random
+import shutil
 import signal
 import socket
 from pathlib import Path
