@@ -8,12 +8,21 @@ a Gaussian with the model's state-independent ``log_std`` parameter.
 
 The model maps observations to ``(policy_output, value)``: logits ``(B, n)`` for ``Discrete(n)``,
 or means ``(B, *action_shape)`` plus a ``log_std`` parameter of the action's shape for ``Box``.
+
+The loss is Stable-Baselines3's (and CleanRL's) with their defaults: per-minibatch advantage
+normalisation (unbiased std, + 1e-8), ``-min(A r, A clip(r))``, an unclipped mean-squared value loss
+weighted by ``vf_coef``, the clip range decayed on environment steps taken including the current
+rollout's. For categorical policies it is one autograd node with a hand-written backward
+(:class:`_CategoricalPPOLoss`), which for small models is much cheaper than autograd's walk over
+the same expressions and gives the same gradients. Statistics (approximate KL, clip fraction,
+entropy, value loss) are kept per minibatch and reduced only when a logger writes them.
 """
 
 import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,12 +80,109 @@ def compute_gae(
     not_terminated = (~terminated).to(values.dtype)
     continues = (~(terminated | truncated)).to(values.dtype)
     deltas = rewards + gamma * next_values * not_terminated - values
+    carries = (gamma * gae_lambda) * continues
+    if deltas.device.type == "cpu" and not deltas.requires_grad:
+        # The backward recursion is a few small operations per step: NumPy's are several times cheaper.
+        d, c = deltas.numpy(), carries.numpy()
+        out = np.empty_like(d)
+        last = np.zeros_like(d[0])
+        for t in range(d.shape[0] - 1, -1, -1):
+            last = d[t] + c[t] * last
+            out[t] = last
+        return torch.from_numpy(out)
     advantages = torch.empty_like(values)
-    last = torch.zeros_like(values[0])
+    last_t = torch.zeros_like(values[0])
     for t in range(values.shape[0] - 1, -1, -1):
-        last = deltas[t] + gamma * gae_lambda * continues[t] * last
-        advantages[t] = last
+        last_t = deltas[t] + carries[t] * last_t
+        advantages[t] = last_t
     return advantages
+
+
+class _CategoricalPPOLoss(torch.autograd.Function):
+    """PPO's clipped policy loss, weighted value loss and mean entropy for a categorical policy, as one node.
+
+    The forward pass is the usual arithmetic (run without recording a graph); the backward pass
+    writes the gradients with respect to the logits and values out in a few operations instead of
+    walking some twenty small nodes, which for a small model cost more than its layers. The
+    gradients are autograd's for the same expressions: ``torch.minimum`` and ``clamp`` pass the
+    policy gradient exactly where the unclipped term is the smaller or equal one (``-A r / B`` with
+    respect to ``log pi(a)``), ``d log pi(a) / dz = onehot(a) - softmax(z)``, the mean entropy's is
+    ``-p (log p + H) / B`` and the weighted value loss's ``2 c (v - R) / B``.
+
+    Returns:
+        ``policy_loss``; ``value_term`` (``vf_coef`` times the mean squared error); the mean entropy
+        (NaN unless ``with_entropy``, which an entropy bonus needs; its gradient is right either
+        way); and, not differentiable, for statistics: the unweighted value loss, the per-sample log
+        ratios and the log-probabilities of every action.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits: torch.Tensor,
+        values: torch.Tensor,
+        actions: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        clip: float,
+        normalize: bool,
+        vf_coef: float,
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, ...]:
+        log_p = F.log_softmax(logits, dim=-1)
+        index = actions.long().unsqueeze(-1)
+        log_ratio = log_p.gather(-1, index).squeeze(-1) - old_log_probs
+        ratio = log_ratio.exp()
+        if normalize and advantages.numel() > 1:
+            std, mean = torch.std_mean(advantages)
+            advantages = (advantages - mean) / (std + 1e-8)
+        surrogate = advantages * ratio
+        clipped = advantages * ratio.clamp(1 - clip, 1 + clip)
+        policy_loss = -torch.minimum(surrogate, clipped).mean()
+        error = values - returns
+        value_loss = error.square().mean()
+        if with_entropy:
+            entropy_mean = -(log_p.exp() * log_p).sum(-1).mean()
+        else:
+            entropy_mean = torch.full((), float("nan"), dtype=logits.dtype, device=logits.device)
+        # d policy_loss / d log pi(a), for a gradient of 1 on the policy loss.
+        policy_grad = surrogate.mul_(surrogate <= clipped).div_(-logits.shape[0])
+        ctx.save_for_backward(log_p, index, policy_grad, error)
+        ctx.vf_coef = vf_coef
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(value_loss, log_ratio, log_p)
+        return policy_loss, vf_coef * value_loss, entropy_mean, value_loss, log_ratio, log_p
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        g_policy, g_value, g_entropy = grads[:3]
+        log_p, index, policy_grad, error = ctx.saved_tensors
+        n = log_p.shape[0]
+        grad_logits = grad_values = None
+        if ctx.needs_input_grad[0]:
+            p = log_p.exp()
+            g = policy_grad * g_policy if g_policy is not None else torch.zeros_like(policy_grad)
+            grad_logits = p * g.neg().unsqueeze(-1)
+            grad_logits.scatter_add_(-1, index, g.unsqueeze(-1))
+            if g_entropy is not None:
+                entropy = -(p * log_p).sum(-1, keepdim=True)
+                grad_logits -= p * (log_p + entropy) * (g_entropy / n)
+        if ctx.needs_input_grad[1] and g_value is not None:
+            grad_values = error * (g_value * (2 * ctx.vf_coef / n))
+        return (grad_logits, grad_values, *(None,) * 8)
+
+
+def _categorical_entropy(log_p: torch.Tensor) -> torch.Tensor:
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def _mean_per_batch(batches: list[torch.Tensor], fn: Any) -> torch.Tensor:
+    """The mean over minibatches of ``fn(batch).mean()``, in one pass when the minibatches are alike."""
+    if len({b.shape for b in batches}) == 1:
+        return fn(torch.stack(batches)).flatten(1).mean(1).mean()
+    return torch.stack([fn(b).mean() for b in batches]).mean()
 
 
 class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
@@ -98,7 +204,9 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
         self._normalize_advantages = bool(config.normalize_advantages)
         self._target_kl = None if config.target_kl is None else float(config.target_kl)
         self.discrete = True
-        self._stats: list[torch.Tensor] = []
+        # Per minibatch, for the iteration's statistics: log ratios, entropies (for a categorical
+        # policy, the log-probabilities they come from), value losses.
+        self._stats: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = ([], [], [])
         self._stop_update = False
 
     def on_environments_ready(self, observation_space: Any, action_space: Any) -> None:
@@ -140,23 +248,29 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
         self, model: nn.Module, observations: torch.Tensor, optimal: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         policy_out, value = model(observations)
-        if self.discrete:
-            n = self.action_space.n if self.action_space is not None else policy_out.shape[-1]
-            if policy_out.shape[-1] != n:
-                raise ConfigError(
-                    f"the model gives {policy_out.shape[-1]} action logits, "
-                    f"but the environment has {n} actions"
-                )
+        if not self.discrete:
             if optimal:
-                actions = policy_out.argmax(-1)
+                actions = policy_out
             else:
-                actions = torch.multinomial(F.softmax(policy_out, dim=-1), 1).squeeze(-1)
-        elif optimal:
-            actions = policy_out
+                actions = policy_out + torch.randn_like(policy_out) * self._log_std(model).exp()
+            log_prob, _ = self._log_prob_entropy(model, policy_out, actions)
+            return actions, {"log_probs": log_prob, "values": value.reshape(-1)}
+        n = self.action_space.n if self.action_space is not None else policy_out.shape[-1]
+        if policy_out.shape[-1] != n:
+            raise ConfigError(
+                f"the model gives {policy_out.shape[-1]} action logits, but the environment has {n} actions"
+            )
+        log_p = F.log_softmax(policy_out, dim=-1)
+        if optimal:
+            index = policy_out.argmax(-1, keepdim=True)
         else:
-            actions = policy_out + torch.randn_like(policy_out) * self._log_std(model).exp()
-        log_prob, _ = self._log_prob_entropy(model, policy_out, actions)
-        return actions, {"log_probs": log_prob, "values": value.reshape(-1)}
+            # Inverse-CDF sampling from the categorical: one uniform draw per environment (cheaper
+            # than torch.multinomial for a handful of rows); the last bin takes any rounding excess.
+            cdf = log_p.exp().cumsum(-1)
+            uniform = torch.rand((*cdf.shape[:-1], 1), dtype=cdf.dtype, device=cdf.device)
+            index = (cdf <= uniform).sum(-1, keepdim=True).clamp_(max=n - 1)
+        log_prob = log_p.gather(-1, index).squeeze(-1)
+        return index.squeeze(-1), {"log_probs": log_prob, "values": value.reshape(-1)}
 
     # -- experience to samples
 
@@ -204,25 +318,46 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
         self, model: nn.Module, batch: dict[str, torch.Tensor], state: State, output: Any
     ) -> dict[str, torch.Tensor]:
         policy_out, values = output
-        log_prob, entropy = self._log_prob_entropy(model, policy_out, batch["actions"])
-        log_ratio = log_prob - batch["log_probs"]
-        ratio = log_ratio.exp()
-        advantages = batch["advantages"]
-        if self._normalize_advantages and advantages.numel() > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         clip = self.clip_range(state)
-        policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
-        value_loss = F.mse_loss(values.reshape(-1), batch["returns"])
-        entropy_mean = entropy.mean()
-        with torch.no_grad():
-            approx_kl = ((ratio - 1) - log_ratio).mean()
-            clip_fraction = ((ratio - 1).abs() > clip).float().mean()
-            stats = [approx_kl, clip_fraction, entropy_mean.detach(), value_loss.detach()]
-            self._stats.append(torch.stack(stats))
+        if values.dim() != 1:
+            values = values.reshape(-1)
+        if self.discrete:
+            policy_loss, value_term, entropy_mean, value_loss, log_ratio, log_p = _CategoricalPPOLoss.apply(
+                policy_out,
+                values,
+                batch["actions"],
+                batch["log_probs"],
+                batch["advantages"],
+                batch["returns"],
+                clip,
+                self._normalize_advantages,
+                self._vf_coef,
+                bool(self._ent_coef),
+            )
+            entropy_source = log_p  # the statistics' entropy comes from it, when logged
+        else:
+            log_prob, entropy = self._log_prob_entropy(model, policy_out, batch["actions"])
+            log_ratio = log_prob - batch["log_probs"]
+            ratio = log_ratio.exp()
+            advantages = batch["advantages"]
+            if self._normalize_advantages and advantages.numel() > 1:
+                std, mean = torch.std_mean(advantages)
+                advantages = (advantages - mean) / (std + 1e-8)
+            policy_loss = -torch.min(advantages * ratio, advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
+            value_loss = F.mse_loss(values, batch["returns"])
+            value_term = self._vf_coef * value_loss
+            entropy_mean = entropy.mean()
+            log_ratio, entropy_source = log_ratio.detach(), entropy.detach()
+        log_ratios, entropies, value_losses = self._stats
+        log_ratios.append(log_ratio)
+        entropies.append(entropy_source)
+        value_losses.append(value_loss.detach())
         if self._target_kl is not None:
+            with torch.no_grad():
+                approx_kl = (log_ratio.exp() - 1 - log_ratio).mean()
             self._stop_update = bool(approx_kl > 1.5 * self._target_kl)  # one sync per minibatch
         # The terms of the objective, as weighted; rl/value_loss logs the unweighted value error.
-        losses = {"policy_loss": policy_loss, "value_term": self._vf_coef * value_loss}
+        losses = {"policy_loss": policy_loss, "value_term": value_term}
         if self._ent_coef:
             losses["entropy_term"] = -self._ent_coef * entropy_mean
         return losses
@@ -233,14 +368,25 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
     def on_step_end(
         self, state: State, loss_dict: dict[str, torch.Tensor], model: nn.Module, optim: Any, lr_sched: Any
     ) -> None:
-        """Logs the iteration's mean approximate KL, clip fraction and entropy (lazily)."""
-        if self._stats:
-            stats = torch.stack(self._stats)
-            mean = lambda i: lambda: stats[:, i].mean()  # noqa: E731
-            self.logger.log_scalar("approx_kl", mean(0), namespace="rl")
-            self.logger.log_scalar("clip_fraction", mean(1), namespace="rl")
-            self.logger.log_scalar("entropy", mean(2), namespace="rl")
-            self.logger.log_scalar("value_loss", mean(3), namespace="rl")
-            self.logger.log_scalar("clip_range", self.clip_range(state), namespace="rl")
-        self._stats = []
+        """Logs the iteration's mean approximate KL, clip fraction, entropy and value loss.
+
+        Each is the mean over the iteration's minibatches (with a KL stop, the one that stopped the
+        update too) of its per-minibatch mean, computed only when a logger writes it.
+        """
+        log_ratios, entropies, value_losses = self._stats
+        if log_ratios:
+            clip = self.clip_range(state)
+            self.logger.log_scalar(
+                "approx_kl", lambda: _mean_per_batch(log_ratios, lambda x: x.exp() - 1 - x), namespace="rl"
+            )
+            self.logger.log_scalar(
+                "clip_fraction",
+                lambda: _mean_per_batch(log_ratios, lambda x: ((x.exp() - 1).abs() > clip).float()),
+                namespace="rl",
+            )
+            per_sample = _categorical_entropy if self.discrete else (lambda x: x)
+            self.logger.log_scalar("entropy", lambda: _mean_per_batch(entropies, per_sample), namespace="rl")
+            self.logger.log_scalar("value_loss", lambda: torch.stack(value_losses).mean(), namespace="rl")
+            self.logger.log_scalar("clip_range", clip, namespace="rl")
+        self._stats = ([], [], [])
         self._stop_update = False

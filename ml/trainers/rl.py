@@ -10,9 +10,16 @@ environment steps.
 Vector semantics are explicit: gymnasium's ``SAME_STEP`` autoreset, so an episode's final
 observation arrives in the step that ends it (and a truncated episode is bootstrapped from its
 value), and every environment is seeded from ``(task.seed, rank, env index)``. Environments run in
-this process (``vectorization=sync``) or in subprocess workers (``async``). Native vectorised
-environments (``gymnasium.make_vec``) are not used: CartPole's supports only ``NEXT_STEP``
-autoreset and one seed for all its copies, which would give up both of the above.
+this process (``vectorization=sync``: :class:`SyncEnvs`, a lean equivalent of gymnasium's
+``SyncVectorEnv``) or in subprocess workers (``async``). Native vectorised environments
+(``gymnasium.make_vec``) are not used: CartPole's supports only ``NEXT_STEP`` autoreset and one
+seed for all its copies, which would give up both of the above.
+
+Speed, for small models on a CPU, where per-operation overhead outweighs arithmetic: a rollout runs
+under one ``inference_mode`` and keeps what the environments return in NumPy arrays until its
+end; an update drops gradients by setting them to None, clips them with one ``foreach`` norm, and
+steps a fused Adam through its kernel directly (:class:`_FusedAdamStep`); a minibatch that holds
+the whole rollout is not shuffled, as its gradient does not depend on the order.
 
 Resume is exact at iteration boundaries: besides model, optimizer, schedule, counters and every
 global generator, the checkpoint holds the observations the next rollout starts from, the running
@@ -24,6 +31,7 @@ plain data. An environment without that hook is reset on resume, and the trainer
 import importlib.util
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +98,196 @@ def _use_fast_optimizer(optim: Optimizer) -> None:
             group["foreach"] = True
 
 
+def _total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sum of the named losses (each summed first, if not a scalar)."""
+    total: torch.Tensor | None = None
+    for value in losses.values():
+        term = value if value.dim() == 0 else value.sum()
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("compute_loss returned no losses")
+    return total
+
+
+def _mean_losses(recorded: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {name: torch.stack(values).mean(0) for name, values in recorded.items()}
+
+
+def _clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> None:
+    """Scales the gradients so that their joint 2-norm is at most ``max_norm`` (``clip_grad_norm_``'s rule).
+
+    One ``foreach`` norm, one stack and one ``foreach`` multiply: the same arithmetic as
+    ``torch.nn.utils.clip_grad_norm_(foreach=True)`` without its grouping and checks, which cost
+    more than the arithmetic for a small model's dozen tensors. The gradients must share one device
+    and dtype (``_update`` sends other models to ``clip_grad_norm_``).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+
+
+class _FusedAdamStep:
+    """``optim.step()`` for a fused ``Adam``/``AdamW`` on the CPU: its kernel called directly, per group.
+
+    torch's ``step`` regroups the tensors by device and walks every parameter's state in Python on
+    each call, which for a small model costs several times the update itself. This makes the same
+    calls as torch's fused path (``_foreach_add_`` on the step counts, then ``_fused_adam_`` or
+    ``_fused_adamw_`` with the group's hyperparameters) on the optimizer's own state tensors, so the
+    result and the optimizer's ``state_dict`` are the same. Anything but the plain case goes to
+    ``optim.step()``: state not made yet (the first step), a parameter without a gradient, step hooks,
+    ``amsgrad``, ``maximize``, ``capturable``, ``differentiable``, tensor hyperparameters, tensors
+    that are not float32 on the CPU. Made anew for each update, so that it never holds state
+    tensors a ``load_state_dict`` replaced.
+    """
+
+    def __init__(self, optim: Optimizer) -> None:
+        self.optim = optim
+        self._groups: list[tuple[dict[str, Any], list[Any], list[Any], list[Any], list[Any]]] | None = None
+        self._plain = True
+
+    def _plain_groups(self) -> list[tuple[dict[str, Any], list[Any], list[Any], list[Any], list[Any]]] | None:
+        """Each group with its parameters and state tensors; None (and ``_plain`` False) if not plain."""
+        from torch.optim import optimizer as torch_optimizer
+
+        optim = self.optim
+        hooks = (
+            optim._optimizer_step_pre_hooks,
+            optim._optimizer_step_post_hooks,
+            getattr(torch_optimizer, "_global_optimizer_pre_hooks", None),
+            getattr(torch_optimizer, "_global_optimizer_post_hooks", None),
+        )
+        self._plain = False
+        if type(optim) not in (torch.optim.Adam, torch.optim.AdamW) or any(h for h in hooks if h is not None):
+            return None
+        if getattr(optim, "grad_scale", None) is not None or getattr(optim, "found_inf", None) is not None:
+            return None  # a gradient scaler's: torch's step handles it
+        groups = []
+        for group in optim.param_groups:
+            flags = ("amsgrad", "maximize", "capturable", "differentiable")
+            if not group.get("fused") or any(group.get(flag) for flag in flags):
+                return None
+            numbers = (group["lr"], *group["betas"], group["weight_decay"], group["eps"])
+            if any(isinstance(x, torch.Tensor) for x in numbers):
+                return None
+            params = group["params"]
+            if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+                return None
+            found = [optim.state.get(p) for p in params]
+            states = [st for st in found if st and isinstance(st.get("step"), torch.Tensor)]
+            if len(states) < len(params):
+                self._plain = True  # no step made yet: look again after the next one
+                return None
+            exp_avgs = [st["exp_avg"] for st in states]
+            exp_avg_sqs = [st["exp_avg_sq"] for st in states]
+            steps = [st["step"] for st in states]
+            if any(
+                t.device.type != "cpu" or t.dtype != torch.float32 for t in (*exp_avgs, *exp_avg_sqs, *steps)
+            ):
+                return None
+            groups.append((group, params, exp_avgs, exp_avg_sqs, steps))
+        self._plain = True
+        return groups
+
+    def __call__(self) -> None:
+        if self._groups is None and self._plain:
+            self._groups = self._plain_groups()
+        groups = self._groups
+        grads = [[p.grad for p in params] for _, params, _, _, _ in groups] if groups is not None else []
+        if groups is None or any(g is None for group_grads in grads for g in group_grads):
+            self.optim.step()
+            return
+        for (group, params, exp_avgs, exp_avg_sqs, steps), group_grads in zip(groups, grads, strict=True):
+            beta1, beta2 = group["betas"]
+            kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
+            torch._foreach_add_(steps, 1)
+            kernel(
+                params,
+                group_grads,
+                exp_avgs,
+                exp_avg_sqs,
+                [],
+                steps,
+                amsgrad=False,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+                grad_scale=None,
+                found_inf=None,
+            )
+
+
+class SyncEnvs:
+    """Environments stepped one after another in this process, with gymnasium's ``SAME_STEP`` autoreset.
+
+    The part of ``gymnasium.vector.SyncVectorEnv`` the trainer uses, with less work per step: each
+    environment gets its row of the action array, observations are stacked into a new array (no
+    copy of a shared buffer), and the infos hold only ``final_obs``, keyed by the index of each
+    environment whose episode ended (gymnasium's per-environment infos are not merged). As in
+    gymnasium's, an environment whose episode ended is reset at once, without a seed, and its first
+    observation is returned.
+
+    Attributes:
+        envs: The environments (the task's environment state hooks read and restore them).
+    """
+
+    def __init__(self, fns: list[Any]) -> None:
+        self.envs = [fn() for fn in fns]
+        self.num_envs = len(self.envs)
+        self.single_observation_space = self.envs[0].observation_space
+        self.single_action_space = self.envs[0].action_space
+        self._rewards = np.zeros(self.num_envs, dtype=np.float64)
+        self._terminated = np.zeros(self.num_envs, dtype=np.bool_)
+        self._truncated = np.zeros(self.num_envs, dtype=np.bool_)
+        self._obs: list[Any] = [None] * self.num_envs
+
+    def reset(self, seed: Sequence[int | None] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        seeds = seed if seed is not None else [None] * self.num_envs
+        self._obs = [env.reset(seed=s)[0] for env, s in zip(self.envs, seeds, strict=True)]
+        return np.stack(self._obs), {}
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Steps every environment; ``infos["final_obs"][i]`` is where environment ``i``'s episode ended."""
+        obs, rewards, terminated, truncated = self._obs, self._rewards, self._terminated, self._truncated
+        final: dict[int, Any] = {}
+        for i, env in enumerate(self.envs):
+            o, rewards[i], term, trunc, _ = env.step(actions[i])
+            terminated[i], truncated[i] = term, trunc
+            if term or trunc:
+                final[i] = o
+                o, _ = env.reset()
+            obs[i] = o
+        infos = {"final_obs": final} if final else {}
+        return np.stack(obs), rewards.copy(), terminated.copy(), truncated.copy(), infos
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def make_sync_envs(fns: list[Any]) -> Any:
+    """:class:`SyncEnvs` for environments with ``Box`` observations; gymnasium's ``SyncVectorEnv`` otherwise.
+
+    Both autoreset in the step that ends an episode (``SAME_STEP``) and put its last observation in
+    ``infos["final_obs"][i]``.
+    """
+    import gymnasium
+    from gymnasium import spaces
+    from gymnasium.vector import AutoresetMode
+
+    envs = SyncEnvs(fns)
+    if isinstance(envs.single_observation_space, spaces.Box) and isinstance(
+        envs.single_action_space, (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+    ):
+        return envs
+    envs.close()
+    return gymnasium.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+
+
 class _Rollout:
     """The environments of one run and where they stand: observations, running episode totals."""
 
@@ -99,11 +297,10 @@ class _Rollout:
 
         task.get_environment().close()  # a bad id or argument fails here, in this process, clearly
         fns = [task.get_environment for _ in range(count)]
-        kwargs: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP}
         if vectorization == "async":
-            self.envs: Any = gymnasium.vector.AsyncVectorEnv(fns, **kwargs)
+            self.envs: Any = gymnasium.vector.AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
         else:
-            self.envs = gymnasium.vector.SyncVectorEnv(fns, **kwargs)
+            self.envs = make_sync_envs(fns)
         self.count = count
         self.num_episodes = 0
         self.observations = torch.empty(0)
@@ -232,7 +429,7 @@ class ReinforcementLearningTrainer(
         from gymnasium import spaces
 
         space = task.action_space
-        array = actions.detach().cpu().numpy()
+        array = actions.cpu().numpy()
         expected = (count, *space.shape)
         if array.shape != expected:
             raise ConfigError(
@@ -255,45 +452,58 @@ class ReinforcementLearningTrainer(
     def _collect(
         self, rollout: _Rollout, task: ReinforcementLearningTask, model: nn.Module
     ) -> tuple[dict[str, torch.Tensor], list[tuple[float, int]]]:
-        """Steps every environment ``num_env_steps`` times; returns the trajectory and finished episodes."""
+        """Steps every environment ``num_env_steps`` times; returns the trajectory and finished episodes.
+
+        Acting runs under one ``torch.inference_mode`` for the whole rollout. What the environments
+        return (rewards, ends of episodes, final observations) is written into NumPy arrays made for
+        the rollout and becomes tensors once at its end; the model's outputs are stacked then too.
+        """
         model.eval()
-        device = self._device
-        columns: dict[str, list[torch.Tensor]] = {}
-        finished: list[tuple[float, int]] = []
+        device, count, num_steps = self._device, rollout.count, task.config.num_env_steps
+        envs, returns, lengths = rollout.envs, rollout.episode_returns, rollout.episode_lengths
+        rewards = np.zeros((num_steps, count), dtype=np.float32)
+        terminated = np.zeros((num_steps, count), dtype=np.bool_)
+        truncated = np.zeros((num_steps, count), dtype=np.bool_)
         obs = rollout.observations
-        final_obs_template = torch.zeros_like(obs)
-        for _ in range(task.config.num_env_steps):
-            actions, extras = self._act(task, model, obs, optimal=False)
-            next_obs, rewards, terminated, truncated, infos = rollout.envs.step(
-                self._env_actions(task, actions, rollout.count)
-            )
-            done = terminated | truncated
-            final_obs = final_obs_template
-            rollout.episode_returns += rewards
-            rollout.episode_lengths += 1
-            if done.any():
-                final_obs = final_obs_template.clone()
-                for i in np.flatnonzero(done):
-                    final_obs[i] = torch.as_tensor(infos["final_obs"][i], dtype=torch.float32, device=device)
-                    finished.append((float(rollout.episode_returns[i]), int(rollout.episode_lengths[i])))
-                rollout.num_episodes += int(done.sum())
-                rollout.episode_returns[done] = 0
-                rollout.episode_lengths[done] = 0
-            step = {
-                "observations": obs,
-                "actions": actions,
-                "rewards": torch.as_tensor(rewards, dtype=torch.float32, device=device),
-                "terminated": torch.as_tensor(terminated, device=device),
-                "truncated": torch.as_tensor(truncated, device=device),
-                "final_observations": final_obs,
-                **extras,
-            }
-            for key, value in step.items():
-                columns.setdefault(key, []).append(value)
-            obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+        final_obs = np.zeros((num_steps, *obs.shape), dtype=np.float32)
+        observations: list[torch.Tensor] = []
+        actions_taken: list[torch.Tensor] = []
+        extras: dict[str, list[torch.Tensor]] = {}
+        finished: list[tuple[float, int]] = []
+        with torch.inference_mode():
+            for t in range(num_steps):
+                actions, step_extras = task.get_actions(model, obs, False)
+                next_obs, step_rewards, step_terminated, step_truncated, infos = envs.step(
+                    self._env_actions(task, actions, count)
+                )
+                rewards[t], terminated[t], truncated[t] = step_rewards, step_terminated, step_truncated
+                returns += step_rewards
+                lengths += 1
+                done = step_terminated | step_truncated
+                if done.any():
+                    for i in np.flatnonzero(done):
+                        final_obs[t, i] = infos["final_obs"][i]
+                        finished.append((float(returns[i]), int(lengths[i])))
+                    rollout.num_episodes += int(done.sum())
+                    returns[done] = 0
+                    lengths[done] = 0
+                observations.append(obs)
+                actions_taken.append(actions)
+                for key, value in step_extras.items():
+                    extras.setdefault(key, []).append(value)
+                obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
         rollout.observations = obs
-        trajectory = {key: torch.stack(values) for key, values in columns.items()}
-        trajectory["next_observations"] = obs
+        # Stacked outside inference mode: the update may keep these tensors for its backward pass.
+        trajectory = {
+            "observations": torch.stack(observations),
+            "actions": torch.stack(actions_taken),
+            "rewards": torch.from_numpy(rewards).to(device),
+            "terminated": torch.from_numpy(terminated).to(device),
+            "truncated": torch.from_numpy(truncated).to(device),
+            "final_observations": torch.from_numpy(final_obs).to(device),
+            **{key: torch.stack(values) for key, values in extras.items()},
+            "next_observations": obs.clone(),
+        }
         return trajectory, finished
 
     # -- learning
@@ -306,36 +516,51 @@ class ReinforcementLearningTrainer(
         model: nn.Module,
         optim: Optimizer,
     ) -> dict[str, torch.Tensor]:
-        """``num_update_epochs`` passes of minibatch gradient steps; returns the mean losses."""
+        """``num_update_epochs`` passes of minibatch gradient steps; returns the mean losses.
+
+        Each epoch visits the samples in a new random order. When one minibatch holds them all,
+        its gradient does not depend on the order, so it is not shuffled (nor copied). Gradients are
+        dropped by setting them to None and clipped with one norm over all of them (as
+        ``clip_grad_norm_`` does, without its per-call bookkeeping).
+        """
         model.train()
+        # Inference tensors cannot be saved for the backward pass; plain ones pass through as they are.
+        dataset = {key: value.clone() if value.is_inference() else value for key, value in dataset.items()}
         size = next(iter(dataset.values())).shape[0]
         batch_size = min(task.config.minibatch_size, size)
         epochs, clip_norm = task.config.num_update_epochs, self.config.clip_grad_norm
-        totals: dict[str, torch.Tensor] = {}
-        count = 0
+        recorded: dict[str, list[torch.Tensor]] = {}
         params = [p for p in model.parameters() if p.requires_grad]
+        step = _FusedAdamStep(optim) if self.config.fast_optimizer else optim.step
+        clip: Any = _clip_grad_norm
+        if len({(p.device, p.dtype) for p in params}) > 1:
+            clip = lambda ps, norm: nn.utils.clip_grad_norm_(ps, norm, foreach=True)  # noqa: E731
         for _ in range(epochs):
-            order = torch.randperm(size).to(self._device)
-            for start in range(0, size, batch_size):
-                idx = order[start : start + batch_size]
-                batch = {key: value[idx] for key, value in dataset.items()}
+            if batch_size == size:
+                batches: Any = (dataset,)
+            else:
+                order = torch.randperm(size).to(self._device)
+                batches = (
+                    {key: value[idx] for key, value in dataset.items()} for idx in order.split(batch_size)
+                )
+            for batch in batches:
                 output = task.run_model(model, batch, state)
                 loss_dict = task.compute_loss(model, batch, state, output)
                 stop = task.should_stop_update()  # e.g. the KL limit: this minibatch is not applied either
                 if self._distributed:  # all ranks stop together, or the next all-reduce would hang
                     stop = all_max([float(stop)])[0] > 0
                 if stop:
-                    return {name: total / max(count, 1) for name, total in totals.items()}
-                loss = torch.stack([v.sum() for v in loss_dict.values()]).sum()
-                optim.zero_grad(set_to_none=True)
+                    return _mean_losses(recorded)
+                loss = _total_loss(loss_dict)
+                for p in params:
+                    p.grad = None
                 loss.backward()
                 if clip_norm is not None:
-                    nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
-                optim.step()
+                    clip(params, clip_norm)
+                step()
                 for name, value in loss_dict.items():
-                    totals[name] = totals[name] + value.detach() if name in totals else value.detach()
-                count += 1
-        return {name: total / count for name, total in totals.items()}
+                    recorded.setdefault(name, []).append(value.detach())
+        return _mean_losses(recorded)
 
     # -- evaluation
 
@@ -346,14 +571,10 @@ class ReinforcementLearningTrainer(
         policy draws no random numbers, so evaluating changes nothing about training. The metrics
         are written at once, as a ``valid`` record of the current iteration.
         """
-        import gymnasium
-        from gymnasium.vector import AutoresetMode
-
         count = self.config.num_eval_episodes
         state.set_phase("valid")
         if self._eval_envs is None:
-            fns = [task.get_environment for _ in range(count)]
-            self._eval_envs = gymnasium.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+            self._eval_envs = make_sync_envs([task.get_environment for _ in range(count)])
         envs = self._eval_envs
         obs, _ = envs.reset(
             seed=env_seeds(task.config.seed, get_rank(), count, stream=2**20 + state.num_steps)
@@ -489,9 +710,10 @@ class ReinforcementLearningTrainer(
     ) -> None:
         self._start_environments(rollout, task, state)
         self._last_eval_step = -1
-        first_samples, self._train_time_s = state.num_samples, 0.0
+        # rl/env_steps_per_s counts all the time since this loop started (logging and checkpoints
+        # included) except the evaluations'.
+        first_samples, started, eval_time = state.num_samples, time.perf_counter(), 0.0
         while not task.is_training_over(state) and self.stop_signal is None:
-            started = time.perf_counter()
             self.on_step_start(state, task, model, optim, lr_sched)
             trajectory, finished = self._collect(rollout, task, model)
             state.num_samples += rollout.count * task.config.num_env_steps * get_world_size()
@@ -499,12 +721,14 @@ class ReinforcementLearningTrainer(
             lr_sched.step(state)
             loss_dict = self._update(state, dataset, task, learner, optim)
             state.num_steps += 1
-            self._train_time_s += time.perf_counter() - started
             self.on_step_end(state, loss_dict, task, model, optim, lr_sched)
+            self._train_time_s = time.perf_counter() - started - eval_time
             self._log_iteration(state, task, loss_dict, finished, lr_sched, state.num_samples - first_samples)
             self.write_logs(task, model, state)
             if self._should_evaluate(state):
+                eval_started = time.perf_counter()
                 self.evaluate(task, model, state)
+                eval_time += time.perf_counter() - eval_started
             if self.should_checkpoint(state):
                 self.save_checkpoint(state, task, model, optim, lr_sched)
 

@@ -1,22 +1,31 @@
-"""Tests of the rl trainer's pieces: per-environment seeds and the KL early stop of the update."""
+"""Tests of the rl trainer's pieces: seeds, the KL early stop, its vector environment, its optimizer step."""
 
+import copy
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from ml.core.state import State
 from ml.examples.classic_control import ActorCriticMLP, ActorCriticMLPConfig, ClassicControlTask
+from ml.optimizers.builtin import weight_decay_param_groups
 from ml.tasks.ppo import PPOTaskConfig
 from ml.trainers.rl import (
     ReinforcementLearningTrainer,
     ReinforcementLearningTrainerConfig,
+    SyncEnvs,
+    _clip_grad_norm,
+    _FusedAdamStep,
     _Rollout,
+    _use_fast_optimizer,
     env_seeds,
 )
 
-pytest.importorskip("gymnasium")
+gymnasium = pytest.importorskip("gymnasium")
 
 
 def test_every_environment_of_every_rank_gets_its_own_seed() -> None:
@@ -55,3 +64,76 @@ def test_the_kl_early_stop_does_not_apply_the_minibatch_that_crossed_the_limit(t
     assert _update_steps(tmp_path, None) == 4 * (128 // 16)  # every minibatch of every epoch
     # The first minibatch has no divergence yet; the second crosses any positive limit and is skipped.
     assert _update_steps(tmp_path, 1e-12) == 1
+
+
+def test_sync_envs_step_as_gymnasium_s_sync_vector_env() -> None:
+    """Same observations, rewards, ends and final observations as SAME_STEP SyncVectorEnv."""
+    from gymnasium.vector import AutoresetMode
+
+    fns = [lambda: gymnasium.make("CartPole-v1", max_episode_steps=15)] * 3
+    ours = SyncEnvs(fns)
+    theirs = gymnasium.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+    seeds: list[int | None] = [*env_seeds(0, 0, 3)]
+    obs, _ = ours.reset(seed=seeds)
+    expected, _ = theirs.reset(seed=seeds)
+    np.testing.assert_array_equal(obs, expected)
+    rng = np.random.default_rng(0)
+    ends = 0
+    for _ in range(60):
+        actions = rng.integers(0, 2, size=3)
+        got, want = ours.step(actions), theirs.step(actions)
+        for a, b in zip(got[:4], want[:4], strict=True):
+            np.testing.assert_array_equal(a, b)
+            assert a.dtype == b.dtype
+        done = np.flatnonzero(got[2] | got[3])
+        ends += len(done)
+        for i in done:
+            np.testing.assert_array_equal(got[4]["final_obs"][i], want[4]["final_obs"][i])
+    assert ends > 3  # episodes ended by falling and by the time limit
+    ours.close()
+    theirs.close()
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW])
+def test_the_fused_adam_step_is_torch_s_step(optimizer: type[torch.optim.Adam]) -> None:
+    """Bit for bit the same parameters and optimizer state as ``optim.step()``, learning rate changing."""
+    torch.manual_seed(0)
+    models = [ActorCriticMLP(ActorCriticMLPConfig(name="m", observation_size=4, action_size=2))]
+    models.append(copy.deepcopy(models[0]))
+    optims = [optimizer(weight_decay_param_groups(m, 0.01), lr=1e-3, eps=1e-5) for m in models]
+    for optim in optims:
+        _use_fast_optimizer(optim)
+    x = torch.randn(64, 4)
+    for _ in range(3):  # updates: a new step object each, as the trainer makes
+        fused = _FusedAdamStep(optims[1])
+        steps: list[Callable[[], Any]] = [optims[0].step, fused]
+        for _ in range(4):
+            for model, step in zip(models, steps, strict=True):
+                model.zero_grad(set_to_none=True)
+                logits, values = model(x)
+                (logits.square().sum() + values.sum()).backward()
+                _clip_grad_norm(list(model.parameters()), 0.5)
+                step()
+        for optim in optims:
+            for group in optim.param_groups:
+                group["lr"] *= 0.5
+    assert fused._groups is not None  # the direct path ran
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    state = [optim.state_dict()["state"] for optim in optims]
+    for key, entry in state[0].items():
+        for name, value in entry.items():
+            assert torch.equal(value, state[1][key][name]), (key, name)
+
+
+def test_clip_grad_norm_clips_as_torch_does() -> None:
+    grads = [torch.randn(5, 3), torch.randn(7)]
+    for scale in (0.01, 10.0):
+        params = [torch.zeros_like(g, requires_grad=True) for g in grads]
+        expected = [torch.zeros_like(g, requires_grad=True) for g in grads]
+        for p, q, g in zip(params, expected, grads, strict=True):
+            p.grad, q.grad = g * scale, g * scale
+        _clip_grad_norm(params, 0.5)
+        torch.nn.utils.clip_grad_norm_(expected, 0.5)
+        for p, q in zip(params, expected, strict=True):
+            torch.testing.assert_close(p.grad, q.grad)
