@@ -82,8 +82,8 @@ def _print_help(command: str | None, args: list[str]) -> None:
         from ml.core.registry import BUILTIN_NAMES
 
         print("Built-in components (`name:` in each config section):")
-        for kind, names in BUILTIN_NAMES.items():
-            print(f"  {kind + ':':<14}{', '.join(names)}")
+        for kind, builtin in BUILTIN_NAMES.items():
+            print(f"  {kind + ':':<14}{', '.join(builtin)}")
         print("\n`ml train --help` lists every config field with its help text; `ml train CONFIG --help`")
         print("only the fields of the components CONFIG selects.")
         return
