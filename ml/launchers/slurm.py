@@ -117,7 +117,7 @@ echo "ml: job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}}, on $SLURM_JOB_
 forward_usr1() {{ echo "ml: USR1: checkpointing"; kill -USR1 "$srun_pid" 2>/dev/null; }}
 trap forward_usr1 USR1
 
-srun --kill-on-bad-exit=1 {python} -m ml.cli train {config_path} &
+srun --kill-on-bad-exit=1 {python} -m ml.entry train {config_path} &
 srun_pid=$!
 while :; do
     wait "$srun_pid"

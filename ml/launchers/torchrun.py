@@ -1,7 +1,7 @@
 """Defines the ``torchrun`` launcher: ``ml train`` in several processes, on one node or many.
 
 ``ml launch CONFIG launcher.name=torchrun launcher.nproc_per_node=N`` becomes
-``torchrun --standalone --nproc-per-node N -m ml.cli train CONFIG ...``. With ``launcher.nnodes=M``
+``torchrun --standalone --nproc-per-node N -m ml.entry train CONFIG ...``. With ``launcher.nnodes=M``
 (M > 1) it uses a c10d rendezvous at ``launcher.rdzv_endpoint`` instead, and the same command line
 is run on each of the M nodes; torchrun assigns node ranks as they join. Global rank 0 claims the
 run folder and tells the others (see :mod:`ml.cli`).
@@ -57,7 +57,7 @@ def torchrun_command(config: TorchrunLauncherConfig, args: list[str]) -> list[st
             "--rdzv-id",
             str(config.rdzv_id),
         ]
-    cmd += ["--max-restarts", str(config.max_restarts), "-m", "ml.cli", "train", *args]
+    cmd += ["--max-restarts", str(config.max_restarts), "-m", "ml.entry", "train", *args]
     return cmd
 
 

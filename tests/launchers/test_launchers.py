@@ -17,7 +17,7 @@ def test_torchrun_on_one_node_is_standalone() -> None:
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert cmd[3:] == [
         "--nproc-per-node", "4", "--standalone", "--max-restarts", "0",
-        "-m", "ml.cli", "train", "digits", "optimizer.lr=1e-3",
+        "-m", "ml.entry", "train", "digits", "optimizer.lr=1e-3",
     ]  # fmt: skip
 
 
