@@ -65,6 +65,10 @@ class BaseLogger(BaseObject[LoggerConfigT], ABC):
         self.log_directory: Path | None = None
         self._last_write_time: float | None = None
         self._last_write_step: int | None = None
+        # Read once: should_write runs every training step, and reading a config node costs
+        # microseconds.
+        self._every_n_steps: int | None = config.write_every_n_steps
+        self._every_n_seconds: float | None = config.write_every_n_seconds
 
     def initialize(self, log_directory: Path) -> None:
         """Called once by the trainer with the run's log folder, before anything is written."""
@@ -78,11 +82,11 @@ class BaseLogger(BaseObject[LoggerConfigT], ABC):
         """Whether to write now: always outside training, else on the step or time interval."""
         if not state.training or self._last_write_time is None:
             return True
-        if self.config.write_every_n_steps is not None:
-            return state.num_steps - (self._last_write_step or 0) >= self.config.write_every_n_steps
-        if self.config.write_every_n_seconds is None:
+        if self._every_n_steps is not None:
+            return state.num_steps - (self._last_write_step or 0) >= self._every_n_steps
+        if self._every_n_seconds is None:
             return True
-        return time.monotonic() - self._last_write_time >= self.config.write_every_n_seconds
+        return time.monotonic() - self._last_write_time >= self._every_n_seconds
 
     def mark_written(self, state: State) -> None:
         """Records a write; only training writes restart the training interval."""
@@ -135,7 +139,7 @@ class MultiLogger:
 
     def log_scalar(self, key: str, value: ScalarValue, *, namespace: str | None = None) -> None:
         """Logs a number, a one-element tensor, or a callable returning one (evaluated on write)."""
-        self._scalars[self._name(key, namespace)] = value
+        self._scalars[f"{namespace or self.default_namespace}/{key}"] = value  # as _name, inlined: hot
 
     def log_string(self, key: str, value: StringValue, *, namespace: str | None = None) -> None:
         self._strings[self._name(key, namespace)] = value
@@ -178,7 +182,9 @@ class MultiLogger:
             reduce: Combines the scalars over ranks (a collective: every rank calls it, so every
                 rank materialises its values whenever it is given).
         """
-        writers = [lg for lg in loggers if lg.should_write(state)] if is_master() else []
+        writers = [lg for lg in loggers if lg.should_write(state)]
+        if writers and not is_master():  # asked only when needed: it reads the environment
+            writers = []
         if not writers and reduce is None:
             for source in sources:
                 source.clear()

@@ -46,15 +46,18 @@ class BaseTask(BaseObject[TaskConfigT], nn.Module):
             value = getattr(config, key)
             if value is not None and value <= 0:
                 raise ValueError(f"task.{key} must be positive, got {value}")
+        # Kept as plain values: the trainer asks is_training_over at every step, and reading a
+        # config node costs microseconds.
+        self._limits = (config.max_steps, config.max_epochs, config.max_samples, config.max_seconds)
 
     def is_training_over(self, state: State) -> bool:
         """Whether any configured limit (steps, epochs, samples, seconds) has been reached."""
-        cfg = self.config
+        max_steps, max_epochs, max_samples, max_seconds = self._limits
         return (
-            (cfg.max_steps is not None and state.num_steps >= cfg.max_steps)
-            or (cfg.max_epochs is not None and state.num_epochs >= cfg.max_epochs)
-            or (cfg.max_samples is not None and state.num_samples >= cfg.max_samples)
-            or (cfg.max_seconds is not None and state.elapsed_time_s >= cfg.max_seconds)
+            (max_steps is not None and state.num_steps >= max_steps)
+            or (max_epochs is not None and state.num_epochs >= max_epochs)
+            or (max_samples is not None and state.num_samples >= max_samples)
+            or (max_seconds is not None and state.elapsed_time_s >= max_seconds)
         )
 
     @property

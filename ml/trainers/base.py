@@ -14,7 +14,11 @@ Notes for subclass authors:
   is saved from inside a signal handler, so a checkpoint always holds a consistent step. A second
   SIGINT raises ``KeyboardInterrupt`` at once; atomic writes leave no partial file behind.
 - Checkpoints are written atomically by rank 0 and read with ``torch.load(weights_only=True)``.
-  Whatever :meth:`BaseTrainer.update_state_dict` adds must be tensors or plain data.
+  Whatever :meth:`BaseTrainer.update_state_dict` adds must be tensors or plain data. With
+  ``checkpoint.async_save`` the write runs in a background thread from a host copy; the loop's
+  :meth:`BaseTrainer.on_step_end` reports a failed one, and :meth:`BaseTrainer.on_exit` and
+  :meth:`BaseTrainer.on_training_end` wait for the one in flight (see
+  :meth:`BaseTrainer.wait_for_checkpoint`).
 """
 
 import datetime
@@ -27,11 +31,13 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from signal import Signals
 from typing import Any, Generic, Literal, TypeVar, get_args
@@ -50,6 +56,7 @@ from ml.tasks.base import BaseTask
 from ml.utils.atomic import atomic_symlink, atomic_write_text, atomic_write_with
 from ml.utils.checkpoint import (
     CheckpointError,
+    HostSnapshot,
     check_loadable,
     get_rng_state,
     load_model_state,
@@ -375,6 +382,9 @@ class CheckpointConfig:
     only_save_most_recent: bool = conf_field(True, help="Delete older numbered checkpoints after a save")
     load_from_ckpt_path: str | None = conf_field(None, help="Initial model weights from this checkpoint")
     load_strict: bool = conf_field(True, help="Fail when checkpoint and model keys differ")
+    async_save: bool = conf_field(
+        False, help="Write checkpoints in a background thread from a host copy (one copy stays allocated)"
+    )
 
 
 class CheckpointWriteError(RuntimeError):
@@ -395,6 +405,16 @@ def _io_reason(error: BaseException, folder: Path) -> str:
     except OSError:
         pass
     return reason
+
+
+@dataclass
+class _PendingSave:
+    """A checkpoint being written in the background (``checkpoint.async_save``)."""
+
+    path: Path
+    task: Any
+    thread: threading.Thread = field(init=False)
+    error: BaseException | None = None
 
 
 class RunLockedError(RuntimeError):
@@ -514,6 +534,8 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         self._last_ckpt_time_s = 0.0
         self._last_ckpt_step = -1
         self._device_cache: torch.device | None = None
+        self._pending_save: _PendingSave | None = None  # checkpoint.async_save: the write in flight
+        self._host_snapshot: HostSnapshot | None = None
 
     # -- devices and precision
 
@@ -542,7 +564,10 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
 
     @property
     def sync_every_n_steps(self) -> int:
-        return max(1, int(getattr(self.config, "sync_every_n_steps", 10)))
+        every = self.__dict__.get("_sync_every")  # read once: asked at every step of a distributed job
+        if every is None:
+            every = self._sync_every = max(1, int(getattr(self.config, "sync_every_n_steps", 10)))
+        return every
 
     def sync_ranks(self, state: State, *, force: bool = False) -> None:
         """Every ``sync_every_n_steps`` steps, the ranks agree on what only some of them know.
@@ -592,8 +617,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         In a distributed job the ranks write training logs only at the steps they agreed on in
         :meth:`sync_ranks`; only then are the values materialised and averaged over the ranks.
         """
-        sources = [task.logger, getattr(unwrap_model(model), "logger", None), self.logger]
-        multi = [s for s in sources if isinstance(s, MultiLogger)]
+        multi = self._log_sources(task, model)
         if not self._distributed:
             MultiLogger.write_all(multi, self.loggers, state)
             return
@@ -603,6 +627,20 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             return
         self._write_due = False
         MultiLogger.write_all(multi, self.loggers, state, reduce=mean_over_ranks)
+
+    def _log_sources(self, task: TaskT, model: ModelT) -> list[MultiLogger]:
+        """Where values are logged: the task's, the model's (if it has one) and the trainer's loggers.
+
+        Looked up once per task and model rather than at every step (unwrapping costs microseconds).
+        """
+        key = (task.logger, self.logger)
+        cached = self.__dict__.get("_sources")
+        if cached is not None and cached[0] == key and cached[1]() is model:
+            return cached[2]
+        sources = [task.logger, getattr(unwrap_model(model), "logger", None), self.logger]
+        multi = [s for s in sources if isinstance(s, MultiLogger)]
+        self._sources = (key, weakref.ref(model), multi)  # weakly: the trainer may outlive the model
+        return multi
 
     def close_loggers(self) -> None:
         for sublogger in self.loggers:
@@ -699,14 +737,25 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
 
     def should_checkpoint(self, state: State) -> bool:
         """Whether a checkpoint is due: every ``save_every_n_steps`` steps or ``_n_seconds`` seconds."""
-        cfg = self.checkpoint_config
         if state.num_steps == self._last_ckpt_step:
             return False
-        if cfg.save_every_n_steps and state.num_steps % cfg.save_every_n_steps == 0 and state.num_steps > 0:
+        every_n_steps, every_n_seconds = self._checkpoint_cadence()
+        if every_n_steps and state.num_steps % every_n_steps == 0 and state.num_steps > 0:
             return True
-        if cfg.save_every_n_seconds is not None:
-            return state.elapsed_time_s - self._last_ckpt_time_s >= cfg.save_every_n_seconds
+        if every_n_seconds is not None:
+            return state.elapsed_time_s - self._last_ckpt_time_s >= every_n_seconds
         return False
+
+    def _checkpoint_cadence(self) -> tuple[int | None, float | None]:
+        """``save_every_n_steps`` and ``save_every_n_seconds`` as plain values, read once per config.
+
+        Asked at every step, and reading a config node costs microseconds.
+        """
+        cfg = self.checkpoint_config
+        cached = self.__dict__.get("_cadence")
+        if cached is None or cached[0] is not cfg:
+            cached = self._cadence = (cfg, cfg.save_every_n_steps, cfg.save_every_n_seconds)
+        return cached[1], cached[2]
 
     def load_checkpoint(
         self,
@@ -785,9 +834,19 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         ``only_save_most_recent``. A crash at any point leaves a loadable ``ckpt.pt``.
         Only the master rank writes; every rank returns the path.
 
+        With ``checkpoint.async_save`` the checkpoint is copied to host memory and this returns
+        while a background thread writes it, in the same order; a write still in flight is waited
+        for first (one at a time). A write that fails is raised by the next
+        :meth:`on_step_end`, save or :meth:`wait_for_checkpoint`.
+
         Returns:
             The path of the new checkpoint.
+
+        Raises:
+            CheckpointWriteError: The file could not be written (this one or, asynchronously, the
+                one before); the checkpoint before it is kept.
         """
+        self.wait_for_checkpoint()
         ckpt_path = self.get_ckpt_path(state)
         # What only the ranks together hold (sharded weights, each rank's environments) is
         # gathered first: every rank takes part, then rank 0 alone writes.
@@ -814,6 +873,38 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
 
         link = self.ckpt_path
         previous = link.resolve() if link.is_symlink() and link.exists() else None
+        if self.checkpoint_config.async_save:
+            if self._host_snapshot is None:
+                self._host_snapshot = HostSnapshot()
+            # A copy the next optimizer step cannot change; the write does not block the loop.
+            snapshot = self._host_snapshot.take(ckpt)
+            del ckpt, model_state, optim_state
+            pending = _PendingSave(ckpt_path, task)
+            # Not a daemon: an interpreter that exits still finishes the write (and its link).
+            pending.thread = threading.Thread(
+                target=self._write_in_background, args=(pending, snapshot, previous), name="ml-checkpoint"
+            )
+            self._pending_save = pending
+            pending.thread.start()
+            self._last_ckpt_time_s = state.elapsed_time_s
+            self._last_ckpt_step = state.num_steps
+            return ckpt_path
+        self._write_checkpoint(ckpt, ckpt_path, previous)
+        self._last_ckpt_time_s = state.elapsed_time_s
+        self._last_ckpt_step = state.num_steps
+        task.on_after_save_checkpoint(ckpt_path)
+        return ckpt_path
+
+    def _write_in_background(
+        self, pending: _PendingSave, ckpt: dict[str, Any], previous: Path | None
+    ) -> None:
+        try:
+            self._write_checkpoint(ckpt, pending.path, previous)
+        except BaseException as e:  # raised in the training thread, by _finish_save
+            pending.error = e
+
+    def _write_checkpoint(self, ckpt: dict[str, Any], ckpt_path: Path, previous: Path | None) -> None:
+        """Writes ``ckpt`` durably, then links it, removes older ones and marks the run (rank 0)."""
         try:
             atomic_write_with(ckpt_path, lambda f: torch.save(ckpt, f))
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
@@ -821,7 +912,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             raise CheckpointWriteError(
                 f"cannot write checkpoint {ckpt_path}: {_io_reason(e, ckpt_path.parent)}; {kept}"
             ) from e
-        atomic_symlink(ckpt_path.name, link)
+        atomic_symlink(ckpt_path.name, self.ckpt_path)
         if self.checkpoint_config.only_save_most_recent:
             # Every other numbered checkpoint, not only the one the link named before: a process
             # killed between the link swap and this point left its previous one behind.
@@ -829,11 +920,32 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                 if old != ckpt_path and old.name.split(".")[1].isdigit():
                     old.unlink(missing_ok=True)
         self.add_lock_file("ckpt", exists_ok=True)
-        self._last_ckpt_time_s = state.elapsed_time_s
-        self._last_ckpt_step = state.num_steps
         logger.info("Saved checkpoint %s", ckpt_path)
-        task.on_after_save_checkpoint(ckpt_path)
-        return ckpt_path
+
+    def wait_for_checkpoint(self) -> Path | None:
+        """Waits for the asynchronous checkpoint write in flight, if any, to be durable and linked.
+
+        Returns:
+            The path of the checkpoint that was waited for, or None when none was in flight.
+
+        Raises:
+            CheckpointWriteError: That write failed (the checkpoint before it is kept).
+        """
+        pending = self._pending_save
+        if pending is None:
+            return None
+        pending.thread.join()
+        return self._finish_save(pending)
+
+    def _finish_save(self, pending: _PendingSave) -> Path:
+        """After a background write ended: raise its error, or run the task's hook for it."""
+        self._pending_save = None
+        if pending.error is not None:
+            raise pending.error
+        if self._host_snapshot is not None:
+            self._host_snapshot.release()  # the buffers serve the next save's copy
+        pending.task.on_after_save_checkpoint(pending.path)
+        return pending.path
 
     def gather_checkpoint_parts(self, model: ModelT, optims: Optims | None) -> tuple[Any, Any]:
         """The model's and optimizers' state for a checkpoint; called on every rank before saving.
@@ -954,9 +1066,11 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         inside the signal handler itself.
         """
         logger.info("Stopping on %s at step %d: saving a checkpoint", sig.name, state.num_steps)
+        self.wait_for_checkpoint()  # a write in flight decides whether ckpt.pt exists
         # In a distributed job every rank must take the same decision (saving may be collective).
         if self._last_ckpt_step != state.num_steps or (not self._distributed and not self.ckpt_path.exists()):
             self.save_checkpoint(state, task, model, optim, lr_scheduler)
+        self.wait_for_checkpoint()  # durable before the handlers run (they may requeue the job)
         for handler in self.signal_handlers.get(sig, []):
             handler()
 
@@ -977,6 +1091,9 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         lr_sched: LRScheds,
     ) -> None:
         self.sync_ranks(state)  # the clock; in a distributed job also the agreed stop flag and log writes
+        pending = self._pending_save
+        if pending is not None and not pending.thread.is_alive():  # a background write ended
+            self._finish_save(pending)  # raises its error: the run stops at this step
         task.on_step_end(state, loss_dict, model, optim, lr_sched)
 
     def on_epoch_start(
@@ -1040,6 +1157,9 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
     def on_training_end(
         self, state: State, task: TaskT, model: ModelT, optim: Optims, lr_sched: LRScheds
     ) -> None:
-        task.on_training_end(state, model, optim, lr_sched)
-        self.remove_lock_file("running", missing_ok=True)
+        try:
+            self.wait_for_checkpoint()  # never leave a write half done, nor release the run before it
+        finally:
+            task.on_training_end(state, model, optim, lr_sched)
+            self.remove_lock_file("running", missing_ok=True)
         logger.info("Exiting training job for %s", self.config_path)

@@ -16,6 +16,7 @@ stopped at any step and resumed computes the same tensors as one that never stop
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -135,6 +136,49 @@ def _to_float32(value: Any) -> Any:
     return value
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: it holds no state
+
+
+def _scalar(value: torch.Tensor) -> torch.Tensor:
+    """``value.sum()``; a scalar as it is (the same number, without a kernel launch)."""
+    return value if value.dim() == 0 else value.sum()
+
+
+def _summed(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sum of every loss's elements (in float32 or wider): what the backward pass starts from."""
+    if len(losses) == 1:
+        return _scalar(next(iter(losses.values())).float())
+    return torch.stack([v.float().sum() for v in losses.values()]).sum()
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """``nn.utils.get_total_norm(grads)``: the same kernels, so the same number, with less Python.
+
+    The usual case - plain tensors of one CPU or CUDA device and one dtype, outside any graph -
+    calls the kernels directly; any other goes through torch's function.
+    """
+    if grads:
+        first = grads[0]
+        device, dtype = first.device, first.dtype
+        if device.type in ("cpu", "cuda") and all(
+            type(g) is torch.Tensor and not g.requires_grad and g.device == device and g.dtype == dtype
+            for g in grads
+        ):
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+    return nn.utils.get_total_norm(grads)
+
+
+def _all_finite(values: list[torch.Tensor], *, on_host: bool) -> bool:
+    """Whether every (one-element) tensor is finite, with one host sync.
+
+    Tensors on the CPU are read one by one, which costs less than stacking them; elsewhere they
+    are stacked and checked on the device, so that the host waits for the device once.
+    """
+    if on_host:
+        return all(math.isfinite(v.item()) for v in values)
+    return bool(torch.isfinite(torch.stack([v.detach().float() for v in values])).all())
+
+
 def _with_total(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Adds the summed loss (``loss``, or ``total_loss`` if a part is called ``loss``) to named parts."""
     if len(losses) == 1 and "loss" in losses:
@@ -174,6 +218,13 @@ class SupervisedLearningTrainer(
         _check_config(config)
         self.final_metrics: dict[str, float] = {}
         self.num_skipped_steps = 0  # steps dropped for non-finite values (non_finite_loss=skip)
+        # What the step loop reads, as plain values: reading a config node costs microseconds,
+        # which a loop of small steps feels.
+        self._batches_per_step = int(config.batches_per_step)
+        self._clip_grad_norm = config.clip_grad_norm
+        self._valid_every = (config.valid_every_n_steps, config.valid_every_n_seconds)
+        self._dtype = torch.float64 if config.use_double_weight_precision else torch.float32
+        self._parts: tuple[nn.Module, list[nn.Module], list[nn.Parameter], bool] | None = None  # _parts_of
         self.precision = MixedPrecision(config.precision, self._device)
         self._data_seed = 0
         self._last_valid = (-1, 0.0)  # (step, elapsed seconds) of the last validation
@@ -296,10 +347,24 @@ class SupervisedLearningTrainer(
         assert loader.generator is not None
         loader.generator.manual_seed(self._data_seed + state.num_epochs)
         batches = iter(loader)
-        while group := list(itertools.islice(batches, self.config.batches_per_step)):
+        if self._batches_per_step == 1:
+            for batch in batches:
+                yield [batch]
+            return
+        while group := list(itertools.islice(batches, self._batches_per_step)):
             yield group
 
     # -- one training step
+
+    def _parts_of(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter], bool]:
+        """The model's modules and parameters, and whether it runs on the CPU.
+
+        Found once per training loop instead of at every step.
+        """
+        if self._parts is None or self._parts[0] is not model:
+            on_cpu = self._device_type == "cpu"
+            self._parts = (model, list(model.modules()), list(model.parameters()), on_cpu)
+        return self._parts[1:]
 
     def _losses(
         self, task: SupervisedLearningTask, model: nn.Module, batch: Any, state: State
@@ -329,41 +394,46 @@ class SupervisedLearningTrainer(
         Each batch's loss is weighted by its share of the step's samples, so accumulating k batches
         gives the gradient of one batch k times as large.
         """
-        model.train()
-        total = sum(batch_size_of(b) for b in batches)
+        modules, all_params, on_cpu = self._parts_of(model)
+        if not all(m.training for m in modules):  # as model.train(), without its cost on every step
+            model.train()
+        # A step of one batch (the usual case) skips the weighting: its weight is exactly 1.
+        single = len(batches) == 1
+        total = batch_size_of(batches[0]) if single else sum(batch_size_of(b) for b in batches)
         losses: dict[str, torch.Tensor] = {}
         optim.zero_grad(set_to_none=True)
-        no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce gradients once, after the last batch
+        # DDP: all-reduce gradients once, after the last batch
+        no_sync = None if single else getattr(model, "no_sync", None)
         for i, batch in enumerate(batches):
-            weight = batch_size_of(batch) / total
-            batch = move_to(batch, self._device, self._weight_precision)
+            weight = 1.0 if single else batch_size_of(batch) / total
+            batch = move_to(batch, self._device, self._dtype)
             last = i == len(batches) - 1
-            with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            with no_sync() if no_sync is not None and not last else _NO_CONTEXT:
                 loss_dict = self._losses(task, model, batch, state)
-                loss = torch.stack([v.float().sum() for v in loss_dict.values()]).sum()
-                self.precision.backward(loss * weight)
+                loss = _summed(loss_dict)
+                self.precision.backward(loss if single else loss * weight)
             for name, value in loss_dict.items():
-                losses[name] = losses.get(name, 0.0) + value.detach().float().sum() * weight
-        step_loss = torch.stack(list(losses.values())).sum()
+                part = _scalar(value.detach().float())
+                losses[name] = part if single else losses.get(name, 0.0) + part * weight
+        step_loss = (
+            next(iter(losses.values())) if len(losses) == 1 else torch.stack(list(losses.values())).sum()
+        )
         self.precision.unscale_(optim)
-        params = [p for p in model.parameters() if p.grad is not None]
-        grads = [cast(torch.Tensor, p.grad) for p in params]
-        grad_norm = nn.utils.get_total_norm(grads)  # measured (and logged) even when not clipping
+        grads = [g for p in all_params if (g := p.grad) is not None]
+        grad_norm = _total_norm(grads)  # measured (and logged) even when not clipping
         # One host sync per step decides whether to step: the loss and the gradient norm, which is
         # computed anyway. (Under fp16, non-finite gradients are the scaler's business: it skips
         # those steps and lowers its scale.)
-        checked = step_loss.detach().float()
-        if self.precision.scaler is None:
-            checked = torch.stack([checked, grad_norm.detach().float()])
-        finite = bool(torch.isfinite(checked).all())
+        checked = [step_loss] if self.precision.scaler is not None else [step_loss, grad_norm]
+        finite = _all_finite(checked, on_host=on_cpu)
         if self._distributed:  # all ranks skip or stop together, or their weights would part
             finite = all_max([float(not finite)])[0] == 0.0
         if not finite:
             self._non_finite_step(state, step_loss, model, optim)
             return losses
-        if self.config.clip_grad_norm is not None:  # after the check: clipping spreads a NaN everywhere
-            nn.utils.clip_grads_with_norm_(params, self.config.clip_grad_norm, grad_norm)
-        self.logger.log_scalar("grad_norm", grad_norm.detach())
+        if self._clip_grad_norm is not None:  # after the check: clipping spreads a NaN everywhere
+            nn.utils.clip_grads_with_norm_(all_params, self._clip_grad_norm, grad_norm)  # those with grads
+        self.logger.log_scalar("grad_norm", grad_norm)  # outside any graph (see _total_norm)
         lr_sched.step(state)
         self.precision.step(optim)
         self.logger.log_scalar("lr", lr_sched.lr)
@@ -442,14 +512,12 @@ class SupervisedLearningTrainer(
         return metrics
 
     def _should_validate(self, state: State) -> bool:
-        cfg, (last_step, last_time) = self.config, self._last_valid
+        (every_n_steps, every_n_seconds), (last_step, last_time) = self._valid_every, self._last_valid
         if last_step == state.num_steps:
             return False
-        if cfg.valid_every_n_steps and state.num_steps % cfg.valid_every_n_steps == 0:
+        if every_n_steps and state.num_steps % every_n_steps == 0:
             return True
-        return bool(
-            cfg.valid_every_n_seconds and state.elapsed_time_s - last_time >= cfg.valid_every_n_seconds
-        )
+        return bool(every_n_seconds and state.elapsed_time_s - last_time >= every_n_seconds)
 
     # -- the loop
 
@@ -487,20 +555,23 @@ class SupervisedLearningTrainer(
                 evaluator = cast(BaseModel, runner)
 
             # Take the run (lock, resume), loop, finish or stop, tear down: shared with the rl trainer.
-            run_session(
-                self,
-                task,
-                model,
-                optim,
-                lr_sched,
-                seed=task.config.seed,
-                loop=lambda state: self._loop(
-                    state, train_loader, valid_loader, task, model, runner, evaluator, optim, lr_sched
-                ),
-                finish=lambda state: self._finish(
-                    state, valid_loader, test_loader, task, model, evaluator, optim, lr_sched
-                ),
-            )
+            try:
+                run_session(
+                    self,
+                    task,
+                    model,
+                    optim,
+                    lr_sched,
+                    seed=task.config.seed,
+                    loop=lambda state: self._loop(
+                        state, train_loader, valid_loader, task, model, runner, evaluator, optim, lr_sched
+                    ),
+                    finish=lambda state: self._finish(
+                        state, valid_loader, test_loader, task, model, evaluator, optim, lr_sched
+                    ),
+                )
+            finally:
+                self._parts = None  # the step loop's lists of the model's modules and parameters
 
     def _loop(
         self,
@@ -520,6 +591,7 @@ class SupervisedLearningTrainer(
         self._finished = False
         self._last_valid = (-1, state.elapsed_time_s)  # the time-based interval restarts here
         throughput = _Throughput(state)
+        world_size = get_world_size()
         while not task.is_training_over(state) and self.stop_signal is None:
             if state.num_epoch_samples == 0:
                 self.on_epoch_start(state, task, model, optim, lr_sched)
@@ -527,7 +599,7 @@ class SupervisedLearningTrainer(
                 self.on_step_start(state, task, model, optim, lr_sched)
                 loss_dict = self._train_step(state, batches, task, runner, optim, lr_sched)
                 # Every rank's step covers as many samples (see ResumableSampler): count them all.
-                samples = sum(batch_size_of(b) for b in batches) * get_world_size()
+                samples = sum(map(batch_size_of, batches)) * world_size
                 state.num_steps += 1
                 state.num_epoch_steps += 1
                 state.num_samples += samples

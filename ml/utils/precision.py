@@ -7,7 +7,6 @@ checkpointed; a checkpoint without one (from an fp32 run, or from the CPU) loads
 """
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any, Literal, get_args
 
 import torch
@@ -16,6 +15,7 @@ from torch.optim import Optimizer
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_NO_AUTOCAST = contextlib.nullcontext()  # reusable: it holds no state
 
 
 class MixedPrecision:
@@ -34,13 +34,11 @@ class MixedPrecision:
         self.dtype = _AUTOCAST_DTYPES.get(precision)
         self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
 
-    @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """``torch.autocast`` to the precision's dtype; a no-op context (cheap, every step) for fp32."""
         if self.dtype is None:
-            yield
-            return
-        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
-            yield
+            return _NO_AUTOCAST
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
