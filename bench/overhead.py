@@ -1,0 +1,575 @@
+"""Measures what a training framework costs per step: ``ml`` against a plain loop, Lightning and Accelerate.
+
+Every contender trains the same MLP on the same in-memory data for a fixed number of steps: the
+1,797 8x8 digits of scikit-learn (64 features, 10 classes), batch 64, shuffled, last partial batch
+dropped (28 steps per epoch), Adam at 1e-3, cross-entropy, weights initialised from seed 0, one
+torch thread (``torch.set_num_threads(1)``), on CUDA when there is one (else the CPU). Two models:
+
+* ``tiny``: 64-256-256-10 (85k weights), where the framework's per-step overhead dominates;
+* ``big``: 64-1024-1024-1024-10 (2.2M weights), where the matrix products dominate.
+
+The contenders:
+
+* ``plain``: a hand-written loop (DataLoader over a TensorDataset, ``zero_grad``, ``backward``,
+  ``step``; no ``loss.item()`` or other host sync per step);
+* ``ml``: ``ml train`` with its defaults, as the ``digits`` example runs it: stdout, jsonl and
+  TensorBoard loggers at their default intervals (10 s, 1 s, 10 s), checkpoints at the default cadence
+  (every 3,600 s, so only the final one, after the timed steps), no periodic validation (the default;
+  the data has no validation or test split), the non-finite check, gradient norm and every metric
+  the trainer logs by default (loss, grad norm, learning rate, epoch, steps/s, samples/s);
+* ``ml minimal``: ``ml train`` with no logger, no timed checkpoints (the final one cannot be turned
+  off; it comes after the timed steps) and no validation or test at the end;
+* ``lightning``: ``lightning.Trainer`` with its defaults (TensorBoard or CSV logger, a checkpoint at
+  every epoch end, progress bar, model summary; ``devices=1``), ``self.log`` of the loss each step;
+* ``fabric``: ``lightning.fabric.Fabric`` (``setup``, ``setup_dataloaders``, ``fabric.backward``);
+* ``accelerate``: ``accelerate.Accelerator`` (``prepare``, ``accelerator.backward``);
+* ``lightning_stripped`` (only with ``--contenders``): the Trainer without logger, checkpoints,
+  progress bar and model summary.
+
+Each run is a fresh interpreter, and the contenders alternate in rounds (plain, ml, ..., plain, ml,
+...) so that changes in the machine's load hit them alike. The model's first module records the
+time at which the training forward passes of steps ``warmup + 1`` and ``steps`` begin; the steps in
+between are the timed ones (``steps - warmup - 1`` whole steps, start-up and the first ``warmup``
+steps excluded, and so is everything after the last forward: the final checkpoint, teardown). On
+CUDA the device is synchronised at those two instants only. Reported per contender:
+
+* steps/s: the median over rounds of the timed steps per second;
+* x plain: in each round, the run's steps/s divided by that round's plain run, then the median;
+* x plain (CPU time): the same with steps per second of the process's CPU time, which other
+  processes on a busy machine disturb less than the wall clock (meaningful without a GPU only);
+* us/step over plain: ``1/steps_per_s - 1/plain_steps_per_s`` of the medians, in microseconds;
+* start-up: from launching the interpreter to the end of the first step (imports, set-up, data, the
+  first step), the median over rounds.
+
+The issue's targets (tiny model: ``ml`` defaults at least 0.95x plain, ``ml`` minimal at least
+Fabric; big model: ``ml`` at least 0.99x) are checked on the wall-clock ratios and printed below the
+table.
+
+Run it with ``python bench/overhead.py`` (needs ``pip install -e ".[bench]"`` for the peers; those not
+installed are left out) or ``python bench/overhead.py --quick`` for a smoke run.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CONTENDERS: tuple[str, ...] = ("plain", "ml", "ml_minimal", "lightning", "fabric", "accelerate")
+EXTRA: tuple[str, ...] = ("lightning_stripped",)  # only when asked for with --contenders
+NEEDS: dict[str, str] = {
+    "lightning": "lightning",
+    "lightning_stripped": "lightning",
+    "fabric": "lightning",
+    "accelerate": "accelerate",
+}
+LABELS: dict[str, str] = {
+    "plain": "plain PyTorch",
+    "ml": "ml (defaults)",
+    "ml_minimal": "ml (minimal)",
+    "lightning": "Lightning Trainer (defaults)",
+    "lightning_stripped": "Lightning Trainer (stripped)",
+    "fabric": "Lightning Fabric",
+    "accelerate": "HF Accelerate",
+}
+# The issue's targets (tiny model unless named): (description, model, contender, at least, or the
+# contender whose ratio it must reach).
+TARGETS: tuple[tuple[str, str, str, float | str], ...] = (
+    ("ml defaults >= 0.95x plain (tiny)", "tiny", "ml", 0.95),
+    ("ml minimal >= Fabric (tiny)", "tiny", "ml_minimal", "fabric"),
+    ("ml defaults >= 0.99x plain (big)", "big", "ml", 0.99),
+)
+MODELS: dict[str, tuple[int, ...]] = {"tiny": (64, 256, 256, 10), "big": (64, 1024, 1024, 1024, 10)}
+# (steps, warmup) per model: the full run and --quick.
+STEPS: dict[str, tuple[int, int]] = {"tiny": (2000, 200), "big": (200, 20)}
+QUICK_STEPS: dict[str, tuple[int, int]] = {"tiny": (60, 10), "big": (12, 4)}
+BATCH_SIZE = 64
+LR = 1e-3
+SEED = 0
+
+# ---------------------------------------------------------------------------------------------
+# The worker: one contender, one model, in a fresh interpreter. Each contender imports only what it
+# uses, so start-up times are each library's own.
+
+
+class _Clock:
+    """Times of the training forward passes ``warmup + 1``, ``2`` and ``steps`` (1-based)."""
+
+    def __init__(self, warmup: int, steps: int, sync: Callable[[], None]) -> None:
+        if not 1 <= warmup < steps - 1:
+            raise ValueError(f"need 1 <= warmup < steps - 1, got warmup {warmup} and steps {steps}")
+        self.calls = 0
+        self.marks: dict[int, list[str]] = {}
+        for call, name in ((2, "first_step_done"), (warmup + 1, "timed_start"), (steps, "timed_end")):
+            self.marks.setdefault(call, []).append(name)
+        self.times: dict[str, float] = {}
+        self.cpu_times: dict[str, float] = {}
+        self.sync = sync
+
+    def tick(self) -> None:
+        self.calls += 1
+        names = self.marks.get(self.calls)
+        if names is not None:
+            self.sync()
+            now, cpu = time.perf_counter(), time.process_time()
+            for name in names:
+                self.times[name], self.cpu_times[name] = now, cpu
+
+
+def _model(widths: tuple[int, ...], clock: _Clock) -> Any:
+    """The MLP, behind a module that ticks the clock at each training forward pass."""
+    import torch
+    from torch import nn
+
+    class Tick(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                clock.tick()
+            return x
+
+    torch.manual_seed(SEED)
+    layers: list[nn.Module] = [Tick()]
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _data() -> Any:
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+    from torch.utils.data import TensorDataset
+
+    digits = load_digits()
+    images = torch.from_numpy((digits.data / 16.0).astype(np.float32))
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    return TensorDataset(images, labels)
+
+
+def _loader(dataset: Any) -> Any:
+    import torch
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        dataset,
+        batch_size=BATCH_SIZE,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def _device() -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_plain(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    del workdir
+    device = _device()
+    model = _model(widths, clock).to(device)
+    optim = torch.optim.Adam(model.parameters(), lr=LR)
+    loader = _loader(_data())
+    step = 0
+    model.train()
+    while step < steps:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            step += 1
+            if step >= steps:
+                break
+
+
+_ML_MODEL: dict[str, Any] = {}  # the widths and clock the next ``overhead_mlp`` is built with
+
+
+def _ml_components(widths: tuple[int, ...], clock: _Clock) -> None:
+    """Registers the model (``overhead_mlp``) and the task (``overhead_digits``) with ``ml`` (once)."""
+    from dataclasses import dataclass
+
+    import torch.nn.functional as F
+
+    from ml.core.registry import register_model, register_task, registered_names
+
+    _ML_MODEL.update(widths=widths, clock=clock)
+    if "overhead_mlp" in registered_names("model"):
+        return
+    from ml.models.base import BaseModel, BaseModelConfig
+    from ml.tasks.sl import SupervisedLearningTask, SupervisedLearningTaskConfig
+
+    @dataclass
+    class MLPConfig(BaseModelConfig):
+        pass
+
+    @register_model("overhead_mlp")
+    class MLP(BaseModel[MLPConfig]):
+        def __init__(self, config: MLPConfig) -> None:
+            super().__init__(config)
+            self.net = _model(_ML_MODEL["widths"], _ML_MODEL["clock"])
+
+        def forward(self, x: Any) -> Any:
+            return self.net(x)
+
+    @dataclass
+    class DigitsConfig(SupervisedLearningTaskConfig):
+        pass
+
+    @register_task("overhead_digits")
+    class Digits(SupervisedLearningTask[DigitsConfig]):
+        def get_dataset(self, phase: Any) -> Any:
+            if phase != "train":
+                raise NotImplementedError(f"no {phase} data")
+            return _data()
+
+        def compute_loss(self, model: Any, batch: Any, state: Any, output: Any) -> Any:
+            return F.cross_entropy(output, batch[1])
+
+
+def _ml_config(steps: int, minimal: bool) -> str:
+    lines = [
+        "model: {name: overhead_mlp}",
+        f"task: {{name: overhead_digits, max_steps: {steps}, seed: {SEED},",
+        f"       train_dl: {{batch_size: {BATCH_SIZE}}}}}",
+        f"optimizer: {{name: adam, lr: {LR}}}",
+        "trainer:",
+        "  name: sl",
+        "  exp_name: overhead",
+    ]
+    if minimal:
+        lines += [
+            "  valid_at_end: false",
+            "  test_at_end: false",
+            "  checkpoint: {save_every_n_seconds: null}",
+            "logger: []",
+        ]
+    else:  # the digits example's loggers, at their default intervals
+        lines += ["logger:", "  - {name: stdout}", "  - {name: jsonl}", "  - {name: tensorboard}"]
+    return "\n".join(lines) + "\n"
+
+
+def _run_ml(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path, minimal: bool) -> None:
+    from ml.cli import main
+
+    _ml_components(widths, clock)
+    config = workdir / "config.yaml"
+    config.write_text(_ml_config(steps, minimal))
+    code = main(["train", str(config), f"trainer.exp_dir={workdir / 'run'}"])
+    if code != 0:
+        raise RuntimeError(f"ml train exited with {code}")
+
+
+def run_ml(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path) -> None:
+    _run_ml(widths, steps, clock, workdir, minimal=False)
+
+
+def run_ml_minimal(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path) -> None:
+    _run_ml(widths, steps, clock, workdir, minimal=True)
+
+
+def run_lightning(
+    widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path, stripped: bool = False
+) -> None:
+    import lightning as L
+    import torch
+    import torch.nn.functional as F
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _model(widths, clock)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            loss = F.cross_entropy(self.net(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam(self.parameters(), lr=LR)
+
+    off = ("logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary")
+    extra: dict[str, Any] = dict.fromkeys(off, False) if stripped else {}
+    trainer = L.Trainer(max_steps=steps, devices=1, default_root_dir=str(workdir), **extra)
+    trainer.fit(Module(), _loader(_data()))
+
+
+def run_lightning_stripped(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path) -> None:
+    run_lightning(widths, steps, clock, workdir, stripped=True)
+
+
+def run_fabric(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path) -> None:
+    import torch
+    import torch.nn.functional as F
+    from lightning.fabric import Fabric
+
+    del workdir
+    fabric = Fabric(devices=1)
+    model = _model(widths, clock)
+    optim = torch.optim.Adam(model.parameters(), lr=LR)
+    model, optim = fabric.setup(model, optim)
+    loader = fabric.setup_dataloaders(_loader(_data()))
+    step = 0
+    model.train()
+    while step < steps:
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            optim.zero_grad(set_to_none=True)
+            fabric.backward(loss)
+            optim.step()
+            step += 1
+            if step >= steps:
+                break
+
+
+def run_accelerate(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path) -> None:
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+
+    del workdir
+    accelerator = Accelerator()
+    model = _model(widths, clock)
+    optim = torch.optim.Adam(model.parameters(), lr=LR)
+    model, optim, loader = accelerator.prepare(model, optim, _loader(_data()))
+    step = 0
+    model.train()
+    while step < steps:
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            optim.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optim.step()
+            step += 1
+            if step >= steps:
+                break
+
+
+RUNNERS: dict[str, Callable[[tuple[int, ...], int, _Clock, Path], None]] = {
+    "plain": run_plain,
+    "ml": run_ml,
+    "ml_minimal": run_ml_minimal,
+    "lightning": run_lightning,
+    "lightning_stripped": run_lightning_stripped,
+    "fabric": run_fabric,
+    "accelerate": run_accelerate,
+}
+
+
+def worker(contender: str, model: str, steps: int, warmup: int, launched: float, out: Path) -> None:
+    """Trains once; writes the timed steps per second and the start-up time to ``out`` as JSON."""
+    import torch
+
+    torch.set_num_threads(1)
+    clock = _Clock(warmup, steps, _sync)
+    start = time.perf_counter()  # perf_counter for intervals; wall time only to reach back to the launch
+    start_wall = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        RUNNERS[contender](MODELS[model], steps, clock, Path(tmp))
+    missing = {"timed_start", "timed_end", "first_step_done"} - set(clock.times)
+    if missing or clock.calls < steps:
+        raise RuntimeError(f"{contender} ran {clock.calls} training forward passes, expected {steps}")
+    timed = steps - warmup - 1
+    seconds = clock.times["timed_end"] - clock.times["timed_start"]
+    cpu_seconds = clock.cpu_times["timed_end"] - clock.cpu_times["timed_start"]
+    result = {
+        "steps_per_s": timed / seconds,
+        "cpu_steps_per_s": timed / cpu_seconds,
+        "timed_steps": timed,
+        "startup_s": (start_wall - launched) + (clock.times["first_step_done"] - start),
+    }
+    out.write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+def run_once(contender: str, model: str, steps: int, warmup: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", contender, "--model", model]
+        cmd += ["--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("ML_EXP_NAME", None)
+        launched = time.time()
+        proc = subprocess.run(
+            [*cmd, "--launched", repr(launched)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tmp,
+        )
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.splitlines()[-20:])
+            raise RuntimeError(f"{contender} ({model}) failed with exit code {proc.returncode}:\n{tail}")
+        return json.loads(out.read_text())
+
+
+def available(contenders: list[str]) -> list[str]:
+    import importlib.util
+
+    kept = []
+    for name in contenders:
+        package = NEEDS.get(name)
+        if package is not None and importlib.util.find_spec(package) is None:
+            print(f"{name}: {package} is not installed, left out", file=sys.stderr)
+            continue
+        kept.append(name)
+    return kept
+
+
+def summarize(
+    runs: dict[str, dict[str, list[dict[str, float]]]], contenders: list[str]
+) -> tuple[list[str], list[list[Any]], dict[str, Any]]:
+    from common import median
+
+    columns = [
+        "model / contender",
+        "steps/s",
+        "x plain",
+        "x plain (CPU time)",
+        "us/step over plain",
+        "start-up s",
+        "runs",
+    ]
+    rows: list[list[Any]] = []
+    summary: dict[str, Any] = {}
+    for model, by_contender in runs.items():
+        plain = by_contender.get("plain", [])
+        plain_sps = median([r["steps_per_s"] for r in plain])
+        summary[model] = {}
+        for name in contenders:
+            results = by_contender.get(name, [])
+            sps = median([r["steps_per_s"] for r in results])
+            pairs = list(zip(results, plain, strict=False))  # the runs of one round
+            ratios = [r["steps_per_s"] / p["steps_per_s"] for r, p in pairs]
+            cpu_ratios = [r["cpu_steps_per_s"] / p["cpu_steps_per_s"] for r, p in pairs]
+            extra_us = (1 / sps - 1 / plain_sps) * 1e6 if plain else float("nan")
+            startup = median([r["startup_s"] for r in results])
+            summary[model][name] = {
+                "steps_per_s": sps,
+                "ratio_to_plain": median(ratios),
+                "cpu_ratio_to_plain": median(cpu_ratios),
+                "ratios": ratios,
+                "us_per_step_over_plain": extra_us,
+                "startup_s": startup,
+                "runs": results,
+            }
+            rows.append(
+                [
+                    f"{model} / {LABELS[name]}",
+                    sps,
+                    median(ratios),
+                    median(cpu_ratios),
+                    extra_us,
+                    startup,
+                    len(results),
+                ]
+            )
+    return columns, rows, summary
+
+
+def check_targets(summary: dict[str, Any]) -> dict[str, bool]:
+    """The issue's targets that these results can judge, each met or not (on the wall-clock ratios)."""
+    met = {}
+    for text, model, name, bar in TARGETS:
+        if model not in summary or name not in summary[model]:
+            continue
+        if isinstance(bar, str):
+            if bar not in summary[model]:
+                continue
+            bar = summary[model][bar]["ratio_to_plain"]
+        met[text] = bool(summary[model][name]["ratio_to_plain"] >= bar)
+    return met
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5, help="rounds (each contender once per round)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, one round")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        choices=CONTENDERS + EXTRA,
+        default=list(CONTENDERS),
+        metavar="NAME",
+        help=f"which to run, in this order (default: all but {', '.join(EXTRA)}): "
+        + ", ".join(CONTENDERS + EXTRA),
+    )
+    parser.add_argument("--no-save", action="store_true", help="print the table only (no results file)")
+    parser.add_argument("--worker", choices=CONTENDERS + EXTRA, help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        worker(args.worker, args.model, args.steps, args.warmup, args.launched, args.out)
+        return
+
+    from common import table, write_results
+
+    contenders = available(args.contenders)
+    repeat = 1 if args.quick else args.repeat
+    steps = QUICK_STEPS if args.quick else STEPS
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {m: {c: [] for c in contenders} for m in args.models}
+    began = time.monotonic()
+    for round_ in range(repeat):
+        for model in args.models:
+            for name in contenders:
+                result = run_once(name, model, *steps[model])
+                runs[model][name].append(result)
+                print(
+                    f"round {round_ + 1}/{repeat} {model:<4} {name:<11} {result['steps_per_s']:9.1f} steps/s"
+                    f"  start-up {result['startup_s']:5.2f}s  ({time.monotonic() - began:.0f}s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    columns, rows, summary = summarize(runs, contenders)
+    print(table(columns, rows))
+    targets = check_targets(summary)
+    for text, met in targets.items():
+        print(f"{'met    ' if met else 'NOT met'}  {text}")
+    if not args.no_save:
+        write_results(
+            "overhead_quick" if args.quick else "overhead",
+            {
+                "steps": {m: {"steps": steps[m][0], "warmup": steps[m][1]} for m in args.models},
+                "repeat": repeat,
+                "batch_size": BATCH_SIZE,
+                "models": {m: list(MODELS[m]) for m in args.models},
+                "results": summary,
+                "targets": targets,
+            },
+            peers=("lightning", "accelerate", "scikit-learn"),
+        )
+
+
+if __name__ == "__main__":
+    main()
