@@ -29,8 +29,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck  # fault injection at its default counts: 20 kills, 10 signals, 8 racing runs
-	$(BIN)/python -m pytest -q --durations=15
+test: lint typecheck  # fault injection at its default counts (20 kills, 10 signals); racing runs in `make reliability`
+	$(BIN)/python -m pytest -q --durations=15 \
+		--deselect tests/reliability/test_concurrency.py::test_fresh_runs_started_together_get_distinct_folders \
+		--deselect tests/reliability/test_concurrency.py::test_of_continuations_released_together_exactly_one_trains
 
 format: $(STAMP)
 	$(BIN)/ruff format ml tests bench

@@ -34,7 +34,7 @@ from tests.reliability.test_hostile_input import one_error_line, snapshot, snaps
 
 __all__ = ["files"]
 
-# 8 racers in `make test`; `make reliability` sets ML_RELIABILITY_RACERS=64.
+# 8 racers by default; `make reliability` sets ML_RELIABILITY_RACERS=64 (`make test` skips the race).
 NUM_RACERS = int(os.environ.get("ML_RELIABILITY_RACERS", "") or 8)
 BASE_ARGS = ("task.threshold=0",)  # USER_CONFIG leaves task.threshold required
 FAST = ("task.max_steps=1", "trainer.valid_at_end=false", "trainer.test_at_end=false", "logger=[]")
