@@ -38,8 +38,12 @@ format: $(STAMP)
 	$(BIN)/ruff format ml tests bench
 	$(BIN)/ruff check --fix ml tests bench
 
-bench: $(STAMP)
+bench: $(STAMP)  # every comparison, side by side with the peers; tables printed, JSON in bench/results/
+	$(BIN)/python -m pip install --quiet -e ".[bench]" "$(TORCH_PIN)"
 	$(BIN)/python bench/import_time.py
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/checkpoint.py
+	$(BIN)/python bench/rl_cartpole.py
 
 bench-rl: $(STAMP)  # ml vs Stable-Baselines3 PPO on CartPole, then PPO on Pendulum (several minutes)
 	$(BIN)/python -m pip install --quiet -e ".[bench]" "$(TORCH_PIN)"
