@@ -27,11 +27,12 @@ The contenders:
   progress bar and model summary.
 
 Each run is a fresh interpreter, and the contenders alternate in rounds (plain, ml, ..., plain, ml,
-...) so that changes in the machine's load hit them alike. The model's first module records the
-time at which the training forward passes of steps ``warmup + 1`` and ``steps`` begin; the steps in
-between are the timed ones (``steps - warmup - 1`` whole steps, start-up and the first ``warmup``
-steps excluded, and so is everything after the last forward: the final checkpoint, teardown). On
-CUDA the device is synchronised at those two instants only. Reported per contender:
+...; each round starts one contender further on) so that changes in the machine's load hit them
+alike. The model's first module records the time at which the training forward passes of steps
+``warmup + 1`` and ``steps`` begin; the steps in between are the timed ones (``steps - warmup - 1``
+whole steps, start-up and the first ``warmup`` steps excluded, and so is everything after the last
+forward: the final checkpoint, teardown). On CUDA the device is synchronised at those two instants
+only. Reported per contender:
 
 * steps/s: the median over rounds of the timed steps per second;
 * x plain: in each round, the run's steps/s divided by that round's plain run, then the median;
@@ -541,8 +542,11 @@ def main() -> None:
     runs: dict[str, dict[str, list[dict[str, float]]]] = {m: {c: [] for c in contenders} for m in args.models}
     began = time.monotonic()
     for round_ in range(repeat):
+        # Each round starts one contender further on, so none is always first (right after the
+        # other model's runs).
+        shift = round_ % len(contenders)
         for model in args.models:
-            for name in contenders:
+            for name in contenders[shift:] + contenders[:shift]:
                 result = run_once(name, model, *steps[model])
                 runs[model][name].append(result)
                 print(
