@@ -22,11 +22,9 @@ Notes for subclass authors:
 """
 
 import datetime
-import enum
 import fcntl
 import itertools
 import logging
-import math
 import os
 import shutil
 import signal
@@ -43,10 +41,11 @@ from signal import Signals
 from typing import Any, Generic, Literal, TypeVar, get_args
 
 import torch
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from torch.optim import Optimizer
 
 from ml.core.config import BaseConfig, BaseObject, conf_field
+from ml.core.diff import diff_configs  # torch-free (for `ml diff`); re-exported here
 from ml.core.state import State
 from ml.loggers.base import BaseLogger, MultiLogger
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
@@ -67,13 +66,12 @@ from ml.utils.checkpoint import (
 from ml.utils.device import detect_device
 from ml.utils.distributed import (
     all_max,
-    dist_env,
-    export_env,
     get_world_size,
     init_distributed,
     is_master,
     mean_over_ranks,
 )
+from ml.utils.ranks import dist_env, export_env
 from ml.utils.signals import take_early_signal
 
 logger = logging.getLogger(__name__)
@@ -256,92 +254,6 @@ def get_empty_exp_dir(run_dir: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Config snapshots and diffs
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=False, enum_to_str=True)
-    if isinstance(value, enum.Enum):
-        return value.name
-    return value
-
-
-def _is_container(value: Any) -> bool:
-    return isinstance(value, (dict, list))
-
-
-def _both_nan(first: Any, second: Any) -> bool:
-    return isinstance(first, float) and isinstance(second, float) and math.isnan(first) and math.isnan(second)
-
-
-def _reads_as_other(text: str) -> bool:
-    """Whether ``text`` printed bare would read as a number, a boolean, None or nothing."""
-    if (
-        text.strip() != text
-        or text in ("", "None", "True", "False", "MISSING", "???")
-        or text[:2] in ("b'", 'b"')
-    ):
-        return True
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def _diff(first: Any, second: Any, path: str, out_first: list[str], out_second: list[str]) -> None:
-    def line(p: str, v: Any) -> str:
-        if _is_container(v) and v:
-            return f"{p}=... ({type(v).__name__})"
-        # A string that reads like another value (None, 1.5, true) is quoted, so `x=None` (null)
-        # and `x='None'` (text) are told apart.
-        return f"{p}=" + (repr(v) if isinstance(v, str) and _reads_as_other(v) else str(v))
-
-    def child(key: Any) -> str:
-        return f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
-
-    if isinstance(first, dict) and isinstance(second, dict):
-        for key in list(first) + [k for k in second if k not in first]:
-            a, b = first.get(key, MISSING), second.get(key, MISSING)
-            _diff(a, b, child(key), out_first, out_second)
-    elif isinstance(first, list) and isinstance(second, list):
-        for i in range(max(len(first), len(second))):
-            a = first[i] if i < len(first) else MISSING
-            b = second[i] if i < len(second) else MISSING
-            _diff(a, b, child(i), out_first, out_second)
-    elif _both_nan(first, second):
-        return
-    elif type(first) is not type(second) or first != second:  # True vs 1 and 1 vs 1.0 differ too
-        if first != MISSING:
-            out_first.append(line(path, first))
-        if second != MISSING:
-            out_second.append(line(path, second))
-
-
-def diff_configs(
-    first: ListConfig | DictConfig,
-    second: ListConfig | DictConfig,
-    prefix: str | None = None,
-) -> tuple[list[str], list[str]]:
-    """Returns the difference between two configs.
-
-    Keys added, removed or changed at any depth are reported as ``path=value`` lines; lists are
-    compared element by element (``path[i]``), enums by name, and ``???`` (missing) values count
-    as absent. Interpolations are compared as written, without resolving them.
-
-    Args:
-        first: The first (original) config
-        second: The second (new) config
-        prefix: The prefix to check (used for recursion, not main call)
-
-    Returns:
-        Two lists of lines describing the diff between the two configs: what only the first has
-        (or its old values), and what only the second has (or its new values).
-    """
-    out_first: list[str] = []
-    out_second: list[str] = []
-    _diff(_plain(first), _plain(second), prefix or "", out_first, out_second)
-    return out_first, out_second
 
 
 def save_config(config_path: Path, raw_config: DictConfig) -> None:

@@ -3,7 +3,7 @@
 import pytest
 
 from ml.utils.data import ResumableSampler
-from ml.utils.distributed import DistEnv, dist_env, slurm_master_port
+from ml.utils.ranks import DistEnv, dist_env, slurm_master_port
 
 SLURM_STEP = {
     "SLURM_JOB_ID": "4242",
