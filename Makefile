@@ -29,7 +29,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck  # fault injection at its default counts (20 kills, 10 signals); racing runs in `make reliability`
+test: lint typecheck  # fault injection at its default counts (10 kills, 5 signals: one per moment); racing runs in `make reliability`
 	$(BIN)/python -m pytest -q --durations=15 \
 		--deselect tests/reliability/test_concurrency.py::test_fresh_runs_started_together_get_distinct_folders \
 		--deselect tests/reliability/test_concurrency.py::test_of_continuations_released_together_exactly_one_trains
@@ -50,8 +50,8 @@ bench-rl: $(STAMP)  # ml vs Stable-Baselines3 PPO on CartPole, then PPO on Pendu
 	$(BIN)/python bench/rl_cartpole.py
 	$(BIN)/python bench/rl_pendulum.py
 
-reliability: $(STAMP)  # fault injection at full counts: 200 kill -9, 100 SIGTERM/SIGUSR1, 64 racing runs (about 17 minutes)
-	ML_RELIABILITY_KILLS=200 ML_RELIABILITY_SIGNALS=100 ML_RELIABILITY_RACERS=64 $(BIN)/python -m pytest -q -s tests/reliability
+reliability: $(STAMP)  # fault injection at full counts: 200 kill -9, 100 SIGTERM/SIGUSR1, 64 racing runs, 1200 fuzz examples (about 17 minutes)
+	ML_RELIABILITY_KILLS=200 ML_RELIABILITY_SIGNALS=100 ML_RELIABILITY_RACERS=64 ML_RELIABILITY_EXAMPLES=300 $(BIN)/python -m pytest -q -s tests/reliability
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -7,11 +7,13 @@
 - :func:`ml.core.compose.compose_config` on random YAML text and on structured override strings:
   it returns a config or raises ``ConfigError`` (exit code 2 in ``ml``), never another exception.
 
-Every test sets ``max_examples`` and ``deadline`` and keeps under ~15 s; the example database is
-off (nothing is written to the working tree), so each run draws fresh examples.
+Every test sets ``max_examples`` and ``deadline``: ``ML_RELIABILITY_EXAMPLES`` examples per diff test
+(100; ``make reliability``: 300) and half as many per parser test. The example database is off
+(nothing is written to the working tree), so each run draws fresh examples.
 """
 
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -30,14 +32,15 @@ from ml.trainers.base import diff_configs
 from tests.e2e.test_cli import USER_CONFIG, USER_MODULE, USER_TASK
 
 MISSING = "???"
+EXAMPLES = int(os.environ.get("ML_RELIABILITY_EXAMPLES", "") or 100)
 FUZZ = settings(
-    max_examples=300,
+    max_examples=EXAMPLES,
     deadline=None,  # a first OmegaConf or import call may be slow; the budget is max_examples
     database=None,
     phases=[Phase.explicit, Phase.generate, Phase.shrink],  # no "explain" pass over a failure
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-PARSER_FUZZ = settings(FUZZ, max_examples=150)
+PARSER_FUZZ = settings(FUZZ, max_examples=max(1, EXAMPLES // 2))
 
 # ---------------------------------------------------------------------------------------------
 # Random configs

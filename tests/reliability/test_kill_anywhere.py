@@ -2,7 +2,7 @@
 
 One run checkpoints after every step (``trainer.checkpoint.save_every_n_steps=1``, the default
 ``only_save_most_recent``). It is started (from its config file, then from
-``<exp_dir>/config.yaml``), SIGKILLed at a random instant, ``ML_RELIABILITY_KILLS`` times (20;
+``<exp_dir>/config.yaml``), SIGKILLed at a random instant, ``ML_RELIABILITY_KILLS`` times (10;
 ``make reliability``: 200), then left to run to the end. The instants come from a seeded generator
 (the seed is printed): a quarter of the kills (never the first) land at a random moment of
 start-up, from 0.05 s after the spawn until the first step; of the others, half land anywhere

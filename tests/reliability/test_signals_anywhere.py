@@ -1,6 +1,6 @@
 """Fault injection: SIGTERM and SIGUSR1 at random moments of real ``ml train`` runs, each then continued.
 
-``ML_RELIABILITY_SIGNALS`` signals (10; ``make reliability``: 100) are spread evenly over five
+``ML_RELIABILITY_SIGNALS`` signals (5; ``make reliability``: 100) are spread evenly over five
 moments, in a random (seeded) order, each a random one of SIGTERM and SIGUSR1:
 
 - start-up: a random instant from 0.05 s after the spawn until the first step would begin;
