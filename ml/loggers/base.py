@@ -57,7 +57,8 @@ class BaseLogger(BaseObject[LoggerConfigT], ABC):
     """A destination for metrics.
 
     Subclasses implement :meth:`write`; they may override :meth:`initialize` (open files under the
-    log folder), :meth:`log_config` and :meth:`close`.
+    log folder), :meth:`on_resume` (drop history the checkpoint does not cover), :meth:`log_config`
+    and :meth:`close`.
     """
 
     def __init__(self, config: LoggerConfigT) -> None:
@@ -77,6 +78,17 @@ class BaseLogger(BaseObject[LoggerConfigT], ABC):
     def log_config(self, config: DictConfig) -> None:
         """Records the run's resolved config; loggers that have no use for it keep this default."""
         del config
+
+    def on_resume(self, state: State) -> None:
+        """Called on the master once the run's starting state is known, before anything is written.
+
+        ``state`` is the one restored from the checkpoint at step S, or a fresh state (step 0) when
+        the run has no checkpoint yet (a first attempt killed before its first save starts over).
+        Steps after S were done by an earlier process whose work the checkpoint does not hold; they
+        are about to be done again, so a logger that keeps history on disk drops what it holds for
+        them (every metric then has one value per step). Loggers without history keep this no-op.
+        """
+        del state
 
     def should_write(self, state: State) -> bool:
         """Whether to write now: always outside training, else on the step or time interval."""
@@ -169,6 +181,7 @@ class MultiLogger:
         state: State,
         *,
         reduce: Callable[[dict[str, float]], dict[str, float]] | None = None,
+        force: bool = False,
     ) -> None:
         """Writes the values pending in ``sources`` to each logger that wants to write now.
 
@@ -181,8 +194,10 @@ class MultiLogger:
             state: The training state the values belong to.
             reduce: Combines the scalars over ranks (a collective: every rank calls it, so every
                 rank materialises its values whenever it is given).
+            force: Write to every logger, due or not (the last step of a run, so that its final
+                values are on record whatever the loggers' intervals).
         """
-        writers = [lg for lg in loggers if lg.should_write(state)]
+        writers = list(loggers) if force else [lg for lg in loggers if lg.should_write(state)]
         if writers and not is_master():  # asked only when needed: it reads the environment
             writers = []
         if not writers and reduce is None:

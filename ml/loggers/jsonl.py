@@ -9,9 +9,15 @@ Each line of ``<log_directory>/metrics.jsonl`` is a self-contained JSON object::
 infinity, so non-finite metric values are written as the strings ``"nan"``, ``"inf"`` and
 ``"-inf"`` (``float()`` reads them back; :func:`read_metrics` does so). Every line is flushed as it
 is written, so a crash loses no line already written.
+
+When a run continues from its checkpoint at step S, the steps after S are trained (and logged)
+again, so :meth:`JsonlLogger.on_resume` first drops the lines of the earlier process for steps
+after S, and a line a kill cut short (:func:`drop_records_after`): the file then holds one record
+per phase and step. The rewrite is atomic; a kill during it leaves the old file or the new one.
 """
 
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -23,8 +29,11 @@ from ml.core.config import conf_field
 from ml.core.registry import register_logger
 from ml.core.state import State
 from ml.loggers.base import BaseLogger, BaseLoggerConfig, LogBatch
+from ml.utils.atomic import atomic_open
 
 METRICS_FILE_NAME = "metrics.jsonl"
+
+logger = logging.getLogger(__name__)
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
@@ -66,11 +75,17 @@ def decode_value(value: float | str | None) -> float:
 def read_metrics(path: str | Path) -> Iterator[dict[str, Any]]:
     """Reads a ``metrics.jsonl`` file, one dict per line, metric values decoded to floats.
 
+    A last line without its newline that does not parse is skipped: the writer was killed while
+    writing it (the file of a running job may also be read in the middle of a write).
+
     Args:
         path: The file, or the log folder holding it.
 
     Yields:
         Each record as written, with ``record["metrics"]`` mapping names to floats.
+
+    Raises:
+        json.JSONDecodeError: If a complete line is not JSON.
     """
     path = Path(path)
     if path.is_dir():
@@ -79,9 +94,66 @@ def read_metrics(path: str | Path) -> Iterator[dict[str, Any]]:
         for line in f:
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if not line.endswith("\n"):
+                    return  # a truncated last line
+                raise
             record["metrics"] = {k: decode_value(v) for k, v in record.get("metrics", {}).items()}
             yield record
+
+
+def _step_of(line: bytes) -> int | None:
+    """The step of a complete record line, or None for a line that is not one (cut short, garbled)."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def drop_records_after(path: str | Path, step: int) -> int:
+    """Atomically drops the records of ``path`` with a step after ``step``, and any line cut short.
+
+    Kept lines stay byte for byte as they were, in their order (blank lines too). A line that is
+    not a whole record (the last line of a writer killed mid-write; a garbled line) is dropped. A
+    whole last record that lacks only its newline is kept and given one, so the next line appended
+    does not run into it. The file is rewritten only when it changes: the kept lines go to a
+    temporary file in the same folder, which is fsynced and then renamed over ``path`` (the folder
+    fsynced too), so a kill at any moment leaves either the old file or the new one, never a mix.
+    The file is read twice, line by line, rather than held in memory: a long run's may be large.
+
+    Args:
+        path: The ``metrics.jsonl`` file; a missing file is left missing.
+        step: The last step to keep (the step of the checkpoint training continues from).
+
+    Returns:
+        The number of lines dropped.
+    """
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a kill during an earlier rewrite
+        stale.unlink(missing_ok=True)
+    if not path.exists():
+        return 0
+    dropped: set[int] = set()
+    unterminated = False
+    with path.open("rb") as f:
+        for index, line in enumerate(f):
+            unterminated = not line.endswith(b"\n")  # only the last line can lack it
+            if not line.strip():
+                continue
+            line_step = _step_of(line)
+            if line_step is None or line_step > step:
+                dropped.add(index)
+    if not dropped and not unterminated:
+        return 0
+    with path.open("rb") as src, atomic_open(path, "wb") as dst:
+        for index, line in enumerate(src):
+            if index not in dropped:
+                dst.write(line if line.endswith(b"\n") else line + b"\n")
+    return len(dropped)
 
 
 @register_logger("jsonl")
@@ -106,11 +178,36 @@ class JsonlLogger(BaseLogger[JsonlLoggerConfig]):
 
     def initialize(self, log_directory: Path) -> None:
         super().initialize(log_directory)
+        self._open()
+
+    def _open(self) -> None:
         self.close()
-        path = Path(log_directory) / METRICS_FILE_NAME
+        path = self.path
+        if path is None:
+            raise RuntimeError("JsonlLogger used before initialize(log_directory)")
         path.parent.mkdir(parents=True, exist_ok=True)
         # Appending, so a resumed run continues the same file.
         self._file = path.open("a", encoding="utf-8")
+
+    def on_resume(self, state: State) -> None:
+        """Drops the records after the step training continues from (see :func:`drop_records_after`).
+
+        The file is closed around the rewrite: a handle opened before it would go on appending to
+        the replaced file, which no longer has a name.
+        """
+        path = self.path
+        if path is None:
+            return
+        self.close()
+        dropped = drop_records_after(path, state.num_steps)
+        if dropped:
+            logger.info(
+                "Dropped %d line(s) of %s past the checkpoint at step %d (logged again now) or cut short",
+                dropped,
+                path,
+                state.num_steps,
+            )
+        self._open()
 
     def write(self, state: State, batch: LogBatch) -> None:
         if self._file is None:

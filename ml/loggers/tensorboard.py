@@ -5,6 +5,11 @@ the phase's first write), so TensorBoard shows ``train``, ``valid`` and ``test``
 that can be overlaid. Scalars, strings and histograms are all written at ``state.num_steps``; the
 run's config is written once as YAML text. TensorBoard is an optional dependency: it is imported
 only when the logger is initialized, so importing this module costs nothing without it.
+
+A run that continues from its checkpoint at step S redoes the steps after S, whose events the
+earlier process may already have written. The writers of the continued run are therefore created
+with ``purge_step=S + 1``: their event files start with a marker at which TensorBoard discards the
+events of step S + 1 and later that come before it, so every scalar keeps one value per step.
 """
 
 from dataclasses import dataclass
@@ -35,7 +40,7 @@ class TensorboardLoggerConfig(BaseLoggerConfig):
     """
 
     flush_every_n_seconds: int = conf_field(
-        30, help="Seconds between flushes of pending events to the event files"
+        30, help="Seconds between flushes of pending events to the event files (0: after every write)"
     )
 
 
@@ -64,6 +69,7 @@ class TensorboardLogger(BaseLogger[TensorboardLoggerConfig]):
         super().__init__(config)
         self._writer_cls: type[SummaryWriter] | None = None
         self._writers: dict[str, SummaryWriter] = {}
+        self._purge_step: int | None = None  # set by on_resume, for the writers created after it
 
     def initialize(self, log_directory: Path) -> None:
         super().initialize(log_directory)
@@ -78,9 +84,29 @@ class TensorboardLogger(BaseLogger[TensorboardLoggerConfig]):
             if self.log_directory is None or self._writer_cls is None:
                 raise RuntimeError("TensorboardLogger used before initialize(log_directory)")
             log_dir = self.log_directory / TENSORBOARD_DIR_NAME / phase
-            writer = self._writer_cls(log_dir=str(log_dir), flush_secs=self.config.flush_every_n_seconds)
+            # TensorBoard's writer thread would spin with flush_secs=0: every write flushes instead.
+            writer = self._writer_cls(
+                log_dir=str(log_dir),
+                flush_secs=self.config.flush_every_n_seconds or 3600,
+                purge_step=self._purge_step,
+            )
             self._writers[phase] = writer
         return writer
+
+    def on_resume(self, state: State) -> None:
+        """Makes TensorBoard discard the events after ``state.num_steps`` that are already on disk.
+
+        Each phase's writer, created on its first write from now on, is given ``purge_step`` (S + 1
+        for a run resumed at step S; 1 for a run starting over without a checkpoint in a folder that
+        holds events already; none for a new run). Writers that already exist are closed first so
+        that they are created again with it.
+        """
+        self.close()
+        folder = None if self.log_directory is None else self.log_directory / TENSORBOARD_DIR_NAME
+        if state.num_steps > 0 or (folder is not None and any(folder.glob("*/events.out.tfevents.*"))):
+            self._purge_step = state.num_steps + 1
+        else:
+            self._purge_step = None
 
     def log_config(self, config: DictConfig) -> None:
         """Writes the resolved config as YAML text (tag ``config``) in the ``train`` folder."""
@@ -101,6 +127,8 @@ class TensorboardLogger(BaseLogger[TensorboardLoggerConfig]):
             # skipped rather than failing the run.
             if finite.numel() > 0:
                 writer.add_histogram(name, finite, global_step=step)
+        if self.config.flush_every_n_seconds == 0:
+            writer.flush()
 
     def flush(self) -> None:
         """Writes pending events of every writer to disk now."""

@@ -443,6 +443,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         self.allow_config_change = False  # resume even if the model, data, ... changed (the CLI's flag)
         self._first_sigint = 0.0
         self._write_due = True  # distributed: whether the ranks agreed to write training logs now
+        self._final_write = False  # the loops set it on a run's last training step: written regardless
         self._last_ckpt_time_s = 0.0
         self._last_ckpt_step = -1
         self._device_cache: torch.device | None = None
@@ -530,15 +531,18 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         :meth:`sync_ranks`; only then are the values materialised and averaged over the ranks.
         """
         multi = self._log_sources(task, model)
+        # The last training step is written whatever the intervals (the loop sets this alike on
+        # every rank: the stop signal and the limits are agreed on).
+        final = self._final_write and state.training
         if not self._distributed:
-            MultiLogger.write_all(multi, self.loggers, state)
+            MultiLogger.write_all(multi, self.loggers, state, force=final)
             return
-        if state.training and not self._write_due:
+        if state.training and not (self._write_due or final):
             for source in multi:
                 source.clear()
             return
         self._write_due = False
-        MultiLogger.write_all(multi, self.loggers, state, reduce=mean_over_ranks)
+        MultiLogger.write_all(multi, self.loggers, state, reduce=mean_over_ranks, force=final)
 
     def _log_sources(self, task: TaskT, model: ModelT) -> list[MultiLogger]:
         """Where values are logged: the task's, the model's (if it has one) and the trainer's loggers.

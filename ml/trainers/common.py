@@ -3,13 +3,15 @@
 :func:`run_session` takes the run's lock, resumes from the run's checkpoint (or seeds a fresh run
 and loads configured initial weights), calls the start hooks, saves the config, runs the trainer's
 loop, then either checkpoints for a signal or finishes, and always tears down: end hooks, lock,
-loggers. Errors propagate after the teardown.
+loggers. Errors propagate after the teardown. Last, rank 0 records how the session ended in
+``<exp_dir>/status.json`` (see :func:`run_session`), which ``ml runs`` reads.
 """
 
 import datetime
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -177,10 +179,21 @@ def check_config_change(trainer: BaseTrainer, ckpt: dict[str, Any], where: str) 
         fsync_dir(trainer.exp_dir)
 
 
+def _resume_loggers(trainer: BaseTrainer, state: State) -> None:
+    """Lets rank 0's loggers drop what they logged after ``state`` (see ``BaseLogger.on_resume``)."""
+    if is_master():
+        for sublogger in trainer.loggers:
+            sublogger.on_resume(state)
+
+
 def resume_or_start(
     trainer: BaseTrainer, task: Any, model: Any, optim: Any, lr_sched: Any, seed: int
 ) -> State:
-    """Restores the run's checkpoint, or seeds a fresh run (with initial weights if configured)."""
+    """Restores the run's checkpoint, or seeds a fresh run (with initial weights if configured).
+
+    Either way the loggers then learn the step training continues from, so that the logs of an
+    earlier process past the checkpoint (done again now) do not stay beside the new ones.
+    """
     path = trainer.find_resume_checkpoint()
     if path is not None:
         ckpt = read_checkpoint(path, device=trainer._device)
@@ -188,11 +201,14 @@ def resume_or_start(
         state = trainer.load_checkpoint(cast(Any, ckpt), task, model, optim, lr_sched)
         logger.info("Resumed from %s at step %d", path, state.num_steps)
         trainer.tidy_checkpoints(path)
+        _resume_loggers(trainer, state)
         return state
     seed_everything(seed)
     if trainer.checkpoint_config.load_from_ckpt_path:
         load_initial_weights(trainer, model, trainer.checkpoint_config.load_from_ckpt_path)
-    return State.init_state()
+    state = State.init_state()
+    _resume_loggers(trainer, state)
+    return state
 
 
 def run_session(
@@ -218,13 +234,36 @@ def run_session(
         loop: Trains from the resumed state until done or :attr:`BaseTrainer.stop_signal` is set.
         finish: The end of a completed run (final checkpoint, last evaluation); it may stop early
             for a signal, which is then handled like one during ``loop``.
+
+    The run-status marker: once the teardown is done (end hooks, lock removed, loggers closed),
+    rank 0 atomically writes ``<exp_dir>/status.json``::
+
+        {"state": "finished", "step": 1500, "signal": null, "error": null, "elapsed_s": 61.2,
+         "time": "2026-11-28T21:40:00+00:00", "pid": 4242, "host": "node7"}
+
+    ``state`` is ``finished`` (``loop`` and ``finish`` completed and no stop signal arrived),
+    ``interrupted`` (a stop signal - ``signal`` names it - ended the run with its checkpoint; also a
+    ``KeyboardInterrupt``, i.e. a second Ctrl-C, then ``signal`` is ``SIGINT`` and ``error`` is
+    ``"KeyboardInterrupt"``: the checkpoint may be older than ``step``), or ``failed`` (any other
+    exception, teardown errors included; ``error`` is ``"<type>: <first line>"``, and ``signal``
+    names a stop signal that had arrived before). ``step`` is the state's step count at the end.
+
+    The marker is written only for a session that began (lock taken, checkpoint resumed or fresh
+    run seeded), and not when the input was refused (the command line's exit-2 errors: a bad
+    config or checkpoint, another process holding the run): those leave the run, and the marker
+    of its previous session, as they were. Writing it never hides the error in flight (a failed
+    write is logged). A process killed with SIGKILL writes nothing: the old marker stays, with a
+    stale ``.lock_running``, which readers give precedence.
     """
     take_lock_on_all_ranks(trainer)  # before reading the checkpoint: one process per run
+    began = False
     started = False
     state = State.init_state()
     failed = False
+    error: BaseException | None = None
     try:
         state = resume_or_start(trainer, task, model, optim, lr_sched, seed)
+        began = True
         trainer.on_training_start(state, task, model, optim, lr_sched)
         started = True
         trainer.save_config()
@@ -235,8 +274,9 @@ def run_session(
             finish(state)
         if trainer.stop_signal is not None:  # also a signal during the final evaluation
             trainer.on_exit(trainer.stop_signal, state, task, model, optim, lr_sched)
-    except BaseException:
+    except BaseException as e:
         failed = True
+        error = e
         raise
     finally:
         steps: list[Callable[[], None]] = [
@@ -245,7 +285,68 @@ def run_session(
             else (lambda: trainer.remove_lock_file("running", missing_ok=True)),
             trainer.close_loggers,
         ]
-        _tear_down(steps, quiet=failed)
+        try:
+            _tear_down(steps, quiet=failed)
+        except BaseException as e:
+            if error is None:
+                error = e
+            raise
+        finally:
+            if began and is_master():
+                _write_status(trainer, state, error)
+
+
+_STATUS_FILE = "status.json"  # read by ml.tools.experiments (``ml runs``)
+
+
+def _status_record(trainer: BaseTrainer, state: State, error: BaseException | None) -> dict[str, Any]:
+    """What ``status.json`` says about a session that ended with ``error`` (None: no error)."""
+    sig = trainer.stop_signal
+    signal_name = sig.name if sig is not None else None
+    message = None
+    if error is None:
+        outcome = "interrupted" if sig is not None else "finished"
+    elif isinstance(error, KeyboardInterrupt):  # a second Ctrl-C: stopped at once
+        outcome, signal_name, message = "interrupted", "SIGINT", "KeyboardInterrupt"
+    else:
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else ""
+        outcome, message = "failed", (f"{type(error).__name__}: {first}" if first else type(error).__name__)
+    return {
+        "state": outcome,
+        "step": state.num_steps,
+        "signal": signal_name,
+        "error": message,
+        "elapsed_s": round(float(state.elapsed_time_s), 3),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
+
+
+def _write_status(trainer: BaseTrainer, state: State, error: BaseException | None) -> None:
+    """Writes ``<exp_dir>/status.json`` atomically; never raises over the error in flight.
+
+    Refused input (exit 2) leaves the marker alone. A write that fails is logged: with an error in
+    flight that error is what propagates (even a Ctrl-C during the write does not replace it);
+    without one the run itself succeeded and its checkpoint is durable, so it is not failed for a
+    missing marker (``ml runs`` then reads the run from its checkpoint).
+    """
+    from ml.cli import _is_bad_input  # the command line's own rule, so marker and exit code agree
+
+    if error is not None and not isinstance(error, KeyboardInterrupt) and _is_bad_input(error):
+        return
+    from ml.utils.atomic import atomic_write_text
+
+    try:
+        record = _status_record(trainer, state, error)
+        atomic_write_text(trainer.exp_dir / _STATUS_FILE, json.dumps(record, indent=2) + "\n")
+    except Exception as e:
+        logger.warning("Could not write %s: %s: %s", trainer.exp_dir / _STATUS_FILE, type(e).__name__, e)
+    except BaseException as e:
+        if error is None:
+            raise
+        logger.warning("Interrupted while writing %s: %s", trainer.exp_dir / _STATUS_FILE, type(e).__name__)
 
 
 def _tear_down(steps: list[Callable[[], None]], *, quiet: bool) -> None:

@@ -724,6 +724,7 @@ class ReinforcementLearningTrainer(
             self.on_step_end(state, loss_dict, task, model, optim, lr_sched)
             self._train_time_s = time.perf_counter() - started - eval_time
             self._log_iteration(state, task, loss_dict, finished, lr_sched, state.num_samples - first_samples)
+            self._final_write = self.stop_signal is not None or task.is_training_over(state)
             self.write_logs(task, model, state)
             if self._should_evaluate(state):
                 eval_started = time.perf_counter()

@@ -608,6 +608,7 @@ class SupervisedLearningTrainer(
                 self.logger.log_scalar("epoch", state.num_epochs)
                 self.logger.log_scalar("samples_per_s", throughput.samples_per_s)
                 self.logger.log_scalar("steps_per_s", throughput.steps_per_s)
+                self._final_write = self.stop_signal is not None or task.is_training_over(state)
                 self.write_logs(task, model, state)
                 if valid_loader is not None and self._should_validate(state):
                     self.evaluate("valid", valid_loader, task, evaluator, state)

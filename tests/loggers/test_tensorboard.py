@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,22 @@ def test_writes_scalars_per_phase(tmp_path: Path) -> None:
     assert valid.Tags()["scalars"] == ["valid/loss"]
     assert _scalars(valid, "valid/loss") == [(3, 0.6)]
     assert not (tmp_path / "tensorboard" / "test").exists()  # writers are created lazily
+
+
+def test_flush_every_0_seconds_puts_each_write_on_disk_at_once(tmp_path: Path) -> None:
+    """0 means after every write; TensorBoard's own flush_secs=0 would spin its writer thread."""
+    lg = TensorboardLogger(TensorboardLoggerConfig(name="tensorboard", flush_every_n_seconds=0))
+    lg.initialize(tmp_path)
+    state = State()
+    for step in range(1, 51):
+        state.num_steps = step
+        lg.write(state, LogBatch(scalars={"train/loss": 1.0 / step}))
+        if step in (1, 50):  # readable before close, so a kill -9 now would keep it
+            assert _scalars(_read(tmp_path / "tensorboard" / "train"), "train/loss")[-1][0] == step
+    cpu_before = time.process_time()
+    time.sleep(0.5)
+    assert time.process_time() - cpu_before < 0.1  # no writer thread spinning in the background
+    lg.close()
 
 
 def test_writes_text_histograms_and_config(tmp_path: Path) -> None:

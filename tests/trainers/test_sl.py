@@ -21,13 +21,15 @@ from ml.utils.checkpoint import CheckpointError, unwrap_model
 from tests.tiny import TinyModel, TinyModelConfig, TinyTask
 
 
-def _run(exp_dir: Path, max_steps: int, **trainer: object) -> SupervisedLearningTrainer:
+def _run(
+    exp_dir: Path, max_steps: int, *, jsonl: JsonlLoggerConfig | None = None, **trainer: object
+) -> SupervisedLearningTrainer:
     config = OmegaConf.merge(
         OmegaConf.structured(SupervisedLearningTrainerConfig),
         {"name": "sl", "exp_dir": str(exp_dir), "valid_every_n_steps": 4, **trainer},
     )
     sl = SupervisedLearningTrainer(config)  # type: ignore[arg-type]
-    sl.add_logger(JsonlLogger(JsonlLoggerConfig(name="jsonl", write_every_n_steps=1)))
+    sl.add_logger(JsonlLogger(jsonl or JsonlLoggerConfig(name="jsonl", write_every_n_steps=1)))
     task = TinyTask(SupervisedLearningTaskConfig(name="tiny", max_steps=max_steps))
     model = TinyModel(TinyModelConfig(name="tiny"))
     sl.train(
@@ -57,6 +59,14 @@ def test_trains_validates_tests_and_resumes(tmp_path: Path) -> None:
     assert train_steps == list(range(1, 11))
     assert all("train/loss" in r["metrics"] for r in records if r["phase"] == "train")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt.10.pt", "ckpt.pt"]
+
+
+def test_the_last_step_is_written_whatever_the_interval(tmp_path: Path) -> None:
+    """A run shorter than the logger's interval still records its final training values."""
+    _run(tmp_path, max_steps=7, jsonl=JsonlLoggerConfig(name="jsonl", write_every_n_seconds=3600))
+    train = [r for r in _records(tmp_path) if r["phase"] == "train"]
+    assert [r["step"] for r in train] == [1, 7]  # the first write, then the last step
+    assert "train/loss" in train[-1]["metrics"]
 
 
 def test_a_non_finite_loss_stops_and_names_the_step(tmp_path: Path) -> None:
