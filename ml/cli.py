@@ -33,6 +33,12 @@ ml launch CONFIG [CONFIG ...] [key=value ...]  train through launcher.name: sing
 ml resolve CONFIG [CONFIG ...] [key=value ...] print the composed config
 ml COMMAND --help                              the config fields, with help texts
 
+ml runs [RUN_DIR]                              the experiments under RUN_DIR: state, step, metrics
+ml plot EXP_DIR [EXP_DIR ...] -o plot.png      curves of chosen metrics from metrics.jsonl
+ml diff EXP_A EXP_B                            the config differences between two runs
+ml export EXP_DIR -o model.safetensors         the model weights and config; ml.load_model reads them
+ml tensorboard EXP_DIR [EXP_DIR ...]           TensorBoard on 127.0.0.1, on a free port
+
 --allow-config-change  continue a run although its model, optimizer, data, batch size, seed or
                        number of processes changed since its checkpoint (the diff is kept in
                        <run>/config_changes.log); without it such a change stops with exit code 2
@@ -45,6 +51,11 @@ key=value overrides. Runs go to $RUN_DIR/<exp_name>/run_<N> ($RUN_DIR defaults t
 
 class BadInput(Exception):
     """Input the user can fix; reported as one line with exit code 2."""
+
+
+# Commands for living with runs: each is ``ml.tools.<name>.main(argv) -> exit code``, parsing its
+# own arguments (``ml runs --help``). They raise BadInput for input the user can fix.
+TOOLS: tuple[str, ...] = ("runs", "plot", "diff", "export", "tensorboard")
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -111,7 +122,7 @@ def _print_help(command: str | None, args: list[str]) -> None:
 
 
 def _rank() -> int:
-    from ml.utils.distributed import dist_env
+    from ml.utils.ranks import dist_env
 
     return dist_env().rank
 
@@ -401,6 +412,11 @@ def _run(argv: list[str] | None) -> int:
     debug = "--debug" in argv
     saved_env = {key: os.environ.get(key) for key in ("RUN_DIR", "ML_EXP_NAME")}
     try:
+        if argv and argv[0] in TOOLS:
+            import importlib
+
+            tool = importlib.import_module(f"ml.tools.{argv[0]}")
+            return int(tool.main(argv[1:]))
         ns = parser.parse_args(argv)
         if ns.help:
             _print_help(ns.command, ns.args)

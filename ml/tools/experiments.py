@@ -1,0 +1,492 @@
+"""Reads experiment folders without importing torch: what ``ml runs`` shows of each run.
+
+A run folder is ``$RUN_DIR/<exp_name>/run_<N>``; the files read here (none is written)::
+
+    .lock_running       the live training process: ``pid: ...``, ``host: ...``, ``time: ...``
+    .lock_scheduled     a submitted job that has not started yet (``ml launch`` with Slurm)
+    status.json         how the last training session ended (``ml.trainers.common.run_session``)
+    checkpoints/ckpt.<n>.pt, checkpoints/ckpt.pt (a link to the newest)
+    logs/metrics.jsonl  one JSON record per write (``ml.loggers.jsonl``)
+
+A run's state, the first rule that applies:
+
+* ``running``: ``.lock_running`` names a process on this host that is alive;
+* ``crashed``: ``.lock_running`` names a process on this host that is gone (killed with SIGKILL,
+  out of memory, the machine rebooted): continuing the run takes the lock over;
+* ``running?``: ``.lock_running`` names a process on another host (or no pid): it cannot be checked
+  from here;
+* ``scheduled``: ``.lock_scheduled``, a job waiting for its turn;
+* ``finished`` / ``interrupted`` / ``failed``: what ``status.json`` says - unless the marker is
+  older than the run's newest checkpoint or log line (it describes an earlier session, whose
+  successor was killed before it could write its own), which then counts as below;
+* ``interrupted``: no lock and no (current) marker, but a checkpoint to continue from;
+* ``unknown``: no lock, marker or checkpoint, but logged metrics (a run of an older ``ml``, or one
+  that failed before its first checkpoint);
+* ``empty``: nothing at all (a run folder just claimed, or one whose first process never trained).
+
+The lock is read with the same rules as :class:`ml.trainers.base.LockInfo` (re-implemented here:
+``ml.trainers.base`` imports torch, which would cost ``ml runs`` seconds; base.py could reuse
+:func:`read_lock` and :class:`LockInfo` from here instead).
+
+``metrics.jsonl`` is read leniently: a line that does not parse (the last line of a writer killed
+mid-write) is skipped, and when a phase and step occur more than once (runs of older versions,
+resumed from a checkpoint older than their last log line) the last record counts. Only the records
+that matter are parsed - every validation and test record, the records holding the chosen metric,
+and the last training records - so a long run's log answers quickly.
+"""
+
+import datetime
+import json
+import math
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATUS_FILE = "status.json"  # written by ml.trainers.common.run_session
+METRICS_FILE = "metrics.jsonl"  # written by ml.loggers.jsonl.JsonlLogger
+LOG_DIR = "logs"  # the default trainer.log_dir_name
+DEFAULT_METRIC = "valid/loss"
+
+STATES = (
+    "running",
+    "running?",
+    "crashed",
+    "scheduled",
+    "finished",
+    "interrupted",
+    "failed",
+    "unknown",
+    "empty",
+)
+ENDED = ("finished", "interrupted", "failed")  # the states status.json records
+
+# Metric names holding one of these are better when higher (accuracy, RL returns); others lower.
+HIGHER_IS_BETTER = ("acc", "return", "reward")
+
+_RUN_NAME = re.compile(r"run_(\d+)")
+_NUMBERED_CKPT = re.compile(r"ckpt\.(\d+)\.pt")
+_ELAPSED = re.compile(rb'"elapsed_s":\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)')
+_TRAIN_PHASE = b'"phase": "train"'
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+# ---------------------------------------------------------------------------------------------
+# Locks
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """What a lock file says about its owner (the same rules as ``ml.trainers.base.LockInfo``)."""
+
+    pid: int | None
+    host: str | None
+    time: str | None
+
+    @property
+    def on_this_host(self) -> bool:
+        return self.pid is not None and self.host == socket.gethostname()
+
+    def is_stale(self) -> bool:
+        """True when the owner ran on this host and its process no longer exists."""
+        if not self.on_this_host:
+            return False
+        assert self.pid is not None
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+
+    @property
+    def owner(self) -> str:
+        """``pid@host`` (``?`` for what the file does not say)."""
+        return f"{self.pid if self.pid is not None else '?'}@{self.host or '?'}"
+
+
+def read_lock(exp_dir: Path, lock_type: str) -> LockInfo | None:
+    """Parses ``exp_dir/.lock_<lock_type>``; None when there is none (or it cannot be read)."""
+    try:
+        text = (Path(exp_dir) / f".lock_{lock_type}").read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    except OSError:  # unreadable: a lock all the same, of an unknown owner
+        return LockInfo(None, None, None)
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip().lower()] = value.strip()
+    pid = fields.get("pid")
+    return LockInfo(int(pid) if pid and pid.isdigit() else None, fields.get("host"), fields.get("time"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, the status marker
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The newest checkpoint of a run: the file ``checkpoints/ckpt.pt`` points to."""
+
+    path: Path
+    step: int | None
+    mtime: float
+
+
+def newest_checkpoint(exp_dir: Path) -> Checkpoint | None:
+    """The file ``ckpt.pt`` points to, else the highest-numbered ``ckpt.<n>.pt``; None if there is none."""
+    folder = Path(exp_dir) / "checkpoints"
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    numbered = {int(m.group(1)): name for name in names if (m := _NUMBERED_CKPT.fullmatch(name))}
+    link = folder / "ckpt.pt"
+    candidates: list[Path] = []
+    try:
+        target = os.readlink(link)
+        candidates.append(folder / target)
+    except OSError:  # no link, or a regular file
+        if "ckpt.pt" in names:
+            candidates.append(link)
+    candidates += [folder / numbered[n] for n in sorted(numbered, reverse=True)]
+    for path in candidates:
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:  # a dangling link, or removed while we look
+            continue
+        match = _NUMBERED_CKPT.fullmatch(path.name)
+        step = int(match.group(1)) if match else max(numbered, default=None)
+        return Checkpoint(path, step, mtime)
+    return None
+
+
+def read_status(exp_dir: Path) -> dict[str, Any] | None:
+    """The run-status marker, or None when there is none or it is not a JSON object."""
+    try:
+        record = json.loads((Path(exp_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better (its name holds ``acc``, ``return`` or ``reward``)."""
+    return any(word in metric.lower() for word in HIGHER_IS_BETTER)
+
+
+def _number(value: Any) -> float | None:
+    """A metric value as written by the jsonl logger (``"nan"``, ``"inf"`` as strings); None if not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value in _NON_FINITE:
+        return _NON_FINITE[value]
+    return None
+
+
+@dataclass
+class Best:
+    value: float
+    step: int | None
+
+
+@dataclass
+class MetricsSummary:
+    """What ``ml runs`` takes from a ``metrics.jsonl``."""
+
+    last_train_step: int | None = None
+    train_loss: float | None = None
+    wall_s: float | None = None
+    records: int = 0
+    best: Best | None = None  # of the chosen metric
+    best_valid: dict[str, Best] = field(default_factory=dict)  # every metric of the valid phase
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:  # cut short by a kill, garbled, not UTF-8
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
+        return None
+    return record
+
+
+def _step(record: dict[str, Any]) -> int | None:
+    step = record.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _improve(best: dict[str, Best], name: str, value: float, step: int | None) -> None:
+    if math.isnan(value):
+        return
+    old = best.get(name)
+    if old is None or (value > old.value if higher_is_better(name) else value < old.value):
+        best[name] = Best(value, step)
+
+
+def summarize_metrics(path: Path, metric: str = DEFAULT_METRIC) -> MetricsSummary:
+    """Reads a ``metrics.jsonl``: the last training step and loss, the wall time, the best values.
+
+    Args:
+        path: The file (a missing or unreadable one gives an empty summary).
+        metric: The metric whose best value is wanted (lowest, or highest for :func:`higher_is_better`).
+    """
+    summary = MetricsSummary()
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return summary
+    lines = [line for line in data.split(b"\n") if line.strip()]
+    summary.records = len(lines)
+    wanted = json.dumps(metric).encode()
+    kept: dict[tuple[Any, Any], dict[str, Any]] = {}  # (phase, step) -> the last record
+    for line in lines:
+        if _TRAIN_PHASE in line and wanted not in line:
+            continue  # the bulk: training records without the chosen metric (the last ones below)
+        record = _parse(line)
+        if record is not None:
+            kept[(record.get("phase"), _step(record))] = record
+    chosen: dict[str, Best] = {}
+    for (phase, step), record in kept.items():
+        for name, raw in record["metrics"].items():
+            value = _number(raw)
+            if value is None:
+                continue
+            if name == metric:
+                _improve(chosen, name, value, step)
+            if phase == "valid":
+                _improve(summary.best_valid, name, value, step)
+    summary.best = chosen.get(metric)
+
+    for line in reversed(lines):  # the newest training record, and the newest loss
+        if _TRAIN_PHASE not in line and b'"train"' not in line:
+            continue
+        record = _parse(line)
+        if record is None or record.get("phase") != "train":
+            continue
+        if summary.last_train_step is None:
+            summary.last_train_step = _step(record)
+        loss = _number(record["metrics"].get("train/loss"))
+        if loss is not None:
+            summary.train_loss = loss
+            break
+
+    elapsed = [float(m) for m in _ELAPSED.findall(data)]
+    summary.wall_s = max(elapsed) if elapsed else None
+    return summary
+
+
+def metrics_path(exp_dir: Path) -> Path | None:
+    """``logs/metrics.jsonl``, else the one in another log folder (``trainer.log_dir_name``)."""
+    default = Path(exp_dir) / LOG_DIR / METRICS_FILE
+    if default.is_file():
+        return default
+    return next(iter(sorted(Path(exp_dir).glob(f"*/{METRICS_FILE}"))), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass
+class RunInfo:
+    """One run as ``ml runs`` describes it (``--json`` prints :meth:`to_json`)."""
+
+    name: str
+    run: str
+    path: str
+    state: str
+    pid: int | None = None  # of the lock's owner (running, crashed, running?)
+    host: str | None = None
+    signal: str | None = None  # from status.json
+    error: str | None = None
+    step: int | None = None
+    checkpoint: str | None = None
+    checkpoint_step: int | None = None
+    checkpoint_time: float | None = None  # the newest checkpoint's mtime (seconds since the epoch)
+    train_loss: float | None = None
+    metric: str = DEFAULT_METRIC
+    best: float | None = None
+    best_step: int | None = None
+    best_valid: dict[str, dict[str, Any]] = field(default_factory=dict)
+    wall_s: float | None = None
+    status_time: str | None = None  # when status.json was written (ISO)
+    lock_time: str | None = None  # when .lock_running / .lock_scheduled was taken (ISO)
+
+    @property
+    def number(self) -> int:
+        match = _RUN_NAME.fullmatch(self.run)
+        return int(match.group(1)) if match else -1
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict: non-finite numbers as ``"nan"``, ``"inf"``, ``"-inf"`` (as in metrics.jsonl)."""
+        out = asdict(self)
+        out["run_number"] = self.number
+        out["checkpoint_time"] = _iso(self.checkpoint_time)
+        return _finite(out)
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _parse_time(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def describe_run(
+    exp_dir: Path, name: str | None = None, *, metric: str = DEFAULT_METRIC, now: float | None = None
+) -> RunInfo:
+    """Reads one run folder.
+
+    Args:
+        exp_dir: The run folder (``<exp_name>/run_<N>``).
+        name: The experiment's name (default: the parent folder's name).
+        metric: The metric whose best value is reported.
+        now: The time to measure a running run's wall time against (default: now).
+    """
+    exp_dir = Path(exp_dir)
+    info = RunInfo(
+        name=exp_dir.parent.name if name is None else name, run=exp_dir.name, path=str(exp_dir), state="empty"
+    )
+    info.metric = metric
+    ckpt = newest_checkpoint(exp_dir)
+    if ckpt is not None:
+        info.checkpoint, info.checkpoint_step, info.checkpoint_time = str(ckpt.path), ckpt.step, ckpt.mtime
+    log = metrics_path(exp_dir)
+    metrics = summarize_metrics(log, metric) if log is not None else MetricsSummary()
+    info.train_loss, info.wall_s = metrics.train_loss, metrics.wall_s
+    if metrics.best is not None:
+        info.best, info.best_step = metrics.best.value, metrics.best.step
+    info.best_valid = {k: {"value": b.value, "step": b.step} for k, b in sorted(metrics.best_valid.items())}
+    progress = max(
+        (s for s in (info.checkpoint_step, metrics.last_train_step) if s is not None), default=None
+    )
+
+    status = read_status(exp_dir)
+    status_step = status.get("step") if status is not None else None
+    if not isinstance(status_step, int) or isinstance(status_step, bool):
+        status_step = None
+    # A marker older than the newest checkpoint or log line describes an earlier session.
+    current = status is not None and status_step is not None and (progress is None or status_step >= progress)
+    info.step = max((s for s in (progress, status_step if current else None) if s is not None), default=None)
+
+    running = read_lock(exp_dir, "running")
+    scheduled = read_lock(exp_dir, "scheduled") if running is None else None
+    if running is not None:
+        info.pid, info.host, info.lock_time = running.pid, running.host, running.time
+        if not running.on_this_host:
+            info.state = "running?"
+        else:
+            info.state = "crashed" if running.is_stale() else "running"
+        if info.state == "running" and info.wall_s is None:
+            started = _parse_time(running.time)
+            if started is not None:
+                info.wall_s = max((time.time() if now is None else now) - started, 0.0)
+    elif scheduled is not None:
+        info.state, info.lock_time = "scheduled", scheduled.time
+    elif current and status is not None and status.get("state") in ENDED:
+        info.state = str(status["state"])
+    elif ckpt is not None:
+        info.state = "interrupted"
+    elif metrics.records:
+        info.state = "unknown"
+    if info.state in ENDED and current and status is not None:  # what the marker says of that end
+        signal, error = status.get("signal"), status.get("error")
+        info.signal = signal if isinstance(signal, str) else None
+        info.error = error if isinstance(error, str) else None
+        info.status_time = status.get("time") if isinstance(status.get("time"), str) else None
+        elapsed = _number(status.get("elapsed_s"))
+        if info.wall_s is None and elapsed is not None:  # nothing logged: the marker's clock
+            info.wall_s = elapsed
+    return info
+
+
+def _subdirs(folder: Path) -> Iterator[Path]:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if not entry.name.startswith(".") and entry.is_dir():
+                yield Path(entry.path)
+        except OSError:
+            continue
+
+
+def _is_run(folder: Path) -> bool:
+    """``run_<N>`` with no ``run_<M>`` inside (that would be an experiment named like a run)."""
+    return bool(_RUN_NAME.fullmatch(folder.name)) and not any(
+        _RUN_NAME.fullmatch(child.name) for child in _subdirs(folder)
+    )
+
+
+def find_runs(path: Path) -> list[tuple[str, Path]]:
+    """The ``(exp_name, run folder)`` pairs under ``path``, by name then run number.
+
+    ``path`` is a run dir (``<exp_name>/run_<N>`` inside), one experiment's folder (``run_<N>``
+    inside) or one run folder.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        NotADirectoryError: ``path`` is not a folder.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(path)
+    if not path.is_dir():
+        raise NotADirectoryError(path)
+    path = path.resolve()
+    if _is_run(path):
+        return [(path.parent.name, path)]
+    children = sorted(_subdirs(path))
+    runs = [(path.name, child) for child in children if _is_run(child)]
+    if not runs:
+        runs = [(child.name, run) for child in children for run in _subdirs(child) if _is_run(run)]
+    return sorted(runs, key=lambda pair: (pair[0], _number_of(pair[1])))
+
+
+def _number_of(run: Path) -> int:
+    match = _RUN_NAME.fullmatch(run.name)
+    return int(match.group(1)) if match else -1
+
+
+def describe_runs(path: Path, *, metric: str = DEFAULT_METRIC) -> list[RunInfo]:
+    """:func:`describe_run` for each run :func:`find_runs` finds under ``path``."""
+    now = time.time()
+    return [describe_run(run, name, metric=metric, now=now) for name, run in find_runs(path)]

@@ -1,0 +1,130 @@
+"""Defines ``ml export EXP_DIR -o model.safetensors [--checkpoint PATH_OR_STEP] [--force]``.
+
+Reads a run's newest checkpoint (``checkpoints/ckpt.pt``), or a chosen one (a path, or a step
+number meaning ``checkpoints/ckpt.<step>.pt``), with the safe reader (``weights_only``: a damaged
+or foreign file is refused with one line, exit code 2), and writes the model's weights as
+safetensors plus the run's resolved config beside them (``model.safetensors`` -> ``model.yaml``);
+see :mod:`ml.export`. ``ml.load_model("model.safetensors")`` rebuilds the model from the two.
+
+An existing output is never overwritten without ``--force`` (the config beside it included), and
+both files are written atomically, so a failed export leaves what was there before.
+"""
+
+import argparse
+from pathlib import Path
+
+from ml.tools import tool_parser
+
+
+def _run_folder(arg: str) -> Path:
+    """The run folder ``arg`` names; BadInput when it is none (a parent of runs, a file, nothing)."""
+    from ml.cli import BadInput
+
+    path = Path(arg).expanduser()
+    if not path.exists():
+        raise BadInput(f"no such run folder: {arg}")
+    if not path.is_dir():
+        raise BadInput(f"{arg} is not a run folder; give the folder holding config.yaml and checkpoints/")
+    if not (path / "checkpoints").is_dir() and not (path / "config.yaml").is_file():
+        runs = sorted(p for p in path.glob("run_*") if p.is_dir())
+        hint = f": give one of its runs, e.g. {runs[-1]}" if runs else " (no config.yaml, no checkpoints/)"
+        raise BadInput(f"{arg} is not a run folder{hint}")
+    return path
+
+
+def _checkpoint_path(exp_dir: Path, choice: str | None) -> Path:
+    """The checkpoint to export: the newest, a step's (``--checkpoint 500``), or a file."""
+    from ml.cli import BadInput
+
+    folder = exp_dir / "checkpoints"
+    if choice is None:
+        path = folder / "ckpt.pt"
+        if not path.exists():
+            raise BadInput(f"no checkpoint in {folder} (the run has not saved one yet)")
+        return path
+    if choice.isdigit():
+        path = folder / f"ckpt.{int(choice)}.pt"
+        if not path.is_file():
+            steps = sorted(
+                int(p.name.split(".")[1]) for p in folder.glob("ckpt.*.pt") if p.name.split(".")[1].isdigit()
+            )
+            have = ", ".join(map(str, steps)) if steps else "none"
+            raise BadInput(f"no checkpoint of step {choice} in {folder} (steps saved: {have})")
+        return path
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        raise BadInput(f"--checkpoint: no such file {choice} (give a path or a step number)")
+    return path
+
+
+def _check_output(output: str, force: bool) -> Path:
+    """The output path, refused before any work when its suffix is wrong or it would overwrite."""
+    from ml.cli import BadInput
+    from ml.export import SUFFIX, config_path_beside
+
+    path = Path(output).expanduser()
+    if path.suffix != SUFFIX:
+        raise BadInput(f"-o {output}: the output must end in {SUFFIX}, e.g. model{SUFFIX}")
+    if path.is_dir():
+        raise BadInput(f"-o {output} is a folder; give a file name ending in {SUFFIX}")
+    if not force:
+        for existing in (path, config_path_beside(path)):
+            if existing.exists() or existing.is_symlink():
+                raise BadInput(f"{existing} exists; add --force to overwrite it")
+    return path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = tool_parser(
+        "export",
+        "Write a run's model weights as safetensors, with the run's config beside them "
+        "(model.safetensors -> model.yaml); ml.load_model(path) rebuilds the model.",
+    )
+    parser.add_argument("exp_dir", metavar="EXP_DIR", help="the run folder (holding checkpoints/)")
+    parser.add_argument("-o", "--output", required=True, help="the file to write, ending in .safetensors")
+    parser.add_argument(
+        "--checkpoint",
+        metavar="PATH_OR_STEP",
+        help="a checkpoint file, or a step number (checkpoints/ckpt.<step>.pt); default: the newest",
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """``ml export``: writes the weights and config; returns 0."""
+    from ml.cli import BadInput
+
+    args = _parser().parse_args(argv)
+    exp_dir = _run_folder(args.exp_dir)
+    output = _check_output(args.output, args.force)
+    ckpt_path = _checkpoint_path(exp_dir, args.checkpoint)
+
+    from ml.core.state import State
+    from ml.export import ModelFileError, export_weights
+    from ml.utils.checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        ckpt = read_checkpoint(ckpt_path, device="cpu")
+    except CheckpointError as e:
+        raise BadInput(str(e).strip().splitlines()[0]) from e
+    raw_state = ckpt["state"]
+    try:
+        state = State.from_json(raw_state) if isinstance(raw_state, str) else State.from_dict(dict(raw_state))
+    except (ValueError, TypeError) as e:
+        raise BadInput(f"{ckpt_path}: bad trainer state ({e})") from e
+    config_yaml = ckpt.get("config")
+    if not isinstance(config_yaml, str) or not config_yaml.strip():
+        raise BadInput(f"{ckpt_path} holds no run config, so the model could not be rebuilt from the export")
+    if not isinstance(ckpt["model"], dict):
+        raise BadInput(f"{ckpt_path}: 'model' is not a state dict")
+    try:
+        written = export_weights(
+            ckpt["model"], config_yaml, output, step=state.num_steps, checkpoint=str(ckpt_path.resolve())
+        )
+    except ModelFileError as e:
+        raise BadInput(f"{ckpt_path}: {e}") from e
+    print(f"ml: exported step {written.step} from {ckpt_path}")
+    print(f"ml: weights {written.weights_path} ({written.num_tensors} tensors)")
+    print(f"ml: config  {written.config_path}")
+    return 0

@@ -1,0 +1,299 @@
+"""Defines ``ml plot EXP_DIR [EXP_DIR ...] -o plot.png``: curves of chosen metrics from ``metrics.jsonl``.
+
+Each EXP_DIR is a run folder (``<RUN_DIR>/<exp_name>/run_<N>``, read from its
+``logs/metrics.jsonl``) or an experiment folder holding ``run_<N>`` folders (then all its runs that
+have that file). The plot has one subplot per metric (``--metric train/loss --metric valid/loss``;
+by default ``train/loss`` and ``valid/loss`` or the first other ``valid/`` metric), each run a
+curve of its own colour labelled ``<exp_name>/run_<N>``. The x axis is the step, or with
+``--x time`` the run's training time (``elapsed_s``) in seconds, minutes or hours as fits.
+
+Reading follows the writer (:mod:`ml.loggers.jsonl`): a last line cut short by a kill is skipped;
+when a phase and step appear twice (a run resumed before its logs were trimmed) the later record
+wins; non-finite values (written as ``"nan"``, ``"inf"``) leave gaps. The records are read here,
+not with :func:`ml.loggers.jsonl.read_metrics`, because importing the logger module imports torch,
+which would more than double the command's time.
+
+The image is PNG or SVG, chosen by the output's suffix, ``--width`` by ``--height`` pixels (the PNG
+has exactly that size). It is written to a temporary file that then replaces the output, so no
+half-written image is ever left. An existing file is overwritten only with ``--force``, as with
+``ml export``: a command must not destroy what is on disk by a slip of the name. Everything is
+checked before anything is drawn. matplotlib is imported only here, drawing with the Agg backend
+(no display needed); without it the command says what to install.
+"""
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ml.tools import tool_parser
+
+LOG_DIR_NAME = "logs"
+METRICS_FILE_NAME = "metrics.jsonl"
+FORMATS = {".png": "png", ".svg": "svg"}
+DPI = 100
+DEFAULT_WIDTH, DEFAULT_HEIGHT = 1000, 600
+MIN_PIXELS, MAX_PIXELS = 200, 10000
+MARKERS_UP_TO = 60  # curves with this few points (validation) also mark each point
+DEFAULT_TRAIN_METRIC = "train/loss"
+INSTALL_HINT = "ml plot needs matplotlib: pip install 'ml-trainer[plot]'"
+
+
+@dataclass
+class Run:
+    """One run's records: ``(phase, step)`` to the last record written for it."""
+
+    path: Path
+    label: str
+    records: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    skipped_lines: int = 0
+
+    def metric_names(self) -> list[str]:
+        """The metrics the run logged, in the order they first appear."""
+        names: dict[str, None] = {}
+        for record in self.records.values():
+            names.update(dict.fromkeys(record["metrics"]))
+        return list(names)
+
+    def curve(self, metric: str, x: str) -> tuple[list[float], list[float]]:
+        """The metric's points in step order: x (step or elapsed seconds) and y (NaN for inf)."""
+        xs: list[float] = []
+        ys: list[float] = []
+        for (_, step), record in sorted(self.records.items(), key=lambda item: item[0][1]):
+            if metric not in record["metrics"]:
+                continue
+            xs.append(float(step) if x == "step" else _number(record.get("elapsed_s")))
+            value = _number(record["metrics"][metric])
+            ys.append(value if math.isfinite(value) else math.nan)
+        return xs, ys
+
+
+def _bad_input(message: str) -> Exception:
+    from ml.cli import BadInput
+
+    return BadInput(message)
+
+
+def _number(value: Any) -> float:
+    """A logged value as a float: numbers as they are, ``"nan"``/``"inf"``/``"-inf"`` decoded."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return math.nan
+    return math.nan
+
+
+def read_run(run_dir: Path, label: str) -> Run:
+    """Reads ``run_dir``'s ``logs/metrics.jsonl``; later records of a phase and step replace earlier ones.
+
+    A last line without its newline (a kill while writing) is skipped silently; other lines that
+    are not records are skipped and counted.
+    """
+    run = Run(path=run_dir, label=label)
+    with (run_dir / LOG_DIR_NAME / METRICS_FILE_NAME).open("rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                run.skipped_lines += line.endswith(b"\n")  # no newline: cut short, not garbled
+                continue
+            step = record.get("step") if isinstance(record, dict) else None
+            if not isinstance(step, int) or not isinstance(record.get("metrics"), dict):
+                run.skipped_lines += 1
+                continue
+            run.records[(str(record.get("phase", "train")), step)] = record
+    return run
+
+
+def _run_number(path: Path) -> int:
+    suffix = path.name[len("run_") :]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def _has_metrics(path: Path) -> bool:
+    return (path / LOG_DIR_NAME / METRICS_FILE_NAME).is_file()
+
+
+def find_runs(arg: str) -> list[Path]:
+    """The run folders an argument names: the run itself, or every run of an experiment folder.
+
+    Raises:
+        BadInput: The folder does not exist, or is neither a run with ``logs/metrics.jsonl`` nor
+            a folder of such runs.
+    """
+    path = Path(arg).expanduser()
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise _bad_input(
+            f"{arg} {what}: give a run folder (<RUN_DIR>/<exp_name>/run_<N>) or an experiment folder"
+        )
+    if _has_metrics(path):
+        return [path.resolve()]
+    runs = sorted((p for p in path.glob("run_*") if p.is_dir()), key=_run_number)
+    with_metrics = [p.resolve() for p in runs if _has_metrics(p)]
+    if with_metrics:
+        return with_metrics
+    if runs:
+        raise _bad_input(
+            f"{arg}: none of its runs has {LOG_DIR_NAME}/{METRICS_FILE_NAME} "
+            "(add {name: jsonl} to the loggers)"
+        )
+    raise _bad_input(
+        f"{arg} is not a run folder (no {LOG_DIR_NAME}/{METRICS_FILE_NAME} in it) "
+        "nor an experiment folder holding run_<N> folders"
+    )
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    """``<exp_name>/run_<N>`` for each run; the whole path where two runs would share a label."""
+    short = [f"{p.parent.name}/{p.name}" for p in paths]
+    return [s if short.count(s) == 1 else str(p) for s, p in zip(short, paths, strict=True)]
+
+
+def default_metrics(available: Sequence[str]) -> list[str]:
+    """``train/loss`` and one validation metric (``valid/loss`` if logged), of those available."""
+    chosen = [DEFAULT_TRAIN_METRIC] if DEFAULT_TRAIN_METRIC in available else []
+    valid = [name for name in available if name.startswith("valid/")]
+    if valid:
+        chosen.append("valid/loss" if "valid/loss" in valid else valid[0])
+    return chosen or list(available[:1])
+
+
+def _time_unit(max_seconds: float) -> tuple[str, float]:
+    """The unit that keeps the time axis readable, and the seconds it holds."""
+    if not math.isfinite(max_seconds) or max_seconds <= 120:
+        return "s", 1.0
+    if max_seconds <= 120 * 60:
+        return "min", 60.0
+    return "h", 3600.0
+
+
+def _check_output(arg: str, force: bool) -> tuple[Path, str]:
+    out = Path(arg).expanduser()
+    fmt = FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise _bad_input(f"-o {arg}: the output must end in .png or .svg")
+    if out.is_dir():
+        raise _bad_input(f"-o {arg} is a folder: name the image file, e.g. {out / 'plot.png'}")
+    if not out.parent.is_dir():
+        raise _bad_input(f"-o {arg}: the folder {out.parent} does not exist")
+    if out.exists() and not force:
+        raise _bad_input(f"{arg} exists; add --force to overwrite it")
+    return out, fmt
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = tool_parser("plot", "Curves of chosen metrics from the runs' logs/metrics.jsonl, as PNG or SVG.")
+    parser.add_argument("exp_dirs", nargs="+", metavar="EXP_DIR", help="run folders or experiment folders")
+    parser.add_argument(
+        "--metric",
+        action="append",
+        metavar="NAME",
+        help="a metric to plot, e.g. train/loss (repeat for several; default: train/loss and valid/loss)",
+    )
+    parser.add_argument("--x", choices=("step", "time"), default="step", help="the x axis (default: step)")
+    parser.add_argument("-o", "--output", required=True, help="the image file: .png or .svg")
+    parser.add_argument("--width", type=int, default=DEFAULT_WIDTH, help=f"pixels (default {DEFAULT_WIDTH})")
+    parser.add_argument(
+        "--height", type=int, default=DEFAULT_HEIGHT, help=f"pixels (default {DEFAULT_HEIGHT})"
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """``ml plot``: reads the runs, checks everything, then draws and writes the image."""
+    ns = _parser().parse_args(argv)
+    out, fmt = _check_output(ns.output, ns.force)
+    for name, pixels in (("--width", ns.width), ("--height", ns.height)):
+        if not MIN_PIXELS <= pixels <= MAX_PIXELS:
+            raise _bad_input(f"{name} {pixels}: give a size from {MIN_PIXELS} to {MAX_PIXELS} pixels")
+    paths = list(dict.fromkeys(p for arg in ns.exp_dirs for p in find_runs(arg)))
+    runs = [read_run(path, label) for path, label in zip(paths, _labels(paths), strict=True)]
+    for run in runs:
+        if run.skipped_lines:
+            where = run.path / LOG_DIR_NAME / METRICS_FILE_NAME
+            print(
+                f"ml plot: skipped {run.skipped_lines} line(s) of {where}: not metric records",
+                file=sys.stderr,
+            )
+    available = list(dict.fromkeys(name for run in runs for name in run.metric_names()))
+    if not available:
+        raise _bad_input(f"no metrics logged yet in {', '.join(str(p) for p in paths)}")
+    metrics = list(dict.fromkeys(ns.metric)) if ns.metric else default_metrics(available)
+    missing = [name for name in metrics if name not in available]
+    if missing:
+        raise _bad_input(f"no run logged {', '.join(missing)}; available: {', '.join(available)}")
+    figure = _draw(runs, metrics, ns.x, ns.width, ns.height)
+    _save(figure, out, fmt)
+    print(f"{out}: {', '.join(metrics)} of {len(runs)} run(s)")
+    return 0
+
+
+def _draw(runs: Sequence[Run], metrics: Sequence[str], x: str, width: int, height: int) -> Any:
+    """A figure of ``width`` x ``height`` pixels, one subplot per metric, one curve per run."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError as e:
+        raise _bad_input(INSTALL_HINT) from e
+
+    curves = {(run.label, metric): run.curve(metric, x) for run in runs for metric in metrics}
+    unit, scale = "step", 1.0
+    if x == "time":
+        seconds = [v for xs, _ in curves.values() for v in xs if math.isfinite(v)]
+        unit, scale = _time_unit(max(seconds, default=0.0))
+    # A hair over the size: Agg truncates the figure's size in pixels to whole ones.
+    figure = Figure(figsize=((width + 0.01) / DPI, (height + 0.01) / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)  # drawn without pyplot, so without a display or global state
+    ncols = 1 if len(metrics) <= 3 else 2
+    nrows = -(-len(metrics) // ncols)
+    axes = figure.subplots(nrows, ncols, squeeze=False).flatten()
+    for index, (ax, metric) in enumerate(zip(axes, metrics, strict=False)):
+        if index > 0:  # one x range for all, so that validation lines up with training
+            ax.sharex(axes[0])
+        if x == "step":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for number, run in enumerate(runs):
+            xs, ys = curves[(run.label, metric)]
+            if not xs:
+                continue
+            marker = "o" if len(xs) <= MARKERS_UP_TO else None
+            ax.plot(
+                [v / scale for v in xs],
+                ys,
+                color=f"C{number % 10}",
+                label=run.label,
+                marker=marker,
+                markersize=3,
+            )
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        if index + ncols >= len(metrics):  # the lowest subplot of its column
+            ax.set_xlabel("step" if x == "step" else f"time ({unit})")
+        if ax.has_data():
+            ax.legend(fontsize="small")
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
+    return figure
+
+
+def _save(figure: Any, out: Path, fmt: str) -> None:
+    """Writes the image through a temporary file that replaces ``out`` once complete."""
+    import matplotlib
+
+    from ml.utils.atomic import atomic_open
+
+    # SVG keeps its text as text (searchable, editable) and no date (the same plot, the same file).
+    with matplotlib.rc_context({"svg.fonttype": "none"}), atomic_open(out, "wb") as f:
+        figure.savefig(f, format=fmt, dpi=DPI, metadata={"Date": None} if fmt == "svg" else None)
