@@ -1,21 +1,207 @@
-"""End-to-end test of the ``slurm`` launcher on a real one-node Slurm cluster (see tests/slurm_cluster.py).
+"""Real jobs on the one-node Slurm test cluster (``tests/slurm_cluster.py``), then ``ml``'s launcher on it.
 
-``ml launch ... launcher.name=slurm`` submits a 2-task job; ``scancel --signal=USR1 --batch`` in the
-middle of training makes it checkpoint and requeue itself; released, the requeued job continues
-from the checkpoint in the same run folder: counters go on, no step is trained twice.
+The first tests pin down the Slurm behaviour the ``slurm`` launcher relies on: srun ranks and their
+environment, signal delivery to the batch shell and to srun tasks, and requeue keeping the job id
+with ``SLURM_RESTART_COUNT`` counting the runs.
+
+The last is the launcher end to end: ``ml launch ... launcher.name=slurm`` submits a 2-task job;
+``scancel --signal=USR1 --batch`` in the middle of training makes it checkpoint and requeue itself;
+released, the requeued job continues from the checkpoint in the same run folder: counters go on, no
+step is trained twice.
+
+Every test that uses the cluster is in this one module, so that under pytest-xdist (``--dist
+loadfile``) one worker runs them all and the session starts a single cluster.
 """
+
+from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.e2e.test_distributed import CONFIG, ML, _env, _only_run, _records, _train_losses
-from tests.slurm_cluster import SlurmCluster
+from tests.slurm_cluster import SlurmCluster, parse_scontrol_record
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture
+def cluster(slurm_cluster: SlurmCluster) -> Iterator[SlurmCluster]:
+    """The session's cluster, with every job a test leaves behind cancelled afterwards."""
+    yield slurm_cluster
+    slurm_cluster.cancel_all()
+
+
+def write_script(path: Path, text: str) -> Path:
+    """Write an executable batch script."""
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def wait_for_files(*paths: Path, timeout: float = 30.0) -> None:
+    """Poll until all ``paths`` exist."""
+    deadline = time.monotonic() + timeout
+    while not all(path.exists() for path in paths):
+        if time.monotonic() > deadline:
+            missing = [str(path) for path in paths if not path.exists()]
+            raise AssertionError(f"not written within {timeout:.0f} s: {', '.join(missing)}")
+        time.sleep(0.05)
+
+
+def test_two_task_job_runs_both_ranks(cluster: SlurmCluster, tmp_path: Path) -> None:
+    out = tmp_path / "ranks.out"
+    script = write_script(
+        tmp_path / "ranks.sh",
+        f"""#!/bin/bash
+#SBATCH --ntasks=2
+#SBATCH --time=2
+#SBATCH --output={out}
+srun bash -c 'echo $SLURM_PROCID'
+""",
+    )
+    job_id = cluster.submit(script, cwd=tmp_path)
+    cluster.wait_for_state(job_id, "COMPLETED", timeout=60)
+    assert sorted(out.read_text().split()) == ["0", "1"]
+
+
+def test_usr1_to_batch_shell_requeues_and_the_job_runs_again(cluster: SlurmCluster, tmp_path: Path) -> None:
+    out = tmp_path / "requeue.out"
+    ready = tmp_path / "ready"
+    script = write_script(
+        tmp_path / "requeue.sh",
+        f"""#!/bin/bash
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --time=2
+#SBATCH --output={out}
+echo "job $SLURM_JOB_ID run SLURM_RESTART_COUNT=${{SLURM_RESTART_COUNT:-unset}}"
+if [ -n "$SLURM_RESTART_COUNT" ]; then exit 0; fi
+trap 'echo requeueing; scontrol requeue $SLURM_JOB_ID; exit 0' USR1
+touch {ready}
+sleep 120 &
+wait $!
+""",
+    )
+    job_id = cluster.submit(script, cwd=tmp_path)
+    wait_for_files(ready)
+    assert cluster.job_state(job_id) == "RUNNING"
+
+    cluster.signal_batch(job_id, "USR1")
+    cluster.wait_for_state(job_id, "PENDING", timeout=30)
+    assert cluster.restart_count(job_id) == 1
+    assert cluster.job_info(job_id)["Reason"] in {"BeginTime", "None"}  # requeued jobs wait ~2 min
+
+    cluster.release(job_id)
+    cluster.wait_for_state(job_id, "COMPLETED", timeout=30)
+    lines = out.read_text().splitlines()
+    assert f"job {job_id} run SLURM_RESTART_COUNT=unset" in lines
+    assert "requeueing" in lines
+    assert lines[-1] == f"job {job_id} run SLURM_RESTART_COUNT=1"
+
+
+TASK = """\
+import json, os, signal, sys, time
+from pathlib import Path
+
+folder, rank = Path(sys.argv[1]), os.environ["SLURM_PROCID"]
+got = []
+signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+keys = ["SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NODEID", "SLURM_JOB_NODELIST",
+        "SLURM_STEP_ID", "SLURM_RESTART_COUNT"]
+record = {key: os.environ.get(key) for key in keys}
+record.update(executable=sys.executable, cwd=os.getcwd())
+(folder / f"env-{rank}.json").write_text(json.dumps(record))
+(folder / f"ready-{rank}").touch()
+deadline = time.monotonic() + 30
+while not got and time.monotonic() < deadline:
+    time.sleep(0.05)
+(folder / f"usr1-{rank}").write_text("got" if got else "timeout")
+"""
+
+
+@pytest.mark.parametrize("route", ["batch-shell-forwards-to-srun", "scancel-to-steps"])
+def test_usr1_reaches_srun_tasks(cluster: SlurmCluster, tmp_path: Path, route: str) -> None:
+    """USR1 reaches every srun task both when the batch shell kills srun with it (srun forwards it) and
+    with ``scancel --signal=USR1 <job>`` (no ``--batch``: the steps only, the batch shell never sees it,
+    which here would kill it). The tasks run this venv's Python and see their SLURM_* variables."""
+    (tmp_path / "task.py").write_text(TASK)
+    trap = "trap 'kill -USR1 $srun_pid' USR1" if route == "batch-shell-forwards-to-srun" else ""
+    script = write_script(
+        tmp_path / "signal.sh",
+        f"""#!/bin/bash
+#SBATCH --ntasks=2
+#SBATCH --time=2
+#SBATCH --output={tmp_path / "signal.out"}
+{trap}
+srun {sys.executable} {tmp_path / "task.py"} {tmp_path} &
+srun_pid=$!
+while true; do  # a trapped signal interrupts wait; go on waiting until srun has exited
+    wait $srun_pid
+    rc=$?
+    kill -0 $srun_pid 2>/dev/null || exit $rc
+done
+""",
+    )
+    job_id = cluster.submit(script, cwd=tmp_path)
+    wait_for_files(tmp_path / "ready-0", tmp_path / "ready-1")
+    if route == "batch-shell-forwards-to-srun":
+        cluster.signal_batch(job_id, "USR1")
+    else:
+        cluster.signal(job_id, "USR1")
+    cluster.wait_for_state(job_id, "COMPLETED", timeout=60)
+
+    for rank in ("0", "1"):
+        assert (tmp_path / f"usr1-{rank}").read_text() == "got"
+        env = json.loads((tmp_path / f"env-{rank}.json").read_text())
+        assert env == {
+            "SLURM_PROCID": rank,
+            "SLURM_LOCALID": rank,
+            "SLURM_NTASKS": "2",
+            "SLURM_NODEID": "0",
+            "SLURM_JOB_NODELIST": cluster.node_name,
+            "SLURM_STEP_ID": "0",
+            "SLURM_RESTART_COUNT": None,
+            "executable": sys.executable,
+            "cwd": str(tmp_path),
+        }
+
+
+def test_quoted_sbatch_directives_keep_their_spaces(cluster: SlurmCluster, tmp_path: Path) -> None:
+    script = write_script(
+        tmp_path / "quoted.sh",
+        """#!/bin/bash
+#SBATCH --job-name='a b'
+#SBATCH --comment="x y"
+#SBATCH --hold
+true
+""",
+    )
+    job_id = cluster.submit(script, cwd=tmp_path)
+    info = cluster.job_info(job_id)
+    cluster.cancel(job_id)
+    assert (info["JobName"], info["Comment"]) == ("a b", "x y")
+
+
+def test_parse_scontrol_record_keeps_spaces_in_values() -> None:
+    record = parse_scontrol_record("JobId=7 JobName=a b UserId=root(0) ReqB:S:C:T=0:0:*:* Comment=x y")
+    assert record == {
+        "JobId": "7",
+        "JobName": "a b",
+        "UserId": "root(0)",
+        "ReqB:S:C:T": "0:0:*:*",
+        "Comment": "x y",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The slurm launcher end to end
 
 TIMEOUT_S = 180
 MAX_STEPS = 1500
