@@ -24,9 +24,7 @@ A run's state, the first rule that applies:
   that failed before its first checkpoint);
 * ``empty``: nothing at all (a run folder just claimed, or one whose first process never trained).
 
-The lock is read with the same rules as :class:`ml.trainers.base.LockInfo` (re-implemented here:
-``ml.trainers.base`` imports torch, which would cost ``ml runs`` seconds; base.py could reuse
-:func:`read_lock` and :class:`LockInfo` from here instead).
+Locks are parsed by :mod:`ml.utils.locks`, as the trainer parses them (without importing torch).
 
 ``metrics.jsonl`` is read leniently: a line that does not parse (the last line of a writer killed
 mid-write) is skipped, and when a phase and step occur more than once (runs of older versions,
@@ -40,12 +38,13 @@ import json
 import math
 import os
 import re
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ml.utils.locks import LockInfo, parse_lock
 
 STATUS_FILE = "status.json"  # written by ml.trainers.common.run_session
 METRICS_FILE = "metrics.jsonl"  # written by ml.loggers.jsonl.JsonlLogger
@@ -79,37 +78,6 @@ _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 # Locks
 
 
-@dataclass(frozen=True)
-class LockInfo:
-    """What a lock file says about its owner (the same rules as ``ml.trainers.base.LockInfo``)."""
-
-    pid: int | None
-    host: str | None
-    time: str | None
-
-    @property
-    def on_this_host(self) -> bool:
-        return self.pid is not None and self.host == socket.gethostname()
-
-    def is_stale(self) -> bool:
-        """True when the owner ran on this host and its process no longer exists."""
-        if not self.on_this_host:
-            return False
-        assert self.pid is not None
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, another user's
-            return False
-        return False
-
-    @property
-    def owner(self) -> str:
-        """``pid@host`` (``?`` for what the file does not say)."""
-        return f"{self.pid if self.pid is not None else '?'}@{self.host or '?'}"
-
-
 def read_lock(exp_dir: Path, lock_type: str) -> LockInfo | None:
     """Parses ``exp_dir/.lock_<lock_type>``; None when there is none (or it cannot be read)."""
     try:
@@ -118,13 +86,7 @@ def read_lock(exp_dir: Path, lock_type: str) -> LockInfo | None:
         return None
     except OSError:  # unreadable: a lock all the same, of an unknown owner
         return LockInfo(None, None, None)
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key.strip().lower()] = value.strip()
-    pid = fields.get("pid")
-    return LockInfo(int(pid) if pid and pid.isdigit() else None, fields.get("host"), fields.get("time"))
+    return parse_lock(text)
 
 
 # ---------------------------------------------------------------------------------------------

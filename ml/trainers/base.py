@@ -71,6 +71,7 @@ from ml.utils.distributed import (
     is_master,
     mean_over_ranks,
 )
+from ml.utils.locks import LockInfo, parse_lock
 from ml.utils.ranks import dist_env, export_env
 from ml.utils.signals import take_early_signal
 
@@ -171,40 +172,13 @@ def has_lock_file(exp_dir: Path, lock_type: LockType | None = None) -> bool:
     return any(_lock_path(exp_dir, t).exists() for t in types)
 
 
-@dataclass(frozen=True)
-class LockInfo:
-    """What a lock file says about its owner."""
-
-    pid: int | None
-    host: str | None
-    time: str | None
-
-    def is_stale(self) -> bool:
-        """True when the owner ran on this host and its process no longer exists."""
-        if self.pid is None or self.host != socket.gethostname():
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-
-
 def read_lock_file(exp_dir: Path, lock_type: LockType) -> LockInfo | None:
     """Parses a lock file; None when there is none."""
     try:
         text = _lock_path(exp_dir, lock_type).read_text()
     except FileNotFoundError:
         return None
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key.strip().lower()] = value.strip()
-    pid = fields.get("pid")
-    return LockInfo(int(pid) if pid and pid.isdigit() else None, fields.get("host"), fields.get("time"))
+    return parse_lock(text)
 
 
 def get_ckpt_path(exp_dir: Path, state: State | None = None) -> Path:
