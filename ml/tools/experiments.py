@@ -148,7 +148,7 @@ def higher_is_better(metric: str) -> bool:
     return any(word in metric.lower() for word in HIGHER_IS_BETTER)
 
 
-def _number(value: Any) -> float | None:
+def metric_value(value: Any) -> float | None:
     """A metric value as written by the jsonl logger (``"nan"``, ``"inf"`` as strings); None if not one."""
     if isinstance(value, bool):
         return None
@@ -177,7 +177,8 @@ class MetricsSummary:
     best_valid: dict[str, Best] = field(default_factory=dict)  # every metric of the valid phase
 
 
-def _parse(line: bytes) -> dict[str, Any] | None:
+def parse_record(line: bytes) -> dict[str, Any] | None:
+    """A ``metrics.jsonl`` line as its record; None for a line that is not one (cut short, garbled)."""
     try:
         record = json.loads(line)
     except ValueError:  # cut short by a kill, garbled, not UTF-8
@@ -187,7 +188,8 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     return record
 
 
-def _step(record: dict[str, Any]) -> int | None:
+def record_step(record: dict[str, Any]) -> int | None:
+    """The record's step; None when it has no integer one."""
     step = record.get("step")
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
@@ -219,13 +221,13 @@ def summarize_metrics(path: Path, metric: str = DEFAULT_METRIC) -> MetricsSummar
     for line in lines:
         if _TRAIN_PHASE in line and wanted not in line:
             continue  # the bulk: training records without the chosen metric (the last ones below)
-        record = _parse(line)
+        record = parse_record(line)
         if record is not None:
-            kept[(record.get("phase"), _step(record))] = record
+            kept[(record.get("phase"), record_step(record))] = record
     chosen: dict[str, Best] = {}
     for (phase, step), record in kept.items():
         for name, raw in record["metrics"].items():
-            value = _number(raw)
+            value = metric_value(raw)
             if value is None:
                 continue
             if name == metric:
@@ -237,12 +239,12 @@ def summarize_metrics(path: Path, metric: str = DEFAULT_METRIC) -> MetricsSummar
     for line in reversed(lines):  # the newest training record, and the newest loss
         if _TRAIN_PHASE not in line and b'"train"' not in line:
             continue
-        record = _parse(line)
+        record = parse_record(line)
         if record is None or record.get("phase") != "train":
             continue
         if summary.last_train_step is None:
-            summary.last_train_step = _step(record)
-        loss = _number(record["metrics"].get("train/loss"))
+            summary.last_train_step = record_step(record)
+        loss = metric_value(record["metrics"].get("train/loss"))
         if loss is not None:
             summary.train_loss = loss
             break
@@ -392,7 +394,7 @@ def describe_run(
         info.signal = signal if isinstance(signal, str) else None
         info.error = error if isinstance(error, str) else None
         info.status_time = status.get("time") if isinstance(status.get("time"), str) else None
-        elapsed = _number(status.get("elapsed_s"))
+        elapsed = metric_value(status.get("elapsed_s"))
         if info.wall_s is None and elapsed is not None:  # nothing logged: the marker's clock
             info.wall_s = elapsed
     return info
@@ -440,10 +442,11 @@ def find_runs(path: Path) -> list[tuple[str, Path]]:
     runs = [(path.name, child) for child in children if _is_run(child)]
     if not runs:
         runs = [(child.name, run) for child in children for run in _subdirs(child) if _is_run(run)]
-    return sorted(runs, key=lambda pair: (pair[0], _number_of(pair[1])))
+    return sorted(runs, key=lambda pair: (pair[0], run_number(pair[1])))
 
 
-def _number_of(run: Path) -> int:
+def run_number(run: Path) -> int:
+    """N of a ``run_<N>`` folder; -1 for any other name."""
     match = _RUN_NAME.fullmatch(run.name)
     return int(match.group(1)) if match else -1
 

@@ -22,7 +22,6 @@ checked before anything is drawn. matplotlib is imported only here, drawing with
 """
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.tools import tool_parser
+from ml.tools.experiments import metric_value, parse_record, record_step, run_number
 
 LOG_DIR_NAME = "logs"
 METRICS_FILE_NAME = "metrics.jsonl"
@@ -79,15 +79,9 @@ def _bad_input(message: str) -> Exception:
 
 
 def _number(value: Any) -> float:
-    """A logged value as a float: numbers as they are, ``"nan"``/``"inf"``/``"-inf"`` decoded."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return math.nan
-    return math.nan
+    """A logged value as a float (see :func:`metric_value`); anything else is a gap (NaN)."""
+    number = metric_value(value)
+    return math.nan if number is None else number
 
 
 def read_run(run_dir: Path, label: str) -> Run:
@@ -101,22 +95,13 @@ def read_run(run_dir: Path, label: str) -> Run:
         for line in f:
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                run.skipped_lines += line.endswith(b"\n")  # no newline: cut short, not garbled
-                continue
-            step = record.get("step") if isinstance(record, dict) else None
-            if not isinstance(step, int) or not isinstance(record.get("metrics"), dict):
-                run.skipped_lines += 1
+            record = parse_record(line)
+            step = None if record is None else record_step(record)
+            if record is None or step is None:
+                run.skipped_lines += line.endswith(b"\n")  # no newline: cut short by a kill, not garbled
                 continue
             run.records[(str(record.get("phase", "train")), step)] = record
     return run
-
-
-def _run_number(path: Path) -> int:
-    suffix = path.name[len("run_") :]
-    return int(suffix) if suffix.isdigit() else -1
 
 
 def _has_metrics(path: Path) -> bool:
@@ -138,7 +123,7 @@ def find_runs(arg: str) -> list[Path]:
         )
     if _has_metrics(path):
         return [path.resolve()]
-    runs = sorted((p for p in path.glob("run_*") if p.is_dir()), key=_run_number)
+    runs = sorted((p for p in path.glob("run_*") if p.is_dir()), key=run_number)
     with_metrics = [p.resolve() for p in runs if _has_metrics(p)]
     if with_metrics:
         return with_metrics
