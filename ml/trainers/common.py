@@ -38,6 +38,10 @@ class TrainerConfig(BaseTrainerConfig):
     sync_every_n_steps: int = conf_field(
         10, help="With several processes: agree on stop signals, the clock and log writes every N steps"
     )
+    tune_malloc: bool = conf_field(
+        True,
+        help="Linux/glibc: keep freed memory for the next step, not fault it back in (ml.utils.malloc)",
+    )
 
 
 def check_common_config(config: TrainerConfig) -> None:

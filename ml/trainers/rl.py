@@ -52,6 +52,7 @@ from ml.trainers.base import BaseTrainer
 from ml.trainers.common import TrainerConfig, check_common_config, check_task, run_session
 from ml.trainers.parallel import wrap_model
 from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size, mean_over_ranks
+from ml.utils.malloc import tune_malloc
 
 logger = logging.getLogger(__name__)
 
@@ -644,6 +645,8 @@ class ReinforcementLearningTrainer(
     ) -> None:
         """Runs iterations until the task's limits are met or a signal asks it to stop."""
         check_task(self, task, ReinforcementLearningTask)
+        if self.config.tune_malloc:
+            tune_malloc()
         threads = torch.get_num_threads()
         with self.install_signal_handlers():
             # Set up: threads, model, optimizer, environments. Nothing here writes to disk, so a

@@ -48,6 +48,7 @@ from ml.trainers.parallel import (
 from ml.utils.checkpoint import CheckpointError, unwrap_model
 from ml.utils.data import ResumableSampler, SeededDataset, batch_size_of, move_to
 from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size
+from ml.utils.malloc import tune_malloc
 from ml.utils.precision import PRECISIONS, MixedPrecision
 from ml.utils.progress import progress
 
@@ -530,6 +531,8 @@ class SupervisedLearningTrainer(
     ) -> None:
         """Runs the training loop until the task's limits are met or a signal asks it to stop."""
         check_task(self, task, SupervisedLearningTask)
+        if self.config.tune_malloc:
+            tune_malloc()
 
         with self.install_signal_handlers(), _deterministic(self.config.deterministic):
             # Set up: device and precision, optimizer and schedule, data. Nothing here
