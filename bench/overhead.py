@@ -13,6 +13,8 @@ The contenders:
 
 * ``plain``: a hand-written loop (DataLoader over a TensorDataset, ``zero_grad``, ``backward``,
   ``step``; no ``loss.item()`` or other host sync per step);
+* ``plain_again``: the same loop once more, in its own interpreter, as if it were another contender
+  (an A/A control): its ratio to ``plain`` is what the machine's noise alone makes of a ratio;
 * ``ml``: ``ml train`` with its defaults, as the ``digits`` example runs it: stdout, jsonl and
   TensorBoard loggers at their default intervals (10 s, 1 s, 10 s), checkpoints at the default cadence
   (every 3,600 s, so only the final one, after the timed steps), no periodic validation (the default;
@@ -25,7 +27,10 @@ The contenders:
 * ``fabric``: ``lightning.fabric.Fabric`` (``setup``, ``setup_dataloaders``, ``fabric.backward``);
 * ``accelerate``: ``accelerate.Accelerator`` (``prepare``, ``accelerator.backward``);
 * ``lightning_stripped`` (only with ``--contenders``): the Trainer without logger, checkpoints,
-  progress bar and model summary.
+  progress bar and model summary;
+* ``plain_tuned`` (only with ``--contenders``): the plain loop after ``ml.utils.malloc.tune_malloc()``,
+  which ``ml``'s trainers call (``trainer.tune_malloc``): it shows how much of a difference is the
+  allocator's (the big model's steps page-fault their freed memory back in under glibc's defaults).
 
 Each run is a fresh interpreter, and the contenders alternate in rounds (plain, ml, ..., plain, ml,
 ...; each round starts one contender further on) so that changes in the machine's load hit them
@@ -37,9 +42,14 @@ only. Reported per contender:
 
 * steps/s: the median over rounds of the timed steps per second;
 * x plain: in each round, the run's steps/s divided by that round's plain run, then the median;
-* x plain (CPU time): the same with steps per second of the process's CPU time, which other
-  processes on a busy machine disturb less than the wall clock (meaningful without a GPU only);
+* middle half: the 25th to the 75th percentile of those ratios (how far one round's ratio can be
+  trusted: compare with the A/A control's);
+* x plain (median step): the same ratio with each run's median step time instead of its mean: it
+  ignores the slowest steps, those other tenants of the host slow down, but also any work a
+  contender does every N steps or seconds, so it supports the mean-based ratio and never replaces it;
 * us/step over plain: ``1/steps_per_s - 1/plain_steps_per_s`` of the medians, in microseconds;
+* faults/step: the process's minor page faults per timed step (memory handed back to the OS and
+  faulted back in; the median over rounds);
 * start-up: from launching the interpreter to the end of the first step (imports, set-up, data, the
   first step), the median over rounds.
 
@@ -61,6 +71,8 @@ import argparse
 import itertools
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,8 +81,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-CONTENDERS: tuple[str, ...] = ("plain", "ml", "ml_minimal", "lightning", "fabric", "accelerate")
-EXTRA: tuple[str, ...] = ("lightning_stripped",)  # only when asked for with --contenders
+CONTENDERS: tuple[str, ...] = (
+    "plain",
+    "plain_again",
+    "ml",
+    "ml_minimal",
+    "lightning",
+    "fabric",
+    "accelerate",
+)
+EXTRA: tuple[str, ...] = ("lightning_stripped", "plain_tuned")  # only when asked for with --contenders
 NEEDS: dict[str, str] = {
     "lightning": "lightning",
     "lightning_stripped": "lightning",
@@ -79,6 +99,8 @@ NEEDS: dict[str, str] = {
 }
 LABELS: dict[str, str] = {
     "plain": "plain PyTorch",
+    "plain_again": "plain PyTorch, again (A/A)",
+    "plain_tuned": "plain PyTorch + tune_malloc",
     "ml": "ml (defaults)",
     "ml_minimal": "ml (minimal)",
     "lightning": "Lightning Trainer (defaults)",
@@ -95,7 +117,7 @@ TARGETS: tuple[tuple[str, str, str, float | str], ...] = (
 )
 MODELS: dict[str, tuple[int, ...]] = {"tiny": (64, 256, 256, 10), "big": (64, 1024, 1024, 1024, 10)}
 # (steps, warmup) per model: the full run and --quick.
-STEPS: dict[str, tuple[int, int]] = {"tiny": (2000, 200), "big": (200, 20)}
+STEPS: dict[str, tuple[int, int]] = {"tiny": (3000, 200), "big": (300, 20)}
 QUICK_STEPS: dict[str, tuple[int, int]] = {"tiny": (60, 10), "big": (12, 4)}
 BATCH_SIZE = 64
 LR = 1e-3
@@ -107,7 +129,10 @@ SEED = 0
 
 
 class _Clock:
-    """Times of the training forward passes ``warmup + 1``, ``2`` and ``steps`` (1-based)."""
+    """Times of the training forward passes ``2`` and ``warmup + 1`` to ``steps`` (1-based).
+
+    Also the process's minor page faults between passes ``warmup + 1`` and ``steps``.
+    """
 
     def __init__(self, warmup: int, steps: int, sync: Callable[[], None]) -> None:
         if not 1 <= warmup < steps - 1:
@@ -118,6 +143,9 @@ class _Clock:
             self.marks.setdefault(call, []).append(name)
         self.times: dict[str, float] = {}
         self.cpu_times: dict[str, float] = {}
+        self.faults: dict[str, int] = {}
+        self.stamps: list[float] = []  # every timed pass's start, for the median step
+        self.first_stamp, self.last_stamp = warmup + 1, steps
         self.sync = sync
 
     def tick(self) -> None:
@@ -126,8 +154,11 @@ class _Clock:
         if names is not None:
             self.sync()
             now, cpu = time.perf_counter(), time.process_time()
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for name in names:
-                self.times[name], self.cpu_times[name] = now, cpu
+                self.times[name], self.cpu_times[name], self.faults[name] = now, cpu, faults
+        if self.first_stamp <= self.calls <= self.last_stamp:
+            self.stamps.append(time.perf_counter())  # (not synchronised with a GPU in between)
 
 
 def _model(widths: tuple[int, ...], clock: _Clock) -> Any:
@@ -209,6 +240,14 @@ def run_plain(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path)
             step += 1
             if step >= steps:
                 break
+
+
+def run_plain_tuned(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path) -> None:
+    """The plain loop after the same malloc settings as ``ml``'s trainers (``trainer.tune_malloc``)."""
+    from ml.utils.malloc import tune_malloc
+
+    tune_malloc()
+    run_plain(widths, steps, clock, workdir)
 
 
 _ML_MODEL: dict[str, Any] = {}  # the widths and clock the next ``overhead_mlp`` is built with
@@ -377,6 +416,8 @@ def run_accelerate(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: 
 
 RUNNERS: dict[str, Callable[[tuple[int, ...], int, _Clock, Path], None]] = {
     "plain": run_plain,
+    "plain_again": run_plain,
+    "plain_tuned": run_plain_tuned,
     "ml": run_ml,
     "ml_minimal": run_ml_minimal,
     "lightning": run_lightning,
@@ -406,9 +447,12 @@ def worker(contender: str, model: str, steps: int, warmup: int, launched: float,
     timed = steps - warmup - 1
     seconds = clock.times["timed_end"] - clock.times["timed_start"]
     cpu_seconds = clock.cpu_times["timed_end"] - clock.cpu_times["timed_start"]
+    step_seconds = [b - a for a, b in itertools.pairwise(clock.stamps)]
     result = {
         "steps_per_s": timed / seconds,
         "cpu_steps_per_s": timed / cpu_seconds,
+        "median_step_per_s": 1 / statistics.median(step_seconds),
+        "faults_per_step": (clock.faults["timed_end"] - clock.faults["timed_start"]) / timed,
         "timed_steps": timed,
         "startup_s": (start_wall - launched) + (clock.times["first_step_done"] - start),
     }
@@ -454,6 +498,14 @@ def available(contenders: list[str]) -> list[str]:
     return kept
 
 
+def _quartiles(values: list[float]) -> str:
+    """The middle half of ``values`` as ``low-high`` (the 25th to the 75th percentile)."""
+    if len(values) < 2:
+        return "-"
+    low, _, high = statistics.quantiles(values, n=4, method="inclusive")
+    return f"{low:.2f}-{high:.2f}"
+
+
 def summarize(
     runs: dict[str, dict[str, list[dict[str, float]]]], contenders: list[str]
 ) -> tuple[list[str], list[list[Any]], dict[str, Any]]:
@@ -463,8 +515,10 @@ def summarize(
         "model / contender",
         "steps/s",
         "x plain",
-        "x plain (CPU time)",
+        "middle half",
+        "x plain (median step)",
         "us/step over plain",
+        "faults/step",
         "start-up s",
         "runs",
     ]
@@ -478,27 +532,35 @@ def summarize(
             results = by_contender.get(name, [])
             sps = median([r["steps_per_s"] for r in results])
             pairs = list(zip(results, plain, strict=False))  # the runs of one round
-            ratios = [r["steps_per_s"] / p["steps_per_s"] for r, p in pairs]
-            cpu_ratios = [r["cpu_steps_per_s"] / p["cpu_steps_per_s"] for r, p in pairs]
+
+            def ratios_of(key: str, pairs: list = pairs) -> list[float]:
+                return [r[key] / p[key] for r, p in pairs]
+
+            ratios = ratios_of("steps_per_s")
             extra_us = (1 / sps - 1 / plain_sps) * 1e6 if plain else float("nan")
-            startup = median([r["startup_s"] for r in results])
             summary[model][name] = {
                 "steps_per_s": sps,
                 "ratio_to_plain": median(ratios),
-                "cpu_ratio_to_plain": median(cpu_ratios),
+                "ratio_middle_half": _quartiles(ratios),
+                "median_step_ratio_to_plain": median(ratios_of("median_step_per_s")),
+                "cpu_ratio_to_plain": median(ratios_of("cpu_steps_per_s")),
                 "ratios": ratios,
                 "us_per_step_over_plain": extra_us,
-                "startup_s": startup,
+                "faults_per_step": median([r["faults_per_step"] for r in results]),
+                "startup_s": median([r["startup_s"] for r in results]),
                 "runs": results,
             }
+            row = summary[model][name]
             rows.append(
                 [
                     f"{model} / {LABELS[name]}",
                     sps,
-                    median(ratios),
-                    median(cpu_ratios),
+                    row["ratio_to_plain"],
+                    row["ratio_middle_half"],
+                    row["median_step_ratio_to_plain"],
                     extra_us,
-                    startup,
+                    row["faults_per_step"],
+                    row["startup_s"],
                     len(results),
                 ]
             )
