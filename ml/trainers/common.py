@@ -38,6 +38,9 @@ class TrainerConfig(BaseTrainerConfig):
     sync_every_n_steps: int = conf_field(
         10, help="With several processes: agree on stop signals, the clock and log writes every N steps"
     )
+    fast_optimizer: bool = conf_field(
+        True, help="Step Adam/AdamW with the fused kernel (else multi-tensor ops): much faster on CPU"
+    )
     tune_malloc: bool = conf_field(
         True,
         help="Linux/glibc: keep freed memory for the next step, not fault it back in (ml.utils.malloc)",

@@ -18,8 +18,8 @@ seed for all its copies, which would give up both of the above.
 Speed, for small models on a CPU, where per-operation overhead outweighs arithmetic: a rollout runs
 under one ``inference_mode`` and keeps what the environments return in NumPy arrays until its
 end; an update drops gradients by setting them to None, clips them with one ``foreach`` norm, and
-steps a fused Adam through its kernel directly (:class:`_FusedAdamStep`); a minibatch that holds
-the whole rollout is not shuffled, as its gradient does not depend on the order.
+steps a fused Adam through its kernel directly (:class:`ml.optimizers.fast.FusedAdamStep`); a
+minibatch that holds the whole rollout is not shuffled, as its gradient does not depend on the order.
 
 Resume is exact at iteration boundaries: besides model, optimizer, schedule, counters and every
 global generator, the checkpoint holds the observations the next rollout starts from, the running
@@ -47,6 +47,7 @@ from ml.core.state import State
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
+from ml.optimizers.fast import FusedAdamStep, use_fast_optimizer
 from ml.tasks.rl import ReinforcementLearningTask
 from ml.trainers.base import BaseTrainer
 from ml.trainers.common import TrainerConfig, check_common_config, check_task, run_session
@@ -66,9 +67,6 @@ class ReinforcementLearningTrainerConfig(TrainerConfig):
         1, help="torch CPU threads (1 suits small MLPs beside environment work; null: leave torch's)"
     )
     clip_grad_norm: float | None = conf_field(0.5, help="Clip the gradient norm to this value")
-    fast_optimizer: bool = conf_field(
-        True, help="Use the optimizer's fused (else multi-tensor) step: much faster for small models on CPU"
-    )
     eval_every_n_iterations: int | None = conf_field(10, help="Evaluate the deterministic policy every N")
     num_eval_episodes: int = conf_field(10, help="Episodes per evaluation (run side by side)")
     eval_at_end: bool = conf_field(True, help="Evaluate once more when training ends")
@@ -83,20 +81,6 @@ def env_seeds(seed: int, rank: int, count: int, stream: int = 0) -> list[int]:
         int(np.random.SeedSequence(seed, spawn_key=(rank, stream, i)).generate_state(1)[0])
         for i in range(count)
     ]
-
-
-def _use_fast_optimizer(optim: Optimizer) -> None:
-    """Switches torch's optimizers from their per-tensor loop (the CPU default) to the fused kernel.
-
-    A 64-64 MLP's update is dominated by per-operation overhead, so one fused step per parameter
-    group instead of a dozen small operations per tensor saves a large share of each gradient step.
-    """
-    for group in optim.param_groups:
-        floats = all(p.dtype in (torch.float32, torch.float64) for p in group["params"])
-        if "fused" in group and floats and isinstance(optim, (torch.optim.Adam, torch.optim.AdamW)):
-            group["fused"], group["foreach"] = True, False
-        elif "foreach" in group:
-            group["foreach"] = True
 
 
 def _total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -127,99 +111,6 @@ def _clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> None:
         return
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
-
-
-class _FusedAdamStep:
-    """``optim.step()`` for a fused ``Adam``/``AdamW`` on the CPU: its kernel called directly, per group.
-
-    torch's ``step`` regroups the tensors by device and walks every parameter's state in Python on
-    each call, which for a small model costs several times the update itself. This makes the same
-    calls as torch's fused path (``_foreach_add_`` on the step counts, then ``_fused_adam_`` or
-    ``_fused_adamw_`` with the group's hyperparameters) on the optimizer's own state tensors, so the
-    result and the optimizer's ``state_dict`` are the same. Anything but the plain case goes to
-    ``optim.step()``: state not made yet (the first step), a parameter without a gradient, step hooks,
-    ``amsgrad``, ``maximize``, ``capturable``, ``differentiable``, tensor hyperparameters, tensors
-    that are not float32 on the CPU. Made anew for each update, so that it never holds state
-    tensors a ``load_state_dict`` replaced.
-    """
-
-    def __init__(self, optim: Optimizer) -> None:
-        self.optim = optim
-        self._groups: list[tuple[dict[str, Any], list[Any], list[Any], list[Any], list[Any]]] | None = None
-        self._plain = True
-
-    def _plain_groups(self) -> list[tuple[dict[str, Any], list[Any], list[Any], list[Any], list[Any]]] | None:
-        """Each group with its parameters and state tensors; None (and ``_plain`` False) if not plain."""
-        from torch.optim import optimizer as torch_optimizer
-
-        optim = self.optim
-        hooks = (
-            optim._optimizer_step_pre_hooks,
-            optim._optimizer_step_post_hooks,
-            getattr(torch_optimizer, "_global_optimizer_pre_hooks", None),
-            getattr(torch_optimizer, "_global_optimizer_post_hooks", None),
-        )
-        self._plain = False
-        if type(optim) not in (torch.optim.Adam, torch.optim.AdamW) or any(h for h in hooks if h is not None):
-            return None
-        if getattr(optim, "grad_scale", None) is not None or getattr(optim, "found_inf", None) is not None:
-            return None  # a gradient scaler's: torch's step handles it
-        groups = []
-        for group in optim.param_groups:
-            flags = ("amsgrad", "maximize", "capturable", "differentiable")
-            if not group.get("fused") or any(group.get(flag) for flag in flags):
-                return None
-            numbers = (group["lr"], *group["betas"], group["weight_decay"], group["eps"])
-            if any(isinstance(x, torch.Tensor) for x in numbers):
-                return None
-            params = group["params"]
-            if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
-                return None
-            found = [optim.state.get(p) for p in params]
-            states = [st for st in found if st and isinstance(st.get("step"), torch.Tensor)]
-            if len(states) < len(params):
-                self._plain = True  # no step made yet: look again after the next one
-                return None
-            exp_avgs = [st["exp_avg"] for st in states]
-            exp_avg_sqs = [st["exp_avg_sq"] for st in states]
-            steps = [st["step"] for st in states]
-            if any(
-                t.device.type != "cpu" or t.dtype != torch.float32 for t in (*exp_avgs, *exp_avg_sqs, *steps)
-            ):
-                return None
-            groups.append((group, params, exp_avgs, exp_avg_sqs, steps))
-        self._plain = True
-        return groups
-
-    def __call__(self) -> None:
-        if self._groups is None and self._plain:
-            self._groups = self._plain_groups()
-        groups = self._groups
-        grads = [[p.grad for p in params] for _, params, _, _, _ in groups] if groups is not None else []
-        if groups is None or any(g is None for group_grads in grads for g in group_grads):
-            self.optim.step()
-            return
-        for (group, params, exp_avgs, exp_avg_sqs, steps), group_grads in zip(groups, grads, strict=True):
-            beta1, beta2 = group["betas"]
-            kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
-            torch._foreach_add_(steps, 1)
-            kernel(
-                params,
-                group_grads,
-                exp_avgs,
-                exp_avg_sqs,
-                [],
-                steps,
-                amsgrad=False,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=False,
-                grad_scale=None,
-                found_inf=None,
-            )
 
 
 class SyncEnvs:
@@ -532,7 +423,7 @@ class ReinforcementLearningTrainer(
         epochs, clip_norm = task.config.num_update_epochs, self.config.clip_grad_norm
         recorded: dict[str, list[torch.Tensor]] = {}
         params = [p for p in model.parameters() if p.requires_grad]
-        step = _FusedAdamStep(optim) if self.config.fast_optimizer else optim.step
+        step = FusedAdamStep(optim) if self.config.fast_optimizer else optim.step
         clip: Any = _clip_grad_norm
         if len({(p.device, p.dtype) for p in params}) > 1:
             clip = lambda ps, norm: nn.utils.clip_grad_norm_(ps, norm, foreach=True)  # noqa: E731
@@ -663,7 +554,7 @@ class ReinforcementLearningTrainer(
             learner = wrap_model(model, self._device, "ddp") if self._distributed else model
             optim = optimizer.get(model)
             if self.config.fast_optimizer:
-                _use_fast_optimizer(optim)
+                use_fast_optimizer(optim)
             lr_sched = lr_scheduler.get(optim)
             self._task = task
             rollout = _Rollout(task, self.config.vectorization, task.config.num_envs)

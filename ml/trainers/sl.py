@@ -34,6 +34,7 @@ from ml.core.state import Phase, State
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
+from ml.optimizers.fast import FusedAdamStep, use_fast_optimizer
 from ml.tasks.sl import SupervisedLearningTask
 from ml.trainers.base import BaseTrainer
 from ml.trainers.common import TrainerConfig, check_common_config, check_task, run_session
@@ -226,6 +227,7 @@ class SupervisedLearningTrainer(
         self._valid_every = (config.valid_every_n_steps, config.valid_every_n_seconds)
         self._dtype = torch.float64 if config.use_double_weight_precision else torch.float32
         self._parts: tuple[nn.Module, list[nn.Module], list[nn.Parameter], bool] | None = None  # _parts_of
+        self._fused_step: FusedAdamStep | None = None  # set for each session's loop (see _loop)
         self.precision = MixedPrecision(config.precision, self._device)
         self._data_seed = 0
         self._last_valid = (-1, 0.0)  # (step, elapsed seconds) of the last validation
@@ -436,7 +438,10 @@ class SupervisedLearningTrainer(
             nn.utils.clip_grads_with_norm_(all_params, self._clip_grad_norm, grad_norm)  # those with grads
         self.logger.log_scalar("grad_norm", grad_norm)  # outside any graph (see _total_norm)
         lr_sched.step(state)
-        self.precision.step(optim)
+        if self._fused_step is not None:
+            self._fused_step()
+        else:
+            self.precision.step(optim)
         self.logger.log_scalar("lr", lr_sched.lr)
         for name, value in _with_total(losses).items():
             task.logger.log_scalar(name, value, namespace="train")
@@ -543,6 +548,8 @@ class SupervisedLearningTrainer(
             task.to(self._device)
             wrapped = wrap_model(model, self._device, self.config.parallel) if self._distributed else model
             optim = optimizer.get(model)
+            if self.config.fast_optimizer:
+                use_fast_optimizer(optim)
             lr_sched = lr_scheduler.get(optim)
             train_loader = self._loader(task, "train")
             valid_loader = self._loader(task, "valid")
@@ -575,6 +582,7 @@ class SupervisedLearningTrainer(
                 )
             finally:
                 self._parts = None  # the step loop's lists of the model's modules and parameters
+                self._fused_step = None
 
     def _loop(
         self,
@@ -593,6 +601,10 @@ class SupervisedLearningTrainer(
             return
         self._finished = False
         self._last_valid = (-1, state.elapsed_time_s)  # the time-based interval restarts here
+        # Made after the checkpoint's optimizer state is loaded: it holds on to the state tensors.
+        # A gradient scaler steps through torch (it passes its scale to the fused kernel).
+        if self.config.fast_optimizer and self.precision.scaler is None:
+            self._fused_step = FusedAdamStep(optim)
         throughput = _Throughput(state)
         world_size = get_world_size()
         while not task.is_training_over(state) and self.stop_signal is None:

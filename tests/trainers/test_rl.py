@@ -1,9 +1,6 @@
-"""Tests of the rl trainer's pieces: seeds, the KL early stop, its vector environment, its optimizer step."""
+"""Tests of the rl trainer's pieces: seeds, the KL early stop, its vector environment, gradient clipping."""
 
-import copy
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -12,16 +9,13 @@ from omegaconf import OmegaConf
 
 from ml.core.state import State
 from ml.examples.classic_control import ActorCriticMLP, ActorCriticMLPConfig, ClassicControlTask
-from ml.optimizers.builtin import weight_decay_param_groups
 from ml.tasks.ppo import PPOTaskConfig
 from ml.trainers.rl import (
     ReinforcementLearningTrainer,
     ReinforcementLearningTrainerConfig,
     SyncEnvs,
     _clip_grad_norm,
-    _FusedAdamStep,
     _Rollout,
-    _use_fast_optimizer,
     env_seeds,
 )
 
@@ -92,38 +86,6 @@ def test_sync_envs_step_as_gymnasium_s_sync_vector_env() -> None:
     assert ends > 3  # episodes ended by falling and by the time limit
     ours.close()
     theirs.close()
-
-
-@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW])
-def test_the_fused_adam_step_is_torch_s_step(optimizer: type[torch.optim.Adam]) -> None:
-    """Bit for bit the same parameters and optimizer state as ``optim.step()``, learning rate changing."""
-    torch.manual_seed(0)
-    models = [ActorCriticMLP(ActorCriticMLPConfig(name="m", observation_size=4, action_size=2))]
-    models.append(copy.deepcopy(models[0]))
-    optims = [optimizer(weight_decay_param_groups(m, 0.01), lr=1e-3, eps=1e-5) for m in models]
-    for optim in optims:
-        _use_fast_optimizer(optim)
-    x = torch.randn(64, 4)
-    for _ in range(3):  # updates: a new step object each, as the trainer makes
-        fused = _FusedAdamStep(optims[1])
-        steps: list[Callable[[], Any]] = [optims[0].step, fused]
-        for _ in range(4):
-            for model, step in zip(models, steps, strict=True):
-                model.zero_grad(set_to_none=True)
-                logits, values = model(x)
-                (logits.square().sum() + values.sum()).backward()
-                _clip_grad_norm(list(model.parameters()), 0.5)
-                step()
-        for optim in optims:
-            for group in optim.param_groups:
-                group["lr"] *= 0.5
-    assert fused._groups is not None  # the direct path ran
-    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
-        assert torch.equal(a, b)
-    state = [optim.state_dict()["state"] for optim in optims]
-    for key, entry in state[0].items():
-        for name, value in entry.items():
-            assert torch.equal(value, state[1][key][name]), (key, name)
 
 
 def test_clip_grad_norm_clips_as_torch_does() -> None:
