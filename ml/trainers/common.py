@@ -39,7 +39,9 @@ class TrainerConfig(BaseTrainerConfig):
         10, help="With several processes: agree on stop signals, the clock and log writes every N steps"
     )
     fast_optimizer: bool = conf_field(
-        True, help="Step Adam/AdamW with the fused kernel (else multi-tensor ops): much faster on CPU"
+        True,
+        help="Step Adam/AdamW with the fused kernel (else multi-tensor ops): much faster on CPU. "
+        "A resumed run steps as its checkpoint's optimizer did",
     )
     tune_malloc: bool = conf_field(
         True,
