@@ -14,7 +14,8 @@ All three split a model's trainable parameters into a decayed and a non-decayed 
 
 A parameter shared by several modules appears once, and is left undecayed if any of its owners says
 so. Frozen parameters (``requires_grad=False``) are left out. ``foreach``/``fused`` are left to the
-torch defaults.
+torch defaults here; the trainers then switch Adam and AdamW to the fused kernel
+(``trainer.fast_optimizer``, see :mod:`ml.optimizers.fast`).
 """
 
 from collections.abc import Iterator
