@@ -28,7 +28,7 @@ The contenders:
 * ``accelerate``: ``accelerate.Accelerator`` (``prepare``, ``accelerator.backward``);
 * ``lightning_stripped`` (only with ``--contenders``): the Trainer without logger, checkpoints,
   progress bar and model summary;
-* ``plain_tuned`` (only with ``--contenders``): the plain loop with the two things ``ml``'s trainers
+* ``plain_tuned``: the plain loop with the two things ``ml``'s trainers
   do by default that a plain loop does not: Adam's fused kernel (``fused=True``; torch's default on
   the CPU is the multi-tensor ``foreach`` step; ``trainer.fast_optimizer``) and glibc's malloc
   thresholds (``ml.utils.malloc.tune_malloc()``; ``trainer.tune_malloc``; the big model's steps
@@ -101,13 +101,14 @@ from typing import Any
 CONTENDERS: tuple[str, ...] = (
     "plain",
     "plain_again",
+    "plain_tuned",
     "ml",
     "ml_minimal",
     "lightning",
     "fabric",
     "accelerate",
 )
-EXTRA: tuple[str, ...] = ("lightning_stripped", "plain_tuned")  # only when asked for with --contenders
+EXTRA: tuple[str, ...] = ("lightning_stripped",)  # only when asked for with --contenders
 NEEDS: dict[str, str] = {
     "lightning": "lightning",
     "lightning_stripped": "lightning",
