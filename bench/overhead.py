@@ -156,7 +156,7 @@ class _Clock:
     """Times of the training forward passes ``2`` and ``warmup + 1`` to ``steps`` (1-based).
 
     Also the process's minor page faults between passes ``warmup + 1`` and ``steps``. With a
-    ``partner`` (see :class:`_Partner`), every ``block`` passes of the timed window the partner runs
+    ``partner`` (see :class:`_PlainLoop`), every ``block`` passes of the timed window the partner runs
     ``block`` plain steps of its own, inside the contender's forward pass; the partner's wall time,
     CPU time and page faults are kept apart and taken out of the contender's.
     """
@@ -166,7 +166,7 @@ class _Clock:
         warmup: int,
         steps: int,
         sync: Callable[[], None],
-        partner: Callable[[], "_Partner"] | None = None,
+        partner: Callable[[], "_PlainLoop"] | None = None,
         block: int = 1,
     ) -> None:
         if not 1 <= warmup < steps - 1:
@@ -182,7 +182,7 @@ class _Clock:
         self.first_stamp, self.last_stamp = warmup + 1, steps
         self.sync = sync
         self.make_partner, self.block = partner, block
-        self.partner: _Partner | None = None
+        self.partner: _PlainLoop | None = None
         self.partner_steps = 0
         self.partner_usage = [0.0, 0.0, 0]  # wall s, CPU s, faults of the partner's steps
         self.aside = [0.0, 0.0, 0]  # what the contender is not charged for: the partner, its set-up
@@ -225,22 +225,25 @@ class _Clock:
             self.aside[i] += after[i] - before[i]
 
 
-class _Partner:
-    """The plain loop, run in the contender's process in blocks between the contender's steps.
+class _PlainLoop:
+    """The plain loop: its own model (from seed 0), Adam and data order, trained ``steps`` at a time.
 
-    Each contender's steps are then compared with plain steps taken in the same process a fraction
-    of a second apart, which the machine's changing speed affects alike: the ratio keeps what the
-    contender costs and loses most of the noise between runs. The partner shares the process and its
-    settings (threads, denormals, an allocator tuned by ``ml``), so the ratio isolates per-step work.
+    The ``plain`` contenders train one to the end. As a partner (:func:`_partner`) one runs in a
+    contender's process, in blocks between the contender's steps: each contender's steps are then
+    compared with plain steps taken in the same process a fraction of a second apart, which the
+    machine's changing speed affects alike, so the ratio keeps what the contender costs and loses most
+    of the noise between runs. The partner shares the process and its settings (threads, denormals,
+    an allocator tuned by ``ml``), so that ratio isolates per-step work.
     """
 
-    def __init__(self, widths: tuple[int, ...]) -> None:
+    def __init__(
+        self, widths: tuple[int, ...], clock: "_Clock | _NoClock", fused: bool | None = None
+    ) -> None:
         import torch
 
-        with torch.random.fork_rng(devices=[]):  # leaves the contender's random numbers alone
-            self.device = _device()
-            self.model = _model(widths, _NO_CLOCK).to(self.device)
-        self.optim = torch.optim.Adam(self.model.parameters(), lr=LR)
+        self.device = _device()
+        self.model = _model(widths, clock).to(self.device)
+        self.optim = torch.optim.Adam(self.model.parameters(), lr=LR, fused=fused)
         self.loader = _loader(_data())
         self.batches = iter(self.loader)
 
@@ -248,10 +251,11 @@ class _Partner:
         import torch
         import torch.nn.functional as F
 
-        with torch.enable_grad():  # inside the contender's forward pass, whatever its mode
+        self.model.train()
+        with torch.enable_grad():  # a partner runs inside the contender's forward pass, whatever its mode
             for _ in range(steps):
                 batch = next(self.batches, None)
-                if batch is None:
+                if batch is None:  # the next epoch, in a new order
                     self.batches = iter(self.loader)
                     batch = next(self.batches)
                 x, y = (t.to(self.device, non_blocking=True) for t in batch)
@@ -259,6 +263,14 @@ class _Partner:
                 self.optim.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optim.step()
+
+
+def _partner(widths: tuple[int, ...]) -> _PlainLoop:
+    """A plain loop to run beside a contender (see :class:`_PlainLoop`), untimed by its clock."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # leaves the contender's random numbers alone
+        return _PlainLoop(widths, _NO_CLOCK)
 
 
 class _NoClock:
@@ -330,26 +342,8 @@ def _sync() -> None:
 def run_plain(
     widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path, fused: bool | None = None
 ) -> None:
-    import torch
-    import torch.nn.functional as F
-
     del workdir
-    device = _device()
-    model = _model(widths, clock).to(device)
-    optim = torch.optim.Adam(model.parameters(), lr=LR, fused=fused)
-    loader = _loader(_data())
-    step = 0
-    model.train()
-    while step < steps:
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(x), y)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            step += 1
-            if step >= steps:
-                break
+    _PlainLoop(widths, clock, fused).train(steps)
 
 
 def run_plain_tuned(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path) -> None:
@@ -542,7 +536,7 @@ def worker(
 ) -> None:
     """Trains once; writes the timed steps per second and the start-up time to ``out`` as JSON.
 
-    With ``block`` > 0 the plain loop runs alongside, ``block`` steps at a time (see :class:`_Partner`).
+    With ``block`` > 0 the plain loop runs alongside, ``block`` steps at a time (see :class:`_PlainLoop`).
     """
     import torch
 
@@ -552,7 +546,7 @@ def worker(
     # without this a contender's speed says more about its trajectory than about its overhead.
     torch.set_flush_denormal(True)
     widths = MODELS[model]
-    clock = _Clock(warmup, steps, _sync, (lambda: _Partner(widths)) if block > 0 else None, max(block, 1))
+    clock = _Clock(warmup, steps, _sync, (lambda: _partner(widths)) if block > 0 else None, max(block, 1))
     start = time.perf_counter()  # perf_counter for intervals; wall time only to reach back to the launch
     start_wall = time.time()
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,7 +15,6 @@ for a new interpreter each time); the terminal and import checks run the real co
 import os
 import pty
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from ml.cli import main as ml_main
-from tests.tools.test_export import ML, TIMEOUT_S, env, trained_runs
+from tests.tools.test_export import ML, TIMEOUT_S, env, run_python, trained_runs
 
 RED, GREEN, RESET = "\x1b[31m", "\x1b[32m", "\x1b[0m"
 
@@ -129,14 +128,7 @@ def test_diff_does_not_import_torch(runs: dict[str, Path]) -> None:
         f"code = main(['diff', {str(runs['a'])!r}, {str(runs['b'])!r}])\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(code)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+    result = run_python(code)
     assert result.returncode == 1, result.stderr
     assert "  optimizer.lr: 0.001 -> 0.0003" in result.stdout
 

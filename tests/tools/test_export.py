@@ -65,6 +65,12 @@ def env(run_dir: Path | None = None) -> dict[str, str]:
     return out
 
 
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    """Runs ``python -c code`` in the ``ml`` subprocess environment; its output captured as text."""
+    cmd = [sys.executable, "-c", code]
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+
+
 def trained_runs(factory: pytest.TempPathFactory, *names: str) -> dict[str, Path]:
     """The run folders of the named :data:`RUNS`, trained (those not trained yet) concurrently."""
     with _lock:

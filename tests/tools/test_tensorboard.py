@@ -12,7 +12,6 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from ml.cli import main as ml_main
-from tests.tools.test_export import ML, TIMEOUT_S, env, trained_runs
+from tests.tools.test_export import ML, env, run_python, trained_runs
 
 START_TIMEOUT_S = 90.0
 
@@ -138,14 +137,7 @@ def test_without_tensorboard_it_says_what_to_install(runs: dict[str, Path]) -> N
         "from ml.cli import main\n"
         f"sys.exit(main(['tensorboard', {str(runs['a'])!r}]))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+    result = run_python(code)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("ml: error: TensorBoard is not installed: run `")
     assert "pip install tensorboard" in result.stderr
