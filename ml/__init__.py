@@ -38,7 +38,7 @@ _EXPORTS: dict[str, str] = {
     "BaseLRScheduler": "ml.lr_schedulers.base",
     "SchedulerAdapter": "ml.lr_schedulers.base",
     "BaseOptimizer": "ml.optimizers.base",
-    "load_model": "ml.export",
+    "load_model": "ml.models.export",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,22 +2,21 @@
 
 A SIGTERM or SIGUSR1 that arrives while ``ml`` is starting is kept for the trainer (see
 :mod:`ml.utils.signals`). Listening here, before :mod:`ml.cli` and its imports load, leaves only the
-interpreter's own start-up outside.
+interpreter's own start-up outside. The recorder stays until the process exits: a signal that
+lands after training (the last writes, the interpreter's shutdown) is kept, not fatal, so the
+exit code is the run's.
 """
 
-from ml.utils.signals import listen_early, restore
+from ml.utils.signals import listen_early
 
-_EARLY = listen_early()
+listen_early()
 
 
 def main() -> int:
-    """Runs :func:`ml.cli.main`, then puts back the handlers the process started with."""
-    try:
-        from ml.cli import main as cli_main
+    """Runs :func:`ml.cli.main`."""
+    from ml.cli import main as cli_main
 
-        return cli_main()
-    finally:
-        restore(_EARLY)
+    return cli_main()
 
 
 if __name__ == "__main__":  # python -m ml.entry (torchrun starts each worker so)

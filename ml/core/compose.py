@@ -17,7 +17,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ml.core.config import EXP_NAME_ENV
-from ml.core.registry import Kind, RegistryError, lookup
+from ml.core.registry import Kind, build, lookup
+from ml.errors import ConfigError, RegistryError
 
 # Section name -> registry kind. `logger` is a list of sections.
 SECTIONS: dict[str, Kind] = {
@@ -36,10 +37,6 @@ DEFAULTS: dict[str, Any] = {
     "launcher": {"name": "single"},
 }
 PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "examples"
-
-
-class ConfigError(ValueError):
-    """The run's config is invalid; the message is one line naming the problem and the fix."""
 
 
 def _first_line(e: BaseException) -> str:
@@ -67,7 +64,8 @@ def find_config_file(arg: str) -> Path:
     )
 
 
-def _load_yaml(path: Path) -> DictConfig:
+def load_yaml(path: Path) -> DictConfig:
+    """Reads one YAML config file (safely: no tags, no aliases bombs); ConfigError naming the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -124,7 +122,8 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"bad override in {' '.join(overrides)}: {_first_line(e)}") from e
 
 
-def _typed_section(section: str, kind: Kind, raw: Any) -> DictConfig:
+def typed_section(section: str, kind: Kind, raw: Any) -> DictConfig:
+    """``raw`` merged over the config dataclass of the component its ``name`` selects, validated."""
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"section {section!r} must be a mapping with a `name`, got {type(raw).__name__}")
     name = raw.get("name") if not OmegaConf.is_missing(raw, "name") else None
@@ -161,7 +160,7 @@ def compose_config(config_files: list[str], overrides: list[str] | None = None) 
         raise ConfigError("give at least one config file, e.g. `ml train digits`")
     paths = [find_config_file(arg) for arg in config_files]
     merged: Any = OmegaConf.create(DEFAULTS)
-    layers = [(str(path), _load_yaml(path)) for path in paths]
+    layers = [(str(path), load_yaml(path)) for path in paths]
     layers.append((f"overrides {' '.join(overrides or [])}", _parse_overrides(list(overrides or []))))
     for where, layer in layers:
         try:
@@ -182,9 +181,9 @@ def compose_config(config_files: list[str], overrides: list[str] | None = None) 
         if section == "logger":
             if not isinstance(raw, ListConfig):
                 raise ConfigError("section 'logger' must be a list, e.g. [{name: stdout}, {name: jsonl}]")
-            typed[section] = [_typed_section(f"logger[{i}]", kind, item) for i, item in enumerate(raw)]
+            typed[section] = [typed_section(f"logger[{i}]", kind, item) for i, item in enumerate(raw)]
         else:
-            typed[section] = _typed_section(section, kind, raw)
+            typed[section] = typed_section(section, kind, raw)
     root = OmegaConf.create(typed)
     _check_complete(root)
     return root
@@ -214,6 +213,18 @@ def _check_complete(root: DictConfig) -> None:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"{key or 'config'}: {_first_line(e)}") from e
+
+
+def compose_args(args: list[str]) -> DictConfig:
+    """The config of a command line's arguments: config files, then ``key=value`` overrides.
+
+    Also names the experiment after the first config file, unless ``ML_EXP_NAME`` is set.
+    """
+    configs = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    root = compose_config(configs, overrides)
+    set_default_exp_name(configs)
+    return root
 
 
 def set_default_exp_name(config_files: list[str]) -> None:
@@ -248,32 +259,33 @@ def build_objects(root: DictConfig) -> Objects:
     """
     from ml.utils.seeding import seed_everything
 
-    def make(section: str, kind: Kind, node: DictConfig) -> Any:
-        cls, _ = lookup(kind, str(node.name))
-        try:
-            return cls(node)
-        except (ValueError, TypeError, KeyError, OmegaConfBaseException) as e:
-            raise ConfigError(f"{section} ({node.name}): {_first_line(e)}") from e
-
     if root.task.get("seed") is not None:
         seed_everything(int(root.task.seed))
     return Objects(
         config=root,
-        model=make("model", "model", root.model),
-        task=make("task", "task", root.task),
-        optimizer=make("optimizer", "optimizer", root.optimizer),
-        lr_scheduler=make("lr_scheduler", "lr_scheduler", root.lr_scheduler),
-        loggers=[make(f"logger[{i}]", "logger", node) for i, node in enumerate(root.logger)],
+        model=build_component("model", "model", root.model),
+        task=build_component("task", "task", root.task),
+        optimizer=build_component("optimizer", "optimizer", root.optimizer),
+        lr_scheduler=build_component("lr_scheduler", "lr_scheduler", root.lr_scheduler),
+        loggers=[build_component(f"logger[{i}]", "logger", node) for i, node in enumerate(root.logger)],
     )
+
+
+def build_component(section: str, kind: Kind, node: DictConfig) -> Any:
+    """Constructs the component a typed config section names: the one place components are built.
+
+    Raises:
+        ConfigError: The component rejected its config (one line naming the section and component).
+    """
+    try:
+        return build(kind, node)
+    except (ValueError, TypeError, KeyError, OmegaConfBaseException) as e:
+        raise ConfigError(f"{section} ({node.name}): {_first_line(e)}") from e
 
 
 def build_launcher(root: DictConfig) -> Any:
     """Constructs the launcher named in the ``launcher`` section."""
-    cls, _ = lookup("launcher", str(root.launcher.name))
-    try:
-        return cls(root.launcher)
-    except (ValueError, TypeError, KeyError, OmegaConfBaseException) as e:
-        raise ConfigError(f"launcher ({root.launcher.name}): {_first_line(e)}") from e
+    return build_component("launcher", "launcher", root.launcher)
 
 
 def config_fields(config_cls: type) -> list[tuple[str, str, str, str]]:

@@ -5,7 +5,8 @@ as absent, interpolations as written). :func:`config_changes` returns each diffe
 :class:`Change` (path, old value, new value), for ``ml diff``; :func:`diff_configs` formats them as
 the ``path=value`` lines the trainer logs when a run's config changed. The module needs OmegaConf
 only, not torch, so ``ml diff`` answers quickly; :mod:`ml.trainers.base` re-exports
-``diff_configs`` (``ml.trainers.base.diff_configs``).
+``diff_configs`` (``ml.trainers.base.diff_configs``). :func:`segment_changes` is the same walk
+judged for a resumed run: which changes alter what the experiment means.
 """
 
 import enum
@@ -15,7 +16,15 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-__all__ = ["ABSENT", "Change", "config_changes", "diff_configs", "format_value"]
+__all__ = [
+    "ABSENT",
+    "Change",
+    "config_changes",
+    "diff_configs",
+    "format_value",
+    "is_meaningful",
+    "segment_changes",
+]
 
 ABSENT: Any = MISSING
 """The value of :class:`Change` ``old``/``new`` for a key one of the configs does not have."""
@@ -141,3 +150,46 @@ def diff_configs(
     out_first = [line(c.path, c.old) for c in out if c.old != MISSING]
     out_second = [line(c.path, c.new) for c in out if c.new != MISSING]
     return out_first, out_second
+
+
+# Changing these between the segments of one run changes what the run means: the model, the
+# optimizer, the data and how it is batched, the seed (the number of processes is checked apart).
+# Everything else (limits such as task.max_steps, logging, checkpointing, validation frequency,
+# workers, launcher) may change freely.
+MEANINGFUL = (
+    "model.",
+    "optimizer.",
+    "task.",
+    "trainer.batches_per_step",
+    "trainer.use_double_weight_precision",
+)
+FREE_TASK_KEYS = ("max_steps", "max_epochs", "max_samples", "max_seconds", "num_workers", "pin_memory")
+FREE_TASK_SECTIONS = ("valid_dl.", "test_dl.")
+
+
+def is_meaningful(key: str) -> bool:
+    """Whether changing ``key`` (dotted) between segments of a run changes the experiment."""
+    if not key.startswith(MEANINGFUL) and key not in {m.rstrip(".") for m in MEANINGFUL}:
+        return False
+    if key.startswith("task."):
+        rest = key[len("task.") :]
+        if rest.startswith(FREE_TASK_SECTIONS) or rest.split(".")[-1] in FREE_TASK_KEYS:
+            return False
+    return True
+
+
+def segment_changes(old: Any, new: Any) -> tuple[list[str], list[str]]:
+    """What changed between the config a run was trained with and the one continuing it.
+
+    Returns:
+        Every change as a ``key: old -> new`` line, and those of them that change what the
+        experiment means (:func:`is_meaningful`).
+    """
+
+    def shown(value: Any) -> str:
+        return "<unset>" if value is ABSENT else format_value(value)
+
+    changes = config_changes(old, new)
+    lines = [f"{c.path}: {shown(c.old)} -> {shown(c.new)}" for c in changes]
+    meaningful = [line for c, line in zip(changes, lines, strict=True) if is_meaningful(c.path)]
+    return lines, meaningful

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, Literal, TypeVar, get_args
 
 from ml.core.config import BaseConfig
+from ml.errors import RegistryError
 
 Kind = Literal["model", "task", "trainer", "optimizer", "lr_scheduler", "logger", "launcher"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
@@ -42,10 +43,6 @@ BUILTIN_NAMES: dict[Kind, tuple[str, ...]] = {
 _REGISTRY: dict[Kind, dict[str, tuple[type, type[BaseConfig]]]] = {kind: {} for kind in KINDS}
 
 _C = TypeVar("_C", bound=type)
-
-
-class RegistryError(LookupError):
-    """A config names a component that cannot be found."""
 
 
 def config_class_of(cls: type) -> type[BaseConfig]:

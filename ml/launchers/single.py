@@ -1,10 +1,24 @@
-"""Defines the ``single`` launcher: train in this process, on one device."""
+"""Defines the ``single`` launcher and :func:`train_in_process`, what ``ml train`` runs.
 
+:func:`train_in_process` composes the config, builds the components, claims the run folder, builds
+the trainer and trains, in this process. Started as one of several processes (by torchrun, or by
+``srun`` in a Slurm job), it first joins the job's process group; rank 0 alone claims the run
+folder and tells the others. Bad input stops before anything is created on disk (a folder this
+call claimed is given back), with a :class:`ml.errors.UserError`.
+"""
+
+import os
+import signal
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
 from ml.core.registry import register_launcher
+from ml.errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, UserError
 from ml.launchers.base import BaseLauncher, BaseLauncherConfig
 
 
@@ -19,8 +33,112 @@ class SingleLauncher(BaseLauncher[SingleLauncherConfig]):
 
     def launch(self, args: list[str], config: DictConfig) -> int:
         del config
-        from ml.cli import train_command
-
         flags = [a for a in args if a.startswith("--")]
         configs = [a for a in args if not a.startswith("--")]
-        return train_command(configs, allow_config_change="--allow-config-change" in flags)
+        return train_in_process(configs, allow_config_change="--allow-config-change" in flags)
+
+
+def train_in_process(args: list[str], *, allow_config_change: bool = False) -> int:
+    """``ml train ARGS``: trains in this process; returns the exit code (0, or 130 for Ctrl-C).
+
+    Args:
+        args: Config files and ``key=value`` overrides.
+        allow_config_change: Continue a run although what it means changed (``--allow-config-change``).
+
+    Raises:
+        UserError: Bad input (nothing is left on disk for it).
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ml.core.compose import build_objects, compose_args
+    from ml.core.registry import lookup
+    from ml.launchers.slurm import requeue_on_preemption
+    from ml.run.claim import has_results
+    from ml.utils.distributed import barrier, is_master
+
+    root = compose_args(args)
+    objects = build_objects(root)
+    initial = root.trainer.checkpoint.load_from_ckpt_path
+    if initial and not Path(initial).expanduser().is_file():
+        raise ConfigError(f"trainer.checkpoint.load_from_ckpt_path: no such file {initial}")
+
+    trainer_cls, _ = lookup("trainer", str(root.trainer.name))
+    release = _claim_for_job(root)
+    try:
+        OmegaConf.resolve(root)
+        trainer = trainer_cls(root.trainer)
+        trainer.set_run_config(root)
+        trainer.allow_config_change = allow_config_change
+        trainer.add_loggers(objects.loggers)
+    except BaseException as e:
+        release()
+        if isinstance(e, (ValueError, TypeError, OmegaConfBaseException)):
+            raise ConfigError(f"trainer ({root.trainer.name}): {_first_line(e)}") from e
+        raise
+    requeue_on_preemption(trainer)
+
+    try:
+        trainer.train(objects.model, objects.task, objects.optimizer, objects.lr_scheduler)
+    except BaseException as e:
+        # Bad input found while setting up (an unusable task, initial weights that do not fit), or
+        # an immediate interrupt: leave no empty run behind. Any other error is a failure of
+        # training (exit 1) and keeps its traceback and run folder.
+        if isinstance(e, (UserError, KeyboardInterrupt)) and not has_results(trainer.run):
+            release()
+        raise
+    # The ranks leave together: a rank that tears its process group down while another still
+    # works (rank 0 writing the last checkpoint) can abort inside gloo.
+    barrier()
+    if is_master():
+        _report(trainer)
+    if trainer.stop_signal == signal.Signals.SIGINT and not trainer.finished:
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _claim_for_job(root: Any) -> Callable[[], None]:
+    """Fills ``trainer.exp_dir`` (claiming a new run folder when unset), once for the whole job.
+
+    In a distributed job rank 0 claims the folder and every other rank takes its answer (the
+    process group is joined first); a failure to claim is reported on every rank. Returns the
+    release of the claimed folder (on rank 0; elsewhere it does nothing).
+    """
+    from ml.run.claim import claim_run_dir
+    from ml.utils.distributed import broadcast_object, init_distributed, is_master
+
+    distributed = init_distributed()
+    exp_dir, error = None, None
+    release: Callable[[], None] = _nothing
+    if is_master():
+        try:
+            path, release = claim_run_dir(root.trainer)
+            exp_dir = str(path)
+        except UserError as e:
+            error = str(e)
+    if distributed:
+        exp_dir, error = broadcast_object((exp_dir, error))
+    if error is not None:
+        raise ConfigError(error)
+    root.trainer.exp_dir = exp_dir
+    return release
+
+
+def _nothing() -> None:
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _report(trainer: Any) -> None:
+    print(f"ml: run directory   {trainer.exp_dir}", file=sys.stderr)
+    if trainer.ckpt_path.exists():
+        print(f"ml: checkpoint      {trainer.ckpt_path} -> {os.readlink(trainer.ckpt_path)}", file=sys.stderr)
+    tb = trainer.log_dir / "tensorboard"
+    if tb.exists():
+        print(f"ml: tensorboard     tensorboard --logdir {tb}", file=sys.stderr)
+    for name, value in sorted(getattr(trainer, "final_metrics", {}).items()):
+        print(f"ml: {name:<17} {value:.4f}", file=sys.stderr)

@@ -7,9 +7,11 @@ starts one ``ml train <exp_dir>/config.yaml`` per task; each reads its rank from
 
 Preemption and time limits: the script asks Slurm for SIGUSR1 ``signal_grace_s`` seconds before
 the end (``--signal=B:USR1@s``), delivered to the batch shell, which passes it on to the tasks. The
-ranks agree to stop at the next step boundary, rank 0 writes a checkpoint, and, once training has
-shut down cleanly, calls ``scontrol requeue $SLURM_JOB_ID`` (the job was submitted ``--requeue``).
-The requeued job runs the same script: it continues from the checkpoint in the same folder.
+ranks agree to stop at the next step boundary and rank 0 writes a checkpoint; once it is durable, the
+trainer's SIGUSR1 handler (registered by :func:`requeue_on_preemption` through the spec's
+``add_signal_handler``) marks the run ``scheduled`` and calls ``scontrol requeue $SLURM_JOB_ID``
+(the job was submitted ``--requeue``). Slurm starts the requeued job only once every process of
+this one has ended; it runs the same script and continues from the checkpoint in the same folder.
 
 Every value that reaches the script is validated (no newlines) and shell-quoted.
 """
@@ -27,16 +29,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ml.core.compose import ConfigError
 from ml.core.config import conf_field
 from ml.core.registry import register_launcher
+from ml.errors import ConfigError
 from ml.launchers.base import BaseLauncher, BaseLauncherConfig
+from ml.run.layout import RunDir
 from ml.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 REQUEUE_ENV = "ML_SLURM_REQUEUE"
-SCRIPT_NAME = "sbatch.sh"
 
 
 @dataclass
@@ -63,7 +65,7 @@ def _check_value(name: str, value: Any) -> str:
     return text
 
 
-def sbatch_options(config: SlurmLauncherConfig, exp_dir: Path) -> list[str]:
+def sbatch_options(config: SlurmLauncherConfig, run: RunDir) -> list[str]:
     """The ``--key=value`` options of the job (each one argument, unquoted)."""
     if config.nodes < 1 or config.tasks_per_node < 1 or config.cpus_per_task < 1 or config.gpus_per_node < 0:
         raise ConfigError(
@@ -76,7 +78,7 @@ def sbatch_options(config: SlurmLauncherConfig, exp_dir: Path) -> list[str]:
         f"--nodes={config.nodes}",
         f"--ntasks-per-node={config.tasks_per_node}",
         f"--cpus-per-task={config.cpus_per_task}",
-        f"--output={exp_dir / 'logs' / 'slurm_%j.out'}",
+        f"--output={run.logs / 'slurm_%j.out'}",
         "--open-mode=append",
         f"--signal=B:USR1@{config.signal_grace_s}",
     ]
@@ -96,15 +98,15 @@ def sbatch_options(config: SlurmLauncherConfig, exp_dir: Path) -> list[str]:
     return options
 
 
-def sbatch_script(config: SlurmLauncherConfig, exp_dir: Path, workdir: Path) -> str:
+def sbatch_script(config: SlurmLauncherConfig, run: RunDir, workdir: Path) -> str:
     """The batch script: options, then ``srun`` of ``ml train`` with USR1 passed on to the tasks."""
-    options = "\n".join(f"#SBATCH {shlex.quote(option)}" for option in sbatch_options(config, exp_dir))
+    options = "\n".join(f"#SBATCH {shlex.quote(option)}" for option in sbatch_options(config, run))
     python = shlex.quote(sys.executable)
-    config_path = shlex.quote(str(exp_dir / "config.yaml"))
+    config_path = shlex.quote(str(run.config))
     requeue = "1" if config.requeue else "0"
     return f"""#!/bin/bash
-# Written by `ml launch` for {shlex.quote(str(exp_dir))}
-# Submit again with: sbatch {shlex.quote(str(exp_dir / SCRIPT_NAME))}
+# Written by `ml launch` for {shlex.quote(str(run.path))}
+# Submit again with: sbatch {shlex.quote(str(run.sbatch_script))}
 {options}
 
 export {REQUEUE_ENV}={requeue}
@@ -128,22 +130,31 @@ exit "$status"
 """
 
 
-def requeue_if_preempted(trainer: Any) -> None:
-    """After a run stopped for SIGUSR1 inside a job this launcher submitted: requeue the job.
+def requeue_on_preemption(trainer: Any) -> None:
+    """In a job this launcher submitted with ``requeue``: requeue the job when SIGUSR1 stops training.
 
-    Called by rank 0 once training has shut down (checkpoint written, running lock released). The
-    run is marked ``scheduled`` again until the requeued job takes it.
+    Registers the requeue as the trainer's SIGUSR1 handler, on rank 0 alone; the trainer runs it
+    once the checkpoint for the signal is durable. The run is marked ``scheduled`` until the
+    requeued job takes it.
     """
+    from ml.utils.ranks import dist_env
+
     job_id = os.environ.get("SLURM_JOB_ID")
-    if trainer.stop_signal != Signals.SIGUSR1 or os.environ.get(REQUEUE_ENV) != "1" or not job_id:
+    if os.environ.get(REQUEUE_ENV) != "1" or not job_id or dist_env().rank != 0:
         return
-    trainer.add_lock_file("scheduled", exists_ok=True)
-    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        trainer.remove_lock_file("scheduled", missing_ok=True)
-        detail = (result.stderr or result.stdout).strip().splitlines()
-        raise RuntimeError(f"scontrol requeue {job_id} failed: {detail[0] if detail else result.returncode}")
-    logger.info("Requeued Slurm job %s: it continues from %s", job_id, trainer.ckpt_path)
+
+    def requeue() -> None:
+        trainer.add_lock_file("scheduled", exists_ok=True)
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            trainer.remove_lock_file("scheduled", missing_ok=True)
+            detail = (result.stderr or result.stdout).strip().splitlines()
+            raise RuntimeError(
+                f"scontrol requeue {job_id} failed: {detail[0] if detail else result.returncode}"
+            )
+        logger.info("Requeued Slurm job %s: it continues from %s", job_id, trainer.ckpt_path)
+
+    trainer.add_signal_handler(Signals.SIGUSR1, requeue)
 
 
 @register_launcher("slurm")
@@ -151,9 +162,10 @@ class SlurmLauncher(BaseLauncher[SlurmLauncherConfig]):
     """Writes ``exp_dir/sbatch.sh`` and submits it; the job trains, checkpoints and requeues itself."""
 
     def launch(self, args: list[str], config: DictConfig) -> int:
-        from ml.cli import claim_run_dir
         from ml.core.compose import build_objects
-        from ml.trainers.base import add_lock_file, save_config
+        from ml.run.claim import check_folder_name, claim_run_dir
+        from ml.run.locks import write_lock
+        from ml.trainers.base import save_config
 
         if self.config.submit and shutil.which("sbatch") is None:
             raise ConfigError(
@@ -161,14 +173,15 @@ class SlurmLauncher(BaseLauncher[SlurmLauncherConfig]):
             )
         del args
         build_objects(config)  # bad input stops here, not in the job
-        exp_dir, release = claim_run_dir(config)
+        exp_dir, release = claim_run_dir(config.trainer)
         try:
-            sbatch_options(self.config, exp_dir)  # validated before anything is written
+            run = RunDir(exp_dir, check_folder_name(config.trainer.log_dir_name, "trainer.log_dir_name"))
+            sbatch_options(self.config, run)  # validated before anything is written
             OmegaConf.resolve(config)
-            (exp_dir / "logs").mkdir(parents=True, exist_ok=True)
-            save_config(exp_dir / "config.yaml", config)
-            script = exp_dir / SCRIPT_NAME
-            atomic_write_text(script, sbatch_script(self.config, exp_dir, Path.cwd()))
+            run.logs.mkdir(parents=True, exist_ok=True)
+            save_config(run.config, config)
+            script = run.sbatch_script
+            atomic_write_text(script, sbatch_script(self.config, run, Path.cwd()))
             script.chmod(0o755)
         except BaseException:
             release()
@@ -176,7 +189,7 @@ class SlurmLauncher(BaseLauncher[SlurmLauncherConfig]):
         if not self.config.submit:
             print(f"ml: wrote {script}; submit it with: sbatch {shlex.quote(str(script))}", file=sys.stderr)
             return 0
-        add_lock_file(exp_dir, "scheduled")
+        write_lock(run, "scheduled")
         result = subprocess.run(
             ["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False
         )
@@ -187,6 +200,6 @@ class SlurmLauncher(BaseLauncher[SlurmLauncherConfig]):
         job_id = result.stdout.strip().split(";")[0]
         print(f"ml: submitted Slurm job {job_id}", file=sys.stderr)
         print(f"ml: run directory   {exp_dir}", file=sys.stderr)
-        print(f"ml: job output      {exp_dir / 'logs' / f'slurm_{job_id}.out'}", file=sys.stderr)
+        print(f"ml: job output      {run.logs / f'slurm_{job_id}.out'}", file=sys.stderr)
         print(job_id)
         return 0

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ml.errors import ModelFileError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -40,10 +42,6 @@ META_MODEL_CONFIG = "ml.model_config"  # the `model` section, JSON
 META_CONFIG = "ml.config"  # the whole resolved config, YAML (when model.yaml beside is missing)
 META_CHECKPOINT = "ml.checkpoint"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class ModelFileError(ValueError):
-    """An exported model cannot be loaded: not a safetensors file, no config, or weights that do not fit."""
 
 
 @dataclass
@@ -151,12 +149,13 @@ def _read_config(weights_path: Path, metadata: Mapping[str, str]) -> tuple[Any, 
     import yaml
     from omegaconf import OmegaConf
 
-    from ml.core.compose import ConfigError, _load_yaml
+    from ml.core.compose import load_yaml
+    from ml.errors import ConfigError
 
     beside = config_path_beside(weights_path)
     if beside.is_file():
         try:
-            return _load_yaml(beside), str(beside)
+            return load_yaml(beside), str(beside)
         except ConfigError as e:
             raise ModelFileError(str(e)) from e
     text = metadata.get(META_CONFIG)
@@ -183,22 +182,17 @@ def _build_model(config: Any, where: str) -> "nn.Module":
     """
     import torch
     from omegaconf import DictConfig
-    from omegaconf.errors import OmegaConfBaseException
 
-    from ml.core.compose import ConfigError, _typed_section
-    from ml.core.registry import RegistryError, lookup
+    from ml.core.compose import build_component, typed_section
+    from ml.errors import ConfigError
 
     if not isinstance(config, DictConfig) or "model" not in config:
         raise ModelFileError(f"{where} has no `model` section")
     try:
-        node = _typed_section("model", "model", config.model)
-        cls, _ = lookup("model", str(node.name))
-        model = cls(node)
-    except (ConfigError, RegistryError) as e:
+        node = typed_section("model", "model", config.model)
+        model = build_component("model", "model", node)
+    except ConfigError as e:
         raise ModelFileError(f"{where}: {e}") from e
-    except (ValueError, TypeError, KeyError, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFileError(f"{where}: model ({config.model.get('name')}): {first}") from e
     if not isinstance(model, torch.nn.Module):
         raise ModelFileError(f"{where}: model {node.name} is a {type(model).__name__}, not an nn.Module")
     trainer = config.get("trainer")

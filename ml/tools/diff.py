@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ml.run.layout import run_number
 from ml.tools import tool_parser
 
 EXIT_SAME, EXIT_DIFFERENT = 0, 1
@@ -40,7 +41,7 @@ def config_path_of(arg: str) -> Path:
     Raises:
         BadInput: The path does not exist, or is a folder without ``config.yaml``.
     """
-    from ml.cli import BadInput
+    from ml.errors import BadInput
 
     path = Path(arg).expanduser()
     if path.is_file():
@@ -49,23 +50,18 @@ def config_path_of(arg: str) -> Path:
         raise BadInput(f"no such run folder or config file: {arg}")
     if (path / "config.yaml").is_file():
         return path / "config.yaml"
-    runs = sorted((p for p in path.glob("run_*") if (p / "config.yaml").is_file()), key=_run_number)
+    runs = sorted((p for p in path.glob("run_*") if (p / "config.yaml").is_file()), key=run_number)
     if runs:
         raise BadInput(f"{arg} holds runs, not one run: give one of them, e.g. {runs[-1]}")
     raise BadInput(f"{arg} is not a run folder (no config.yaml in it); give a run folder or a config file")
 
 
-def _run_number(path: Path) -> int:
-    suffix = path.name[len("run_") :]
-    return int(suffix) if suffix.isdigit() else -1
-
-
 def _load(path: Path) -> Any:
-    from ml.cli import BadInput
-    from ml.core.compose import ConfigError, _load_yaml
+    from ml.core.compose import load_yaml
+    from ml.errors import BadInput, ConfigError
 
     try:
-        return _load_yaml(path)
+        return load_yaml(path)
     except ConfigError as e:
         raise BadInput(str(e)) from e
 

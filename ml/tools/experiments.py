@@ -1,12 +1,10 @@
 """Reads experiment folders without importing torch: what ``ml runs`` shows of each run.
 
-A run folder is ``$RUN_DIR/<exp_name>/run_<N>``; the files read here (none is written)::
-
-    .lock_running       the live training process: ``pid: ...``, ``host: ...``, ``time: ...``
-    .lock_scheduled     a submitted job that has not started yet (``ml launch`` with Slurm)
-    status.json         how the last training session ended (``ml.trainers.common.run_session``)
-    checkpoints/ckpt.<n>.pt, checkpoints/ckpt.pt (a link to the newest)
-    logs/metrics.jsonl  one JSON record per write (``ml.loggers.jsonl``)
+A run folder is ``$RUN_DIR/<exp_name>/run_<N>`` (or any folder given as ``trainer.exp_dir``); where
+its files lie, how its locks, checkpoints and ``status.json`` are read, is :mod:`ml.run`'s knowledge.
+The files read here (none is written): the locks, ``status.json``, the newest complete checkpoint
+(:func:`ml.run.checkpoints.newest_checkpoint`, the one resuming would continue from) and
+``metrics.jsonl`` (one JSON record per write, ``ml.loggers.jsonl``).
 
 A run's state, the first rule that applies:
 
@@ -24,8 +22,6 @@ A run's state, the first rule that applies:
   that failed before its first checkpoint);
 * ``empty``: nothing at all (a run folder just claimed, or one whose first process never trained).
 
-Locks are parsed by :mod:`ml.utils.locks`, as the trainer parses them (without importing torch).
-
 ``metrics.jsonl`` is read leniently: a line that does not parse (the last line of a writer killed
 mid-write) is skipped, and when a phase and step occur more than once (runs of older versions,
 resumed from a checkpoint older than their last log line) the last record counts. Only the records
@@ -36,19 +32,21 @@ and the last training records - so a long run's log answers quickly.
 import datetime
 import json
 import math
-import os
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ml.utils.locks import LockInfo, parse_lock
+from ml.errors import CheckpointError
+from ml.run.checkpoints import newest_checkpoint
+from ml.run.layout import RunDir, find_runs, run_number
+from ml.run.locks import read_lock
+from ml.run.status import STATES as ENDED
+from ml.run.status import read_status
 
-STATUS_FILE = "status.json"  # written by ml.trainers.common.run_session
-METRICS_FILE = "metrics.jsonl"  # written by ml.loggers.jsonl.JsonlLogger
-LOG_DIR = "logs"  # the default trainer.log_dir_name
+__all__ = ["DEFAULT_METRIC", "STATES", "RunInfo", "describe_run", "describe_runs", "find_runs", "run_number"]
+
 DEFAULT_METRIC = "valid/loss"
 
 STATES = (
@@ -62,81 +60,13 @@ STATES = (
     "unknown",
     "empty",
 )
-ENDED = ("finished", "interrupted", "failed")  # the states status.json records
 
 # Metric names holding one of these are better when higher (accuracy, RL returns); others lower.
 HIGHER_IS_BETTER = ("acc", "return", "reward")
 
-_RUN_NAME = re.compile(r"run_(\d+)")
-_NUMBERED_CKPT = re.compile(r"ckpt\.(\d+)\.pt")
 _ELAPSED = re.compile(rb'"elapsed_s":\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)')
 _TRAIN_PHASE = b'"phase": "train"'
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-# ---------------------------------------------------------------------------------------------
-# Locks
-
-
-def read_lock(exp_dir: Path, lock_type: str) -> LockInfo | None:
-    """Parses ``exp_dir/.lock_<lock_type>``; None when there is none (or it cannot be read)."""
-    try:
-        text = (Path(exp_dir) / f".lock_{lock_type}").read_text(errors="replace")
-    except FileNotFoundError:
-        return None
-    except OSError:  # unreadable: a lock all the same, of an unknown owner
-        return LockInfo(None, None, None)
-    return parse_lock(text)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints, the status marker
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """The newest checkpoint of a run: the file ``checkpoints/ckpt.pt`` points to."""
-
-    path: Path
-    step: int | None
-    mtime: float
-
-
-def newest_checkpoint(exp_dir: Path) -> Checkpoint | None:
-    """The file ``ckpt.pt`` points to, else the highest-numbered ``ckpt.<n>.pt``; None if there is none."""
-    folder = Path(exp_dir) / "checkpoints"
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return None
-    numbered = {int(m.group(1)): name for name in names if (m := _NUMBERED_CKPT.fullmatch(name))}
-    link = folder / "ckpt.pt"
-    candidates: list[Path] = []
-    try:
-        target = os.readlink(link)
-        candidates.append(folder / target)
-    except OSError:  # no link, or a regular file
-        if "ckpt.pt" in names:
-            candidates.append(link)
-    candidates += [folder / numbered[n] for n in sorted(numbered, reverse=True)]
-    for path in candidates:
-        try:
-            mtime = path.stat().st_mtime
-        except OSError:  # a dangling link, or removed while we look
-            continue
-        match = _NUMBERED_CKPT.fullmatch(path.name)
-        step = int(match.group(1)) if match else max(numbered, default=None)
-        return Checkpoint(path, step, mtime)
-    return None
-
-
-def read_status(exp_dir: Path) -> dict[str, Any] | None:
-    """The run-status marker, or None when there is none or it is not a JSON object."""
-    try:
-        record = json.loads((Path(exp_dir) / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,14 +184,6 @@ def summarize_metrics(path: Path, metric: str = DEFAULT_METRIC) -> MetricsSummar
     return summary
 
 
-def metrics_path(exp_dir: Path) -> Path | None:
-    """``logs/metrics.jsonl``, else the one in another log folder (``trainer.log_dir_name``)."""
-    default = Path(exp_dir) / LOG_DIR / METRICS_FILE
-    if default.is_file():
-        return default
-    return next(iter(sorted(Path(exp_dir).glob(f"*/{METRICS_FILE}"))), None)
-
-
 # ---------------------------------------------------------------------------------------------
 # Runs
 
@@ -293,8 +215,7 @@ class RunInfo:
 
     @property
     def number(self) -> int:
-        match = _RUN_NAME.fullmatch(self.run)
-        return int(match.group(1)) if match else -1
+        return run_number(Path(self.path))
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: non-finite numbers as ``"nan"``, ``"inf"``, ``"-inf"`` (as in metrics.jsonl)."""
@@ -344,15 +265,18 @@ def describe_run(
         now: The time to measure a running run's wall time against (default: now).
     """
     exp_dir = Path(exp_dir)
+    run = RunDir.of(exp_dir)
     info = RunInfo(
         name=exp_dir.parent.name if name is None else name, run=exp_dir.name, path=str(exp_dir), state="empty"
     )
     info.metric = metric
-    ckpt = newest_checkpoint(exp_dir)
+    try:
+        ckpt = newest_checkpoint(run)
+    except CheckpointError:  # a link to a file that is gone: resuming refuses it, so no checkpoint
+        ckpt = None
     if ckpt is not None:
-        info.checkpoint, info.checkpoint_step, info.checkpoint_time = str(ckpt.path), ckpt.step, ckpt.mtime
-    log = metrics_path(exp_dir)
-    metrics = summarize_metrics(log, metric) if log is not None else MetricsSummary()
+        info.checkpoint, info.checkpoint_step, info.checkpoint_time = str(ckpt.file), ckpt.step, ckpt.mtime
+    metrics = summarize_metrics(run.metrics, metric)
     info.train_loss, info.wall_s = metrics.train_loss, metrics.wall_s
     if metrics.best is not None:
         info.best, info.best_step = metrics.best.value, metrics.best.step
@@ -361,7 +285,7 @@ def describe_run(
         (s for s in (info.checkpoint_step, metrics.last_train_step) if s is not None), default=None
     )
 
-    status = read_status(exp_dir)
+    status = read_status(run)
     status_step = status.get("step") if status is not None else None
     if not isinstance(status_step, int) or isinstance(status_step, bool):
         status_step = None
@@ -369,8 +293,8 @@ def describe_run(
     current = status is not None and status_step is not None and (progress is None or status_step >= progress)
     info.step = max((s for s in (progress, status_step if current else None) if s is not None), default=None)
 
-    running = read_lock(exp_dir, "running")
-    scheduled = read_lock(exp_dir, "scheduled") if running is None else None
+    running = read_lock(run, "running")
+    scheduled = read_lock(run, "scheduled") if running is None else None
     if running is not None:
         info.pid, info.host, info.lock_time = running.pid, running.host, running.time
         if not running.on_this_host:
@@ -398,57 +322,6 @@ def describe_run(
         if info.wall_s is None and elapsed is not None:  # nothing logged: the marker's clock
             info.wall_s = elapsed
     return info
-
-
-def _subdirs(folder: Path) -> Iterator[Path]:
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return
-    for entry in entries:
-        try:
-            if not entry.name.startswith(".") and entry.is_dir():
-                yield Path(entry.path)
-        except OSError:
-            continue
-
-
-def _is_run(folder: Path) -> bool:
-    """``run_<N>`` with no ``run_<M>`` inside (that would be an experiment named like a run)."""
-    return bool(_RUN_NAME.fullmatch(folder.name)) and not any(
-        _RUN_NAME.fullmatch(child.name) for child in _subdirs(folder)
-    )
-
-
-def find_runs(path: Path) -> list[tuple[str, Path]]:
-    """The ``(exp_name, run folder)`` pairs under ``path``, by name then run number.
-
-    ``path`` is a run dir (``<exp_name>/run_<N>`` inside), one experiment's folder (``run_<N>``
-    inside) or one run folder.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        NotADirectoryError: ``path`` is not a folder.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(path)
-    if not path.is_dir():
-        raise NotADirectoryError(path)
-    path = path.resolve()
-    if _is_run(path):
-        return [(path.parent.name, path)]
-    children = sorted(_subdirs(path))
-    runs = [(path.name, child) for child in children if _is_run(child)]
-    if not runs:
-        runs = [(child.name, run) for child in children for run in _subdirs(child) if _is_run(run)]
-    return sorted(runs, key=lambda pair: (pair[0], run_number(pair[1])))
-
-
-def run_number(run: Path) -> int:
-    """N of a ``run_<N>`` folder; -1 for any other name."""
-    match = _RUN_NAME.fullmatch(run.name)
-    return int(match.group(1)) if match else -1
 
 
 def describe_runs(path: Path, *, metric: str = DEFAULT_METRIC) -> list[RunInfo]:

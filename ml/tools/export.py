@@ -1,10 +1,11 @@
 """Defines ``ml export EXP_DIR -o model.safetensors [--checkpoint PATH_OR_STEP] [--force]``.
 
-Reads a run's newest checkpoint (``checkpoints/ckpt.pt``), or a chosen one (a path, or a step
+Reads a run's newest complete checkpoint (:func:`ml.run.checkpoints.newest_checkpoint`, the one
+resuming would continue from), or a chosen one (a path, or a step
 number meaning ``checkpoints/ckpt.<step>.pt``), with the safe reader (``weights_only``: a damaged
 or foreign file is refused with one line, exit code 2), and writes the model's weights as
 safetensors plus the run's resolved config beside them (``model.safetensors`` -> ``model.yaml``);
-see :mod:`ml.export`. ``ml.load_model("model.safetensors")`` rebuilds the model from the two.
+see :mod:`ml.models.export`. ``ml.load_model("model.safetensors")`` rebuilds the model from the two.
 
 An existing output is never overwritten without ``--force`` (the config beside it included), and
 both files are written atomically, so a failed export leaves what was there before.
@@ -18,7 +19,7 @@ from ml.tools import tool_parser
 
 def _run_folder(arg: str) -> Path:
     """The run folder ``arg`` names; BadInput when it is none (a parent of runs, a file, nothing)."""
-    from ml.cli import BadInput
+    from ml.errors import BadInput
 
     path = Path(arg).expanduser()
     if not path.exists():
@@ -34,22 +35,24 @@ def _run_folder(arg: str) -> Path:
 
 def _checkpoint_path(exp_dir: Path, choice: str | None) -> Path:
     """The checkpoint to export: the newest, a step's (``--checkpoint 500``), or a file."""
-    from ml.cli import BadInput
+    from ml.errors import BadInput, CheckpointError
+    from ml.run.checkpoints import newest_checkpoint, numbered_checkpoints
+    from ml.run.layout import RunDir
 
-    folder = exp_dir / "checkpoints"
+    run = RunDir(exp_dir)
     if choice is None:
-        path = folder / "ckpt.pt"
-        if not path.exists():
-            raise BadInput(f"no checkpoint in {folder} (the run has not saved one yet)")
-        return path
+        try:
+            newest = newest_checkpoint(run)
+        except CheckpointError as e:
+            raise BadInput(str(e)) from e
+        if newest is None:
+            raise BadInput(f"no checkpoint in {run.checkpoints} (the run has not saved one yet)")
+        return newest.path
     if choice.isdigit():
-        path = folder / f"ckpt.{int(choice)}.pt"
+        path = run.checkpoint(int(choice))
         if not path.is_file():
-            steps = sorted(
-                int(p.name.split(".")[1]) for p in folder.glob("ckpt.*.pt") if p.name.split(".")[1].isdigit()
-            )
-            have = ", ".join(map(str, steps)) if steps else "none"
-            raise BadInput(f"no checkpoint of step {choice} in {folder} (steps saved: {have})")
+            have = ", ".join(map(str, sorted(numbered_checkpoints(run)))) or "none"
+            raise BadInput(f"no checkpoint of step {choice} in {run.checkpoints} (steps saved: {have})")
         return path
     path = Path(choice).expanduser()
     if not path.is_file():
@@ -59,8 +62,8 @@ def _checkpoint_path(exp_dir: Path, choice: str | None) -> Path:
 
 def _check_output(output: str, force: bool) -> Path:
     """The output path, refused before any work when its suffix is wrong or it would overwrite."""
-    from ml.cli import BadInput
-    from ml.export import SUFFIX, config_path_beside
+    from ml.errors import BadInput
+    from ml.models.export import SUFFIX, config_path_beside
 
     path = Path(output).expanduser()
     if path.suffix != SUFFIX:
@@ -93,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """``ml export``: writes the weights and config; returns 0."""
-    from ml.cli import BadInput
+    from ml.errors import BadInput
 
     args = _parser().parse_args(argv)
     exp_dir = _run_folder(args.exp_dir)
@@ -101,8 +104,9 @@ def main(argv: list[str]) -> int:
     ckpt_path = _checkpoint_path(exp_dir, args.checkpoint)
 
     from ml.core.state import State
-    from ml.export import ModelFileError, export_weights
-    from ml.utils.checkpoint import CheckpointError, read_checkpoint
+    from ml.errors import CheckpointError
+    from ml.models.export import ModelFileError, export_weights
+    from ml.utils.checkpoint import read_checkpoint
 
     try:
         ckpt = read_checkpoint(ckpt_path, device="cpu")

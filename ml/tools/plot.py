@@ -1,9 +1,10 @@
 """Defines ``ml plot EXP_DIR [EXP_DIR ...] -o plot.png``: curves of chosen metrics from ``metrics.jsonl``.
 
-Each EXP_DIR is a run folder (``<RUN_DIR>/<exp_name>/run_<N>``, read from its
-``logs/metrics.jsonl``) or an experiment folder holding ``run_<N>`` folders (then all its runs that
-have that file). The plot has one subplot per metric (``--metric train/loss --metric valid/loss``;
-by default ``train/loss`` and ``valid/loss`` or the first other ``valid/`` metric), each run a
+Each EXP_DIR is a run folder (``<RUN_DIR>/<exp_name>/run_<N>``, or one given as
+``trainer.exp_dir``, read from its log folder's ``metrics.jsonl``) or a folder of runs (then all
+its runs that have that file; :func:`ml.run.layout.find_runs`). The plot has one subplot per metric
+(``--metric train/loss --metric valid/loss``; by default ``train/loss`` and ``valid/loss`` or the
+first other ``valid/`` metric, and for reinforcement learning the episode returns), each run a
 curve of its own colour labelled ``<exp_name>/run_<N>``. The x axis is the step, or with
 ``--x time`` the run's training time (``elapsed_s``) in seconds, minutes or hours as fits.
 
@@ -29,17 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ml.run.layout import METRICS_FILE, RunDir, is_run
+from ml.run.layout import find_runs as runs_under
 from ml.tools import tool_parser
-from ml.tools.experiments import metric_value, parse_record, record_step, run_number
+from ml.tools.experiments import metric_value, parse_record, record_step
 
-LOG_DIR_NAME = "logs"
-METRICS_FILE_NAME = "metrics.jsonl"
 FORMATS = {".png": "png", ".svg": "svg"}
 DPI = 100
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 1000, 600
 MIN_PIXELS, MAX_PIXELS = 200, 10000
 MARKERS_UP_TO = 60  # curves with this few points (validation) also mark each point
 DEFAULT_TRAIN_METRIC = "train/loss"
+DEFAULT_RL_METRICS = ("rl/episode_return", "rl/eval_return")  # what an RL run is judged by
 INSTALL_HINT = "ml plot needs matplotlib: pip install 'ml-trainer[plot]'"
 
 
@@ -73,7 +75,7 @@ class Run:
 
 
 def _bad_input(message: str) -> Exception:
-    from ml.cli import BadInput
+    from ml.errors import BadInput
 
     return BadInput(message)
 
@@ -85,13 +87,13 @@ def _number(value: Any) -> float:
 
 
 def read_run(run_dir: Path, label: str) -> Run:
-    """Reads ``run_dir``'s ``logs/metrics.jsonl``; later records of a phase and step replace earlier ones.
+    """Reads ``run_dir``'s ``metrics.jsonl``; later records of a phase and step replace earlier ones.
 
     A last line without its newline (a kill while writing) is skipped silently; other lines that
     are not records are skipped and counted.
     """
     run = Run(path=run_dir, label=label)
-    with (run_dir / LOG_DIR_NAME / METRICS_FILE_NAME).open("rb") as f:
+    with RunDir.of(run_dir).metrics.open("rb") as f:
         for line in f:
             if not line.strip():
                 continue
@@ -105,15 +107,15 @@ def read_run(run_dir: Path, label: str) -> Run:
 
 
 def _has_metrics(path: Path) -> bool:
-    return (path / LOG_DIR_NAME / METRICS_FILE_NAME).is_file()
+    return RunDir.of(path).metrics.is_file()
 
 
 def find_runs(arg: str) -> list[Path]:
-    """The run folders an argument names: the run itself, or every run of an experiment folder.
+    """The run folders an argument names: the run itself, or every run of a folder of runs.
 
     Raises:
-        BadInput: The folder does not exist, or is neither a run with ``logs/metrics.jsonl`` nor
-            a folder of such runs.
+        BadInput: The folder does not exist, or is neither a run with a ``metrics.jsonl`` nor a
+            folder of such runs.
     """
     path = Path(arg).expanduser()
     if not path.is_dir():
@@ -123,17 +125,16 @@ def find_runs(arg: str) -> list[Path]:
         )
     if _has_metrics(path):
         return [path.resolve()]
-    runs = sorted((p for p in path.glob("run_*") if p.is_dir()), key=run_number)
+    runs = [] if is_run(path) else [run for _, run in runs_under(path)]
     with_metrics = [p.resolve() for p in runs if _has_metrics(p)]
     if with_metrics:
         return with_metrics
     if runs:
         raise _bad_input(
-            f"{arg}: none of its runs has {LOG_DIR_NAME}/{METRICS_FILE_NAME} "
-            "(add {name: jsonl} to the loggers)"
+            f"{arg}: none of its runs has logs/{METRICS_FILE} (add {{name: jsonl}} to the loggers)"
         )
     raise _bad_input(
-        f"{arg} is not a run folder (no {LOG_DIR_NAME}/{METRICS_FILE_NAME} in it) "
+        f"{arg} is not a run folder (no logs/{METRICS_FILE} in it) "
         "nor an experiment folder holding run_<N> folders"
     )
 
@@ -145,11 +146,13 @@ def _labels(paths: Sequence[Path]) -> list[str]:
 
 
 def default_metrics(available: Sequence[str]) -> list[str]:
-    """``train/loss`` and one validation metric (``valid/loss`` if logged), of those available."""
+    """``train/loss`` and one validation metric (``valid/loss`` if logged), of those available;
+    for a reinforcement-learning run, its training and evaluation episode returns."""
     chosen = [DEFAULT_TRAIN_METRIC] if DEFAULT_TRAIN_METRIC in available else []
     valid = [name for name in available if name.startswith("valid/")]
     if valid:
         chosen.append("valid/loss" if "valid/loss" in valid else valid[0])
+    chosen = chosen or [name for name in DEFAULT_RL_METRICS if name in available]
     return chosen or list(available[:1])
 
 
@@ -177,13 +180,14 @@ def _check_output(arg: str, force: bool) -> tuple[Path, str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = tool_parser("plot", "Curves of chosen metrics from the runs' logs/metrics.jsonl, as PNG or SVG.")
+    parser = tool_parser("plot", "Curves of chosen metrics from the runs' metrics.jsonl, as PNG or SVG.")
     parser.add_argument("exp_dirs", nargs="+", metavar="EXP_DIR", help="run folders or experiment folders")
     parser.add_argument(
         "--metric",
         action="append",
         metavar="NAME",
-        help="a metric to plot, e.g. train/loss (repeat for several; default: train/loss and valid/loss)",
+        help="a metric to plot, e.g. train/loss (repeat for several; default: train/loss and valid/loss, "
+        "or an RL run's episode returns)",
     )
     parser.add_argument("--x", choices=("step", "time"), default="step", help="the x axis (default: step)")
     parser.add_argument("-o", "--output", required=True, help="the image file: .png or .svg")
@@ -206,7 +210,7 @@ def main(argv: list[str]) -> int:
     runs = [read_run(path, label) for path, label in zip(paths, _labels(paths), strict=True)]
     for run in runs:
         if run.skipped_lines:
-            where = run.path / LOG_DIR_NAME / METRICS_FILE_NAME
+            where = RunDir.of(run.path).metrics
             print(
                 f"ml plot: skipped {run.skipped_lines} line(s) of {where}: not metric records",
                 file=sys.stderr,

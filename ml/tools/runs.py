@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _states(values: list[str]) -> set[str]:
-    from ml.cli import BadInput
+    from ml.errors import BadInput
 
     wanted = {s.strip() for value in values for s in value.split(",") if s.strip()}
     unknown = sorted(wanted - set(STATES))
@@ -189,7 +189,7 @@ def table(runs: list[RunInfo], *, metric: str = DEFAULT_METRIC, now: float | Non
 
 def main(argv: list[str]) -> int:
     """``ml runs``: prints the table (or ``--json``); returns 0."""
-    from ml.cli import BadInput
+    from ml.errors import BadInput
 
     parser = _parser()
     try:

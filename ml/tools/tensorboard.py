@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from ml.run.layout import RunDir, run_number
 from ml.tools import tool_parser
 
 HOST = "127.0.0.1"
@@ -33,26 +34,9 @@ _STOP_TIMEOUT_S = 10.0
 _RECENT_LINES = 20
 
 
-def _log_dir_name(run: Path) -> str:
-    """The run's log folder name (``trainer.log_dir_name`` in its config.yaml; ``logs`` by default)."""
-    import yaml
-
-    try:
-        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
-        name = config["trainer"]["log_dir_name"]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError):
-        return "logs"
-    return name if isinstance(name, str) and name and "/" not in name else "logs"
-
-
 def _tensorboard_dir(run: Path) -> Path | None:
-    folder = run / _log_dir_name(run) / "tensorboard"
+    folder = RunDir.of(run).logs / "tensorboard"
     return folder if folder.is_dir() else None
-
-
-def _run_number(path: Path) -> int:
-    suffix = path.name[len("run_") :]
-    return int(suffix) if suffix.isdigit() else -1
 
 
 def find_logdirs(args: list[str]) -> list[tuple[str, Path]]:
@@ -64,7 +48,7 @@ def find_logdirs(args: list[str]) -> list[tuple[str, Path]]:
     Raises:
         BadInput: An argument is no folder, or holds no TensorBoard logs (nor runs with some).
     """
-    from ml.cli import BadInput
+    from ml.errors import BadInput
 
     runs: dict[Path, Path] = {}  # run folder -> its tensorboard folder
     for arg in args:
@@ -75,7 +59,7 @@ def find_logdirs(args: list[str]) -> list[tuple[str, Path]]:
         own = _tensorboard_dir(path)
         found = [(path, own)] if own is not None else []
         if not found:
-            for run in sorted((p for p in path.glob("run_*") if p.is_dir()), key=_run_number):
+            for run in sorted((p for p in path.glob("run_*") if p.is_dir()), key=run_number):
                 folder = _tensorboard_dir(run)
                 if folder is not None:
                     found.append((run, folder))
@@ -112,7 +96,7 @@ def tensorboard_command(logdirs: list[tuple[str, Path]], port: int) -> list[str]
 def _check_installed() -> None:
     import importlib.util
 
-    from ml.cli import BadInput
+    from ml.errors import BadInput
 
     try:
         spec = importlib.util.find_spec("tensorboard")
@@ -226,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """``ml tensorboard``: serves until stopped; 0 when stopped by a signal, 1 when TensorBoard fails."""
-    from ml.cli import BadInput
+    from ml.errors import BadInput
 
     args = _parser().parse_args(argv)
     if not 0 <= args.port <= 65535:

@@ -2,17 +2,32 @@
 
 The trainer is the thing that actually runs the training loop. There are separate trainers for
 supervised and reinforcement learning (``ml.trainers.sl`` and ``ml.trainers.rl``); the base trainer
-handles what they share: the experiment directory and its lock files, the config snapshot,
-checkpoints, loggers, signals and the hooks.
+owns what they share: the order of a training session, the experiment directory and its lock
+files, the config snapshot, checkpoints, loggers, signals and the hooks.
+
+:meth:`BaseTrainer.train` is a template that reads top to bottom (see :meth:`BaseTrainer.run_session`)::
+
+    check the task -> set up (device, model, optimizer, data: nothing written yet)
+    -> take the run's lock -> resume from the newest checkpoint, or seed a fresh run
+    -> on_training_start -> config.yaml -> loop -> finish (unless a signal stopped the loop)
+    -> on_exit for a signal (checkpoint, then the registered handlers)
+    -> teardown (on_training_end, lock, loggers) -> status.json
+
+A trainer supplies :meth:`BaseTrainer.set_up`, :meth:`BaseTrainer.loop` and
+:meth:`BaseTrainer.finish` (and :meth:`BaseTrainer.close` for what its set-up opened).
+
+Where things lie in the run folder is :mod:`ml.run`'s knowledge; this module re-exports the
+spec's names for it (``add_lock_file``, ``get_ckpt_path``, ``get_empty_exp_dir``, ...).
 
 Notes for subclass authors:
 
 - Signals. :meth:`BaseTrainer.install_signal_handlers` installs handlers for SIGTERM, SIGINT and
-  SIGUSR1 that only record the signal in :attr:`BaseTrainer.stop_signal`. Your loop checks it at
-  each step boundary and, when set, calls :meth:`BaseTrainer.on_exit` (which saves a checkpoint and
-  runs the handlers registered with :meth:`BaseTrainer.add_signal_handler`) and then stops. Nothing
-  is saved from inside a signal handler, so a checkpoint always holds a consistent step. A second
-  SIGINT raises ``KeyboardInterrupt`` at once; atomic writes leave no partial file behind.
+  SIGUSR1 that only record the signal in :attr:`BaseTrainer.stop_signal`, for the whole session,
+  teardown included. Your loop checks it at each step boundary and returns; the session then calls
+  :meth:`BaseTrainer.on_exit` (which saves a checkpoint and runs the handlers registered with
+  :meth:`BaseTrainer.add_signal_handler`). Nothing is saved from inside a signal handler, so a
+  checkpoint always holds a consistent step. A second SIGINT raises ``KeyboardInterrupt`` at once;
+  atomic writes leave no partial file behind.
 - Checkpoints are written atomically by rank 0 and read with ``torch.load(weights_only=True)``.
   Whatever :meth:`BaseTrainer.update_state_dict` adds must be tensors or plain data. With
   ``checkpoint.async_save`` the write runs in a background thread from a host copy; the loop's
@@ -22,13 +37,10 @@ Notes for subclass authors:
 """
 
 import datetime
-import fcntl
 import itertools
 import logging
 import os
-import shutil
 import signal
-import socket
 import threading
 import time
 import weakref
@@ -38,23 +50,36 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from signal import Signals
-from typing import Any, Generic, Literal, TypeVar, get_args
+from typing import Any, Generic, TypeVar
 
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch.optim import Optimizer
 
 from ml.core.config import BaseConfig, BaseObject, conf_field
-from ml.core.diff import diff_configs  # torch-free (for `ml diff`); re-exported here
+from ml.core.diff import diff_configs, segment_changes  # torch-free (for `ml diff`); re-exported here
 from ml.core.state import State
+from ml.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    ConfigChangedError,
+    ConfigError,
+    RunDirNotSetError,
+    RunLockedError,
+    UserError,
+)
 from ml.loggers.base import BaseLogger, MultiLogger
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
+from ml.run.checkpoints import link_checkpoint, newest_checkpoint, write_checkpoint_file
+from ml.run.claim import check_folder_name, get_empty_exp_dir, new_exp_dir
+from ml.run.layout import LOCK_TYPES, LockType, RunDir
+from ml.run.locks import LockInfo, read_lock, remove_lock, take_running_lock, write_lock
+from ml.run.status import status_record, write_status
 from ml.tasks.base import BaseTask
-from ml.utils.atomic import atomic_symlink, atomic_write_text, atomic_write_with
+from ml.utils.atomic import atomic_write_text, fsync_dir
 from ml.utils.checkpoint import (
-    CheckpointError,
     HostSnapshot,
     check_loadable,
     get_rng_state,
@@ -66,31 +91,35 @@ from ml.utils.checkpoint import (
 from ml.utils.device import detect_device
 from ml.utils.distributed import (
     all_max,
+    broadcast_object,
     get_world_size,
     init_distributed,
     is_master,
     mean_over_ranks,
 )
-from ml.utils.locks import LockInfo, parse_lock
 from ml.utils.ranks import dist_env, export_env
+from ml.utils.seeding import seed_everything
 from ml.utils.signals import take_early_signal
 
 logger = logging.getLogger(__name__)
 
-LockType = Literal["running", "scheduled", "ckpt"]
-LOCK_TYPES: tuple[LockType, ...] = get_args(LockType)
 CHECKPOINT_FORMAT = 1
+PARALLEL_MODES = ("ddp", "fsdp")
 
 __all__ = [
+    "LOCK_TYPES",
     "BaseTrainer",
     "BaseTrainerConfig",
     "CheckpointConfig",
     "CheckpointError",
+    "CheckpointWriteError",
     "LockType",
     "ModelT",
     "RunDirNotSetError",
     "RunLockedError",
+    "Session",
     "TaskT",
+    "TrainerConfig",
     "TrainerConfigT",
     "add_lock_file",
     "diff_configs",
@@ -105,25 +134,15 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------
-# Lock files and experiment directories
-
-
-def _lock_path(exp_dir: Path, lock_type: LockType) -> Path:
-    if lock_type not in LOCK_TYPES:
-        raise ValueError(f"lock_type must be one of {LOCK_TYPES}, got {lock_type!r}")
-    return Path(exp_dir) / f".lock_{lock_type}"
-
-
-def _lock_text() -> str:
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return f"pid: {os.getpid()}\nhost: {socket.gethostname()}\ntime: {now}\n"
+# Lock files and experiment directories (the spec's names; ml.run owns the layout)
 
 
 def add_lock_file(exp_dir: Path, lock_type: LockType, *, exists_ok: bool = False) -> None:
     """Creates ``exp_dir/.lock_<lock_type>`` holding this process's pid, host and the time.
 
-    The file is created with an exclusive create, so of two processes racing for one lock exactly
-    one wins. Only the master rank writes.
+    The file is written whole, then linked into place (an exclusive create), so of two processes
+    racing for one lock exactly one wins, and a full disk leaves no empty lock. Only the master
+    rank writes.
 
     Args:
         exp_dir: The experiment directory (created if missing).
@@ -133,21 +152,14 @@ def add_lock_file(exp_dir: Path, lock_type: LockType, *, exists_ok: bool = False
     Raises:
         RuntimeError: The lock exists and ``exists_ok`` is false.
     """
-    path = _lock_path(exp_dir, lock_type)
+    run = RunDir(exp_dir)
+    run.lock(lock_type)  # a bad lock type is refused on every rank
     if not is_master():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        write_lock(run, lock_type, exists_ok=exists_ok)
     except FileExistsError:
-        if not exists_ok:
-            raise RuntimeError(f"lock file already exists: {path}") from None
-        atomic_write_text(path, _lock_text())
-        return
-    with os.fdopen(fd, "w") as f:
-        f.write(_lock_text())
-        f.flush()
-        os.fsync(f.fileno())
+        raise RuntimeError(f"lock file already exists: {run.lock(lock_type)}") from None
 
 
 def remove_lock_file(exp_dir: Path, lock_type: LockType, *, missing_ok: bool = False) -> None:
@@ -156,29 +168,25 @@ def remove_lock_file(exp_dir: Path, lock_type: LockType, *, missing_ok: bool = F
     Raises:
         RuntimeError: The lock does not exist and ``missing_ok`` is false.
     """
-    path = _lock_path(exp_dir, lock_type)
+    run = RunDir(exp_dir)
+    run.lock(lock_type)
     if not is_master():
         return
     try:
-        path.unlink()
+        remove_lock(run, lock_type, missing_ok=missing_ok)
     except FileNotFoundError:
-        if not missing_ok:
-            raise RuntimeError(f"lock file not found: {path}") from None
+        raise RuntimeError(f"lock file not found: {run.lock(lock_type)}") from None
 
 
 def has_lock_file(exp_dir: Path, lock_type: LockType | None = None) -> bool:
     """Whether ``exp_dir`` holds the given lock, or any lock when ``lock_type`` is None."""
     types = LOCK_TYPES if lock_type is None else (lock_type,)
-    return any(_lock_path(exp_dir, t).exists() for t in types)
+    return any(RunDir(exp_dir).lock(t).exists() for t in types)
 
 
 def read_lock_file(exp_dir: Path, lock_type: LockType) -> LockInfo | None:
     """Parses a lock file; None when there is none."""
-    try:
-        text = _lock_path(exp_dir, lock_type).read_text()
-    except FileNotFoundError:
-        return None
-    return parse_lock(text)
+    return read_lock(RunDir(exp_dir), lock_type)
 
 
 def get_ckpt_path(exp_dir: Path, state: State | None = None) -> Path:
@@ -192,38 +200,12 @@ def get_ckpt_path(exp_dir: Path, state: State | None = None) -> Path:
         The path to the PyTorch checkpoint to save or load: ``checkpoints/ckpt.pt`` (the link to
         the newest) without a state, ``checkpoints/ckpt.<num_steps>.pt`` with one.
     """
-    name = "ckpt.pt" if state is None else f"ckpt.{state.num_steps}.pt"
-    return Path(exp_dir) / "checkpoints" / name
+    run = RunDir(exp_dir)
+    return run.link if state is None else run.checkpoint(state.num_steps)
 
 
 def get_exp_dir(run_dir: Path, run_id: int) -> Path:
     return (Path(run_dir) / f"run_{run_id}").resolve()
-
-
-def get_empty_exp_dir(run_dir: Path) -> Path:
-    """Returns the path to the run directory, given a run ID.
-
-    Claims the next ``run_<N>`` (one past the highest existing) with an atomic ``mkdir``, so two
-    processes calling this at the same moment never get the same directory.
-
-    Args:
-        run_dir: The base run directory for the experiment
-
-    Returns:
-        An experiment directory without a lockfile
-    """
-    run_dir = Path(run_dir).expanduser().resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name[4:]) for p in run_dir.glob("run_*") if p.name[4:].isdigit()]
-    run_id = max(taken, default=-1) + 1
-    while True:
-        exp_dir = get_exp_dir(run_dir, run_id)
-        try:
-            exp_dir.mkdir()
-        except FileExistsError:
-            run_id += 1
-            continue
-        return exp_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,26 +255,6 @@ class CheckpointConfig:
     )
 
 
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, file too large, read-only); the old one is kept."""
-
-
-def _io_reason(error: BaseException, folder: Path) -> str:
-    """Why a write failed, in words: the OS error, and how much space is left where it wrote."""
-    os_error = error if isinstance(error, OSError) else None
-    cause: BaseException | None = error
-    while os_error is None and cause is not None:  # torch wraps the OSError in a RuntimeError
-        cause = cause.__cause__ or cause.__context__
-        os_error = cause if isinstance(cause, OSError) else None
-    reason = os_error.strerror if os_error is not None and os_error.strerror else str(error).splitlines()[0]
-    try:
-        free = shutil.disk_usage(folder).free
-        reason += f" ({free / 2**20:.1f} MiB free there)"
-    except OSError:
-        pass
-    return reason
-
-
 @dataclass
 class _PendingSave:
     """A checkpoint being written in the background (``checkpoint.async_save``)."""
@@ -301,17 +263,6 @@ class _PendingSave:
     task: Any
     thread: threading.Thread = field(init=False)
     error: BaseException | None = None
-
-
-class RunLockedError(RuntimeError):
-    """Another live process holds the experiment's ``running`` lock."""
-
-
-class RunDirNotSetError(KeyError):
-    """``RUN_DIR`` is needed to place the experiment directory but is not set."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "RUN_DIR is not set"
 
 
 def _is_missing(config: Any, key: str) -> bool:
@@ -344,15 +295,37 @@ class BaseTrainerConfig(BaseConfig):
         """
         if not _is_missing(config, "exp_dir"):
             return
-        name = str(config.exp_name)
-        if not name or name in (".", "..") or "/" in name or "\\" in name:
-            raise ValueError(f"trainer.exp_name must be a plain folder name, got {name!r}")
-        run_dir = os.environ.get("RUN_DIR")
-        if not run_dir:
-            raise RunDirNotSetError(
-                "Set the RUN_DIR environment variable (the folder experiments go in) or trainer.exp_dir"
-            )
-        config.exp_dir = str(get_empty_exp_dir(Path(run_dir).expanduser() / config.exp_name))
+        config.exp_dir = str(new_exp_dir(str(config.exp_name)))
+
+
+@dataclass
+class TrainerConfig(BaseTrainerConfig):
+    """Settings every training loop here shares, beyond the spec's :class:`BaseTrainerConfig`."""
+
+    parallel: str = conf_field(
+        "ddp", help="With several processes: `ddp` (a model copy per process) or `fsdp` (sharded, FSDP2)"
+    )
+    sync_every_n_steps: int = conf_field(
+        10, help="With several processes: agree on stop signals, the clock and log writes every N steps"
+    )
+    fast_optimizer: bool = conf_field(
+        True,
+        help="Step Adam/AdamW with the fused kernel (else multi-tensor ops): much faster on CPU. "
+        "A resumed run steps as its checkpoint's optimizer did",
+    )
+    tune_malloc: bool = conf_field(
+        True,
+        help="Linux/glibc: keep freed memory for the next step, not fault it back in (ml.utils.malloc)",
+    )
+
+
+def check_trainer_config(config: TrainerConfig) -> None:
+    """Refuses a :class:`TrainerConfig` whose shared settings are out of range (one line)."""
+    if config.parallel not in PARALLEL_MODES:
+        choices = ", ".join(PARALLEL_MODES)
+        raise ConfigError(f"trainer.parallel must be one of {choices}, got {config.parallel!r}")
+    if config.sync_every_n_steps < 1:
+        raise ConfigError(f"trainer.sync_every_n_steps must be positive, got {config.sync_every_n_steps}")
 
 
 TrainerConfigT = TypeVar("TrainerConfigT", bound=BaseTrainerConfig)
@@ -362,6 +335,20 @@ TaskT = TypeVar("TaskT", bound=BaseTask)
 Optims = Optimizer | dict[str, Optimizer]
 LRScheds = SchedulerAdapter | dict[str, SchedulerAdapter]
 SignalHandler = Callable[[], None]
+
+
+@dataclass
+class Session:
+    """What one training session works with: built by :meth:`BaseTrainer.set_up`, used by the rest.
+
+    Trainers subclass it for what their loop needs besides (data loaders, environments, ...).
+    """
+
+    model: Any
+    task: Any
+    optim: Any
+    lr_sched: Any
+    seed: int  # seeds every generator of a fresh run
 
 
 def _state_of_checkpoint(ckpt: Mapping[str, Any], where: str) -> State:
@@ -392,12 +379,39 @@ def _load_named(objs: Any, state: Any, what: str) -> None:
         objs.load_state_dict(state)
 
 
+def _tear_down(steps: list[Callable[[], None]], *, quiet: bool) -> None:
+    """Runs every step; a step that fails does not skip the others, nor hide the error in flight.
+
+    With ``quiet`` (an error is already propagating: the disk may be full or read-only), failures
+    are logged; otherwise the first one is raised after all steps ran.
+    """
+    first: Exception | None = None
+    for step in steps:
+        try:
+            step()
+        except Exception as e:
+            if quiet:
+                logger.warning("While stopping after an error: %s: %s", type(e).__name__, e)
+            elif first is None:
+                first = e
+    if first is not None:
+        raise first
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer
 
 
 class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, TaskT]):
-    """Defines the base trainer type."""
+    """Defines the base trainer type.
+
+    Attributes:
+        stop_signal: The stop signal received (agreed on by every rank), or None.
+        finished: Whether the run completed: every step, and the trainer's :meth:`finish`.
+        task_type: The kind of task this trainer trains (checked before anything else).
+    """
+
+    task_type: type[BaseTask] = BaseTask
 
     def __init__(self, config: TrainerConfigT) -> None:
         super().__init__(config)
@@ -405,39 +419,264 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             type(config).resolve(config)
         self.exp_name: str = config.exp_name
         self.exp_dir = Path(config.exp_dir).expanduser().resolve()
-        self.log_dir = self.exp_dir / config.log_dir_name
+        self.run = RunDir(self.exp_dir, check_folder_name(config.log_dir_name, "trainer.log_dir_name"))
+        self.log_dir = self.run.logs
         self.checkpoint_config: CheckpointConfig = config.checkpoint
         self.loggers: list[BaseLogger] = []
         self.logger = MultiLogger(default_namespace="trainer")
         self.signal_handlers: dict[Signals, list[SignalHandler]] = defaultdict(list)
         self.run_config: DictConfig = self.raw_config
         self.stop_signal: Signals | None = None
-        self._pending_signal: Signals | None = None  # distributed: received, not yet agreed on
-        self._distributed = False
+        self.finished = False
+        self.distributed = False
         self.allow_config_change = False  # resume even if the model, data, ... changed (the CLI's flag)
+        self._pending_signal: Signals | None = None  # distributed: received, not yet agreed on
         self._first_sigint = 0.0
         self._write_due = True  # distributed: whether the ranks agreed to write training logs now
-        self._final_write = False  # the loops set it on a run's last training step: written regardless
         self._last_ckpt_time_s = 0.0
         self._last_ckpt_step = -1
         self._device_cache: torch.device | None = None
         self._pending_save: _PendingSave | None = None  # checkpoint.async_save: the write in flight
         self._host_snapshot: HostSnapshot | None = None
 
+    # -- the session, top to bottom
+
+    def train(
+        self, model: ModelT, task: TaskT, optimizer: BaseOptimizer, lr_scheduler: BaseLRScheduler
+    ) -> None:
+        """Runs the training loop.
+
+        Checks the task, sets up (nothing is written to disk, so a task or model that cannot be
+        used stops with the run untouched), then runs the session (:meth:`run_session`) and closes
+        what the set-up opened. Stop signals are recorded for the whole of it.
+
+        Args:
+            model: The current model
+            task: The current task
+            optimizer: The current optimizer
+            lr_scheduler: The current learning rate scheduler
+
+        Raises:
+            NotImplementedError: If the subclass does not implement :meth:`set_up` and :meth:`loop`
+        """
+        self.check_task(task)
+        with self.install_signal_handlers(), self.training_context():
+            session = self.set_up(model, task, optimizer, lr_scheduler)
+            try:
+                self.run_session(session)
+            finally:
+                self.close(session)
+
+    def run_session(self, s: Session) -> None:
+        """Takes the run, resumes or starts it, loops, finishes or stops, tears down, records.
+
+        Errors propagate after the teardown. Last, rank 0 records how the session ended in
+        ``status.json`` (:mod:`ml.run.status`) - unless it never began (another process holds the
+        run, the checkpoint or config was refused: bad input leaves the run as it was).
+        """
+        self.take_run()  # before reading the checkpoint: one process per run
+        state = State.init_state()
+        began = started = False
+        error: BaseException | None = None
+        try:
+            state = self.resume_or_start(s)
+            began = True
+            self.on_training_start(state, s.task, s.model, s.optim, s.lr_sched)
+            started = True
+            self.save_config()
+            self.log_run_config()
+            self.loop(state, s)
+            self.sync_ranks(state, force=True)  # a signal received since the last agreement counts too
+            if self.stop_signal is None:
+                self.finish(state, s)
+            if self.stop_signal is not None and not self.finished:  # also one during the finish
+                self.on_exit(self.stop_signal, state, s.task, s.model, s.optim, s.lr_sched)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            steps: list[Callable[[], None]] = [
+                (lambda: self.on_training_end(state, s.task, s.model, s.optim, s.lr_sched))
+                if started
+                else (lambda: self.remove_lock_file("running", missing_ok=True)),
+                self.close_loggers,
+            ]
+            try:
+                _tear_down(steps, quiet=error is not None)
+            except BaseException as e:
+                error = error or e
+                raise
+            finally:
+                if began and is_master():
+                    self.write_status(state, error)
+
+    def set_up(
+        self, model: ModelT, task: TaskT, optimizer: BaseOptimizer, lr_scheduler: BaseLRScheduler
+    ) -> Session:
+        """Places the model, builds the optimizer, schedule and data: what the session works with.
+
+        Writes nothing to disk. Raises :class:`ml.errors.UserError` for a task or model that
+        cannot be used.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement set_up() (or train())")
+
+    def loop(self, state: State, s: Session) -> None:
+        """Trains from ``state`` until the task's limits are met or :attr:`stop_signal` is set."""
+        raise NotImplementedError(f"{type(self).__name__} must implement loop() (or train())")
+
+    def finish(self, state: State, s: Session) -> None:
+        """The end of a completed run (final checkpoint, last evaluation); sets :attr:`finished`.
+
+        It may stop early for a signal, which is then handled like one during the loop.
+        """
+        if not self.checkpoint_is_current(state):
+            self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)
+        self.finished = self.stop_signal is None
+
+    def close(self, s: Session) -> None:
+        """Releases what :meth:`set_up` opened (environments, ...), after the session."""
+        del s
+
+    @contextmanager
+    def training_context(self) -> Iterator[None]:
+        """Process-wide settings held for the whole of :meth:`train` (restored after)."""
+        yield
+
+    def check_task(self, task: Any) -> None:
+        """Refuses a task of the wrong kind (one line), and warns when nothing would ever stop training."""
+        if not isinstance(task, self.task_type):
+            kind = type(self).__name__
+            raise ConfigError(f"{kind} needs a {self.task_type.__name__}, got {type(task).__name__}")
+        if not getattr(task, "has_limit", True):
+            logger.warning(
+                "The task sets no max_steps/max_epochs/max_samples/max_seconds: training until stopped"
+            )
+
+    def take_run(self) -> None:
+        """Rank 0 takes the run's lock; in a distributed job every rank then learns whether it could."""
+        error: RunLockedError | None = None
+        try:
+            self.take_running_lock()
+        except RunLockedError as e:
+            error = e
+        message = broadcast_object(str(error) if error is not None else None)
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RunLockedError(message)
+        self.remove_lock_file("scheduled", missing_ok=True)  # a submitted job has started
+
+    def resume_or_start(self, s: Session) -> State:
+        """Restores the run's newest checkpoint, or seeds a fresh run (with initial weights if configured).
+
+        Either way the loggers then learn the step training continues from, so that the logs of an
+        earlier process past the checkpoint (done again now) do not stay beside the new ones.
+        """
+        path = self.find_resume_checkpoint()
+        if path is not None:
+            ckpt = read_checkpoint(path, device=self.device)
+            self.check_config_change(ckpt, str(path))
+            state = self.load_checkpoint(ckpt, s.task, s.model, s.optim, s.lr_sched)  # type: ignore[arg-type]
+            logger.info("Resumed from %s at step %d", path, state.num_steps)
+            self.tidy_checkpoints(path)
+        else:
+            seed_everything(s.seed)
+            if self.checkpoint_config.load_from_ckpt_path:
+                self.load_initial_weights(s.model, self.checkpoint_config.load_from_ckpt_path)
+            state = State.init_state()
+        if is_master():
+            for sublogger in self.loggers:
+                sublogger.on_resume(state)
+        return state
+
+    def load_initial_weights(self, model: ModelT, path: str) -> None:
+        """``checkpoint.load_from_ckpt_path``: model weights only (no optimizer, state or RNG)."""
+        ckpt = read_checkpoint(path, device=self.device)
+        for note in load_model_state(model, ckpt["model"], strict=self.checkpoint_config.load_strict):
+            logger.warning("Initial weights from %s: %s", path, note)
+        logger.info("Initial weights loaded from %s", path)
+
+    def check_config_change(self, ckpt: Mapping[str, Any], where: str) -> None:
+        """Compares the config a checkpoint was trained with to this run's; stops on a meaningful change.
+
+        The whole diff is logged. Changes of the model, optimizer, data, batch size, seed or number
+        of processes stop the resume with :class:`ConfigChangedError` (exit code 2), unless the run
+        allows config changes (``ml train --allow-config-change``); then the diff is appended to
+        ``<exp_dir>/config_changes.log`` with the step it applies from.
+        """
+        old_text = ckpt.get("config")
+        if not isinstance(old_text, str):
+            return
+        try:
+            old = OmegaConf.to_container(OmegaConf.create(old_text), resolve=False)
+        except Exception:  # a config that does not parse is not ours to judge
+            logger.warning("%s holds a config that cannot be read; not comparing it", where)
+            return
+        lines, meaningful = segment_changes(old, OmegaConf.to_container(self.run_config, resolve=True))
+        old_world, world = int(ckpt.get("world_size", 1)), get_world_size()
+        if old_world != world:
+            line = f"number of processes: {old_world} -> {world}"
+            lines.append(line)
+            meaningful.append(line)
+        if not lines:
+            return
+        logger.warning("The config differs from the checkpoint's (%s):\n  %s", where, "\n  ".join(lines))
+        if meaningful and not self.allow_config_change:
+            raise ConfigChangedError(
+                f"the config changed since the checkpoint in what the experiment means "
+                f"({'; '.join(meaningful)}): continue anyway with --allow-config-change, or start a new run"
+            )
+        if meaningful and is_master():
+            raw_state = ckpt.get("state")
+            step = State.from_json(raw_state).num_steps if isinstance(raw_state, str) else "?"
+            stamp = datetime.datetime.now().isoformat(timespec="seconds")
+            with open(self.run.config_changes, "a") as f:
+                f.write(f"# {stamp}: allowed at step {step} (--allow-config-change)\n")
+                f.writelines(f"{line}\n" for line in lines)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(self.exp_dir)
+
+    def write_status(self, state: State, error: BaseException | None) -> None:
+        """Writes ``status.json`` (:mod:`ml.run.status`); never raises over the error in flight.
+
+        Refused input (a :class:`UserError`) leaves the marker alone. A write that fails is logged:
+        with an error in flight that error is what propagates (even a Ctrl-C during the write does
+        not replace it); without one the run itself succeeded and its checkpoint is durable, so it
+        is not failed for a missing marker (``ml runs`` then reads the run from its checkpoint).
+        """
+        if isinstance(error, UserError):
+            return
+        try:
+            record = status_record(
+                step=state.num_steps,
+                elapsed_s=state.elapsed_time_s,
+                signal=self.stop_signal.name if self.stop_signal is not None else None,
+                error=error,
+                finished=self.finished,
+            )
+            write_status(self.run, record)
+        except Exception as e:
+            logger.warning("Could not write %s: %s: %s", self.run.status, type(e).__name__, e)
+        except BaseException as e:
+            if error is None:
+                raise
+            logger.warning("Interrupted while writing %s: %s", self.run.status, type(e).__name__)
+
     # -- devices and precision
 
     @property
-    def _device(self) -> torch.device:
+    def device(self) -> torch.device:
         if self._device_cache is None:
             self._device_cache = detect_device()
         return self._device_cache
 
     @property
-    def _device_type(self) -> str:
-        return self._device.type
+    def device_type(self) -> str:
+        return self.device.type
 
     @property
-    def _weight_precision(self) -> torch.dtype:
+    def weight_precision(self) -> torch.dtype:
         return torch.float64 if self.config.use_double_weight_precision else torch.float32
 
     # -- distributed jobs
@@ -446,8 +685,8 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         """Joins the job's process group when launched as one of several processes; returns whether."""
         export_env(dist_env())  # Slurm's ranks as torchrun's, before the local device is chosen
         self._device_cache = None
-        self._distributed = init_distributed(self._device)
-        return self._distributed
+        self.distributed = init_distributed(self.device)
+        return self.distributed
 
     @property
     def sync_every_n_steps(self) -> int:
@@ -466,7 +705,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         validating every N seconds - comes out the same on every rank. Without a process group the
         clock is simply read.
         """
-        if not self._distributed:
+        if not self.distributed:
             state.elapsed_time_s = time.time() - state.start_time_s
             return
         if not force and state.num_steps % self.sync_every_n_steps != 0:
@@ -498,17 +737,22 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             for sublogger in self.loggers:
                 sublogger.log_config(self.run_config)
 
-    def write_logs(self, task: TaskT, model: ModelT, state: State) -> None:
+    def write_logs(self, task: TaskT, model: ModelT, state: State, *, final: bool = False) -> None:
         """Sends what the task, model and trainer logged to the sub-loggers that write now.
 
         In a distributed job the ranks write training logs only at the steps they agreed on in
         :meth:`sync_ranks`; only then are the values materialised and averaged over the ranks.
+
+        Args:
+            task: The task (its logger is one source).
+            model: The model (its logger, if it has one, is another).
+            state: The current state.
+            final: The run's last training step (a stop signal or the task's limit: the loop
+                decides it alike on every rank): written whatever the intervals.
         """
         multi = self._log_sources(task, model)
-        # The last training step is written whatever the intervals (the loop sets this alike on
-        # every rank: the stop signal and the limits are agreed on).
-        final = self._final_write and state.training
-        if not self._distributed:
+        final = final and state.training
+        if not self.distributed:
             MultiLogger.write_all(multi, self.loggers, state, force=final)
             return
         if state.training and not (self._write_due or final):
@@ -540,7 +784,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
 
     @property
     def config_path(self) -> Path:
-        return self.exp_dir / "config.yaml"
+        return self.run.config
 
     def set_run_config(self, run_config: DictConfig) -> None:
         """Sets the whole run's config (all sections), saved in config.yaml and in checkpoints."""
@@ -555,6 +799,15 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
     def remove_lock_file(self, lock_type: LockType, *, missing_ok: bool = False) -> None:
         remove_lock_file(self.exp_dir, lock_type=lock_type, missing_ok=missing_ok)
 
+    def take_running_lock(self) -> None:
+        """Takes ``.lock_running`` for this process (:func:`ml.run.locks.take_running_lock`).
+
+        A lock left by a process that died on this host is taken over; one held by a live process
+        raises :class:`RunLockedError`. Only the master rank takes it.
+        """
+        if is_master():
+            take_running_lock(self.run)
+
     # -- checkpoints
 
     def get_ckpt_path(self, state: State | None = None) -> Path:
@@ -565,47 +818,25 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         return self.get_ckpt_path()
 
     def find_resume_checkpoint(self) -> Path | None:
-        """The checkpoint this run continues from, or None for a fresh run.
+        """The checkpoint this run continues from (:func:`ml.run.checkpoints.newest_checkpoint`).
 
-        Normally what ``checkpoints/ckpt.pt`` links to. A numbered checkpoint newer than the
-        link's target (a run stopped between writing it and swapping the link) is complete, since
-        it was renamed into place only after its bytes were on disk: then that one. Without a link
-        but with numbered checkpoints, the newest of them.
+        Normally what ``checkpoints/ckpt.pt`` links to; a numbered checkpoint newer than the link's
+        target (a run stopped between writing it and swapping the link) is complete, so then that
+        one; without a link, the newest numbered one. None for a fresh run.
 
         Raises:
             CheckpointError: ``ckpt.pt`` links to a file that is gone.
         """
-        link = self.ckpt_path
-        if link.is_symlink() and not link.exists():
-            raise CheckpointError(
-                f"{link} points to {os.readlink(link)}, which does not exist; point the link at another "
-                f"checkpoint in {link.parent} (or remove it to start over)"
+        newest = newest_checkpoint(self.run)
+        if newest is None:
+            return None
+        if newest.path != self.run.link:
+            logger.warning(
+                "%s is newer than what %s names: the last run stopped before linking it; resuming from it",
+                newest.path.name,
+                self.run.link.name,
             )
-        numbered = sorted(
-            (int(p.name[5:-3]), p) for p in link.parent.glob("ckpt.*.pt") if p.name[5:-3].isdigit()
-        )
-        if link.exists():
-            target = link.resolve()
-            linked_step = int(target.name[5:-3]) if target.name[5:-3].isdigit() else None
-            if (
-                numbered
-                and target.parent == link.parent.resolve()
-                and linked_step is not None
-                and numbered[-1][0] > linked_step
-            ):
-                logger.warning(
-                    "%s is newer than what %s links to (%s): the last run stopped before linking it; "
-                    "resuming from it",
-                    numbered[-1][1].name,
-                    link.name,
-                    target.name,
-                )
-                return numbered[-1][1]
-            return link
-        if numbered:
-            logger.warning("No %s link; resuming from the newest checkpoint %s", link.name, numbered[-1][1])
-            return numbered[-1][1]
-        return None
+        return newest.path
 
     def tidy_checkpoints(self, resumed: Path) -> None:
         """After resuming from ``resumed``: the link names it, and with ``only_save_most_recent``
@@ -613,17 +844,12 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
 
         Called by the lock holder, so no other process writes here; only rank 0 acts.
         """
-        if not is_master():
-            return
-        target = resumed.resolve()
-        if target.parent != self.ckpt_path.parent.resolve():
-            return
-        if not (self.ckpt_path.is_symlink() and self.ckpt_path.resolve() == target):
-            atomic_symlink(target.name, self.ckpt_path)
-        if self.checkpoint_config.only_save_most_recent:
-            for old in target.parent.glob("ckpt.*.pt"):
-                if old != target and old.name.split(".")[1].isdigit():
-                    old.unlink(missing_ok=True)
+        if is_master():
+            link_checkpoint(self.run, resumed, keep_older=not self.checkpoint_config.only_save_most_recent)
+
+    def checkpoint_is_current(self, state: State) -> bool:
+        """Whether the newest checkpoint (saved or resumed from) holds ``state``'s step."""
+        return self._last_ckpt_step == state.num_steps
 
     def should_checkpoint(self, state: State) -> bool:
         """Whether a checkpoint is due: every ``save_every_n_steps`` steps or ``_n_seconds`` seconds."""
@@ -687,7 +913,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             where, loaded = "checkpoint dict", ckpt
         else:
             where = str(ckpt)
-            loaded = read_checkpoint(ckpt, device=self._device if device is None else device)
+            loaded = read_checkpoint(ckpt, device=self.device if device is None else device)
         ckpt_dict: dict[str, Any] = loaded
         state = _state_of_checkpoint(ckpt_dict, where)  # validated before anything is restored
         task.on_after_load_checkpoint(ckpt_dict)
@@ -761,8 +987,6 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         self.update_state_dict(ckpt)
         check_loadable(ckpt)
 
-        link = self.ckpt_path
-        previous = link.resolve() if link.is_symlink() and link.exists() else None
         if self.checkpoint_config.async_save:
             if self._host_snapshot is None:
                 self._host_snapshot = HostSnapshot()
@@ -772,45 +996,33 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             pending = _PendingSave(ckpt_path, task)
             # Not a daemon: an interpreter that exits still finishes the write (and its link).
             pending.thread = threading.Thread(
-                target=self._write_in_background, args=(pending, snapshot, previous), name="ml-checkpoint"
+                target=self._write_in_background, args=(pending, snapshot), name="ml-checkpoint"
             )
             self._pending_save = pending
             pending.thread.start()
             self._last_ckpt_time_s = state.elapsed_time_s
             self._last_ckpt_step = state.num_steps
             return ckpt_path
-        self._write_checkpoint(ckpt, ckpt_path, previous)
+        self._write_checkpoint(ckpt, ckpt_path)
         self._last_ckpt_time_s = state.elapsed_time_s
         self._last_ckpt_step = state.num_steps
         task.on_after_save_checkpoint(ckpt_path)
         return ckpt_path
 
-    def _write_in_background(
-        self, pending: _PendingSave, ckpt: dict[str, Any], previous: Path | None
-    ) -> None:
+    def _write_in_background(self, pending: _PendingSave, ckpt: dict[str, Any]) -> None:
         try:
-            self._write_checkpoint(ckpt, pending.path, previous)
+            self._write_checkpoint(ckpt, pending.path)
         except BaseException as e:  # raised in the training thread, by _finish_save
             pending.error = e
 
-    def _write_checkpoint(self, ckpt: dict[str, Any], ckpt_path: Path, previous: Path | None) -> None:
-        """Writes ``ckpt`` durably, then links it, removes older ones and marks the run (rank 0)."""
-        try:
-            atomic_write_with(ckpt_path, lambda f: torch.save(ckpt, f))
-        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-            kept = f"{previous.name} is kept" if previous is not None else "no earlier checkpoint exists"
-            raise CheckpointWriteError(
-                f"cannot write checkpoint {ckpt_path}: {_io_reason(e, ckpt_path.parent)}; {kept}"
-            ) from e
-        atomic_symlink(ckpt_path.name, self.ckpt_path)
-        if self.checkpoint_config.only_save_most_recent:
-            # Every other numbered checkpoint, not only the one the link named before: a process
-            # killed between the link swap and this point left its previous one behind.
-            for old in ckpt_path.parent.glob("ckpt.*.pt"):
-                if old != ckpt_path and old.name.split(".")[1].isdigit():
-                    old.unlink(missing_ok=True)
-        self.add_lock_file("ckpt", exists_ok=True)
-        logger.info("Saved checkpoint %s", ckpt_path)
+    def _write_checkpoint(self, ckpt: dict[str, Any], ckpt_path: Path) -> None:
+        """Writes ``ckpt`` durably, links it and applies retention (:mod:`ml.run.checkpoints`; rank 0)."""
+        write_checkpoint_file(
+            self.run,
+            int(ckpt_path.name.split(".")[1]),
+            lambda f: torch.save(ckpt, f),
+            keep_older=not self.checkpoint_config.only_save_most_recent,
+        )
 
     def wait_for_checkpoint(self) -> Path | None:
         """Waits for the asynchronous checkpoint write in flight, if any, to be durable and linked.
@@ -871,24 +1083,6 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         """
         del state_dict
 
-    # -- the loop
-
-    def train(
-        self, model: ModelT, task: TaskT, optimizer: BaseOptimizer, lr_scheduler: BaseLRScheduler
-    ) -> None:
-        """Runs the training loop.
-
-        Args:
-            model: The current model
-            task: The current task
-            optimizer: The current optimizer
-            lr_scheduler: The current learning rate scheduler
-
-        Raises:
-            NotImplementedError: If the subclass does not implement this method
-        """
-        raise NotImplementedError(f"{type(self).__name__} must implement train()")
-
     # -- signals
 
     def add_signal_handler(self, sig: Signals, handler: SignalHandler) -> None:
@@ -901,7 +1095,9 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
     ) -> Iterator[None]:
         """Routes ``signals`` to :attr:`stop_signal` while the block runs, then restores the old handlers.
 
-        The handler only records the signal; a second SIGINT raises ``KeyboardInterrupt``.
+        The handler only records the signal; a second SIGINT raises ``KeyboardInterrupt``. The
+        ``ml`` command's own recorder (:mod:`ml.utils.signals`) is what is restored, and it stays
+        until the process exits, so a signal after training cannot cut the last writes short.
         """
 
         def on_signal(signum: int, frame: Any) -> None:
@@ -911,12 +1107,12 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             if sig == Signals.SIGINT and Signals.SIGINT in (self.stop_signal, self._pending_signal):
                 # In a job, one Ctrl-C reaches a worker twice: from the terminal and passed on by
                 # torchrun. A second SIGINT within a second is that same keypress.
-                if not (self._distributed and now - self._first_sigint < 1.0):
+                if not (self.distributed and now - self._first_sigint < 1.0):
                     raise KeyboardInterrupt
                 return
             if sig == Signals.SIGINT:
                 self._first_sigint = now
-            if self._distributed or dist_env().is_distributed:  # acted on once the ranks agree (sync_ranks)
+            if self.distributed or dist_env().is_distributed:  # acted on once the ranks agree (sync_ranks)
                 if self._pending_signal is None or sig == Signals.SIGINT:
                     self._pending_signal = sig
             elif self.stop_signal is None or sig == Signals.SIGINT:
@@ -931,7 +1127,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         early = take_early_signal()  # received while the program was starting
         if early is not None:
             logger.warning("%s arrived during start-up: stopping at once, with a checkpoint", early.name)
-            if self._distributed or dist_env().is_distributed:
+            if self.distributed or dist_env().is_distributed:
                 self._pending_signal = early
             else:
                 self.stop_signal = early
@@ -952,13 +1148,13 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
     ) -> None:
         """Saves a checkpoint, then runs the handlers registered for ``sig``.
 
-        Called by the loop at a step boundary after a signal set :attr:`stop_signal`; never from
-        inside the signal handler itself.
+        Called by the session (:meth:`run_session`) once the loop returned for a signal that set
+        :attr:`stop_signal`; never from inside the signal handler itself.
         """
         logger.info("Stopping on %s at step %d: saving a checkpoint", sig.name, state.num_steps)
         self.wait_for_checkpoint()  # a write in flight decides whether ckpt.pt exists
         # In a distributed job every rank must take the same decision (saving may be collective).
-        if self._last_ckpt_step != state.num_steps or (not self._distributed and not self.ckpt_path.exists()):
+        if not self.checkpoint_is_current(state) or (not self.distributed and not self.ckpt_path.exists()):
             self.save_checkpoint(state, task, model, optim, lr_scheduler)
         self.wait_for_checkpoint()  # durable before the handlers run (they may requeue the job)
         for handler in self.signal_handlers.get(sig, []):
@@ -1000,37 +1196,6 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         task.on_epoch_end(state, model, optim, lr_sched)
         state.num_epoch_steps = 0  # between epochs the position in the (next) epoch is 0
         state.num_epoch_samples = 0
-
-    def take_running_lock(self) -> None:
-        """Takes ``.lock_running`` for this process, so one experiment is never trained twice at once.
-
-        A lock left by a process that died on this host is taken over; one held by a live process
-        (or by a process on another host) raises :class:`RunLockedError`. Deciding and writing
-        happen under an exclusive ``flock`` on ``.lock_guard``, so of several processes racing for
-        the same run exactly one wins, stale lock or not. Taking a lock this process holds is a
-        no-op. Only the master rank takes it.
-        """
-        if not is_master():
-            return
-        self.exp_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.exp_dir / ".lock_guard", "a") as guard:
-            fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
-            holder = read_lock_file(self.exp_dir, "running")
-            if holder is not None and (holder.pid, holder.host) == (os.getpid(), socket.gethostname()):
-                return
-            if holder is not None:
-                if not holder.is_stale():
-                    raise RunLockedError(
-                        f"{self.exp_dir} is already being trained (pid {holder.pid} on {holder.host}); "
-                        f"remove {_lock_path(self.exp_dir, 'running')} if that process is gone"
-                    )
-                logger.warning("Taking over the running lock of dead process %s", holder.pid)
-            self.add_lock_file("running", exists_ok=True)
-        # Temporary files of atomic writes (checkpoints, the link, config.yaml) left by a process
-        # killed mid-write: only the lock holder writes here, so none of them is in use.
-        for folder in (self.exp_dir, self.ckpt_path.parent):
-            for partial in folder.glob(".*.tmp"):
-                partial.unlink(missing_ok=True)
 
     def on_training_start(
         self, state: State, task: TaskT, model: ModelT, optim: Optims, lr_sched: LRScheds

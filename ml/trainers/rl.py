@@ -28,10 +28,11 @@ episode returns and lengths, and the environments' own state through the task's
 plain data. An environment without that hook is reset on resume, and the trainer says so.
 """
 
+import contextlib
 import importlib.util
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,17 +41,16 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ml.core.compose import ConfigError
 from ml.core.config import conf_field
 from ml.core.registry import register_trainer
 from ml.core.state import State
+from ml.errors import ConfigError
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
 from ml.optimizers.fast import FusedAdamStep, use_fast_optimizer
 from ml.tasks.rl import ReinforcementLearningTask
-from ml.trainers.base import BaseTrainer
-from ml.trainers.common import TrainerConfig, check_common_config, check_task, run_session
+from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_trainer_config
 from ml.trainers.parallel import wrap_model
 from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size, mean_over_ranks
 from ml.utils.malloc import tune_malloc
@@ -209,6 +209,25 @@ class _Rollout:
         self.envs.close()
 
 
+def _env_name(envs: Any, task: ReinforcementLearningTask) -> str:
+    """What the environments are, in words: their registered id, else the environment's class."""
+    env = envs.envs[0] if hasattr(envs, "envs") else None
+    spec = getattr(env, "spec", None) if env is not None else None
+    if spec is not None and getattr(spec, "id", None):
+        return str(spec.id)
+    if env is not None:
+        return type(getattr(env, "unwrapped", env)).__name__
+    return f"{type(task).__name__}'s"
+
+
+@dataclass
+class _Session(Session):
+    """An RL session: the environments, and the model as the gradient steps run it."""
+
+    rollout: _Rollout
+    learner: nn.Module  # the model the updates run (DDP-wrapped in a job)
+
+
 class ReinforcementLearningTrainer(
     BaseTrainer[ReinforcementLearningTrainerConfig, BaseModel, ReinforcementLearningTask]
 ):
@@ -218,9 +237,11 @@ class ReinforcementLearningTrainer(
         final_metrics: The latest evaluation metrics (``rl/eval_return``, ``rl/eval_length``).
     """
 
+    task_type = ReinforcementLearningTask
+
     def __init__(self, config: ReinforcementLearningTrainerConfig) -> None:
         super().__init__(config)
-        check_common_config(config)
+        check_trainer_config(config)
         if config.vectorization not in VECTORIZATIONS:
             raise ConfigError(
                 f"trainer.vectorization must be one of {VECTORIZATIONS}, got {config.vectorization!r}"
@@ -257,7 +278,7 @@ class ReinforcementLearningTrainer(
 
     def gather_checkpoint_parts(self, model: BaseModel, optims: Any) -> tuple[Any, Any]:
         """Also gathers every rank's environments (each rank runs its own) for rank 0 to save."""
-        self._rank_rollouts = all_gather_object(self._rollout_state()) if self._distributed else None
+        self._rank_rollouts = all_gather_object(self._rollout_state()) if self.distributed else None
         return super().gather_checkpoint_parts(model, optims)
 
     def update_state_dict(self, state_dict: dict) -> None:
@@ -283,7 +304,7 @@ class ReinforcementLearningTrainer(
 
     def _start_environments(self, rollout: _Rollout, task: ReinforcementLearningTask, state: State) -> None:
         """Fresh run: seeded reset. Resumed run: the saved state, or a reset with new seeds (said once)."""
-        seed, rank, device = task.config.seed, get_rank(), self._device
+        seed, rank, device = task.config.seed, get_rank(), self.device
         saved, self._saved_rl = self._saved_rl, None
         if saved is not None:
             rollout.num_episodes = int(saved.get("num_episodes", 0))
@@ -303,7 +324,7 @@ class ReinforcementLearningTrainer(
             logger.warning(
                 "The checkpoint holds no usable state of the %s environments (%s has no state hook for "
                 "them, they run in subprocess workers, or task.num_envs changed): resuming resets them",
-                task.config.env_id,
+                _env_name(rollout.envs, task),
                 type(task).__name__,
             )
             rollout.reset(env_seeds(seed, rank, rollout.count, stream=1 + state.num_steps), device)
@@ -351,7 +372,7 @@ class ReinforcementLearningTrainer(
         the rollout and becomes tensors once at its end; the model's outputs are stacked then too.
         """
         model.eval()
-        device, count, num_steps = self._device, rollout.count, task.config.num_env_steps
+        device, count, num_steps = self.device, rollout.count, task.config.num_env_steps
         envs, returns, lengths = rollout.envs, rollout.episode_returns, rollout.episode_lengths
         rewards = np.zeros((num_steps, count), dtype=np.float32)
         terminated = np.zeros((num_steps, count), dtype=np.bool_)
@@ -431,7 +452,7 @@ class ReinforcementLearningTrainer(
             if batch_size == size:
                 batches: Any = (dataset,)
             else:
-                order = torch.randperm(size).to(self._device)
+                order = torch.randperm(size).to(self.device)
                 batches = (
                     {key: value[idx] for key, value in dataset.items()} for idx in order.split(batch_size)
                 )
@@ -439,7 +460,7 @@ class ReinforcementLearningTrainer(
                 output = task.run_model(model, batch, state)
                 loss_dict = task.compute_loss(model, batch, state, output)
                 stop = task.should_stop_update()  # e.g. the KL limit: this minibatch is not applied either
-                if self._distributed:  # all ranks stop together, or the next all-reduce would hang
+                if self.distributed:  # all ranks stop together, or the next all-reduce would hang
                     stop = all_max([float(stop)])[0] > 0
                 if stop:
                     return _mean_losses(recorded)
@@ -476,7 +497,7 @@ class ReinforcementLearningTrainer(
         running = np.ones(count, dtype=bool)
         model.eval()
         while running.any():
-            observations = torch.as_tensor(obs, dtype=torch.float32, device=self._device)
+            observations = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
             actions, _ = self._act(task, model, observations, optimal=True)
             obs, rewards, terminated, truncated, _ = envs.step(self._env_actions(task, actions, count))
             returns += rewards * running
@@ -514,7 +535,7 @@ class ReinforcementLearningTrainer(
             obs, _ = env.reset(seed=env_seeds(task.config.seed, get_rank(), 1, stream=2**21)[0])
             done = False
             while not done:
-                observations = torch.as_tensor(obs, dtype=torch.float32, device=self._device)[None]
+                observations = torch.as_tensor(obs, dtype=torch.float32, device=self.device)[None]
                 actions, _ = self._act(task, model, observations, optimal=True)
                 obs, _, terminated, truncated, _ = env.step(self._env_actions(task, actions, 1)[0])
                 done = terminated or truncated
@@ -525,83 +546,81 @@ class ReinforcementLearningTrainer(
         every = self.config.eval_every_n_iterations
         return bool(every) and state.num_steps % every == 0  # type: ignore[operator]
 
-    # -- the loop
+    # -- the session: set-up, loop, finish
 
-    def train(
+    @contextlib.contextmanager
+    def training_context(self) -> Iterator[None]:
+        threads = torch.get_num_threads()
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+    def set_up(
         self,
         model: BaseModel,
         task: ReinforcementLearningTask,
         optimizer: BaseOptimizer,
         lr_scheduler: BaseLRScheduler,
-    ) -> None:
-        """Runs iterations until the task's limits are met or a signal asks it to stop."""
-        check_task(self, task, ReinforcementLearningTask)
+    ) -> _Session:
+        """Threads, model, optimizer, environments; nothing is written to disk.
+
+        A bad environment id or a model that does not fit the environment stops here.
+        """
         if self.config.tune_malloc:
             tune_malloc()
-        threads = torch.get_num_threads()
-        with self.install_signal_handlers():
-            # Set up: threads, model, optimizer, environments. Nothing here writes to disk, so a
-            # bad environment id or a model that does not fit the environment stops the run untouched.
-            if self.config.num_threads is not None:
-                torch.set_num_threads(self.config.num_threads)
-            self.setup_distributed()
-            if self._distributed and self.config.parallel != "ddp":
-                raise ConfigError("the rl trainer supports trainer.parallel=ddp only")
-            model.to(device=self._device, dtype=self._weight_precision)
-            task.to(self._device)
-            # Every rank collects its own experience with the plain model; gradient steps go
-            # through DDP, which averages the gradients over the ranks.
-            learner = wrap_model(model, self._device, "ddp") if self._distributed else model
-            optim = optimizer.get(model)
-            if self.config.fast_optimizer:
-                use_fast_optimizer(optim)
-            lr_sched = lr_scheduler.get(optim)
-            self._task = task
-            rollout = _Rollout(task, self.config.vectorization, task.config.num_envs)
-            self._rollout = rollout
-            try:
-                envs = rollout.envs
-                task.on_environments_ready(envs.single_observation_space, envs.single_action_space)
-                self._check_model_fits(task, model, envs)
-                run_session(
-                    self,
-                    task,
-                    model,
-                    optim,
-                    lr_sched,
-                    seed=task.config.seed,
-                    loop=lambda state: self._loop(state, rollout, task, model, learner, optim, lr_sched),
-                    finish=lambda state: self._finish(state, task, model, optim, lr_sched),
-                )
-            finally:
-                rollout.close()
-                if self._eval_envs is not None:
-                    self._eval_envs.close()
-                torch.set_num_threads(threads)
+        if self.config.num_threads is not None:
+            torch.set_num_threads(self.config.num_threads)
+        self.setup_distributed()
+        if self.distributed and self.config.parallel != "ddp":
+            raise ConfigError("the rl trainer supports trainer.parallel=ddp only")
+        model.to(device=self.device, dtype=self.weight_precision)
+        task.to(self.device)
+        # Every rank collects its own experience with the plain model; gradient steps go
+        # through DDP, which averages the gradients over the ranks.
+        learner = wrap_model(model, self.device, "ddp") if self.distributed else model
+        optim = optimizer.get(model)
+        if self.config.fast_optimizer:
+            use_fast_optimizer(optim)
+        lr_sched = lr_scheduler.get(optim)
+        self._task = task
+        rollout = _Rollout(task, self.config.vectorization, task.config.num_envs)
+        self._rollout = rollout
+        session = _Session(
+            model, task, optim, lr_sched, seed=task.config.seed, rollout=rollout, learner=learner
+        )
+        try:
+            envs = rollout.envs
+            task.on_environments_ready(envs.single_observation_space, envs.single_action_space)
+            self._check_model_fits(task, model, envs)
+        except BaseException:
+            self.close(session)
+            raise
+        return session
+
+    def close(self, s: Session) -> None:
+        if isinstance(s, _Session):
+            s.rollout.close()
+        if self._eval_envs is not None:
+            self._eval_envs.close()
+            self._eval_envs = None
 
     def _check_model_fits(self, task: ReinforcementLearningTask, model: nn.Module, envs: Any) -> None:
         """Acts once (deterministically, drawing no random numbers) on a sample observation."""
         sample = np.stack([envs.single_observation_space.sample() for _ in range(envs.num_envs)])
-        observations = torch.as_tensor(sample, dtype=torch.float32, device=self._device)
+        observations = torch.as_tensor(sample, dtype=torch.float32, device=self.device)
         try:
             actions, _ = self._act(task, model, observations, optimal=True)
         except RuntimeError as e:  # e.g. a layer sized for another observation space
             raise ConfigError(
-                f"model {type(model).__name__} cannot act on {task.config.env_id} observations of shape "
+                f"model {type(model).__name__} cannot act on {_env_name(envs, task)} observations of shape "
                 f"{tuple(observations.shape[1:])}: {str(e).splitlines()[0]}"
             ) from e
         self._env_actions(task, actions, envs.num_envs)
 
-    def _loop(
-        self,
-        state: State,
-        rollout: _Rollout,
-        task: ReinforcementLearningTask,
-        model: BaseModel,
-        learner: nn.Module,
-        optim: Optimizer,
-        lr_sched: SchedulerAdapter,
-    ) -> None:
+    def loop(self, state: State, s: Session) -> None:
+        assert isinstance(s, _Session)
+        task, model, optim, lr_sched, rollout = s.task, s.model, s.optim, s.lr_sched, s.rollout
         self._start_environments(rollout, task, state)
         self._last_eval_step = -1
         # rl/env_steps_per_s counts all the time since this loop started (logging and checkpoints
@@ -613,13 +632,13 @@ class ReinforcementLearningTrainer(
             state.num_samples += rollout.count * task.config.num_env_steps * get_world_size()
             dataset = task.build_rl_dataset(model, trajectory, state)
             lr_sched.step(state)
-            loss_dict = self._update(state, dataset, task, learner, optim)
+            loss_dict = self._update(state, dataset, task, s.learner, optim)
             state.num_steps += 1
             self.on_step_end(state, loss_dict, task, model, optim, lr_sched)
             self._train_time_s = time.perf_counter() - started - eval_time
             self._log_iteration(state, task, loss_dict, finished, lr_sched, state.num_samples - first_samples)
-            self._final_write = self.stop_signal is not None or task.is_training_over(state)
-            self.write_logs(task, model, state)
+            last = self.stop_signal is not None or task.is_training_over(state)
+            self.write_logs(task, model, state, final=last)
             if self._should_evaluate(state):
                 eval_started = time.perf_counter()
                 self.evaluate(task, model, state)
@@ -647,19 +666,11 @@ class ReinforcementLearningTrainer(
         task.logger.log_scalar("env_steps_per_s", samples / max(train_time, 1e-9), namespace="rl")
         self.logger.log_scalar("lr", lr_sched.lr)
 
-    def _finish(
-        self,
-        state: State,
-        task: ReinforcementLearningTask,
-        model: BaseModel,
-        optim: Optimizer,
-        lr_sched: SchedulerAdapter,
-    ) -> None:
+    def finish(self, state: State, s: Session) -> None:
         """The end of a completed run: a last evaluation, then the final checkpoint."""
         if self.config.eval_at_end and self._last_eval_step != state.num_steps:
-            self.evaluate(task, model, state)
-        if self._last_ckpt_step != state.num_steps:
-            self.save_checkpoint(state, task, model, optim, lr_sched)
+            self.evaluate(s.task, s.model, state)
+        super().finish(state, s)
 
 
 register_trainer("rl", ReinforcementLearningTrainerConfig)(ReinforcementLearningTrainer)

@@ -1,10 +1,9 @@
 """Defines :class:`SupervisedLearningTrainer` (``sl``): the supervised training loop.
 
-``train()`` reads top to bottom: set up (device, precision, optimizer, schedule, data), resume,
-loop (step start, forward, loss, backward, clip, schedule, optimizer step, log, validate,
-checkpoint, stop check), then tear down (final checkpoint, validation and test, locks, loggers).
-Errors propagate after the teardown; a signal stops the loop at the next step boundary with a
-checkpoint.
+The session's order is :class:`ml.trainers.base.BaseTrainer`'s; this trainer supplies its set-up
+(device, precision, optimizer, schedule, data), its loop (step start, forward, loss, backward, clip,
+schedule, optimizer step, log, validate, checkpoint, stop check) and its finish (final checkpoint,
+validation and test). A signal stops the loop at the next step boundary with a checkpoint.
 
 Resuming is exact: the checkpoint holds the weights, optimizer, scheduler, gradient scaler, every
 generator's state and where the data order stands (the epoch's seed and the position in it). The
@@ -27,17 +26,16 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from ml.core.compose import ConfigError
 from ml.core.config import conf_field
 from ml.core.registry import register_trainer
 from ml.core.state import Phase, State
+from ml.errors import CheckpointError, ConfigError
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
 from ml.optimizers.fast import FusedAdamStep, use_fast_optimizer
 from ml.tasks.sl import SupervisedLearningTask
-from ml.trainers.base import BaseTrainer
-from ml.trainers.common import TrainerConfig, check_common_config, check_task, run_session
+from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_trainer_config
 from ml.trainers.parallel import (
     full_model_state,
     full_optim_state,
@@ -46,7 +44,7 @@ from ml.trainers.parallel import (
     load_full_optim_state,
     wrap_model,
 )
-from ml.utils.checkpoint import CheckpointError, unwrap_model
+from ml.utils.checkpoint import unwrap_model
 from ml.utils.data import ResumableSampler, SeededDataset, batch_size_of, move_to
 from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size
 from ml.utils.malloc import tune_malloc
@@ -190,7 +188,7 @@ def _with_total(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _check_config(config: SupervisedLearningTrainerConfig) -> None:
-    check_common_config(config)
+    check_trainer_config(config)
     if config.non_finite_loss not in ("stop", "skip"):
         raise ConfigError(f"trainer.non_finite_loss must be 'stop' or 'skip', got {config.non_finite_loss!r}")
     if config.precision not in PRECISIONS:
@@ -205,6 +203,17 @@ def _check_config(config: SupervisedLearningTrainerConfig) -> None:
         raise ConfigError("trainer.precision must be fp32 when use_double_weight_precision is set")
 
 
+@dataclass
+class _Session(Session):
+    """A supervised session: the data, and the model as the loop and the evaluation run it."""
+
+    train_loader: DataLoader
+    valid_loader: DataLoader | None
+    test_loader: DataLoader | None
+    runner: nn.Module  # the model the training steps run: wrapped, compiled
+    evaluator: nn.Module  # the model evaluation runs (never the DDP wrapper)
+
+
 @register_trainer("sl", SupervisedLearningTrainerConfig)
 class SupervisedLearningTrainer(
     BaseTrainer[SupervisedLearningTrainerConfig, BaseModel, SupervisedLearningTask]
@@ -214,6 +223,8 @@ class SupervisedLearningTrainer(
     Attributes:
         final_metrics: The latest validation and test metrics (the final ones once training ends).
     """
+
+    task_type = SupervisedLearningTask
 
     def __init__(self, config: SupervisedLearningTrainerConfig) -> None:
         super().__init__(config)
@@ -228,10 +239,10 @@ class SupervisedLearningTrainer(
         self._dtype = torch.float64 if config.use_double_weight_precision else torch.float32
         self._parts: tuple[nn.Module, list[nn.Module], list[nn.Parameter], bool] | None = None  # _parts_of
         self._fused_step: FusedAdamStep | None = None  # set for each session's loop (see _loop)
-        self.precision = MixedPrecision(config.precision, self._device)
+        self.precision = MixedPrecision(config.precision, self.device)
         self._data_seed = 0
         self._last_valid = (-1, 0.0)  # (step, elapsed seconds) of the last validation
-        self._finished = False  # the run completed, final validation and test included
+        self._resumed_valid_step: int | None = None  # the checkpoint's last validated step
 
     # -- checkpoint extras: the gradient scaler and where the data order stands
 
@@ -245,7 +256,8 @@ class SupervisedLearningTrainer(
         if self.precision.scaler is not None:
             state_dict["grad_scaler"] = self.precision.state_dict()
         state_dict["skipped_steps"] = self.num_skipped_steps
-        if self._finished:
+        state_dict["last_valid_step"] = self._last_valid[0]
+        if self.finished:
             state_dict["final_metrics"] = dict(self.final_metrics)
 
     # -- FSDP: checkpoints hold full (unsharded) weights and optimizer state, gathered by all ranks
@@ -287,8 +299,10 @@ class SupervisedLearningTrainer(
             logger.warning("task.seed changed since the checkpoint: the data order of this epoch changes too")
         self.precision.load_state_dict(state_dict.get("grad_scaler", {}))
         self.num_skipped_steps = int(state_dict.get("skipped_steps", 0))
+        valid_step = state_dict.get("last_valid_step")
+        self._resumed_valid_step = int(valid_step) if valid_step is not None else None
         if "final_metrics" in state_dict:
-            self._finished = True
+            self.finished = True
             self.final_metrics = {k: float(v) for k, v in state_dict["final_metrics"].items()}
 
     # -- data
@@ -311,7 +325,7 @@ class SupervisedLearningTrainer(
                 f"the training data of {type(task).__name__} has no complete batch "
                 f"({len(dataset)} samples, batch_size {cfg.batch_size}, drop_last {cfg.drop_last})"
             )
-        pin = self._device_type == "cuda" if cfg.pin_memory is None else cfg.pin_memory
+        pin = self.device_type == "cuda" if cfg.pin_memory is None else cfg.pin_memory
         seeded = cfg.num_workers > 0  # see ml.utils.data: exact random draws in workers on resume
         sampler = ResumableSampler(
             dataset,
@@ -365,7 +379,7 @@ class SupervisedLearningTrainer(
         Found once per training loop instead of at every step.
         """
         if self._parts is None or self._parts[0] is not model:
-            on_cpu = self._device_type == "cpu"
+            on_cpu = self.device_type == "cpu"
             self._parts = (model, list(model.modules()), list(model.parameters()), on_cpu)
         return self._parts[1:]
 
@@ -409,7 +423,7 @@ class SupervisedLearningTrainer(
         no_sync = None if single else getattr(model, "no_sync", None)
         for i, batch in enumerate(batches):
             weight = 1.0 if single else batch_size_of(batch) / total
-            batch = move_to(batch, self._device, self._dtype)
+            batch = move_to(batch, self.device, self._dtype)
             last = i == len(batches) - 1
             with no_sync() if no_sync is not None and not last else _NO_CONTEXT:
                 loss_dict = self._losses(task, model, batch, state)
@@ -429,7 +443,7 @@ class SupervisedLearningTrainer(
         # those steps and lowers its scale.)
         checked = [step_loss] if self.precision.scaler is not None else [step_loss, grad_norm]
         finite = _all_finite(checked, on_host=on_cpu)
-        if self._distributed:  # all ranks skip or stop together, or their weights would part
+        if self.distributed:  # all ranks skip or stop together, or their weights would part
             finite = all_max([float(not finite)])[0] == 0.0
         if not finite:
             self._non_finite_step(state, step_loss, model, optim)
@@ -459,7 +473,7 @@ class SupervisedLearningTrainer(
             None,
         )
         what = f"loss {loss.item()}" + (f", first non-finite gradient in `{culprit}`" if culprit else "")
-        where = " on at least one rank" if self._distributed else ""
+        where = " on at least one rank" if self.distributed else ""
         message = f"non-finite values at step {step}{where} ({what})"
         if self.config.non_finite_loss == "stop":
             raise NonFiniteLossError(f"{message}; set trainer.non_finite_loss=skip to skip such steps")
@@ -490,7 +504,7 @@ class SupervisedLearningTrainer(
                 task.logger.clear()
                 state.set_phase("train")
                 return None
-            batch = move_to(batch, self._device, self._weight_precision)
+            batch = move_to(batch, self.device, self.weight_precision)
             loss_dict = _with_total(self._losses(task, model, batch, state))
             for name, value in loss_dict.items():
                 task.logger.log_scalar(name, value.detach().float().sum(), namespace=phase)
@@ -502,7 +516,7 @@ class SupervisedLearningTrainer(
                 state.num_valid_steps += 1
             else:
                 state.num_test_steps += 1
-        if self._distributed:  # each rank saw its share of the set: combine the sums
+        if self.distributed:  # each rank saw its share of the set: combine the sums
             parts = all_gather_object((totals, count))
             totals = {name: sum(part[0].get(name, 0.0) for part in parts) for name in parts[0][0]}
             count = sum(part[1] for part in parts)
@@ -517,6 +531,17 @@ class SupervisedLearningTrainer(
         self.final_metrics.update(metrics)
         return metrics
 
+    def _validation_missed(self, state: State) -> bool:
+        """Whether the checkpoint resumed from was saved at a step due for validation, without it.
+
+        A stop signal that lands during a validation abandons it; the checkpoint for the signal
+        holds that step, so the validation is run when the run continues from there.
+        """
+        resumed, self._resumed_valid_step = self._resumed_valid_step, None  # asked once per session
+        every = self._valid_every[0]
+        due = bool(every) and state.num_steps > 0 and state.num_steps % every == 0  # type: ignore[operator]
+        return due and resumed is not None and resumed != state.num_steps
+
     def _should_validate(self, state: State) -> bool:
         (every_n_steps, every_n_seconds), (last_step, last_time) = self._valid_every, self._last_valid
         if last_step == state.num_steps:
@@ -525,94 +550,82 @@ class SupervisedLearningTrainer(
             return True
         return bool(every_n_seconds and state.elapsed_time_s - last_time >= every_n_seconds)
 
-    # -- the loop
+    # -- the session: set-up, loop, finish
 
-    def train(
+    @contextlib.contextmanager
+    def training_context(self) -> Iterator[None]:
+        with _deterministic(self.config.deterministic):
+            yield
+
+    def set_up(
         self,
         model: BaseModel,
         task: SupervisedLearningTask,
         optimizer: BaseOptimizer,
         lr_scheduler: BaseLRScheduler,
-    ) -> None:
-        """Runs the training loop until the task's limits are met or a signal asks it to stop."""
-        check_task(self, task, SupervisedLearningTask)
+    ) -> _Session:
+        """Device and precision, optimizer and schedule, data; nothing is written to disk."""
         if self.config.tune_malloc:
             tune_malloc()
+        self._data_seed = task.config.seed
+        self.setup_distributed()
+        model.to(device=self.device, dtype=self.weight_precision)
+        task.to(self.device)
+        wrapped = wrap_model(model, self.device, self.config.parallel) if self.distributed else model
+        optim = optimizer.get(model)
+        if self.config.fast_optimizer:
+            use_fast_optimizer(optim)
+        lr_sched = lr_scheduler.get(optim)
+        train_loader = self._loader(task, "train")
+        assert train_loader is not None
+        runner = cast(nn.Module, torch.compile(wrapped)) if self.config.compile_model else wrapped
+        # Evaluation runs the model without the DDP wrapper, whose forward may sync buffers
+        # across ranks (a collective that ranks with fewer batches would never join).
+        evaluator: nn.Module = model
+        if self.distributed and self.config.compile_model:
+            evaluator = cast(nn.Module, torch.compile(model))
+        elif not self.distributed:
+            evaluator = runner
+        return _Session(
+            model,
+            task,
+            optim,
+            lr_sched,
+            seed=task.config.seed,
+            train_loader=train_loader,
+            valid_loader=self._loader(task, "valid"),
+            test_loader=self._loader(task, "test"),
+            runner=runner,
+            evaluator=evaluator,
+        )
 
-        with self.install_signal_handlers(), _deterministic(self.config.deterministic):
-            # Set up: device and precision, optimizer and schedule, data. Nothing here
-            # writes to disk, so a task or model that cannot be used stops with the run untouched.
-            self._data_seed = task.config.seed
-            self.setup_distributed()
-            model.to(device=self._device, dtype=self._weight_precision)
-            task.to(self._device)
-            wrapped = wrap_model(model, self._device, self.config.parallel) if self._distributed else model
-            optim = optimizer.get(model)
-            if self.config.fast_optimizer:
-                use_fast_optimizer(optim)
-            lr_sched = lr_scheduler.get(optim)
-            train_loader = self._loader(task, "train")
-            valid_loader = self._loader(task, "valid")
-            test_loader = self._loader(task, "test")
-            assert train_loader is not None
-            runner = cast(nn.Module, torch.compile(wrapped)) if self.config.compile_model else wrapped
-            # Evaluation runs the model without the DDP wrapper, whose forward may sync buffers
-            # across ranks (a collective that ranks with fewer batches would never join).
-            evaluator = model
-            if self._distributed and self.config.compile_model:
-                evaluator = cast(BaseModel, torch.compile(model))
-            elif not self._distributed:
-                evaluator = cast(BaseModel, runner)
+    def close(self, s: Session) -> None:
+        self._parts = None  # the step loop's lists of the model's modules and parameters
+        self._fused_step = None
 
-            # Take the run (lock, resume), loop, finish or stop, tear down: shared with the rl trainer.
-            try:
-                run_session(
-                    self,
-                    task,
-                    model,
-                    optim,
-                    lr_sched,
-                    seed=task.config.seed,
-                    loop=lambda state: self._loop(
-                        state, train_loader, valid_loader, task, model, runner, evaluator, optim, lr_sched
-                    ),
-                    finish=lambda state: self._finish(
-                        state, valid_loader, test_loader, task, model, evaluator, optim, lr_sched
-                    ),
-                )
-            finally:
-                self._parts = None  # the step loop's lists of the model's modules and parameters
-                self._fused_step = None
-
-    def _loop(
-        self,
-        state: State,
-        train_loader: DataLoader,
-        valid_loader: DataLoader | None,
-        task: SupervisedLearningTask,
-        model: BaseModel,
-        runner: nn.Module,
-        evaluator: nn.Module,
-        optim: Optimizer,
-        lr_sched: SchedulerAdapter,
-    ) -> None:
-        if self._finished and task.is_training_over(state):
+    def loop(self, state: State, s: Session) -> None:
+        assert isinstance(s, _Session)
+        task, model, optim, lr_sched = s.task, s.model, s.optim, s.lr_sched
+        if self.finished and task.is_training_over(state):
             logger.info("This run already finished at step %d: nothing to do", state.num_steps)
             return
-        self._finished = False
+        self.finished = False
         self._last_valid = (-1, state.elapsed_time_s)  # the time-based interval restarts here
         # Made after the checkpoint's optimizer state is loaded: it holds on to the state tensors.
         # A gradient scaler steps through torch (it passes its scale to the fused kernel).
         if self.config.fast_optimizer and self.precision.scaler is None:
             self._fused_step = FusedAdamStep(optim)
+        if s.valid_loader is not None and self._validation_missed(state):
+            # A stop signal ended the last session during the validation due at its final step.
+            self.evaluate("valid", s.valid_loader, task, s.evaluator, state)
         throughput = _Throughput(state)
         world_size = get_world_size()
         while not task.is_training_over(state) and self.stop_signal is None:
             if state.num_epoch_samples == 0:
                 self.on_epoch_start(state, task, model, optim, lr_sched)
-            for batches in self._epoch_steps(train_loader, state):
+            for batches in self._epoch_steps(s.train_loader, state):
                 self.on_step_start(state, task, model, optim, lr_sched)
-                loss_dict = self._train_step(state, batches, task, runner, optim, lr_sched)
+                loss_dict = self._train_step(state, batches, task, s.runner, optim, lr_sched)
                 # Every rank's step covers as many samples (see ResumableSampler): count them all.
                 samples = sum(map(batch_size_of, batches)) * world_size
                 state.num_steps += 1
@@ -623,40 +636,31 @@ class SupervisedLearningTrainer(
                 self.logger.log_scalar("epoch", state.num_epochs)
                 self.logger.log_scalar("samples_per_s", throughput.samples_per_s)
                 self.logger.log_scalar("steps_per_s", throughput.steps_per_s)
-                self._final_write = self.stop_signal is not None or task.is_training_over(state)
-                self.write_logs(task, model, state)
-                if valid_loader is not None and self._should_validate(state):
-                    self.evaluate("valid", valid_loader, task, evaluator, state)
+                last = self.stop_signal is not None or task.is_training_over(state)
+                self.write_logs(task, model, state, final=last)
+                if s.valid_loader is not None and self._should_validate(state):
+                    self.evaluate("valid", s.valid_loader, task, s.evaluator, state)
                 if self.should_checkpoint(state):
                     self.save_checkpoint(state, task, model, optim, lr_sched)
                 if task.is_training_over(state) or self.stop_signal is not None:
                     return
             self.on_epoch_end(state, task, model, optim, lr_sched)
 
-    def _finish(
-        self,
-        state: State,
-        valid_loader: DataLoader | None,
-        test_loader: DataLoader | None,
-        task: SupervisedLearningTask,
-        model: BaseModel,
-        evaluator: nn.Module,
-        optim: Optimizer,
-        lr_sched: SchedulerAdapter,
-    ) -> None:
+    def finish(self, state: State, s: Session) -> None:
         """The end of a completed run: final checkpoint, last validation, test pass.
 
         The checkpoint is saved again afterwards with the final metrics, which marks the run as
         finished: continuing it with the same limits then has nothing to redo.
         """
-        if self._finished:  # resumed from a finished run: nothing was trained, nothing to finish
+        assert isinstance(s, _Session)
+        if self.finished:  # resumed from a finished run: nothing was trained, nothing to finish
             return
-        if self._last_ckpt_step != state.num_steps:
-            self.save_checkpoint(state, task, model, optim, lr_sched)
-        if valid_loader is not None and self.config.valid_at_end and self._last_valid[0] != state.num_steps:
-            self.evaluate("valid", valid_loader, task, evaluator, state)
-        if test_loader is not None and self.config.test_at_end:
-            self.evaluate("test", test_loader, task, evaluator, state)
+        if not self.checkpoint_is_current(state):
+            self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)
+        if s.valid_loader is not None and self.config.valid_at_end and self._last_valid[0] != state.num_steps:
+            self.evaluate("valid", s.valid_loader, s.task, s.evaluator, state)
+        if s.test_loader is not None and self.config.test_at_end:
+            self.evaluate("test", s.test_loader, s.task, s.evaluator, state)
         if self.stop_signal is None:
-            self._finished = True
-            self.save_checkpoint(state, task, model, optim, lr_sched)
+            self.finished = True
+            self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)

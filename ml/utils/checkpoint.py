@@ -17,16 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ml.errors import CheckpointError, UnsafeCheckpointError
+
 _PLAIN = (torch.Tensor, int, float, str, bool, bytes, type(None), torch.Size, torch.dtype, torch.device)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, foreign or does not fit the objects it is loaded into."""
-
-
-class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
-    """A checkpoint holds pickled objects that would run code when loaded; it was not loaded."""
 
 
 def read_checkpoint(path: str | Path, device: str | torch.device | None = None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 from ml.core.compose import ConfigError
 from ml.launchers.slurm import SlurmLauncherConfig, sbatch_options, sbatch_script
 from ml.launchers.torchrun import TorchrunLauncherConfig, torchrun_command
+from ml.run.layout import RunDir
 
 
 def test_torchrun_on_one_node_is_standalone() -> None:
@@ -61,7 +62,7 @@ def test_sbatch_options() -> None:
     config = _config(
         job_name="exp", partition="gpu", nodes=2, tasks_per_node=4, gpus_per_node=4, time="1:00:00"
     )
-    options = sbatch_options(config, Path("/runs/exp/run_0"))
+    options = sbatch_options(config, RunDir(Path("/runs/exp/run_0")))
     for option in [
         "--job-name=exp",
         "--partition=gpu",
@@ -76,11 +77,15 @@ def test_sbatch_options() -> None:
         "--output=/runs/exp/run_0/logs/slurm_%j.out",
     ]:
         assert option in options
+    # The job's output goes to the run's own log folder (trainer.log_dir_name), like its other logs.
+    options = sbatch_options(config, RunDir(Path("/runs/exp/run_0"), "journal"))
+    assert "--output=/runs/exp/run_0/journal/slurm_%j.out" in options
 
 
 def test_sbatch_script_quotes_every_value(tmp_path: Path) -> None:
     exp_dir = tmp_path / "it's a run" / "run_0"
-    script = sbatch_script(_config(job_name=HOSTILE, extra_args=["--comment=" + HOSTILE]), exp_dir, tmp_path)
+    config = _config(job_name=HOSTILE, extra_args=["--comment=" + HOSTILE])
+    script = sbatch_script(config, RunDir(exp_dir), tmp_path)
     directives = [shlex.split(line)[1] for line in script.splitlines() if line.startswith("#SBATCH")]
     assert f"--job-name={HOSTILE}" in directives and f"--comment={HOSTILE}" in directives
     (srun,) = [line for line in script.splitlines() if line.startswith("srun ")]
@@ -102,4 +107,4 @@ def test_sbatch_script_quotes_every_value(tmp_path: Path) -> None:
 )
 def test_sbatch_bad_settings(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        sbatch_options(_config(**kwargs), Path("/runs/x"))
+        sbatch_options(_config(**kwargs), RunDir(Path("/runs/x")))

@@ -35,8 +35,8 @@ from omegaconf import OmegaConf
 import ml
 from ml.cli import main as ml_main
 from ml.core.config import conf_field
-from ml.export import ModelFileError
 from ml.models.base import BaseModel, BaseModelConfig
+from ml.models.export import ModelFileError
 
 _SCRIPT = Path(sys.executable).parent / "ml"
 ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.cli"]
@@ -257,7 +257,7 @@ class TiedModel(BaseModel[TiedConfig]):
 
 
 def test_tied_weights_views_and_wrapper_prefixes_export_and_load(tmp_path: Path) -> None:
-    from ml.export import export_weights
+    from ml.models.export import export_weights
 
     torch.manual_seed(0)
     model = TiedModel(TiedConfig(name=f"{__name__}:TiedModel")).eval()

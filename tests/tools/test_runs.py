@@ -602,13 +602,6 @@ def _failing_task(error: Exception, after_steps: int = 3) -> type:
     return FailingTask
 
 
-def test_the_status_file_name_agrees_with_the_trainer() -> None:
-    from ml.tools import experiments
-    from ml.trainers import common
-
-    assert common._STATUS_FILE == experiments.STATUS_FILE
-
-
 def test_a_failure_is_marked_after_the_teardown(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="disk on fire"):
         _train_tiny(tmp_path, _failing_task(RuntimeError("disk on fire\nsecond line")))
@@ -622,12 +615,12 @@ def test_a_failure_is_marked_after_the_teardown(tmp_path: Path) -> None:
 def test_a_marker_that_cannot_be_written_hides_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import ml.utils.atomic
+    import ml.run.status
 
     def refuse(path: object, text: str) -> None:
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(ml.utils.atomic, "atomic_write_text", refuse)
+    monkeypatch.setattr(ml.run.status, "atomic_write_text", refuse)
     with pytest.raises(ValueError, match="the original error"):
         _train_tiny(tmp_path, _failing_task(ValueError("the original error")))
     assert not (tmp_path / "status.json").exists() and not (tmp_path / ".lock_running").exists()

@@ -595,14 +595,14 @@ def test_hooks_forward_to_the_task_and_keep_counters(tmp_path: Path) -> None:
 
 def test_double_weight_precision(tmp_path: Path) -> None:
     trainer, *_ = make_parts(tmp_path)
-    assert trainer._weight_precision == torch.float32
+    assert trainer.weight_precision == torch.float32
     config = OmegaConf.merge(
         OmegaConf.structured(BaseTrainerConfig),
         {"name": "t", "exp_dir": str(tmp_path), "use_double_weight_precision": True},
     )
     trainer = type(trainer)(config)  # type: ignore[arg-type]
-    assert trainer._weight_precision == torch.float64
-    assert trainer._device_type in ("cpu", "cuda", "mps")
+    assert trainer.weight_precision == torch.float64
+    assert trainer.device_type in ("cpu", "cuda", "mps")
 
 
 def test_config_changes_within_one_second_keep_every_old_config(tmp_path: Path) -> None:

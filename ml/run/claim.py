@@ -1,0 +1,150 @@
+"""Defines how a new run folder is claimed, and given back when the run never began.
+
+``run_<N>`` is claimed with an atomic ``mkdir`` (one past the highest existing number), so two runs
+started at the same moment never share a folder. A command that claimed a folder and then stops on
+bad input gives it back (with the empty parents the claim created), so nothing is left on disk.
+"""
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ml.errors import ConfigError, RunDirNotSetError, UserError
+from ml.run.layout import RUN_NAME, RunDir
+from ml.utils.ranks import dist_env
+
+RUN_DIR_ENV = "RUN_DIR"
+
+
+def check_folder_name(value: str, key: str) -> str:
+    """``value`` when it is a plain folder name (no path, not ``.`` or ``..``); else ConfigError.
+
+    Every name the config gives to a folder of the run goes through here, so that no config can
+    write outside the run's folder.
+    """
+    name = str(value)
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError(f"{key} must be a plain folder name, got {name!r}")
+    return name
+
+
+def get_empty_exp_dir(run_dir: Path) -> Path:
+    """Claims the next ``run_<N>`` under ``run_dir`` (one past the highest) with an atomic ``mkdir``.
+
+    Args:
+        run_dir: The experiment's folder (created if missing).
+
+    Returns:
+        The new, empty run folder.
+    """
+    run_dir = Path(run_dir).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    taken = [int(m.group(1)) for p in run_dir.glob("run_*") if (m := RUN_NAME.fullmatch(p.name))]
+    run_id = max(taken, default=-1) + 1
+    while True:
+        exp_dir = (run_dir / f"run_{run_id}").resolve()
+        try:
+            exp_dir.mkdir()
+        except FileExistsError:
+            run_id += 1
+            continue
+        return exp_dir
+
+
+def new_exp_dir(exp_name: str) -> Path:
+    """Claims a new run folder of experiment ``exp_name`` under ``$RUN_DIR``.
+
+    Raises:
+        ConfigError: ``exp_name`` is not a plain folder name.
+        RunDirNotSetError: ``RUN_DIR`` is not set.
+    """
+    name = check_folder_name(exp_name, "trainer.exp_name")
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if not run_dir:
+        raise RunDirNotSetError(
+            "Set the RUN_DIR environment variable (the folder experiments go in) or trainer.exp_dir"
+        )
+    return get_empty_exp_dir(Path(run_dir).expanduser() / name)
+
+
+def default_run_dir() -> None:
+    """The command line's default: ``./runs`` when ``RUN_DIR`` is unset (said once, on rank 0)."""
+    if not os.environ.get(RUN_DIR_ENV):
+        os.environ[RUN_DIR_ENV] = str(Path("runs").resolve())
+        if dist_env().rank == 0:
+            print(f"ml: RUN_DIR is not set; using {os.environ[RUN_DIR_ENV]}", file=sys.stderr)
+
+
+def claim_run_dir(trainer_config: Any) -> tuple[Path, Callable[[], None]]:
+    """Sets ``trainer_config.exp_dir``, claiming a new run folder when it is unset.
+
+    The trainer config's own ``resolve`` (the spec's :meth:`BaseTrainerConfig.resolve`) claims it.
+
+    Returns:
+        The run folder, and a function that gives back a folder this call claimed (with the empty
+        parents the claim created); for a folder given in the config it does nothing.
+
+    Raises:
+        UserError: The folder cannot be claimed (a bad ``exp_name``, no ``RUN_DIR``).
+    """
+    from omegaconf import OmegaConf
+
+    default_run_dir()
+    claimed = OmegaConf.is_missing(trainer_config, "exp_dir")
+    created_from = None
+    if claimed:
+        experiment = Path(os.environ[RUN_DIR_ENV]).expanduser().resolve() / str(trainer_config.exp_name)
+        created_from = _first_missing(experiment)
+    try:
+        OmegaConf.get_type(trainer_config).resolve(trainer_config)  # type: ignore[union-attr]
+    except UserError:
+        raise
+    except (ValueError, KeyError) as e:  # a trainer config's own resolve
+        raise ConfigError(_first_line(e)) from e
+    exp_dir = Path(str(trainer_config.exp_dir))
+
+    def release() -> None:
+        if claimed:
+            remove_claimed(exp_dir, created_from)
+
+    return exp_dir, release
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet."""
+    first = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        first = folder
+    return first
+
+
+def remove_claimed(exp_dir: Path, created_from: Path | None) -> None:
+    """Removes a run folder a command claimed, and the empty parents the claim created."""
+    import shutil
+
+    shutil.rmtree(exp_dir, ignore_errors=True)
+    if created_from is None:
+        return
+    for folder in exp_dir.parents:
+        if not folder.is_relative_to(created_from):
+            break
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another run), or already gone
+            break
+
+
+def has_results(run: RunDir) -> bool:
+    """Whether a run folder holds anything worth keeping: a checkpoint or a non-empty log."""
+    return any(run.checkpoints.glob("ckpt.*")) or any(
+        p.is_file() and p.stat().st_size > 0 for p in run.logs.rglob("*")
+    )

@@ -1,0 +1,192 @@
+"""Defines where everything of one run lies: :class:`RunDir`, run numbers, and finding runs.
+
+::
+
+    $RUN_DIR/<exp_name>/run_<N>/
+      config.yaml                      the fully resolved config
+      config_changes.log               changes allowed with --allow-config-change
+      status.json                      how the last session ended (ml.run.status)
+      .lock_running .lock_scheduled .lock_ckpt .lock_guard
+      sbatch.sh                        a Slurm launch's batch script
+      checkpoints/ckpt.<num_steps>.pt  one file per save
+      checkpoints/ckpt.pt              a relative link to the newest
+      <log_dir_name>/                  stdout log, metrics.jsonl, tensorboard/ (default: logs/)
+
+A run folder is normally named ``run_<N>``; one given as ``trainer.exp_dir`` may have any name, and
+is recognised by what it holds (a config and checkpoints or logs).
+"""
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+LockType = Literal["running", "scheduled", "ckpt"]
+LOCK_TYPES: tuple[LockType, ...] = get_args(LockType)
+
+CONFIG_FILE = "config.yaml"
+STATUS_FILE = "status.json"
+CONFIG_CHANGES_FILE = "config_changes.log"
+SBATCH_FILE = "sbatch.sh"
+CHECKPOINT_DIR = "checkpoints"
+LINK_NAME = "ckpt.pt"
+DEFAULT_LOG_DIR = "logs"
+METRICS_FILE = "metrics.jsonl"
+
+RUN_NAME = re.compile(r"run_(\d+)")
+NUMBERED_CHECKPOINT = re.compile(r"ckpt\.(\d+)\.pt")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one run folder (paths only: nothing is read or created here).
+
+    Args:
+        path: The run folder.
+        log_dir_name: The log folder's name inside it (``trainer.log_dir_name``).
+    """
+
+    path: Path
+    log_dir_name: str = DEFAULT_LOG_DIR
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @classmethod
+    def of(cls, path: Path) -> "RunDir":
+        """An existing run folder, with the log folder its ``config.yaml`` names (``logs`` if none)."""
+        import yaml
+
+        try:
+            config = yaml.safe_load((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
+            name = config["trainer"]["log_dir_name"]
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError):
+            name = DEFAULT_LOG_DIR
+        plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+        return cls(Path(path), name if plain else DEFAULT_LOG_DIR)
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def config_changes(self) -> Path:
+        return self.path / CONFIG_CHANGES_FILE
+
+    @property
+    def status(self) -> Path:
+        return self.path / STATUS_FILE
+
+    @property
+    def sbatch_script(self) -> Path:
+        return self.path / SBATCH_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINT_DIR
+
+    @property
+    def link(self) -> Path:
+        """``checkpoints/ckpt.pt``: the link to the newest checkpoint."""
+        return self.checkpoints / LINK_NAME
+
+    def checkpoint(self, step: int) -> Path:
+        """``checkpoints/ckpt.<step>.pt``."""
+        return self.checkpoints / f"ckpt.{step}.pt"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / self.log_dir_name
+
+    @property
+    def metrics(self) -> Path:
+        """``metrics.jsonl`` in the log folder, else in another folder of the run (an older
+        ``trainer.log_dir_name``); the default path when there is none yet."""
+        default = self.logs / METRICS_FILE
+        if default.is_file():
+            return default
+        return next(iter(sorted(self.path.glob(f"*/{METRICS_FILE}"))), default)
+
+    def lock(self, lock_type: LockType) -> Path:
+        """``.lock_<lock_type>``."""
+        if lock_type not in LOCK_TYPES:
+            raise ValueError(f"lock_type must be one of {LOCK_TYPES}, got {lock_type!r}")
+        return self.path / f".lock_{lock_type}"
+
+    @property
+    def lock_guard(self) -> Path:
+        """The file whose ``flock`` serialises taking the ``running`` lock."""
+        return self.path / ".lock_guard"
+
+    @property
+    def number(self) -> int:
+        return run_number(self.path)
+
+
+def run_number(run: Path) -> int:
+    """N of a ``run_<N>`` folder; -1 for any other name."""
+    match = RUN_NAME.fullmatch(Path(run).name)
+    return int(match.group(1)) if match else -1
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a ``ckpt.<step>.pt`` file; None for any other name."""
+    match = NUMBERED_CHECKPOINT.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def _subdirs(folder: Path) -> Iterator[Path]:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if not entry.name.startswith(".") and entry.is_dir():
+                yield Path(entry.path)
+        except OSError:
+            continue
+
+
+def is_run(folder: Path) -> bool:
+    """Whether ``folder`` is one run's folder.
+
+    ``run_<N>`` with no ``run_<M>`` inside (that would be an experiment named like a run), or any
+    folder holding a run's config beside its checkpoints or logs (``trainer.exp_dir=...``).
+    """
+    folder = Path(folder)
+    if RUN_NAME.fullmatch(folder.name):
+        return not any(RUN_NAME.fullmatch(child.name) for child in _subdirs(folder))
+    run = RunDir(folder)
+    return run.config.is_file() and (
+        run.checkpoints.is_dir() or run.logs.is_dir() or run.lock("running").exists() or run.status.exists()
+    )
+
+
+def find_runs(path: Path) -> list[tuple[str, Path]]:
+    """The ``(exp_name, run folder)`` pairs under ``path``, by name then run number.
+
+    ``path`` is a run dir (``<exp_name>/run_<N>`` inside), one experiment's folder (``run_<N>``
+    inside) or one run folder (any name, see :func:`is_run`).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        NotADirectoryError: ``path`` is not a folder.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(path)
+    if not path.is_dir():
+        raise NotADirectoryError(path)
+    path = path.resolve()
+    if is_run(path):
+        return [(path.parent.name if RUN_NAME.fullmatch(path.name) else path.name, path)]
+    children = sorted(_subdirs(path))
+    runs = [(path.name, child) for child in children if RUN_NAME.fullmatch(child.name) and is_run(child)]
+    if not runs:
+        runs = [(child.name, run) for child in children for run in _subdirs(child) if is_run(run)]
+    if not runs:  # folders given as trainer.exp_dir, side by side
+        runs = [(child.name, child) for child in children if is_run(child)]
+    return sorted(runs, key=lambda pair: (pair[0], run_number(pair[1])))
