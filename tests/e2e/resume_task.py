@@ -7,8 +7,17 @@ carries the indices of its samples; :class:`IndexedTask` appends one line per ba
 the run there, and compare the sample order of an interrupted run with an uninterrupted one.
 ``task.step_sleep_s`` slows each batch down so that a test can interrupt mid-run, and
 ``task.ballast_mb`` makes each checkpoint large, so that saving takes long enough to be killed in.
+
+A signal can be made to land at an exact moment: ``task.signal_name`` is sent to the process itself
+during the first batch of ``task.signal_phase`` (``valid``, ``test``, ``train``) at step
+``task.signal_step``, or with ``signal_phase: end`` in the task's ``on_training_end`` hook (the
+teardown), or with ``signal_phase: exit`` as the interpreter exits. With ``task.signal_marker`` the
+signal is sent once: only while that file does not exist (it is created then).
 """
 
+import atexit
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +45,10 @@ class IndexedTaskConfig(SupervisedLearningTaskConfig):
     step_sleep_s: float = conf_field(0.0, help="Sleep this long in each training batch's loss")
     ballast_mb: float = conf_field(0.0, help="A buffer of this many MiB in the task, to slow saving")
     augment_noise: float = conf_field(0.1, help="Gaussian noise added to training features on loading")
+    signal_name: str = conf_field("SIGINT", help="The signal sent at signal_phase")
+    signal_phase: str | None = conf_field(None, help="valid, test, train, end (teardown) or exit")
+    signal_step: int = conf_field(0, help="The step (state.num_steps) at which to send it")
+    signal_marker: str | None = conf_field(None, help="Send it only while this file does not exist")
 
 
 class NoisyDataset(Dataset):
@@ -68,8 +81,29 @@ class IndexedTask(SupervisedLearningTask[IndexedTaskConfig]):
         data = TensorDataset(features, labels, torch.arange(size))
         return NoisyDataset(data, self.config.augment_noise) if phase == "train" else data
 
+    def _signal(self) -> None:
+        marker = self.config.signal_marker
+        if marker is not None:
+            if Path(marker).exists():
+                return
+            Path(marker).touch()
+        os.kill(os.getpid(), signal.Signals[self.config.signal_name])
+        time.sleep(0.05)  # delivered here, in the middle of what it interrupts
+
+    def on_training_start(self, state: State, model: Any, optim: Any, lr_sched: Any) -> None:
+        super().on_training_start(state, model, optim, lr_sched)
+        if self.config.signal_phase == "exit":
+            atexit.register(self._signal)
+
+    def on_training_end(self, state: State, model: Any, optim: Any, lr_sched: Any) -> None:
+        super().on_training_end(state, model, optim, lr_sched)
+        if self.config.signal_phase == "end":
+            self._signal()
+
     def compute_loss(self, model: nn.Module, batch: Any, state: State, output: torch.Tensor) -> torch.Tensor:
         _, labels, indices = batch
+        if state.phase == self.config.signal_phase and state.num_steps == self.config.signal_step:
+            self._signal()
         if state.training:
             if self.config.indices_file is not None:
                 line = f"{state.num_steps + 1} {','.join(map(str, indices.tolist()))}\n"
