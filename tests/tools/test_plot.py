@@ -235,3 +235,21 @@ def test_bad_input_is_one_line_and_writes_nothing(
         assert out.read_bytes() == b"keep me"
     if case == "unknown_metric":
         assert "train/loss" in result.stderr.split("available: ")[1]
+
+
+def test_an_rl_run_plots_its_episode_returns_by_default() -> None:
+    """Not the first metric it happens to log (its PPO diagnostics come first)."""
+    logged = [
+        "rl/approx_kl",
+        "rl/clip_fraction",
+        "rl/entropy",
+        "rl/episode_return",
+        "rl/eval_return",
+        "trainer/lr",
+    ]
+    assert plot.default_metrics(logged) == ["rl/episode_return", "rl/eval_return"]
+    assert plot.default_metrics(["rl/approx_kl", "rl/episode_return"]) == ["rl/episode_return"]
+    assert plot.default_metrics(["train/loss", "valid/loss", "rl/episode_return"]) == [
+        "train/loss",
+        "valid/loss",
+    ]

@@ -99,3 +99,52 @@ def test_clip_grad_norm_clips_as_torch_does() -> None:
         torch.nn.utils.clip_grad_norm_(expected, 0.5)
         for p, q in zip(params, expected, strict=True):
             torch.testing.assert_close(p.grad, q.grad)
+
+
+class Corridor(gymnasium.Env):
+    """A user's own environment (not registered with gymnasium): walk right to the end."""
+
+    observation_space = gymnasium.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)
+    action_space = gymnasium.spaces.Discrete(2)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        return np.zeros(4, dtype=np.float32), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        return np.zeros(4, dtype=np.float32), 1.0, bool(action), False, {}
+
+
+class CorridorTask(ClassicControlTask):
+    def get_environment(self, render_mode: str | None = None) -> gymnasium.Env:
+        return Corridor()
+
+    def get_env_state(self, envs: object) -> None:
+        return None  # no state hook for it: resuming resets the environments
+
+
+def test_the_resume_warning_names_the_user_s_own_environment(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not the task's default env_id (CartPole-v1), which this task never makes."""
+    task = CorridorTask(PPOTaskConfig(name="corridor", num_envs=2))
+    trainer_config = OmegaConf.merge(
+        OmegaConf.structured(ReinforcementLearningTrainerConfig), {"name": "rl", "exp_dir": str(tmp_path)}
+    )
+    trainer = ReinforcementLearningTrainer(trainer_config)  # type: ignore[arg-type]
+    rollout = _Rollout(task, "sync", 2)
+    try:
+        saved = {
+            "env_state": None,
+            "observations": torch.zeros(2, 4),
+            "num_episodes": 3,
+            "episode_returns": torch.zeros(2),
+            "episode_lengths": torch.zeros(2),
+        }
+        trainer._saved_rl = saved
+        trainer._start_environments(rollout, task, State(num_steps=5))
+    finally:
+        rollout.close()
+    assert "usable state of the Corridor environments" in caplog.text
+    assert "CartPole" not in caplog.text
+    assert task.config.env_id == "CartPole-v1"  # the default the old warning named
