@@ -42,3 +42,16 @@ def test_the_python_api_example_trains(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "runs" / "my" / "run_0" / "checkpoints" / "ckpt.200.pt").is_file()
+
+
+def test_every_file_the_readme_links_to_is_in_the_repository() -> None:
+    """A clone has what the README points at: no link leaves the repository (``../shared/...``)."""
+    text = README.read_text()
+    links = re.findall(r"\]\(([^)#]+)\)", text)
+    paths = re.findall(r"`((?:\.\./|docs/|ml/|bench/|tests/)[\w./-]+\.(?:md|py|yaml))`", text)
+    assert links, "the README links to its design document"
+    for target in [*links, *paths]:
+        if "://" in target:
+            continue
+        assert not target.startswith("../"), f"{target} is outside the repository"
+        assert (README.parent / target).is_file(), f"the README names {target}, which a clone does not have"
