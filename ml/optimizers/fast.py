@@ -1,17 +1,58 @@
 """Faster optimizer steps: torch's fused Adam kernels, and a direct call of them on the CPU.
 
-Both trainers use them unless ``trainer.fast_optimizer=false``. On one CPU thread, the fused Adam
-makes a 64-256-256-10 MLP's whole training step ~1.27x as fast as torch's default (``foreach``)
-Adam, and a 64-1024-1024-1024-10 one's ~2x (one pass over each parameter's state instead of a dozen,
-with no temporaries to allocate); :class:`FusedAdamStep` takes torch's per-call bookkeeping off too.
-The update is the same arithmetic in a different order, so its results differ from the ``foreach``
-step's in the last bits of float32, not more.
+Both trainers use them unless ``trainer.fast_optimizer=false``. The update is the same arithmetic
+in a different order, so its results differ from torch's other Adam steps in the last bits of
+float32, not more. Measured with ``python bench/fast_paths.py adam`` (a whole training step, batch
+64, one CPU thread, glibc's malloc untuned; medians of 5 alternating rounds in one process; two runs
+on a shared 2-core machine, so the ranges are mostly its noise), against torch's default Adam on the
+CPU (its per-tensor loop; its multi-tensor ``foreach=True`` one is 1.04-1.23x and 1.06-1.10x):
+
+* the fused kernel through torch's ``step`` (:func:`use_fast_optimizer`): a 64-256-256-10 MLP's
+  whole step 1.27-1.52x as fast, a 64-1024-1024-1024-10 one's 1.58-1.64x (one pass over each
+  parameter's state instead of a dozen, with no temporaries to allocate; measured apart, after
+  ``tune_malloc()``, which makes those temporaries cheap, the big one's gain over ``foreach=True``
+  was ~1.2x instead of ~1.5x);
+* the kernel called directly (:class:`FusedAdamStep`): 1.40-1.47x and 1.55-1.62x: torch's per-call
+  bookkeeping off too, worth ~5% of the tiny MLP's step (within the noise of one run), none of the
+  big one's.
+
+This module is the one owner of the private torch names those paths use: ``torch._fused_adam_``,
+``torch._fused_adamw_`` and ``torch._foreach_add_`` (the kernels), the optimizer's
+``_optimizer_step_pre_hooks``/``_optimizer_step_post_hooks`` and ``torch.optim.optimizer``'s
+``_global_optimizer_pre_hooks``/``_global_optimizer_post_hooks`` (whether a step hook would be
+skipped), and ``torch.utils._foreach_utils._get_fused_kernels_supported_devices``. Where one is
+missing or behaves otherwise (the direct call is checked once per process against Adam's arithmetic
+on two small tensors), the optimizer steps through torch's public ``optim.step()`` instead, after a
+warning logged once: without the fused kernel if that is what is missing (the multi-tensor step, or
+torch's per-tensor loop if ``torch._foreach_add_`` is gone too), else with it through torch.
 """
 
+import logging
+import math
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
+
+logger = logging.getLogger(__name__)
+
+_KERNELS = ("_fused_adam_", "_fused_adamw_", "_foreach_add_")  # torch's fused Adam step calls these
+_direct_ok: bool | None = None  # whether the direct call works as Adam should; checked on first use
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def _missing_kernels() -> list[str]:
+    """The kernels this torch lacks, after a warning (the first time) if it lacks any."""
+    missing = [f"torch.{name}" for name in _KERNELS if not hasattr(torch, name)]
+    if missing:
+        _warn_once(f"Adam steps through torch without the fused kernel (slower): no {', '.join(missing)}")
+    return missing
 
 
 def _fused_devices() -> tuple[str, ...]:
@@ -20,7 +61,7 @@ def _fused_devices() -> tuple[str, ...]:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
         return tuple(_get_fused_kernels_supported_devices())
-    except ImportError:  # a torch without the helper
+    except (ImportError, AttributeError, TypeError):  # a torch without the helper, or another one
         return ("cpu", "cuda")
 
 
@@ -31,18 +72,140 @@ def use_fast_optimizer(optim: Optimizer) -> None:
     group instead of a dozen small operations per tensor saves a large share of each gradient step.
     Adam and AdamW get the fused kernel where every parameter of the group is a plain float32 or
     float64 parameter on a device that has it; other optimizers (and other groups) get ``foreach``.
-    Call it before the first step: it changes how the optimizer steps, not its state.
+    In a torch without the kernels (see the module docstring) Adam gets ``foreach`` too, and without
+    ``torch._foreach_add_`` the groups are left as they are. Call it before the first step: it
+    changes how the optimizer steps, not its state.
     """
     devices = _fused_devices()
+    adam = isinstance(optim, (torch.optim.Adam, torch.optim.AdamW))
     for group in optim.param_groups:
         floats = all(p.dtype in (torch.float32, torch.float64) for p in group["params"])
         fusable = floats and all(
             type(p) is torch.nn.Parameter and p.device.type in devices for p in group["params"]
         )  # not DTensors (FSDP), not a device without the kernels
-        if "fused" in group and fusable and isinstance(optim, (torch.optim.Adam, torch.optim.AdamW)):
+        if "fused" in group and fusable and adam and not _missing_kernels():
             group["fused"], group["foreach"] = True, False
-        elif "foreach" in group:
+        elif "foreach" in group and hasattr(torch, "_foreach_add_"):
             group["foreach"] = True
+
+
+def _step_hooks(optim: Optimizer) -> tuple[Any, ...] | None:
+    """The optimizer's and the global step hooks (dicts), or None where this torch keeps them elsewhere."""
+    from torch.optim import optimizer as torch_optimizer
+
+    try:
+        hooks = (
+            optim._optimizer_step_pre_hooks,
+            optim._optimizer_step_post_hooks,
+            torch_optimizer._global_optimizer_pre_hooks,
+            torch_optimizer._global_optimizer_post_hooks,
+        )
+    except AttributeError:
+        return None
+    return hooks if all(isinstance(h, dict) for h in hooks) else None
+
+
+def _fused_update(
+    decoupled: bool,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    group: dict[str, Any],
+) -> None:
+    """One Adam (``decoupled``: AdamW) update of a group's tensors, as torch's fused step makes it.
+
+    Raises what the kernels raise, with the step counts as they were.
+    """
+    beta1, beta2 = group["betas"]
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    torch._foreach_add_(steps, 1)
+    try:
+        kernel(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            amsgrad=False,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
+    except Exception:
+        for step in steps:
+            step.sub_(1)
+        raise
+
+
+def _direct_call_works() -> bool:
+    """Whether :func:`_fused_update` does Adam's and AdamW's arithmetic here (checked once per process)."""
+    global _direct_ok
+    if _direct_ok is None:
+        _direct_ok = _check_direct_call()
+    return _direct_ok
+
+
+def _check_direct_call() -> bool:
+    if _missing_kernels():
+        return False
+    group: dict[str, Any] = {"lr": 0.1, "betas": (0.9, 0.99), "weight_decay": 0.1, "eps": 1e-3}
+    start, grads = [1.0, -2.0], [[0.5, 1.0], [-0.25, 2.0]]
+    try:
+        for decoupled in (False, True):
+            param, step = torch.tensor(start, dtype=torch.float32), torch.tensor(0.0, dtype=torch.float32)
+            exp_avg, exp_avg_sq = torch.zeros(2, dtype=torch.float32), torch.zeros(2, dtype=torch.float32)
+            for grad in grads:
+                _fused_update(
+                    decoupled,
+                    [param],
+                    [torch.tensor(grad, dtype=torch.float32)],
+                    [exp_avg],
+                    [exp_avg_sq],
+                    [step],
+                    group,
+                )
+            want = [
+                _adam_reference(x, [g[i] for g in grads], decoupled, **group) for i, x in enumerate(start)
+            ]
+            if step.item() != 2.0 or not all(
+                math.isclose(got, w, rel_tol=1e-5) for got, w in zip(param.tolist(), want, strict=True)
+            ):
+                raise ValueError(f"{param.tolist()} after two steps where Adam gives {want}")
+    except Exception as e:  # whatever the failure: torch's step instead
+        _warn_once(f"Adam steps through torch (slower): the fused kernel called directly fails: {e!r}")
+        return False
+    return True
+
+
+def _adam_reference(
+    x: float,
+    grads: list[float],
+    decoupled: bool,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    eps: float,
+) -> float:
+    """A parameter after Adam (``decoupled``: AdamW) steps with ``grads``, in float64 (torch's formulas)."""
+    beta1, beta2 = betas
+    m = v = 0.0
+    for t, g in enumerate(grads, 1):
+        if decoupled:
+            x *= 1 - lr * weight_decay
+        else:
+            g += weight_decay * x
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        x -= lr / (1 - beta1**t) * m / (math.sqrt(v) / math.sqrt(1 - beta2**t) + eps)
+    return x
 
 
 class FusedAdamStep:
@@ -55,28 +218,31 @@ class FusedAdamStep:
     result and the optimizer's ``state_dict`` are the same. Anything but the plain case goes to
     ``optim.step()``: state not made yet (the first step), a parameter without a gradient, step hooks,
     ``amsgrad``, ``maximize``, ``capturable``, ``differentiable``, tensor hyperparameters, tensors
-    that are not float32 on the CPU. Made anew for each update, so that it never holds state
-    tensors a ``load_state_dict`` replaced.
+    that are not float32 on the CPU; and so does every step where the private names the direct call
+    needs are missing or misbehave (see the module docstring; a group a checkpoint made ``fused`` then
+    steps with ``foreach``, or torch's per-tensor loop, if the kernel is gone). Made anew for each
+    update, so that it never holds state tensors a ``load_state_dict`` replaced.
     """
 
     def __init__(self, optim: Optimizer) -> None:
         self.optim = optim
         self._groups: list[tuple[dict[str, Any], list[Any], list[Any], list[Any], list[Any]]] | None = None
         self._plain = True
+        self._unfused = False  # whether fused groups were checked for a kernel this torch lacks
 
     def _plain_groups(self) -> list[tuple[dict[str, Any], list[Any], list[Any], list[Any], list[Any]]] | None:
         """Each group with its parameters and state tensors; None (and ``_plain`` False) if not plain."""
-        from torch.optim import optimizer as torch_optimizer
-
         optim = self.optim
-        hooks = (
-            optim._optimizer_step_pre_hooks,
-            optim._optimizer_step_post_hooks,
-            getattr(torch_optimizer, "_global_optimizer_pre_hooks", None),
-            getattr(torch_optimizer, "_global_optimizer_post_hooks", None),
-        )
         self._plain = False
-        if type(optim) not in (torch.optim.Adam, torch.optim.AdamW) or any(h for h in hooks if h is not None):
+        if type(optim) not in (torch.optim.Adam, torch.optim.AdamW):
+            return None
+        hooks = _step_hooks(optim)
+        if hooks is None:
+            _warn_once(
+                "Adam steps through torch (slower): this torch keeps its optimizer step hooks elsewhere"
+            )
+            return None
+        if any(hooks) or not _direct_call_works():
             return None
         if getattr(optim, "grad_scale", None) is not None or getattr(optim, "found_inf", None) is not None:
             return None  # a gradient scaler's: torch's step handles it
@@ -107,32 +273,44 @@ class FusedAdamStep:
         self._plain = True
         return groups
 
+    def _torch_step(self) -> None:
+        """``optim.step()``; first, once, fused groups step unfused where this torch lacks the kernels."""
+        if not self._unfused:
+            self._unfused = True
+            fused = [g for g in self.optim.param_groups if g.get("fused")]
+            if fused and _missing_kernels():
+                for group in fused:
+                    group["fused"], group["foreach"] = False, hasattr(torch, "_foreach_add_")
+        self.optim.step()
+
     def __call__(self) -> None:
         if self._groups is None and self._plain:
             self._groups = self._plain_groups()
         groups = self._groups
         grads = [[p.grad for p in params] for _, params, _, _, _ in groups] if groups is not None else []
         if groups is None or any(g is None for group_grads in grads for g in group_grads):
-            self.optim.step()
+            self._torch_step()
             return
-        for (group, params, exp_avgs, exp_avg_sqs, steps), group_grads in zip(groups, grads, strict=True):
-            beta1, beta2 = group["betas"]
-            kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
-            torch._foreach_add_(steps, 1)
-            kernel(
-                params,
-                group_grads,
-                exp_avgs,
-                exp_avg_sqs,
-                [],
-                steps,
-                amsgrad=False,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=False,
-                grad_scale=None,
-                found_inf=None,
-            )
+        done = 0
+        try:
+            for (group, params, exp_avgs, exp_avg_sqs, steps), group_grads in zip(groups, grads, strict=True):
+                decoupled = bool(group.get("decoupled_weight_decay"))
+                _fused_update(decoupled, params, group_grads, exp_avgs, exp_avg_sqs, steps, group)
+                done += 1
+        except (AttributeError, TypeError, RuntimeError, NotImplementedError) as e:
+            self._give_up(e, [params for _, params, _, _, _ in groups[:done]])
+
+    def _give_up(self, error: Exception, updated: list[list[torch.Tensor]]) -> None:
+        """After a failed direct call: the rest of the update through torch, and torch's step from now on."""
+        global _direct_ok
+        _direct_ok = False
+        self._groups, self._plain = None, False
+        _warn_once(f"Adam steps through torch (slower): the fused kernel called directly failed: {error!r}")
+        hidden = [(p, p.grad) for params in updated for p in params]  # their update is made: torch skips
+        for p, _ in hidden:
+            p.grad = None
+        try:
+            self._torch_step()
+        finally:
+            for p, grad in hidden:
+                p.grad = grad

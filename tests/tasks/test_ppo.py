@@ -3,11 +3,15 @@
 The first test works on hand-made tensors; the second collects from real CartPole environments
 whose time limit (5 steps) truncates episodes in the middle of the rollout and checks every
 advantage against a plain per-environment recursion. Then the categorical loss's hand-written
-backward pass is checked against autograd on the plain expressions, and sampled actions against
+backward pass is checked against autograd on the plain expressions, and its fallback (plain autograd:
+``task.fused_loss=false``, or the fused node made unusable) against it; and sampled actions against
 the policy's probabilities.
 """
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +19,8 @@ from omegaconf import OmegaConf
 
 from ml.core.state import State
 from ml.examples.classic_control import ActorCriticMLP, ActorCriticMLPConfig, ClassicControlTask
-from ml.tasks.ppo import PPOTaskConfig, _CategoricalPPOLoss, compute_gae
+from ml.tasks import ppo
+from ml.tasks.ppo import PPOTaskConfig, _categorical_losses, _CategoricalPPOLoss, compute_gae
 from ml.trainers.rl import (
     ReinforcementLearningTrainer,
     ReinforcementLearningTrainerConfig,
@@ -161,3 +166,126 @@ def test_sampled_actions_follow_the_policy() -> None:
     torch.testing.assert_close(extras["log_probs"], probs.log()[actions])
     optimal, _ = task.get_actions(model, torch.zeros(2, 4), optimal=True)  # type: ignore[arg-type]
     assert optimal.tolist() == [2, 2]
+
+
+def _minibatch(gen: torch.Generator, size: int = 64) -> dict[str, torch.Tensor]:
+    return {
+        "observations": torch.randn(size, 4, generator=gen),
+        "actions": torch.randint(0, 2, (size,), generator=gen),
+        "log_probs": torch.log(torch.rand(size, generator=gen) * 0.5 + 0.25),
+        "advantages": torch.randn(size, generator=gen),
+        "returns": torch.randn(size, generator=gen),
+    }
+
+
+def _train(fused_loss: bool) -> tuple[ActorCriticMLP, list[type], list[float]]:
+    """Six minibatch steps of PPO on CartPole's actor-critic (loss, backward, clip, Adam), from seed 0.
+
+    Returns the model, the type of each step's policy-loss node and each step's total loss.
+    """
+    task = ClassicControlTask(PPOTaskConfig(name="classic_control", ent_coef=0.01, fused_loss=fused_loss))
+    torch.manual_seed(0)
+    model = ActorCriticMLP(ActorCriticMLPConfig(name="m", observation_size=4, action_size=2))
+    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(1)
+    nodes: list[type] = []
+    totals: list[float] = []
+    for _ in range(6):
+        batch = _minibatch(gen)
+        losses = task.compute_loss(model, batch, State.init_state(), model(batch["observations"]))
+        total = sum(losses.values(), torch.zeros(()))
+        nodes.append(type(losses["policy_loss"].grad_fn))
+        totals.append(total.item())
+        optim.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optim.step()
+    task.on_step_end(State.init_state(), {}, model, optim, None)  # the statistics, from either path
+    return model, nodes, totals
+
+
+def _assert_same_training(
+    a: tuple[ActorCriticMLP, Any, list[float]], b: tuple[ActorCriticMLP, Any, list[float]]
+) -> None:
+    """The same losses and parameters, float32 rounding apart (the same expressions, in another order)."""
+    assert a[2] == pytest.approx(b[2], rel=1e-5)
+    for p, q in zip(a[0].parameters(), b[0].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_the_plain_autograd_loss_is_the_fused_one() -> None:
+    """:func:`_categorical_losses` (the fallback): the fused node's outputs and gradients."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 3, dtype=torch.float64, generator=gen)
+    values = torch.randn(40, dtype=torch.float64, generator=gen)
+    actions = torch.randint(0, 3, (40,), generator=gen)
+    old = torch.log_softmax(logits + torch.randn(40, 3, dtype=torch.float64, generator=gen), -1)
+    rest: tuple[Any, ...] = (
+        actions,
+        old.gather(-1, actions[:, None]).squeeze(-1),
+        torch.randn(40, dtype=torch.float64, generator=gen),
+        torch.randn(40, dtype=torch.float64, generator=gen),
+        0.2,
+        True,
+        0.5,
+    )
+    fns: list[Callable[..., Any]] = [_CategoricalPPOLoss.apply, _categorical_losses]
+    for with_entropy in (True, False):
+        results = []
+        for fn in fns:
+            inputs = logits.clone().requires_grad_(), values.clone().requires_grad_()
+            out = fn(*inputs, *rest, with_entropy)
+            loss = out[0] + out[1] - (0.1 * out[2] if with_entropy else 0)
+            results.append((out, torch.autograd.grad(loss, inputs)))
+        (fused_out, fused_grads), (plain_out, plain_grads) = results
+        for a, b in zip(fused_out, plain_out, strict=True):
+            torch.testing.assert_close(a, b, equal_nan=True)
+        # Only the three losses carry gradients (the entropy's when it is computed), as from the node.
+        assert [o.requires_grad for o in plain_out] == [True, True, with_entropy, False, False, False]
+        for a, b in zip(fused_grads, plain_grads, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_fused_loss_false_trains_with_plain_autograd(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger=ppo.__name__)
+    fused, plain = _train(fused_loss=True), _train(fused_loss=False)
+    assert {n.__name__ for n in fused[1]} == {"_CategoricalPPOLossBackward"}
+    assert "_CategoricalPPOLossBackward" not in {n.__name__ for n in plain[1]}
+    _assert_same_training(fused, plain)
+    assert not [r for r in caplog.records if r.name == ppo.__name__]
+
+
+def test_without_a_usable_fused_loss_ppo_trains_with_plain_autograd(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fused node made unusable (an autograd API it calls made missing): the check on first use
+    fails, a warning says so once, and the same training runs through plain autograd."""
+    caplog.set_level(logging.WARNING, logger=ppo.__name__)
+    expected = _train(fused_loss=True)
+    monkeypatch.setattr(ppo, "_fused_ok", None)  # as in a new process
+    monkeypatch.delattr(torch.autograd.function.FunctionCtx, "set_materialize_grads")
+    with pytest.raises(AttributeError):  # the node itself cannot run now
+        _CategoricalPPOLoss.apply(
+            torch.zeros(2, 2, requires_grad=True), *torch.zeros(5, 2), 0.2, True, 0.5, False
+        )
+    fallback = _train(fused_loss=True)
+    assert "_CategoricalPPOLossBackward" not in {n.__name__ for n in fallback[1]}
+    _assert_same_training(fallback, expected)
+    warnings = [r.getMessage() for r in caplog.records if r.name == ppo.__name__]
+    assert len(warnings) == 1 and "set_materialize_grads" in warnings[0], warnings
+
+
+def test_a_fused_loss_with_other_gradients_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node whose backward no longer gives autograd's gradients fails the check: never a wrong step."""
+    expected = _train(fused_loss=True)
+    backward = _CategoricalPPOLoss.backward
+
+    def wrong(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        grad_logits, grad_values, *rest = backward(ctx, *grads)
+        return (grad_logits, None if grad_values is None else 2 * grad_values, *rest)
+
+    monkeypatch.setattr(ppo, "_fused_ok", None)
+    monkeypatch.setattr(_CategoricalPPOLoss, "backward", staticmethod(wrong))
+    fallback = _train(fused_loss=True)
+    assert ppo._fused_ok is False
+    _assert_same_training(fallback, expected)
