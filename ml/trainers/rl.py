@@ -53,6 +53,7 @@ from ml.tasks.rl import ReinforcementLearningTask
 from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_trainer_config
 from ml.trainers.parallel import wrap_model
 from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size, mean_over_ranks
+from ml.utils.grad_norm import clip_grad_norm_
 from ml.utils.malloc import tune_malloc
 
 logger = logging.getLogger(__name__)
@@ -96,21 +97,6 @@ def _total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _mean_losses(recorded: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {name: torch.stack(values).mean(0) for name, values in recorded.items()}
-
-
-def _clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> None:
-    """Scales the gradients so that their joint 2-norm is at most ``max_norm`` (``clip_grad_norm_``'s rule).
-
-    One ``foreach`` norm, one stack and one ``foreach`` multiply: the same arithmetic as
-    ``torch.nn.utils.clip_grad_norm_(foreach=True)`` without its grouping and checks, which cost
-    more than the arithmetic for a small model's dozen tensors. The gradients must share one device
-    and dtype (``_update`` sends other models to ``clip_grad_norm_``).
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
 
 
 class SyncEnvs:
@@ -445,9 +431,6 @@ class ReinforcementLearningTrainer(
         recorded: dict[str, list[torch.Tensor]] = {}
         params = [p for p in model.parameters() if p.requires_grad]
         step = FusedAdamStep(optim) if self.config.fast_optimizer else optim.step
-        clip: Any = _clip_grad_norm
-        if len({(p.device, p.dtype) for p in params}) > 1:
-            clip = lambda ps, norm: nn.utils.clip_grad_norm_(ps, norm, foreach=True)  # noqa: E731
         for _ in range(epochs):
             if batch_size == size:
                 batches: Any = (dataset,)
@@ -469,7 +452,7 @@ class ReinforcementLearningTrainer(
                     p.grad = None
                 loss.backward()
                 if clip_norm is not None:
-                    clip(params, clip_norm)
+                    clip_grad_norm_(params, clip_norm)
                 step()
                 for name, value in loss_dict.items():
                     recorded.setdefault(name, []).append(value.detach())

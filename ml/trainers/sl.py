@@ -47,6 +47,7 @@ from ml.trainers.parallel import (
 from ml.utils.checkpoint import unwrap_model
 from ml.utils.data import ResumableSampler, SeededDataset, batch_size_of, move_to
 from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size
+from ml.utils.grad_norm import total_norm
 from ml.utils.malloc import tune_malloc
 from ml.utils.precision import PRECISIONS, MixedPrecision
 from ml.utils.progress import progress
@@ -149,23 +150,6 @@ def _summed(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     if len(losses) == 1:
         return _scalar(next(iter(losses.values())).float())
     return torch.stack([v.float().sum() for v in losses.values()]).sum()
-
-
-def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """``nn.utils.get_total_norm(grads)``: the same kernels, so the same number, with less Python.
-
-    The usual case - plain tensors of one CPU or CUDA device and one dtype, outside any graph -
-    calls the kernels directly; any other goes through torch's function.
-    """
-    if grads:
-        first = grads[0]
-        device, dtype = first.device, first.dtype
-        if device.type in ("cpu", "cuda") and all(
-            type(g) is torch.Tensor and not g.requires_grad and g.device == device and g.dtype == dtype
-            for g in grads
-        ):
-            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-    return nn.utils.get_total_norm(grads)
 
 
 def _all_finite(values: list[torch.Tensor], *, on_host: bool) -> bool:
@@ -437,7 +421,7 @@ class SupervisedLearningTrainer(
         )
         self.precision.unscale_(optim)
         grads = [g for p in all_params if (g := p.grad) is not None]
-        grad_norm = _total_norm(grads)  # measured (and logged) even when not clipping
+        grad_norm = total_norm(grads)  # measured (and logged) even when not clipping
         # One host sync per step decides whether to step: the loss and the gradient norm, which is
         # computed anyway. (Under fp16, non-finite gradients are the scaler's business: it skips
         # those steps and lowers its scale.)
@@ -450,7 +434,7 @@ class SupervisedLearningTrainer(
             return losses
         if self._clip_grad_norm is not None:  # after the check: clipping spreads a NaN everywhere
             nn.utils.clip_grads_with_norm_(all_params, self._clip_grad_norm, grad_norm)  # those with grads
-        self.logger.log_scalar("grad_norm", grad_norm)  # outside any graph (see _total_norm)
+        self.logger.log_scalar("grad_norm", grad_norm)  # outside any graph (see ml.utils.grad_norm)
         lr_sched.step(state)
         if self._fused_step is not None:
             self._fused_step()

@@ -1,4 +1,6 @@
-"""Tests of the rl trainer's pieces: seeds, the KL early stop, its vector environment, gradient clipping."""
+"""Tests of the rl trainer's pieces: seeds, the KL early stop, its vector environment, the resume warning.
+
+Gradient clipping is ``ml.utils.grad_norm``'s (tests/utils/test_grad_norm.py)."""
 
 from pathlib import Path
 
@@ -14,7 +16,6 @@ from ml.trainers.rl import (
     ReinforcementLearningTrainer,
     ReinforcementLearningTrainerConfig,
     SyncEnvs,
-    _clip_grad_norm,
     _Rollout,
     env_seeds,
 )
@@ -86,19 +87,6 @@ def test_sync_envs_step_as_gymnasium_s_sync_vector_env() -> None:
     assert ends > 3  # episodes ended by falling and by the time limit
     ours.close()
     theirs.close()
-
-
-def test_clip_grad_norm_clips_as_torch_does() -> None:
-    grads = [torch.randn(5, 3), torch.randn(7)]
-    for scale in (0.01, 10.0):
-        params = [torch.zeros_like(g, requires_grad=True) for g in grads]
-        expected = [torch.zeros_like(g, requires_grad=True) for g in grads]
-        for p, q, g in zip(params, expected, grads, strict=True):
-            p.grad, q.grad = g * scale, g * scale
-        _clip_grad_norm(params, 0.5)
-        torch.nn.utils.clip_grad_norm_(expected, 0.5)
-        for p, q in zip(params, expected, strict=True):
-            torch.testing.assert_close(p.grad, q.grad)
 
 
 class Corridor(gymnasium.Env):
