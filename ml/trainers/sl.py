@@ -222,7 +222,7 @@ class SupervisedLearningTrainer(
         self._valid_every = (config.valid_every_n_steps, config.valid_every_n_seconds)
         self._dtype = torch.float64 if config.use_double_weight_precision else torch.float32
         self._parts: tuple[nn.Module, list[nn.Module], list[nn.Parameter], bool] | None = None  # _parts_of
-        self._fused_step: FusedAdamStep | None = None  # set for each session's loop (see _loop)
+        self._fused_step: FusedAdamStep | None = None  # set for each session's loop (see loop)
         self.precision = MixedPrecision(config.precision, self.device)
         self._data_seed = 0
         self._last_valid = (-1, 0.0)  # (step, elapsed seconds) of the last validation
