@@ -1,12 +1,19 @@
-"""Defines atomic file writes: a reader sees the old file or the new one, never a partial one.
+"""Defines atomic file writes, and reads that cannot hang.
 
-Each write goes to a temporary file in the destination's folder, is flushed and fsynced, then
-``os.replace``-d over the destination, and the folder is fsynced so the rename survives a crash.
-If the writer is interrupted (an exception, Ctrl-C), the temporary file is removed.
+Writes: a reader sees the old file or the new one, never a partial one. Each write goes to a
+temporary file in the destination's folder, is flushed and fsynced, then ``os.replace``-d over the
+destination, and the folder is fsynced so the rename survives a crash. If the writer is interrupted
+(an exception, Ctrl-C), the temporary file is removed.
+
+Reads of files a run folder holds (:func:`open_regular`, :func:`read_regular`): only regular files.
+A FIFO put where a checkpoint, a lock or ``status.json`` is expected would block ``open()`` until a
+writer comes, which may be never; the file is opened without blocking and its type checked first.
 """
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -74,6 +81,34 @@ def atomic_write_with(path: str | Path, write: Callable[[IO[bytes]], None]) -> N
     """Calls ``write(file)`` on a temporary file that then atomically replaces ``path``."""
     with atomic_open(path, "wb") as f:
         write(f)
+
+
+class NotARegularFileError(OSError):
+    """The path names a FIFO, a socket, a device or a folder, where a regular file was expected."""
+
+
+def open_regular(path: str | Path) -> IO[bytes]:
+    """Opens ``path`` for reading in binary mode, refusing anything but a regular file (never blocks).
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        NotARegularFileError: It is a FIFO, socket, device or folder.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotARegularFileError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | Path) -> bytes:
+    """The bytes of a regular file (see :func:`open_regular`)."""
+    with open_regular(path) as f:
+        return f.read()
 
 
 def atomic_symlink(target: str, link: Path) -> None:
