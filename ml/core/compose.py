@@ -8,6 +8,7 @@ before anything is created on disk.
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ml.core.config import EXP_NAME_ENV
 from ml.core.registry import Kind, build, lookup
 from ml.errors import ConfigError, RegistryError
+from ml.utils.atomic import read_regular
 
 # Section name -> registry kind. `logger` is a list of sections.
 SECTIONS: dict[str, Kind] = {
@@ -36,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "logger": [{"name": "stdout"}, {"name": "jsonl"}],
     "launcher": {"name": "single"},
 }
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory|not enough memory", re.IGNORECASE)
 PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -67,7 +70,7 @@ def find_config_file(arg: str) -> Path:
 def load_yaml(path: Path) -> DictConfig:
     """Reads one YAML config file (safely: no tags, no aliases bombs); ConfigError naming the file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path).decode("utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from e
     except UnicodeDecodeError as e:
@@ -281,11 +284,49 @@ def build_component(section: str, kind: Kind, node: DictConfig) -> Any:
         return build(kind, node)
     except (ValueError, TypeError, KeyError, OmegaConfBaseException) as e:
         raise ConfigError(f"{section} ({node.name}): {_first_line(e)}") from e
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and not _OUT_OF_MEMORY.search(str(e)):
+            raise
+        # A size in the config that no memory holds (model.hidden=100000000000): the config's fault.
+        raise ConfigError(
+            f"{section} ({node.name}): out of memory while building it ({_first_line(e)}); check its sizes"
+        ) from e
 
 
 def build_launcher(root: DictConfig) -> Any:
     """Constructs the launcher named in the ``launcher`` section."""
     return build_component("launcher", "launcher", root.launcher)
+
+
+# What a saved config keeps as written, unresolved: references to other keys of the same config
+# (`${task.max_steps}`, `${oc.select:task.max_steps,null}`), so that a run continued with another
+# task.max_steps gets a schedule of that length, and secrets (`${ml.secret:NAME}`), so that their
+# values never reach a file. Everything else (`${oc.env:...}`, `${ml.exp_name:...}`) is saved as
+# the value it resolved to: the run goes on with what it started with.
+_KEPT_AS_WRITTEN = re.compile(
+    r"\$\{(?:oc\.select:)?\.*[A-Za-z_][\w.\[\]]*(?:,[^${}]*)?\}|\$\{ml\.secret:[A-Za-z_]\w*\}"
+)
+
+
+def config_to_save(root: DictConfig) -> DictConfig:
+    """The config as ``config.yaml`` and checkpoints hold it: resolved, but for references to other
+    keys of the config and secrets, which stay as written (see :data:`_KEPT_AS_WRITTEN`).
+
+    Call it before ``OmegaConf.resolve(root)``, which would replace the references.
+    """
+
+    def merge(raw: Any, resolved: Any) -> Any:
+        if isinstance(raw, dict) and isinstance(resolved, dict):
+            return {key: merge(raw[key], resolved[key]) for key in raw}
+        if isinstance(raw, list) and isinstance(resolved, list):
+            return [merge(a, b) for a, b in zip(raw, resolved, strict=True)]
+        if isinstance(raw, str) and _KEPT_AS_WRITTEN.fullmatch(raw):
+            return raw
+        return resolved
+
+    raw = OmegaConf.to_container(root, resolve=False)
+    resolved = OmegaConf.to_container(root, resolve=True)
+    return OmegaConf.create(merge(raw, resolved))
 
 
 def config_fields(config_cls: type) -> list[tuple[str, str, str, str]]:

@@ -97,6 +97,19 @@ def _exp_name_resolver(default: str | None = None) -> str:
     return str(default) if default not in (None, "") else "run"
 
 
+def _secret_resolver(name: str) -> str:
+    """``${ml.secret:NAME}``: the environment variable ``NAME``, kept out of saved configs.
+
+    Unlike ``${oc.env:NAME}``, whose value is written into ``config.yaml`` and every checkpoint,
+    a secret stays there as its reference and is read from the environment again when the run
+    continues (see :func:`ml.core.compose.config_to_save`).
+    """
+    value = os.environ.get(str(name))
+    if value is None:
+        raise ValueError(f"the config refers to the secret {name}: set the environment variable {name}")
+    return value
+
+
 def _abs_path_resolver(path: str) -> str:
     """``${ml.abs_path:P}``: ``P`` with ``~`` expanded, made absolute."""
     return str(Path(str(path)).expanduser().resolve())
@@ -115,6 +128,7 @@ def register_resolvers() -> None:
     """Registers the ``ml.*`` OmegaConf resolvers (idempotent)."""
     for name, fn in (
         ("ml.exp_name", _exp_name_resolver),
+        ("ml.secret", _secret_resolver),
         ("ml.abs_path", _abs_path_resolver),
         ("ml.cpu_count", _cpu_count_resolver),
     ):

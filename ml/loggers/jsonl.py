@@ -16,6 +16,7 @@ after S, and a line a kill cut short (:func:`drop_records_after`): the file then
 per phase and step. The rewrite is atomic; a kill during it leaves the old file or the new one.
 """
 
+import io
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from ml.core.config import conf_field
 from ml.core.registry import register_logger
 from ml.core.state import State
 from ml.loggers.base import BaseLogger, BaseLoggerConfig, LogBatch
-from ml.utils.atomic import atomic_open
+from ml.utils.atomic import atomic_open, open_append, open_regular
 
 METRICS_FILE_NAME = "metrics.jsonl"
 
@@ -90,7 +91,7 @@ def read_metrics(path: str | Path) -> Iterator[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE_NAME
-    with path.open(encoding="utf-8") as f:
+    with io.TextIOWrapper(open_regular(path), encoding="utf-8") as f:
         for line in f:
             if not line.strip():
                 continue
@@ -139,7 +140,7 @@ def drop_records_after(path: str | Path, step: int) -> int:
         return 0
     dropped: set[int] = set()
     unterminated = False
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         for index, line in enumerate(f):
             unterminated = not line.endswith(b"\n")  # only the last line can lack it
             if not line.strip():
@@ -149,7 +150,7 @@ def drop_records_after(path: str | Path, step: int) -> int:
                 dropped.add(index)
     if not dropped and not unterminated:
         return 0
-    with path.open("rb") as src, atomic_open(path, "wb") as dst:
+    with open_regular(path) as src, atomic_open(path, "wb") as dst:
         for index, line in enumerate(src):
             if index not in dropped:
                 dst.write(line if line.endswith(b"\n") else line + b"\n")
@@ -187,7 +188,7 @@ class JsonlLogger(BaseLogger[JsonlLoggerConfig]):
             raise RuntimeError("JsonlLogger used before initialize(log_directory)")
         path.parent.mkdir(parents=True, exist_ok=True)
         # Appending, so a resumed run continues the same file.
-        self._file = path.open("a", encoding="utf-8")
+        self._file = open_append(path)
 
     def on_resume(self, state: State) -> None:
         """Drops the records after the step training continues from (see :func:`drop_records_after`).
@@ -223,8 +224,12 @@ class JsonlLogger(BaseLogger[JsonlLoggerConfig]):
             record["strings"] = dict(batch.strings)
         # allow_nan=False: a non-finite float that slipped through fails here instead of
         # producing a line other JSON readers reject.
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        line = json.dumps(record, allow_nan=False) + "\n"
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as e:  # a full disk: say which file (the OSError of a write names none)
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def close(self) -> None:
         if self._file is not None:

@@ -16,6 +16,7 @@ from ml.core.config import conf_field
 from ml.core.registry import register_logger
 from ml.core.state import State
 from ml.loggers.base import BaseLogger, BaseLoggerConfig, LogBatch
+from ml.utils.atomic import open_append
 
 LOG_FILE_NAME = "stdout.log"
 
@@ -87,6 +88,7 @@ class StdoutLogger(BaseLogger[StdoutLoggerConfig]):
     def __init__(self, config: StdoutLoggerConfig) -> None:
         super().__init__(config)
         self._file: TextIO | None = None
+        self._path: Path | None = None
 
     def initialize(self, log_directory: Path) -> None:
         super().initialize(log_directory)
@@ -95,13 +97,17 @@ class StdoutLogger(BaseLogger[StdoutLoggerConfig]):
         path.parent.mkdir(parents=True, exist_ok=True)
         # Line-buffered, appending: every line reaches the file at once, and a resumed run
         # continues the same log.
-        self._file = path.open("a", buffering=1, encoding="utf-8")
+        self._file = open_append(path, buffering=1)
+        self._path = path
 
     def write(self, state: State, batch: LogBatch) -> None:
         line = format_line(state, batch, self.config.precision)
         print(line, flush=True)
         if self._file is not None:
-            self._file.write(line + "\n")
+            try:
+                self._file.write(line + "\n")
+            except OSError as e:  # a full disk: say which file (the OSError of a write names none)
+                raise OSError(e.errno, e.strerror, str(self._path)) from e
 
     def close(self) -> None:
         if self._file is not None:

@@ -59,8 +59,10 @@ class RunDir:
         """An existing run folder, with the log folder its ``config.yaml`` names (``logs`` if none)."""
         import yaml
 
+        from ml.utils.atomic import read_regular
+
         try:
-            config = yaml.safe_load((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
+            config = yaml.safe_load(read_regular(Path(path) / CONFIG_FILE).decode("utf-8"))
             name = config["trainer"]["log_dir_name"]
         except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError):
             name = DEFAULT_LOG_DIR

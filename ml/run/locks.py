@@ -17,9 +17,11 @@ from pathlib import Path
 
 from ml.errors import RunLockedError
 from ml.run.layout import LockType, RunDir
-from ml.utils.atomic import fsync_dir
+from ml.utils.atomic import fsync_dir, open_append, read_regular
 
 logger = logging.getLogger(__name__)
+
+PID_MAX = 2**22  # Linux's PID_MAX_LIMIT: no process has a larger pid (nor one of os.kill's overflow)
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,14 @@ class LockInfo:
         return self.pid is not None and self.host == socket.gethostname()
 
     def is_stale(self) -> bool:
-        """True when the owner ran on this host and its process no longer exists."""
+        """True when the owner ran on this host and its process no longer exists.
+
+        A pid no process can have (past the kernel's limit) is of no live process either.
+        """
         if self.pid is None or not self.on_this_host:
             return False
+        if self.pid > PID_MAX:
+            return True
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
@@ -77,7 +84,11 @@ def write_lock(run: RunDir, lock_type: LockType, *, exists_ok: bool = False) -> 
     """
     path = run.lock(lock_type)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    try:
+        # .lock_<type>.<random>.tmp: a temporary file take_running_lock's clean-up knows
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w") as f:
@@ -89,6 +100,10 @@ def write_lock(run: RunDir, lock_type: LockType, *, exists_ok: bool = False) -> 
             os.replace(tmp, path)
         else:
             os.link(tmp, path)  # fails if the lock exists: an exclusive create of a whole file
+    except FileExistsError:
+        raise
+    except OSError as e:  # the disk refused (full, read-only): say which file, leave none behind
+        raise OSError(e.errno, e.strerror, str(path)) from e
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
@@ -106,7 +121,7 @@ def remove_lock(run: RunDir, lock_type: LockType, *, missing_ok: bool = False) -
 def read_lock(run: RunDir, lock_type: LockType) -> LockInfo | None:
     """Parses the lock; None when there is none. One that cannot be read is a lock of unknown owner."""
     try:
-        text = run.lock(lock_type).read_text(errors="replace")
+        text = read_regular(run.lock(lock_type)).decode(errors="replace")
     except FileNotFoundError:
         return None
     except OSError:
@@ -126,12 +141,17 @@ def take_running_lock(run: RunDir) -> None:
     killed mid-write left are removed: only the lock holder writes here, so none of them is in use.
     """
     run.path.mkdir(parents=True, exist_ok=True)
-    with open(run.lock_guard, "a") as guard:
+    with open_append(run.lock_guard) as guard:
         fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
         holder = read_lock(run, "running")
         if holder is not None and (holder.pid, holder.host) == (os.getpid(), socket.gethostname()):
             return
         if holder is not None:
+            if holder.pid is None:  # not written by ml (which writes locks whole): proof of nothing
+                raise RunLockedError(
+                    f"{run.lock('running')} names no owner (it is empty or not a lock ml wrote); "
+                    "remove it if no process is training this run"
+                )
             if not holder.is_stale():
                 raise RunLockedError(
                     f"{run.path} is already being trained (pid {holder.pid} on {holder.host}); "

@@ -44,6 +44,7 @@ from ml.run.layout import RunDir, find_runs, run_number
 from ml.run.locks import read_lock
 from ml.run.status import STATES as ENDED
 from ml.run.status import read_status
+from ml.utils.atomic import read_regular
 
 __all__ = ["DEFAULT_METRIC", "STATES", "RunInfo", "describe_run", "describe_runs", "find_runs", "run_number"]
 
@@ -141,7 +142,7 @@ def summarize_metrics(path: Path, metric: str = DEFAULT_METRIC) -> MetricsSummar
     """
     summary = MetricsSummary()
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path)
     except OSError:
         return summary
     lines = [line for line in data.split(b"\n") if line.strip()]

@@ -34,6 +34,7 @@ from ml.run.layout import METRICS_FILE, RunDir, is_run
 from ml.run.layout import find_runs as runs_under
 from ml.tools import tool_parser
 from ml.tools.experiments import metric_value, parse_record, record_step
+from ml.utils.atomic import open_regular
 
 FORMATS = {".png": "png", ".svg": "svg"}
 DPI = 100
@@ -93,7 +94,7 @@ def read_run(run_dir: Path, label: str) -> Run:
     are not records are skipped and counted.
     """
     run = Run(path=run_dir, label=label)
-    with RunDir.of(run_dir).metrics.open("rb") as f:
+    with open_regular(RunDir.of(run_dir).metrics) as f:
         for line in f:
             if not line.strip():
                 continue

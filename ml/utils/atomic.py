@@ -17,7 +17,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TextIO, cast
 
 
 def _read_umask() -> int:
@@ -109,6 +109,29 @@ def read_regular(path: str | Path) -> bytes:
     """The bytes of a regular file (see :func:`open_regular`)."""
     with open_regular(path) as f:
         return f.read()
+
+
+def open_append(path: str | Path, *, buffering: int = -1) -> TextIO:
+    """Opens ``path`` (created if missing) for appending UTF-8 text; anything but a regular file is
+    refused at once (a FIFO without a reader would otherwise block ``open()``).
+
+    Raises:
+        NotARegularFileError: It is a FIFO, socket, device or folder.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO with no reader; a folder
+            raise NotARegularFileError(errno.EINVAL, "not a regular file", str(path)) from e
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotARegularFileError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return cast(TextIO, os.fdopen(fd, "a", buffering=buffering, encoding="utf-8"))
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def atomic_symlink(target: str, link: Path) -> None:
