@@ -3,45 +3,72 @@
 Writing (:func:`write_checkpoint_file`), in this order, so that a process killed at any moment
 leaves a complete checkpoint named by the link or beside it:
 
-1. ``ckpt.<step>.pt`` is written to a temporary file, fsynced, and renamed into place;
+1. ``ckpt.<step>.pt`` is written to a temporary file, fsynced, and renamed into place; its bytes
+   are hashed as they are written and the SHA-256 ends the file (below);
 2. the relative link ``ckpt.pt`` is swapped to it (atomically);
 3. only then, with retention on, every other numbered checkpoint is removed;
 4. ``.lock_ckpt`` marks the run as having one.
 
-Reading (:func:`newest_checkpoint`), used alike by resume, ``ml runs``, ``ml export`` and ``ml
-plot``: the link's target, unless a numbered checkpoint of a later step lies beside it - a run
-killed between steps 1 and 2 - which is complete (only finished files are renamed in), so it wins.
+The checksum lives inside the file, so a checkpoint is one file (copied, moved and removed whole):
+``torch.save`` writes a zip archive, whose last record may carry a comment that zip readers
+(``torch.load`` included) skip; it is set to ``ml-sha256:<hex>``, the SHA-256 of every byte
+before the comment. :func:`verify_checksum` checks it (a file without one, from before checksums or
+not from ml, is read without a claim).
+
+Reading (:func:`checkpoint_candidates`, :func:`newest_checkpoint`), used alike by resume, ``ml
+runs``, ``ml export`` and ``ml plot``: the link's target, unless a numbered checkpoint of a later
+step lies beside it - a run killed between steps 1 and 2 - which is complete (only finished files
+are renamed in), so it wins. A link that leaves the run's ``checkpoints/`` folder is refused.
+Resume and ``ml export`` take the newest candidate that verifies
+(:func:`newest_verified_checkpoint`): a damaged newer one is skipped, and they say so.
 """
 
+import hashlib
 import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Generic, TypeVar, cast
 
 from ml.errors import CheckpointError, CheckpointWriteError
-from ml.run.layout import RunDir, checkpoint_step
+from ml.run.layout import LINK_NAME, RunDir, checkpoint_step
 from ml.run.locks import write_lock
-from ml.utils.atomic import atomic_symlink, atomic_write_with
+from ml.utils.atomic import atomic_open, atomic_symlink
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_END_RECORD = b"PK\x05\x06"  # a zip archive's end record: 22 bytes, the last two its comment's length
+_END_RECORD_SIZE = 22
+CHECKSUM_TAG = b"ml-sha256:"
+_COMMENT_SIZE = len(CHECKSUM_TAG) + 64  # the tag, then the SHA-256 in hex
+_COMMENT_LENGTH = _COMMENT_SIZE.to_bytes(2, "little")
+
+
+class DamagedCheckpointError(CheckpointError):
+    """The file is not the complete checkpoint that was written: gone, not a regular file,
+    truncated, or changed since (its checksum does not match). A run falls back past it."""
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A run's newest complete checkpoint.
+    """One of a run's complete checkpoints.
 
     Attributes:
-        path: The file to read: the link ``ckpt.pt`` when it names the newest, else the numbered file.
+        path: The file to read: the link ``ckpt.pt`` when it names this one, else the numbered file.
         step: Its step (from the file name; None for a ``ckpt.pt`` that is a plain file).
         mtime: When it was written (seconds since the epoch).
+        unlinked: A numbered checkpoint newer than what the link names (the run that wrote it
+            stopped before swapping the link).
     """
 
     path: Path
     step: int | None
     mtime: float
+    unlinked: bool = False
 
     @property
     def file(self) -> Path:
@@ -60,42 +87,221 @@ def numbered_checkpoints(run: RunDir) -> dict[int, Path]:
     }
 
 
-def newest_checkpoint(run: RunDir) -> Checkpoint | None:
-    """The run's newest complete checkpoint; None when it has none.
+def checkpoint_candidates(run: RunDir) -> list[Checkpoint]:
+    """The run's checkpoints, newest first; the first is :func:`newest_checkpoint`'s.
 
-    The link's target, unless a numbered checkpoint of a later step lies beside it (then that one);
-    without a link, the highest-numbered checkpoint; a ``ckpt.pt`` that is a plain file, itself.
+    The link's target comes first, unless numbered checkpoints of later steps lie beside it (then
+    those, newest first, and the link after them); then every older numbered checkpoint. Without a
+    link, the numbered checkpoints; a ``ckpt.pt`` that is not a link comes first itself. Nothing is
+    read: which of them is intact is for the reader to find (:func:`newest_verified_checkpoint`).
 
     Raises:
-        CheckpointError: ``ckpt.pt`` links to a file that is gone (the message says how to fix it).
+        CheckpointError: ``ckpt.pt`` links to a file that is gone, or a link (``ckpt.pt`` or a
+            numbered one) leads out of the run's ``checkpoints/`` folder (the message says how to fix it).
     """
     link = run.link
+    folder = run.checkpoints.resolve()
     numbered = numbered_checkpoints(run)
-    latest = max(numbered, default=None)
+    for path in numbered.values():
+        if path.is_symlink():
+            _check_inside(path, folder)
+    steps = sorted(numbered, reverse=True)
     if link.is_symlink():
         if not link.exists():
             raise CheckpointError(
                 f"{link} points to {os.readlink(link)}, which does not exist; point the link at another "
                 f"checkpoint in {link.parent} (or remove it to start over)"
             )
-        target = link.resolve()
-        linked = checkpoint_step(target) if target.parent == run.checkpoints.resolve() else None
-        if latest is not None and linked is not None and latest > linked:
-            return _checkpoint(numbered[latest], latest)
-        return _checkpoint(link, linked)
-    if link.is_file():
-        return _checkpoint(link, None)
-    if latest is not None:
-        return _checkpoint(numbered[latest], latest)
-    return None
+        target = _check_inside(link, folder)
+        linked = checkpoint_step(target) if target.parent == folder else None
+        if linked is None:
+            return [_checkpoint(link, None), *(_checkpoint(numbered[s], s) for s in steps)]
+        return [
+            *(_checkpoint(numbered[s], s, unlinked=True) for s in steps if s > linked),
+            _checkpoint(link, linked),
+            *(_checkpoint(numbered[s], s) for s in steps if s < linked),
+        ]
+    first = [_checkpoint(link, None)] if link.exists() else []  # a plain file (or a FIFO, refused on read)
+    return [*first, *(_checkpoint(numbered[s], s) for s in steps)]
 
 
-def _checkpoint(path: Path, step: int | None) -> Checkpoint:
+def newest_checkpoint(run: RunDir) -> Checkpoint | None:
+    """The run's newest complete checkpoint; None when it has none.
+
+    The link's target, unless a numbered checkpoint of a later step lies beside it (then that one);
+    without a link, the highest-numbered checkpoint; a ``ckpt.pt`` that is a plain file, itself.
+    Nothing is read (``ml runs`` asks this); resume and ``ml export`` take the newest that
+    verifies (:func:`newest_verified_checkpoint`).
+
+    Raises:
+        CheckpointError: ``ckpt.pt`` links to a file that is gone or out of the run's
+            ``checkpoints/`` (the message says how to fix it).
+    """
+    candidates = checkpoint_candidates(run)
+    return candidates[0] if candidates else None
+
+
+@dataclass(frozen=True)
+class Verified(Generic[T]):
+    """The newest checkpoint that verifies, what reading it gave, and the newer ones skipped."""
+
+    checkpoint: Checkpoint
+    value: T
+    skipped: tuple[tuple[Checkpoint, DamagedCheckpointError], ...] = field(default=())
+
+    @property
+    def warnings(self) -> list[str]:
+        """What to tell the user about the choice (empty when it is the plain newest)."""
+        said = []
+        if self.skipped:
+            reasons = "; ".join(f"skipping {c.file} ({e})" for c, e in self.skipped)
+            said.append(f"{reasons}; using {self.checkpoint.file}, the newest checkpoint that verifies")
+        if self.checkpoint.unlinked:
+            said.append(
+                f"{self.checkpoint.path.name} is newer than what {LINK_NAME} names: the run that wrote it "
+                "stopped before linking it; using it"
+            )
+        return said
+
+
+def newest_verified_checkpoint(run: RunDir, read: Callable[[Path], T]) -> Verified[T] | None:
+    """The newest of :func:`checkpoint_candidates` that ``read`` accepts; None when there is none.
+
+    Args:
+        run: The run.
+        read: Reads (or only checks) a checkpoint; raises :class:`DamagedCheckpointError` for one
+            that does not verify, which is then skipped for the next older one. Any other error
+            (a file that would run code, one of another program) stops the search: it is raised.
+
+    Raises:
+        CheckpointError: No candidate verifies (the newest one's problem, and the others' names), or
+            the link is broken (:func:`checkpoint_candidates`).
+    """
+    candidates = checkpoint_candidates(run)
+    skipped: list[tuple[Checkpoint, DamagedCheckpointError]] = []
+    for candidate in candidates:
+        try:
+            value = read(candidate.path)
+        except DamagedCheckpointError as e:
+            skipped.append((candidate, e))
+            continue
+        return Verified(candidate, value, tuple(skipped))
+    if not skipped:
+        return None
+    first = skipped[0][1]
+    if len(skipped) == 1:
+        raise first
+    others = ", ".join(c.file.name for c, _ in skipped[1:])
+    raise DamagedCheckpointError(f"{first} (and no older checkpoint verifies either: {others})") from first
+
+
+def _check_inside(link: Path, folder: Path) -> Path:
+    """The file ``link`` leads to; CheckpointError when that is outside ``folder``."""
+    target = link.resolve()
+    if not target.is_relative_to(folder):
+        raise CheckpointError(
+            f"{link} points to {target}, outside the run's checkpoint folder {folder}; a run reads only "
+            f"its own checkpoints: copy that file into {link.parent} and point the link at the copy"
+        )
+    return target
+
+
+def _checkpoint(path: Path, step: int | None, *, unlinked: bool = False) -> Checkpoint:
     try:
         mtime = path.stat().st_mtime
     except OSError:  # removed while we look
         mtime = 0.0
-    return Checkpoint(path, step, mtime)
+    return Checkpoint(path, step, mtime, unlinked)
+
+
+class _ChecksumWriter:
+    """Passes a zip archive's bytes through to ``file``, hashing them, and ends it with the checksum.
+
+    The last 22 bytes written are held back: once the writer is done (:meth:`finish`), they are the
+    archive's end record, whose comment length is set before they are written, then the comment
+    ``ml-sha256:<hex>`` of everything before it. Bytes that do not end in an end record without a
+    comment (not a torch zip) are written unchanged, without a checksum.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self._hash = hashlib.sha256()
+        self._held = b""
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        if size >= _END_RECORD_SIZE:
+            self._put(self._held)
+            self._put(view[: size - _END_RECORD_SIZE])
+            self._held = bytes(view[size - _END_RECORD_SIZE :])
+        else:
+            held = self._held + bytes(view)
+            cut = max(0, len(held) - _END_RECORD_SIZE)
+            self._put(held[:cut])
+            self._held = held[cut:]
+        return size
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def finish(self) -> bool:
+        """Writes the held end record and the checksum; whether there was an end record to sign."""
+        held, self._held = self._held, b""
+        if len(held) == _END_RECORD_SIZE and held.startswith(_END_RECORD) and held.endswith(b"\0\0"):
+            self._put(held[:-2] + _COMMENT_LENGTH)
+            self._file.write(CHECKSUM_TAG + self._hash.hexdigest().encode("ascii"))
+            return True
+        self._put(held)
+        return False
+
+    def _put(self, data: bytes | memoryview) -> None:
+        if len(data):
+            self._hash.update(data)
+            self._file.write(data)
+
+
+def verify_checksum(file: IO[bytes], path: Path) -> bool:
+    """Checks the checksum at the end of a checkpoint (see the module's notes), reading it once in
+    1 MiB pieces.
+
+    Args:
+        file: The open file (seekable); left at an arbitrary position.
+        path: Its name, for the message.
+
+    Returns:
+        Whether it had a checksum (which matched); False for a file without one.
+
+    Raises:
+        DamagedCheckpointError: The checksum does not match: the file changed after it was written.
+    """
+    size = os.fstat(file.fileno()).st_size
+    tail_size = _END_RECORD_SIZE + _COMMENT_SIZE
+    if size < tail_size:
+        return False
+    file.seek(size - tail_size)
+    tail = file.read(tail_size)
+    comment = tail[_END_RECORD_SIZE:]
+    if not (
+        tail.startswith(_END_RECORD) and tail[20:22] == _COMMENT_LENGTH and comment.startswith(CHECKSUM_TAG)
+    ):
+        return False
+    file.seek(0)
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(1 << 20))
+    left = size - _COMMENT_SIZE
+    while left:
+        n = file.readinto(buffer[: min(left, len(buffer))])  # type: ignore[attr-defined]
+        if not n:
+            break
+        digest.update(buffer[:n])
+        left -= n
+    if left or digest.hexdigest().encode("ascii") != comment[len(CHECKSUM_TAG) :]:
+        raise DamagedCheckpointError(
+            f"cannot read checkpoint {path}: checksum mismatch: the file changed after it was written "
+            "(damaged on disk or in a copy); restore a good copy, or use another checkpoint"
+        )
+    return True
 
 
 def write_checkpoint_file(
@@ -103,10 +309,13 @@ def write_checkpoint_file(
 ) -> Path:
     """Writes ``ckpt.<step>.pt`` with ``write(file)`` durably, links it, then applies retention.
 
+    The bytes are hashed as ``write`` writes them (a zip archive, what ``torch.save`` writes), and
+    the checksum ends the file (see the module's notes).
+
     Args:
         run: The run.
         step: The step it holds.
-        write: Writes the checkpoint's bytes to the open file.
+        write: Writes the checkpoint's bytes to the open file (only ``write`` and ``flush`` are used).
         keep_older: Keep the other numbered checkpoints (else they are removed once it is linked).
 
     Returns:
@@ -118,7 +327,10 @@ def write_checkpoint_file(
     path = run.checkpoint(step)
     previous = run.link.resolve() if run.link.is_symlink() and run.link.exists() else None
     try:
-        atomic_write_with(path, write)
+        with atomic_open(path, "wb") as f:
+            writer = _ChecksumWriter(f)
+            write(cast(IO[bytes], writer))
+            writer.finish()
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         kept = f"{previous.name} is kept" if previous is not None else "no earlier checkpoint exists"
         raise CheckpointWriteError(

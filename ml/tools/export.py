@@ -1,9 +1,10 @@
 """Defines ``ml export EXP_DIR -o model.safetensors [--checkpoint PATH_OR_STEP] [--force]``.
 
-Reads a run's newest complete checkpoint (:func:`ml.run.checkpoints.newest_checkpoint`, the one
-resuming would continue from), or a chosen one (a path, or a step
-number meaning ``checkpoints/ckpt.<step>.pt``), with the safe reader (``weights_only``: a damaged
-or foreign file is refused with one line, exit code 2), and writes the model's weights as
+Reads a run's newest checkpoint that verifies (:func:`ml.run.checkpoints.newest_verified_checkpoint`,
+the one resuming would continue from: a damaged newer one is skipped, with a warning naming it and
+the one used), or a chosen one (a path, or a step number meaning ``checkpoints/ckpt.<step>.pt``),
+with the safe reader (checksum checked, ``weights_only``: a damaged or foreign file is refused with
+one line, exit code 2), and writes the model's weights as
 safetensors plus the run's resolved config beside them (``model.safetensors`` -> ``model.yaml``);
 see :mod:`ml.models.export`. ``ml.load_model("model.safetensors")`` rebuilds the model from the two.
 
@@ -12,7 +13,9 @@ both files are written atomically, so a failed export leaves what was there befo
 """
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Any
 
 from ml.tools import tool_parser
 
@@ -34,7 +37,11 @@ def _run_folder(arg: str) -> Path:
 
 
 def _checkpoint_path(exp_dir: Path, choice: str | None) -> Path:
-    """The checkpoint to export: the newest, a step's (``--checkpoint 500``), or a file."""
+    """The checkpoint to export: the newest, a step's (``--checkpoint 500``), or a file.
+
+    The newest is the newest candidate (nothing read yet); :func:`_read` falls back past it when it
+    does not verify.
+    """
     from ml.errors import BadInput, CheckpointError
     from ml.run.checkpoints import newest_checkpoint, numbered_checkpoints
     from ml.run.layout import RunDir
@@ -58,6 +65,27 @@ def _checkpoint_path(exp_dir: Path, choice: str | None) -> Path:
     if not path.is_file():
         raise BadInput(f"--checkpoint: no such file {choice} (give a path or a step number)")
     return path
+
+
+def _read(exp_dir: Path, choice: str | None, chosen: Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to export and what it holds: ``chosen``, or without ``--checkpoint`` the
+    newest that verifies (a warning on stderr names each newer one skipped and the one used)."""
+    from ml.errors import BadInput, CheckpointError
+    from ml.run.checkpoints import newest_verified_checkpoint
+    from ml.run.layout import RunDir
+    from ml.utils.checkpoint import read_checkpoint
+
+    try:
+        if choice is not None:
+            return chosen, read_checkpoint(chosen, device="cpu")
+        found = newest_verified_checkpoint(RunDir(exp_dir), lambda p: read_checkpoint(p, device="cpu"))
+    except CheckpointError as e:
+        raise BadInput(str(e).strip().splitlines()[0]) from e
+    if found is None:  # removed since _checkpoint_path saw it
+        raise BadInput(f"no checkpoint in {RunDir(exp_dir).checkpoints} (the run has not saved one yet)")
+    for warning in found.warnings:
+        print(f"ml: warning: {warning}", file=sys.stderr)
+    return found.checkpoint.path, found.value
 
 
 def _check_output(output: str, force: bool) -> Path:
@@ -101,17 +129,12 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     exp_dir = _run_folder(args.exp_dir)
     output = _check_output(args.output, args.force)
-    ckpt_path = _checkpoint_path(exp_dir, args.checkpoint)
+    chosen = _checkpoint_path(exp_dir, args.checkpoint)  # bad input is refused before torch loads
 
     from ml.core.state import State
-    from ml.errors import CheckpointError
     from ml.models.export import ModelFileError, export_weights
-    from ml.utils.checkpoint import read_checkpoint
 
-    try:
-        ckpt = read_checkpoint(ckpt_path, device="cpu")
-    except CheckpointError as e:
-        raise BadInput(str(e).strip().splitlines()[0]) from e
+    ckpt_path, ckpt = _read(exp_dir, args.checkpoint, chosen)
     raw_state = ckpt["state"]
     try:
         state = State.from_json(raw_state) if isinstance(raw_state, str) else State.from_dict(dict(raw_state))

@@ -72,7 +72,7 @@ from ml.loggers.base import BaseLogger, MultiLogger
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
-from ml.run.checkpoints import link_checkpoint, newest_checkpoint, write_checkpoint_file
+from ml.run.checkpoints import link_checkpoint, newest_verified_checkpoint, write_checkpoint_file
 from ml.run.claim import check_folder_name, get_empty_exp_dir, new_exp_dir
 from ml.run.layout import LOCK_TYPES, LockType, RunDir
 from ml.run.locks import LockInfo, read_lock, remove_lock, take_running_lock, write_lock
@@ -87,6 +87,7 @@ from ml.utils.checkpoint import (
     read_checkpoint,
     set_rng_state,
     unwrap_model,
+    verify_checkpoint,
 )
 from ml.utils.device import detect_device
 from ml.utils.distributed import (
@@ -571,10 +572,15 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
 
         Either way the loggers then learn the step training continues from, so that the logs of an
         earlier process past the checkpoint (done again now) do not stay beside the new ones.
+
+        The checkpoint is the one :meth:`find_resume_checkpoint` names, found while reading (each
+        file read once): a newer one that does not verify is skipped, and the log says so.
         """
-        path = self.find_resume_checkpoint()
-        if path is not None:
-            ckpt = read_checkpoint(path, device=self.device)
+        found = newest_verified_checkpoint(self.run, lambda p: read_checkpoint(p, device=self.device))
+        if found is not None:
+            path, ckpt = found.checkpoint.path, found.value
+            for warning in found.warnings:
+                logger.warning("%s", warning)
             self.check_config_change(ckpt, str(path))
             state = self.load_checkpoint(ckpt, s.task, s.model, s.optim, s.lr_sched)  # type: ignore[arg-type]
             logger.info("Resumed from %s at step %d", path, state.num_steps)
@@ -818,29 +824,31 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         return self.get_ckpt_path()
 
     def find_resume_checkpoint(self) -> Path | None:
-        """The checkpoint this run continues from (:func:`ml.run.checkpoints.newest_checkpoint`).
+        """The checkpoint this run continues from: the newest that verifies
+        (:func:`ml.run.checkpoints.newest_verified_checkpoint`, with
+        :func:`ml.utils.checkpoint.verify_checkpoint`).
 
         Normally what ``checkpoints/ckpt.pt`` links to; a numbered checkpoint newer than the link's
         target (a run stopped between writing it and swapping the link) is complete, so then that
-        one; without a link, the newest numbered one. None for a fresh run.
+        one; without a link, the newest numbered one. One that does not verify (truncated, changed
+        since it was written, not a regular file) is skipped for the next older one, with a warning
+        naming both. None for a fresh run.
 
         Raises:
-            CheckpointError: ``ckpt.pt`` links to a file that is gone.
+            CheckpointError: ``ckpt.pt`` links to a file that is gone or outside the run's
+                ``checkpoints/``, or no checkpoint verifies.
         """
-        newest = newest_checkpoint(self.run)
-        if newest is None:
+        found = newest_verified_checkpoint(self.run, verify_checkpoint)
+        if found is None:
             return None
-        if newest.path != self.run.link:
-            logger.warning(
-                "%s is newer than what %s names: the last run stopped before linking it; resuming from it",
-                newest.path.name,
-                self.run.link.name,
-            )
-        return newest.path
+        for warning in found.warnings:
+            logger.warning("%s", warning)
+        return found.checkpoint.path
 
     def tidy_checkpoints(self, resumed: Path) -> None:
         """After resuming from ``resumed``: the link names it, and with ``only_save_most_recent``
-        no other numbered checkpoint is kept (a killed run can leave one before retention ran).
+        no other numbered checkpoint is kept (a killed run can leave one before retention ran; a
+        damaged newer one resuming skipped goes too, as the next save would remove it).
 
         Called by the lock holder, so no other process writes here; only rank 0 acts.
         """

@@ -3,21 +3,39 @@
 Checkpoints are read with ``torch.load(weights_only=True)`` only: a file holding anything but
 tensors, numbers, strings and containers is refused, never unpickled. Before writing, the payload is
 checked for such values too, so a checkpoint that could not be loaded again is never written.
+
+Before ``torch.load`` sees a file (:func:`verify_checkpoint`, which :func:`read_checkpoint` runs):
+
+- it is opened without blocking and must be a regular file (a FIFO would hang ``open``);
+- it must be a zip archive (what ``torch.save`` writes) whose directory can be read: a truncated
+  file has lost its directory, which is at the end;
+- its checksum, when it has one (every checkpoint ml writes, see :mod:`ml.run.checkpoints`), must
+  match: a changed bit anywhere is found, before any of it is loaded;
+- no entry may be compressed (``torch.save`` stores them as they are, and ``torch.load`` would
+  inflate them), and the sizes the entries declare must sum to no more than the file's size: what
+  ``torch.load`` then reads is bounded by the file's size, whatever the archive claims. This is the
+  bound, rather than one derived from the model: the optimizer's and the task's state (lazily made
+  moments, replay buffers) have no size known before loading, so a bound from the model would
+  either refuse good checkpoints or be loose; a stored archive cannot hold more than its file.
 """
 
 import copy
+import os
 import pickle
 import random
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from ml.errors import CheckpointError, UnsafeCheckpointError
+from ml.run.checkpoints import DamagedCheckpointError, verify_checksum
+from ml.utils.atomic import NotARegularFileError, open_regular
 
 _PLAIN = (torch.Tensor, int, float, str, bool, bytes, type(None), torch.Size, torch.dtype, torch.device)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -25,6 +43,8 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 def read_checkpoint(path: str | Path, device: str | torch.device | None = None) -> dict[str, Any]:
     """Reads a checkpoint file without ever unpickling arbitrary objects.
+
+    The file is checked first (:func:`verify_checkpoint`), then read from the same open file.
 
     Args:
         path: The file (a ``ckpt.pt`` link is followed).
@@ -34,31 +54,119 @@ def read_checkpoint(path: str | Path, device: str | torch.device | None = None) 
         The checkpoint dict.
 
     Raises:
-        CheckpointError: The file is missing, truncated or not a checkpoint of this framework.
+        DamagedCheckpointError: The file is missing, not a regular file, truncated or changed since
+            it was written (a :class:`CheckpointError`).
+        CheckpointError: The file is not a checkpoint of this framework, or its archive is foreign
+            (compressed entries, sizes beyond the file).
         UnsafeCheckpointError: The file contains objects other than tensors and plain data.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
-        if not refused:
-            raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint, or damaged") from e
-        raise UnsafeCheckpointError(
-            f"refusing to load {path}: it holds pickled objects that could run code ({refused[0]})"
-        ) from e
-    except Exception as e:  # a damaged archive fails in many ways (zip, pickle memo, EOF, ...)
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: the file is truncated or not a torch file"
-        ) from e
+    with _open(path) as f:
+        _check_file(f, path)
+        f.seek(0)
+        try:
+            ckpt = torch.load(f, map_location=device, weights_only=True)
+        except pickle.UnpicklingError as e:
+            refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+            if not refused:
+                raise CheckpointError(
+                    f"cannot read checkpoint {path}: not a torch checkpoint, or damaged"
+                ) from e
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: it holds pickled objects that could run code ({refused[0]})"
+            ) from e
+        except Exception as e:  # a damaged archive fails in many ways (zip, pickle memo, EOF, ...)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: the file is damaged or not a torch file ({first})"
+            ) from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "state" not in ckpt:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(
             f"{path} is not an ml checkpoint (expected keys 'model' and 'state', found {keys})"
         )
     return ckpt
+
+
+def verify_checkpoint(path: str | Path) -> bool:
+    """Checks a checkpoint file as :func:`read_checkpoint` does before loading it (see the module's
+    notes), without loading it.
+
+    Returns:
+        Whether its checksum was checked (False: a file without one, from before checksums).
+
+    Raises:
+        DamagedCheckpointError: Missing, not a regular file, truncated, or changed since written.
+        CheckpointError: Not a zip archive as ``torch.save`` writes them.
+    """
+    path = Path(path)
+    with _open(path) as f:
+        return _check_file(f, path)
+
+
+def _open(path: Path) -> IO[bytes]:
+    try:
+        return open_regular(path)
+    except FileNotFoundError as e:
+        raise DamagedCheckpointError(f"checkpoint not found: {path}") from e
+    except NotARegularFileError as e:
+        raise DamagedCheckpointError(
+            f"cannot read checkpoint {path}: not a regular file (a FIFO, socket, device or folder); "
+            "put a checkpoint file there"
+        ) from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.0f} {unit}"
+    return f"{n} bytes"
+
+
+def _check_file(f: IO[bytes], path: Path) -> bool:
+    """The checks of :func:`verify_checkpoint` on the open file; whether a checksum was checked."""
+    f.seek(0)
+    if f.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+        raise DamagedCheckpointError(
+            f"cannot read checkpoint {path}: not a torch checkpoint, or damaged (torch.save writes a zip "
+            "archive, and this file does not start like one)"
+        )
+    # First the checksum: a changed bit is named as such, wherever it is (the zip directory too).
+    checked = verify_checksum(f, path)
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    try:
+        with zipfile.ZipFile(f) as archive:  # reads the directory only, at the end of the file
+            entries = archive.infolist()
+    except OSError:  # the disk failed to read it: not a verdict on the file
+        raise
+    except Exception as e:  # a damaged directory fails in many ways (BadZipFile, struct, Unicode...)
+        raise DamagedCheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated or damaged (its zip directory cannot "
+            f"be read: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+            "restore a good copy, or use another checkpoint"
+        ) from e
+    declared = sum(entry.file_size for entry in entries)
+    compressed = [
+        e for e in entries if e.compress_type != zipfile.ZIP_STORED or e.compress_size != e.file_size
+    ]
+    if compressed:
+        raise CheckpointError(
+            f"refusing to load {path}: {len(compressed)} of its {len(entries)} entries are compressed "
+            f"({_size(size)} on disk, inflating to {_size(declared)}); torch.save stores entries as they "
+            "are, so this file was not written by it"
+        )
+    if declared > size:
+        raise CheckpointError(
+            f"refusing to load {path}: its entries declare {declared} bytes, more than the file's "
+            f"{size}; it was not written by torch.save"
+        )
+    return checked
 
 
 def check_loadable(value: Any, where: str = "checkpoint") -> None:

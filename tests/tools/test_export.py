@@ -307,11 +307,23 @@ def test_bad_input_is_one_line_and_changes_nothing(
     assert "must end in .safetensors" in export_error(str(run), "-o", str(tmp_path / "m.pt"), capsys=capsys)
     assert not out.exists() and not (tmp_path / "m.pt").exists() and not out.with_suffix(".yaml").exists()
 
-    # A truncated checkpoint (in a copy of the run): the safe reader's one line.
+    # Truncated checkpoints (in a copy of the run): the newest that is not is exported, and a
+    # warning names both; with none left whole, the safe reader's one line.
     copy = tmp_path / "copy"
     shutil.copytree(run, copy, symlinks=True)
-    newest = copy / "checkpoints" / "ckpt.5.pt"
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    for step in (5, 4, 2):
+        newest = copy / "checkpoints" / f"ckpt.{step}.pt"
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+        if step != 2:
+            fallback = tmp_path / f"fallback_{step}.safetensors"
+            code, printed, err = export(str(copy), "-o", str(fallback), capsys=capsys)
+            used = copy / "checkpoints" / f"ckpt.{2 if step == 4 else 4}.pt"
+            assert code == 0 and f"exported step {used.name.split('.')[1]} from {used}" in printed, err
+            (warning,) = err.strip().splitlines()
+            assert warning.startswith(f"ml: warning: skipping {copy / 'checkpoints' / 'ckpt.5.pt'} (")
+            assert "truncated" in warning and warning.endswith(
+                f"using {used}, the newest checkpoint that verifies"
+            )
     assert "truncated" in export_error(str(copy), "-o", str(out), capsys=capsys)
     assert not out.exists()
 
