@@ -160,6 +160,8 @@ _DISK_ERRNOS = {
     errno.ENOTDIR,
     errno.EEXIST,
     errno.ENAMETOOLONG,
+    errno.EMFILE,  # too many open files: the process's limit (ulimit -n)
+    errno.ENFILE,  # the system's
 }
 
 
@@ -169,7 +171,8 @@ def _disk_trouble(e: BaseException) -> str | None:
         return _first_line(e)
     if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
         where = f" {e.filename}" if e.filename else ""
-        return f"cannot write{where}: {e.strerror}"
+        verb = "open" if e.errno in (errno.EMFILE, errno.ENFILE) else "write"
+        return f"cannot {verb}{where}: {e.strerror}"
     return None
 
 

@@ -2,10 +2,13 @@
 
 A SIGTERM or SIGUSR1 that arrives while ``ml`` is starting is kept for the trainer (see
 :mod:`ml.utils.signals`). Listening here, before :mod:`ml.cli` and its imports load, leaves only the
-interpreter's own start-up outside. The recorder stays until the process exits: a signal that
-lands after training (the last writes, the interpreter's shutdown) is kept, not fatal, so the
-exit code is the run's.
+interpreter's own start-up outside. The recorder stays until the command's work is done; then stop
+signals are ignored until the process exits, so a signal that lands during the interpreter's
+shutdown (which would otherwise restore the default handlers: death by the signal) cannot change
+the exit code, which is the run's.
 """
+
+import signal
 
 from ml.utils.signals import listen_early
 
@@ -13,13 +16,10 @@ listen_early()
 
 
 def main() -> int:
-    """Runs :func:`ml.cli.main`."""
+    """Runs :func:`ml.cli.main`; returns its exit code."""
     from ml.cli import main as cli_main
 
-    return cli_main()
-
-
-if __name__ == "__main__":  # python -m ml.entry (torchrun starts each worker so)
-    import sys
-
-    sys.exit(main())
+    code = cli_main()
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # nothing is left to stop
+        signal.signal(sig, signal.SIG_IGN)
+    return code

@@ -51,7 +51,7 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from ml.core.compose import build_objects, compose_args
+    from ml.core.compose import build_objects, compose_args, config_to_save
     from ml.core.registry import lookup
     from ml.launchers.slurm import requeue_on_preemption
     from ml.run.claim import has_results
@@ -66,9 +66,10 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
     trainer_cls, _ = lookup("trainer", str(root.trainer.name))
     release = _claim_for_job(root)
     try:
+        saved = config_to_save(root)  # references to other keys and secrets stay as written
         OmegaConf.resolve(root)
         trainer = trainer_cls(root.trainer)
-        trainer.set_run_config(root)
+        trainer.set_run_config(root, saved)
         trainer.allow_config_change = allow_config_change
         trainer.add_loggers(objects.loggers)
     except BaseException as e:
@@ -81,10 +82,12 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
     try:
         trainer.train(objects.model, objects.task, objects.optimizer, objects.lr_scheduler)
     except BaseException as e:
-        # Bad input found while setting up (an unusable task, initial weights that do not fit), or
-        # an immediate interrupt: leave no empty run behind. Any other error is a failure of
-        # training (exit 1) and keeps its traceback and run folder.
-        if isinstance(e, (UserError, KeyboardInterrupt)) and not has_results(trainer.run):
+        # Bad input found while setting up (an unusable task, initial weights that do not fit), an
+        # immediate interrupt, or a failure before the session began (a full disk refusing the
+        # lock): leave no empty run behind. A failure of training (exit 1) keeps its run folder,
+        # with its logs and status.json.
+        began = trainer.run.status.exists()
+        if (isinstance(e, (UserError, KeyboardInterrupt)) or not began) and not has_results(trainer.run):
             release()
         raise
     # The ranks leave together: a rank that tears its process group down while another still

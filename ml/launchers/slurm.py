@@ -162,7 +162,7 @@ class SlurmLauncher(BaseLauncher[SlurmLauncherConfig]):
     """Writes ``exp_dir/sbatch.sh`` and submits it; the job trains, checkpoints and requeues itself."""
 
     def launch(self, args: list[str], config: DictConfig) -> int:
-        from ml.core.compose import build_objects
+        from ml.core.compose import build_objects, config_to_save
         from ml.run.claim import check_folder_name, claim_run_dir
         from ml.run.locks import write_lock
         from ml.trainers.base import save_config
@@ -177,9 +177,10 @@ class SlurmLauncher(BaseLauncher[SlurmLauncherConfig]):
         try:
             run = RunDir(exp_dir, check_folder_name(config.trainer.log_dir_name, "trainer.log_dir_name"))
             sbatch_options(self.config, run)  # validated before anything is written
+            saved = config_to_save(config)
             OmegaConf.resolve(config)
             run.logs.mkdir(parents=True, exist_ok=True)
-            save_config(run.config, config)
+            save_config(run.config, saved, resolve=False)
             script = run.sbatch_script
             atomic_write_text(script, sbatch_script(self.config, run, Path.cwd()))
             script.chmod(0o755)

@@ -17,15 +17,18 @@ which readers give precedence.
 """
 
 import datetime
+import errno
 import json
 import os
 import socket
 from typing import Any
 
 from ml.run.layout import RunDir
-from ml.utils.atomic import atomic_write_text
+from ml.utils.atomic import atomic_write_text, read_regular
 
 STATES = ("finished", "interrupted", "failed")
+RUNNING = "running"  # the provisional marker of a session under way (see reserve_status)
+RESERVED_BYTES = 1024  # room kept for the final marker, however full the disk gets meanwhile
 
 
 def status_record(
@@ -61,15 +64,54 @@ def status_record(
     }
 
 
+def reserve_status(run: RunDir, record: dict[str, Any]) -> None:
+    """Writes a provisional marker (``state`` ``running``) padded to :data:`RESERVED_BYTES`.
+
+    A disk that fills up during the session (the very failure worth recording) could refuse the
+    final marker's new file; the final marker then overwrites this one in place, in the room it
+    holds, so that ``ml runs`` still learns the run failed.
+    """
+    atomic_write_text(run.status, _text({**record, "state": RUNNING}).ljust(RESERVED_BYTES))
+
+
 def write_status(run: RunDir, record: dict[str, Any]) -> None:
-    """Writes ``status.json`` atomically."""
-    atomic_write_text(run.status, json.dumps(record, indent=2) + "\n")
+    """Writes ``status.json`` atomically; on a full disk, in place over the reserved marker."""
+    text = _text(record)
+    try:
+        atomic_write_text(run.status, text)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not _overwrite_in_place(run, text):
+            raise
+
+
+def _text(record: dict[str, Any]) -> str:
+    return json.dumps(record, indent=2) + "\n"
+
+
+def _overwrite_in_place(run: RunDir, text: str) -> bool:
+    """Writes ``text`` over the existing marker's bytes (no new blocks needed); whether it fit."""
+    data = text.encode()
+    try:
+        fd = os.open(run.status, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        if len(data) > size:
+            return False
+        os.write(fd, data.ljust(size))  # JSON readers ignore the trailing spaces
+        os.fsync(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def read_status(run: RunDir) -> dict[str, Any] | None:
     """The marker, or None when there is none or it is not a JSON object."""
     try:
-        record = json.loads(run.status.read_text())
+        record = json.loads(read_regular(run.status))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from ml.core.config import conf_field
 from ml.core.state import Phase, State
+from ml.errors import ConfigError
 from ml.tasks.base import BaseTask, BaseTaskConfig
 
 
@@ -44,6 +45,15 @@ SLTaskConfigT = TypeVar("SLTaskConfigT", bound=SupervisedLearningTaskConfig)
 
 class SupervisedLearningTask(BaseTask[SLTaskConfigT]):
     """A task that learns from a dataset per phase."""
+
+    def __init__(self, config: SLTaskConfigT) -> None:
+        super().__init__(config)
+        for phase in ("train", "valid", "test"):
+            loader = getattr(config, f"{phase}_dl")
+            if loader.batch_size < 1:
+                raise ConfigError(f"task.{phase}_dl.batch_size must be positive, got {loader.batch_size}")
+            if loader.num_workers < 0:
+                raise ConfigError(f"task.{phase}_dl.num_workers must be 0 or more, got {loader.num_workers}")
 
     @abstractmethod
     def get_dataset(self, phase: Phase) -> Dataset:

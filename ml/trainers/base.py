@@ -76,9 +76,9 @@ from ml.run.checkpoints import link_checkpoint, newest_verified_checkpoint, writ
 from ml.run.claim import check_folder_name, get_empty_exp_dir, new_exp_dir
 from ml.run.layout import LOCK_TYPES, LockType, RunDir
 from ml.run.locks import LockInfo, read_lock, remove_lock, take_running_lock, write_lock
-from ml.run.status import status_record, write_status
+from ml.run.status import reserve_status, status_record, write_status
 from ml.tasks.base import BaseTask
-from ml.utils.atomic import atomic_write_text, fsync_dir
+from ml.utils.atomic import atomic_write_text, fsync_dir, open_append, read_regular
 from ml.utils.checkpoint import (
     HostSnapshot,
     check_loadable,
@@ -100,7 +100,7 @@ from ml.utils.distributed import (
 )
 from ml.utils.ranks import dist_env, export_env
 from ml.utils.seeding import seed_everything
-from ml.utils.signals import take_early_signal
+from ml.utils.signals import arm_watchdog, stand_down, take_early_signal, training_began
 
 logger = logging.getLogger(__name__)
 
@@ -213,8 +213,8 @@ def get_exp_dir(run_dir: Path, run_id: int) -> Path:
 # Config snapshots and diffs
 
 
-def save_config(config_path: Path, raw_config: DictConfig) -> None:
-    """Writes the resolved config atomically (master rank only).
+def save_config(config_path: Path, raw_config: DictConfig, *, resolve: bool = True) -> None:
+    """Writes the config atomically (master rank only), resolved unless ``resolve`` is false.
 
     If a different config is already there (a run continued with changed settings), the change is
     logged as a ``-``/``+`` diff and the old file is kept beside it as ``config.<time>.yaml``.
@@ -222,9 +222,9 @@ def save_config(config_path: Path, raw_config: DictConfig) -> None:
     if not is_master():
         return
     config_path = Path(config_path)
-    text = OmegaConf.to_yaml(raw_config, resolve=True)
+    text = OmegaConf.to_yaml(raw_config, resolve=resolve)
     if config_path.exists():
-        old_text = config_path.read_text()
+        old_text = read_regular(config_path).decode("utf-8")
         if old_text == text:
             return
         removed, added = diff_configs(OmegaConf.create(old_text), OmegaConf.create(text))
@@ -427,6 +427,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         self.logger = MultiLogger(default_namespace="trainer")
         self.signal_handlers: dict[Signals, list[SignalHandler]] = defaultdict(list)
         self.run_config: DictConfig = self.raw_config
+        self._saved_config: DictConfig | None = None  # the config as saved, when not all resolved
         self.stop_signal: Signals | None = None
         self.finished = False
         self.distributed = False
@@ -462,11 +463,14 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         """
         self.check_task(task)
         with self.install_signal_handlers(), self.training_context():
-            session = self.set_up(model, task, optimizer, lr_scheduler)
             try:
-                self.run_session(session)
+                session = self.set_up(model, task, optimizer, lr_scheduler)
+                try:
+                    self.run_session(session)
+                finally:
+                    self.close(session)
             finally:
-                self.close(session)
+                stand_down()  # the session is over: a stop signal's watchdog has nothing to end
 
     def run_session(self, s: Session) -> None:
         """Takes the run, resumes or starts it, loops, finishes or stops, tears down, records.
@@ -482,6 +486,8 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         try:
             state = self.resume_or_start(s)
             began = True
+            training_began()  # a stop signal from now on stops the loop with a checkpoint
+            self.reserve_status(state)
             self.on_training_start(state, s.task, s.model, s.optim, s.lr_sched)
             started = True
             self.save_config()
@@ -614,10 +620,14 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         if not isinstance(old_text, str):
             return
         try:
-            old = OmegaConf.to_container(OmegaConf.create(old_text), resolve=False)
+            old_config = OmegaConf.create(old_text)
         except Exception:  # a config that does not parse is not ours to judge
             logger.warning("%s holds a config that cannot be read; not comparing it", where)
             return
+        try:  # what its references (a schedule's length from task.max_steps, ...) stood for then
+            old = OmegaConf.to_container(old_config, resolve=True)
+        except Exception:  # a secret no longer in the environment, ...: compared as written
+            old = OmegaConf.to_container(old_config, resolve=False)
         lines, meaningful = segment_changes(old, OmegaConf.to_container(self.run_config, resolve=True))
         old_world, world = int(ckpt.get("world_size", 1)), get_world_size()
         if old_world != world:
@@ -636,12 +646,24 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             raw_state = ckpt.get("state")
             step = State.from_json(raw_state).num_steps if isinstance(raw_state, str) else "?"
             stamp = datetime.datetime.now().isoformat(timespec="seconds")
-            with open(self.run.config_changes, "a") as f:
+            with open_append(self.run.config_changes) as f:
                 f.write(f"# {stamp}: allowed at step {step} (--allow-config-change)\n")
                 f.writelines(f"{line}\n" for line in lines)
                 f.flush()
                 os.fsync(f.fileno())
             fsync_dir(self.exp_dir)
+
+    def reserve_status(self, state: State) -> None:
+        """Rank 0 marks the session as under way in ``status.json``, keeping room for its end."""
+        if not is_master():
+            return
+        record = status_record(
+            step=state.num_steps, elapsed_s=state.elapsed_time_s, signal=None, error=None, finished=False
+        )
+        try:
+            reserve_status(self.run, record)
+        except OSError as e:  # the session goes on; its end is recorded if the disk allows
+            logger.warning("Could not write %s: %s", self.run.status, e)
 
     def write_status(self, state: State, error: BaseException | None) -> None:
         """Writes ``status.json`` (:mod:`ml.run.status`); never raises over the error in flight.
@@ -792,12 +814,25 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
     def config_path(self) -> Path:
         return self.run.config
 
-    def set_run_config(self, run_config: DictConfig) -> None:
-        """Sets the whole run's config (all sections), saved in config.yaml and in checkpoints."""
+    def set_run_config(self, run_config: DictConfig, saved: DictConfig | None = None) -> None:
+        """Sets the whole run's config (all sections), saved in config.yaml and in checkpoints.
+
+        Args:
+            run_config: The config, resolved.
+            saved: The config as saved, when it keeps some values as written (references to
+                other keys, secrets: :func:`ml.core.compose.config_to_save`); default: resolved.
+        """
         self.run_config = run_config
+        self._saved_config = saved
+
+    def saved_config_yaml(self) -> str:
+        """The config as ``config.yaml`` and checkpoints hold it (see :meth:`set_run_config`)."""
+        saved = self._saved_config
+        return OmegaConf.to_yaml(self.run_config if saved is None else saved, resolve=saved is None)
 
     def save_config(self) -> None:
-        save_config(self.config_path, self.run_config)
+        saved = self._saved_config
+        save_config(self.config_path, self.run_config if saved is None else saved, resolve=saved is None)
 
     def add_lock_file(self, lock_type: LockType, *, exists_ok: bool = False) -> None:
         add_lock_file(self.exp_dir, lock_type=lock_type, exists_ok=exists_ok)
@@ -984,7 +1019,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             "model": model_state,
             "task": task.state_dict(),
             "state": state.to_json(),
-            "config": OmegaConf.to_yaml(self.run_config, resolve=True),
+            "config": self.saved_config_yaml(),
             "rng": get_rng_state(),
             "world_size": get_world_size(),
         }
@@ -1120,6 +1155,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                 return
             if sig == Signals.SIGINT:
                 self._first_sigint = now
+            arm_watchdog(sig)  # before training began, a start-up that never ends must not keep it
             if self.distributed or dist_env().is_distributed:  # acted on once the ranks agree (sync_ranks)
                 if self._pending_signal is None or sig == Signals.SIGINT:
                     self._pending_signal = sig

@@ -45,7 +45,7 @@ from ml.trainers.parallel import (
     wrap_model,
 )
 from ml.utils.checkpoint import unwrap_model
-from ml.utils.data import ResumableSampler, SeededDataset, batch_size_of, move_to
+from ml.utils.data import ResumableSampler, SeededDataset, batch_size_of, move_to, prepare_worker_processes
 from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size
 from ml.utils.grad_norm import total_norm
 from ml.utils.malloc import tune_malloc
@@ -311,6 +311,8 @@ class SupervisedLearningTrainer(
             )
         pin = self.device_type == "cuda" if cfg.pin_memory is None else cfg.pin_memory
         seeded = cfg.num_workers > 0  # see ml.utils.data: exact random draws in workers on resume
+        if cfg.num_workers > 0:
+            prepare_worker_processes()
         sampler = ResumableSampler(
             dataset,
             shuffle=cfg.shuffle,

@@ -143,3 +143,39 @@ def move_to(batch: Any, device: torch.device, dtype: torch.dtype | None = None) 
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to(v, device, dtype) for v in batch)
     return batch
+
+
+# Torch's default way to pass a batch from a worker process holds one file descriptor per tensor in
+# flight; under a low limit on open files (`ulimit -n 20`) a worker's send fails in a background
+# thread and the loader waits forever. 1024 is the usual default limit, with which it works.
+OPEN_FILES_FOR_WORKERS = 1024
+
+
+def prepare_worker_processes() -> None:
+    """Before DataLoader workers start: make sure passing batches cannot run out of file handles.
+
+    Raises the soft limit on open files towards the hard one; if it stays below
+    :data:`OPEN_FILES_FOR_WORKERS`, batches are passed through named shared memory (torch's
+    ``file_system`` sharing strategy) instead of file descriptors, which the limit does not bound.
+    """
+    import logging
+    import resource
+
+    import torch.multiprocessing
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= OPEN_FILES_FOR_WORKERS:
+        return
+    wanted = OPEN_FILES_FOR_WORKERS if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_FOR_WORKERS)
+    if wanted > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    if soft < OPEN_FILES_FOR_WORKERS and torch.multiprocessing.get_sharing_strategy() != "file_system":
+        torch.multiprocessing.set_sharing_strategy("file_system")
+        logging.getLogger(__name__).info(
+            "Only %d open files allowed (ulimit -n): data loader workers pass batches through shared memory",
+            soft,
+        )

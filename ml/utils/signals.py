@@ -1,18 +1,33 @@
-"""Defines how stop signals that arrive before training listens are kept, not lost.
+"""Defines how stop signals that arrive before training are kept, and how they end a stuck start-up.
 
 ``ml`` spends a second or more starting (imports, config, data) before the trainer installs its
 handlers. :func:`listen_early` records a SIGTERM or SIGUSR1 received in that time instead of letting
 it kill the process; the trainer then takes it with :func:`take_early_signal` and stops at once,
 with a checkpoint, like for a signal received during training. After training, the recorder is in
-place again, so a late signal cannot cut the last writes short either.
+place again (until the process exits), so a late signal cannot cut the last writes short either.
+
+A start-up that does not finish - a data set that never loads, a file that never opens - must not
+make the process immune to signals, or neither ``timeout`` nor Slurm could end it. So a stop signal
+received before training began (before the trainer has resumed or started its run) arms a
+watchdog: unless training begins within :func:`startup_stop_grace_s` seconds (60; the
+``ML_STARTUP_STOP_GRACE_S`` environment variable sets another), the process ends with exit code
+128 + the signal's number, saying so. Nothing has been trained by then, so nothing is lost; the
+run's lock, if already taken, is left to the next process, which takes over a dead owner's lock.
 """
 
+import os
 import signal
+import sys
+import threading
 from signal import Signals
 from typing import Any
 
 EARLY_SIGNALS = (Signals.SIGTERM, Signals.SIGUSR1)
+STARTUP_STOP_GRACE_ENV = "ML_STARTUP_STOP_GRACE_S"
+DEFAULT_STARTUP_STOP_GRACE_S = 60.0
 _received: Signals | None = None
+_watchdog: threading.Timer | None = None
+_training = False
 
 
 def _record(signum: int, frame: Any) -> None:
@@ -20,6 +35,7 @@ def _record(signum: int, frame: Any) -> None:
     global _received
     if _received is None:
         _received = Signals(signum)
+    arm_watchdog(Signals(signum))
 
 
 def listen_early() -> dict[Signals, Any]:
@@ -43,3 +59,48 @@ def take_early_signal() -> Signals | None:
     global _received
     sig, _received = _received, None
     return sig
+
+
+def startup_stop_grace_s() -> float:
+    """How long a stop signal waits for training to begin before it ends the process."""
+    try:
+        return max(0.0, float(os.environ.get(STARTUP_STOP_GRACE_ENV, DEFAULT_STARTUP_STOP_GRACE_S)))
+    except ValueError:
+        return DEFAULT_STARTUP_STOP_GRACE_S
+
+
+def arm_watchdog(sig: Signals) -> None:
+    """After a stop signal: unless training begins (or has) within the grace, the process ends."""
+    global _watchdog
+    if _training or _watchdog is not None:
+        return
+    _watchdog = threading.Timer(startup_stop_grace_s(), _end_stuck_startup, args=(sig,))
+    _watchdog.daemon = True
+    _watchdog.start()
+
+
+def training_began() -> None:
+    """Training has begun: stop signals are the trainer's from now on (the watchdog stands down)."""
+    global _training
+    _training = True
+    stand_down()
+
+
+def stand_down() -> None:
+    """Cancels an armed watchdog (a trainer whose session ended, trained or not, calls it)."""
+    global _watchdog
+    if _watchdog is not None:
+        _watchdog.cancel()
+        _watchdog = None
+
+
+def _end_stuck_startup(sig: Signals) -> None:
+    if _training:
+        return
+    print(
+        f"ml: stopped by {sig.name} during start-up, which did not finish within "
+        f"{startup_stop_grace_s():g} s (nothing was trained)",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(128 + int(sig))
