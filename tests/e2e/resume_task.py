@@ -49,6 +49,7 @@ class IndexedTaskConfig(SupervisedLearningTaskConfig):
     signal_phase: str | None = conf_field(None, help="valid, test, train, end (teardown) or exit")
     signal_step: int = conf_field(0, help="The step (state.num_steps) at which to send it")
     signal_marker: str | None = conf_field(None, help="Send it only while this file does not exist")
+    dataset_sleep_s: float = conf_field(0.0, help="Sleep this long in get_dataset (a start-up that hangs)")
 
 
 class NoisyDataset(Dataset):
@@ -74,6 +75,7 @@ class IndexedTask(SupervisedLearningTask[IndexedTaskConfig]):
         self.register_buffer("ballast", torch.zeros(ballast))
 
     def get_dataset(self, phase: Phase) -> Dataset:
+        time.sleep(self.config.dataset_sleep_s)
         size = self.config.num_samples if phase == "train" else max(self.config.num_samples // 2, 1)
         generator = torch.Generator().manual_seed(SPLIT_SEEDS[phase])
         features = torch.randn(size, NUM_FEATURES, generator=generator)
