@@ -23,3 +23,9 @@ def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # nothing is left to stop
         signal.signal(sig, signal.SIG_IGN)
     return code
+
+
+if __name__ == "__main__":  # python -m ml.entry (torchrun and srun start each worker so)
+    import sys
+
+    sys.exit(main())
