@@ -11,9 +11,10 @@ test), ``interrupted`` (a stop signal - ``signal`` names it - ended the run with
 also a second Ctrl-C, then ``error`` is ``"KeyboardInterrupt"`` and the checkpoint may be older than
 ``step``), or ``failed`` (any other exception; ``error`` is ``"<type>: <first line>"``).
 
-Refused input (a :class:`ml.errors.UserError`) leaves the marker of the previous session as it was.
-A process killed with SIGKILL writes nothing: the old marker stays beside a stale ``.lock_running``,
-which readers give precedence.
+While a session runs, the marker is provisional (``"state": "running"``, padded to keep room for
+the final one: :func:`reserve_status`). Refused input (a :class:`ml.errors.UserError`) puts back
+the marker of the previous session. A process killed with SIGKILL writes nothing more: the
+provisional marker stays beside a stale ``.lock_running``, which readers give precedence.
 """
 
 import datetime
@@ -64,14 +65,31 @@ def status_record(
     }
 
 
-def reserve_status(run: RunDir, record: dict[str, Any]) -> None:
+def reserve_status(run: RunDir, record: dict[str, Any]) -> bytes | None:
     """Writes a provisional marker (``state`` ``running``) padded to :data:`RESERVED_BYTES`.
 
     A disk that fills up during the session (the very failure worth recording) could refuse the
     final marker's new file; the final marker then overwrites this one in place, in the room it
     holds, so that ``ml runs`` still learns the run failed.
+
+    Returns:
+        The marker it replaced (None: there was none), for :func:`restore_status`.
     """
+    try:
+        previous: bytes | None = read_regular(run.status)
+    except OSError:
+        previous = None
     atomic_write_text(run.status, _text({**record, "state": RUNNING}).ljust(RESERVED_BYTES))
+    return previous
+
+
+def restore_status(run: RunDir, previous: bytes | None) -> None:
+    """Puts back the marker :func:`reserve_status` replaced (a session that refused its input
+    leaves the run as it was)."""
+    if previous is None:
+        run.status.unlink(missing_ok=True)
+    else:
+        atomic_write_text(run.status, previous.decode(errors="replace"))
 
 
 def write_status(run: RunDir, record: dict[str, Any]) -> None:

@@ -76,7 +76,7 @@ from ml.run.checkpoints import link_checkpoint, newest_verified_checkpoint, writ
 from ml.run.claim import check_folder_name, get_empty_exp_dir, new_exp_dir
 from ml.run.layout import LOCK_TYPES, LockType, RunDir
 from ml.run.locks import LockInfo, read_lock, remove_lock, take_running_lock, write_lock
-from ml.run.status import reserve_status, status_record, write_status
+from ml.run.status import reserve_status, restore_status, status_record, write_status
 from ml.tasks.base import BaseTask
 from ml.utils.atomic import atomic_write_text, fsync_dir, open_append, read_regular
 from ml.utils.checkpoint import (
@@ -428,6 +428,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         self.signal_handlers: dict[Signals, list[SignalHandler]] = defaultdict(list)
         self.run_config: DictConfig = self.raw_config
         self._saved_config: DictConfig | None = None  # the config as saved, when not all resolved
+        self._previous_status: bytes | None = None  # status.json before this session's (reserve_status)
         self.stop_signal: Signals | None = None
         self.finished = False
         self.distributed = False
@@ -661,21 +662,23 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             step=state.num_steps, elapsed_s=state.elapsed_time_s, signal=None, error=None, finished=False
         )
         try:
-            reserve_status(self.run, record)
+            self._previous_status = reserve_status(self.run, record)
         except OSError as e:  # the session goes on; its end is recorded if the disk allows
             logger.warning("Could not write %s: %s", self.run.status, e)
 
     def write_status(self, state: State, error: BaseException | None) -> None:
         """Writes ``status.json`` (:mod:`ml.run.status`); never raises over the error in flight.
 
-        Refused input (a :class:`UserError`) leaves the marker alone. A write that fails is logged:
+        Refused input (a :class:`UserError`) puts back the marker of the previous session (the run
+        is left as it was). A write that fails is logged:
         with an error in flight that error is what propagates (even a Ctrl-C during the write does
         not replace it); without one the run itself succeeded and its checkpoint is durable, so it
         is not failed for a missing marker (``ml runs`` then reads the run from its checkpoint).
         """
-        if isinstance(error, UserError):
-            return
         try:
+            if isinstance(error, UserError):
+                restore_status(self.run, self._previous_status)
+                return
             record = status_record(
                 step=state.num_steps,
                 elapsed_s=state.elapsed_time_s,
