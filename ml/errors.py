@@ -28,6 +28,7 @@ __all__ = [
     "CheckpointWriteError",
     "ConfigChangedError",
     "ConfigError",
+    "DamagedCheckpointError",
     "ModelFileError",
     "RegistryError",
     "RunDirNotSetError",
@@ -61,6 +62,11 @@ class RegistryError(UserError, LookupError):
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, truncated, foreign or does not fit the objects it is loaded into."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """The file is not the complete checkpoint that was written: gone, not a regular file,
+    truncated, or changed since (its checksum does not match). Resume falls back past it."""
 
 
 class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Generic, TypeVar, cast
 
-from ml.errors import CheckpointError, CheckpointWriteError
+from ml.errors import CheckpointError, CheckpointWriteError, DamagedCheckpointError
 from ml.run.layout import LINK_NAME, RunDir, checkpoint_step
 from ml.run.locks import write_lock
 from ml.utils.atomic import atomic_open, atomic_symlink
@@ -46,11 +46,6 @@ _END_RECORD_SIZE = 22
 CHECKSUM_TAG = b"ml-sha256:"
 _COMMENT_SIZE = len(CHECKSUM_TAG) + 64  # the tag, then the SHA-256 in hex
 _COMMENT_LENGTH = _COMMENT_SIZE.to_bytes(2, "little")
-
-
-class DamagedCheckpointError(CheckpointError):
-    """The file is not the complete checkpoint that was written: gone, not a regular file,
-    truncated, or changed since (its checksum does not match). A run falls back past it."""
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ml.errors import CheckpointError, UnsafeCheckpointError
-from ml.run.checkpoints import DamagedCheckpointError, verify_checksum
+from ml.errors import CheckpointError, DamagedCheckpointError, UnsafeCheckpointError
+from ml.run.checkpoints import verify_checksum
 from ml.utils.atomic import NotARegularFileError, open_regular
 
 _PLAIN = (torch.Tensor, int, float, str, bool, bytes, type(None), torch.Size, torch.dtype, torch.device)
