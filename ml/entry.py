@@ -10,7 +10,7 @@ the exit code, which is the run's.
 
 import signal
 
-from ml.utils.signals import listen_early
+from ml.utils.signals import enable_startup_watchdog, listen_early
 
 listen_early()
 
@@ -19,6 +19,7 @@ def main() -> int:
     """Runs :func:`ml.cli.main`; returns its exit code."""
     from ml.cli import main as cli_main
 
+    enable_startup_watchdog()  # this process is the ml command's: a stuck start-up must end on a signal
     code = cli_main()
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # nothing is left to stop
         signal.signal(sig, signal.SIG_IGN)

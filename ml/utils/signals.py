@@ -7,12 +7,14 @@ with a checkpoint, like for a signal received during training. After training, t
 place again (until the process exits), so a late signal cannot cut the last writes short either.
 
 A start-up that does not finish - a data set that never loads, a file that never opens - must not
-make the process immune to signals, or neither ``timeout`` nor Slurm could end it. So a stop signal
-received before training began (before the trainer has resumed or started its run) arms a
-watchdog: unless training begins within :func:`startup_stop_grace_s` seconds (60; the
-``ML_STARTUP_STOP_GRACE_S`` environment variable sets another), the process ends with exit code
-128 + the signal's number, saying so. Nothing has been trained by then, so nothing is lost; the
-run's lock, if already taken, is left to the next process, which takes over a dead owner's lock.
+make the ``ml`` process immune to signals, or neither ``timeout`` nor Slurm could end it. So in the
+``ml`` command's own process (:func:`enable_startup_watchdog`, called by :mod:`ml.entry`; never in
+a program that trains through the Python API, whose process is its own), a stop signal received
+before training began (before the trainer has resumed or started its run) arms a watchdog: unless
+training begins within :func:`startup_stop_grace_s` seconds (60; the ``ML_STARTUP_STOP_GRACE_S``
+environment variable sets another), the process ends with exit code 128 + the signal's number,
+saying so. Nothing has been trained by then, so nothing is lost; the run's lock, if already taken,
+is left to the next process, which takes over a dead owner's lock.
 """
 
 import os
@@ -27,6 +29,7 @@ STARTUP_STOP_GRACE_ENV = "ML_STARTUP_STOP_GRACE_S"
 DEFAULT_STARTUP_STOP_GRACE_S = 60.0
 _received: Signals | None = None
 _watchdog: threading.Timer | None = None
+_watchdog_enabled = False  # only in the ml command's process (ml.entry)
 _training = False
 
 
@@ -69,10 +72,16 @@ def startup_stop_grace_s() -> float:
         return DEFAULT_STARTUP_STOP_GRACE_S
 
 
+def enable_startup_watchdog() -> None:
+    """Lets a stop signal end this process if start-up never finishes (the ``ml`` command's own)."""
+    global _watchdog_enabled
+    _watchdog_enabled = True
+
+
 def arm_watchdog(sig: Signals) -> None:
     """After a stop signal: unless training begins (or has) within the grace, the process ends."""
     global _watchdog
-    if _training or _watchdog is not None:
+    if not _watchdog_enabled or _training or _watchdog is not None:
         return
     _watchdog = threading.Timer(startup_stop_grace_s(), _end_stuck_startup, args=(sig,))
     _watchdog.daemon = True

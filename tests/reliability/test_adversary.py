@@ -16,7 +16,6 @@ Every test runs the real ``ml`` command in a subprocess; the full disks are smal
 (root only, as in ``test_disk.py``).
 """
 
-import contextlib
 import io
 import json
 import os
@@ -35,7 +34,7 @@ import pytest
 import torch
 
 from ml.cli import main as ml_main
-from tests.reliability.test_disk import _mount_tmpfs
+from tests.reliability.test_disk import tmpfs
 
 _SCRIPT = Path(sys.executable).parent / "ml"
 ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.entry"]
@@ -106,29 +105,17 @@ def _runs_json(path: Path) -> list[dict]:
     return json.loads(out.getvalue())
 
 
-@contextlib.contextmanager
-def _tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
-    mount = tmp_path / f"disk-{uuid.uuid4().hex[:8]}"
-    reason = _mount_tmpfs(mount, size)
-    if reason is not None:
-        pytest.skip(reason)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 3 MiB tmpfs: room for a short run's checkpoints and logs."""
-    with _tmpfs(tmp_path, "3m") as mount:
+    with tmpfs(tmp_path, "3m") as mount:
         yield mount
 
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 256 KiB tmpfs: metrics written at every step fill it in a few seconds."""
-    with _tmpfs(tmp_path, "256k") as mount:
+    with tmpfs(tmp_path, "256k") as mount:
         yield mount
 
 

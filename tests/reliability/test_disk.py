@@ -6,6 +6,7 @@ no temporary file is left. A full disk uses a small tmpfs where mounting is allo
 file-size limit (``RLIMIT_FSIZE``) works everywhere.
 """
 
+import contextlib
 import json
 import os
 import resource
@@ -124,17 +125,24 @@ def _mount_tmpfs(path: Path, size: str) -> str | None:
     return None
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1.6 MiB tmpfs: room for one checkpoint and the logs, not for the next checkpoint beside it."""
+@contextlib.contextmanager
+def tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted in ``tmp_path`` for the block (the test skips where it cannot be)."""
     mount = tmp_path / f"disk-{uuid.uuid4().hex[:8]}"
-    reason = _mount_tmpfs(mount, "1600k")
+    reason = _mount_tmpfs(mount, size)
     if reason is not None:
         pytest.skip(reason)
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1.6 MiB tmpfs: room for one checkpoint and the logs, not for the next checkpoint beside it."""
+    with tmpfs(tmp_path, "1600k") as mount:
+        yield mount
 
 
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(small_disk: Path, tmp_path: Path) -> None:
