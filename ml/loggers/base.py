@@ -116,6 +116,11 @@ class BaseLogger(BaseObject[LoggerConfigT], ABC):
         """Flushes and releases resources; called once at the end of training."""
 
 
+def scalar_to_float(value: ScalarValue) -> float:
+    """A logged scalar (number, one-element tensor, or a callable returning one) as a float."""
+    return _to_float(value)
+
+
 def _to_float(value: ScalarValue) -> float:
     if callable(value):
         value = value()
@@ -152,6 +157,11 @@ class MultiLogger:
     def log_scalar(self, key: str, value: ScalarValue, *, namespace: str | None = None) -> None:
         """Logs a number, a one-element tensor, or a callable returning one (evaluated on write)."""
         self._scalars[f"{namespace or self.default_namespace}/{key}"] = value  # as _name, inlined: hot
+
+    def pop_scalars(self) -> dict[str, ScalarValue]:
+        """The scalars logged since the last write, taken out of it (e.g. to combine them first)."""
+        scalars, self._scalars = self._scalars, {}
+        return scalars
 
     def log_string(self, key: str, value: StringValue, *, namespace: str | None = None) -> None:
         self._strings[self._name(key, namespace)] = value

@@ -30,6 +30,7 @@ from ml.core.config import conf_field
 from ml.core.registry import register_trainer
 from ml.core.state import Phase, State
 from ml.errors import CheckpointError, ConfigError
+from ml.loggers.base import MultiLogger, ScalarValue, scalar_to_float
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
@@ -78,12 +79,41 @@ class SupervisedLearningTrainerConfig(TrainerConfig):
     progress_bar: bool = conf_field(True, help="Show a progress bar for validation and test on a terminal")
 
 
-def _as_loss_dict(losses: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _as_loss_dict(losses: torch.Tensor | dict[str, torch.Tensor], task: Any) -> dict[str, torch.Tensor]:
+    """The losses by name, each a scalar; anything else is refused before it is trained on.
+
+    A loss of several elements (``reduction="none"``) would be summed into the gradient and the
+    logs without a word: a silently wrong number, so it is bad input naming the task and shape.
+    """
     if isinstance(losses, torch.Tensor):
-        return {"loss": losses}
-    if isinstance(losses, dict) and losses and all(isinstance(v, torch.Tensor) for v in losses.values()):
-        return losses
-    raise TypeError(f"compute_loss must return a tensor or a non-empty dict of tensors, got {losses!r:.80}")
+        losses = {"loss": losses}
+    elif not (
+        isinstance(losses, dict) and losses and all(isinstance(v, torch.Tensor) for v in losses.values())
+    ):
+        raise TypeError(
+            f"compute_loss must return a tensor or a non-empty dict of tensors, got {losses!r:.80}"
+        )
+    for name, value in losses.items():
+        if value.numel() != 1:
+            raise ConfigError(
+                f"{type(task).__name__}.compute_loss returned {name!r} of shape {tuple(value.shape)}, not a "
+                "scalar: reduce it (e.g. .mean()) so that batches of every size weigh what they should"
+            )
+    return losses
+
+
+def _weighted_mean(parts: list[tuple[float, ScalarValue]]) -> ScalarValue:
+    """The sample-weighted mean of what was logged for each micro-batch (weights of those that logged it).
+
+    Tensors stay on their device (no host sync); other values are combined when a logger reads them.
+    """
+    total = sum(weight for weight, _ in parts)
+    if all(isinstance(value, torch.Tensor) for _, value in parts):
+        terms = [
+            cast(torch.Tensor, value).detach().float().sum() * (weight / total) for weight, value in parts
+        ]
+        return torch.stack(terms).sum()
+    return lambda: sum(weight * scalar_to_float(value) for weight, value in parts) / total
 
 
 class _Throughput:
@@ -381,7 +411,7 @@ class SupervisedLearningTrainer(
             output = task.run_model(model, batch, state)
         if self.precision.dtype is not None:
             output = _to_float32(output)
-        return _as_loss_dict(task.compute_loss(model, batch, state, output))
+        return _as_loss_dict(task.compute_loss(model, batch, state, output), task)
 
     def _train_step(
         self,
@@ -407,6 +437,9 @@ class SupervisedLearningTrainer(
         optim.zero_grad(set_to_none=True)
         # DDP: all-reduce gradients once, after the last batch
         no_sync = None if single else getattr(model, "no_sync", None)
+        # What the task and model log in each micro-batch, averaged over the step like the loss.
+        sources = [] if single else self._micro_batch_sources(task, model)
+        logged: dict[str, list[tuple[float, ScalarValue]]] = {}
         for i, batch in enumerate(batches):
             weight = 1.0 if single else batch_size_of(batch) / total
             batch = move_to(batch, self.device, self._dtype)
@@ -418,6 +451,12 @@ class SupervisedLearningTrainer(
             for name, value in loss_dict.items():
                 part = _scalar(value.detach().float())
                 losses[name] = part if single else losses.get(name, 0.0) + part * weight
+            for source in sources:
+                for key, scalar in source.pop_scalars().items():
+                    logged.setdefault(key, []).append((weight, scalar))
+        for key, parts in logged.items():  # back where they were logged, as one value for the step
+            namespace, _, name = key.partition("/")
+            task.logger.log_scalar(name, _weighted_mean(parts), namespace=namespace)
         step_loss = (
             next(iter(losses.values())) if len(losses) == 1 else torch.stack(list(losses.values())).sum()
         )
@@ -446,6 +485,11 @@ class SupervisedLearningTrainer(
         for name, value in _with_total(losses).items():
             task.logger.log_scalar(name, value, namespace="train")
         return losses
+
+    def _micro_batch_sources(self, task: SupervisedLearningTask, model: nn.Module) -> list[MultiLogger]:
+        """The loggers a step's forward and loss log into: the task's, and the model's if it has one."""
+        own = getattr(unwrap_model(model), "logger", None)
+        return [task.logger, *([own] if isinstance(own, MultiLogger) and own is not task.logger else [])]
 
     def _non_finite_step(self, state: State, loss: torch.Tensor, model: nn.Module, optim: Optimizer) -> None:
         """Stops (naming the step and the first module with a non-finite gradient) or skips the step."""

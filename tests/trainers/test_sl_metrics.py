@@ -1,0 +1,101 @@
+"""What a task logs during a training step is right whatever the step is made of (issue: silent
+wrong results).
+
+- Under gradient accumulation (``trainer.batches_per_step``), everything the task or the model
+  logs in a step is averaged over the step's micro-batches, weighted by their samples, as the loss
+  is: a task logging its loss in bits (``loss / ln 2``) logs exactly ``train/loss / ln 2``, also
+  when the step's last micro-batch is short; values logged as numbers or callables too.
+- A loss that is not a scalar (``reduction="none"``) stops before the first step with one line
+  naming the task and the shape, instead of being summed into the gradient and the logs.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from ml.core.state import State
+from ml.errors import ConfigError
+from ml.loggers.jsonl import JsonlLogger, JsonlLoggerConfig
+from ml.lr_schedulers.builtin import ConstantConfig, ConstantLRScheduler
+from ml.optimizers.builtin import AdamConfig, AdamOptimizer
+from ml.tasks.sl import SupervisedLearningTaskConfig
+from ml.trainers.sl import SupervisedLearningTrainer, SupervisedLearningTrainerConfig
+from tests.tiny import TinyModel, TinyModelConfig, TinyTask
+
+
+class BitsTask(TinyTask):
+    """Logs its loss in bits (a tensor), its batch size (a number) and the loss again (a callable)."""
+
+    def compute_loss(
+        self, model: nn.Module, batch: tuple, state: State, output: torch.Tensor
+    ) -> torch.Tensor:
+        loss = F.cross_entropy(output, batch[1])
+        self.logger.log_scalar("bits", loss.detach() / math.log(2), namespace=state.phase)
+        self.logger.log_scalar("samples", float(batch[0].shape[0]), namespace=state.phase)
+        self.logger.log_scalar("lazy_loss", lambda: loss.detach(), namespace=state.phase)
+        return loss
+
+
+class PerSampleTask(TinyTask):
+    def compute_loss(
+        self, model: nn.Module, batch: tuple, state: State, output: torch.Tensor
+    ) -> torch.Tensor:
+        return F.cross_entropy(output, batch[1], reduction="none")
+
+
+def _train(exp_dir: Path, task: TinyTask, **trainer: object) -> None:
+    config = OmegaConf.merge(
+        OmegaConf.structured(SupervisedLearningTrainerConfig),
+        {"name": "sl", "exp_dir": str(exp_dir), "valid_at_end": False, "test_at_end": False, **trainer},
+    )
+    sl = SupervisedLearningTrainer(config)  # type: ignore[arg-type]
+    sl.add_logger(JsonlLogger(JsonlLoggerConfig(name="jsonl", write_every_n_steps=1)))
+    sl.train(
+        TinyModel(TinyModelConfig(name="tiny")),
+        task,
+        AdamOptimizer(AdamConfig(name="adam")),
+        ConstantLRScheduler(ConstantConfig(name="constant")),
+    )
+
+
+def _train_records(exp_dir: Path) -> list[dict]:
+    lines = (exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["phase"] == "train"]
+
+
+@pytest.mark.parametrize("batches_per_step", [1, 2, 3])
+def test_what_a_task_logs_in_a_step_is_averaged_over_its_micro_batches(
+    tmp_path: Path, batches_per_step: int
+) -> None:
+    # 64 samples in batches of 24: micro-batches of 24, 24 and 16, so the weights differ.
+    config = SupervisedLearningTaskConfig(name="bits", max_steps=6)
+    config.train_dl.batch_size = 24
+    config.train_dl.drop_last = False
+    _train(tmp_path, BitsTask(config), batches_per_step=batches_per_step)
+    records = _train_records(tmp_path)
+    assert len(records) == 6
+    for record in records:
+        metrics = record["metrics"]
+        assert metrics["train/bits"] == pytest.approx(metrics["train/loss"] / math.log(2), rel=1e-6), record
+        assert metrics["train/lazy_loss"] == pytest.approx(metrics["train/loss"], rel=1e-6), record
+    sizes = [record["metrics"]["train/samples"] for record in records]
+    if batches_per_step == 3:  # a whole epoch per step: 24, 24, 16 samples
+        assert sizes == pytest.approx([(24 * 24 + 24 * 24 + 16 * 16) / 64] * 6)
+    elif batches_per_step == 1:
+        assert set(sizes) == {24.0, 16.0}
+
+
+def test_a_loss_that_is_not_a_scalar_stops_before_the_first_step(tmp_path: Path) -> None:
+    task = PerSampleTask(SupervisedLearningTaskConfig(name="per_sample", max_steps=5))
+    with pytest.raises(
+        ConfigError, match=r"PerSampleTask.compute_loss returned 'loss' of shape \(32,\), not a scalar"
+    ):
+        _train(tmp_path, task)
+    assert not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "logs" / "metrics.jsonl").exists() or not _train_records(tmp_path)
