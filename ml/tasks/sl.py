@@ -59,8 +59,9 @@ class SupervisedLearningTask(BaseTask[SLTaskConfigT]):
     def get_dataset(self, phase: Phase) -> Dataset:
         """Returns the dataset of ``phase`` (``train``, ``valid`` or ``test``).
 
-        Raise ``NotImplementedError`` for a phase the task does not have: the trainer then skips
-        validation or testing.
+        For ``valid`` and ``test``, a dict of datasets by name evaluates each set on its own (logged
+        as ``valid/<name>/<metric>``). Raise ``NotImplementedError`` for a phase the task does not
+        have: the trainer then skips validation or testing.
         """
 
     def run_model(self, model: nn.Module, batch: Any, state: State) -> Any:

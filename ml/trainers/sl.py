@@ -17,7 +17,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -222,8 +222,8 @@ class _Session(Session):
     """A supervised session: the data, and the model as the loop and the evaluation run it."""
 
     train_loader: DataLoader
-    valid_loader: DataLoader | None
-    test_loader: DataLoader | None
+    valid_loaders: dict[str, DataLoader]  # by set name ("" for one unnamed set); empty: none
+    test_loaders: dict[str, DataLoader]
     runner: nn.Module  # the model the training steps run: wrapped, compiled
     evaluator: nn.Module  # the model evaluation runs (never the DDP wrapper)
 
@@ -321,16 +321,39 @@ class SupervisedLearningTrainer(
 
     # -- data
 
-    def _loader(self, task: SupervisedLearningTask, phase: Phase) -> DataLoader | None:
+    def _loaders(self, task: SupervisedLearningTask, phase: Phase) -> dict[str, DataLoader]:
+        """The phase's data loaders by set name: ``{"": loader}`` for one dataset, one per name for a
+        dict of datasets (validation and test: logged as ``valid/<name>/<metric>``), none when the
+        task has no such phase. Whatever the trainer cannot use is refused here, before any step.
+        """
+        where = f"{type(task).__name__}.get_dataset({phase!r})"
         try:
             dataset = task.get_dataset(phase)
         except NotImplementedError as e:
             if phase == "train":
                 raise ConfigError(f"task {type(task).__name__} has no training data: {e}") from e
-            return None
+            return {}
+        if not isinstance(dataset, Mapping):
+            return {"": self._loader(task, phase, dataset, where)}
+        if phase == "train":
+            raise ConfigError(
+                f"{where} returned a dict: training takes one dataset (several are for valid/test)"
+            )
+        if not dataset:
+            raise ConfigError(
+                f"{where} returned an empty dict: give at least one dataset, or raise NotImplementedError"
+            )
+        for name in dataset:
+            if not isinstance(name, str) or not name or "/" in name:
+                raise ConfigError(
+                    f"{where} returned a dict with the key {name!r}: name each set with a plain string"
+                )
+        return {name: self._loader(task, phase, data, f"{where}[{name!r}]") for name, data in dataset.items()}
+
+    def _loader(self, task: SupervisedLearningTask, phase: Phase, dataset: Any, where: str) -> DataLoader:
         if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise ConfigError(
-                f"{type(task).__name__}.get_dataset({phase!r}) returned {type(dataset).__name__}, "
+                f"{where} returned {type(dataset).__name__}, "
                 "not a map-style Dataset (with __len__ and __getitem__)"
             )
         cfg = task.dataloader_config(phase)
@@ -517,30 +540,67 @@ class SupervisedLearningTrainer(
 
     @torch.no_grad()
     def evaluate(
-        self, phase: Phase, loader: DataLoader, task: SupervisedLearningTask, model: nn.Module, state: State
+        self,
+        phase: Phase,
+        loaders: DataLoader | Mapping[str, DataLoader],
+        task: SupervisedLearningTask,
+        model: nn.Module,
+        state: State,
     ) -> dict[str, float] | None:
-        """Runs a whole validation or test set; returns (and logs) its sample-weighted mean metrics.
+        """Runs whole validation or test sets; returns (and logs) their sample-weighted mean metrics.
 
         Everything the task logs while evaluating (losses, accuracy, ...) is averaged over samples.
+        Several named sets (``{"clean": ..., "noisy": ...}``) are each averaged on their own and
+        logged together, in one record, as ``valid/clean/loss``, ``valid/noisy/loss``, ...
         A stop signal abandons the pass at the next batch (None is returned, nothing is logged).
         """
+        sets = {"": loaders} if isinstance(loaders, DataLoader) else dict(loaders)
         state.set_phase(phase)
         model.eval()
-        totals: dict[str, float] = {}
-        count = 0
-        cast(ResumableSampler, loader.sampler).set_epoch(0)
-        for batch in progress(loader, total=len(loader), description=phase, enabled=self.config.progress_bar):
-            if self.stop_signal is not None:  # stop promptly; a partial pass is not reported
+        metrics: dict[str, float] = {}
+        for name, loader in sets.items():
+            part = self._evaluate_set(phase, name, loader, task, model, state)
+            if part is None:  # stopped: a partial pass is not reported
                 task.logger.clear()
                 state.set_phase("train")
                 return None
+            metrics.update(part)
+        for key, mean in metrics.items():
+            namespace, _, rest = key.partition("/")
+            task.logger.log_scalar(rest, mean, namespace=namespace)
+        self.write_logs(task, cast(BaseModel, model), state)
+        state.set_phase("train")
+        if phase == "valid":
+            self._last_valid = (state.num_steps, state.elapsed_time_s)
+        self.final_metrics.update(metrics)
+        return metrics
+
+    def _evaluate_set(
+        self,
+        phase: Phase,
+        name: str,
+        loader: DataLoader,
+        task: SupervisedLearningTask,
+        model: nn.Module,
+        state: State,
+    ) -> dict[str, float] | None:
+        """One set's sample-weighted means (``<phase>/<name>/...`` for a named set); None if stopped."""
+        totals: dict[str, float] = {}
+        count = 0
+        cast(ResumableSampler, loader.sampler).set_epoch(0)
+        description = f"{phase}/{name}" if name else phase
+        for batch in progress(
+            loader, total=len(loader), description=description, enabled=self.config.progress_bar
+        ):
+            if self.stop_signal is not None:  # stop promptly
+                return None
             batch = move_to(batch, self.device, self.weight_precision)
             loss_dict = _with_total(self._losses(task, model, batch, state))
-            for name, value in loss_dict.items():
-                task.logger.log_scalar(name, value.detach().float().sum(), namespace=phase)
+            for key, value in loss_dict.items():
+                task.logger.log_scalar(key, value.detach().float().sum(), namespace=phase)
             size = batch_size_of(batch)
-            for name, scalar in task.logger.materialize().scalars.items():
-                totals[name] = totals.get(name, 0.0) + scalar * size
+            for key, scalar in task.logger.materialize().scalars.items():
+                totals[key] = totals.get(key, 0.0) + scalar * size
             count += size
             if phase == "valid":
                 state.num_valid_steps += 1
@@ -548,18 +608,14 @@ class SupervisedLearningTrainer(
                 state.num_test_steps += 1
         if self.distributed:  # each rank saw its share of the set: combine the sums
             parts = all_gather_object((totals, count))
-            totals = {name: sum(part[0].get(name, 0.0) for part in parts) for name in parts[0][0]}
+            totals = {key: sum(part[0].get(key, 0.0) for part in parts) for key in parts[0][0]}
             count = sum(part[1] for part in parts)
-        metrics = {name: total / max(count, 1) for name, total in totals.items()}
-        for name, mean in metrics.items():
-            namespace, _, key = name.partition("/")
-            task.logger.log_scalar(key, mean, namespace=namespace)
-        self.write_logs(task, cast(BaseModel, model), state)
-        state.set_phase("train")
-        if phase == "valid":
-            self._last_valid = (state.num_steps, state.elapsed_time_s)
-        self.final_metrics.update(metrics)
-        return metrics
+        prefix = f"{phase}/"
+        renamed = (lambda key: f"{prefix}{name}/{key[len(prefix) :]}") if name else (lambda key: key)
+        return {
+            (renamed(key) if key.startswith(prefix) else key): total / max(count, 1)
+            for key, total in totals.items()
+        }
 
     def _validation_missed(self, state: State) -> bool:
         """Whether the checkpoint resumed from was saved at a step due for validation, without it.
@@ -606,8 +662,7 @@ class SupervisedLearningTrainer(
         if self.config.fast_optimizer:
             use_fast_optimizer(optim)
         lr_sched = lr_scheduler.get(optim)
-        train_loader = self._loader(task, "train")
-        assert train_loader is not None
+        train_loader = self._loaders(task, "train")[""]
         runner = cast(nn.Module, torch.compile(wrapped)) if self.config.compile_model else wrapped
         # Evaluation runs the model without the DDP wrapper, whose forward may sync buffers
         # across ranks (a collective that ranks with fewer batches would never join).
@@ -623,8 +678,8 @@ class SupervisedLearningTrainer(
             lr_sched,
             seed=task.config.seed,
             train_loader=train_loader,
-            valid_loader=self._loader(task, "valid"),
-            test_loader=self._loader(task, "test"),
+            valid_loaders=self._loaders(task, "valid"),
+            test_loaders=self._loaders(task, "test"),
             runner=runner,
             evaluator=evaluator,
         )
@@ -645,9 +700,9 @@ class SupervisedLearningTrainer(
         # A gradient scaler steps through torch (it passes its scale to the fused kernel).
         if self.config.fast_optimizer and self.precision.scaler is None:
             self._fused_step = FusedAdamStep(optim)
-        if s.valid_loader is not None and self._validation_missed(state):
+        if s.valid_loaders and self._validation_missed(state):
             # A stop signal ended the last session during the validation due at its final step.
-            self.evaluate("valid", s.valid_loader, task, s.evaluator, state)
+            self.evaluate("valid", s.valid_loaders, task, s.evaluator, state)
         throughput = _Throughput(state)
         world_size = get_world_size()
         while not task.is_training_over(state) and self.stop_signal is None:
@@ -668,8 +723,8 @@ class SupervisedLearningTrainer(
                 self.logger.log_scalar("steps_per_s", throughput.steps_per_s)
                 last = self.stop_signal is not None or task.is_training_over(state)
                 self.write_logs(task, model, state, final=last)
-                if s.valid_loader is not None and self._should_validate(state):
-                    self.evaluate("valid", s.valid_loader, task, s.evaluator, state)
+                if s.valid_loaders and self._should_validate(state):
+                    self.evaluate("valid", s.valid_loaders, task, s.evaluator, state)
                 if self.should_checkpoint(state):
                     self.save_checkpoint(state, task, model, optim, lr_sched)
                 if task.is_training_over(state) or self.stop_signal is not None:
@@ -687,10 +742,10 @@ class SupervisedLearningTrainer(
             return
         if not self.checkpoint_is_current(state):
             self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)
-        if s.valid_loader is not None and self.config.valid_at_end and self._last_valid[0] != state.num_steps:
-            self.evaluate("valid", s.valid_loader, s.task, s.evaluator, state)
-        if s.test_loader is not None and self.config.test_at_end:
-            self.evaluate("test", s.test_loader, s.task, s.evaluator, state)
+        if s.valid_loaders and self.config.valid_at_end and self._last_valid[0] != state.num_steps:
+            self.evaluate("valid", s.valid_loaders, s.task, s.evaluator, state)
+        if s.test_loaders and self.config.test_at_end:
+            self.evaluate("test", s.test_loaders, s.task, s.evaluator, state)
         if self.stop_signal is None:
             self.finished = True
             self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)

@@ -1,5 +1,5 @@
-"""What a task logs during a training step is right whatever the step is made of (issue: silent
-wrong results).
+"""What a task logs is right whatever a step is made of, and several validation sets are each
+logged under their name.
 
 - Under gradient accumulation (``trainer.batches_per_step``), everything the task or the model
   logs in a step is averaged over the step's micro-batches, weighted by their samples, as the loss
@@ -7,17 +7,22 @@ wrong results).
   when the step's last micro-batch is short; values logged as numbers or callables too.
 - A loss that is not a scalar (``reduction="none"``) stops before the first step with one line
   naming the task and the shape, instead of being summed into the gradient and the logs.
+- ``get_dataset("valid")`` may return a dict of datasets: each set is logged as
+  ``valid/<name>/<metric>``, all in one record per validation; a dict the trainer cannot use is
+  refused before the first step.
 """
 
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from ml.core.state import State
 from ml.errors import ConfigError
@@ -99,3 +104,59 @@ def test_a_loss_that_is_not_a_scalar_stops_before_the_first_step(tmp_path: Path)
         _train(tmp_path, task)
     assert not (tmp_path / "checkpoints").exists()
     assert not (tmp_path / "logs" / "metrics.jsonl").exists() or not _train_records(tmp_path)
+
+
+class TwoValidSetsTask(TinyTask):
+    """Validation on two named sets: the usual one, and the same points with their labels shifted."""
+
+    def get_dataset(self, phase: str) -> Any:
+        data = super().get_dataset(phase)
+        if phase != "valid":
+            return data
+        features, labels = data.tensors  # type: ignore[attr-defined]
+        return {"clean": data, "shifted": TensorDataset(features, (labels + 1) % 3)}
+
+
+class BadValidTask(TinyTask):
+    def __init__(self, config: SupervisedLearningTaskConfig, valid: Any) -> None:
+        super().__init__(config)
+        self.valid = valid
+
+    def get_dataset(self, phase: str) -> Any:
+        return self.valid if phase == "valid" else super().get_dataset(phase)
+
+
+def test_several_validation_sets_are_logged_each_under_its_name(tmp_path: Path) -> None:
+    _train(
+        tmp_path,
+        TwoValidSetsTask(SupervisedLearningTaskConfig(name="two", max_steps=4)),
+        valid_every_n_steps=2,
+    )
+    lines = (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
+    valid = [r for r in map(json.loads, lines) if r["phase"] == "valid"]
+    assert [r["step"] for r in valid] == [2, 4]  # one record per validation, every set in it
+    for record in valid:
+        metrics = record["metrics"]
+        assert {"valid/clean/loss", "valid/shifted/loss"} <= set(metrics), metrics
+        assert metrics["valid/clean/loss"] != metrics["valid/shifted/loss"]
+        assert "valid/loss" not in metrics
+
+
+@pytest.mark.parametrize(
+    ("valid", "message"),
+    [
+        ({}, "returned an empty dict"),
+        ({"a/b": TensorDataset(torch.zeros(2, 4))}, "name each set with a plain string"),
+        (
+            {"ok": [1, 2, 3], "bad": 5},
+            r"get_dataset\('valid'\)\['bad'\] returned int, not a map-style Dataset",
+        ),
+    ],
+)
+def test_validation_sets_the_trainer_cannot_use_are_refused_before_the_first_step(
+    tmp_path: Path, valid: Any, message: str
+) -> None:
+    task = BadValidTask(SupervisedLearningTaskConfig(name="bad", max_steps=4), valid)
+    with pytest.raises(ConfigError, match=message):
+        _train(tmp_path, task, valid_every_n_steps=2)
+    assert not (tmp_path / "checkpoints").exists()
