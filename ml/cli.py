@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import traceback
+from typing import Any
 
 from ml.errors import (
     EXIT_FAILURE,
@@ -86,22 +87,43 @@ def _print_help(command: str | None, args: list[str]) -> None:
     from ml.core.registry import lookup, registered_names
 
     configs = [a for a in args if "=" not in a]
-    chosen: dict[str, list[str]] = {}
+    # Each section's component, and the values that apply: the config's when one is given.
+    chosen: dict[str, list[tuple[str, Any]]] = {}
     if command is not None and configs:
         root = compose_config(configs, [a for a in args if "=" in a])
         for section in SECTIONS:
             nodes = root[section] if section == "logger" else [root[section]]
-            chosen[section] = [str(node.name) for node in nodes]
+            chosen[section] = [(str(node.name), node) for node in nodes]
     else:
-        print("Give a config to see only the components it selects.\n")
-        chosen = {section: registered_names(kind) for section, kind in SECTIONS.items()}
-    for section, names in chosen.items():
-        for name in names:
+        print("Give a config to see only the components it selects, with the values it gives them.\n")
+        chosen = {
+            section: [(name, None) for name in registered_names(kind)] for section, kind in SECTIONS.items()
+        }
+    for section, components in chosen.items():
+        given = section == "logger" and components[:1] != [] and components[0][1] is not None
+        where = [f"{section}[{i}]" for i in range(len(components))] if given else [section] * len(components)
+        for (name, node), label in zip(components, where, strict=True):
             _, config_cls = lookup(SECTIONS[section], name)
-            print(f"{section}: {name}  ({config_cls.__name__})")
+            print(f"{label}: {name}  ({config_cls.__name__})")
             for field, type_name, default, help_text in config_fields(config_cls):
-                print(f"  {section}.{field}: {type_name} = {default}\n      {help_text}")
+                value = default if node is None else _value_in(node, field)
+                print(f"  {label}.{field}: {type_name} = {value}\n      {help_text}")
             print()
+
+
+def _value_in(node: Any, field: str) -> str:
+    """A field's value in a composed section: resolved where it can be, else as written."""
+    from omegaconf import OmegaConf
+
+    parent_key, _, leaf = field.rpartition(".")
+    parent = OmegaConf.select(node, parent_key) if parent_key else node
+    if OmegaConf.is_missing(parent, leaf):
+        return "???"
+    try:
+        return str(OmegaConf.select(node, field))
+    except Exception:  # an interpolation that resolves only later
+        raw: Any = OmegaConf.to_container(parent, resolve=False)
+        return str(raw[leaf])
 
 
 def _rank() -> int:

@@ -333,14 +333,18 @@ def config_fields(config_cls: type) -> list[tuple[str, str, str, str]]:
     """``(dotted name, type, default, help)`` for every field of a config dataclass, nested included."""
     rows: list[tuple[str, str, str, str]] = []
 
-    def walk(cls: type, prefix: str) -> None:
+    def walk(cls: type, prefix: str, instance: Any = None) -> None:
+        # A nested section's defaults are its default instance's values, which may differ from its
+        # class's (task.train_dl is DataLoaderConfig(shuffle=True, drop_last=True)).
         for f in dataclasses.fields(cls):
             name = f"{prefix}{f.name}"
             default: Any = f.default
             if f.default_factory is not dataclasses.MISSING:
                 default = f.default_factory()
+            if instance is not None:
+                default = getattr(instance, f.name)
             if dataclasses.is_dataclass(default) and not isinstance(default, type):
-                walk(type(default), f"{name}.")
+                walk(type(default), f"{name}.", default)
                 continue
             type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             rows.append(

@@ -17,6 +17,7 @@ consistently:
 tree as the task's.
 """
 
+import logging
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from ml.core.config import conf_field
 from ml.core.registry import register_lr_scheduler
 from ml.core.state import State
 from ml.lr_schedulers.base import BaseLRScheduler, BaseLRSchedulerConfig
+
+logger = logging.getLogger(__name__)
 
 TOTAL_STEPS_FROM_TASK = "${oc.select:task.max_steps,null}"
 
@@ -57,12 +60,25 @@ def _resolve_total_steps(raw_config: Any, warmup_steps: int, min_scale: float) -
             "the learning-rate schedule needs a length: set lr_scheduler.total_steps or task.max_steps"
         )
     total_steps = int(total_steps)
-    if total_steps <= warmup_steps:
-        raise ValueError(
-            f"lr_scheduler.total_steps must be greater than lr_scheduler.warmup_steps ({warmup_steps}), "
-            f"got {total_steps}"
-        )
+    if total_steps < 1:
+        raise ValueError(f"lr_scheduler.total_steps must be positive, got {total_steps}")
     return total_steps
+
+
+def _clamp_warmup(warmup_steps: int, total_steps: int) -> int:
+    """A warm-up no longer than the run: one as long or longer (``task.max_steps=60`` under a
+    warm-up of 100) is cut to half the run, with a warning, so that a short run still trains."""
+    if warmup_steps < total_steps:
+        return warmup_steps
+    clamped = total_steps // 2
+    logger.warning(
+        "lr_scheduler.warmup_steps (%d) is not shorter than the schedule (total_steps %d): "
+        "warming up for %d steps, half of it",
+        warmup_steps,
+        total_steps,
+        clamped,
+    )
+    return clamped
 
 
 @dataclass
@@ -126,6 +142,7 @@ class WarmupDecayLRScheduler(BaseLRScheduler[DecayConfigT]):
         self.min_scale = float(self.raw_config.min_scale)
         _check_warmup_steps(self.warmup_steps)
         self.total_steps = _resolve_total_steps(self.raw_config, self.warmup_steps, self.min_scale)
+        self.warmup_steps = _clamp_warmup(self.warmup_steps, self.total_steps)
 
     @abstractmethod
     def decay(self, step: int, span: int) -> float:

@@ -356,6 +356,25 @@ def test_help_with_a_config_lists_the_selected_components(files: Files, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_help_with_a_config_shows_the_values_that_apply(files: Files, tmp_path: Path) -> None:
+    """The config's values, as ``ml resolve`` shows them, not the dataclasses' defaults."""
+    args = ("digits", "task.max_steps=60")
+    shown = _ok(ml(files, "train", *args, "--help", run_dir=tmp_path)).stdout
+    resolved = _ok(ml(files, "resolve", *args, run_dir=tmp_path)).stdout
+    assert "    drop_last: true\n    shuffle: true\n  valid_dl:" in resolved  # train_dl's, as resolved
+    for line in (
+        "task.train_dl.shuffle: bool = True",  # train_dl's own default, not DataLoaderConfig's False
+        "task.train_dl.drop_last: bool = True",
+        "task.valid_dl.shuffle: bool = False",
+        "task.max_steps: int | None = 60",  # the override
+        "lr_scheduler.total_steps: int | None = 60",  # derived from it
+        "trainer.exp_dir: str = ???",  # claimed when the run starts
+        "logger[0].name: str = stdout",
+    ):
+        assert f"  {line}\n" in shown, line
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line, exit code 2, nothing on disk
 

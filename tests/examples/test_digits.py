@@ -1,7 +1,10 @@
-"""The digits example reads scikit-learn's data file itself, without the two seconds of importing sklearn."""
+"""The digits example reads scikit-learn's data file itself, without the two seconds of importing sklearn;
+a run shorter than its warm-up trains."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from sklearn.datasets import load_digits
@@ -30,3 +33,24 @@ def test_loading_the_data_does_not_import_sklearn() -> None:
     code += "print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_short_run_trains_with_its_warmup_clamped(tmp_path: Path) -> None:
+    """``ml train digits task.max_steps=60``: digits warms up for 100 steps, longer than the run."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ML_EXP_NAME")
+    }
+    env.update(RUN_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    ml = Path(sys.executable).parent / "ml"
+    result = subprocess.run(
+        [str(ml), "train", "digits", "task.max_steps=60"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "lr_scheduler.warmup_steps (100) is not shorter than the schedule (total_steps 60)" in result.stderr
+    )
+    assert (tmp_path / "digits" / "run_0" / "checkpoints" / "ckpt.60.pt").is_file()

@@ -212,11 +212,7 @@ def test_missing_total_steps_raises_for_linear() -> None:
             lambda: CosineLRScheduler(CosineConfig(total_steps=5, min_scale=-0.1)),
             r"min_scale must be between",
         ),
-        (
-            lambda: LinearLRScheduler(LinearConfig(warmup_steps=5, total_steps=5)),
-            r"total_steps must be greater",
-        ),
-        (lambda: CosineLRScheduler(CosineConfig(total_steps=0)), r"total_steps must be greater"),
+        (lambda: CosineLRScheduler(CosineConfig(total_steps=0)), r"total_steps must be positive"),
         (
             lambda: CosineLRScheduler(CosineConfig(total_steps=5, num_cycles=0)),
             r"num_cycles must be positive",
@@ -227,6 +223,19 @@ def test_missing_total_steps_raises_for_linear() -> None:
 def test_validation_errors_name_the_field(make: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize(("warmup", "total"), [(5, 5), (100, 60)])
+def test_a_warmup_as_long_as_the_run_is_clamped_to_half_of_it_with_a_warning(
+    warmup: int, total: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``ml train digits task.max_steps=60`` under digits' 100 warm-up steps trains, warned."""
+    scheduler = CosineLRScheduler(CosineConfig(warmup_steps=warmup, total_steps=total))
+    assert scheduler.warmup_steps == total // 2
+    assert f"lr_scheduler.warmup_steps ({warmup}) is not shorter than the schedule" in caplog.text
+    scales = [_scale(scheduler, k) for k in range(total)]
+    assert max(scales) == 1.0 and scales[-1] < 1.0  # warms up to the peak, then decays
+    assert all(0.0 < s <= 1.0 for s in scales[:-1])
 
 
 def test_boundary_values_are_accepted() -> None:
