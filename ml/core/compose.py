@@ -299,12 +299,15 @@ def build_launcher(root: DictConfig) -> Any:
 
 
 # What a saved config keeps as written, unresolved: references to other keys of the same config
-# (`${task.max_steps}`, `${oc.select:task.max_steps,null}`), so that a run continued with another
-# task.max_steps gets a schedule of that length, and secrets (`${ml.secret:NAME}`), so that their
+# (`${task.max_steps}`, `${oc.select:task.max_steps,null}`, a schedule's `${ml.task_steps:...}`), so
+# that a run continued with another task.max_steps gets a schedule of that length, and secrets
+# (`${ml.secret:NAME}`), so that their
 # values never reach a file. Everything else (`${oc.env:...}`, `${ml.exp_name:...}`) is saved as
 # the value it resolved to: the run goes on with what it started with.
 _KEPT_AS_WRITTEN = re.compile(
-    r"\$\{(?:oc\.select:)?\.*[A-Za-z_][\w.\[\]]*(?:,[^${}]*)?\}|\$\{ml\.secret:[A-Za-z_]\w*\}"
+    r"\$\{(?:oc\.select:)?\.*[A-Za-z_][\w.\[\]]*(?:,[^${}]*)?\}"  # ${task.max_steps}, ${oc.select:...}
+    r"|\$\{ml\.secret:[A-Za-z_]\w*\}"  # a secret
+    r"|\$\{ml\.task_steps:(?:\$\{oc\.select:[\w.]+,null\},?){4}\}"  # a schedule's length from the task's
 )
 
 

@@ -8,6 +8,7 @@ typed config and the raw OmegaConf node it came from.
 
 import copy
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,23 @@ def _secret_resolver(name: str) -> str:
     return value
 
 
+def task_steps(
+    max_steps: int | None, max_samples: int | None, num_envs: int | None, num_env_steps: int | None
+) -> int | None:
+    """``${ml.task_steps:...}``: a task's length in optimizer steps (a schedule's default length).
+
+    ``task.max_steps`` when set; else, for a reinforcement-learning task limited by
+    ``task.max_samples``, the iterations those environment steps take (each iteration steps every
+    environment of every process ``num_env_steps`` times); else null.
+    """
+    if max_steps is not None:
+        return int(max_steps)
+    if max_samples is None or not num_envs or not num_env_steps:
+        return None
+    per_iteration = int(num_envs) * int(num_env_steps) * max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    return math.ceil(int(max_samples) / per_iteration)
+
+
 def _abs_path_resolver(path: str) -> str:
     """``${ml.abs_path:P}``: ``P`` with ``~`` expanded, made absolute."""
     return str(Path(str(path)).expanduser().resolve())
@@ -129,6 +147,7 @@ def register_resolvers() -> None:
     for name, fn in (
         ("ml.exp_name", _exp_name_resolver),
         ("ml.secret", _secret_resolver),
+        ("ml.task_steps", task_steps),
         ("ml.abs_path", _abs_path_resolver),
         ("ml.cpu_count", _cpu_count_resolver),
     ):

@@ -12,9 +12,11 @@ consistently:
   of a run of ``total_steps`` updates (``k = total_steps - 1``) uses exactly ``min_scale``, and every
   later step stays there.
 
-``total_steps`` defaults to the task's ``max_steps`` through the OmegaConf interpolation
-``${oc.select:task.max_steps,null}``, which resolves when the scheduler's config sits in the same
-tree as the task's.
+``total_steps`` defaults to the task's length in steps through the resolver ``ml.task_steps``
+(:func:`ml.core.config.task_steps`): ``task.max_steps``, or for a reinforcement-learning task that
+only sets ``task.max_samples``, the iterations that many environment steps take. It resolves when
+the scheduler's config sits in the same tree as the task's, and stays a reference in the saved
+config, so a run continued with a higher limit gets a schedule of the new length.
 """
 
 import logging
@@ -30,7 +32,10 @@ from ml.lr_schedulers.base import BaseLRScheduler, BaseLRSchedulerConfig
 
 logger = logging.getLogger(__name__)
 
-TOTAL_STEPS_FROM_TASK = "${oc.select:task.max_steps,null}"
+TOTAL_STEPS_FROM_TASK = (
+    "${ml.task_steps:${oc.select:task.max_steps,null},${oc.select:task.max_samples,null},"
+    "${oc.select:task.num_envs,null},${oc.select:task.num_env_steps,null}}"
+)
 
 
 def _warmup_scale(update: int, warmup_steps: int) -> float:
@@ -57,7 +62,8 @@ def _resolve_total_steps(raw_config: Any, warmup_steps: int, min_scale: float) -
     total_steps = raw_config.total_steps
     if total_steps is None:
         raise ValueError(
-            "the learning-rate schedule needs a length: set lr_scheduler.total_steps or task.max_steps"
+            "the learning-rate schedule needs a length: set lr_scheduler.total_steps or task.max_steps "
+            "(or task.max_samples for reinforcement learning)"
         )
     total_steps = int(total_steps)
     if total_steps < 1:
@@ -118,7 +124,8 @@ class WarmupDecayConfig(BaseLRSchedulerConfig):
 
     warmup_steps: int = conf_field(0, help="Updates of linear warmup from 1/warmup_steps to 1 (0: none)")
     total_steps: int | None = conf_field(
-        TOTAL_STEPS_FROM_TASK, help="Update at which the scale reaches min_scale (default: task.max_steps)"
+        TOTAL_STEPS_FROM_TASK,
+        help="Update at which the scale reaches min_scale (default: the task's length in steps)",
     )
     min_scale: float = conf_field(0.0, help="Final scale, kept after total_steps (0 <= min_scale <= 1)")
 

@@ -243,3 +243,30 @@ def test_boundary_values_are_accepted() -> None:
     assert _scale(scheduler, 0) == 1.0
     scheduler = CosineLRScheduler(CosineConfig(total_steps=4, num_cycles=4, min_scale=0.0))
     assert [_scale(scheduler, k) for k in range(4)] == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_a_schedule_lasts_as_long_as_the_task_also_for_rl_limited_by_samples(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """cartpole's config no longer hard-codes 391: 100,000 environment steps of 8 x 32 per iteration."""
+    from omegaconf import OmegaConf
+
+    from ml.core.compose import compose_config, config_to_save
+    from ml.core.config import task_steps
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert task_steps(150, 100_000, 8, 32) == 150  # max_steps wins
+    assert task_steps(None, 100_000, 8, 32) == 391
+    assert task_steps(None, None, 8, 32) is None
+    monkeypatch.setenv("WORLD_SIZE", "2")  # each iteration of 2 processes takes twice the samples
+    assert task_steps(None, 100_000, 8, 32) == 196
+    monkeypatch.delenv("WORLD_SIZE")
+
+    root = compose_config(["cartpole"], ["trainer.exp_dir=/nonexistent/run_0"])
+    assert root.lr_scheduler.total_steps == 391
+    saved = config_to_save(root)  # the length stays derived from the task in config.yaml
+    assert str(OmegaConf.to_container(saved, resolve=False)["lr_scheduler"]["total_steps"]).startswith(
+        "${ml.task_steps:"
+    )
+    saved.task.max_samples = 200_000  # a run continued with more samples: a schedule that long
+    assert saved.lr_scheduler.total_steps == 782
