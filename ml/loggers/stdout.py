@@ -4,7 +4,8 @@ Each write becomes a single line such as
 ``[train] step 120 epoch 1 | 3.2s | train/loss 0.4123 trainer/lr 0.001 task/split=a``: numbers with
 a few significant digits (whole numbers as integers), strings as ``key=value``, histograms left
 out. The same line is appended to ``<log_directory>/stdout.log`` once the logger is initialized, so
-a run's console history survives the terminal.
+a run's console history survives the terminal. While a progress bar is on screen (the training bar
+on a terminal, :mod:`ml.utils.progress`), the line is printed above it, whole.
 """
 
 import math
@@ -17,6 +18,7 @@ from ml.core.registry import register_logger
 from ml.core.state import State
 from ml.loggers.base import BaseLogger, BaseLoggerConfig, LogBatch
 from ml.utils.atomic import open_append
+from ml.utils.progress import write as write_line
 
 LOG_FILE_NAME = "stdout.log"
 
@@ -102,7 +104,7 @@ class StdoutLogger(BaseLogger[StdoutLoggerConfig]):
 
     def write(self, state: State, batch: LogBatch) -> None:
         line = format_line(state, batch, self.config.precision)
-        print(line, flush=True)
+        write_line(line)  # above the progress bar, if one is shown
         if self._file is not None:
             try:
                 self._file.write(line + "\n")

@@ -318,6 +318,9 @@ class TrainerConfig(BaseTrainerConfig):
         True,
         help="Linux/glibc: keep freed memory for the next step, not fault it back in (ml.utils.malloc)",
     )
+    progress_bar: bool = conf_field(
+        True, help="On a terminal (stderr), rank 0: a training progress bar, and bars for validation and test"
+    )
 
 
 def check_trainer_config(config: TrainerConfig) -> None:

@@ -55,6 +55,7 @@ from ml.trainers.parallel import wrap_model
 from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size, mean_over_ranks
 from ml.utils.grad_norm import clip_grad_norm_
 from ml.utils.malloc import tune_malloc
+from ml.utils.progress import TrainingBar, expected_total
 
 logger = logging.getLogger(__name__)
 
@@ -602,6 +603,10 @@ class ReinforcementLearningTrainer(
         self._env_actions(task, actions, envs.num_envs)
 
     def loop(self, state: State, s: Session) -> None:
+        with TrainingBar(state, enabled=self.config.progress_bar, unit="it") as bar:  # closed however it ends
+            self._loop(state, s, bar)
+
+    def _loop(self, state: State, s: Session, bar: TrainingBar) -> None:
         assert isinstance(s, _Session)
         task, model, optim, lr_sched, rollout = s.task, s.model, s.optim, s.lr_sched, s.rollout
         self._start_environments(rollout, task, state)
@@ -609,6 +614,12 @@ class ReinforcementLearningTrainer(
         # rl/env_steps_per_s counts all the time since this loop started (logging and checkpoints
         # included) except the evaluations'.
         first_samples, started, eval_time = state.num_samples, time.perf_counter(), 0.0
+        cfg, per_iteration = task.config, rollout.count * task.config.num_env_steps * get_world_size()
+        bar.start(
+            expected_total(
+                state, max_steps=cfg.max_steps, max_samples=cfg.max_samples, samples_per_step=per_iteration
+            )
+        )
         while not task.is_training_over(state) and self.stop_signal is None:
             self.on_step_start(state, task, model, optim, lr_sched)
             trajectory, finished = self._collect(rollout, task, model)
@@ -622,6 +633,8 @@ class ReinforcementLearningTrainer(
             self._log_iteration(state, task, loss_dict, finished, lr_sched, state.num_samples - first_samples)
             last = self.stop_signal is not None or task.is_training_over(state)
             self.write_logs(task, model, state, final=last)
+            if last or state.num_steps >= bar.due:  # an int compare; values are read on a redraw only
+                bar.update({"return": np.mean([r for r, _ in finished])} if finished else None, force=last)
             if self._should_evaluate(state):
                 eval_started = time.perf_counter()
                 self.evaluate(task, model, state)

@@ -51,7 +51,7 @@ from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world
 from ml.utils.grad_norm import total_norm
 from ml.utils.malloc import tune_malloc
 from ml.utils.precision import PRECISIONS, MixedPrecision
-from ml.utils.progress import progress
+from ml.utils.progress import TrainingBar, expected_total, progress
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,6 @@ class SupervisedLearningTrainerConfig(TrainerConfig):
     non_finite_loss: str = conf_field(
         "stop", help="On a NaN/inf loss: `stop` with an error, or `skip` the step"
     )
-    progress_bar: bool = conf_field(True, help="Show a progress bar for validation and test on a terminal")
 
 
 def _as_loss_dict(losses: torch.Tensor | dict[str, torch.Tensor], task: Any) -> dict[str, torch.Tensor]:
@@ -689,6 +688,32 @@ class SupervisedLearningTrainer(
         self._fused_step = None
 
     def loop(self, state: State, s: Session) -> None:
+        with TrainingBar(state, enabled=self.config.progress_bar) as bar:  # closed however the loop ends
+            self._loop(state, s, bar)
+
+    def _bar_total(self, state: State, s: _Session) -> int | None:
+        """Where the training bar ends: ``task.max_steps``, else what max_samples or max_epochs come to."""
+        loader, per_step = s.train_loader, self.config.batches_per_step
+        try:
+            steps_per_epoch: int | None = math.ceil(len(loader) / per_step)
+        except (TypeError, NotImplementedError):  # a stream without a length
+            steps_per_epoch = None
+        epoch_samples = getattr(getattr(loader, "sampler", None), "num_samples", None)  # every rank's
+        if steps_per_epoch and isinstance(epoch_samples, int):
+            samples_per_step: float = epoch_samples / steps_per_epoch  # the last step may be short
+        else:
+            samples_per_step = (getattr(loader, "batch_size", None) or 1) * per_step * get_world_size()
+        cfg = s.task.config
+        return expected_total(
+            state,
+            max_steps=cfg.max_steps,
+            max_samples=cfg.max_samples,
+            samples_per_step=samples_per_step,
+            max_epochs=cfg.max_epochs,
+            steps_per_epoch=steps_per_epoch,
+        )
+
+    def _loop(self, state: State, s: Session, bar: TrainingBar) -> None:
         assert isinstance(s, _Session)
         task, model, optim, lr_sched = s.task, s.model, s.optim, s.lr_sched
         if self.finished and task.is_training_over(state):
@@ -704,6 +729,7 @@ class SupervisedLearningTrainer(
             # A stop signal ended the last session during the validation due at its final step.
             self.evaluate("valid", s.valid_loaders, task, s.evaluator, state)
         throughput = _Throughput(state)
+        bar.start(self._bar_total(state, s))
         world_size = get_world_size()
         while not task.is_training_over(state) and self.stop_signal is None:
             if state.num_epoch_samples == 0:
@@ -723,6 +749,8 @@ class SupervisedLearningTrainer(
                 self.logger.log_scalar("steps_per_s", throughput.steps_per_s)
                 last = self.stop_signal is not None or task.is_training_over(state)
                 self.write_logs(task, model, state, final=last)
+                if last or state.num_steps >= bar.due:  # an int compare; the loss is read on a redraw only
+                    bar.update({"epoch": state.num_epochs, **loss_dict}, force=last)
                 if s.valid_loaders and self._should_validate(state):
                     self.evaluate("valid", s.valid_loaders, task, s.evaluator, state)
                 if self.should_checkpoint(state):
