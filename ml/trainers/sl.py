@@ -10,6 +10,11 @@ generator's state and where the data order stands (the epoch's seed and the posi
 order of each epoch is a fixed permutation that the sampler slices at the saved position, so a run
 stopped at any step and resumed computes the same tensors as one that never stopped (with
 ``trainer.deterministic=true`` for kernels that would otherwise be non-deterministic).
+
+Training data may also be a stream (an ``IterableDataset``, :mod:`ml.utils.streaming`): each rank
+reads its own shard through torchdata's ``StatefulDataLoader``, an epoch ends when the stream does
+(on every rank at the same step), and the checkpoint holds every rank's loader state, so that each
+rank continues its stream where it stood, with the same random draws.
 """
 
 import contextlib
@@ -52,6 +57,7 @@ from ml.utils.grad_norm import total_norm
 from ml.utils.malloc import tune_malloc
 from ml.utils.precision import PRECISIONS, MixedPrecision
 from ml.utils.progress import TrainingBar, expected_total, progress
+from ml.utils.streaming import TrainStream, begin_pass, eval_loader, is_stream
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +272,9 @@ class SupervisedLearningTrainer(
             "epoch": state.num_epochs,
             "position": state.num_epoch_samples,
         }
+        if self._train_stream is not None:  # every rank's place in the stream (see gather_checkpoint_parts)
+            gathered, self._stream_ranks = self._stream_ranks, None
+            state_dict["stream"] = gathered if gathered is not None else self._train_stream.gather()
         if self.precision.scaler is not None:
             state_dict["grad_scaler"] = self.precision.state_dict()
         state_dict["skipped_steps"] = self.num_skipped_steps
@@ -276,6 +285,8 @@ class SupervisedLearningTrainer(
     # -- FSDP: checkpoints hold full (unsharded) weights and optimizer state, gathered by all ranks
 
     def gather_checkpoint_parts(self, model: BaseModel, optims: Any) -> tuple[Any, Any]:
+        # A streamed training set: each rank's place in its own shard, gathered for rank 0 to save.
+        self._stream_ranks = self._train_stream.gather() if self._train_stream is not None else None
         if not is_sharded(model):
             return super().gather_checkpoint_parts(model, optims)
         return full_model_state(model), None if optims is None else full_optim_state(model, optims)
@@ -310,6 +321,9 @@ class SupervisedLearningTrainer(
         sampler = state_dict.get("sampler")
         if sampler is not None and sampler.get("seed") != self._data_seed:
             logger.warning("task.seed changed since the checkpoint: the data order of this epoch changes too")
+        if self._train_stream is not None:  # this rank's place in its shard of the stream
+            state = State.from_json(state_dict["state"])
+            self._train_stream.resume(state_dict.get("stream"), state.num_epochs, state.num_epoch_samples)
         self.precision.load_state_dict(state_dict.get("grad_scaler", {}))
         self.num_skipped_steps = int(state_dict.get("skipped_steps", 0))
         valid_step = state_dict.get("last_valid_step")
@@ -326,6 +340,8 @@ class SupervisedLearningTrainer(
         task has no such phase. Whatever the trainer cannot use is refused here, before any step.
         """
         where = f"{type(task).__name__}.get_dataset({phase!r})"
+        if phase == "train":
+            self._train_stream = None  # set again by _stream_loader if this session streams
         try:
             dataset = task.get_dataset(phase)
         except NotImplementedError as e:
@@ -350,10 +366,12 @@ class SupervisedLearningTrainer(
         return {name: self._loader(task, phase, data, f"{where}[{name!r}]") for name, data in dataset.items()}
 
     def _loader(self, task: SupervisedLearningTask, phase: Phase, dataset: Any, where: str) -> DataLoader:
+        if is_stream(dataset):
+            return self._stream_loader(task, phase, dataset, where)
         if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise ConfigError(
                 f"{where} returned {type(dataset).__name__}, "
-                "not a map-style Dataset (with __len__ and __getitem__)"
+                "not a map-style Dataset (with __len__ and __getitem__) nor an IterableDataset"
             )
         cfg = task.dataloader_config(phase)
         if phase == "train" and (len(dataset) == 0 or (cfg.drop_last and len(dataset) < cfg.batch_size)):
@@ -386,12 +404,69 @@ class SupervisedLearningTrainer(
             generator=torch.Generator(),
         )
 
+    # The training data when it is a stream (see _stream_loader), and every rank's place in it,
+    # gathered by all ranks for the next checkpoint (see gather_checkpoint_parts).
+    _train_stream: TrainStream | None = None
+    _stream_ranks: dict[str, Any] | None = None
+
+    def _stream_loader(
+        self, task: SupervisedLearningTask, phase: Phase, dataset: Any, where: str
+    ) -> DataLoader:
+        """An ``IterableDataset``'s loader (:mod:`ml.utils.streaming`): each rank reads its own shard."""
+        cfg = task.dataloader_config(phase)
+        name = type(task).__name__
+        if cfg.shuffle and phase == "train":
+            logger.debug("%s streams its training data: shuffling is the dataset's business", name)
+        if cfg.num_workers > 0:
+            prepare_worker_processes()
+        pin = self.device_type == "cuda" if cfg.pin_memory is None else cfg.pin_memory
+        rank, world_size = get_rank(), get_world_size()
+        if phase != "train":
+            if world_size > 1 and self.config.parallel == "fsdp":
+                raise ConfigError(  # ranks' shards may hold different numbers of batches
+                    f"{where} returned an IterableDataset: under trainer.parallel=fsdp every rank must "
+                    "evaluate as many batches (its forward pass is collective); give a map-style dataset"
+                )
+            return eval_loader(
+                dataset,
+                batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers,
+                pin_memory=pin,
+                drop_last=cfg.drop_last,
+                rank=rank,
+                world_size=world_size,
+            )
+        if world_size > 1 and not cfg.drop_last and task.config.max_samples is not None:
+            raise ConfigError(  # each rank counts its own batches times the ranks: counts could differ
+                f"{name} streams its training data over {world_size} processes with task.max_samples and "
+                "task.train_dl.drop_last=false: ranks' last batches differ in size, so they would not agree "
+                "when the limit is reached; set drop_last=true, or limit by max_steps or max_epochs"
+            )
+        self._train_stream = TrainStream(
+            dataset,
+            task_name=name,
+            where=where,
+            seed=self._data_seed,
+            rank=rank,
+            world_size=world_size,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            pin_memory=pin,
+            drop_last=cfg.drop_last,
+        )
+        return self._train_stream.loader
+
     def _epoch_steps(self, loader: DataLoader, state: State) -> Iterator[Batches]:
         """The rest of the current epoch, as groups of ``batches_per_step`` batches (the last may be short).
 
         The epoch's order and the workers' seeds depend only on ``(task.seed, epoch)``; the sampler
         starts at the saved position, so resuming skips ahead by index without loading any batch.
+        A stream continues from its saved state instead (see :mod:`ml.utils.streaming`).
         """
+        stream = self._train_stream
+        if stream is not None and loader is stream.loader:
+            yield from stream.steps(state.num_epochs, state.num_epoch_samples, self._batches_per_step)
+            return
         sampler = cast(ResumableSampler, loader.sampler)
         if state.num_epoch_samples > sampler.num_samples:
             raise CheckpointError(
@@ -586,10 +661,17 @@ class SupervisedLearningTrainer(
         """One set's sample-weighted means (``<phase>/<name>/...`` for a named set); None if stopped."""
         totals: dict[str, float] = {}
         count = 0
-        cast(ResumableSampler, loader.sampler).set_epoch(0)
+        streamed = is_stream(loader.dataset)  # read to exhaustion; how many batches, nobody knows
+        if streamed:
+            begin_pass(loader, self._data_seed)
+        else:
+            cast(ResumableSampler, loader.sampler).set_epoch(0)
         description = f"{phase}/{name}" if name else phase
         for batch in progress(
-            loader, total=len(loader), description=description, enabled=self.config.progress_bar
+            loader,
+            total=None if streamed else len(loader),
+            description=description,
+            enabled=self.config.progress_bar,
         ):
             if self.stop_signal is not None:  # stop promptly
                 return None

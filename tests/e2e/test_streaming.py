@@ -1,0 +1,261 @@
+"""End-to-end tests of streamed training data: real ``ml train`` / torchrun subprocesses, real signals.
+
+The task (``stream_task.py``, on the subprocesses' PYTHONPATH) streams an ``IterableDataset`` that
+shards by rank and loader worker, adds random noise to every sample, and implements
+``state_dict()`` / ``load_state_dict()``. A run stopped mid-epoch (by SIGTERM, or killed with
+SIGKILL after a checkpoint) and continued with ``ml train <exp_dir>/config.yaml`` must end with
+exactly the tensors of a run that never stopped: weights, optimizer, generators and the stream's
+own position. The same holds for two ranks (two ``ml train`` processes given torchrun's
+variables, joined in a gloo group), whose shards differ in length (every rank ends each epoch at the
+same step); resuming their stream with one process is refused.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+_SCRIPT = Path(sys.executable).parent / "ml"
+ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.cli"]
+TIMEOUT_S = 120
+MAX_STEPS = 12
+
+# 38 samples, two workers: two shards of 19, batches of 4 (the last of 3), two batches a step:
+# 5 steps an epoch, so 12 steps end in the middle of the third epoch.
+CONFIG = f"""\
+model: {{name: "stream_task:DropoutMLP", hidden: 16, dropout: 0.2}}
+task:
+  name: "stream_task:StreamTask"
+  num_samples: 38
+  max_steps: {MAX_STEPS}
+  train_dl: {{batch_size: 4, num_workers: 2, drop_last: false}}
+  valid_dl: {{batch_size: 8}}
+  test_dl: {{batch_size: 8}}
+optimizer: {{name: adamw, lr: 1e-2}}
+lr_scheduler: {{name: cosine, warmup_steps: 2}}
+trainer:
+  name: sl
+  exp_name: stream
+  batches_per_step: 2
+  valid_every_n_steps: 4
+  checkpoint: {{save_every_n_steps: 1000}}
+logger: [{{name: jsonl, write_every_n_steps: 1}}]
+"""
+
+# Two ranks of one worker each: shards of 21 and 20 samples, in batches of 4: 6 batches on rank 0
+# and 5 on rank 1, so every epoch ends after 5 steps, when rank 1's stream does.
+DIST_OVERRIDES = (
+    "task.num_samples=41",
+    "task.train_dl.num_workers=1",
+    "trainer.batches_per_step=1",
+    "trainer.sync_every_n_steps=1",
+)
+ALL_PARTS = ("model", "optim", "lr", "rng", "task", "sampler", "stream")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Run:
+    """The ``ml train`` processes of an experiment, one per rank, with their output in files (workers
+    killed with their parent would keep a pipe open)."""
+
+    run_dir: Path
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    segments: int = 0
+
+    @property
+    def exp_dir(self) -> Path:
+        return self.run_dir / "stream" / "run_0"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.exp_dir / "checkpoints"
+
+    def train(self, *args: str, ranks: int = 1) -> "Run":
+        """Starts ``ml train ARGS`` in ``ranks`` processes: with several, each is given its rank in
+        torchrun's variables (as torchrun would, without the cost of its own process)."""
+        self.segments += 1
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ML_EXP_NAME")
+        }
+        path = [str(Path(__file__).parent), env.get("PYTHONPATH")]
+        env.update(
+            RUN_DIR=str(self.run_dir),
+            PYTHONPATH=os.pathsep.join(filter(None, path)),
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+        )
+        if ranks > 1:
+            env.update(WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1")
+            env.update(MASTER_PORT=str(_free_port()))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.procs = []
+        for rank in range(ranks):
+            if ranks > 1:
+                env.update(RANK=str(rank), LOCAL_RANK=str(rank))
+            with (
+                self._output("stdout", rank).open("w") as out,
+                self._output("stderr", rank).open("w") as err,
+            ):
+                self.procs.append(subprocess.Popen([*ML, "train", *args], env=env, stdout=out, stderr=err))
+        return self
+
+    def _output(self, name: str, rank: int) -> Path:
+        return self.run_dir / f"{name}.{self.segments}.{rank}.txt"
+
+    def finish(self, expected_code: int = 0) -> str:
+        """Waits for every rank; asserts their exit codes; returns rank 0's stderr."""
+        for rank, proc in enumerate(self.procs):
+            try:
+                code = proc.wait(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise
+            stderr = self._output("stderr", rank).read_text()
+            assert code == expected_code, f"rank {rank}: exit {code}\n{stderr[-3000:]}"
+        return self._output("stderr", 0).read_text()
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def ckpt(self) -> dict[str, Any]:
+        return torch.load(self.checkpoints / "ckpt.pt", map_location="cpu", weights_only=True)
+
+    def linked_step(self) -> int:
+        return int(os.readlink(self.checkpoints / "ckpt.pt").split(".")[1])
+
+
+def _assert_same(a: Any, b: Any, where: str) -> None:
+    """Recursively equal: tensors bit for bit (``torch.equal``), the rest with ``==``."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        equal = torch.equal(a, b)
+        assert equal, f"{where} differs (max abs diff {(a.double() - b.double()).abs().max()})"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _train_losses(run: Run) -> dict[int, float]:
+    lines = (run.exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    return {r["step"]: r["metrics"]["train/loss"] for r in records if r["phase"] == "train"}
+
+
+def _assert_same_training(run: Run, reference: Run) -> None:
+    final, expected = run.ckpt(), reference.ckpt()
+    for part in ALL_PARTS:
+        _assert_same(final[part], expected[part], part)
+    counters = ("num_steps", "num_epochs", "num_samples", "num_epoch_steps", "num_epoch_samples")
+    state, ref_state = json.loads(final["state"]), json.loads(expected["state"])
+    assert {k: state[k] for k in counters} == {k: ref_state[k] for k in counters}
+    assert state["num_steps"] == MAX_STEPS
+    assert _train_losses(run) == _train_losses(reference)
+
+
+def _mid_epoch(run: Run, step: int) -> None:
+    """The run's newest checkpoint is of ``step``, in the middle of an epoch, with the stream's place."""
+    assert run.linked_step() == step
+    saved = run.ckpt()
+    state = json.loads(saved["state"])
+    assert state["num_steps"] == step and state["num_epoch_samples"] > 0
+    assert all(rank is not None for rank in saved["stream"]["ranks"])
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "stream.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.fixture
+def reference(config: Path, tmp_path: Path) -> Iterator[Run]:
+    """The uninterrupted single-process run, trained in the background while the test interrupts its own."""
+    run = Run(tmp_path / "reference").train(str(config))
+    yield run
+    run.kill()
+
+
+@pytest.mark.slow
+def test_stopped_by_sigterm_then_killed_by_sigkill_with_workers_each_resume_exactly(
+    config: Path, reference: Run, tmp_path: Path
+) -> None:
+    # One chain (each process start costs seconds): SIGTERM during step 3, mid-epoch; the continued
+    # run checkpoints every 3 steps and is killed with SIGKILL during step 8, the third step of the
+    # second epoch; the run continued from its last checkpoint (6) ends like the uninterrupted one.
+    run = Run(tmp_path)
+    stops = ("trainer.checkpoint.save_every_n_steps=3", "task.stops=3:SIGTERM,8:SIGKILL")
+    try:
+        stderr = run.train(str(config), *stops, f"task.stop_marker_dir={tmp_path}").finish(0)
+        assert "Stopping on SIGTERM at step 3" in stderr and "Traceback" not in stderr
+        _mid_epoch(run, 3)
+
+        stderr = run.train(str(run.exp_dir / "config.yaml")).finish(-signal.SIGKILL)
+        assert "at step 3" in stderr and (tmp_path / "stop.8").exists()
+        _mid_epoch(run, 6)
+
+        stderr = run.train(str(run.exp_dir / "config.yaml")).finish(0)
+        assert "at step 6" in stderr and "Traceback" not in stderr
+    finally:
+        run.kill()
+    reference.finish(0)
+    assert reference.linked_step() == MAX_STEPS
+    _assert_same_training(run, reference)
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_and_resume_exactly_and_not_with_another_world_size(
+    config: Path, tmp_path: Path
+) -> None:
+    reference = Run(tmp_path / "reference").train(str(config), *DIST_OVERRIDES, ranks=2)
+    run = Run(tmp_path / "stopped")
+    stop = ("task.stops=3:SIGTERM", f"task.stop_marker_dir={tmp_path}")
+    try:
+        stderr = run.train(str(config), *DIST_OVERRIDES, *stop, ranks=2).finish(0)
+        assert "Joined the gloo process group as rank 0 of 2" in stderr
+        assert "Stopping on SIGTERM at step 3" in stderr  # sent to rank 0, agreed by both
+        _mid_epoch(run, 3)
+        saved = run.ckpt()
+        assert saved["stream"]["world_size"] == 2 and len(saved["stream"]["ranks"]) == 2
+
+        # One process cannot take over two ranks' shards, even when a config change is allowed.
+        stderr = run.train(str(run.exp_dir / "config.yaml"), "--allow-config-change").finish(2)
+        assert "resume it with 2 processes, not 1" in stderr.strip().splitlines()[-1]
+        assert "Traceback" not in stderr and run.linked_step() == 3
+
+        run.train(str(run.exp_dir / "config.yaml"), ranks=2).finish(0)
+        reference.finish(0)
+    finally:
+        run.kill()
+        reference.kill()
+    _assert_same_training(run, reference)
+    state = json.loads(run.ckpt()["state"])
+    # 5 steps an epoch on both ranks (rank 0's sixth batch is dropped), 4 samples a rank a step.
+    assert (state["num_epochs"], state["num_epoch_steps"], state["num_samples"]) == (2, 2, MAX_STEPS * 8)
