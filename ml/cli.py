@@ -227,6 +227,16 @@ def _main(argv: list[str] | None) -> int:
         restore(early)
 
 
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool that SIGPIPE ended
+
+
+def _drop_stdout() -> None:
+    """Points stdout at /dev/null: the interpreter's last flush must not fail again on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _run(argv: list[str] | None) -> int:
     global _left_a_process_group
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -238,7 +248,11 @@ def _run(argv: list[str] | None) -> int:
             import importlib
 
             tool = importlib.import_module(f"ml.tools.{argv[0]}")
-            return int(tool.main(argv[1:]))
+            try:
+                return int(tool.main(argv[1:]))
+            except BrokenPipeError:  # `ml runs --json | head`: the reader took what it wanted
+                _drop_stdout()
+                return EXIT_BROKEN_PIPE
         ns = parser.parse_args(argv)
         if ns.help:
             _print_help(ns.command, ns.args)

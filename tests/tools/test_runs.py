@@ -645,3 +645,18 @@ def test_refused_input_leaves_the_marker_alone(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         _train_tiny(tmp_path, _failing_task(ConfigError("a bad setting"), after_steps=4), max_steps=8)
     assert (tmp_path / "status.json").read_text() == before
+
+
+def test_a_reader_that_stops_early_ends_the_listing_quietly(runs: Runs) -> None:
+    """``ml runs --json | head -1``: the closed pipe is the reader's choice, not a failure to trace."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        result = subprocess.run(
+            [*ML, "runs", runs.run_dir, "--json"], env=runs.env(), stdout=write, stderr=subprocess.PIPE,
+            text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert result.returncode == 128 + signal.SIGPIPE
+    assert result.stderr == ""
