@@ -140,6 +140,11 @@ def _report(trainer: Any) -> None:
     print(f"ml: run directory   {trainer.exp_dir}", file=sys.stderr)
     if trainer.ckpt_path.exists():
         print(f"ml: checkpoint      {trainer.ckpt_path} -> {os.readlink(trainer.ckpt_path)}", file=sys.stderr)
+    best = trainer.run.best_link
+    if best.is_symlink() and best.exists():
+        print(f"ml: best checkpoint {best} -> {os.readlink(best)}", file=sys.stderr)
+    if trainer.stop_reason is not None:
+        print(f"ml: stopped early   {trainer.stop_reason.removeprefix('early stopping: ')}", file=sys.stderr)
     tb = trainer.log_dir / "tensorboard"
     if tb.exists():
         print(f"ml: tensorboard     tensorboard --logdir {tb}", file=sys.stderr)

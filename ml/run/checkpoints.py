@@ -6,8 +6,16 @@ leaves a complete checkpoint named by the link or beside it:
 1. ``ckpt.<step>.pt`` is written to a temporary file, fsynced, and renamed into place; its bytes
    are hashed as they are written and the SHA-256 ends the file (below);
 2. the relative link ``ckpt.pt`` is swapped to it (atomically);
-3. only then, with retention on, every other numbered checkpoint is removed;
+3. only then, with retention on, every other numbered checkpoint is removed - except those kept
+   for being the best (below);
 4. ``.lock_ckpt`` marks the run as having one.
+
+The best checkpoints (``trainer.checkpoint.monitor``, :func:`score_checkpoint`): a checkpoint of a
+step that was evaluated carries the monitored metric's value. Before its link swap (step 2),
+``scores.json`` is rewritten (atomically) to list the ``keep_top_k`` best scored checkpoints and the
+relative link ``best.pt`` is pointed at the best of them; retention (step 3) keeps every checkpoint
+``scores.json`` lists or ``best.pt`` names. A file is listed before it may be relied on and
+unlisted before it is removed, so a kill at any moment leaves the latest and the best complete.
 
 The checksum lives inside the file, so a checkpoint is one file (copied, moved and removed whole):
 ``torch.save`` writes a zip archive, whose last record may carry a comment that zip readers
@@ -24,7 +32,9 @@ Resume and ``ml export`` take the newest candidate that verifies
 """
 
 import hashlib
+import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -35,7 +45,7 @@ from typing import IO, Generic, TypeVar, cast
 from ml.errors import CheckpointError, CheckpointWriteError, DamagedCheckpointError
 from ml.run.layout import LINK_NAME, RunDir, checkpoint_step
 from ml.run.locks import write_lock
-from ml.utils.atomic import atomic_open, atomic_symlink
+from ml.utils.atomic import atomic_open, atomic_symlink, atomic_write_text, read_regular
 
 logger = logging.getLogger(__name__)
 
@@ -299,10 +309,94 @@ def verify_checksum(file: IO[bytes], path: Path) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """``trainer.checkpoint.monitor``: which checkpoints are kept for being the best.
+
+    Attributes:
+        metric: The monitored metric (``valid/loss``).
+        mode: ``min`` or ``max``.
+        keep: How many of the best are kept (besides the latest).
+    """
+
+    metric: str
+    mode: str
+    keep: int
+
+
+def read_scores(run: RunDir) -> dict[int, float]:
+    """The checkpoints kept for being the best, by step (best first), with their values; {} when none."""
+    scores = _read_scores_record(run).get("scores")
+    if not isinstance(scores, dict):
+        return {}
+    found = {}
+    for step, value in scores.items():
+        try:
+            found[int(step)] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return found
+
+
+def best_checkpoint(run: RunDir) -> Path | None:
+    """The file ``best.pt`` names; None when there is none (or it names nothing)."""
+    link = run.best_link
+    if not link.is_symlink() or not link.exists():
+        return None
+    return _check_inside(link, run.checkpoints.resolve())
+
+
+def score_checkpoint(run: RunDir, step: int, value: float, ranking: Ranking) -> None:
+    """Ranks the checkpoint of ``step`` by its ``value`` of the monitored metric (it must exist).
+
+    ``scores.json`` then lists the ``ranking.keep`` best (a tie keeps the earlier) and ``best.pt``
+    names the best; a non-finite value ranks nowhere. Listed checkpoints of another metric or
+    mode (the monitor changed) are forgotten. Nothing is removed here: retention does that
+    (:func:`link_checkpoint`), after the link swap.
+    """
+    record = _read_scores_record(run)
+    same = record.get("monitor") == ranking.metric and record.get("mode") == ranking.mode
+    scores = {s: v for s, v in read_scores(run).items() if same and s != step and run.checkpoint(s).exists()}
+    if math.isfinite(value):
+        scores[step] = value
+    sign = 1.0 if ranking.mode == "min" else -1.0
+    ranked = sorted(scores.items(), key=lambda item: (sign * item[1], item[0]))[: ranking.keep]
+    _write_scores(run, dict(ranked), ranking.metric, ranking.mode)
+
+
+def _read_scores_record(run: RunDir) -> dict:
+    """``scores.json`` as written; {} when it is missing or unreadable (then nothing is kept for it)."""
+    try:
+        record = json.loads(read_regular(run.scores))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _write_scores(run: RunDir, scores: dict[int, float], metric: str | None, mode: str | None) -> None:
+    """Writes ``scores.json`` (best first), then points ``best.pt`` at the first (or removes it)."""
+    text = json.dumps(
+        {"monitor": metric, "mode": mode, "scores": {str(s): v for s, v in scores.items()}}, indent=2
+    )
+    atomic_write_text(run.scores, text + "\n")
+    link = run.best_link
+    if not scores:
+        link.unlink(missing_ok=True)
+        return
+    best = run.checkpoint(next(iter(scores))).name
+    if not (link.is_symlink() and os.readlink(link) == best):
+        atomic_symlink(best, link)
+
+
 def write_checkpoint_file(
-    run: RunDir, step: int, write: Callable[[IO[bytes]], None], *, keep_older: bool = False
+    run: RunDir,
+    step: int,
+    write: Callable[[IO[bytes]], None],
+    *,
+    keep_older: bool = False,
+    score: tuple[float, Ranking] | None = None,
 ) -> Path:
-    """Writes ``ckpt.<step>.pt`` with ``write(file)`` durably, links it, then applies retention.
+    """Writes ``ckpt.<step>.pt`` with ``write(file)`` durably, ranks it, links it, then applies retention.
 
     The bytes are hashed as ``write`` writes them (a zip archive, what ``torch.save`` writes), and
     the checksum ends the file (see the module's notes).
@@ -311,7 +405,9 @@ def write_checkpoint_file(
         run: The run.
         step: The step it holds.
         write: Writes the checkpoint's bytes to the open file (only ``write`` and ``flush`` are used).
-        keep_older: Keep the other numbered checkpoints (else they are removed once it is linked).
+        keep_older: Keep the other numbered checkpoints (else they are removed once it is linked,
+            except the best: :func:`score_checkpoint`).
+        score: The monitored metric's value at this step and the ranking (``checkpoint.monitor``).
 
     Returns:
         The new checkpoint's path.
@@ -331,6 +427,8 @@ def write_checkpoint_file(
         raise CheckpointWriteError(
             f"cannot write checkpoint {path}: {io_reason(e, path.parent)}; {kept}"
         ) from e
+    if score is not None:
+        score_checkpoint(run, step, *score)
     link_checkpoint(run, path, keep_older=keep_older)
     write_lock(run, "ckpt", exists_ok=True)
     # The same step saved again (a run's final checkpoint, then with its final metrics) is said once.
@@ -342,18 +440,32 @@ def link_checkpoint(run: RunDir, path: Path, *, keep_older: bool = False) -> Non
     """Points ``ckpt.pt`` at ``path`` (a checkpoint of this run), then applies retention.
 
     Also what resuming does: a run killed before its link swap or its retention left a newer
-    unlinked checkpoint or older ones behind. A checkpoint outside the run's folder is left alone.
+    unlinked checkpoint or older ones behind. Best checkpoints of steps after ``path``'s (a run
+    resumed from before them will train those steps again) are forgotten. Retention keeps the
+    best (those ``scores.json`` lists, and what ``best.pt`` names). A checkpoint outside the run's
+    folder is left alone.
     """
     target = path.resolve()
     if target.parent != run.checkpoints.resolve():
         return
+    step = checkpoint_step(target)
+    scores = read_scores(run)
+    if step is not None and any(s > step for s in scores):
+        record = _read_scores_record(run)
+        earlier = {s: v for s, v in scores.items() if s <= step}
+        _write_scores(run, earlier, record.get("monitor"), record.get("mode"))
+        scores = earlier
     if not (run.link.is_symlink() and run.link.resolve() == target):
         atomic_symlink(target.name, run.link)
     if not keep_older:
         # Every other numbered checkpoint, not only the one the link named before: a process
         # killed between a link swap and this point left its previous one behind.
+        keep = {target.name, *(run.checkpoint(s).name for s in scores)}
+        best = run.best_link
+        if best.is_symlink():
+            keep.add(os.readlink(best))
         for old in numbered_checkpoints(run).values():
-            if old.name != target.name:
+            if old.name not in keep:
                 old.unlink(missing_ok=True)
 
 

@@ -10,6 +10,8 @@
       sbatch.sh                        a Slurm launch's batch script
       checkpoints/ckpt.<num_steps>.pt  one file per save
       checkpoints/ckpt.pt              a relative link to the newest
+      checkpoints/best.pt              a relative link to the best by checkpoint.monitor
+      checkpoints/scores.json          the monitored metric of the best keep_top_k checkpoints
       <log_dir_name>/                  stdout log, metrics.jsonl, tensorboard/ (default: logs/)
 
 A run folder is normally named ``run_<N>``; one given as ``trainer.exp_dir`` may have any name, and
@@ -32,6 +34,8 @@ CONFIG_CHANGES_FILE = "config_changes.log"
 SBATCH_FILE = "sbatch.sh"
 CHECKPOINT_DIR = "checkpoints"
 LINK_NAME = "ckpt.pt"
+BEST_LINK_NAME = "best.pt"
+SCORES_FILE = "scores.json"
 DEFAULT_LOG_DIR = "logs"
 METRICS_FILE = "metrics.jsonl"
 
@@ -93,6 +97,16 @@ class RunDir:
     def link(self) -> Path:
         """``checkpoints/ckpt.pt``: the link to the newest checkpoint."""
         return self.checkpoints / LINK_NAME
+
+    @property
+    def best_link(self) -> Path:
+        """``checkpoints/best.pt``: the link to the best checkpoint by ``checkpoint.monitor``."""
+        return self.checkpoints / BEST_LINK_NAME
+
+    @property
+    def scores(self) -> Path:
+        """``checkpoints/scores.json``: the monitored metric of the checkpoints kept for it."""
+        return self.checkpoints / SCORES_FILE
 
     def checkpoint(self, step: int) -> Path:
         """``checkpoints/ckpt.<step>.pt``."""

@@ -3,11 +3,12 @@
 Once a session's teardown is done (end hooks, lock removed, loggers closed), rank 0 atomically
 writes::
 
-    {"state": "finished", "step": 1500, "signal": null, "error": null, "elapsed_s": 61.2,
+    {"state": "finished", "step": 1500, "signal": null, "error": null, "reason": null, "elapsed_s": 61.2,
      "time": "2026-11-28T21:40:00+00:00", "pid": 4242, "host": "node7"}
 
-``state`` is ``finished`` (the run completed: every step done, final checkpoint, validation and
-test), ``interrupted`` (a stop signal - ``signal`` names it - ended the run with its checkpoint;
+``state`` is ``finished`` (the run completed: every step done, or early stopping ended it -
+``reason`` says why - then final checkpoint, validation and test), ``interrupted`` (a stop
+signal - ``signal`` names it - ended the run with its checkpoint;
 also a second Ctrl-C, then ``error`` is ``"KeyboardInterrupt"`` and the checkpoint may be older than
 ``step``), or ``failed`` (any other exception; ``error`` is ``"<type>: <first line>"``).
 
@@ -33,7 +34,13 @@ RESERVED_BYTES = 1024  # room kept for the final marker, however full the disk g
 
 
 def status_record(
-    *, step: int, elapsed_s: float, signal: str | None, error: BaseException | None, finished: bool
+    *,
+    step: int,
+    elapsed_s: float,
+    signal: str | None,
+    error: BaseException | None,
+    finished: bool,
+    reason: str | None = None,
 ) -> dict[str, Any]:
     """What ``status.json`` says of a session.
 
@@ -43,6 +50,7 @@ def status_record(
         signal: The stop signal that arrived (its name), if any.
         error: The exception the session ended with, if any.
         finished: Whether the run completed (all its steps and its finish) before any signal.
+        reason: Why a finished run ended before its limits (early stopping), if it did.
     """
     message = None
     if error is None:
@@ -58,6 +66,7 @@ def status_record(
         "step": step,
         "signal": signal,
         "error": message,
+        "reason": reason,
         "elapsed_s": round(float(elapsed_s), 3),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "pid": os.getpid(),

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ml.core.monitor import higher_is_better, is_better
 from ml.errors import CheckpointError
 from ml.run.checkpoints import newest_checkpoint
 from ml.run.layout import RunDir, find_runs, run_number
@@ -62,9 +63,6 @@ STATES = (
     "empty",
 )
 
-# Metric names holding one of these are better when higher (accuracy, RL returns); others lower.
-HIGHER_IS_BETTER = ("acc", "return", "reward")
-
 _ELAPSED = re.compile(rb'"elapsed_s":\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)')
 _TRAIN_PHASE = b'"phase": "train"'
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
@@ -72,11 +70,6 @@ _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 # ---------------------------------------------------------------------------------------------
 # metrics.jsonl
-
-
-def higher_is_better(metric: str) -> bool:
-    """Whether a larger value of ``metric`` is better (its name holds ``acc``, ``return`` or ``reward``)."""
-    return any(word in metric.lower() for word in HIGHER_IS_BETTER)
 
 
 def metric_value(value: Any) -> float | None:
@@ -129,7 +122,7 @@ def _improve(best: dict[str, Best], name: str, value: float, step: int | None) -
     if math.isnan(value):
         return
     old = best.get(name)
-    if old is None or (value > old.value if higher_is_better(name) else value < old.value):
+    if old is None or is_better(value, old.value, "max" if higher_is_better(name) else "min"):
         best[name] = Best(value, step)
 
 
@@ -201,6 +194,7 @@ class RunInfo:
     host: str | None = None
     signal: str | None = None  # from status.json
     error: str | None = None
+    reason: str | None = None  # why a finished run ended before its limits (early stopping)
     step: int | None = None
     checkpoint: str | None = None
     checkpoint_step: int | None = None
@@ -318,6 +312,8 @@ def describe_run(
         signal, error = status.get("signal"), status.get("error")
         info.signal = signal if isinstance(signal, str) else None
         info.error = error if isinstance(error, str) else None
+        reason = status.get("reason")
+        info.reason = reason if isinstance(reason, str) else None
         info.status_time = status.get("time") if isinstance(status.get("time"), str) else None
         elapsed = metric_value(status.get("elapsed_s"))
         if info.wall_s is None and elapsed is not None:  # nothing logged: the marker's clock

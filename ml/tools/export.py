@@ -1,11 +1,12 @@
-"""Defines ``ml export EXP_DIR -o model.safetensors [--checkpoint PATH_OR_STEP] [--force]``.
+"""Defines ``ml export EXP_DIR -o model.safetensors [--checkpoint PATH_OR_STEP|best] [--ema] [--force]``.
 
 Reads a run's newest checkpoint that verifies (:func:`ml.run.checkpoints.newest_verified_checkpoint`,
 the one resuming would continue from: a damaged newer one is skipped, with a warning naming it and
 the one used), or a chosen one (a path, or a step number meaning ``checkpoints/ckpt.<step>.pt``),
 with the safe reader (checksum checked, ``weights_only``: a damaged or foreign file is refused with
-one line, exit code 2), and writes the model's weights as
-safetensors plus the run's resolved config beside them (``model.safetensors`` -> ``model.yaml``);
+one line, exit code 2), and writes the model's weights - or with ``--ema`` the moving average of
+them that ``trainer.ema`` kept - as safetensors plus the run's resolved config beside them
+(``model.safetensors`` -> ``model.yaml``);
 see :mod:`ml.models.export`. ``ml.load_model("model.safetensors")`` rebuilds the model from the two.
 
 An existing output is never overwritten without ``--force`` (the config beside it included), and
@@ -13,6 +14,7 @@ both files are written atomically, so a failed export leaves what was there befo
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,13 +39,14 @@ def _run_folder(arg: str) -> Path:
 
 
 def _checkpoint_path(exp_dir: Path, choice: str | None) -> Path:
-    """The checkpoint to export: the newest, a step's (``--checkpoint 500``), or a file.
+    """The checkpoint to export: the newest, a step's (``--checkpoint 500``), the best
+    (``--checkpoint best``: what ``best.pt`` names), or a file.
 
     The newest is the newest candidate (nothing read yet); :func:`_read` falls back past it when it
     does not verify.
     """
     from ml.errors import BadInput, CheckpointError
-    from ml.run.checkpoints import newest_checkpoint, numbered_checkpoints
+    from ml.run.checkpoints import best_checkpoint, newest_checkpoint, numbered_checkpoints
     from ml.run.layout import RunDir
 
     run = RunDir(exp_dir)
@@ -55,6 +58,19 @@ def _checkpoint_path(exp_dir: Path, choice: str | None) -> Path:
         if newest is None:
             raise BadInput(f"no checkpoint in {run.checkpoints} (the run has not saved one yet)")
         return newest.path
+    if choice == "best":
+        if not run.best_link.is_symlink():
+            raise BadInput(
+                f"no {run.best_link.name} in {run.checkpoints} "
+                "(train with trainer.checkpoint.monitor to keep one)"
+            )
+        try:
+            best = best_checkpoint(run)
+        except CheckpointError as e:
+            raise BadInput(str(e)) from e
+        if best is None:
+            raise BadInput(f"{run.best_link} names {os.readlink(run.best_link)}, which does not exist")
+        return run.best_link
     if choice.isdigit():
         path = run.checkpoint(int(choice))
         if not path.is_file():
@@ -116,7 +132,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--checkpoint",
         metavar="PATH_OR_STEP",
-        help="a checkpoint file, or a step number (checkpoints/ckpt.<step>.pt); default: the newest",
+        help="a checkpoint file, a step number (checkpoints/ckpt.<step>.pt), or best (checkpoints/best.pt, "
+        "kept by trainer.checkpoint.monitor); default: the newest",
+    )
+    parser.add_argument(
+        "--ema",
+        action="store_true",
+        help="export the moving average of the weights (trained with trainer.ema)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
     return parser
@@ -143,15 +165,24 @@ def main(argv: list[str]) -> int:
     config_yaml = ckpt.get("config")
     if not isinstance(config_yaml, str) or not config_yaml.strip():
         raise BadInput(f"{ckpt_path} holds no run config, so the model could not be rebuilt from the export")
-    if not isinstance(ckpt["model"], dict):
-        raise BadInput(f"{ckpt_path}: 'model' is not a state dict")
+    weights = ckpt["model"]
+    if args.ema:
+        ema = ckpt.get("ema")
+        if not isinstance(ema, dict):
+            raise BadInput(
+                f"{ckpt_path} holds no moving average of the weights (train with trainer.ema.decay=0.999)"
+            )
+        weights = ema.get("weights")
+    if not isinstance(weights, dict):
+        raise BadInput(f"{ckpt_path}: {'ema weights' if args.ema else 'model'} is not a state dict")
     try:
         written = export_weights(
-            ckpt["model"], config_yaml, output, step=state.num_steps, checkpoint=str(ckpt_path.resolve())
+            weights, config_yaml, output, step=state.num_steps, checkpoint=str(ckpt_path.resolve())
         )
     except ModelFileError as e:
         raise BadInput(f"{ckpt_path}: {e}") from e
-    print(f"ml: exported step {written.step} from {ckpt_path}")
+    what = "the moving average of step" if args.ema else "step"
+    print(f"ml: exported {what} {written.step} from {ckpt_path}")
     print(f"ml: weights {written.weights_path} ({written.num_tensors} tensors)")
     print(f"ml: config  {written.config_path}")
     return 0

@@ -146,7 +146,7 @@ def _note(run: RunInfo) -> str:
         return run.error or ""
     if run.state == "interrupted":
         return run.signal or ""
-    return ""
+    return run.reason or ""
 
 
 def _shorten(text: str, width: int = 60) -> str:

@@ -58,6 +58,7 @@ from torch.optim import Optimizer
 
 from ml.core.config import BaseConfig, BaseObject, conf_field
 from ml.core.diff import diff_configs, segment_changes  # torch-free (for `ml diff`); re-exported here
+from ml.core.monitor import EarlyStopping, mode_of
 from ml.core.state import State
 from ml.errors import (
     CheckpointError,
@@ -72,7 +73,13 @@ from ml.loggers.base import BaseLogger, MultiLogger
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
-from ml.run.checkpoints import link_checkpoint, newest_verified_checkpoint, write_checkpoint_file
+from ml.run.checkpoints import (
+    Ranking,
+    link_checkpoint,
+    newest_verified_checkpoint,
+    score_checkpoint,
+    write_checkpoint_file,
+)
 from ml.run.claim import check_folder_name, get_empty_exp_dir, new_exp_dir
 from ml.run.layout import LOCK_TYPES, LockType, RunDir
 from ml.run.locks import LockInfo, read_lock, remove_lock, take_running_lock, write_lock
@@ -114,6 +121,7 @@ __all__ = [
     "CheckpointConfig",
     "CheckpointError",
     "CheckpointWriteError",
+    "EarlyStoppingConfig",
     "LockType",
     "ModelT",
     "RunDirNotSetError",
@@ -254,6 +262,27 @@ class CheckpointConfig:
     async_save: bool = conf_field(
         False, help="Write checkpoints in a background thread from a host copy (one copy stays allocated)"
     )
+    monitor: str | None = conf_field(
+        None,
+        help="Keep the best checkpoints by this evaluation metric (e.g. valid/loss), the best linked as "
+        "checkpoints/best.pt; a checkpoint is saved at every evaluation",
+    )
+    mode: str | None = conf_field(
+        None, help="min or max: which way `monitor` improves (unset: max for names with acc/return/reward)"
+    )
+    keep_top_k: int = conf_field(1, help="With `monitor`: the best checkpoints kept besides the latest")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    monitor: str | None = conf_field(
+        None, help="Stop training (as finished) once this evaluation metric (e.g. valid/loss) stops improving"
+    )
+    mode: str | None = conf_field(
+        None, help="min or max: which way `monitor` improves (unset: max for names with acc/return/reward)"
+    )
+    patience: int = conf_field(3, help="Evaluations in a row without improvement before stopping")
+    min_delta: float = conf_field(0.0, help="An improvement must exceed this")
 
 
 @dataclass
@@ -262,6 +291,7 @@ class _PendingSave:
 
     path: Path
     task: Any
+    score: "tuple[float, Ranking] | None"
     thread: threading.Thread = field(init=False)
     error: BaseException | None = None
 
@@ -320,6 +350,9 @@ class TrainerConfig(BaseTrainerConfig):
     )
     progress_bar: bool = conf_field(
         True, help="On a terminal (stderr), rank 0: a training progress bar, and bars for validation and test"
+    )
+    early_stopping: EarlyStoppingConfig = conf_field(
+        EarlyStoppingConfig(), help="Stop when an evaluation metric stops improving"
     )
 
 
@@ -406,12 +439,36 @@ def _tear_down(steps: list[Callable[[], None]], *, quiet: bool) -> None:
 # The trainer
 
 
+def _ranking_of(config: CheckpointConfig) -> Ranking | None:
+    """``checkpoint.monitor``, ``mode`` and ``keep_top_k``, checked; None without a monitor."""
+    if config.monitor is None:
+        return None
+    if config.keep_top_k < 1:
+        raise ConfigError(f"trainer.checkpoint.keep_top_k must be positive, got {config.keep_top_k}")
+    mode = mode_of(config.monitor, config.mode, "trainer.checkpoint.mode")
+    return Ranking(str(config.monitor), mode, int(config.keep_top_k))
+
+
+def _early_stopping_of(config: EarlyStoppingConfig | None) -> EarlyStopping | None:
+    """``trainer.early_stopping``, checked; None without a monitor."""
+    if config is None or config.monitor is None:
+        return None
+    if config.patience < 1:
+        raise ConfigError(f"trainer.early_stopping.patience must be positive, got {config.patience}")
+    if not config.min_delta >= 0:
+        raise ConfigError(f"trainer.early_stopping.min_delta must be 0 or more, got {config.min_delta}")
+    mode = mode_of(config.monitor, config.mode, "trainer.early_stopping.mode")
+    return EarlyStopping(str(config.monitor), mode, int(config.patience), float(config.min_delta))
+
+
 class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, TaskT]):
     """Defines the base trainer type.
 
     Attributes:
         stop_signal: The stop signal received (agreed on by every rank), or None.
+        stop_reason: Why the run ended as finished before its limits (early stopping), or None.
         finished: Whether the run completed: every step, and the trainer's :meth:`finish`.
+        early_stopping: The patience count of ``trainer.early_stopping`` (None when off).
         task_type: The kind of task this trainer trains (checked before anything else).
     """
 
@@ -444,6 +501,10 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         self._device_cache: torch.device | None = None
         self._pending_save: _PendingSave | None = None  # checkpoint.async_save: the write in flight
         self._host_snapshot: HostSnapshot | None = None
+        self.stop_reason: str | None = None  # why a run ended before its limits (early stopping)
+        self._ranking = _ranking_of(self.checkpoint_config)
+        self.early_stopping = _early_stopping_of(getattr(config, "early_stopping", None))
+        self._score: tuple[int, float] | None = None  # the monitored metric's last (step, value)
 
     # -- the session, top to bottom
 
@@ -594,6 +655,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             self.check_config_change(ckpt, str(path))
             state = self.load_checkpoint(ckpt, s.task, s.model, s.optim, s.lr_sched)  # type: ignore[arg-type]
             logger.info("Resumed from %s at step %d", path, state.num_steps)
+            self._rank_resumed(ckpt, state)
             self.tidy_checkpoints(path)
         else:
             seed_everything(s.seed)
@@ -688,6 +750,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                 signal=self.stop_signal.name if self.stop_signal is not None else None,
                 error=error,
                 finished=self.finished,
+                reason=self.stop_reason if self.finished else None,
             )
             write_status(self.run, record)
         except Exception as e:
@@ -696,6 +759,84 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             if error is None:
                 raise
             logger.warning("Interrupted while writing %s: %s", self.run.status, type(e).__name__)
+
+    # -- evaluations: the best checkpoints and early stopping
+
+    def training_over(self, state: State, task: TaskT) -> bool:
+        """Whether the run is done: the task's limits are met, or early stopping ended it."""
+        return task.is_training_over(state) or self.stop_reason is not None
+
+    def check_monitors(self, prefix: str, evaluates: bool, how: str) -> None:
+        """Refuses, before the first step, a ``monitor`` the trainer's evaluations cannot give.
+
+        Args:
+            prefix: What the evaluation's metric names start with (``valid/``).
+            evaluates: Whether evaluations will run during training.
+            how: How to make them run (for the message).
+        """
+        for key, metric in self._monitors():
+            if not metric.startswith(prefix):
+                raise ConfigError(
+                    f"{key}={metric} is not an evaluation metric: name one starting with {prefix}"
+                )
+            if not evaluates:
+                raise ConfigError(f"{key}={metric} needs evaluations during training: {how}")
+
+    def judge_evaluation(self, state: State, metrics: Mapping[str, float], s: Session) -> None:
+        """After an evaluation during training: counts early stopping's patience, and ranks the
+        step's checkpoint by ``checkpoint.monitor`` (saving one at this step first if there is none).
+
+        Every rank calls it with the same metrics (they are averaged over the ranks).
+
+        Raises:
+            ConfigError: A monitored metric is not among ``metrics`` (the message lists them).
+        """
+        ranking, stopping = self._ranking, self.early_stopping
+        for key, metric in self._monitors():
+            if metric not in metrics:
+                raise ConfigError(
+                    f"{key}={metric} is not among the evaluation's metrics ({', '.join(sorted(metrics))})"
+                )
+        if stopping is not None:
+            stopping.update(float(metrics[stopping.monitor]), state.num_steps)
+            # (The evaluation at the end of a run that reached its limits stops nothing.)
+            if stopping.should_stop and self.stop_reason is None and not s.task.is_training_over(state):
+                self.stop_reason = stopping.reason
+                logger.warning("Stopping at step %d: %s", state.num_steps, stopping.reason)
+        if ranking is None:
+            return
+        self._score = (state.num_steps, float(metrics[ranking.metric]))
+        if not self.checkpoint_is_current(state):
+            self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)  # ranked as it is written
+            return
+        self.wait_for_checkpoint()
+        if is_master():
+            score_checkpoint(self.run, state.num_steps, self._score[1], ranking)
+            keep_older = not self.checkpoint_config.only_save_most_recent
+            link_checkpoint(self.run, self.ckpt_path, keep_older=keep_older)
+
+    def _monitors(self) -> list[tuple[str, str]]:
+        """The monitored metrics, each with the config key that names it."""
+        monitors = [("trainer.checkpoint.monitor", self._ranking.metric)] if self._ranking else []
+        if self.early_stopping is not None:
+            monitors.append(("trainer.early_stopping.monitor", self.early_stopping.monitor))
+        return monitors
+
+    def _rank_resumed(self, ckpt: Mapping[str, Any], state: State) -> None:
+        """Ranks the checkpoint resumed from by the score it holds: a process killed between
+        writing it and listing it in ``scores.json`` would otherwise leave a best one unranked."""
+        score, ranking = ckpt.get("score"), self._ranking
+        if ranking is None or not isinstance(score, Mapping) or score.get("metric") != ranking.metric:
+            return
+        self._score = (state.num_steps, float(score["value"]))
+        if is_master():
+            score_checkpoint(self.run, state.num_steps, self._score[1], ranking)
+
+    def _score_of(self, step: int) -> tuple[float, Ranking] | None:
+        """The monitored metric's value at ``step`` (if it was evaluated) and the ranking."""
+        if self._ranking is None or self._score is None or self._score[0] != step:
+            return None
+        return self._score[1], self._ranking
 
     # -- devices and precision
 
@@ -979,6 +1120,11 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             _load_named(lr_scheds, lr_state, "lr schedulers")
         if "rng" in ckpt_dict:
             set_rng_state(ckpt_dict["rng"])
+        stopping = ckpt_dict.get("early_stopping")
+        if self.early_stopping is not None and isinstance(stopping, Mapping):
+            self.early_stopping.load_state_dict(dict(stopping))
+            # A run that early stopping ended has nothing left to do (unless the patience grew).
+            self.stop_reason = self.early_stopping.reason if self.early_stopping.should_stop else None
         self.load_state_dict(ckpt_dict)
         self._last_ckpt_time_s = state.elapsed_time_s
         self._last_ckpt_step = state.num_steps
@@ -1033,6 +1179,11 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             ckpt["optim"] = optim_state
         if lr_scheds is not None:
             ckpt["lr"] = _named_state(lr_scheds)
+        if self.early_stopping is not None:
+            ckpt["early_stopping"] = self.early_stopping.state_dict()
+        score = self._score_of(state.num_steps)
+        if score is not None:  # ranks it again if a crash kept it from scores.json (resume_or_start)
+            ckpt["score"] = {"metric": score[1].metric, "value": score[0]}
         self.update_state_dict(ckpt)
         check_loadable(ckpt)
 
@@ -1042,7 +1193,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             # A copy the next optimizer step cannot change; the write does not block the loop.
             snapshot = self._host_snapshot.take(ckpt)
             del ckpt, model_state, optim_state
-            pending = _PendingSave(ckpt_path, task)
+            pending = _PendingSave(ckpt_path, task, self._score_of(state.num_steps))
             # Not a daemon: an interpreter that exits still finishes the write (and its link).
             pending.thread = threading.Thread(
                 target=self._write_in_background, args=(pending, snapshot), name="ml-checkpoint"
@@ -1052,7 +1203,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             self._last_ckpt_time_s = state.elapsed_time_s
             self._last_ckpt_step = state.num_steps
             return ckpt_path
-        self._write_checkpoint(ckpt, ckpt_path)
+        self._write_checkpoint(ckpt, ckpt_path, self._score_of(state.num_steps))
         self._last_ckpt_time_s = state.elapsed_time_s
         self._last_ckpt_step = state.num_steps
         task.on_after_save_checkpoint(ckpt_path)
@@ -1060,17 +1211,21 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
 
     def _write_in_background(self, pending: _PendingSave, ckpt: dict[str, Any]) -> None:
         try:
-            self._write_checkpoint(ckpt, pending.path)
+            self._write_checkpoint(ckpt, pending.path, pending.score)
         except BaseException as e:  # raised in the training thread, by _finish_save
             pending.error = e
 
-    def _write_checkpoint(self, ckpt: dict[str, Any], ckpt_path: Path) -> None:
-        """Writes ``ckpt`` durably, links it and applies retention (:mod:`ml.run.checkpoints`; rank 0)."""
+    def _write_checkpoint(
+        self, ckpt: dict[str, Any], ckpt_path: Path, score: tuple[float, Ranking] | None
+    ) -> None:
+        """Writes ``ckpt`` durably, ranks it by ``score``, links it and applies retention
+        (:mod:`ml.run.checkpoints`; rank 0)."""
         write_checkpoint_file(
             self.run,
             int(ckpt_path.name.split(".")[1]),
             lambda f: torch.save(ckpt, f),
             keep_older=not self.checkpoint_config.only_save_most_recent,
+            score=score,
         )
 
     def wait_for_checkpoint(self) -> Path | None:

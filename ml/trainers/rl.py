@@ -568,6 +568,9 @@ class ReinforcementLearningTrainer(
             use_fast_optimizer(optim)
         lr_sched = lr_scheduler.get(optim)
         self._task = task
+        self.check_monitors(
+            "rl/eval_", bool(self.config.eval_every_n_iterations), "set trainer.eval_every_n_iterations"
+        )
         rollout = _Rollout(task, self.config.vectorization, task.config.num_envs)
         self._rollout = rollout
         session = _Session(
@@ -620,7 +623,7 @@ class ReinforcementLearningTrainer(
                 state, max_steps=cfg.max_steps, max_samples=cfg.max_samples, samples_per_step=per_iteration
             )
         )
-        while not task.is_training_over(state) and self.stop_signal is None:
+        while not self.training_over(state, task) and self.stop_signal is None:
             self.on_step_start(state, task, model, optim, lr_sched)
             trajectory, finished = self._collect(rollout, task, model)
             state.num_samples += rollout.count * task.config.num_env_steps * get_world_size()
@@ -637,7 +640,7 @@ class ReinforcementLearningTrainer(
                 bar.update({"return": np.mean([r for r, _ in finished])} if finished else None, force=last)
             if self._should_evaluate(state):
                 eval_started = time.perf_counter()
-                self.evaluate(task, model, state)
+                self.judge_evaluation(state, self.evaluate(task, model, state), s)
                 eval_time += time.perf_counter() - eval_started
             if self.should_checkpoint(state):
                 self.save_checkpoint(state, task, model, optim, lr_sched)
@@ -665,7 +668,7 @@ class ReinforcementLearningTrainer(
     def finish(self, state: State, s: Session) -> None:
         """The end of a completed run: a last evaluation, then the final checkpoint."""
         if self.config.eval_at_end and self._last_eval_step != state.num_steps:
-            self.evaluate(s.task, s.model, state)
+            self.judge_evaluation(state, self.evaluate(s.task, s.model, state), s)
         super().finish(state, s)
 
 

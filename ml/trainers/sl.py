@@ -53,6 +53,7 @@ from ml.trainers.parallel import (
 from ml.utils.checkpoint import unwrap_model
 from ml.utils.data import ResumableSampler, SeededDataset, batch_size_of, move_to, prepare_worker_processes
 from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size
+from ml.utils.ema import WeightAverage
 from ml.utils.grad_norm import total_norm
 from ml.utils.malloc import tune_malloc
 from ml.utils.precision import PRECISIONS, MixedPrecision
@@ -69,6 +70,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
+class EmaConfig:
+    decay: float | None = conf_field(
+        None, help="Keep an exponential moving average of the weights with this decay (e.g. 0.999)"
+    )
+    start_step: int = conf_field(0, help="The first optimizer step averaged (the average starts as a copy)")
+    every_n_steps: int = conf_field(1, help="Average every N optimizer steps")
+    use_for_eval: bool = conf_field(False, help="Validate and test with the averaged weights")
+
+
+@dataclass
 class SupervisedLearningTrainerConfig(TrainerConfig):
     batches_per_step: int = conf_field(1, help="Batches whose gradients are accumulated per optimizer step")
     clip_grad_norm: float | None = conf_field(None, help="Clip the gradient norm to this value (and log it)")
@@ -82,6 +93,7 @@ class SupervisedLearningTrainerConfig(TrainerConfig):
     non_finite_loss: str = conf_field(
         "stop", help="On a NaN/inf loss: `stop` with an error, or `skip` the step"
     )
+    ema: EmaConfig = conf_field(EmaConfig(), help="A moving average of the weights (`ml export --ema`)")
 
 
 def _as_loss_dict(losses: torch.Tensor | dict[str, torch.Tensor], task: Any) -> dict[str, torch.Tensor]:
@@ -220,6 +232,17 @@ def _check_config(config: SupervisedLearningTrainerConfig) -> None:
         raise ConfigError(f"trainer.clip_grad_norm must be positive, got {config.clip_grad_norm}")
     if config.precision != "fp32" and config.use_double_weight_precision:
         raise ConfigError("trainer.precision must be fp32 when use_double_weight_precision is set")
+    ema = config.ema
+    if ema.decay is not None:
+        if not 0.0 <= ema.decay < 1.0:
+            raise ConfigError(f"trainer.ema.decay must be in [0, 1), got {ema.decay}")
+        if ema.start_step < 0 or ema.every_n_steps < 1:
+            raise ConfigError(
+                "trainer.ema.start_step must be 0 or more and trainer.ema.every_n_steps positive, "
+                f"got {ema.start_step} and {ema.every_n_steps}"
+            )
+        if config.parallel == "fsdp":
+            raise ConfigError("trainer.ema does not work with trainer.parallel=fsdp yet: use ddp, or no ema")
 
 
 @dataclass
@@ -262,6 +285,7 @@ class SupervisedLearningTrainer(
         self._data_seed = 0
         self._last_valid = (-1, 0.0)  # (step, elapsed seconds) of the last validation
         self._resumed_valid_step: int | None = None  # the checkpoint's last validated step
+        self.ema: WeightAverage | None = None  # trainer.ema's average, made by set_up
 
     # -- checkpoint extras: the gradient scaler and where the data order stands
 
@@ -279,6 +303,8 @@ class SupervisedLearningTrainer(
             state_dict["grad_scaler"] = self.precision.state_dict()
         state_dict["skipped_steps"] = self.num_skipped_steps
         state_dict["last_valid_step"] = self._last_valid[0]
+        if self.ema is not None:
+            state_dict["ema"] = self.ema.state_dict()
         if self.finished:
             state_dict["final_metrics"] = dict(self.final_metrics)
 
@@ -328,6 +354,11 @@ class SupervisedLearningTrainer(
         self.num_skipped_steps = int(state_dict.get("skipped_steps", 0))
         valid_step = state_dict.get("last_valid_step")
         self._resumed_valid_step = int(valid_step) if valid_step is not None else None
+        if self.ema is not None:
+            if isinstance(state_dict.get("ema"), Mapping):
+                self.ema.load_state_dict(dict(state_dict["ema"]))
+            else:
+                logger.info("The checkpoint has no moving average of the weights: trainer.ema starts one")
         if "final_metrics" in state_dict:
             self.finished = True
             self.final_metrics = {k: float(v) for k, v in state_dict["final_metrics"].items()}
@@ -698,6 +729,12 @@ class SupervisedLearningTrainer(
             for key, total in totals.items()
         }
 
+    def _validate(self, state: State, s: _Session) -> None:
+        """Validates; the metrics then rank the checkpoint and count early stopping's patience."""
+        metrics = self.evaluate("valid", s.valid_loaders, s.task, s.evaluator, state)
+        if metrics is not None:
+            self.judge_evaluation(state, metrics, s)
+
     def _validation_missed(self, state: State) -> bool:
         """Whether the checkpoint resumed from was saved at a step due for validation, without it.
 
@@ -752,6 +789,22 @@ class SupervisedLearningTrainer(
             evaluator = cast(nn.Module, torch.compile(model))
         elif not self.distributed:
             evaluator = runner
+        ema = self.config.ema
+        if ema.decay is not None:
+            self.ema = WeightAverage(
+                model, decay=ema.decay, start_step=ema.start_step, every_n_steps=ema.every_n_steps
+            )
+            if ema.use_for_eval:
+                evaluator = self.ema.model
+        valid_loaders = self._loaders(task, "valid")
+        every = self._valid_every
+        self.check_monitors(
+            "valid/",
+            bool(valid_loaders) and any(every),
+            "set trainer.valid_every_n_steps (or valid_every_n_seconds)"
+            if valid_loaders
+            else f"{type(task).__name__} has no validation data (get_dataset('valid'))",
+        )
         return _Session(
             model,
             task,
@@ -759,7 +812,7 @@ class SupervisedLearningTrainer(
             lr_sched,
             seed=task.config.seed,
             train_loader=train_loader,
-            valid_loaders=self._loaders(task, "valid"),
+            valid_loaders=valid_loaders,
             test_loaders=self._loaders(task, "test"),
             runner=runner,
             evaluator=evaluator,
@@ -768,6 +821,7 @@ class SupervisedLearningTrainer(
     def close(self, s: Session) -> None:
         self._parts = None  # the step loop's lists of the model's modules and parameters
         self._fused_step = None
+        self._train_stream = None  # its loader's worker processes end with it
 
     def loop(self, state: State, s: Session) -> None:
         with TrainingBar(state, enabled=self.config.progress_bar) as bar:  # closed however the loop ends
@@ -798,7 +852,7 @@ class SupervisedLearningTrainer(
     def _loop(self, state: State, s: Session, bar: TrainingBar) -> None:
         assert isinstance(s, _Session)
         task, model, optim, lr_sched = s.task, s.model, s.optim, s.lr_sched
-        if self.finished and task.is_training_over(state):
+        if self.finished and self.training_over(state, task):
             logger.info("This run already finished at step %d: nothing to do", state.num_steps)
             return
         self.finished = False
@@ -809,11 +863,11 @@ class SupervisedLearningTrainer(
             self._fused_step = FusedAdamStep(optim)
         if s.valid_loaders and self._validation_missed(state):
             # A stop signal ended the last session during the validation due at its final step.
-            self.evaluate("valid", s.valid_loaders, task, s.evaluator, state)
+            self._validate(state, s)
         throughput = _Throughput(state)
         bar.start(self._bar_total(state, s))
         world_size = get_world_size()
-        while not task.is_training_over(state) and self.stop_signal is None:
+        while not self.training_over(state, task) and self.stop_signal is None:
             if state.num_epoch_samples == 0:
                 self.on_epoch_start(state, task, model, optim, lr_sched)
             for batches in self._epoch_steps(s.train_loader, state):
@@ -825,6 +879,8 @@ class SupervisedLearningTrainer(
                 state.num_epoch_steps += 1
                 state.num_samples += samples
                 state.num_epoch_samples += samples
+                if self.ema is not None:
+                    self.ema.update(state.num_steps)
                 self.on_step_end(state, loss_dict, task, model, optim, lr_sched)
                 self.logger.log_scalar("epoch", state.num_epochs)
                 self.logger.log_scalar("samples_per_s", throughput.samples_per_s)
@@ -834,10 +890,10 @@ class SupervisedLearningTrainer(
                 if last or state.num_steps >= bar.due:  # an int compare; the loss is read on a redraw only
                     bar.update({"epoch": state.num_epochs, **loss_dict}, force=last)
                 if s.valid_loaders and self._should_validate(state):
-                    self.evaluate("valid", s.valid_loaders, task, s.evaluator, state)
+                    self._validate(state, s)
                 if self.should_checkpoint(state):
                     self.save_checkpoint(state, task, model, optim, lr_sched)
-                if task.is_training_over(state) or self.stop_signal is not None:
+                if self.training_over(state, task) or self.stop_signal is not None:
                     return
             self.on_epoch_end(state, task, model, optim, lr_sched)
 
@@ -853,7 +909,7 @@ class SupervisedLearningTrainer(
         if not self.checkpoint_is_current(state):
             self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)
         if s.valid_loaders and self.config.valid_at_end and self._last_valid[0] != state.num_steps:
-            self.evaluate("valid", s.valid_loaders, s.task, s.evaluator, state)
+            self._validate(state, s)
         if s.test_loaders and self.config.test_at_end:
             self.evaluate("test", s.test_loaders, s.task, s.evaluator, state)
         if self.stop_signal is None:

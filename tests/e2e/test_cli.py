@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 import yaml
 
 _SCRIPT = Path(sys.executable).parent / "ml"
@@ -394,6 +396,10 @@ BAD_OVERRIDES: dict[str, tuple[list[str], str]] = {
     "value a component rejects": (["task.max_steps=-1"], "task.max_steps must be positive"),
     "value the trainer rejects": (["trainer.non_finite_loss=maybe"], "trainer.non_finite_loss"),
     "broken interpolation": (["optimizer.lr=${nope}"], "optimizer.lr"),
+    "a monitor that is not evaluated": (  # the others are tests/trainers/test_monitor.py's
+        ["trainer.early_stopping.monitor=train/loss"],
+        "trainer.early_stopping.monitor=train/loss is not an evaluation metric",
+    ),
 }
 BAD_FILES = ("unknown section in YAML", "bad YAML", "missing file")
 
@@ -533,6 +539,40 @@ def test_user_task_by_import_path(files: Files, tmp_path: Path) -> None:
     result = ml(files, "train", files.user, "task.threshold=0", "task.num_sample=3", run_dir=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("ml: error: task.num_sample: Key 'num_sample' not in 'SumSignConfig'")
+
+
+def test_early_stopping_the_best_checkpoint_and_its_moving_average_from_the_command_line(
+    files: Files, tmp_path: Path
+) -> None:
+    args = [
+        "task.max_steps=60",
+        "trainer.checkpoint.monitor=valid/accuracy",  # higher is better, from the name
+        "trainer.early_stopping.monitor=valid/loss",
+        "trainer.early_stopping.patience=1",
+        "trainer.early_stopping.min_delta=10",  # no validation improves by that much
+        "trainer.ema.decay=0.9",
+    ]
+    result = _ok(ml(files, "train", files.tiny, *args, run_dir=tmp_path))
+    exp_dir = tmp_path / "tiny" / "run_0"
+    status = json.loads((exp_dir / "status.json").read_text())
+    assert (status["state"], status["step"]) == ("finished", 20)  # validated at 10 (best), then 20
+    assert status["reason"].startswith("early stopping: valid/loss did not improve by more than 10 in 1")
+    assert f"ml: best checkpoint {exp_dir / 'checkpoints' / 'best.pt'} -> ckpt." in result.stderr
+    assert "ml: stopped early   valid/loss did not improve" in result.stderr
+    assert "test/accuracy" in result.stderr  # a run that stopped early is tested like any finished one
+    scores = json.loads((exp_dir / "checkpoints" / "scores.json").read_text())
+    best_step = int(next(iter(scores["scores"])))
+    assert scores["mode"] == "max" and best_step in (10, 20)
+    assert (exp_dir / "checkpoints" / "best.pt").resolve().name == f"ckpt.{best_step}.pt"
+
+    out = tmp_path / "export" / "model.safetensors"
+    exported = _ok(ml(files, "export", exp_dir, "-o", out, "--checkpoint", "best", "--ema", run_dir=tmp_path))
+    assert f"exported the moving average of step {best_step}" in exported.stdout
+    best = torch.load(exp_dir / "checkpoints" / "best.pt", weights_only=True)
+    weights = safetensors.torch.load_file(out)
+    assert weights.keys() == best["ema"]["weights"].keys()
+    assert all(torch.equal(weights[k], best["ema"]["weights"][k]) for k in weights)
+    assert any(not torch.equal(weights[k], best["model"][k]) for k in weights)
 
 
 def test_failure_during_training_exits_1_and_keeps_the_run(files: Files, tmp_path: Path) -> None:

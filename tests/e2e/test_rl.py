@@ -71,7 +71,9 @@ def _metric(exp_dir: Path, name: str) -> list[float]:
 
 
 def test_short_cartpole_run_improves_the_return(tmp_path: Path, logging_yaml: Path) -> None:
-    proc = _start(tmp_path, "cartpole", str(logging_yaml), "task.max_samples=10240")
+    # As Stable-Baselines3's EvalCallback keeps best_model: the best checkpoint by evaluation return.
+    monitor = "trainer.checkpoint.monitor=rl/eval_return"
+    proc = _start(tmp_path, "cartpole", str(logging_yaml), "task.max_samples=10240", monitor)
     _finish(proc, tmp_path)
     exp_dir = tmp_path / "cartpole" / "run_0"
     returns = _metric(exp_dir, "rl/episode_return")
@@ -79,6 +81,15 @@ def test_short_cartpole_run_improves_the_return(tmp_path: Path, logging_yaml: Pa
     assert returns[0] < 40  # a random policy balances the pole for about 20 steps
     assert sum(returns[-5:]) / 5 > 3 * returns[0]
     assert evals[-1] > 3 * returns[0]
+    by_step = {
+        r["step"]: r["metrics"]["rl/eval_return"]
+        for r in read_metrics(exp_dir / "logs")
+        if "rl/eval_return" in r["metrics"]
+    }
+    best_step = max(by_step, key=lambda step: (by_step[step], -step))  # the earliest of equals
+    assert os.readlink(exp_dir / "checkpoints" / "best.pt") == f"ckpt.{best_step}.pt"
+    best = torch.load(exp_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert best["score"] == {"metric": "rl/eval_return", "value": by_step[best_step]}
     speeds = _metric(exp_dir, "rl/env_steps_per_s")
     assert speeds[-1] > 0 and _metric(exp_dir, "rl/env_steps")[-1] == 10240
 

@@ -114,7 +114,10 @@ def test_config_defaults_equal_the_spec() -> None:
         ("only_save_most_recent", True),
         ("load_from_ckpt_path", None),
         ("load_strict", True),
-        ("async_save", False),  # an addition to the spec's fields, off by default
+        ("async_save", False),  # additions to the spec's fields, off by default
+        ("monitor", None),
+        ("mode", None),
+        ("keep_top_k", 1),
     ]
     config = BaseTrainerConfig()
     assert config.name == "???" and config.exp_dir == "???" and MISSING == "???"

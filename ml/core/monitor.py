@@ -1,0 +1,103 @@
+"""Defines which way a metric improves, and early stopping by a metric (torch-free).
+
+One rule, shared by ``ml runs`` (the best value of a run), the checkpoints kept for being the best
+(``trainer.checkpoint.monitor``) and early stopping (``trainer.early_stopping.monitor``): a metric
+whose name holds ``acc``, ``return`` or ``reward`` is better when higher, any other when lower,
+unless a ``mode`` (``min`` or ``max``) says otherwise.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ml.errors import ConfigError
+
+# Metric names holding one of these are better when higher (accuracy, RL returns); others lower.
+HIGHER_IS_BETTER = ("acc", "return", "reward")
+MODES = ("min", "max")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better (its name holds ``acc``, ``return`` or ``reward``)."""
+    return any(word in metric.lower() for word in HIGHER_IS_BETTER)
+
+
+def mode_of(metric: str, mode: str | None, where: str) -> str:
+    """``mode`` checked (``min`` or ``max``), or the metric's own direction when it is None.
+
+    Raises:
+        ConfigError: ``mode`` is neither (``where`` names the config key).
+    """
+    if mode is None:
+        return "max" if higher_is_better(metric) else "min"
+    if mode not in MODES:
+        raise ConfigError(f"{where} must be min or max (or unset: from the metric's name), got {mode!r}")
+    return mode
+
+
+def is_better(value: float, than: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` improves on ``than`` by more than ``min_delta`` (NaN never improves)."""
+    if math.isnan(value):
+        return False
+    if than is None or math.isnan(than):
+        return True
+    return value < than - min_delta if mode == "min" else value > than + min_delta
+
+
+@dataclass
+class EarlyStopping:
+    """Counts evaluations without improvement of one metric; says when patience has run out.
+
+    Args:
+        monitor: The metric, as logged (``valid/loss``).
+        mode: ``min`` or ``max``.
+        patience: Evaluations in a row without improvement after which training stops.
+        min_delta: An improvement must exceed this.
+    """
+
+    monitor: str
+    mode: str
+    patience: int
+    min_delta: float = 0.0
+    best: float | None = None
+    best_step: int | None = None
+    bad_evaluations: int = 0  # in a row, since the best
+
+    def update(self, value: float, step: int) -> None:
+        """Takes the metric's value of the evaluation at ``step``."""
+        if is_better(value, self.best, self.mode, self.min_delta):
+            self.best, self.best_step, self.bad_evaluations = value, step, 0
+        else:
+            self.bad_evaluations += 1
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_evaluations >= self.patience
+
+    @property
+    def reason(self) -> str:
+        """Why training stopped, in one line (for the log and ``status.json``)."""
+        by = f" by more than {self.min_delta:g}" if self.min_delta else ""
+        best = f"{self.best:.6g} at step {self.best_step}" if self.best is not None else "none"
+        return (
+            f"early stopping: {self.monitor} did not improve{by} in {self.bad_evaluations} evaluations "
+            f"(patience {self.patience}; best {best})"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "monitor": self.monitor,
+            "best": self.best,
+            "best_step": self.best_step,
+            "bad_evaluations": self.bad_evaluations,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues the count of a checkpoint's run; one of another metric starts over."""
+        if state.get("monitor") != self.monitor:
+            return
+        best = state.get("best")
+        self.best = None if best is None else float(best)
+        step = state.get("best_step")
+        self.best_step = None if step is None else int(step)
+        self.bad_evaluations = int(state.get("bad_evaluations", 0))
