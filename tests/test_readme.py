@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -55,3 +56,24 @@ def test_every_file_the_readme_links_to_is_in_the_repository() -> None:
             continue
         assert not target.startswith("../"), f"{target} is outside the repository"
         assert (README.parent / target).is_file(), f"the README names {target}, which a clone does not have"
+
+
+def test_the_streaming_example_trains_and_its_checkpoint_holds_the_position(tmp_path: Path) -> None:
+    python, configs = _blocks("python"), _blocks("yaml")
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "tasks.py").write_text(python["mypkg/tasks.py"])
+    (tmp_path / "mypkg" / "stream.py").write_text(python["mypkg/stream.py"])
+    (tmp_path / "my.yaml").write_text(configs["my.yaml"])
+    cli = Path(sys.executable).parent / "ml"
+    result = subprocess.run(
+        [str(cli), "train", "my.yaml", "task.name=mypkg.stream:StreamTask", "task.max_steps=150",
+         "task.train_dl.num_workers=2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    ckpt = torch.load(tmp_path / "runs" / "my" / "run_0" / "checkpoints" / "ckpt.150.pt", weights_only=True)
+    state = yaml.safe_load(ckpt["state"]) if isinstance(ckpt["state"], str) else ckpt["state"]
+    assert (state["num_epochs"], state["num_epoch_samples"]) == (1, 150 * 32 - 4096)  # 128 steps an epoch
+    assert "stream" in ckpt

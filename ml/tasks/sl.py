@@ -59,9 +59,12 @@ class SupervisedLearningTask(BaseTask[SLTaskConfigT]):
     def get_dataset(self, phase: Phase) -> Dataset:
         """Returns the dataset of ``phase`` (``train``, ``valid`` or ``test``).
 
-        For ``valid`` and ``test``, a dict of datasets by name evaluates each set on its own (logged
-        as ``valid/<name>/<metric>``). Raise ``NotImplementedError`` for a phase the task does not
-        have: the trainer then skips validation or testing.
+        A map-style dataset (``__len__`` and ``__getitem__``), or a stream (an ``IterableDataset``
+        that reads its shard, :func:`ml.utils.streaming.shard_of_stream`; for training it must
+        have ``state_dict``/``load_state_dict`` so that resume is exact: see
+        :mod:`ml.utils.streaming`). For ``valid`` and ``test``, a dict of datasets by name evaluates
+        each set on its own (logged as ``valid/<name>/<metric>``). Raise ``NotImplementedError``
+        for a phase the task does not have: the trainer then skips validation or testing.
         """
 
     def run_model(self, model: nn.Module, batch: Any, state: State) -> Any:
