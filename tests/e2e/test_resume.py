@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from tests.e2e.resume_task import read_indices
+from tests.same import assert_same
 
 _SCRIPT = Path(sys.executable).parent / "ml"
 ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.cli"]
@@ -233,25 +234,6 @@ def _ckpt_step(name: str) -> int:
     return int(match.group(1))
 
 
-def _assert_same(a: Any, b: Any, where: str) -> None:
-    """Recursively equal: tensors bit for bit (``torch.equal``, same dtype), the rest with ``==``."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        equal = torch.equal(a, b)  # (a bare torch.equal in the assert would print both tensors)
-        assert equal, f"{where} differs (max abs diff {(a.double() - b.double()).abs().max()})"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def _comparable_metrics(records: list[dict]) -> dict[tuple[int, str], dict[str, float]]:
     """(step, phase) -> the metrics that do not depend on timing (a step redone after a kill -9 is
     logged twice; its last record counts)."""
@@ -269,7 +251,7 @@ def _assert_same_training(
     assert len(indices) == MAX_STEPS * BATCHES_PER_STEP
     final, expected = _load(run.checkpoints / "ckpt.pt"), _load(ref.checkpoints / "ckpt.pt")
     for part in parts:
-        _assert_same(final[part], expected[part], part)
+        assert_same(final[part], expected[part], part)
     state, ref_state = json.loads(final["state"]), json.loads(expected["state"])
     counters = ("num_steps", "num_epochs", "num_samples", "num_epoch_steps", "num_epoch_samples")
     assert {k: state[k] for k in counters} == {k: ref_state[k] for k in counters}

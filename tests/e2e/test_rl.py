@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from ml.loggers.jsonl import read_metrics
+from tests.same import assert_same
 
 pytest.importorskip("gymnasium")
 
@@ -98,21 +99,6 @@ def _checkpoint(exp_dir: Path) -> dict[str, Any]:
     return torch.load(exp_dir / "checkpoints" / "ckpt.pt", weights_only=True)
 
 
-def _assert_equal(a: Any, b: Any, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), where
-        for key in a:
-            _assert_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 def test_sigterm_at_an_iteration_boundary_then_resume_is_exact(tmp_path: Path, logging_yaml: Path) -> None:
     args = (
         "cartpole",
@@ -142,7 +128,7 @@ def test_sigterm_at_an_iteration_boundary_then_resume_is_exact(tmp_path: Path, l
     resumed = _checkpoint(exp_dir)
     assert os.readlink(exp_dir / "checkpoints" / "ckpt.pt") == f"ckpt.{ITERATIONS}.pt"
     for key in ("model", "optim", "lr", "rl", "rng", "task"):
-        _assert_equal(resumed[key], expected[key], key)
+        assert_same(resumed[key], expected[key], key)
     env_state = resumed["rl"]["env_state"]
     assert any(s["elapsed_steps"] > 0 for s in env_state)  # episodes in flight at the boundary
     steps = [r["step"] for r in read_metrics(exp_dir / "logs") if "rl/env_steps" in r["metrics"]]

@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests.same import assert_same
+
 _SCRIPT = Path(sys.executable).parent / "ml"
 ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.cli"]
 TIMEOUT_S = 120
@@ -144,24 +146,6 @@ class Run:
         return int(os.readlink(self.checkpoints / "ckpt.pt").split(".")[1])
 
 
-def _assert_same(a: Any, b: Any, where: str) -> None:
-    """Recursively equal: tensors bit for bit (``torch.equal``), the rest with ``==``."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        equal = torch.equal(a, b)
-        assert equal, f"{where} differs (max abs diff {(a.double() - b.double()).abs().max()})"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def _train_losses(run: Run) -> dict[int, float]:
     lines = (run.exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
@@ -171,7 +155,7 @@ def _train_losses(run: Run) -> dict[int, float]:
 def _assert_same_training(run: Run, reference: Run) -> None:
     final, expected = run.ckpt(), reference.ckpt()
     for part in ALL_PARTS:
-        _assert_same(final[part], expected[part], part)
+        assert_same(final[part], expected[part], part)
     counters = ("num_steps", "num_epochs", "num_samples", "num_epoch_steps", "num_epoch_samples")
     state, ref_state = json.loads(final["state"]), json.loads(expected["state"])
     assert {k: state[k] for k in counters} == {k: ref_state[k] for k in counters}

@@ -30,6 +30,7 @@ from ml.core.state import State
 from ml.trainers.base import CheckpointWriteError
 from ml.utils.checkpoint import HostSnapshot
 from tests.e2e.resume_task import read_indices
+from tests.same import assert_same
 from tests.tiny import make_parts, train_steps
 
 BALLAST = 4_000_000  # floats (16 MB): a write takes long enough for training to go on meanwhile
@@ -45,24 +46,6 @@ def _parts(exp_dir: Path, **checkpoint: object) -> tuple:
 
 def _load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _assert_same(a: Any, b: Any, where: str = "ckpt") -> None:
-    """Recursively equal: tensors bit for bit with the same dtype and shape, the rest with ``==``."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        equal = torch.equal(a, b)
-        assert equal, f"{where} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: {sorted(a)} != {sorted(b)}"
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def _clone(value: Any) -> Any:
@@ -113,7 +96,7 @@ def test_an_async_checkpoint_holds_exactly_what_a_sync_one_holds(tmp_path: Path)
     expected, got = _load(sync_path), _load(async_path)
     config = got.pop("config").replace("/async", "/sync").replace("async_save: true", "async_save: false")
     assert config == expected.pop("config")  # but for the experiment directory and async_save
-    _assert_same(got, expected)
+    assert_same(got, expected)
     assert list(got["model"]) == list(model.state_dict())  # the same order too
 
 
@@ -130,8 +113,8 @@ def test_changes_right_after_an_async_save_do_not_reach_the_file(tmp_path: Path)
     trainer.wait_for_checkpoint()
 
     saved = _load(path)
-    _assert_same(saved["model"], before["model"], "model")
-    _assert_same({k: dict(v) for k, v in saved["optim"]["state"].items()}, before["optim"], "optim")
+    assert_same(saved["model"], before["model"], "model")
+    assert_same({k: dict(v) for k, v in saved["optim"]["state"].items()}, before["optim"], "optim")
     assert not torch.equal(saved["model"]["ballast"], model.ballast)  # the model did change
 
 
@@ -386,7 +369,7 @@ def test_async_runs_stop_on_sigterm_fail_on_a_refused_write_and_resume_like_a_sy
     assert read_indices(run.exp_dir / "indices.txt")[-1][0] == MAX_STEPS
     final, expected = _load(run.checkpoints / "ckpt.pt"), _load(reference.checkpoints / "ckpt.pt")
     for part in ("model", "optim", "lr", "task", "rng", "sampler", "final_metrics"):
-        _assert_same(final[part], expected[part], part)
+        assert_same(final[part], expected[part], part)
     state, expected_state = json.loads(final["state"]), json.loads(expected["state"])
     counters = ("num_steps", "num_epochs", "num_samples", "num_epoch_steps", "num_epoch_samples")
     assert {k: state[k] for k in counters} == {k: expected_state[k] for k in counters}
