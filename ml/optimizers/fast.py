@@ -17,7 +17,9 @@ CPU (its per-tensor loop; its multi-tensor ``foreach=True`` one is 1.04-1.23x an
   big one's.
 
 This module is the one owner of the private torch names those paths use: ``torch._fused_adam_``,
-``torch._fused_adamw_`` and ``torch._foreach_add_`` (the kernels), the optimizer's
+``torch._fused_adamw_``, ``torch._foreach_add_`` and ``torch._foreach_sub_`` (the kernels), the
+``found_inf`` attribute a fused optimizer's ``step`` reads (torch's gradient scaler sets it: how a
+step is skipped on the device, :func:`step_skipping`), the optimizer's
 ``_optimizer_step_pre_hooks``/``_optimizer_step_post_hooks`` and ``torch.optim.optimizer``'s
 ``_global_optimizer_pre_hooks``/``_global_optimizer_post_hooks`` (whether a step hook would be
 skipped), and ``torch.utils._foreach_utils._get_fused_kernels_supported_devices``. Where one is
@@ -36,7 +38,7 @@ from torch.optim import Optimizer
 
 logger = logging.getLogger(__name__)
 
-_KERNELS = ("_fused_adam_", "_fused_adamw_", "_foreach_add_")  # torch's fused Adam step calls these
+_KERNELS = ("_fused_adam_", "_fused_adamw_", "_foreach_add_", "_foreach_sub_")  # torch's fused Adam step
 _direct_ok: bool | None = None  # whether the direct call works as Adam should; checked on first use
 _warned: set[str] = set()
 
@@ -113,9 +115,12 @@ def _fused_update(
     exp_avg_sqs: list[torch.Tensor],
     steps: list[torch.Tensor],
     group: dict[str, Any],
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """One Adam (``decoupled``: AdamW) update of a group's tensors, as torch's fused step makes it.
 
+    With ``found_inf`` (a float tensor, 1.0: skip) the kernel leaves everything as it was, and the
+    step counts are taken back, on the device, as torch's fused step does for a gradient scaler.
     Raises what the kernels raise, with the step counts as they were.
     """
     beta1, beta2 = group["betas"]
@@ -137,12 +142,14 @@ def _fused_update(
             eps=group["eps"],
             maximize=False,
             grad_scale=None,
-            found_inf=None,
+            found_inf=found_inf,
         )
     except Exception:
         for step in steps:
             step.sub_(1)
         raise
+    if found_inf is not None:
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
 
 
 def _direct_call_works() -> bool:
@@ -273,7 +280,7 @@ class FusedAdamStep:
         self._plain = True
         return groups
 
-    def _torch_step(self) -> None:
+    def _torch_step(self, found_inf: torch.Tensor | None) -> None:
         """``optim.step()``; first, once, fused groups step unfused where this torch lacks the kernels."""
         if not self._unfused:
             self._unfused = True
@@ -281,26 +288,29 @@ class FusedAdamStep:
             if fused and _missing_kernels():
                 for group in fused:
                     group["fused"], group["foreach"] = False, hasattr(torch, "_foreach_add_")
-        self.optim.step()
+        step_skipping(self.optim, found_inf)
 
-    def __call__(self) -> None:
+    def __call__(self, found_inf: torch.Tensor | None = None) -> None:
+        """Steps the optimizer; with ``found_inf`` 1.0 changes nothing (decided on the device)."""
         if self._groups is None and self._plain:
             self._groups = self._plain_groups()
         groups = self._groups
         grads = [[p.grad for p in params] for _, params, _, _, _ in groups] if groups is not None else []
         if groups is None or any(g is None for group_grads in grads for g in group_grads):
-            self._torch_step()
+            self._torch_step(found_inf)
             return
         done = 0
         try:
             for (group, params, exp_avgs, exp_avg_sqs, steps), group_grads in zip(groups, grads, strict=True):
                 decoupled = bool(group.get("decoupled_weight_decay"))
-                _fused_update(decoupled, params, group_grads, exp_avgs, exp_avg_sqs, steps, group)
+                _fused_update(decoupled, params, group_grads, exp_avgs, exp_avg_sqs, steps, group, found_inf)
                 done += 1
         except (AttributeError, TypeError, RuntimeError, NotImplementedError) as e:
-            self._give_up(e, [params for _, params, _, _, _ in groups[:done]])
+            self._give_up(e, [params for _, params, _, _, _ in groups[:done]], found_inf)
 
-    def _give_up(self, error: Exception, updated: list[list[torch.Tensor]]) -> None:
+    def _give_up(
+        self, error: Exception, updated: list[list[torch.Tensor]], found_inf: torch.Tensor | None
+    ) -> None:
         """After a failed direct call: the rest of the update through torch, and torch's step from now on."""
         global _direct_ok
         _direct_ok = False
@@ -310,7 +320,35 @@ class FusedAdamStep:
         for p, _ in hidden:
             p.grad = None
         try:
-            self._torch_step()
+            self._torch_step(found_inf)
         finally:
             for p, grad in hidden:
                 p.grad = grad
+
+
+# Optimizers whose fused step takes ``found_inf``: what torch's gradient scaler relies on.
+_SKIPPING = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+
+
+def skips_on_device(optim: Optimizer) -> bool:
+    """Whether :func:`step_skipping` decides on the device: every group of a torch optimizer with a
+    fused kernel is fused (else it reads the flag on the host once per step)."""
+    return isinstance(optim, _SKIPPING) and all(group.get("fused") for group in optim.param_groups)
+
+
+def step_skipping(optim: Optimizer, found_inf: torch.Tensor | None) -> None:
+    """``optim.step()``, unless ``found_inf`` (a float tensor) is 1.0: then nothing changes.
+
+    A fused optimizer's kernel reads the flag itself (torch's ``found_inf`` attribute, set for the
+    call as its gradient scaler does): no host sync. Any other optimizer reads it on the host first.
+    """
+    if found_inf is None:
+        optim.step()
+    elif skips_on_device(optim):
+        optim.found_inf = found_inf  # type: ignore[attr-defined]
+        try:
+            optim.step()
+        finally:
+            del optim.found_inf  # type: ignore[attr-defined]
+    elif not found_inf.item():
+        optim.step()

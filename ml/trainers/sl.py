@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -39,7 +40,7 @@ from ml.loggers.base import MultiLogger, ScalarValue, scalar_to_float
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
-from ml.optimizers.fast import FusedAdamStep, use_fast_optimizer
+from ml.optimizers.fast import FusedAdamStep, step_skipping, use_fast_optimizer
 from ml.tasks.sl import SupervisedLearningTask
 from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_trainer_config
 from ml.trainers.parallel import (
@@ -51,11 +52,19 @@ from ml.trainers.parallel import (
     wrap_model,
 )
 from ml.utils.checkpoint import unwrap_model
-from ml.utils.data import ResumableSampler, SeededDataset, batch_size_of, move_to, prepare_worker_processes
-from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size
+from ml.utils.data import (
+    ResumableSampler,
+    SeededDataset,
+    batch_size_of,
+    move_to,
+    prepare_worker_processes,
+    to_device_ahead,
+)
+from ml.utils.distributed import all_gather_object, get_rank, get_world_size
 from ml.utils.ema import WeightAverage
-from ml.utils.grad_norm import total_norm
+from ml.utils.grad_norm import clip_grads_with_norm_, tensor_norms
 from ml.utils.malloc import tune_malloc
+from ml.utils.nonfinite import NonFiniteRecord
 from ml.utils.precision import PRECISIONS, MixedPrecision
 from ml.utils.progress import TrainingBar, expected_total, progress
 from ml.utils.streaming import TrainStream, begin_pass, eval_loader, is_stream
@@ -199,17 +208,6 @@ def _summed(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([v.float().sum() for v in losses.values()]).sum()
 
 
-def _all_finite(values: list[torch.Tensor], *, on_host: bool) -> bool:
-    """Whether every (one-element) tensor is finite, with one host sync.
-
-    Tensors on the CPU are read one by one, which costs less than stacking them; elsewhere they
-    are stacked and checked on the device, so that the host waits for the device once.
-    """
-    if on_host:
-        return all(math.isfinite(v.item()) for v in values)
-    return bool(torch.isfinite(torch.stack([v.detach().float() for v in values])).all())
-
-
 def _with_total(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Adds the summed loss (``loss``, or ``total_loss`` if a part is called ``loss``) to named parts."""
     if len(losses) == 1 and "loss" in losses:
@@ -279,7 +277,9 @@ class SupervisedLearningTrainer(
         self._clip_grad_norm = config.clip_grad_norm
         self._valid_every = (config.valid_every_n_steps, config.valid_every_n_seconds)
         self._dtype = torch.float64 if config.use_double_weight_precision else torch.float32
-        self._parts: tuple[nn.Module, list[nn.Module], list[nn.Parameter], bool] | None = None  # _parts_of
+        self._parts: tuple[nn.Module, list[nn.Module], list[nn.Parameter]] | None = None  # _parts_of
+        self._non_finite: NonFiniteRecord | None = None  # this loop's steps, on the device (_settle)
+        self._sharded = False  # FSDP: the gradients are DTensors (set for each loop)
         self._fused_step: FusedAdamStep | None = None  # set for each session's loop (see loop)
         self.precision = MixedPrecision(config.precision, self.device)
         self._data_seed = 0
@@ -515,16 +515,23 @@ class SupervisedLearningTrainer(
         while group := list(itertools.islice(batches, self._batches_per_step)):
             yield group
 
+    def _device_ahead(self, groups: Iterator[Batches]) -> Iterator[Batches]:
+        """On CUDA, the next step's batches are copied to the device while this step computes
+        (:func:`ml.utils.data.to_device_ahead`); a stream's loader must stand where training does
+        (its position is saved from it), so streams are moved by the step itself."""
+        if self._train_stream is not None:
+            return groups
+        return to_device_ahead(groups, self.device, self._dtype)
+
     # -- one training step
 
-    def _parts_of(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter], bool]:
+    def _parts_of(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
         """The model's modules and parameters, and whether it runs on the CPU.
 
         Found once per training loop instead of at every step.
         """
         if self._parts is None or self._parts[0] is not model:
-            on_cpu = self.device_type == "cpu"
-            self._parts = (model, list(model.modules()), list(model.parameters()), on_cpu)
+            self._parts = (model, list(model.modules()), list(model.parameters()))
         return self._parts[1:]
 
     def _losses(
@@ -555,7 +562,7 @@ class SupervisedLearningTrainer(
         Each batch's loss is weighted by its share of the step's samples, so accumulating k batches
         gives the gradient of one batch k times as large.
         """
-        modules, all_params, on_cpu = self._parts_of(model)
+        modules, all_params = self._parts_of(model)
         if not all(m.training for m in modules):  # as model.train(), without its cost on every step
             model.train()
         # A step of one batch (the usual case) skips the weighting: its weight is exactly 1.
@@ -590,25 +597,37 @@ class SupervisedLearningTrainer(
         )
         self.precision.unscale_(optim)
         grads = [g for p in all_params if (g := p.grad) is not None]
-        grad_norm = total_norm(grads)  # measured (and logged) even when not clipping
-        # One host sync per step decides whether to step: the loss and the gradient norm, which is
-        # computed anyway. (Under fp16, non-finite gradients are the scaler's business: it skips
-        # those steps and lowers its scale.)
-        checked = [step_loss] if self.precision.scaler is not None else [step_loss, grad_norm]
-        finite = _all_finite(checked, on_host=on_cpu)
+        # Measured (and logged) even when not clipping. FSDP's gradients are DTensors, whose norm
+        # each rank holds a part of: the whole of it decides and is recorded.
+        norms = None if self._sharded else tensor_norms(grads)
+        grad_norm = nn.utils.get_total_norm(grads) if norms is None else torch.linalg.vector_norm(norms)
+        value = grad_norm.full_tensor() if norms is None else grad_norm  # type: ignore[union-attr]
+        # Whether to step is decided on the device, without a host sync (ml.utils.nonfinite);
+        # _settle reads the record when logs are written. Under fp16 the gradient scaler skips steps
+        # with non-finite gradients itself (a NaN loss makes them NaN): there only the loss counts.
+        record = self._non_finite
+        assert record is not None
+        if record.full:
+            self._settle()
+        scaler = self.precision.scaler
+        found_inf = record.found_inf(step_loss, None if scaler is not None else value)
         if self.distributed:  # all ranks skip or stop together, or their weights would part
-            finite = all_max([float(not finite)])[0] == 0.0
-        if not finite:
-            self._non_finite_step(state, step_loss, model, optim)
-            return losses
-        if self._clip_grad_norm is not None:  # after the check: clipping spreads a NaN everywhere
-            nn.utils.clip_grads_with_norm_(all_params, self._clip_grad_norm, grad_norm)  # those with grads
-        self.logger.log_scalar("grad_norm", grad_norm)  # outside any graph (see ml.utils.grad_norm)
-        lr_sched.step(state)
-        if self._fused_step is not None:
-            self._fused_step()
+            torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
+        record.record(state.num_steps + 1, found_inf, step_loss, value, norms)
+        if self._clip_grad_norm is None:
+            pass
+        elif norms is None:  # a NaN norm makes every gradient NaN: the step is skipped anyway
+            nn.utils.clip_grads_with_norm_(all_params, self._clip_grad_norm, grad_norm)
         else:
+            clip_grads_with_norm_(grads, self._clip_grad_norm, grad_norm)
+        self.logger.log_scalar("grad_norm", value)  # outside any graph (see ml.utils.grad_norm)
+        lr_sched.step(state)
+        if scaler is not None:
             self.precision.step(optim)
+        elif self._fused_step is not None:
+            self._fused_step(found_inf)
+        else:
+            step_skipping(optim, found_inf)
         self.logger.log_scalar("lr", lr_sched.lr)
         for name, value in _with_total(losses).items():
             task.logger.log_scalar(name, value, namespace="train")
@@ -619,27 +638,45 @@ class SupervisedLearningTrainer(
         own = getattr(unwrap_model(model), "logger", None)
         return [task.logger, *([own] if isinstance(own, MultiLogger) and own is not task.logger else [])]
 
-    def _non_finite_step(self, state: State, loss: torch.Tensor, model: nn.Module, optim: Optimizer) -> None:
-        """Stops (naming the step and the first module with a non-finite gradient) or skips the step."""
-        step = state.num_steps + 1
-        culprit = next(
-            (
-                name.rsplit(".", 1)[0] if "." in name else name
-                for name, p in unwrap_model(model).named_parameters()
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all())
-            ),
-            None,
-        )
-        what = f"loss {loss.item()}" + (f", first non-finite gradient in `{culprit}`" if culprit else "")
+    def _settle(self) -> None:
+        """Reads which steps since the last read had non-finite values (one host read): stops at the
+        first (``non_finite_loss=stop``, naming the step and the first module with a non-finite
+        gradient) or counts them as skipped (``skip``; their updates were skipped on the device)."""
+        record = self._non_finite
+        if record is None or not record.pending:
+            return
+        bad = record.read()
+        if not bad:
+            return
         where = " on at least one rank" if self.distributed else ""
-        message = f"non-finite values at step {step}{where} ({what})"
+        first = bad[0]
+        message = f"non-finite values at step {first.step}{where} ({first.describe()})"
         if self.config.non_finite_loss == "stop":
-            raise NonFiniteLossError(f"{message}; set trainer.non_finite_loss=skip to skip such steps")
-        self.num_skipped_steps += 1
-        logger.warning("%s: skipping the step (%d skipped so far)", message, self.num_skipped_steps)
-        optim.zero_grad(set_to_none=True)
-        self.precision.skip_step()
+            later = f"; {len(bad) - 1} later step(s) too" if len(bad) > 1 else ""
+            raise NonFiniteLossError(f"{message}{later}; set trainer.non_finite_loss=skip to skip such steps")
+        self.num_skipped_steps += len(bad)
+        steps = ", ".join(str(b.step) for b in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        logger.warning(
+            "%s: skipped step(s) %s (%d skipped so far)", message, steps, self.num_skipped_steps
+        )
         self.logger.log_scalar("skipped_steps", self.num_skipped_steps)
+
+    def _logs_due(self, state: State, last: bool) -> bool:
+        """Whether the trainer's loggers write at this step (then the device's values are read anyway)."""
+        if self.distributed:
+            return last or self._write_due
+        return last or any(lg.should_write(state) for lg in self.loggers)
+
+    def save_checkpoint(
+        self,
+        state: State,
+        task: SupervisedLearningTask,
+        model: BaseModel,
+        optims: Any = None,
+        lr_scheds: Any = None,
+    ) -> Path:
+        self._settle()  # a stop is due before the step's checkpoint; skipped steps are counted in it
+        return super().save_checkpoint(state, task, model, optims, lr_scheds)
 
     # -- evaluation
 
@@ -821,6 +858,7 @@ class SupervisedLearningTrainer(
     def close(self, s: Session) -> None:
         self._parts = None  # the step loop's lists of the model's modules and parameters
         self._fused_step = None
+        self._non_finite = None
         self._train_stream = None  # its loader's worker processes end with it
 
     def loop(self, state: State, s: Session) -> None:
@@ -861,6 +899,9 @@ class SupervisedLearningTrainer(
         # A gradient scaler steps through torch (it passes its scale to the fused kernel).
         if self.config.fast_optimizer and self.precision.scaler is None:
             self._fused_step = FusedAdamStep(optim)
+        names = [name for name, _ in unwrap_model(s.runner).named_parameters()]
+        self._non_finite = NonFiniteRecord(names, self.device)
+        self._sharded = is_sharded(s.model)
         if s.valid_loaders and self._validation_missed(state):
             # A stop signal ended the last session during the validation due at its final step.
             self._validate(state, s)
@@ -870,7 +911,7 @@ class SupervisedLearningTrainer(
         while not self.training_over(state, task) and self.stop_signal is None:
             if state.num_epoch_samples == 0:
                 self.on_epoch_start(state, task, model, optim, lr_sched)
-            for batches in self._epoch_steps(s.train_loader, state):
+            for batches in self._device_ahead(self._epoch_steps(s.train_loader, state)):
                 self.on_step_start(state, task, model, optim, lr_sched)
                 loss_dict = self._train_step(state, batches, task, s.runner, optim, lr_sched)
                 # Every rank's step covers as many samples (see ResumableSampler): count them all.
@@ -886,6 +927,8 @@ class SupervisedLearningTrainer(
                 self.logger.log_scalar("samples_per_s", throughput.samples_per_s)
                 self.logger.log_scalar("steps_per_s", throughput.steps_per_s)
                 last = self.stop_signal is not None or task.is_training_over(state)
+                if self._logs_due(state, last):
+                    self._settle()
                 self.write_logs(task, model, state, final=last)
                 if last or state.num_steps >= bar.due:  # an int compare; the loss is read on a redraw only
                     bar.update({"epoch": state.num_epochs, **loss_dict}, force=last)

@@ -135,14 +135,68 @@ def batch_size_of(batch: Any) -> int:
 def move_to(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     """Moves every tensor in a (nested) batch to ``device``; floating tensors to ``dtype`` if given."""
     if isinstance(batch, torch.Tensor):
-        if dtype is not None and batch.is_floating_point():
+        if dtype is not None and batch.is_floating_point() and batch.dtype != dtype:
             return batch.to(device=device, dtype=dtype, non_blocking=True)
+        if batch.device == device:  # (the usual case on the CPU: no call at all)
+            return batch
         return batch.to(device=device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: move_to(v, device, dtype) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to(v, device, dtype) for v in batch)
     return batch
+
+
+def to_device_ahead(
+    groups: Iterator[list[Any]], device: torch.device, dtype: torch.dtype | None = None
+) -> Iterator[list[Any]]:
+    """``groups`` of batches moved to ``device``, each copy started one group ahead.
+
+    On CUDA the next group is copied (from pinned memory, non-blocking) on a side stream while the
+    current step's kernels run; the step's stream waits for that copy's event only, and the
+    tensors are marked as used by it (``record_stream``) so that the allocator does not hand their
+    memory out early. Elsewhere the groups pass as they are (the step moves them: on the CPU, a
+    no-op). The consumer must not need the source to stand where it consumed it: a stream's
+    position is saved from its loader, which this reads one group ahead - streams do not use it.
+    """
+    if device.type != "cuda":
+        yield from groups
+        return
+    side = torch.cuda.Stream(device=device)
+
+    def start(group: list[Any]) -> tuple[list[Any], Any]:
+        with torch.cuda.stream(side):
+            moved = [move_to(batch, device, dtype) for batch in group]
+            copied = torch.cuda.Event()
+            copied.record(side)
+        return moved, copied
+
+    def hand_over(moved: list[Any], copied: Any) -> list[Any]:
+        compute = torch.cuda.current_stream(device)
+        compute.wait_event(copied)
+        for tensor in _tensors(moved):
+            tensor.record_stream(compute)
+        return moved
+
+    ahead = None
+    for group in groups:
+        started = start(group)
+        if ahead is not None:
+            yield hand_over(*ahead)
+        ahead = started
+    if ahead is not None:
+        yield hand_over(*ahead)
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
 
 
 # Torch's default way to pass a batch from a worker process holds one file descriptor per tensor in

@@ -75,6 +75,22 @@ def _fast_path(grads: list[torch.Tensor]) -> bool:
     )
 
 
+def tensor_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's 2-norm, stacked (a 1-d tensor on the first tensor's device; empty for none).
+
+    ``torch.linalg.vector_norm(tensor_norms(grads))`` is :func:`total_norm`'s number, bit for bit;
+    the trainers keep the parts to name the first module whose gradient is not finite.
+    """
+    if _fast_path(grads):
+        try:
+            return torch.stack(torch._foreach_norm(grads, 2.0))
+        except (AttributeError, TypeError, NotImplementedError) as e:  # changed since checked
+            _stop_using(e)
+    if not grads:
+        return torch.zeros(0)
+    return torch.stack([torch.linalg.vector_norm(g.detach(), 2.0) for g in grads])
+
+
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """``nn.utils.get_total_norm(grads)``: the joint 2-norm of the tensors (0 for none), the same number.
 
@@ -86,6 +102,21 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
         except (AttributeError, TypeError, NotImplementedError) as e:  # changed since checked
             _stop_using(e)
     return nn.utils.get_total_norm(grads, foreach=None if _kernels_usable() else False)
+
+
+def clip_grads_with_norm_(grads: list[torch.Tensor], max_norm: float, total: torch.Tensor) -> None:
+    """``nn.utils.clip_grads_with_norm_`` for gradients whose joint norm ``total`` is known: each is
+    multiplied by ``min(max_norm / (total + 1e-6), 1)``, on the device (no host sync, no copy of the
+    factor to the device it is already on)."""
+    coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    if _fast_path(grads):
+        try:
+            torch._foreach_mul_(grads, coefficient)
+            return
+        except (AttributeError, TypeError, NotImplementedError) as e:  # before any gradient changed
+            _stop_using(e)
+    for grad in grads:
+        grad.mul_(coefficient)
 
 
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
