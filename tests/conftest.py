@@ -1,4 +1,11 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the device markers.
+
+- ``@pytest.mark.cuda``: needs a CUDA GPU; skipped unless ``torch.cuda.is_available()``.
+- ``@pytest.mark.cpu``: the test pins CPU numbers or CPU code paths (exact losses, page faults, the
+  direct fused-Adam call): it runs with ``ML_DEVICE=cpu``, which every trainer it makes and every
+  subprocess that inherits the environment obey, whatever GPU the machine has. Unmarked tests run
+  on the device ``auto`` picks (a GPU where there is one), so that the suite exercises it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,28 @@ from collections.abc import Iterator
 import pytest
 
 from tests.slurm_cluster import SlurmCluster, ensure_slurm_installed
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skips the ``cuda`` tests on a machine without a usable CUDA GPU."""
+    del config
+    wanting = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not wanting:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in wanting:
+        item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _device_marker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``@pytest.mark.cpu``: ``ML_DEVICE=cpu`` for the test and the subprocesses it starts."""
+    if request.node.get_closest_marker("cpu") is not None:
+        monkeypatch.setenv("ML_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """The README's examples run as written: the user module, its YAML, and training from Python."""
 
+import os
 import re
 import subprocess
 import sys
@@ -9,6 +10,13 @@ import torch
 import yaml
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _user_env(folder: Path) -> dict[str, str]:
+    """A user's bare environment with their module's folder on PYTHONPATH (and the caller's
+    PYTHONPATH after it, where the packages of an environment without a venv may live)."""
+    path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": path}
 
 
 def _blocks(language: str) -> dict[str, str]:
@@ -39,7 +47,7 @@ def test_the_python_api_example_trains(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)},
+        env=_user_env(tmp_path),
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "runs" / "my" / "run_0" / "checkpoints" / "ckpt.200.pt").is_file()
@@ -70,7 +78,7 @@ def test_the_streaming_example_trains_and_its_checkpoint_holds_the_position(tmp_
         [str(cli), "train", "my.yaml", "task.name=mypkg.stream:StreamTask", "task.max_steps=150",
          "task.train_dl.num_workers=2"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)},
+        env=_user_env(tmp_path),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     ckpt = torch.load(tmp_path / "runs" / "my" / "run_0" / "checkpoints" / "ckpt.150.pt", weights_only=True)

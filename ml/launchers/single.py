@@ -64,7 +64,8 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
         raise ConfigError(f"trainer.checkpoint.load_from_ckpt_path: no such file {initial}")
 
     trainer_cls, _ = lookup("trainer", str(root.trainer.name))
-    release = _claim_for_job(root)
+    device = _device_of(root)  # a device this machine lacks is bad input: refused before the claim
+    release = _claim_for_job(root, device)
     try:
         saved = config_to_save(root)  # references to other keys and secrets stay as written
         OmegaConf.resolve(root)
@@ -100,7 +101,18 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
     return EXIT_OK
 
 
-def _claim_for_job(root: Any) -> Callable[[], None]:
+def _device_of(root: Any) -> Any:
+    """The job's device: ``trainer.device`` (``auto`` for a trainer without it), or ``$ML_DEVICE``.
+
+    Raises:
+        ConfigError: No such device, or not on this machine.
+    """
+    from ml.utils.device import resolve_device
+
+    return resolve_device(root.trainer.get("device", "auto"))
+
+
+def _claim_for_job(root: Any, device: Any = None) -> Callable[[], None]:
     """Fills ``trainer.exp_dir`` (claiming a new run folder when unset), once for the whole job.
 
     In a distributed job rank 0 claims the folder and every other rank takes its answer (the
@@ -110,7 +122,7 @@ def _claim_for_job(root: Any) -> Callable[[], None]:
     from ml.run.claim import claim_run_dir
     from ml.utils.distributed import broadcast_object, init_distributed, is_master
 
-    distributed = init_distributed()
+    distributed = init_distributed(device)
     exp_dir, error = None, None
     release: Callable[[], None] = _nothing
     if is_master():

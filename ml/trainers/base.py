@@ -96,7 +96,7 @@ from ml.utils.checkpoint import (
     unwrap_model,
     verify_checkpoint,
 )
-from ml.utils.device import detect_device
+from ml.utils.device import parse_device, resolve_device
 from ml.utils.distributed import (
     all_max,
     broadcast_object,
@@ -333,6 +333,11 @@ class BaseTrainerConfig(BaseConfig):
 class TrainerConfig(BaseTrainerConfig):
     """Settings every training loop here shares, beyond the spec's :class:`BaseTrainerConfig`."""
 
+    device: str = conf_field(
+        "auto",
+        help="auto (CUDA, else MPS, else CPU), cpu, cuda (a distributed job: the local rank's GPU), cuda:N "
+        "or mps; the ML_DEVICE environment variable overrides it",
+    )
     parallel: str = conf_field(
         "ddp", help="With several processes: `ddp` (a model copy per process) or `fsdp` (sharded, FSDP2)"
     )
@@ -358,6 +363,7 @@ class TrainerConfig(BaseTrainerConfig):
 
 def check_trainer_config(config: TrainerConfig) -> None:
     """Refuses a :class:`TrainerConfig` whose shared settings are out of range (one line)."""
+    parse_device(config.device)  # its form; whether this machine has it: when the trainer asks
     if config.parallel not in PARALLEL_MODES:
         choices = ", ".join(PARALLEL_MODES)
         raise ConfigError(f"trainer.parallel must be one of {choices}, got {config.parallel!r}")
@@ -414,6 +420,26 @@ def _load_named(objs: Any, state: Any, what: str) -> None:
             obj.load_state_dict(state[name])
     else:
         objs.load_state_dict(state)
+
+
+def _steps_on_cpu(state: Any) -> Any:
+    """An optimizer state dict (or a dict of them by name) with every ``step`` tensor on the CPU."""
+    if not isinstance(state, Mapping):
+        return state
+    if "state" not in state or "param_groups" not in state:
+        return {name: _steps_on_cpu(part) for name, part in state.items()}
+    per_param = state["state"]
+    if not isinstance(per_param, Mapping):
+        return state
+    moved = {
+        key: (
+            {**value, "step": value["step"].cpu()}
+            if isinstance(value, Mapping) and isinstance(value.get("step"), torch.Tensor)
+            else value
+        )
+        for key, value in per_param.items()
+    }
+    return {**state, "state": moved}
 
 
 def _tear_down(steps: list[Callable[[], None]], *, quiet: bool) -> None:
@@ -842,8 +868,13 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
 
     @property
     def device(self) -> torch.device:
+        """``trainer.device`` (``auto`` for a config without it), unless ``$ML_DEVICE`` overrides it.
+
+        Raises:
+            ConfigError: The device is not one this machine has (see :mod:`ml.utils.device`).
+        """
         if self._device_cache is None:
-            self._device_cache = detect_device()
+            self._device_cache = resolve_device(getattr(self.config, "device", "auto"))
         return self._device_cache
 
     @property
@@ -1266,9 +1297,17 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         return load_model_state(model, state, strict=strict)
 
     def restore_optim_state(self, model: ModelT, optims: Optims, state: Any) -> None:
-        """Loads checkpointed optimizer state (on every rank)."""
+        """Loads checkpointed optimizer state (on every rank).
+
+        Each value lands where a fresh optimizer keeps it, whatever device the checkpoint was read
+        onto: torch's ``load_state_dict`` moves every state tensor to its parameter's device except
+        ``step``, which it leaves where it is unless the group is fused or capturable (then it goes
+        to the parameter's device too). A ``step`` read onto the GPU beside parameters on the CPU
+        would not fit them, and one on the GPU of a plain Adam makes each step read it back (a host
+        sync per parameter); so every ``step`` is handed over on the CPU, where torch wants it.
+        """
         del model
-        _load_named(optims, state, "optimizers")
+        _load_named(optims, _steps_on_cpu(state), "optimizers")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Function for loading state dict keys for different components.

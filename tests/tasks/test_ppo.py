@@ -58,11 +58,12 @@ def test_rollout_with_an_episode_truncated_mid_rollout(tmp_path: Path) -> None:
     rollout = _Rollout(task, "sync", 2)
     task.on_environments_ready(rollout.envs.single_observation_space, rollout.envs.single_action_space)
     try:
-        rollout.reset(env_seeds(0, 0, 2))
         trainer_config = OmegaConf.merge(
             OmegaConf.structured(ReinforcementLearningTrainerConfig), {"name": "rl", "exp_dir": str(tmp_path)}
         )
         trainer = ReinforcementLearningTrainer(trainer_config)  # type: ignore[arg-type]
+        model.to(trainer.device)  # as the trainer's set-up places it (a GPU where there is one)
+        rollout.reset(env_seeds(0, 0, 2), trainer.device)
         trajectory, finished = trainer._collect(rollout, task, model)
         dataset = task.build_rl_dataset(model, trajectory, State.init_state())
     finally:

@@ -221,7 +221,8 @@ def test_bad_input_is_one_line_and_writes_nothing(
         (tmp_path / "shadow" / "matplotlib" / "__init__.py").write_text(
             "raise ImportError('no matplotlib')\n"
         )
-        env["PYTHONPATH"] = str(tmp_path / "shadow")
+        shadow = [str(tmp_path / "shadow"), os.environ.get("PYTHONPATH")]  # before the caller's path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, shadow))
     before = sorted(p.name for p in tmp_path.iterdir())
 
     result = _ml("plot", *args, run_dir=tmp_path / "runs", **env)

@@ -44,8 +44,9 @@ def _update_steps(tmp_path: Path, target_kl: float | None) -> int:
         OmegaConf.structured(ReinforcementLearningTrainerConfig), {"name": "rl", "exp_dir": str(tmp_path)}
     )
     trainer = ReinforcementLearningTrainer(trainer_config)  # type: ignore[arg-type]
+    model.to(trainer.device)  # as the trainer's set-up places it (a GPU where there is one)
     try:
-        rollout.reset(env_seeds(0, 0, 2))
+        rollout.reset(env_seeds(0, 0, 2), trainer.device)
         trajectory, _ = trainer._collect(rollout, task, model)
         dataset = task.build_rl_dataset(model, trajectory, State.init_state())
     finally:

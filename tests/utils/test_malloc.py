@@ -93,7 +93,13 @@ def _faults_per_step(how: str, tmp_path: Path) -> float:
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        # The caller's PYTHONPATH kept (where its packages may live); the CPU's page faults are
+        # what is counted, so the trainer trains there too, whatever GPU the machine has.
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "ML_DEVICE": "cpu",
+        },
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
