@@ -44,6 +44,7 @@ bench: $(STAMP)  # every comparison, side by side with the peers; tables printed
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/checkpoint.py
 	$(BIN)/python bench/rl_cartpole.py
+	$(BIN)/python bench/gpu_lm.py  # GPT-2 small on a GPU (a tiny smoke run without CUDA); scripts/gpu_check.sh runs it there
 
 bench-rl: $(STAMP)  # ml vs Stable-Baselines3 PPO on CartPole, then PPO on Pendulum (several minutes)
 	$(BIN)/python -m pip install --quiet -e ".[bench]" "$(TORCH_PIN)"
