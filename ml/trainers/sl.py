@@ -656,9 +656,7 @@ class SupervisedLearningTrainer(
             raise NonFiniteLossError(f"{message}{later}; set trainer.non_finite_loss=skip to skip such steps")
         self.num_skipped_steps += len(bad)
         steps = ", ".join(str(b.step) for b in bad[:10]) + (", ..." if len(bad) > 10 else "")
-        logger.warning(
-            "%s: skipped step(s) %s (%d skipped so far)", message, steps, self.num_skipped_steps
-        )
+        logger.warning("%s: skipped step(s) %s (%d skipped so far)", message, steps, self.num_skipped_steps)
         self.logger.log_scalar("skipped_steps", self.num_skipped_steps)
 
     def _logs_due(self, state: State, last: bool) -> bool:
