@@ -104,6 +104,7 @@ CONTENDERS: tuple[str, ...] = (
     "plain_tuned",
     "ml",
     "ml_minimal",
+    "ml_same_math",
     "lightning",
     "fabric",
     "accelerate",
@@ -121,6 +122,7 @@ LABELS: dict[str, str] = {
     "plain_tuned": "plain PyTorch, tuned as ml",
     "ml": "ml (defaults)",
     "ml_minimal": "ml (minimal)",
+    "ml_same_math": "ml (defaults, plain's arithmetic)",
     "lightning": "Lightning Trainer (defaults)",
     "lightning_stripped": "Lightning Trainer (stripped)",
     "fabric": "Lightning Fabric",
@@ -132,6 +134,9 @@ TARGETS: tuple[tuple[str, str, str, float | str], ...] = (
     ("ml defaults >= 0.95x plain (tiny)", "tiny", "ml", 0.95),
     ("ml minimal >= Fabric (tiny)", "tiny", "ml_minimal", "fabric"),
     ("ml defaults >= 0.99x plain (big)", "big", "ml", 0.99),
+    ("ml, plain's arithmetic >= 0.98x plain (tiny)", "tiny", "ml_same_math", 0.98),
+    ("ml, plain's arithmetic >= 0.98x plain (big)", "big", "ml_same_math", 0.98),
+    ("ml, plain's arithmetic >= Fabric (tiny)", "tiny", "ml_same_math", "fabric"),
 )
 MODELS: dict[str, tuple[int, ...]] = {"tiny": (64, 256, 256, 10), "big": (64, 1024, 1024, 1024, 10)}
 # (steps, warmup) per model: the full run and --quick.
@@ -399,7 +404,7 @@ def _ml_components(widths: tuple[int, ...], clock: _Clock) -> None:
             return F.cross_entropy(output, batch[1])
 
 
-def _ml_config(steps: int, minimal: bool) -> str:
+def _ml_config(steps: int, minimal: bool, same_math: bool = False) -> str:
     lines = [
         "model: {name: overhead_mlp}",
         f"task: {{name: overhead_digits, max_steps: {steps}, seed: {SEED},",
@@ -409,6 +414,8 @@ def _ml_config(steps: int, minimal: bool) -> str:
         "  name: sl",
         "  exp_name: overhead",
     ]
+    if same_math:  # the plain loop's Adam (torch's default step) and glibc's default malloc
+        lines += ["  fast_optimizer: false", "  tune_malloc: false"]
     if minimal:
         lines += [
             "  valid_at_end: false",
@@ -421,12 +428,14 @@ def _ml_config(steps: int, minimal: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_ml(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path, minimal: bool) -> None:
+def _run_ml(
+    widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path, minimal: bool, same_math: bool = False
+) -> None:
     from ml.cli import main
 
     _ml_components(widths, clock)
     config = workdir / "config.yaml"
-    config.write_text(_ml_config(steps, minimal))
+    config.write_text(_ml_config(steps, minimal, same_math))
     code = main(["train", str(config), f"trainer.exp_dir={workdir / 'run'}"])
     if code != 0:
         raise RuntimeError(f"ml train exited with {code}")
@@ -434,6 +443,12 @@ def _run_ml(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path, m
 
 def run_ml(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path) -> None:
     _run_ml(widths, steps, clock, workdir, minimal=False)
+
+
+def run_ml_same_math(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path) -> None:
+    """``ml`` with its defaults but the plain loop's arithmetic: ``trainer.fast_optimizer=false
+    trainer.tune_malloc=false``; its ratio to ``plain`` is the framework's own cost per step."""
+    _run_ml(widths, steps, clock, workdir, minimal=False, same_math=True)
 
 
 def run_ml_minimal(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path) -> None:
@@ -524,6 +539,7 @@ RUNNERS: dict[str, Callable[[tuple[int, ...], int, _Clock, Path], None]] = {
     "plain_tuned": run_plain_tuned,
     "ml": run_ml,
     "ml_minimal": run_ml_minimal,
+    "ml_same_math": run_ml_same_math,
     "lightning": run_lightning,
     "lightning_stripped": run_lightning_stripped,
     "fabric": run_fabric,

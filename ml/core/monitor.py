@@ -1,25 +1,52 @@
 """Defines which way a metric improves, and early stopping by a metric (torch-free).
 
 One rule, shared by ``ml runs`` (the best value of a run), the checkpoints kept for being the best
-(``trainer.checkpoint.monitor``) and early stopping (``trainer.early_stopping.monitor``): a metric
-whose name holds ``acc``, ``return`` or ``reward`` is better when higher, any other when lower,
-unless a ``mode`` (``min`` or ``max``) says otherwise.
+(``trainer.checkpoint.monitor``) and early stopping (``trainer.early_stopping.monitor``), unless a
+``mode`` (``min`` or ``max``) says otherwise. It reads the words of the metric's last name
+(``valid/clean/reward_model_loss``: ``reward``, ``model``, ``loss``): a word of an error
+(``loss``, ``error``, ``mse``, ``perplexity``, ...) makes it lower-is-better, whatever else it
+says; else a word of a score (``acc``/``accuracy``, ``return``, ``reward``, ``f1``, ``auc``,
+``iou``, ``precision``, ``recall``, ``bleu``, ``map``, ...) makes it higher-is-better; anything
+else is lower-is-better, like a loss.
 """
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from ml.errors import ConfigError
 
-# Metric names holding one of these are better when higher (accuracy, RL returns); others lower.
-HIGHER_IS_BETTER = ("acc", "return", "reward")
+LOWER_IS_BETTER = frozenset(
+    {
+        "loss",
+        "error",
+        "err",
+        "mse",
+        "mae",
+        "rmse",
+        "nll",
+        "perplexity",
+        "ppl",
+        "cer",
+        "wer",
+        "fid",
+        "distance",
+    }
+)
+HIGHER_IS_BETTER = frozenset(
+    {"acc", "accuracy", "return", "reward", "f1", "auc", "auroc", "iou", "miou", "precision", "recall",
+     "bleu", "rouge", "map", "dice", "r2", "top1", "top5"}
+)  # fmt: skip
 MODES = ("min", "max")
 
 
 def higher_is_better(metric: str) -> bool:
-    """Whether a larger value of ``metric`` is better (its name holds ``acc``, ``return`` or ``reward``)."""
-    return any(word in metric.lower() for word in HIGHER_IS_BETTER)
+    """Whether a larger value of ``metric`` is better (the module's rule)."""
+    words = set(re.split(r"[^a-z0-9]+", metric.lower().rsplit("/", 1)[-1]))
+    if words & LOWER_IS_BETTER:
+        return False
+    return bool(words & HIGHER_IS_BETTER) or any(word.startswith("acc") for word in words)
 
 
 def mode_of(metric: str, mode: str | None, where: str) -> str:

@@ -356,7 +356,18 @@ def score_checkpoint(run: RunDir, step: int, value: float, ranking: Ranking) -> 
     """
     record = _read_scores_record(run)
     same = record.get("monitor") == ranking.metric and record.get("mode") == ranking.mode
-    scores = {s: v for s, v in read_scores(run).items() if same and s != step and run.checkpoint(s).exists()}
+    kept = read_scores(run)
+    if kept and not same:
+        logger.warning(
+            "checkpoint.monitor is now %s (%s), not %s (%s): the checkpoints kept for that (%s) are "
+            "no longer kept",
+            ranking.metric,
+            ranking.mode,
+            record.get("monitor"),
+            record.get("mode"),
+            ", ".join(run.checkpoint(s).name for s in sorted(kept)),
+        )
+    scores = {s: v for s, v in kept.items() if same and s != step and run.checkpoint(s).exists()}
     if math.isfinite(value):
         scores[step] = value
     sign = 1.0 if ranking.mode == "min" else -1.0

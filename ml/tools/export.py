@@ -79,7 +79,7 @@ def _checkpoint_path(exp_dir: Path, choice: str | None) -> Path:
         return path
     path = Path(choice).expanduser()
     if not path.is_file():
-        raise BadInput(f"--checkpoint: no such file {choice} (give a path or a step number)")
+        raise BadInput(f"--checkpoint: no such file {choice} (give a path, a step number or best)")
     return path
 
 
@@ -173,6 +173,11 @@ def main(argv: list[str]) -> int:
                 f"{ckpt_path} holds no moving average of the weights (train with trainer.ema.decay=0.999)"
             )
         weights = ema.get("weights")
+        if not ema.get("num_updates"):
+            raise BadInput(
+                f"{ckpt_path}: the moving average has not started by step {state.num_steps} "
+                "(trainer.ema.start_step is later): it is still the untrained model; export without --ema"
+            )
     if not isinstance(weights, dict):
         raise BadInput(f"{ckpt_path}: {'ema weights' if args.ema else 'model'} is not a state dict")
     try:
@@ -182,7 +187,8 @@ def main(argv: list[str]) -> int:
     except ModelFileError as e:
         raise BadInput(f"{ckpt_path}: {e}") from e
     what = "the moving average of step" if args.ema else "step"
-    print(f"ml: exported {what} {written.step} from {ckpt_path}")
+    source = f"{ckpt_path} -> {os.readlink(ckpt_path)}" if ckpt_path.is_symlink() else str(ckpt_path)
+    print(f"ml: exported {what} {written.step} from {source}")
     print(f"ml: weights {written.weights_path} ({written.num_tensors} tensors)")
     print(f"ml: config  {written.config_path}")
     return 0

@@ -531,6 +531,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         self._ranking = _ranking_of(self.checkpoint_config)
         self.early_stopping = _early_stopping_of(getattr(config, "early_stopping", None))
         self._score: tuple[int, float] | None = None  # the monitored metric's last (step, value)
+        self._session_start_step = 0  # where this session's training began (write_status)
 
     # -- the session, top to bottom
 
@@ -576,6 +577,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         error: BaseException | None = None
         try:
             state = self.resume_or_start(s)
+            self._session_start_step = state.num_steps
             began = True
             training_began()  # a stop signal from now on stops the loop with a checkpoint
             self.reserve_status(state)
@@ -760,14 +762,15 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
     def write_status(self, state: State, error: BaseException | None) -> None:
         """Writes ``status.json`` (:mod:`ml.run.status`); never raises over the error in flight.
 
-        Refused input (a :class:`UserError`) puts back the marker of the previous session (the run
-        is left as it was). A write that fails is logged:
+        Refused input (a :class:`UserError` before this session trained a step) puts back the marker
+        of the previous session (the run is left as it was); one found after training (a monitored
+        metric the validation does not log) fails the run like any other error. A write that fails is logged:
         with an error in flight that error is what propagates (even a Ctrl-C during the write does
         not replace it); without one the run itself succeeded and its checkpoint is durable, so it
         is not failed for a missing marker (``ml runs`` then reads the run from its checkpoint).
         """
         try:
-            if isinstance(error, UserError):
+            if isinstance(error, UserError) and state.num_steps == self._session_start_step:
                 restore_status(self.run, self._previous_status)
                 return
             record = status_record(
@@ -800,13 +803,19 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             evaluates: Whether evaluations will run during training.
             how: How to make them run (for the message).
         """
-        for key, metric in self._monitors():
+        for key, metric, _ in self._monitors():
             if not metric.startswith(prefix):
                 raise ConfigError(
                     f"{key}={metric} is not an evaluation metric: name one starting with {prefix}"
                 )
             if not evaluates:
                 raise ConfigError(f"{key}={metric} needs evaluations during training: {how}")
+        for key, metric, mode in self._monitors():  # the direction, which a name may not make plain
+            better = "higher" if mode == "max" else "lower"
+            setting = key.replace(".monitor", ".mode")
+            logger.info(
+                "%s=%s: %s is better (%s=%s; by default from its name)", key, metric, better, setting, mode
+            )
 
     def judge_evaluation(self, state: State, metrics: Mapping[str, float], s: Session) -> None:
         """After an evaluation during training: counts early stopping's patience, and ranks the
@@ -818,10 +827,13 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             ConfigError: A monitored metric is not among ``metrics`` (the message lists them).
         """
         ranking, stopping = self._ranking, self.early_stopping
-        for key, metric in self._monitors():
+        for key, metric, _ in self._monitors():
             if metric not in metrics:
+                if not self.checkpoint_is_current(state):  # what was trained is kept for a resume
+                    self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)
                 raise ConfigError(
-                    f"{key}={metric} is not among the evaluation's metrics ({', '.join(sorted(metrics))})"
+                    f"{key}={metric} is not among the evaluation's metrics ({', '.join(sorted(metrics))}); "
+                    f"the checkpoint of step {state.num_steps} keeps the training: continue it naming one"
                 )
         if stopping is not None:
             stopping.update(float(metrics[stopping.monitor]), state.num_steps)
@@ -841,11 +853,14 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             keep_older = not self.checkpoint_config.only_save_most_recent
             link_checkpoint(self.run, self.ckpt_path, keep_older=keep_older)
 
-    def _monitors(self) -> list[tuple[str, str]]:
-        """The monitored metrics, each with the config key that names it."""
-        monitors = [("trainer.checkpoint.monitor", self._ranking.metric)] if self._ranking else []
+    def _monitors(self) -> list[tuple[str, str, str]]:
+        """The monitored metrics: the config key that names each, the metric, its mode."""
+        monitors = []
+        if self._ranking is not None:
+            monitors.append(("trainer.checkpoint.monitor", self._ranking.metric, self._ranking.mode))
         if self.early_stopping is not None:
-            monitors.append(("trainer.early_stopping.monitor", self.early_stopping.monitor))
+            stopping = self.early_stopping
+            monitors.append(("trainer.early_stopping.monitor", stopping.monitor, stopping.mode))
         return monitors
 
     def _rank_resumed(self, ckpt: Mapping[str, Any], state: State) -> None:
@@ -1156,6 +1171,12 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             self.early_stopping.load_state_dict(dict(stopping))
             # A run that early stopping ended has nothing left to do (unless the patience grew).
             self.stop_reason = self.early_stopping.reason if self.early_stopping.should_stop else None
+            if self.stop_reason is not None:
+                logger.warning(
+                    "The checkpoint's %s: nothing more to train (raise trainer.early_stopping.patience "
+                    "to go on)",
+                    self.stop_reason,
+                )
         self.load_state_dict(ckpt_dict)
         self._last_ckpt_time_s = state.elapsed_time_s
         self._last_ckpt_step = state.num_steps

@@ -764,9 +764,17 @@ class SupervisedLearningTrainer(
             for key, total in totals.items()
         }
 
+    def _evaluated(self, s: _Session) -> nn.Module:
+        """The model validation and test run: the moving average with ``trainer.ema.use_for_eval``,
+        once it has begun (before its first update it is the untrained copy), else the trained one."""
+        ema = self.ema
+        if ema is not None and ema.num_updates > 0 and self.config.ema.use_for_eval:
+            return ema.model
+        return s.evaluator
+
     def _validate(self, state: State, s: _Session) -> None:
         """Validates; the metrics then rank the checkpoint and count early stopping's patience."""
-        metrics = self.evaluate("valid", s.valid_loaders, s.task, s.evaluator, state)
+        metrics = self.evaluate("valid", s.valid_loaders, s.task, self._evaluated(s), state)
         if metrics is not None:
             self.judge_evaluation(state, metrics, s)
 
@@ -829,8 +837,14 @@ class SupervisedLearningTrainer(
             self.ema = WeightAverage(
                 model, decay=ema.decay, start_step=ema.start_step, every_n_steps=ema.every_n_steps
             )
-            if ema.use_for_eval:
-                evaluator = self.ema.model
+            max_steps = task.config.max_steps
+            if max_steps is not None and ema.start_step >= max_steps:
+                logger.warning(
+                    "trainer.ema.start_step=%d is not before task.max_steps=%d: the average never starts "
+                    "(validation and test use the trained weights, and there is nothing to export)",
+                    ema.start_step,
+                    max_steps,
+                )
         valid_loaders = self._loaders(task, "valid")
         every = self._valid_every
         self.check_monitors(
@@ -952,7 +966,7 @@ class SupervisedLearningTrainer(
         if s.valid_loaders and self.config.valid_at_end and self._last_valid[0] != state.num_steps:
             self._validate(state, s)
         if s.test_loaders and self.config.test_at_end:
-            self.evaluate("test", s.test_loaders, s.task, s.evaluator, state)
+            self.evaluate("test", s.test_loaders, s.task, self._evaluated(s), state)
         if self.stop_signal is None:
             self.finished = True
             self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)

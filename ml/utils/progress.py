@@ -41,16 +41,19 @@ _bar_class: Any = None
 
 
 def should_draw(enabled: bool = True, file: TextIO | None = None) -> bool:
-    """Whether a bar is drawn: ``enabled``, ``file`` (stderr) a terminal, and this process rank 0."""
+    """Whether a bar is drawn: ``enabled``, ``file`` (stderr) and stdout terminals, and this process
+    rank 0. With stdout piped (``ml train ... | tee log``) its lines may reach the terminal through
+    the pipe after the bar was redrawn, glued to it: no bar then."""
     if not enabled:
         return False
-    stream = sys.stderr if file is None else file
+    return _is_terminal(sys.stderr if file is None else file) and _is_terminal(sys.stdout) and _rank() == 0
+
+
+def _is_terminal(stream: TextIO | None) -> bool:
     try:
-        if stream is None or not stream.isatty():
-            return False
+        return stream is not None and stream.isatty()
     except (AttributeError, ValueError):  # not a real stream, or closed
         return False
-    return _rank() == 0
 
 
 def _rank() -> int:

@@ -194,6 +194,7 @@ class TrainStream:
 
         self.name = _describe(dataset)
         self.task_name = task_name
+        self._check_plain(dataset.state_dict())  # type: ignore[attr-defined]  # before the first step
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.stream = _ResumableStream(dataset, rank, world_size)
@@ -225,15 +226,19 @@ class TrainStream:
         """
         own = self.state_dict()
         ranks = all_gather_object(own) if self.world_size > 1 else [own]
-        saved = {"world_size": self.world_size, "ranks": ranks}
+        saved = {"world_size": self.world_size, "num_workers": self.loader.num_workers, "ranks": ranks}
+        self._check_plain(saved)
+        return saved
+
+    def _check_plain(self, state: Any) -> None:
+        """Refuses a dataset state that ``torch.load(weights_only=True)`` could not read back."""
         try:
-            check_loadable(saved, "stream")
+            check_loadable(state, "stream")
         except TypeError as e:
             raise ConfigError(
                 f"{self.name}.state_dict() (the training stream of {self.task_name}) must return plain "
                 f"data (numbers, strings, lists, dicts, tensors) to be checkpointed: {e}"
             ) from e
-        return saved
 
     def resume(self, saved: Any, epoch: int, position: int) -> None:
         """Takes this rank's position from a checkpoint that stands at ``position`` samples into ``epoch``."""
@@ -250,6 +255,12 @@ class TrainStream:
             raise CheckpointError(
                 f"{where} of a stream that {saved.get('world_size')} processes read, each its own shard: "
                 f"resume it with {saved.get('world_size')} processes, not {self.world_size}"
+            )
+        workers = saved.get("num_workers", self.loader.num_workers)
+        if workers != self.loader.num_workers:  # each worker reads its own part of the shard
+            raise CheckpointError(
+                f"{where} of a stream that {workers} loader workers read, each its own part: resume it "
+                f"with task.train_dl.num_workers={workers}, not {self.loader.num_workers}"
             )
         own = saved["ranks"][self.rank]
         if own is None:

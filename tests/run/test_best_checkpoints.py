@@ -54,14 +54,20 @@ def test_the_best_k_are_kept_besides_the_latest_and_best_pt_names_the_best(tmp_p
     assert _steps(run) == [20, 50, 70] and read_scores(run) == {20: 0.3, 50: 0.35}
 
 
-def test_higher_is_better_and_a_changed_monitor_starts_over(tmp_path: Path) -> None:
+def test_higher_is_better_and_a_changed_monitor_starts_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     run = RunDir(tmp_path)
     accuracy = Ranking("valid/accuracy", "max", 1)
     for step, acc in [(1, 0.5), (2, 0.9), (3, 0.7)]:
         _save(run, step, acc, accuracy)
     assert _steps(run) == [2, 3] and os.readlink(run.best_link) == "ckpt.2.pt"
-    _save(run, 4, 9.0, LOSS)  # another metric: the accuracy's best is forgotten
+    _save(run, 4, 9.0, LOSS)  # another metric: the accuracy's best is forgotten, and said so
     assert _steps(run) == [4] and read_scores(run) == {4: 9.0}
+    assert (
+        "checkpoint.monitor is now valid/loss (min), not valid/accuracy (max): the checkpoints kept "
+        "for that (ckpt.2.pt) are no longer kept" in caplog.text
+    )
 
 
 def test_resuming_before_the_best_forgets_the_best_of_later_steps(tmp_path: Path) -> None:

@@ -108,7 +108,7 @@ def exported(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     lines = stdout.getvalue().splitlines()
     num_tensors = len(torch.load(run / "checkpoints" / "ckpt.pt", weights_only=True)["model"])
     assert lines == [
-        f"ml: exported step 5 from {run / 'checkpoints' / 'ckpt.pt'}",
+        f"ml: exported step 5 from {run / 'checkpoints' / 'ckpt.pt'} -> ckpt.5.pt",
         f"ml: weights {out} ({num_tensors} tensors)",
         f"ml: config  {out.with_suffix('.yaml')}",
     ]

@@ -92,7 +92,9 @@ def test_mode_max_keeps_the_highest(tmp_path: Path) -> None:
     assert _steps(tmp_path) == [2, 6] and os.readlink(tmp_path / "checkpoints" / "best.pt") == "ckpt.2.pt"
 
 
-def test_early_stopping_ends_the_run_as_finished_and_a_resume_keeps_the_count(tmp_path: Path) -> None:
+def test_early_stopping_ends_the_run_as_finished_and_a_resume_keeps_the_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     stopping = {"monitor": "valid/score", "patience": 2, "min_delta": 0.1}
     trainer = _train(tmp_path, early_stopping=stopping)
     # 4 improves on 2 by more than 0.1; 6 and 8 do not (8's 0.45 is not below 0.5 - 0.1): stop at 8.
@@ -108,6 +110,7 @@ def test_early_stopping_ends_the_run_as_finished_and_a_resume_keeps_the_count(tm
 
     again = _train(tmp_path, early_stopping=stopping)  # the same settings: nothing left to do
     assert again.finished and json.loads((tmp_path / "status.json").read_text())["step"] == 8
+    assert "nothing more to train (raise trainer.early_stopping.patience to go on)" in caplog.text
 
     # One more evaluation of patience: 10 (0.7) is the third without improvement, so it stops at 10,
     # not at 14 as it would with the count started over.
@@ -120,6 +123,10 @@ def test_a_monitor_that_validation_does_not_give_is_refused(tmp_path: Path) -> N
         ConfigError, match=r"valid/nope is not among the evaluation's metrics \(valid/loss, valid/score\)"
     ):
         _train(tmp_path / "a", early_stopping={"monitor": "valid/nope"})
+    # Found at the first validation, after training: kept for a resume, and the run failed.
+    assert _steps(tmp_path / "a") == [2]
+    status = json.loads((tmp_path / "a" / "status.json").read_text())
+    assert status["state"] == "failed" and "valid/nope" in status["error"]
     with pytest.raises(
         ConfigError, match=r"needs evaluations during training: set trainer\.valid_every_n_steps"
     ):
@@ -167,6 +174,14 @@ def test_the_moving_average_is_exact_resumes_exactly_and_can_be_validated(tmp_pa
     _train(tmp_path / "plain", max_steps=2)  # (exporting the average: tests/e2e/test_cli.py)
     with pytest.raises(BadInput, match="holds no moving average of the weights"):
         export_main([str(tmp_path / "plain"), "-o", str(tmp_path / "plain.safetensors"), "--ema"])
+
+    # An average that has not begun is the untrained copy: the trained weights are validated, and
+    # there is nothing to export.
+    late = _train(tmp_path / "late", max_steps=10, ema={**ema, "start_step": 50, "use_for_eval": True})
+    assert late.ema is not None and late.ema.num_updates == 0
+    assert late.final_metrics["valid/loss"] == whole.final_metrics["valid/loss"]
+    with pytest.raises(BadInput, match="the moving average has not started by step 10"):
+        export_main([str(tmp_path / "late"), "-o", str(tmp_path / "late.safetensors"), "--ema"])
 
     evaluated = _train(tmp_path / "eval", max_steps=10, ema={**ema, "use_for_eval": True})
     assert evaluated.ema is not None

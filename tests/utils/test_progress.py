@@ -2,6 +2,7 @@
 
 import contextlib
 import fcntl
+import io
 import logging
 import os
 import pty
@@ -34,9 +35,7 @@ def test_drawn_on_a_terminal_unless_disabled() -> None:
         script = SCRIPT.replace("description='valid')", f"description='valid', enabled={enabled})")
         leader, follower = pty.openpty()
         fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
-        proc = subprocess.Popen(
-            [sys.executable, "-c", script], stderr=follower, stdout=subprocess.PIPE, text=True
-        )
+        proc = subprocess.Popen([sys.executable, "-c", script], stderr=follower, stdout=follower)
         os.close(follower)  # read while it runs: the child's end closing ends the reads
         drawn = b""
         try:
@@ -45,13 +44,37 @@ def test_drawn_on_a_terminal_unless_disabled() -> None:
         except OSError:  # EIO: the terminal closed, everything has been read
             pass
         os.close(leader)
-        stdout, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0 and stdout.strip() == "1225"
+        assert proc.wait(timeout=60) == 0 and b"1225\r\n" in drawn
         assert (b"valid" in drawn and b"/50" in drawn) == expect_bar, drawn
 
 
 # ---------------------------------------------------------------------------------------------
 # The training bar
+
+
+class _TerminalOut(io.StringIO):
+    """Stands for stdout on a terminal (the bar is drawn only when stdout is one too)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _stdout_on_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In the test's body: pytest puts its own stdout back between a fixture's set-up and the test.
+    monkeypatch.setattr(sys, "stdout", _TerminalOut())
+
+
+def test_no_bar_when_stdout_is_piped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ml train ... | tee log``: stdout's lines would reach the terminal after the bar's redraw."""
+    leader, file = _terminal()
+    try:
+        monkeypatch.setattr(sys, "stdout", io.StringIO())
+        assert not should_draw(file=file)
+        monkeypatch.setattr(sys, "stdout", _TerminalOut())
+        assert should_draw(file=file)
+    finally:
+        file.close()
+        os.close(leader)
 
 
 def _terminal() -> tuple[int, TextIO]:
@@ -81,7 +104,8 @@ def test_expected_total_from_the_limits() -> None:
     assert expected_total(state, max_epochs=3, steps_per_epoch=28, max_steps=50) == 50
 
 
-def test_training_bar_redraws_rarely_and_starts_at_the_resumed_step() -> None:
+def test_training_bar_redraws_rarely_and_starts_at_the_resumed_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    _stdout_on_terminal(monkeypatch)
     leader, file = _terminal()
     state = State.init_state()
     state.num_steps = 5  # resumed
@@ -111,6 +135,7 @@ def test_training_bar_redraws_rarely_and_starts_at_the_resumed_step() -> None:
 
 
 def test_no_training_bar_on_other_ranks_or_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    _stdout_on_terminal(monkeypatch)
     leader, file = _terminal()
     state = State.init_state()
     try:

@@ -125,6 +125,7 @@ def test_a_stream_state_that_is_not_plain_data_is_refused_naming_the_dataset(tmp
     with pytest.raises(ConfigError, match=r"NoisyStream\.state_dict\(\) .* must return plain data"):
         _train(tmp_path, max_steps=3, opaque_state=True)
     assert not (tmp_path / "checkpoints" / "ckpt.pt").exists()
+    assert not (tmp_path / "status.json").exists()  # refused before the first step, not at a checkpoint
 
 
 class _Stateless(IterableDataset):
@@ -183,6 +184,8 @@ def test_a_checkpoint_of_another_world_size_or_without_a_position_is_refused() -
     with pytest.raises(CheckpointError, match="holds no position in the training stream"):
         stream.resume(None, epoch=1, position=8)
     stream.resume(saved, epoch=1, position=0)  # saved between epochs: nothing to resume
+    with pytest.raises(CheckpointError, match=r"resume it with task\.train_dl\.num_workers=2, not 0"):
+        stream.resume({"world_size": 1, "num_workers": 2, "ranks": [{}]}, epoch=1, position=8)
 
 
 def test_set_epoch_is_called_each_epoch(tmp_path: Path) -> None:
