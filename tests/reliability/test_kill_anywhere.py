@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.resume_task import read_indices
-from tests.e2e.test_resume import ALL_PARTS, Run, _assert_same, _load, _records, _train_steps
+from tests.e2e.test_resume import ALL_PARTS, Run, _load, _records, _train_steps
 from tests.reliability.harness import (
     DiskState,
     Violations,
@@ -53,6 +53,7 @@ from tests.reliability.harness import (
     sleep_while_running,
     write_config,
 )
+from tests.same import assert_same
 
 STEP_SLEEP_S = 0.005  # per batch; a step is two batches (~10 ms asleep, ~7 ms of work) and a save
 STARTUP_SHARE = 0.25  # the share of kills (after the first) that land at a random instant of start-up
@@ -292,7 +293,7 @@ def test_sigkill_at_random_instants_keeps_a_loadable_checkpoint_and_ends_bit_exa
     assert sorted(set(_train_steps(_records(run.exp_dir)))) == list(range(1, max_steps + 1))
     final, expected = _load(run.checkpoints / "ckpt.pt"), _load(reference.checkpoints / "ckpt.pt")
     for part in ALL_PARTS:
-        _assert_same(final[part], expected[part], part)
+        assert_same(final[part], expected[part], part)
     counters = ("num_steps", "num_epochs", "num_samples", "num_epoch_steps", "num_epoch_samples")
     state, ref_state = ckpt_state(run.checkpoints / "ckpt.pt"), ckpt_state(reference.checkpoints / "ckpt.pt")
     assert {k: state[k] for k in counters} == {k: ref_state[k] for k in counters}
