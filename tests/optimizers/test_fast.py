@@ -21,7 +21,7 @@ from torch import nn
 from ml.lr_schedulers.builtin import ConstantConfig, ConstantLRScheduler
 from ml.optimizers import fast
 from ml.optimizers.builtin import AdamConfig, AdamOptimizer, weight_decay_param_groups
-from ml.optimizers.fast import FusedAdamStep, use_fast_optimizer
+from ml.optimizers.fast import FusedAdamStep, step_skipping, use_fast_optimizer
 from ml.tasks.sl import SupervisedLearningTaskConfig
 from ml.trainers.sl import SupervisedLearningTrainer, SupervisedLearningTrainerConfig
 from tests.tiny import TinyModel, TinyModelConfig, TinyTask
@@ -179,7 +179,7 @@ def _assert_same(a: nn.Module, b: nn.Module, exact: bool) -> None:
             torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["_fused_adam_", "_fused_adamw_", "_foreach_add_"])
+@pytest.mark.parametrize("name", ["_fused_adam_", "_fused_adamw_", "_foreach_add_", "_foreach_sub_"])
 @pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW])
 def test_without_a_kernel_adam_steps_through_torch_unfused(
     name: str,
@@ -352,3 +352,48 @@ def test_the_sl_trainer_trains_without_the_fused_kernel(
     assert fallback.keys() == plain.keys()
     for name, value in plain.items():
         assert torch.equal(fallback[name], value), name
+
+
+@pytest.mark.parametrize("path", ["direct", "torch_fused", "without _foreach_sub_", "sgd"])
+def test_a_step_flagged_non_finite_changes_nothing_and_the_others_step_as_usual(
+    path: str, fresh: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``found_inf`` (the trainers' non-finite flag, decided on the device): 1.0 leaves the weights
+    and the whole optimizer state as they were; 0.0 is the usual step, bit for bit."""
+    if path == "without _foreach_sub_":  # the direct call is refused: torch's unfused step reads the flag
+        monkeypatch.delattr(torch, "_foreach_sub_")
+
+    def run(flags: list[float] | None) -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = _mlp()
+        optim: torch.optim.Optimizer = (
+            torch.optim.SGD(_groups(model), lr=1e-2, momentum=0.9)
+            if path == "sgd"
+            else torch.optim.AdamW(_groups(model), lr=1e-2, eps=1e-5)
+        )
+        use_fast_optimizer(optim)
+        x = torch.randn(64, 4)
+        for i in range(5):
+            optim.zero_grad(set_to_none=True)
+            model(x).square().sum().backward()
+            if flags is None:
+                step_skipping(optim, None)
+                continue
+            flag = torch.tensor(flags[i])
+            if path == "torch_fused":
+                step_skipping(optim, flag)
+            else:
+                FusedAdamStep(optim)(flag) if path != "sgd" else step_skipping(optim, flag)
+        return model, optim
+
+    skipped, optim = run([0.0, 0.0, 1.0, 0.0, 1.0])
+    three, reference = run([0.0, 0.0, 0.0, 1.0, 1.0])  # the same 3 updates, skips at the end
+    # The weights after steps 1, 2, 4 equal those after 1, 2, 3 (the same gradients: x is fixed,
+    # and a skipped step changed nothing the next one reads).
+    _assert_same(skipped, three, exact=True)
+    for p, q in zip(optim.state.values(), reference.state.values(), strict=True):
+        for key in p:
+            assert torch.equal(torch.as_tensor(p[key]), torch.as_tensor(q[key])), key
+    plain, _ = run(None)
+    unflagged, _ = run([0.0] * 5)
+    _assert_same(plain, unflagged, exact=True)
