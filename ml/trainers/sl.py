@@ -601,7 +601,7 @@ class SupervisedLearningTrainer(
         # each rank holds a part of: the whole of it decides and is recorded.
         norms = None if self._sharded else tensor_norms(grads)
         grad_norm = nn.utils.get_total_norm(grads) if norms is None else torch.linalg.vector_norm(norms)
-        value = grad_norm.full_tensor() if norms is None else grad_norm  # type: ignore[union-attr]
+        whole_norm = grad_norm.full_tensor() if norms is None else grad_norm  # type: ignore[union-attr]
         # Whether to step is decided on the device, without a host sync (ml.utils.nonfinite);
         # _settle reads the record when logs are written. Under fp16 the gradient scaler skips steps
         # with non-finite gradients itself (a NaN loss makes them NaN): there only the loss counts.
@@ -610,17 +610,16 @@ class SupervisedLearningTrainer(
         if record.full:
             self._settle()
         scaler = self.precision.scaler
-        found_inf = record.found_inf(step_loss, None if scaler is not None else value)
+        found_inf = record.found_inf(step_loss, None if scaler is not None else whole_norm)
         if self.distributed:  # all ranks skip or stop together, or their weights would part
             torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
-        record.record(state.num_steps + 1, found_inf, step_loss, value, norms)
-        if self._clip_grad_norm is None:
-            pass
-        elif norms is None:  # a NaN norm makes every gradient NaN: the step is skipped anyway
-            nn.utils.clip_grads_with_norm_(all_params, self._clip_grad_norm, grad_norm)
-        else:
-            clip_grads_with_norm_(grads, self._clip_grad_norm, grad_norm)
-        self.logger.log_scalar("grad_norm", value)  # outside any graph (see ml.utils.grad_norm)
+        record.record(state.num_steps + 1, found_inf, step_loss, whole_norm, norms)
+        if self._clip_grad_norm is not None:  # (a NaN norm makes every gradient NaN: skipped anyway)
+            if norms is None:  # FSDP: torch's clipping knows DTensors
+                nn.utils.clip_grads_with_norm_(all_params, self._clip_grad_norm, grad_norm)
+            else:
+                clip_grads_with_norm_(grads, self._clip_grad_norm, grad_norm)
+        self.logger.log_scalar("grad_norm", whole_norm)  # outside any graph (see ml.utils.grad_norm)
         lr_sched.step(state)
         if scaler is not None:
             self.precision.step(optim)
