@@ -465,9 +465,19 @@ def _tear_down(steps: list[Callable[[], None]], *, quiet: bool) -> None:
 # The trainer
 
 
+def warn_unused(section: str, switch: str, config: Any, defaults: Any, names: tuple[str, ...]) -> None:
+    """Warns of settings of ``section`` that differ from their defaults while ``switch`` is off:
+    they do nothing then, which a user who set them would not expect without a word."""
+    changed = [name for name in names if getattr(config, name) != getattr(defaults, name)]
+    if changed:
+        settings = ", ".join(f"{section}.{name}" for name in changed)
+        logger.warning("%s: set without %s.%s, so ignored", settings, section, switch)
+
+
 def _ranking_of(config: CheckpointConfig) -> Ranking | None:
     """``checkpoint.monitor``, ``mode`` and ``keep_top_k``, checked; None without a monitor."""
     if config.monitor is None:
+        warn_unused("trainer.checkpoint", "monitor", config, CheckpointConfig(), ("mode", "keep_top_k"))
         return None
     if config.keep_top_k < 1:
         raise ConfigError(f"trainer.checkpoint.keep_top_k must be positive, got {config.keep_top_k}")
@@ -477,7 +487,11 @@ def _ranking_of(config: CheckpointConfig) -> Ranking | None:
 
 def _early_stopping_of(config: EarlyStoppingConfig | None) -> EarlyStopping | None:
     """``trainer.early_stopping``, checked; None without a monitor."""
-    if config is None or config.monitor is None:
+    if config is None:
+        return None
+    if config.monitor is None:
+        names = ("mode", "patience", "min_delta")
+        warn_unused("trainer.early_stopping", "monitor", config, EarlyStoppingConfig(), names)
         return None
     if config.patience < 1:
         raise ConfigError(f"trainer.early_stopping.patience must be positive, got {config.patience}")

@@ -42,7 +42,7 @@ from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
 from ml.optimizers.fast import FusedAdamStep, step_skipping, use_fast_optimizer
 from ml.tasks.sl import SupervisedLearningTask
-from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_trainer_config
+from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_trainer_config, warn_unused
 from ml.trainers.parallel import (
     full_model_state,
     full_optim_state,
@@ -231,7 +231,10 @@ def _check_config(config: SupervisedLearningTrainerConfig) -> None:
     if config.precision != "fp32" and config.use_double_weight_precision:
         raise ConfigError("trainer.precision must be fp32 when use_double_weight_precision is set")
     ema = config.ema
-    if ema.decay is not None:
+    if ema.decay is None:
+        names = ("start_step", "every_n_steps", "use_for_eval")
+        warn_unused("trainer.ema", "decay", ema, EmaConfig(), names)
+    else:
         if not 0.0 <= ema.decay < 1.0:
             raise ConfigError(f"trainer.ema.decay must be in [0, 1), got {ema.decay}")
         if ema.start_step < 0 or ema.every_n_steps < 1:

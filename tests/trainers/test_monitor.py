@@ -190,3 +190,21 @@ def test_the_moving_average_is_exact_resumes_exactly_and_can_be_validated(tmp_pa
         of_average = F.cross_entropy(evaluated.ema.model(x), y).item()
     assert evaluated.final_metrics["valid/loss"] == pytest.approx(of_average, rel=1e-5)
     assert evaluated.final_metrics["valid/loss"] != whole.final_metrics["valid/loss"]
+
+
+def test_settings_without_their_switch_are_not_ignored_silently(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _train(
+        tmp_path,
+        max_steps=2,
+        ema={"use_for_eval": True},
+        early_stopping={"patience": 5, "min_delta": 0.1},
+        checkpoint={"keep_top_k": 3},
+    )
+    assert "trainer.ema.use_for_eval: set without trainer.ema.decay, so ignored" in caplog.text
+    assert (
+        "trainer.early_stopping.patience, trainer.early_stopping.min_delta: set without "
+        "trainer.early_stopping.monitor, so ignored" in caplog.text
+    )
+    assert "trainer.checkpoint.keep_top_k: set without trainer.checkpoint.monitor, so ignored" in caplog.text
