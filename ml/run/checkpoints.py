@@ -326,7 +326,12 @@ class Ranking:
 
 def read_scores(run: RunDir) -> dict[int, float]:
     """The checkpoints kept for being the best, by step (best first), with their values; {} when none."""
-    scores = _read_scores_record(run).get("scores")
+    return _scores_of(_read_scores_record(run))
+
+
+def _scores_of(record: dict) -> dict[int, float]:
+    """The scores of a ``scores.json`` record, by step, best first (entries that are not numbers left out)."""
+    scores = record.get("scores")
     if not isinstance(scores, dict):
         return {}
     found = {}
@@ -356,7 +361,7 @@ def score_checkpoint(run: RunDir, step: int, value: float, ranking: Ranking) -> 
     """
     record = _read_scores_record(run)
     same = record.get("monitor") == ranking.metric and record.get("mode") == ranking.mode
-    kept = read_scores(run)
+    kept = _scores_of(record)
     if kept and not same:
         logger.warning(
             "checkpoint.monitor is now %s (%s), not %s (%s): the checkpoints kept for that (%s) are "
@@ -460,9 +465,9 @@ def link_checkpoint(run: RunDir, path: Path, *, keep_older: bool = False) -> Non
     if target.parent != run.checkpoints.resolve():
         return
     step = checkpoint_step(target)
-    scores = read_scores(run)
+    record = _read_scores_record(run)
+    scores = _scores_of(record)
     if step is not None and any(s > step for s in scores):
-        record = _read_scores_record(run)
         earlier = {s: v for s, v in scores.items() if s <= step}
         _write_scores(run, earlier, record.get("monitor"), record.get("mode"))
         scores = earlier
