@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ml.run.checkpoints import newest_checkpoint
+from ml.run.layout import RunDir
 from tests.e2e.test_cli import ML, TIMEOUT_S, Files, _env, files, ml
 from tests.reliability.test_hostile_input import one_error_line, snapshot, snapshot_diff
 
@@ -407,7 +409,11 @@ def test_a_dead_processs_lock_is_reported_and_taken_over(
     lock = (exp_dir / ".lock_running").read_text()
     assert f"pid: {victim.pid}\n" in lock  # the stale lock is really there
 
-    step = _ckpt_step(exp_dir)
+    # The link's target, or a newer checkpoint the kill left unlinked (it landed between writing
+    # one and swapping the link): resume takes the newest complete one either way.
+    newest = newest_checkpoint(RunDir(exp_dir))
+    assert newest is not None and newest.step is not None
+    step = newest.step
     result = ml(files, "train", exp_dir / "config.yaml", f"task.max_steps={step + 3}", run_dir=run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -415,7 +421,7 @@ def test_a_dead_processs_lock_is_reported_and_taken_over(
     assert len(naming) == 1, result.stderr
     assert naming[0].startswith("[W "), naming[0]  # a warning
     assert "lock" in naming[0], naming[0]
-    assert f"Resumed from {ckpt}" in result.stderr
+    assert f"Resumed from {newest.path}" in result.stderr
     assert _ckpt_step(exp_dir) == step + 3
     assert not (exp_dir / ".lock_running").exists()
 
