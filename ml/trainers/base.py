@@ -972,7 +972,9 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             for sublogger in self.loggers:
                 sublogger.log_config(self.run_config)
 
-    def write_logs(self, task: TaskT, model: ModelT, state: State, *, final: bool = False) -> None:
+    def write_logs(
+        self, task: TaskT, model: ModelT, state: State, *, final: bool = False, due: bool | None = None
+    ) -> None:
         """Sends what the task, model and trainer logged to the sub-loggers that write now.
 
         In a distributed job the ranks write training logs only at the steps they agreed on in
@@ -984,9 +986,15 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             state: The current state.
             final: The run's last training step (a stop signal or the task's limit: the loop
                 decides it alike on every rank): written whatever the intervals.
+            due: ``False`` when the caller asked the loggers already and none writes now (then the
+                values logged are only dropped).
         """
         multi = self._log_sources(task, model)
         final = final and state.training
+        if due is False and not final and state.training:
+            for source in multi:
+                source.clear()
+            return
         if not self.distributed:
             MultiLogger.write_all(multi, self.loggers, state, force=final)
             return

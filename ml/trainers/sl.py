@@ -40,7 +40,7 @@ from ml.loggers.base import MultiLogger, ScalarValue, scalar_to_float
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
-from ml.optimizers.fast import FusedAdamStep, step_skipping, use_fast_optimizer
+from ml.optimizers.fast import FusedAdamStep, skips_on_device, step_skipping, use_fast_optimizer
 from ml.tasks.sl import SupervisedLearningTask
 from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_trainer_config, warn_unused
 from ml.trainers.parallel import (
@@ -101,6 +101,11 @@ class SupervisedLearningTrainerConfig(TrainerConfig):
     test_at_end: bool = conf_field(True, help="Run the test set when training ends")
     non_finite_loss: str = conf_field(
         "stop", help="On a NaN/inf loss: `stop` with an error, or `skip` the step"
+    )
+    check_grads: bool = conf_field(
+        False,
+        help="Also check every step's gradient norm for NaN/inf before the update (one pass over the "
+        "gradients; always on with clip_grad_norm)",
     )
     ema: EmaConfig = conf_field(EmaConfig(), help="A moving average of the weights (`ml export --ema`)")
 
@@ -278,12 +283,19 @@ class SupervisedLearningTrainer(
         # which a loop of small steps feels.
         self._batches_per_step = int(config.batches_per_step)
         self._clip_grad_norm = config.clip_grad_norm
+        # The gradient norm is measured at every step only when something needs it before the
+        # update; otherwise only when a logger writes it (a pass over the gradients costs 1-2% of
+        # a small model's step on the CPU).
+        self._norm_every_step = config.clip_grad_norm is not None or config.check_grads
         self._valid_every = (config.valid_every_n_steps, config.valid_every_n_seconds)
         self._dtype = torch.float64 if config.use_double_weight_precision else torch.float32
         self._parts: tuple[nn.Module, list[nn.Module], list[nn.Parameter]] | None = None  # _parts_of
         self._non_finite: NonFiniteRecord | None = None  # this loop's steps, on the device (_settle)
         self._sharded = False  # FSDP: the gradients are DTensors (set for each loop)
         self._fused_step: FusedAdamStep | None = None  # set for each session's loop (see loop)
+        self._checks_on_host = False  # whether the non-finite check reads the loss (see _loop)
+        self._step_grad_norm: torch.Tensor | None = None  # the last step's, if it measured it
+        self._throughput: _Throughput | None = None  # the loop's steps/s and samples/s
         self.precision = MixedPrecision(config.precision, self.device)
         self._data_seed = 0
         self._last_valid = (-1, 0.0)  # (step, elapsed seconds) of the last validation
@@ -599,12 +611,6 @@ class SupervisedLearningTrainer(
             next(iter(losses.values())) if len(losses) == 1 else torch.stack(list(losses.values())).sum()
         )
         self.precision.unscale_(optim)
-        grads = [g for p in all_params if (g := p.grad) is not None]
-        # Measured (and logged) even when not clipping. FSDP's gradients are DTensors, whose norm
-        # each rank holds a part of: the whole of it decides and is recorded.
-        norms = None if self._sharded else tensor_norms(grads)
-        grad_norm = nn.utils.get_total_norm(grads) if norms is None else torch.linalg.vector_norm(norms)
-        whole_norm = grad_norm.full_tensor() if norms is None else grad_norm  # type: ignore[union-attr]
         # Whether to step is decided on the device, without a host sync (ml.utils.nonfinite);
         # _settle reads the record when logs are written. Under fp16 the gradient scaler skips steps
         # with non-finite gradients itself (a NaN loss makes them NaN): there only the loss counts.
@@ -613,27 +619,76 @@ class SupervisedLearningTrainer(
         if record.full:
             self._settle()
         scaler = self.precision.scaler
-        found_inf = record.found_inf(step_loss, None if scaler is not None else whole_norm)
-        if self.distributed:  # all ranks skip or stop together, or their weights would part
-            torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
-        record.record(state.num_steps + 1, found_inf, step_loss, whole_norm, norms)
-        if self._clip_grad_norm is not None:  # (a NaN norm makes every gradient NaN: skipped anyway)
-            if norms is None:  # FSDP: torch's clipping knows DTensors
-                nn.utils.clip_grads_with_norm_(all_params, self._clip_grad_norm, grad_norm)
-            else:
-                clip_grads_with_norm_(grads, self._clip_grad_norm, grad_norm)
-        self.logger.log_scalar("grad_norm", whole_norm)  # outside any graph (see ml.utils.grad_norm)
+        whole_norm = norms = None
+        if self._norm_every_step:
+            grad_norm, norms = self._grad_norm(all_params)
+            whole_norm = self._whole(grad_norm)
+            if self._clip_grad_norm is not None:  # (a NaN norm makes every gradient NaN: skipped anyway)
+                self._clip(all_params, grad_norm)
+        self._step_grad_norm = whole_norm  # logged by _log_step if a logger writes
+        checked = None if scaler is not None else whole_norm
+        if self._checks_on_host:
+            step_now = record.check_on_host(state.num_steps + 1, step_loss, checked, norms)
+        else:
+            found_inf = record.found_inf(step_loss, checked)
+            if self.distributed:  # all ranks skip or stop together, or their weights would part
+                torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
+            record.record(state.num_steps + 1, found_inf, step_loss, whole_norm, norms)
         lr_sched.step(state)
         if scaler is not None:
             self.precision.step(optim)
+        elif self._checks_on_host:
+            if step_now:
+                optim.step()
+            else:
+                self._settle()  # a stop is raised now; a skip is counted
         elif self._fused_step is not None:
             self._fused_step(found_inf)
         else:
             step_skipping(optim, found_inf)
-        self.logger.log_scalar("lr", lr_sched.lr)
+        return losses
+
+    def _log_step(
+        self, state: State, task: SupervisedLearningTask, losses: dict[str, torch.Tensor], lr: float
+    ) -> None:
+        """What the trainer logs of a step, when a logger writes it (else nothing is made of it)."""
         for name, value in _with_total(losses).items():
             task.logger.log_scalar(name, value, namespace="train")
-        return losses
+        # Measured now from the step's gradients (kept until the next step) unless the step did.
+        norm = self._step_grad_norm
+        self.logger.log_scalar("grad_norm", norm if norm is not None else self._last_grad_norm())
+        self.logger.log_scalar("lr", lr)
+        self.logger.log_scalar("epoch", state.num_epochs)
+        throughput = self._throughput
+        assert throughput is not None
+        self.logger.log_scalar("samples_per_s", throughput.samples_per_s)
+        self.logger.log_scalar("steps_per_s", throughput.steps_per_s)
+
+    def _grad_norm(self, params: list[nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The whole gradient norm, and each gradient's when they are all here (to name the first
+        module whose gradient is not finite)."""
+        grads = [g for p in params if (g := p.grad) is not None]
+        if self._sharded:  # FSDP's gradients are DTensors, whose norm each rank holds a part of
+            return nn.utils.get_total_norm(grads), None
+        norms = tensor_norms(grads)
+        return torch.linalg.vector_norm(norms), norms
+
+    def _clip(self, params: list[nn.Parameter], grad_norm: torch.Tensor) -> None:
+        if self._sharded:  # torch's clipping knows DTensors
+            nn.utils.clip_grads_with_norm_(params, self._clip_grad_norm, grad_norm)
+        else:
+            grads = [g for p in params if (g := p.grad) is not None]
+            clip_grads_with_norm_(grads, self._clip_grad_norm, grad_norm)
+
+    @staticmethod
+    def _whole(norm: torch.Tensor) -> torch.Tensor:
+        """FSDP's norm (a DTensor) gathered: the number every rank decides and logs."""
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # type: ignore[operator]
+
+    def _last_grad_norm(self) -> torch.Tensor:
+        """The last step's gradient norm, measured now."""
+        assert self._parts is not None
+        return self._whole(self._grad_norm(self._parts[2])[0])
 
     def _micro_batch_sources(self, task: SupervisedLearningTask, model: nn.Module) -> list[MultiLogger]:
         """The loggers a step's forward and loss log into: the task's, and the model's if it has one."""
@@ -653,6 +708,7 @@ class SupervisedLearningTrainer(
         where = " on at least one rank" if self.distributed else ""
         first = bad[0]
         message = f"non-finite values at step {first.step}{where} ({first.describe()})"
+        self._check_weights(message)  # skipping more steps cannot mend them
         if self.config.non_finite_loss == "stop":
             later = f"; {len(bad) - 1} later step(s) too" if len(bad) > 1 else ""
             raise NonFiniteLossError(f"{message}{later}; set trainer.non_finite_loss=skip to skip such steps")
@@ -660,6 +716,26 @@ class SupervisedLearningTrainer(
         steps = ", ".join(str(b.step) for b in bad[:10]) + (", ..." if len(bad) > 10 else "")
         logger.warning("%s: skipped step(s) %s (%d skipped so far)", message, steps, self.num_skipped_steps)
         self.logger.log_scalar("skipped_steps", self.num_skipped_steps)
+
+    def _check_weights(self, where: str) -> None:
+        """Stops if the weights are not finite, which only an update with a non-finite gradient and a
+        finite loss makes, at a step whose gradients were not checked (``trainer.check_grads``)."""
+        if self._norm_every_step or self._weights_finite():
+            return
+        raise NonFiniteLossError(
+            f"{where}: the weights themselves are no longer finite: an update had a non-finite gradient "
+            "with a finite loss; set trainer.check_grads=true to check every step's gradients (and name "
+            "that step)"
+        )
+
+    def _weights_finite(self) -> bool:
+        """Whether every weight is finite (every rank's shard under FSDP); read on the host."""
+        assert self._parts is not None
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self._parts[2]]
+        bad = torch.stack([torch.isfinite(t.detach()).all() for t in local]).logical_not().any().float()
+        if self.distributed:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return not bad.item()
 
     def _logs_due(self, state: State, last: bool) -> bool:
         """Whether the trainer's loggers write at this step (then the device's values are read anyway)."""
@@ -676,6 +752,8 @@ class SupervisedLearningTrainer(
         lr_scheds: Any = None,
     ) -> Path:
         self._settle()  # a stop is due before the step's checkpoint; skipped steps are counted in it
+        if self._non_finite is not None:  # (in the loop: weights that are not finite are never saved)
+            self._check_weights(f"at step {state.num_steps}")
         return super().save_checkpoint(state, task, model, optims, lr_scheds)
 
     # -- evaluation
@@ -915,11 +993,19 @@ class SupervisedLearningTrainer(
             self._fused_step = FusedAdamStep(optim)
         names = [name for name, _ in unwrap_model(s.runner).named_parameters()]
         self._non_finite = NonFiniteRecord(names, self.device)
+        # An optimizer that cannot take the skip flag on the device reads it on the host before each
+        # step anyway (step_skipping): then the step's loss is read instead, and no flag is made.
+        self._checks_on_host = (
+            not self.distributed
+            and self.precision.scaler is None
+            and self._fused_step is None
+            and not skips_on_device(optim)
+        )
         self._sharded = is_sharded(s.model)
         if s.valid_loaders and self._validation_missed(state):
             # A stop signal ended the last session during the validation due at its final step.
             self._validate(state, s)
-        throughput = _Throughput(state)
+        self._throughput = _Throughput(state)
         bar.start(self._bar_total(state, s))
         world_size = get_world_size()
         while not self.training_over(state, task) and self.stop_signal is None:
@@ -937,13 +1023,12 @@ class SupervisedLearningTrainer(
                 if self.ema is not None:
                     self.ema.update(state.num_steps)
                 self.on_step_end(state, loss_dict, task, model, optim, lr_sched)
-                self.logger.log_scalar("epoch", state.num_epochs)
-                self.logger.log_scalar("samples_per_s", throughput.samples_per_s)
-                self.logger.log_scalar("steps_per_s", throughput.steps_per_s)
                 last = self.stop_signal is not None or task.is_training_over(state)
-                if self._logs_due(state, last):
+                due = self._logs_due(state, last)
+                if due:
                     self._settle()
-                self.write_logs(task, model, state, final=last)
+                    self._log_step(state, task, loss_dict, lr_sched.lr)
+                self.write_logs(task, model, state, final=last, due=due)
                 if last or state.num_steps >= bar.due:  # an int compare; the loss is read on a redraw only
                     bar.update({"epoch": state.num_epochs, **loss_dict}, force=last)
                 if s.valid_loaders and self._should_validate(state):

@@ -9,8 +9,13 @@ the update, as ``torch.amp.GradScaler`` does; and writes the step's numbers into
 the device. :meth:`NonFiniteRecord.read` - when a logger writes, before a checkpoint, when the ring
 is full (every :data:`CAPACITY` steps) - reads the ring once and says which steps were not finite,
 with their loss, gradient norm and first non-finite module, so that a stop still names the exact
-step and module, a few steps after it happened. About 6 small device operations per step (~10 us
+step and module, a few steps after it happened. About 6 small device operations per step (~15 us
 on one CPU thread).
+
+An optimizer without a fused kernel cannot take the flag: it is read on the host before such a
+step anyway, so there the loss is read instead (:meth:`NonFiniteRecord.check_on_host`, ~1 us).
+The gradient norm is part of the check only on the steps it is measured (every step with gradient
+clipping or ``trainer.check_grads``: a pass over the gradients, 1-2% of a small model's step).
 """
 
 import math
@@ -27,12 +32,13 @@ class NonFiniteStep:
 
     step: int
     loss: float
-    grad_norm: float
+    grad_norm: float | None  # None: not measured at that step
     module: str | None  # the first module with a non-finite gradient, when known
 
     def describe(self) -> str:
+        norm = f", gradient norm {self.grad_norm}" if self.grad_norm is not None else ""
         where = f", first non-finite gradient in `{self.module}`" if self.module else ""
-        return f"loss {self.loss}, gradient norm {self.grad_norm}{where}"
+        return f"loss {self.loss}{norm}{where}"
 
 
 class NonFiniteRecord:
@@ -45,10 +51,13 @@ class NonFiniteRecord:
 
     def __init__(self, names: list[str], device: torch.device) -> None:
         self.names = names
-        # Columns: found_inf (as every rank agreed), loss, total gradient norm, each gradient's norm.
-        self._ring = torch.zeros(CAPACITY, 3 + len(names), device=device)
+        # Columns: found_inf (as every rank agreed), loss, 1.0 where the gradient norm was measured,
+        # the total gradient norm, each gradient's norm. Rows are zeroed when read.
+        self._ring = torch.zeros(CAPACITY, 4 + len(names), device=device)
+        self._one = torch.ones(1, device=device)
         self._rows = 0  # rows written since the last read
         self._first_step = 0  # the step of row 0
+        self._on_host: list[NonFiniteStep] = []  # what check_on_host found since the last read
 
     @property
     def full(self) -> bool:
@@ -56,7 +65,7 @@ class NonFiniteRecord:
 
     @property
     def pending(self) -> bool:
-        return self._rows > 0
+        return self._rows > 0 or bool(self._on_host)
 
     def found_inf(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
         """1.0 when the loss or the gradient norm (if given) is not finite, else 0.0 (float32, on
@@ -69,37 +78,60 @@ class NonFiniteRecord:
         step: int,
         found_inf: torch.Tensor,
         loss: torch.Tensor,
-        grad_norm: torch.Tensor,
-        norms: torch.Tensor | None,
+        grad_norm: torch.Tensor | None = None,
+        norms: torch.Tensor | None = None,
     ) -> None:
-        """Keeps step ``step``'s flag and numbers (``norms``: each gradient's, in :attr:`names`' order,
-        or None when they are not all there). The caller reads (:meth:`read`) first when :attr:`full`."""
+        """Keeps step ``step``'s flag and numbers (``grad_norm``: None when not measured; ``norms``:
+        each gradient's, in :attr:`names`' order, or None when they are not all there). The caller
+        reads (:meth:`read`) first when :attr:`full`."""
         if self._rows == 0:
             self._first_step = step
         row = self._ring[self._rows]
-        parts = [found_inf.view(1), loss.detach().float().view(1), grad_norm.float().view(1)]
-        if norms is not None and norms.numel() == len(self.names):
-            torch.cat([*parts, norms.float()], out=row)
-        else:
-            torch.cat(parts, out=row[:3])
-            row[3:].zero_()  # nothing known of the parts: no module is named
+        parts = [found_inf.view(1), loss.detach().float().view(1)]
+        if grad_norm is not None:
+            parts += [self._one, grad_norm.float().view(1)]
+            if norms is not None and norms.numel() == len(self.names):
+                parts.append(norms.float())
+        width = 2 if len(parts) == 2 else 4 + (len(self.names) if len(parts) == 5 else 0)
+        torch.cat(parts, out=row[:width])  # the rest stays 0 (zeroed by read): no module is named
         self._rows += 1
+
+    def check_on_host(
+        self,
+        step: int,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor | None = None,
+        norms: torch.Tensor | None = None,
+    ) -> bool:
+        """Whether step ``step`` is finite, read on the host now (for an optimizer that would read
+        the flag on the host anyway); a step that is not is kept for :meth:`read`."""
+        loss_value = loss.item()
+        norm_value = None if grad_norm is None else grad_norm.item()
+        if math.isfinite(loss_value) and (norm_value is None or math.isfinite(norm_value)):
+            return True
+        module = None
+        if norms is not None and norms.numel() == len(self.names):
+            module = next(
+                (self._module(i) for i, n in enumerate(norms.tolist()) if not math.isfinite(n)), None
+            )
+        self._on_host.append(NonFiniteStep(step, loss_value, norm_value, module))
+        return False
 
     def read(self) -> list[NonFiniteStep]:
         """The steps recorded since the last read that were not finite (one host read); clears."""
+        found, self._on_host = self._on_host, []
         rows, first, self._rows = self._rows, self._first_step, 0
         if rows == 0:
-            return []
+            return found
         ring = self._ring[:rows]
         bad = torch.nonzero(ring[:, 0]).flatten().tolist()  # the one wait for the device
-        if not bad:
-            return []
-        found = []
-        for index, values in zip(bad, ring[bad].tolist(), strict=True):
+        values_of_bad = ring[bad].tolist()
+        ring.zero_()
+        for index, values in zip(bad, values_of_bad, strict=True):
             module = next(
-                (self._module(i) for i, norm in enumerate(values[3:]) if not math.isfinite(norm)), None
+                (self._module(i) for i, norm in enumerate(values[4:]) if not math.isfinite(norm)), None
             )
-            found.append(NonFiniteStep(first + index, values[1], values[2], module))
+            found.append(NonFiniteStep(first + index, values[1], values[3] if values[2] else None, module))
         return found
 
     def _module(self, index: int) -> str:

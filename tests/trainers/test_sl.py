@@ -151,21 +151,69 @@ class InfGradientInLastLayer(TinyTask):
         return loss
 
 
-def test_a_non_finite_gradient_stops_and_names_the_step_and_module(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, clip_grad_norm=1.0)  # clipping must not hide which module it was
+@pytest.mark.parametrize("sgd", [False, True], ids=["fused_adam_on_the_device", "sgd_on_the_host"])
+@pytest.mark.parametrize(
+    "checked", [{"clip_grad_norm": 1.0}, {"check_grads": True}], ids=["clip", "check_grads"]
+)
+def test_a_non_finite_gradient_stops_and_names_the_step_and_module(
+    tmp_path: Path, checked: dict, sgd: bool
+) -> None:
+    trainer = _trainer(tmp_path, **checked)  # clipping must not hide which module it was
     with pytest.raises(NonFiniteLossError) as error:
-        _fit(trainer, max_steps=5, task_cls=InfGradientInLastLayer)
+        _fit(trainer, max_steps=5, task_cls=InfGradientInLastLayer, sgd=sgd)
     message = str(error.value)
     assert "at step 2" in message and "first non-finite gradient in `net.3`" in message
     assert "trainer.non_finite_loss=skip" in message
 
 
-def test_a_non_finite_gradient_can_skip_the_step(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, non_finite_loss="skip", clip_grad_norm=1.0)
+@pytest.mark.parametrize(
+    "checked", [{"clip_grad_norm": 1.0}, {"check_grads": True}], ids=["clip", "check_grads"]
+)
+def test_a_non_finite_gradient_can_skip_the_step(tmp_path: Path, checked: dict) -> None:
+    trainer = _trainer(tmp_path, non_finite_loss="skip", **checked)
     _fit(trainer, max_steps=4, task_cls=InfGradientInLastLayer)
     assert trainer.num_skipped_steps == 3  # the hook stays: steps 2, 3 and 4
     ckpt = torch.load(tmp_path / "checkpoints" / "ckpt.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("every_step", [False, True], ids=["no_checkpoint_due", "checkpoint_every_step"])
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_an_unchecked_non_finite_gradient_is_not_skipped_forever(
+    tmp_path: Path, policy: str, every_step: bool
+) -> None:
+    """By default the gradients are not checked at every step (only the loss): step 2's infinite
+    gradient is applied, the weights turn NaN, and step 3's loss is NaN. That stops the run under
+    either policy (skipping cannot mend the weights), saying how to catch step 2 itself; and a
+    checkpoint due at step 2 is refused rather than saved with those weights."""
+    checkpoint = {"checkpoint": {"save_every_n_steps": 1}} if every_step else {}
+    trainer = _trainer(tmp_path, non_finite_loss=policy, **checkpoint)
+    with pytest.raises(NonFiniteLossError) as error:
+        _fit(trainer, max_steps=6, task_cls=InfGradientInLastLayer)
+    message = str(error.value)
+    assert f"at step {2 if every_step else 3}" in message
+    assert "weights themselves are no longer finite" in message
+    assert "trainer.check_grads=true" in message
+    ckpts = sorted((tmp_path / "checkpoints").glob("ckpt.*.pt"))
+    assert all(
+        torch.isfinite(v).all()
+        for path in ckpts
+        for v in torch.load(path, weights_only=True)["model"].values()
+        if v.is_floating_point()
+    )
+
+
+def test_the_gradient_norm_measured_when_logged_is_the_steps(tmp_path: Path) -> None:
+    """Without clipping the norm is measured only when a logger writes, from the step's gradients:
+    the same numbers as a run that measures it inside every step."""
+    _fit(_trainer(tmp_path / "when_logged"), max_steps=4)
+    _fit(_trainer(tmp_path / "every_step", check_grads=True), max_steps=4)
+    norms = {
+        name: [r["metrics"]["trainer/grad_norm"] for r in _records(tmp_path / name) if r["phase"] == "train"]
+        for name in ("when_logged", "every_step")
+    }
+    assert len(norms["when_logged"]) == 4 and all(n > 0 for n in norms["when_logged"])
+    assert norms["when_logged"] == norms["every_step"]
 
 
 def test_a_task_without_validation_or_test_data_skips_them(tmp_path: Path) -> None:
