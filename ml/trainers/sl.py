@@ -674,16 +674,18 @@ class SupervisedLearningTrainer(
         return torch.linalg.vector_norm(norms), norms
 
     def _clip(self, params: list[nn.Parameter], grad_norm: torch.Tensor) -> None:
+        max_norm = self._clip_grad_norm
+        assert max_norm is not None
         if self._sharded:  # torch's clipping knows DTensors
-            nn.utils.clip_grads_with_norm_(params, self._clip_grad_norm, grad_norm)
+            nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
         else:
             grads = [g for p in params if (g := p.grad) is not None]
-            clip_grads_with_norm_(grads, self._clip_grad_norm, grad_norm)
+            clip_grads_with_norm_(grads, max_norm, grad_norm)
 
     @staticmethod
     def _whole(norm: torch.Tensor) -> torch.Tensor:
         """FSDP's norm (a DTensor) gathered: the number every rank decides and logs."""
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # type: ignore[operator]
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def _last_grad_norm(self) -> torch.Tensor:
         """The last step's gradient norm, measured now."""
