@@ -584,7 +584,6 @@ class SupervisedLearningTrainer(
         single = len(batches) == 1
         total = batch_size_of(batches[0]) if single else sum(batch_size_of(b) for b in batches)
         losses: dict[str, torch.Tensor] = {}
-        optim.zero_grad(set_to_none=True)
         # DDP: all-reduce gradients once, after the last batch
         no_sync = None if single else getattr(model, "no_sync", None)
         # What the task and model log in each micro-batch, averaged over the step like the loss.
@@ -597,6 +596,12 @@ class SupervisedLearningTrainer(
             with no_sync() if no_sync is not None and not last else _NO_CONTEXT:
                 loss_dict = self._losses(task, model, batch, state)
                 loss = _summed(loss_dict)
+                if i == 0:
+                    # After the forward pass, as a plain loop does: the last step's gradients are
+                    # freed just before the new ones are made, which then reuse their memory (freed
+                    # before the forward, the activations took it, and glibc's malloc page-faulted
+                    # twice as often: 0.87x a plain loop on 1024-wide layers).
+                    optim.zero_grad(set_to_none=True)
                 self.precision.backward(loss if single else loss * weight)
             for name, value in loss_dict.items():
                 part = _scalar(value.detach().float())
