@@ -24,7 +24,13 @@ _BUILTIN_MODULES: dict[Kind, tuple[str, ...]] = {
     "trainer": ("ml.trainers.sl", "ml.trainers.rl"),
     "optimizer": ("ml.optimizers.builtin",),
     "lr_scheduler": ("ml.lr_schedulers.builtin",),
-    "logger": ("ml.loggers.stdout", "ml.loggers.jsonl", "ml.loggers.tensorboard"),
+    "logger": (
+        "ml.loggers.stdout",
+        "ml.loggers.jsonl",
+        "ml.loggers.tensorboard",
+        "ml.loggers.mlflow",
+        "ml.loggers.wandb",
+    ),
     "launcher": ("ml.launchers.single", "ml.launchers.torchrun", "ml.launchers.slurm"),
 }
 
@@ -36,7 +42,7 @@ BUILTIN_NAMES: dict[Kind, tuple[str, ...]] = {
     "trainer": ("rl", "sl"),
     "optimizer": ("adam", "adamw", "sgd"),
     "lr_scheduler": ("constant", "cosine", "linear"),
-    "logger": ("jsonl", "stdout", "tensorboard"),
+    "logger": ("jsonl", "mlflow", "stdout", "tensorboard", "wandb"),
     "launcher": ("single", "slurm", "torchrun"),
 }
 

@@ -2,7 +2,7 @@
 
 Events go to ``<log_directory>/tensorboard/<phase>/``, one ``SummaryWriter`` per phase (created on
 the phase's first write), so TensorBoard shows ``train``, ``valid`` and ``test`` as separate runs
-that can be overlaid. Scalars, strings and histograms are all written at ``state.num_steps``; the
+that can be overlaid. Scalars, strings, histograms and images are all written at ``state.num_steps``; the
 run's config is written once as YAML text. TensorBoard is an optional dependency: it is imported
 only when the logger is initialized, so importing this module costs nothing without it.
 
@@ -59,7 +59,7 @@ def _summary_writer_class() -> type["SummaryWriter"]:
 
 @register_logger("tensorboard")
 class TensorboardLogger(BaseLogger[TensorboardLoggerConfig]):
-    """Writes scalars, strings and histograms to TensorBoard event files, one folder per phase.
+    """Writes scalars, strings, histograms and images to TensorBoard event files, one folder per phase.
 
     Args:
         config: The logger's config.
@@ -127,6 +127,8 @@ class TensorboardLogger(BaseLogger[TensorboardLoggerConfig]):
             # skipped rather than failing the run.
             if finite.numel() > 0:
                 writer.add_histogram(name, finite, global_step=step)
+        for name, image in batch.images.items():  # uint8 (C, H, W): written as is (no rescaling)
+            writer.add_image(name, image, global_step=step, dataformats="CHW")
         if self.config.flush_every_n_seconds == 0:
             writer.flush()
 

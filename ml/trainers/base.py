@@ -70,7 +70,7 @@ from ml.errors import (
     RunLockedError,
     UserError,
 )
-from ml.loggers.base import BaseLogger, MultiLogger
+from ml.loggers.base import BaseLogger, MultiLogger, load_logger_states, logger_states
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
@@ -1074,7 +1074,10 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         return multi
 
     def close_loggers(self) -> None:
+        # How the session ended, as status.json will say it (an error after finishing aside).
+        outcome = "finished" if self.finished else "interrupted" if self.stop_signal is not None else "failed"
         for sublogger in self.loggers:
+            sublogger.on_session_end(outcome)
             sublogger.close()
 
     # -- config and locks
@@ -1265,6 +1268,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                     "to go on)",
                     self.stop_reason,
                 )
+        load_logger_states(self.loggers, ckpt_dict.get("loggers"))  # e.g. the MLflow run to continue
         self.load_state_dict(ckpt_dict)
         self._last_ckpt_time_s = state.elapsed_time_s
         self._last_ckpt_step = state.num_steps
@@ -1342,6 +1346,8 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         score = self._score_of(state.num_steps)
         if score is not None:  # ranks it again if a crash kept it from scores.json (resume_or_start)
             ckpt["score"] = {"metric": score[1].metric, "value": score[0]}
+        if loggers := logger_states(self.loggers):  # what a logger continues from (an MLflow run's id)
+            ckpt["loggers"] = loggers
         self.update_state_dict(ckpt)
         check_loadable(ckpt)
 

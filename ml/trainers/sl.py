@@ -748,8 +748,9 @@ class SupervisedLearningTrainer(
             for key, value in loss_dict.items():
                 task.logger.log_scalar(key, value.detach().float().sum(), namespace=phase)
             size = batch_size_of(batch)
-            for key, scalar in task.logger.materialize().scalars.items():
-                totals[key] = totals.get(key, 0.0) + scalar * size
+            # Only the scalars are summed per batch; images and strings wait for the pass's write.
+            for key, scalar in task.logger.pop_scalars().items():
+                totals[key] = totals.get(key, 0.0) + scalar_to_float(scalar) * size
             count += size
             if phase == "valid":
                 state.num_valid_steps += 1
