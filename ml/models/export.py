@@ -31,6 +31,7 @@ __all__ = [
     "config_path_beside",
     "export_weights",
     "load_model",
+    "read_weights",
     "weights_for_safetensors",
 ]
 
@@ -266,6 +267,26 @@ def _mismatch(error: RuntimeError) -> str:
     return "; ".join(details[:3]) + (f"; and {len(details) - 3} more" if len(details) > 3 else "")
 
 
+def read_weights(
+    path: Path, device: "str | torch.device" = "cpu"
+) -> "tuple[dict[str, torch.Tensor], dict[str, str]]":
+    """The tensors of a safetensors file and its metadata (no code runs: the format holds tensors only).
+
+    Raises:
+        ModelFileError: The file is missing, foreign or damaged (one line saying why).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(path, device=str(device)), metadata
+    except Exception as e:  # safetensors reports a foreign or damaged file in several ways
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"{path} is not a safetensors file ({reason})") from e
+
+
 def load_model(
     path: str | Path, *, device: "str | torch.device | None" = None, strict: bool = True
 ) -> "nn.Module":
@@ -291,16 +312,7 @@ def load_model(
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no such model file: {path}")
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        state = load_file(path, device="cpu")
-    except Exception as e:  # safetensors reports a foreign or damaged file in several ways
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFileError(f"{path} is not a safetensors file ({reason})") from e
+    state, metadata = read_weights(path)
     config, where = _read_config(path, metadata)
     model = _build_model(config, where)
     try:

@@ -767,8 +767,14 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         return state
 
     def load_initial_weights(self, model: ModelT, path: str) -> None:
-        """``checkpoint.load_from_ckpt_path``: model weights only (no optimizer, state or RNG)."""
-        weights = read_checkpoint(path, device=self.device)["model"]
+        """``checkpoint.load_from_ckpt_path``: model weights only (no optimizer, state or RNG), from a
+        checkpoint or from a ``.safetensors`` file written by ``ml export``."""
+        if Path(path).suffix == ".safetensors":
+            from ml.models.export import read_weights
+
+            weights: Mapping[str, Any] = read_weights(Path(path).expanduser(), device=self.device)[0]
+        else:
+            weights = read_checkpoint(path, device=self.device)["model"]
         strict = self.checkpoint_config.load_strict
         if isinstance(weights, ShardedState):  # a sharded checkpoint: read into the model piece by piece
             notes = load_sharded_model(model, weights, strict=strict)
