@@ -118,17 +118,12 @@ def sgd_run(home: Path) -> Path:
     return home / "runs" / "tiny" / "run_0"
 
 
-def test_the_ml_command_imports_a_package_of_the_current_directory(sgd_run: Path, home: Path) -> None:
-    # `cwd_models` is neither installed nor on PYTHONPATH (ml() removes it): the console script
-    # found it in the folder it ran in, as `python -m` would.
-    assert yaml.safe_load((sgd_run / "config.yaml").read_text())["model"] == {
-        "name": "cwd_models:Linear",
-        "width": 64,
-    }
+def test_the_ml_command_imports_a_package_of_the_current_directory(sgd_run: Path) -> None:
+    # `cwd_models` lives only in the folder the command ran in: not installed, not on PYTHONPATH
+    # (ml() removes it). The console script found it there, as `python -m` would.
+    config = yaml.safe_load((sgd_run / "config.yaml").read_text())
+    assert config["model"] == {"name": "cwd_models:Linear", "width": 64}
     assert (sgd_run / "checkpoints" / "ckpt.10.pt").is_file()
-    elsewhere = home / "runs"  # the same config from another folder cannot import it
-    result = ml("train", home / "tiny.yaml", "trainer.exp_name=elsewhere", cwd=elsewhere, run_dir=elsewhere)
-    _bad_input(result, "model.name: model 'cwd_models:Linear': cannot import module 'cwd_models'")
 
 
 def test_a_torch_optimizer_and_schedule_by_import_path_train_as_configured(sgd_run: Path) -> None:
