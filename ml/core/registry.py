@@ -43,7 +43,7 @@ _BUILTIN_MODULES: dict[Kind, tuple[str, ...]] = {
         "ml.loggers.mlflow",
         "ml.loggers.wandb",
     ),
-    "launcher": ("ml.launchers.single", "ml.launchers.torchrun", "ml.launchers.slurm"),
+    "launcher": ("ml.launchers.single", "ml.launchers.torchrun", "ml.launchers.mp", "ml.launchers.slurm"),
 }
 
 # The names those modules register, known without importing them (``ml --help`` lists them without
@@ -55,7 +55,7 @@ BUILTIN_NAMES: dict[Kind, tuple[str, ...]] = {
     "optimizer": ("adam", "adamw", "adan", "lamb", "lion", "prodigy", "sgd", "shampoo"),
     "lr_scheduler": ("constant", "cosine", "cosine_decay", "linear", "linear_no_decay"),
     "logger": ("jsonl", "mlflow", "stdout", "tensorboard", "wandb"),
-    "launcher": ("single", "slurm", "torchrun"),
+    "launcher": ("mp", "single", "slurm", "torchrun"),
 }
 
 # Kinds whose foreign classes (a torch optimizer, a torch schedule) get a component around them:
