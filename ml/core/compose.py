@@ -177,6 +177,7 @@ def compose_config(config_files: list[str], overrides: list[str] | None = None) 
         except (OmegaConfBaseException, TypeError, ValueError, RecursionError) as e:  # e.g. a list given keys
             raise ConfigError(f"{where} does not fit the config's shape: {_first_line(e)}") from e
     _relocate_run_config(merged, paths[-1])
+    merged.pop("sweep", None)  # the command line's: it runs one config per point (ml.launchers.sweep)
     unknown = sorted(set(merged) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r}; sections are: {', '.join(SECTIONS)}")

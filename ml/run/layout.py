@@ -33,6 +33,7 @@ CONFIG_FILE = "config.yaml"
 STATUS_FILE = "status.json"
 CONFIG_CHANGES_FILE = "config_changes.log"
 SBATCH_FILE = "sbatch.sh"
+CODE_DIR = "code"
 CHECKPOINT_DIR = "checkpoints"
 LINK_NAME = "ckpt.pt"
 BEST_LINK_NAME = "best.pt"
@@ -89,6 +90,11 @@ class RunDir:
     @property
     def sbatch_script(self) -> Path:
         return self.path / SBATCH_FILE
+
+    @property
+    def code(self) -> Path:
+        """``code/``: the copy of the user's modules this run trains with (``ml stage``, Slurm jobs)."""
+        return self.path / CODE_DIR
 
     @property
     def checkpoints(self) -> Path:
