@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ml.core.config import BaseConfig, BaseObject, conf_field
 from ml.core.state import State
@@ -349,6 +349,41 @@ class MultiLogger:
         for lg in writers:
             lg.write(state, batch)
             lg.mark_written(state)
+
+
+SECRET_REFERENCE = "${ml.secret:"
+
+
+def config_to_log(config: DictConfig, log_directory: Path | None) -> Any:
+    """The run's config for a logger to record: resolved, as plain data, except that each value
+    ``config.yaml`` keeps as a secret's reference (``${ml.secret:NAME}``) stays that reference.
+
+    The trainer hands loggers the config resolved, secrets' values included; those must reach no
+    file and no server, so they are looked up in the run folder's ``config.yaml`` (written before
+    the loggers get the config), whose secrets stay as written.
+    """
+    import yaml
+
+    from ml.run.layout import RunDir
+
+    resolved = OmegaConf.to_container(config, resolve=True)
+    if log_directory is None:
+        return resolved
+    try:  # the log folder is a child of the run folder (RunDir.logs)
+        saved = yaml.safe_load(RunDir(log_directory.parent).config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return resolved
+    return _keep_secret_references(resolved, saved)
+
+
+def _keep_secret_references(resolved: Any, saved: Any) -> Any:
+    if isinstance(resolved, dict) and isinstance(saved, dict):
+        return {k: _keep_secret_references(v, saved[k]) if k in saved else v for k, v in resolved.items()}
+    if isinstance(resolved, list) and isinstance(saved, list) and len(resolved) == len(saved):
+        return [_keep_secret_references(v, s) for v, s in zip(resolved, saved, strict=True)]
+    if isinstance(saved, str) and SECRET_REFERENCE in saved:
+        return saved
+    return resolved
 
 
 def _logger_keys(loggers: Sequence[BaseLogger]) -> list[str]:

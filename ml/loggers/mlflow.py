@@ -8,7 +8,8 @@ server addresses only; a shared local store is named by ``MLFLOW_TRACKING_URI``.
 
 What it records:
 
-- params: the resolved config, flattened (``optimizer.lr``, ``logger.0.name``), once;
+- params: the resolved config, flattened (``optimizer.lr``, ``logger.0.name``), once; a secret
+  (``${ml.secret:NAME}``) as its reference, never its value;
 - metrics: every scalar at ``state.num_steps``; strings as tags (their latest value); images as
   artifacts under ``images/`` (MLflow's ``log_image`` with a key and a step); histograms are not
   recorded (MLflow has no such type);
@@ -45,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from ml.core.config import conf_field
 from ml.core.registry import register_logger
 from ml.core.state import State
-from ml.loggers.base import BaseLogger, BaseLoggerConfig, LogBatch
+from ml.loggers.base import BaseLogger, BaseLoggerConfig, LogBatch, config_to_log
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -215,7 +216,7 @@ class MlflowLogger(BaseLogger[MlflowLoggerConfig]):
 
         run_id = self._start_run(config)
         assert self.client is not None
-        flat = flatten_config(OmegaConf.to_container(config, resolve=True))
+        flat = flatten_config(config_to_log(config, self.log_directory))  # secrets as their references
         if self._resumed:
             have = self.client.get_run(run_id).data.params
             flat = {key: value for key, value in flat.items() if key not in have}

@@ -5,7 +5,8 @@ Its files go inside the run folder: ``<logs>/wandb/`` (wandb's own ``offline-run
 environment's ``WANDB_MODE``, else ``online`` when ``WANDB_API_KEY`` is set and ``offline`` when it
 is not (no run is lost to a missing login; ``wandb sync <logs>/wandb`` uploads offline runs later).
 
-What it records: the resolved config (W&B's run config, nested as in the YAML), every scalar at
+What it records: the resolved config (W&B's run config, nested as in the YAML; a secret as its
+``${ml.secret:NAME}`` reference, never its value), every scalar at
 ``state.num_steps``, strings, histograms (``wandb.Histogram``) and images (``wandb.Image``). How
 the session ended: ``finished`` ends the W&B run with exit code 0; ``interrupted`` (a stop signal,
 the run to be continued) marks it preempting (``run.mark_preempting()``) and ends it with exit code
@@ -34,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from ml.core.config import conf_field
 from ml.core.registry import register_logger
 from ml.core.state import State
-from ml.loggers.base import BaseLogger, BaseLoggerConfig, LogBatch
+from ml.loggers.base import BaseLogger, BaseLoggerConfig, LogBatch, config_to_log
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class WandbLogger(BaseLogger[WandbLoggerConfig]):
             id=self.run_id,
             resume="allow",
             tags=list(self.config.tags) or None,
-            config=None if config is None else OmegaConf.to_container(config, resolve=True),
+            config=None if config is None else config_to_log(config, self.log_directory),
             settings=wandb.Settings(console="off", silent=True),
         )
         self.run_id = self.run.id
@@ -144,7 +145,7 @@ class WandbLogger(BaseLogger[WandbLoggerConfig]):
         if self.run is None:
             self._start_run(config)
         else:
-            self.run.config.update(OmegaConf.to_container(config, resolve=True), allow_val_change=True)
+            self.run.config.update(config_to_log(config, self.log_directory), allow_val_change=True)
 
     def write(self, state: State, batch: LogBatch) -> None:
         run = self._start_run(None)

@@ -83,7 +83,9 @@ def test_default_store_in_the_run_folder_params_metrics_images_status(
     logger = _logger(tags={"team": "vision"})
     logger.initialize(run_folder / "logs")
     logger.on_resume(State())  # a new run: nothing to continue
-    logger.log_config(CONFIG)
+    # config.yaml keeps a secret as its reference; the logger is given the config resolved.
+    (run_folder / "config.yaml").write_text("task:\n  data_token: ${ml.secret:DATA_TOKEN}\n")
+    logger.log_config(OmegaConf.merge(CONFIG, {"task": {"data_token": "s3cr3t-value"}}))
     for step in (1, 2, 3):
         _write(logger, step, loss=1.0 / step)
     state = State()
@@ -106,6 +108,8 @@ def test_default_store_in_the_run_folder_params_metrics_images_status(
     assert run.info.run_name == "digits/run_0"
     assert run.data.params["optimizer.lr"] == "0.001"
     assert run.data.params["logger.0.name"] == "mlflow"
+    assert run.data.params["task.data_token"] == "${ml.secret:DATA_TOKEN}"
+    assert not any("s3cr3t" in value for value in run.data.params.values())
     assert (run.data.tags["team"], run.data.tags["task/note"]) == ("vision", "hi")
     assert run.data.tags["ml.run_dir"] == str(run_folder)
     history = client.get_metric_history(run_id, "train/loss")

@@ -69,7 +69,9 @@ def test_an_offline_run_is_recorded_in_the_run_folder_and_continued_under_its_id
     logs = tmp_path / "run_0" / "logs"
     first = WandbLogger(WandbLoggerConfig(name="wandb", tags=["cnn"]))
     first.initialize(logs)
-    first.log_config(CONFIG)
+    logs.parent.mkdir()
+    (logs.parent / "config.yaml").write_text("task:\n  data_token: ${ml.secret:DATA_TOKEN}\n")  # as saved
+    first.log_config(OmegaConf.merge(CONFIG, {"task": {"data_token": "s3cr3t-value"}}))  # as resolved
     state = State()
     for step in (1, 2):
         state.num_steps = step
@@ -105,6 +107,8 @@ def test_an_offline_run_is_recorded_in_the_run_folder_and_continued_under_its_id
     (run,) = [r["run"] for r in records if r["type"] == "run"]
     assert run["project"] == "digits" and run["display_name"] == "digits/run_0" and run["tags"] == ["cnn"]
     assert run["config"]["update"]["optimizer"] == {"name": "adamw", "lr": 0.001}
+    assert run["config"]["update"]["task"] == {"data_token": "${ml.secret:DATA_TOKEN}"}
+    assert not any(b"s3cr3t" in path.read_bytes() for path in logs.rglob("*") if path.is_file())
     history = {r["history"]["step"]["num"]: r["history"]["item"] for r in records if r["type"] == "history"}
     assert sorted(history) == [1, 2]
     assert (history[1]["train/loss"], history[2]["train/loss"]) == (1.0, 0.5)
