@@ -6,13 +6,17 @@
 - A YAML ``sweep:`` combines with ``-m`` (the command line's choices win for a key both give), and
   quoted or bracketed values holding commas are one value (checked through ``ml stage``, which
   prepares the points' folders without training).
+- A stop signal to the sweep reaches the running point, which stops with a checkpoint; no further
+  point starts.
 - A bad sweep is refused with one line, exit code 2, before any run folder exists.
 
 The Slurm job array is tested with the other Slurm tests, in ``tests/e2e/test_slurm.py``.
 """
 
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -111,6 +115,49 @@ def test_a_yaml_sweep_and_the_command_line_make_one_grid(tmp_path: Path) -> None
     plain = _ml("train", "sw.yaml", "optimizer.lr=1e-2,2e-2", cwd=tmp_path)
     assert plain.returncode == 2
     assert "optimizer.lr" in plain.stderr.strip().splitlines()[-1]
+
+
+SLOW_TASK = """\
+import time
+
+from ml.examples.digits import DigitsTask, DigitsTaskConfig
+
+
+class SlowDigitsTask(DigitsTask):
+    def __init__(self, config: DigitsTaskConfig) -> None:
+        super().__init__(config)
+
+    def compute_loss(self, model, batch, state, output):
+        time.sleep(0.1)
+        return super().compute_loss(model, batch, state, output)
+"""
+
+
+def test_a_stop_signal_ends_the_running_point_and_the_sweep(tmp_path: Path) -> None:
+    (tmp_path / "slow.py").write_text(SLOW_TASK)  # importable from the working directory
+    config = CONFIG.replace("name: digits,", "name: 'slow:SlowDigitsTask',")
+    (tmp_path / "sw.yaml").write_text(config.replace("max_steps: 3", "max_steps: 100000"))
+    proc = subprocess.Popen(
+        [*ML, "train", "sw.yaml", "-m", "optimizer.lr=1e-2,2e-2"],
+        env=_env(tmp_path / "runs"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run = tmp_path / "runs" / "sw" / "run_0"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ((run / "logs" / "metrics.jsonl").exists() and _train_losses(run)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to the sweep, which passes it on to the point it runs
+    _, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Stopping on SIGTERM at step" in err
+    assert "ml: sweep stopped by SIGTERM; 1 of 2 points not started" in err
+    assert [p.name for p in (tmp_path / "runs" / "sw").iterdir()] == ["run_0"]
+    assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
+    assert (run / "checkpoints" / "ckpt.pt").is_file()
 
 
 @pytest.mark.parametrize(
