@@ -122,11 +122,13 @@ def test_an_offline_run_is_recorded_in_the_run_folder_and_continued_under_its_id
     )
     png = run_files[0].parent / "files" / item["valid/grid.path"]
     assert torch.equal(torch.from_numpy(np.array(Image.open(png))).permute(2, 0, 1), image)
+    second_records = _records(run_files[1])
     later = {
-        r["history"]["step"]["num"]: r["history"]["item"]
-        for r in _records(run_files[1])
-        if r["type"] == "history"
+        r["history"]["step"]["num"]: r["history"]["item"] for r in second_records if r["type"] == "history"
     }
     assert later == {3: pytest.approx({**later[3], "train/loss": 0.25})}
-    summaries = [json.loads(_inspect(path, "--summary", "--json")) for path in run_files]
-    assert [s["exit_code"] for s in summaries] == [1, 0]  # preempted (marked so), then finished
+    exits = [
+        [r["exit"].get("exit_code", 0) for r in rs if r["type"] == "exit"] for rs in (records, second_records)
+    ]
+    assert exits == [[1], [0]]  # preempted (marked so), then finished
+    assert any(r["type"] == "preempting" for r in records)
