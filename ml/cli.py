@@ -155,12 +155,17 @@ def _setup_logging() -> None:
     )
 
 
-def _resolve(args: list[str]) -> int:
+def _resolve(args: list[str], *, multirun: bool) -> int:
+    """Prints the composed config; for a sweep, every point's, each under a comment naming it."""
     from omegaconf import OmegaConf
 
-    from ml.core.compose import compose_args
+    from ml.launchers.sweep import check_points, expand
 
-    print(OmegaConf.to_yaml(compose_args(args), resolve=True), end="")
+    points = expand(args, multirun=multirun)
+    for point, config in zip(points, check_points(points), strict=True):
+        if point.values:
+            print(f"# sweep point {point.index + 1}/{len(points)}: {point.describe()}")
+        print(OmegaConf.to_yaml(config, resolve=True), end="")
     return EXIT_OK
 
 
@@ -317,7 +322,7 @@ def _run(argv: list[str] | None) -> int:
 
         use_staged_code(ns.args)  # before any of the user's modules is imported
         if ns.command == "resolve":
-            return _resolve(ns.args)
+            return _resolve(ns.args, multirun=ns.multirun)
         flags = ["--allow-config-change"] if ns.allow_config_change else []
         swept = _sweep(ns.command, ns.args, multirun=ns.multirun, flags=flags)
         if swept is not None:

@@ -111,6 +111,13 @@ def test_a_yaml_sweep_and_the_command_line_make_one_grid(tmp_path: Path) -> None
     assert {tuple(_config(p)["launcher"]["extra_args"]) for p in staged} == {("--hold", "--mem=1G")}
     assert all("sweep" not in _config(p) for p in staged)  # each point is an ordinary run's config
 
+    # `ml resolve` shows each point's config under a line naming it.
+    resolved = _ml("resolve", "sw.yaml", "-m", "optimizer.lr=1e-2,2e-2", cwd=tmp_path)
+    assert resolved.returncode == 0, resolved.stderr[-3000:]
+    named = [line for line in resolved.stdout.splitlines() if line.startswith("# sweep point")]
+    assert named[1] == "# sweep point 2/4: model.hidden=8 optimizer.lr=2e-2"
+    assert len(named) == 4 and "sweep:" not in resolved.stdout
+
     # Without -m, commas are plain text, as they always were: here a value no float field takes.
     plain = _ml("train", "sw.yaml", "optimizer.lr=1e-2,2e-2", cwd=tmp_path)
     assert plain.returncode == 2
