@@ -121,7 +121,8 @@ class MultiprocessingLauncher(BaseLauncher[MultiprocessingLauncherConfig]):
         def send(signum: int) -> None:
             for process in processes:
                 if process.exitcode is None:
-                    os.kill(process.pid, signum)
+                    with contextlib.suppress(ProcessLookupError):  # it has just ended
+                        os.kill(process.pid, signum)
 
         def forward(signum: int, frame: Any) -> None:
             del frame
@@ -171,7 +172,8 @@ class MultiprocessingLauncher(BaseLauncher[MultiprocessingLauncherConfig]):
         """SIGTERM to every process still running; SIGKILL to those left after ``kill_after_s``."""
         for p in processes:
             if p.exitcode is None:
-                os.kill(p.pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):  # it has just ended
+                    os.kill(p.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.config.kill_after_s
         for rank, p in enumerate(processes):
             p.join(max(deadline - time.monotonic(), 0.0))

@@ -36,7 +36,7 @@ from ml.errors import ConfigError
 
 SWEEP_SECTION = "sweep"
 # Keys a sweep may not vary: one run folder for all points, or the launcher that runs the sweep.
-_FIXED_PREFIXES = ("trainer.exp_dir", "launcher.", "launcher")
+_FIXED_PREFIXES = ("trainer.exp_dir", "launcher")
 
 
 class SweepError(ConfigError):
@@ -216,8 +216,8 @@ def run_one_after_another(points: list[Point], command: str, flags: list[str], e
     def forward(signum: int, frame: Any) -> None:
         del frame
         stop.append(signum)
-        if child and child[-1].poll() is None:
-            os.kill(child[-1].pid, signum)
+        if child and child[-1].returncode is None:  # not waited for yet: its pid is still its own
+            child[-1].send_signal(signum)
 
     handled = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
     previous = {sig: signal.signal(sig, forward) for sig in handled}
