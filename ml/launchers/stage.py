@@ -12,8 +12,9 @@ Deleting ``<run>/code`` makes the run use the working tree's code again.
 "The code" is what ``ml`` imports from the current directory: its top-level modules (``*.py``) and
 its packages (folders with ``__init__.py``, whole, with their data files and subfolders), but no
 ``__pycache__``, hidden entries (``.git``), or ``$RUN_DIR``. Installed packages - ``ml`` itself
-included - are not copied: they are the environment's. A folder without ``__init__.py`` is not
-looked into (data sets live in such folders), so namespace packages are not staged.
+included, even run from its source tree - are not copied: they are the environment's. A folder
+without ``__init__.py`` is not looked into (data sets live in such folders), so namespace packages
+are not staged.
 """
 
 import logging
@@ -106,8 +107,11 @@ def prepare_run(config: DictConfig, *, stage: bool) -> tuple[RunDir, Callable[[]
         run.logs.mkdir(parents=True, exist_ok=True)
         save_config(run.config, saved, resolve=False)
         if stage and not run.code.exists():
+            import ml
+
             run_dir = os.environ.get("RUN_DIR")
-            exclude = [Path(run_dir).expanduser()] if run_dir else []
+            # ml is the environment's, even where the current directory is its source tree.
+            exclude = [Path(ml.__file__).parent, *([Path(run_dir).expanduser()] if run_dir else [])]
             count = copy_code(Path.cwd(), run.code, exclude)
             logger.info("Staged %d files of code from %s in %s", count, Path.cwd(), run.code)
     except BaseException:
