@@ -514,16 +514,20 @@ def sharded_temp_folder(run: RunDir, step: int) -> Path:
 
 def begin_sharded_checkpoint(run: RunDir, step: int) -> Path | None:
     """Rank 0, before the ranks write the shards of ``step``: an empty temporary folder for them
-    (one a killed writer left is emptied); None when the step's checkpoint already exists (its
-    shards are kept: :func:`publish_sharded_checkpoint` replaces only ``ml.pt``).
+    (one a killed writer left is emptied); None when the link names the step's checkpoint already
+    (saved again: its shards are kept, :func:`publish_sharded_checkpoint` replaces only ``ml.pt``).
+    A folder of the step the link does not name (left by an earlier process, perhaps damaged) is
+    removed first: the new one takes its place.
 
     Raises:
         CheckpointWriteError: The folder could not be made; the link still names the one before.
     """
-    if run.sharded_checkpoint(step).is_dir():
+    final = run.sharded_checkpoint(step)
+    if final.is_dir() and _linked(run) == final.resolve():
         return None
     temp = sharded_temp_folder(run, step)
     try:
+        _remove(final)
         _remove(temp)
         temp.mkdir(parents=True)
     except OSError as e:
