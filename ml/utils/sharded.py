@@ -128,10 +128,10 @@ def read_metadata(folder: Path) -> Any:
 # -- splitting a state into tensors and a skeleton
 
 
-def split_tensors(value: Any, key: str) -> tuple[dict[str, torch.Tensor], Any]:
+def split_tensors(value: Any) -> tuple[dict[str, torch.Tensor], Any]:
     """The tensors of a (nested) state by name, and its skeleton (each tensor replaced by a mark
-    naming it). Names are ``key`` plus the path in the state, joined by ``/`` (a model's key is its
-    parameter's name: ``model`` holds ``net.0.weight``)."""
+    naming it). A name is the tensor's path in the state, joined by ``/``: a model's tensor is named
+    by its parameter (``net.0.weight``), an optimizer's by its place (``state/net.0.weight/exp_avg``)."""
     tensors: dict[str, torch.Tensor] = {}
 
     def walk(item: Any, path: str) -> Any:
@@ -258,7 +258,7 @@ def save_shards(
     if optims is not None:
         parts.update({key: _optim_state(model, optim) for key, optim in _optimizers(optims).items()})
     for key, part in parts.items():
-        state[key], skeletons[key] = split_tensors(part, "")
+        state[key], skeletons[key] = split_tensors(part)
     if folder is None:
         return skeletons, None
     writer = FileSystemWriter(str(folder), sync_files=True, thread_count=_writer_threads())
@@ -420,7 +420,7 @@ def load_sharded_model(model: nn.Module, part: ShardedState, *, strict: bool) ->
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     own = _model_state(model)
-    tensors, _ = split_tensors(own, "")
+    tensors, _ = split_tensors(own)
     saved = skeleton_tensors(part.skeleton)
     notes = _check_keys(saved, list(tensors), "weights", part.folder, strict=strict)
     sizes = _saved_sizes(part)
@@ -464,7 +464,7 @@ def load_sharded_optims(model: nn.Module, optims: Any, parts: Mapping[str, Shard
         part = parts.get(key)
         if part is None:
             raise CheckpointError(f"the sharded checkpoint has no {key} (it has {', '.join(sorted(parts))})")
-        own, _ = split_tensors(_optim_state(model, optim), "")
+        own, _ = split_tensors(_optim_state(model, optim))
         saved = skeleton_tensors(part.skeleton)
         _check_keys(saved, list(own), "optimizer state", part.folder, strict=True)
         _load({key: own}, part.folder)
