@@ -239,8 +239,9 @@ def save_shards(
     """Writes this rank's shards of the model's and optimizers' tensors into ``folder`` (every rank
     calls this: a collective); None for ``folder`` when the step's shards exist already.
 
-    Asynchronously, the tensors are copied to host memory first (DCP's stager), and the writing goes
-    on in a background thread: the returned future is done once every rank's shards are durable.
+    Asynchronously, this rank's shards are copied to host memory first (:func:`_host_copy`: the
+    loop waits for that alone), and DCP writes the copy in a background thread, its collectives on a
+    process group of their own: the returned future is done once every rank's shards are durable.
 
     Returns:
         The skeletons of ``model`` and each optimizer (``ml.pt`` keeps them), and the future of an
