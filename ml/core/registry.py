@@ -31,11 +31,11 @@ Kind = Literal["model", "task", "trainer", "optimizer", "lr_scheduler", "logger"
 KINDS: tuple[Kind, ...] = get_args(Kind)
 
 _BUILTIN_MODULES: dict[Kind, tuple[str, ...]] = {
-    "model": ("ml.examples.digits", "ml.examples.classic_control"),
-    "task": ("ml.examples.digits", "ml.examples.classic_control"),
-    "trainer": ("ml.trainers.sl", "ml.trainers.rl"),
-    "optimizer": ("ml.optimizers.builtin", "ml.optimizers.library"),
-    "lr_scheduler": ("ml.lr_schedulers.builtin",),
+    "model": ("ml.examples.digits", "ml.examples.classic_control", "ml.examples.digits_gan"),
+    "task": ("ml.examples.digits", "ml.examples.classic_control", "ml.examples.digits_gan"),
+    "trainer": ("ml.trainers.sl", "ml.trainers.rl", "ml.trainers.gan"),
+    "optimizer": ("ml.optimizers.builtin", "ml.optimizers.library", "ml.optimizers.gan"),
+    "lr_scheduler": ("ml.lr_schedulers.builtin", "ml.lr_schedulers.gan"),
     "logger": (
         "ml.loggers.stdout",
         "ml.loggers.jsonl",
@@ -49,11 +49,11 @@ _BUILTIN_MODULES: dict[Kind, tuple[str, ...]] = {
 # The names those modules register, known without importing them (``ml --help`` lists them without
 # loading torch); a test checks this against what the modules register.
 BUILTIN_NAMES: dict[Kind, tuple[str, ...]] = {
-    "model": ("actor_critic_mlp", "digits_cnn", "digits_mlp"),
-    "task": ("classic_control", "digits"),
-    "trainer": ("rl", "sl"),
-    "optimizer": ("adam", "adamw", "adan", "lamb", "lion", "prodigy", "sgd", "shampoo"),
-    "lr_scheduler": ("constant", "cosine", "cosine_decay", "linear", "linear_no_decay"),
+    "model": ("actor_critic_mlp", "digits_cnn", "digits_gan", "digits_mlp"),
+    "task": ("classic_control", "digits", "digits_gan"),
+    "trainer": ("gan", "rl", "sl"),
+    "optimizer": ("adam", "adamw", "adan", "gan", "lamb", "lion", "prodigy", "sgd", "shampoo"),
+    "lr_scheduler": ("constant", "cosine", "cosine_decay", "gan", "linear", "linear_no_decay"),
     "logger": ("jsonl", "mlflow", "stdout", "tensorboard", "wandb"),
     "launcher": ("mp", "single", "slurm", "torchrun"),
 }

@@ -122,7 +122,7 @@ def test_a_moved_run_config_continues_in_its_new_folder(tmp_path: Path) -> None:
         (
             ["optimizer.name=adamx"],
             "optimizer.name: unknown optimizer 'adamx'; "
-            "registered: adam, adamw, adan, lamb, lion, prodigy, sgd, shampoo",
+            "registered: adam, adamw, adan, gan, lamb, lion, prodigy, sgd, shampoo",
         ),
         (["model.name=no_such_module_x:Model"], "model.name: model 'no_such_module_x:Model': cannot import"),
         (["foo.bar=1"], "unknown section 'foo'"),

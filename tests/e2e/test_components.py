@@ -196,8 +196,8 @@ def test_initial_weights_from_an_export_and_a_swap_by_name(sgd_run: Path, home: 
 
 def test_help_lists_the_components_and_an_imported_classs_arguments(home: Path) -> None:
     overview = _ok(ml("--help", cwd=home)).stdout
-    assert "adam, adamw, adan, lamb, lion, prodigy, sgd, shampoo" in overview
-    assert "constant, cosine, cosine_decay, linear, linear_no_decay" in overview
+    assert "adam, adamw, adan, gan, lamb, lion, prodigy, sgd, shampoo" in overview
+    assert "constant, cosine, cosine_decay, gan, linear, linear_no_decay" in overview
     fields = _ok(ml("train", "tiny.yaml", "optimizer.name=torch.optim:SGD", "--help", cwd=home)).stdout
     assert "optimizer: torch.optim:SGD  (SGDConfig)" in fields
     assert "optimizer.momentum: float = 0.0\n      `momentum` of torch.optim.sgd.SGD" in fields
