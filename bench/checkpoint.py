@@ -21,6 +21,16 @@ set just before (``/proc/self/clear_refs`` resets the mark; where that is refuse
 whole process is used, which can only overstate nothing but understate the extra). The files go to a
 temporary folder on the filesystem of ``/tmp`` (``--dir`` to change). Run it with
 ``python bench/checkpoint.py`` (``--quick``: a ~12M-parameter model, one round).
+
+``--sharded``: full against sharded checkpoints in a distributed job (``trainer.checkpoint.format``).
+A model of 4 blocks of ~50M parameters (``--quick``: ~12M) with Adam's moments, sharded with FSDP2
+over 1, 2 and 4 processes (real torchrun, gloo; one process: no FSDP), saved by the real trainer as
+``full`` (gathered to rank 0, which writes alone), ``sharded`` (every rank writes its shards: DCP)
+and ``sharded`` with ``async_save``; then loaded into a fresh model by the trainer's
+``load_checkpoint``. Per rank: the state it holds ("shard MB"), the save's time, how long the loop
+was blocked, the load's time, and the resident-set high-water mark above the resident set before
+("peak extra MB": rank 0's and the largest of the others'). The per-byte costs it prints are what the
+README's estimates for larger models start from.
 """
 
 import argparse
@@ -244,6 +254,211 @@ def worker(variant: str, out: Path, width: int, depth: int) -> dict[str, Any]:
     return result
 
 
+BLOCKS = 4  # --sharded: the model's blocks (each WIDTH x WIDTH x DEPTH: ~50M parameters)
+SHARDED_VARIANTS = ("full", "sharded", "sharded_async")
+SHARDED_LABELS = {"full": "full (rank 0 writes)", "sharded": "sharded", "sharded_async": "sharded, async"}
+
+
+def sharded_worker(variant: str, out: Path, width: int, depth: int) -> dict[str, Any] | None:
+    """One save and one load of ``variant`` by every rank of this (torchrun) job; rank 0 returns
+    every rank's figures, the others None."""
+    import gc
+
+    import torch
+    from omegaconf import OmegaConf
+    from torch import nn
+
+    from ml.core.state import State
+    from ml.models.base import BaseModel, BaseModelConfig
+    from ml.tasks.sl import SupervisedLearningTask, SupervisedLearningTaskConfig
+    from ml.trainers.parallel import wrap_model
+    from ml.trainers.sl import SupervisedLearningTrainer, SupervisedLearningTrainerConfig
+    from ml.utils.distributed import all_gather_object, barrier, get_rank
+
+    class Blocks(BaseModel[BaseModelConfig]):
+        def __init__(self) -> None:
+            super().__init__(BaseModelConfig(name="bench"))
+            self.blocks = nn.ModuleList(
+                nn.Sequential(*(nn.Linear(width, width) for _ in range(depth))) for _ in range(BLOCKS)
+            )
+
+        def shard_units(self) -> list[nn.Module]:
+            return list(self.blocks)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    class BenchTask(SupervisedLearningTask[SupervisedLearningTaskConfig]):
+        def get_dataset(self, phase: Any) -> Any:
+            raise NotImplementedError
+
+        def compute_loss(self, model: Any, batch: Any, state: Any, output: Any) -> Any:
+            raise NotImplementedError
+
+    checkpoint = {
+        "format": "full" if variant == "full" else "sharded",
+        "async_save": variant == "sharded_async",
+    }
+    config = OmegaConf.merge(
+        OmegaConf.structured(SupervisedLearningTrainerConfig),
+        {"name": "sl", "exp_dir": str(out / "exp"), "parallel": "fsdp", "checkpoint": checkpoint},
+    )
+    trainer = SupervisedLearningTrainer(config)  # type: ignore[arg-type]
+    distributed = trainer.setup_distributed()
+    task = BenchTask(SupervisedLearningTaskConfig(name="bench", max_steps=1))
+
+    def built() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = Blocks()
+        wrap_model(model, torch.device("cpu"), "fsdp", distributed=distributed)
+        optim = torch.optim.Adam(model.parameters(), lr=1e-4)
+        model(torch.randn(4, width)).square().mean().backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        return model, optim
+
+    model, optim = built()
+    local = sum(
+        (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters()
+    )
+    result: dict[str, Any] = {"rank": get_rank(), "shard_mb": 3 * local / 2**20}  # weights + 2 moments
+    gc.collect()
+    barrier()
+    rss_before = _rss_mb()
+    result["peak_reset"] = _reset_peak()
+    started = time.perf_counter()
+    trainer.save_checkpoint(State(num_steps=1), task, model, optim)  # type: ignore[arg-type]
+    result["blocked_s"] = time.perf_counter() - started
+    trainer.wait_for_checkpoint()
+    barrier()  # rank 0 links once every rank has written: the save is over for all
+    result["save_s"] = time.perf_counter() - started
+    result["save_peak_extra_mb"] = _peak_mb() - rss_before
+
+    del model, optim
+    gc.collect()
+    fresh, fresh_optim = built()
+    gc.collect()
+    barrier()
+    rss_before = _rss_mb()
+    _reset_peak()
+    started = time.perf_counter()
+    trainer.load_checkpoint(trainer.ckpt_path, task, fresh, fresh_optim)  # type: ignore[arg-type]
+    barrier()
+    result["load_s"] = time.perf_counter() - started
+    result["load_peak_extra_mb"] = _peak_mb() - rss_before
+    ranks = all_gather_object(result)
+    return {"ranks": ranks} if get_rank() == 0 else None
+
+
+def _run_sharded(variant: str, nproc: int, root: Path, width: int, depth: int) -> dict[str, Any]:
+    out = Path(tempfile.mkdtemp(prefix=f"{variant}-{nproc}-", dir=root))
+    worker_args = [
+        __file__,
+        "--sharded-worker",
+        variant,
+        "--out",
+        str(out),
+        f"--width={width}",
+        f"--depth={depth}",
+    ]
+    launch = [sys.executable, *worker_args]
+    if nproc > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        launch += worker_args
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "ML_EXP_NAME")}
+    env["OMP_NUM_THREADS"] = "1"
+    try:
+        result = subprocess.run(launch, env=env, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"{variant} x {nproc} failed:\n{result.stderr[-3000:]}")
+        line = next(x for x in reversed(result.stdout.splitlines()) if x.startswith("{"))
+        return json.loads(line)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def sharded_main(args: argparse.Namespace) -> None:
+    width, depth = (args.width // 2, args.depth) if args.quick else (args.width, args.depth)
+    params = BLOCKS * depth * (width * width + width)
+    state_mb = params * 3 * 4 / 2**20
+    root = Path(tempfile.mkdtemp(prefix="ml-bench-sharded-", dir=args.dir))
+    rows, samples = [], {}
+    try:
+        for nproc in args.nproc:
+            for variant in SHARDED_VARIANTS:
+                ranks = _run_sharded(variant, nproc, root, width, depth)["ranks"]
+                samples[f"{variant}x{nproc}"] = ranks
+                print(f"{variant} x {nproc}: {ranks}", file=sys.stderr)
+                first, others = ranks[0], ranks[1:]
+                rows.append(
+                    {
+                        "processes": nproc,
+                        "variant": SHARDED_LABELS[variant],
+                        "shard_mb": first["shard_mb"],
+                        "save_s": max(r["save_s"] for r in ranks),
+                        "blocked_s": max(r["blocked_s"] for r in ranks),
+                        "save_mb_per_s": state_mb / max(r["save_s"] for r in ranks),
+                        "load_s": max(r["load_s"] for r in ranks),
+                        "save_peak_rank0_mb": first["save_peak_extra_mb"],
+                        "save_peak_others_mb": max((r["save_peak_extra_mb"] for r in others), default=None),
+                        "load_peak_rank0_mb": first["load_peak_extra_mb"],
+                        "load_peak_others_mb": max((r["load_peak_extra_mb"] for r in others), default=None),
+                    }
+                )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(f"\n{params / 1e6:.0f}M parameters ({BLOCKS} blocks) + Adam moments: {state_mb:.0f} MB of state\n")
+    columns = (
+        "processes x variant",
+        "shard MB",
+        "save s",
+        "blocks loop s",
+        "MB/s",
+        "load s",
+        "save peak+ r0",
+        "others",
+        "load peak+ r0",
+        "others",
+    )
+    keys = (
+        "shard_mb",
+        "save_s",
+        "blocked_s",
+        "save_mb_per_s",
+        "load_s",
+        "save_peak_rank0_mb",
+        "save_peak_others_mb",
+        "load_peak_rank0_mb",
+        "load_peak_others_mb",
+    )
+    lines = [
+        [f"{r['processes']} x {r['variant']}", *(r[k] if r[k] is not None else "-" for k in keys)]
+        for r in rows
+    ]
+    print(table(columns, lines))
+    by = {(r["processes"], r["variant"]): r for r in rows}
+    one_full, one_sharded = by.get((1, SHARDED_LABELS["full"])), by.get((1, SHARDED_LABELS["sharded"]))
+    targets: dict[str, Any] = {}
+    if one_full and one_sharded:
+        targets["sharded_vs_full_save_per_byte_1proc"] = one_sharded["save_s"] / one_full["save_s"]
+    for r in rows:
+        if r["variant"] != SHARDED_LABELS["full"]:
+            peak = max(v for v in (r["save_peak_rank0_mb"], r["save_peak_others_mb"]) if v is not None)
+            targets[f"peak_over_shard_{r['processes']}x{r['variant']}"] = peak / r["shard_mb"]
+    print("\n" + "; ".join(f"{k}: {v:.2f}" for k, v in targets.items()))
+    print(
+        "targets: sharded save time per byte on 1 process <= the full path's (ratio <= 1); "
+        "peak <= shard + 10%"
+    )
+    write_results(
+        "checkpoint_sharded",
+        {"parameters": params, "state_mb": state_mb, "rows": rows, "targets": targets, "samples": samples},
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The driver
 
@@ -310,9 +525,24 @@ def main() -> None:
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, default=WIDTH, help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=int, default=DEPTH, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--sharded", action="store_true", help="Full vs sharded checkpoints in 1, 2, 4 processes"
+    )
+    parser.add_argument(
+        "--nproc", type=int, nargs="+", default=[1, 2, 4], help="With --sharded: process counts"
+    )
+    parser.add_argument("--sharded-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         print(json.dumps(worker(args.worker, Path(args.out), args.width, args.depth)))
+        return
+    if args.sharded_worker is not None:
+        found = sharded_worker(args.sharded_worker, Path(args.out), args.width, args.depth)
+        if found is not None:
+            print(json.dumps(found))
+        return
+    if args.sharded:
+        sharded_main(args)
         return
 
     width, depth, repeat = (

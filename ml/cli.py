@@ -2,7 +2,11 @@
 
 ``ml train CONFIG... [key=value...]`` composes the config, builds the components, claims the run
 directory and trains; ``ml launch`` does the same through the configured launcher (``single``,
-``torchrun``, ``slurm``); ``ml resolve`` prints the composed config.
+``torchrun``, ``mp``, ``slurm``); ``ml resolve`` prints the composed config; ``ml stage`` prepares a
+run folder (config and a copy of the code) for a job to train later. With ``-m`` (or a ``sweep:``
+section in the YAML) ``train``, ``launch`` and ``stage`` run a grid of configs
+(:mod:`ml.launchers.sweep`). A run folder with staged code (``ml stage``, the Slurm launcher) is
+trained with that code (:mod:`ml.launchers.stage`).
 
 The command line is the top of the import graph: nothing under ``ml`` imports this module. ``ml
 train`` is :func:`ml.launchers.single.train_in_process` (also on every rank of a torchrun or srun
@@ -35,8 +39,11 @@ from ml.tools import TOOLS, ArgumentParser
 
 USAGE = """\
 ml train CONFIG [CONFIG ...] [key=value ...]   train (a run's config.yaml continues that run)
-ml launch CONFIG [CONFIG ...] [key=value ...]  train through launcher.name: single, torchrun, slurm
+ml launch CONFIG [CONFIG ...] [key=value ...]  train through launcher.name: single, torchrun, mp, slurm
 ml resolve CONFIG [CONFIG ...] [key=value ...] print the composed config
+ml stage CONFIG [CONFIG ...] [key=value ...]   a run folder with the config and a copy of the code in
+                                               the current directory; `ml train RUN/config.yaml`
+                                               (a job, later) trains with that copy; prints the folder
 ml COMMAND --help                              the config fields, with help texts
 
 ml runs [RUN_DIR]                              the experiments under RUN_DIR: state, step, metrics
@@ -48,10 +55,14 @@ ml tensorboard EXP_DIR [EXP_DIR ...]           TensorBoard on 127.0.0.1, on a fr
 --allow-config-change  continue a run although its model, optimizer, data, batch size, seed or
                        number of processes changed since its checkpoint (the diff is kept in
                        <run>/config_changes.log); without it such a change stops with exit code 2
+-m, --multirun         a sweep: key=a,b,... overrides are lists of choices; every combination is a
+                       run of its own (train: one after another here; launch: through the launcher,
+                       a job array for slurm). Quote a value that holds a comma: 'key="a,b"'
 --debug                show tracebacks
 
 CONFIG is a YAML file or a packaged config name (e.g. `digits`); files merge in order, then the
-key=value overrides. Runs go to $RUN_DIR/<exp_name>/run_<N> ($RUN_DIR defaults to ./runs).
+key=value overrides; a `sweep:` section in a YAML file is a sweep too (key: [choices]). Runs go to
+$RUN_DIR/<exp_name>/run_<N> ($RUN_DIR defaults to ./runs).
 """
 
 
@@ -59,10 +70,11 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog=f"ml {command}" if command else "ml", usage=USAGE, add_help=False, allow_abbrev=False
     )
-    parser.add_argument("command", nargs="?", choices=["train", "launch", "resolve"])
+    parser.add_argument("command", nargs="?", choices=["train", "launch", "resolve", "stage"])
     parser.add_argument("args", nargs="*", help="config files and key=value overrides")
     parser.add_argument("-h", "--help", action="store_true")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-m", "--multirun", action="store_true", help="a sweep: key=a,b,... are choices")
     parser.add_argument(
         "--allow-config-change",
         action="store_true",
@@ -143,12 +155,17 @@ def _setup_logging() -> None:
     )
 
 
-def _resolve(args: list[str]) -> int:
+def _resolve(args: list[str], *, multirun: bool) -> int:
+    """Prints the composed config; for a sweep, every point's, each under a comment naming it."""
     from omegaconf import OmegaConf
 
-    from ml.core.compose import compose_args
+    from ml.launchers.sweep import check_points, expand
 
-    print(OmegaConf.to_yaml(compose_args(args), resolve=True), end="")
+    points = expand(args, multirun=multirun)
+    for point, config in zip(points, check_points(points), strict=True):
+        if point.values:
+            print(f"# sweep point {point.index + 1}/{len(points)}: {point.describe()}")
+        print(OmegaConf.to_yaml(config, resolve=True), end="")
     return EXIT_OK
 
 
@@ -158,6 +175,47 @@ def _launch(args: list[str], flags: list[str]) -> int:
     root = compose_args(args)
     launcher = build_launcher(root)
     return launcher.launch([*args, *flags], root)
+
+
+def _sweep(command: str, args: list[str], *, multirun: bool, flags: list[str]) -> int | None:
+    """Runs the sweep the arguments ask for; None when they ask for one run (the usual path)."""
+    from ml.launchers.sweep import check_points, expand, run_one_after_another
+
+    points = expand(args, multirun=multirun)
+    if len(points) == 1 and not points[0].values:
+        return None
+    configs = check_points(points)  # every point checked before anything is created
+    if len(points) == 1:
+        return _one(command, points[0].args, flags)
+    launcher = configs[0].launcher
+    if command == "stage":
+        from ml.launchers.stage import stage_runs
+
+        return stage_runs(configs)
+    if command == "launch":
+        from ml.core.compose import build_launcher
+
+        return int(build_launcher(configs[0]).launch_sweep(points, configs, flags))
+    if launcher.name != "single":
+        logging.getLogger("ml").warning(
+            "ml train runs the sweep here, one run after another; `ml launch` runs it through "
+            "launcher.name=%s",
+            launcher.name,
+        )
+    return run_one_after_another(points, "train", flags, str(configs[0].trainer.exp_name))
+
+
+def _one(command: str, args: list[str], flags: list[str]) -> int:
+    if command == "launch":
+        return _launch(args, flags)
+    if command == "stage":
+        from ml.core.compose import compose_args
+        from ml.launchers.stage import stage_runs
+
+        return stage_runs([compose_args(args)])
+    from ml.launchers.single import train_in_process
+
+    return train_in_process(args, allow_config_change="--allow-config-change" in flags)
 
 
 def _prog() -> str:
@@ -253,21 +311,23 @@ def _run(argv: list[str] | None) -> int:
             except BrokenPipeError:  # `ml runs --json | head`: the reader took what it wanted
                 _drop_stdout()
                 return EXIT_BROKEN_PIPE
-        ns = parser.parse_args(argv)
+        ns = parser.parse_intermixed_args(argv)  # options anywhere: `ml train digits -m a=1,2`
         if ns.help:
             _print_help(ns.command, ns.args)
             return EXIT_OK
         if ns.command is None:
             raise BadInput("give a command: `ml train ...` or `ml resolve ...` (see `ml --help`)")
         _setup_logging()
-        if ns.command == "resolve":
-            return _resolve(ns.args)
-        flags = ["--allow-config-change"] if ns.allow_config_change else []
-        if ns.command == "launch":
-            return _launch(ns.args, flags)
-        from ml.launchers.single import train_in_process
+        from ml.launchers.stage import use_staged_code
 
-        return train_in_process(ns.args, allow_config_change=ns.allow_config_change)
+        use_staged_code(ns.args)  # before any of the user's modules is imported
+        if ns.command == "resolve":
+            return _resolve(ns.args, multirun=ns.multirun)
+        flags = ["--allow-config-change"] if ns.allow_config_change else []
+        swept = _sweep(ns.command, ns.args, multirun=ns.multirun, flags=flags)
+        if swept is not None:
+            return swept
+        return _one(ns.command, ns.args, flags)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C while shutting down changes nothing
         print("ml: interrupted", file=sys.stderr)

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ml.core.config import EXP_NAME_ENV
 from ml.core.registry import Kind, build, lookup
@@ -141,7 +141,10 @@ def typed_section(section: str, kind: Kind, raw: Any) -> DictConfig:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         where = f"{section}.{key}" if key else section
-        raise ConfigError(f"{where}: {_first_line(e)}") from e
+        allowed = ""
+        if isinstance(e, ConfigKeyError) and key and "." not in str(key):  # a key the section lacks
+            allowed = f" ({name} takes: {', '.join(f.name for f in dataclasses.fields(config_cls))})"
+        raise ConfigError(f"{where}: {_first_line(e)}{allowed}") from e
 
 
 def compose_config(config_files: list[str], overrides: list[str] | None = None) -> DictConfig:
@@ -163,14 +166,18 @@ def compose_config(config_files: list[str], overrides: list[str] | None = None) 
         raise ConfigError("give at least one config file, e.g. `ml train digits`")
     paths = [find_config_file(arg) for arg in config_files]
     merged: Any = OmegaConf.create(DEFAULTS)
-    layers = [(str(path), load_yaml(path)) for path in paths]
-    layers.append((f"overrides {' '.join(overrides or [])}", _parse_overrides(list(overrides or []))))
-    for where, layer in layers:
+    layers = [(str(path), load_yaml(path), set[str]()) for path in paths]
+    overrides = list(overrides or [])
+    whole = {item.partition("=")[0].strip() for item in overrides} & set(SECTIONS)
+    layers.append((f"overrides {' '.join(overrides)}", _parse_overrides(overrides), whole))
+    for where, layer, whole_sections in layers:
+        _clear_swapped_sections(merged, layer, whole_sections)
         try:
             merged = OmegaConf.merge(merged, layer)
         except (OmegaConfBaseException, TypeError, ValueError, RecursionError) as e:  # e.g. a list given keys
             raise ConfigError(f"{where} does not fit the config's shape: {_first_line(e)}") from e
     _relocate_run_config(merged, paths[-1])
+    merged.pop("sweep", None)  # the command line's: it runs one config per point (ml.launchers.sweep)
     unknown = sorted(set(merged) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r}; sections are: {', '.join(SECTIONS)}")
@@ -190,6 +197,32 @@ def compose_config(config_files: list[str], overrides: list[str] | None = None) 
     root = OmegaConf.create(typed)
     _check_complete(root)
     return root
+
+
+def _clear_swapped_sections(merged: DictConfig, layer: DictConfig, whole_sections: set[str]) -> None:
+    """Empties each section of ``merged`` that ``layer`` replaces rather than adds to.
+
+    A layer replaces a section when it names another component (``optimizer.name=sgd`` after
+    ``adamw``), or gives the whole section on the command line (``optimizer='{name: sgd, lr: 0.1}'``):
+    the section is then the new component's defaults plus only what this layer gives. The old
+    component's keys are dropped even where the new one has a key of the same name, as a Hydra
+    config-group swap replaces the group: an AdamW ``lr`` or ``weight_decay`` is no value for SGD.
+    A whole section without a ``name`` keeps the component it replaces (its defaults again).
+    """
+    for section in SECTIONS:
+        old, new = merged.get(section), layer.get(section) if isinstance(layer, DictConfig) else None
+        if not isinstance(old, DictConfig) or not isinstance(new, DictConfig):
+            continue
+        old_name, new_name = _written_name(old), _written_name(new)
+        if section in whole_sections or (new_name is not None and new_name != old_name):
+            merged[section] = {} if new_name is not None or old_name is None else {"name": old_name}
+
+
+def _written_name(section: DictConfig) -> Any:
+    """A section's ``name`` as written (an interpolation unresolved), or None if it has none."""
+    written: Any = OmegaConf.to_container(section, resolve=False)
+    name = written.get("name")
+    return None if name in (None, "???") else name
 
 
 def _relocate_run_config(merged: DictConfig, last_file: Path) -> None:

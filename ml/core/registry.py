@@ -4,40 +4,66 @@ A config section's ``name`` picks its component: either a name registered with o
 ``register_*`` decorators, or an import path ``package.module:ClassName`` for user code. Nothing is
 discovered by walking the filesystem; the built-in components live in the modules listed in
 ``_BUILTIN_MODULES`` and are imported only when a name is looked up.
+
+An import path may also name a class that is not one of ours: a ``torch.optim`` optimizer, a
+``torch.optim.lr_scheduler`` schedule, one of another library's. Its config is then made from its
+constructor's keyword arguments (:func:`config_from_signature`), and the kind's adapter
+(``_ADAPTERS``) wraps it in a component built from that config.
 """
 
 import dataclasses
+import enum
+import functools
 import importlib
+import inspect
+import operator
+import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Literal, TypeVar, get_args
 
-from ml.core.config import BaseConfig
+from omegaconf import MISSING, OmegaConf
+
+from ml.core.config import BaseConfig, conf_field
 from ml.errors import RegistryError
 
 Kind = Literal["model", "task", "trainer", "optimizer", "lr_scheduler", "logger", "launcher"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 
 _BUILTIN_MODULES: dict[Kind, tuple[str, ...]] = {
-    "model": ("ml.examples.digits", "ml.examples.classic_control"),
-    "task": ("ml.examples.digits", "ml.examples.classic_control"),
-    "trainer": ("ml.trainers.sl", "ml.trainers.rl"),
-    "optimizer": ("ml.optimizers.builtin",),
-    "lr_scheduler": ("ml.lr_schedulers.builtin",),
-    "logger": ("ml.loggers.stdout", "ml.loggers.jsonl", "ml.loggers.tensorboard"),
-    "launcher": ("ml.launchers.single", "ml.launchers.torchrun", "ml.launchers.slurm"),
+    "model": ("ml.examples.digits", "ml.examples.classic_control", "ml.examples.digits_gan"),
+    "task": ("ml.examples.digits", "ml.examples.classic_control", "ml.examples.digits_gan"),
+    "trainer": ("ml.trainers.sl", "ml.trainers.rl", "ml.trainers.gan"),
+    "optimizer": ("ml.optimizers.builtin", "ml.optimizers.library", "ml.optimizers.gan"),
+    "lr_scheduler": ("ml.lr_schedulers.builtin", "ml.lr_schedulers.gan"),
+    "logger": (
+        "ml.loggers.stdout",
+        "ml.loggers.jsonl",
+        "ml.loggers.tensorboard",
+        "ml.loggers.mlflow",
+        "ml.loggers.wandb",
+    ),
+    "launcher": ("ml.launchers.single", "ml.launchers.torchrun", "ml.launchers.mp", "ml.launchers.slurm"),
 }
 
 # The names those modules register, known without importing them (``ml --help`` lists them without
 # loading torch); a test checks this against what the modules register.
 BUILTIN_NAMES: dict[Kind, tuple[str, ...]] = {
-    "model": ("actor_critic_mlp", "digits_cnn", "digits_mlp"),
-    "task": ("classic_control", "digits"),
-    "trainer": ("rl", "sl"),
-    "optimizer": ("adam", "adamw", "sgd"),
-    "lr_scheduler": ("constant", "cosine", "linear"),
-    "logger": ("jsonl", "stdout", "tensorboard"),
-    "launcher": ("single", "slurm", "torchrun"),
+    "model": ("actor_critic_mlp", "digits_cnn", "digits_gan", "digits_mlp"),
+    "task": ("classic_control", "digits", "digits_gan"),
+    "trainer": ("gan", "rl", "sl"),
+    "optimizer": ("adam", "adamw", "adan", "gan", "lamb", "lion", "prodigy", "sgd", "shampoo"),
+    "lr_scheduler": ("constant", "cosine", "cosine_decay", "gan", "linear", "linear_no_decay"),
+    "logger": ("jsonl", "mlflow", "stdout", "tensorboard", "wandb"),
+    "launcher": ("mp", "single", "slurm", "torchrun"),
+}
+
+# Kinds whose foreign classes (a torch optimizer, a torch schedule) get a component around them:
+# ``module:function`` taking the class and returning ``(component class, config class)``, or None
+# when the class is not of that kind. Imported only then (they import torch).
+_ADAPTERS: dict[Kind, str] = {
+    "optimizer": "ml.optimizers.imported:adapt",
+    "lr_scheduler": "ml.lr_schedulers.imported:adapt",
 }
 
 _REGISTRY: dict[Kind, dict[str, tuple[type, type[BaseConfig]]]] = {kind: {} for kind in KINDS}
@@ -133,7 +159,13 @@ def lookup(kind: Kind, name: str) -> tuple[type, type[BaseConfig]]:
         for registered_cls, cfg in _REGISTRY[kind].values():
             if registered_cls is cls:
                 return cls, cfg
-        return cls, config_class_of(cls)
+        try:
+            return cls, config_class_of(cls)
+        except RegistryError:
+            adapted = _adapt(kind, cls)
+            if adapted is None:
+                raise
+            return adapted
     if name not in _REGISTRY[kind]:
         _import_builtins(kind)
     if name not in _REGISTRY[kind]:
@@ -142,6 +174,104 @@ def lookup(kind: Kind, name: str) -> tuple[type, type[BaseConfig]]:
             f"unknown {kind} {name!r}; registered: {choices} (or use `package.module:ClassName`)"
         )
     return _REGISTRY[kind][name]
+
+
+def _adapt(kind: Kind, cls: type) -> tuple[type, type[BaseConfig]] | None:
+    """The kind's adapter around a foreign class (see ``_ADAPTERS``), or None."""
+    if kind not in _ADAPTERS:
+        return None
+    module_name, _, function = _ADAPTERS[kind].partition(":")
+    adapt: Callable[[type], tuple[type, type[BaseConfig]] | None] = getattr(
+        importlib.import_module(module_name), function
+    )
+    return adapt(cls)
+
+
+_SIGNATURE_CONFIGS: dict[tuple[type, type[BaseConfig]], type[BaseConfig]] = {}
+_PLAIN = (bool, int, float, str)
+
+
+def config_from_signature(cls: type, base: type[BaseConfig], skip: Collection[str]) -> type[BaseConfig]:
+    """A config dataclass (a subclass of ``base``) with one field per keyword argument of ``cls()``.
+
+    Each field's default is the argument's; an argument without one is required (``???``). Its
+    type is the annotation's where OmegaConf can check it (``float | Tensor`` counts as ``float``),
+    else the default's type, else any value. An argument whose default a config cannot hold (an
+    object, a function) is left out: the class keeps its own default. ``skip`` (``params``,
+    ``optimizer``) and ``*args``/``**kwargs`` are left out too.
+
+    Raises:
+        RegistryError: ``cls`` takes an argument named ``name`` (the section's own key).
+    """
+    key = (cls, base)
+    if key in _SIGNATURE_CONFIGS:
+        return _SIGNATURE_CONFIGS[key]
+    try:
+        try:  # annotations written as strings, evaluated
+            signature = inspect.signature(cls, eval_str=True)
+        except Exception:  # unresolvable forward references: left as strings, the defaults give the types
+            signature = inspect.signature(cls)
+    except (TypeError, ValueError) as e:
+        raise RegistryError(f"cannot read the arguments of {cls.__module__}.{cls.__qualname__}: {e}") from e
+    parameters = list(signature.parameters.values())
+    where = f"{cls.__module__}.{cls.__qualname__}"
+    fields: list[tuple[str, Any, Any]] = []
+    for p in parameters:
+        if p.name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
+            continue
+        if p.name in {f.name for f in dataclasses.fields(base)}:
+            raise RegistryError(f"{where} takes an argument {p.name!r}, which its config section uses itself")
+        default = MISSING if p.default is p.empty else p.default
+        field_type = _field_type(p.annotation, default)
+        if field_type is not None:
+            help_text = f"`{p.name}` of {where}" + (" (required)" if default is MISSING else "")
+            fields.append((p.name, field_type, conf_field(default, help=help_text)))
+    config_cls = dataclasses.make_dataclass(f"{cls.__name__}Config", fields, bases=(base,))
+    config_cls.__module__ = cls.__module__
+    config_cls.__doc__ = f"The keyword arguments of {where}, from its signature."
+    _SIGNATURE_CONFIGS[key] = config_cls
+    return config_cls
+
+
+def _field_type(annotation: Any, default: Any) -> Any:
+    """The type a config field of this annotation and default gets, or None if no config holds it."""
+    candidates: list[Any] = []
+    if annotation is not inspect.Parameter.empty and not isinstance(annotation, str):
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            # Keep the plain types: `float | Tensor` -> float. A union of containers (`tuple[float,
+            # float] | tuple[float, float, float]`) is left to the default's type: OmegaConf takes
+            # one as a type but checks values against it unreliably.
+            members = [m for m in get_args(annotation) if m is not type(None)]
+            kept = [m for m in members if m in _PLAIN]
+            if kept and not any(typing.get_origin(m) or m in (tuple, list, dict) for m in members):
+                candidates.append(functools.reduce(operator.or_, kept))
+        else:
+            candidates.append(annotation)
+    if isinstance(default, tuple) and default and all(type(v) in _PLAIN for v in default):
+        candidates.append(tuple[type(default[0]), ...])  # type: ignore[misc]
+    if default is not MISSING and default is not None:
+        candidates.append(type(default))
+    candidates.append(Any)
+    for candidate in candidates:
+        if default is None and candidate is not Any:
+            candidate = candidate | None
+        if _holds(candidate, default):
+            return candidate
+    return None
+
+
+def _holds(field_type: Any, default: Any) -> bool:
+    """Whether OmegaConf takes a field of ``field_type`` with ``default`` (checked by trying it)."""
+    if default is not MISSING and not isinstance(
+        default, (*_PLAIN, tuple, list, dict, enum.Enum, type(None))
+    ):
+        return False
+    try:
+        probe = dataclasses.make_dataclass("Probe", [("value", field_type, conf_field(default))])
+        OmegaConf.structured(probe)
+    except Exception:  # OmegaConf refuses the type or the default
+        return False
+    return True
 
 
 def build(kind: Kind, config: Any) -> Any:

@@ -13,6 +13,18 @@ trainer's SIGUSR1 handler (registered by :func:`requeue_on_preemption` through t
 (the job was submitted ``--requeue``). Slurm starts the requeued job only once every process of
 this one has ended; it runs the same script and continues from the checkpoint in the same folder.
 
+Staging (``launcher.stage``, on by default): the run folder also gets a copy of the code in the
+submitting directory (``<exp_dir>/code``, :mod:`ml.launchers.stage`); ``ml train <exp_dir>/config.yaml``
+in the job imports the user's modules from it, so the job trains what was submitted, whatever the
+working tree holds when it starts.
+
+A sweep (``ml launch CONFIG -m key=a,b launcher.name=slurm``) is one job array: every point gets
+its own run folder, ``config.yaml``, code and ``sbatch.sh`` (which submits that point again, alone);
+the array's script picks the point's folder by ``$SLURM_ARRAY_TASK_ID``, sends the task's output to
+that folder's ``logs/slurm_<jobid>.out`` and runs the point's own script. Each task is a job of
+its own to Slurm (its own id): preempted, it requeues itself alone. ``launcher.max_parallel`` caps
+how many points run at once.
+
 Every value that reaches the script is validated (no newlines) and shell-quoted.
 """
 
@@ -22,12 +34,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from signal import Signals
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ml.core.config import conf_field
 from ml.core.registry import register_launcher
@@ -56,6 +69,10 @@ class SlurmLauncherConfig(BaseLauncherConfig):
     requeue: bool = conf_field(True, help="Requeue the job when it is signalled (preemption, time limit)")
     extra_args: list[str] = conf_field([], help="More sbatch options, e.g. ['--mem=32G']")
     submit: bool = conf_field(True, help="Submit the script (false: only write it)")
+    stage: bool = conf_field(
+        True, help="Copy the code of the current directory into the run folder; the job trains with it"
+    )
+    max_parallel: int | None = conf_field(None, help="A sweep's job array: at most this many points at once")
 
 
 def _check_value(name: str, value: Any) -> str:
@@ -96,6 +113,33 @@ def sbatch_options(config: SlurmLauncherConfig, run: RunDir) -> list[str]:
             raise ConfigError(f"launcher.extra_args[{i}] must be an sbatch option (--name=...), got {text!r}")
         options.append(text)
     return options
+
+
+def array_script(config: SlurmLauncherConfig, runs: list[RunDir]) -> str:
+    """The batch script of a sweep's job array: task i runs the ``sbatch.sh`` of ``runs[i]``.
+
+    Its options are the points' (they share the launcher section), but for the output, which each
+    task sends to its own run folder's ``logs/slurm_<jobid>.out``, as a job of one run does.
+    """
+    if config.max_parallel is not None and config.max_parallel < 1:
+        raise ConfigError(f"launcher.max_parallel must be positive, got {config.max_parallel}")
+    limit = f"%{config.max_parallel}" if config.max_parallel else ""
+    options = [o for o in sbatch_options(config, runs[0]) if not o.startswith("--output=")]
+    options += ["--output=/dev/null", f"--array=0-{len(runs) - 1}{limit}"]
+    directives = "\n".join(f"#SBATCH {shlex.quote(option)}" for option in options)
+    scripts = " ".join(shlex.quote(str(run.sbatch_script)) for run in runs)
+    outputs = " ".join(shlex.quote(str(run.logs)) for run in runs)
+    return f"""#!/bin/bash
+# Written by `ml launch`: a sweep of {len(runs)} runs, one array task each
+{directives}
+
+scripts=({scripts})
+outputs=({outputs})
+exec >>"${{outputs[$SLURM_ARRAY_TASK_ID]}}/slurm_$SLURM_JOB_ID.out" 2>&1 || exit 1
+# The point's own script (bash reads its #SBATCH lines as comments). This process stays the batch
+# shell, so the USR1 Slurm sends before the end reaches that script's trap.
+exec bash "${{scripts[$SLURM_ARRAY_TASK_ID]}}"
+"""
 
 
 def sbatch_script(config: SlurmLauncherConfig, run: RunDir, workdir: Path) -> str:
@@ -162,45 +206,62 @@ class SlurmLauncher(BaseLauncher[SlurmLauncherConfig]):
     """Writes ``exp_dir/sbatch.sh`` and submits it; the job trains, checkpoints and requeues itself."""
 
     def launch(self, args: list[str], config: DictConfig) -> int:
-        from ml.core.compose import build_objects, config_to_save
-        from ml.run.claim import check_folder_name, claim_run_dir
+        del args
+        return self._submit([config])
+
+    def launch_sweep(self, points: Any, configs: list[DictConfig], flags: list[str]) -> int:
+        """A sweep is one job array, a run folder per point (see the module docstring)."""
+        del points, flags
+        return self._submit(configs)
+
+    def _submit(self, configs: list[DictConfig]) -> int:
+        from ml.launchers.stage import prepare_run
         from ml.run.locks import write_lock
-        from ml.trainers.base import save_config
 
         if self.config.submit and shutil.which("sbatch") is None:
             raise ConfigError(
                 "sbatch not found: run `ml launch` where Slurm is installed, or set launcher.submit=false"
             )
-        del args
-        build_objects(config)  # bad input stops here, not in the job
-        exp_dir, release = claim_run_dir(config.trainer)
+        sbatch_options(self.config, RunDir(Path.cwd()))  # validated before anything is written
+        runs: list[RunDir] = []
+        releases: list[Callable[[], None]] = []
         try:
-            run = RunDir(exp_dir, check_folder_name(config.trainer.log_dir_name, "trainer.log_dir_name"))
-            sbatch_options(self.config, run)  # validated before anything is written
-            saved = config_to_save(config)
-            OmegaConf.resolve(config)
-            run.logs.mkdir(parents=True, exist_ok=True)
-            save_config(run.config, saved, resolve=False)
-            script = run.sbatch_script
-            atomic_write_text(script, sbatch_script(self.config, run, Path.cwd()))
-            script.chmod(0o755)
+            for config in configs:
+                run, release = prepare_run(config, stage=self.config.stage)
+                runs.append(run)
+                releases.append(release)
+                atomic_write_text(run.sbatch_script, sbatch_script(self.config, run, Path.cwd()))
+                run.sbatch_script.chmod(0o755)
+            array = array_script(self.config, runs) if len(runs) > 1 else None
         except BaseException:
-            release()
+            for release in releases:
+                release()
             raise
         if not self.config.submit:
-            print(f"ml: wrote {script}; submit it with: sbatch {shlex.quote(str(script))}", file=sys.stderr)
+            for run in runs:
+                script = shlex.quote(str(run.sbatch_script))
+                print(f"ml: wrote {script}; submit it with: sbatch {script}", file=sys.stderr)
             return 0
-        write_lock(run, "scheduled")
-        result = subprocess.run(
-            ["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False
-        )
+        for run in runs:
+            write_lock(run, "scheduled")
+        if array is None:
+            command, stdin = ["sbatch", "--parsable", str(runs[0].sbatch_script)], None
+        else:
+            command, stdin = ["sbatch", "--parsable"], array  # the array's script is read from stdin
+        result = subprocess.run(command, input=stdin, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            release()
+            for release in releases:
+                release()
             detail = (result.stderr or result.stdout).strip().splitlines()
             raise ConfigError(f"sbatch refused the job: {detail[0] if detail else result.returncode}")
         job_id = result.stdout.strip().split(";")[0]
-        print(f"ml: submitted Slurm job {job_id}", file=sys.stderr)
-        print(f"ml: run directory   {exp_dir}", file=sys.stderr)
-        print(f"ml: job output      {run.logs / f'slurm_{job_id}.out'}", file=sys.stderr)
+        if array is None:
+            print(f"ml: submitted Slurm job {job_id}", file=sys.stderr)
+            print(f"ml: run directory   {runs[0].path}", file=sys.stderr)
+            print(f"ml: job output      {runs[0].logs / f'slurm_{job_id}.out'}", file=sys.stderr)
+        else:
+            print(f"ml: submitted Slurm job array {job_id} of {len(runs)} runs:", file=sys.stderr)
+            for i, run in enumerate(runs):
+                print(f"ml:   {job_id}_{i}  {run.path}", file=sys.stderr)
         print(job_id)
         return 0

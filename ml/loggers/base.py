@@ -4,19 +4,29 @@ Components log into a :class:`MultiLogger` (the trainer's, the task's, the model
 numbers, tensors or zero-argument callables; nothing is evaluated, and no tensor is moved to the
 CPU, until at least one sub-logger actually writes. That keeps logging from forcing a device sync
 on every step. The trainer then fans the collected values out to its sub-loggers (stdout, JSON
-lines, TensorBoard, ...), each of which decides with :meth:`BaseLogger.should_write` whether to
-write now. Only the master process writes.
+lines, TensorBoard, MLflow, W&B, ...), each of which decides with :meth:`BaseLogger.should_write`
+whether to write now. Only the master process writes.
+
+Images are lazy the same way: :meth:`MultiLogger.log_image` keeps the tensor (or callable) as
+given, and :meth:`MultiLogger.log_images` keeps the images and lays them out as a grid
+(:func:`image_grid`) only when a logger writes. A written image is a ``uint8`` tensor of shape
+``(C, H, W)`` on the CPU, C being 1 (grey) or 3 (RGB), whatever it was logged as.
+
+A logger that keeps an id across sessions (the MLflow or W&B run a resumed run continues) returns
+it from :meth:`BaseLogger.state_dict`; the trainer saves every logger's under the checkpoint's
+``loggers`` key (:func:`logger_states`) and hands it back on resume (:func:`load_logger_states`).
 """
 
+import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ml.core.config import BaseConfig, BaseObject, conf_field
 from ml.core.state import State
@@ -26,6 +36,9 @@ Number = int | float
 ScalarValue = Number | torch.Tensor | Callable[[], Number | torch.Tensor]
 StringValue = str | Callable[[], str]
 HistogramValue = torch.Tensor | Callable[[], torch.Tensor]
+GRID_PADDING_VALUE = 128  # the grey between the images of a grid
+ImageValue = torch.Tensor | Callable[[], torch.Tensor]
+ImagesValue = torch.Tensor | Sequence[torch.Tensor] | Callable[[], torch.Tensor | Sequence[torch.Tensor]]
 
 
 @dataclass
@@ -48,17 +61,19 @@ class LogBatch:
     scalars: dict[str, float] = field(default_factory=dict)
     strings: dict[str, str] = field(default_factory=dict)
     histograms: dict[str, torch.Tensor] = field(default_factory=dict)
+    images: dict[str, torch.Tensor] = field(default_factory=dict)  # uint8 (C, H, W) on the CPU
 
     def __bool__(self) -> bool:
-        return bool(self.scalars or self.strings or self.histograms)
+        return bool(self.scalars or self.strings or self.histograms or self.images)
 
 
 class BaseLogger(BaseObject[LoggerConfigT], ABC):
     """A destination for metrics.
 
     Subclasses implement :meth:`write`; they may override :meth:`initialize` (open files under the
-    log folder), :meth:`on_resume` (drop history the checkpoint does not cover), :meth:`log_config`
-    and :meth:`close`.
+    log folder), :meth:`on_resume` (drop history the checkpoint does not cover), :meth:`log_config`,
+    :meth:`state_dict` / :meth:`load_state_dict` (what a resumed run needs, kept in checkpoints),
+    :meth:`on_session_end` and :meth:`close`.
     """
 
     def __init__(self, config: LoggerConfigT) -> None:
@@ -89,6 +104,26 @@ class BaseLogger(BaseObject[LoggerConfigT], ABC):
         them (every metric then has one value per step). Loggers without history keep this no-op.
         """
         del state
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this logger needs to continue in a later session (an external run's id), kept in
+        every checkpoint; plain data only (it is loaded with ``weights_only=True``). Default: nothing."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Takes back what :meth:`state_dict` returned, from the checkpoint a run resumes from.
+
+        Called on resume before :meth:`on_resume`; a logger added since the checkpoint gets nothing.
+        """
+        del state
+
+    def on_session_end(self, outcome: str) -> None:
+        """Called on the master once the session is over, just before :meth:`close`.
+
+        ``outcome`` is how it ended, in ``status.json``'s words (:mod:`ml.run.status`):
+        ``finished``, ``interrupted`` (a stop signal: the run will be continued) or ``failed``.
+        """
+        del outcome
 
     def should_write(self, state: State) -> bool:
         """Whether to write now: always outside training, else on the step or time interval."""
@@ -137,6 +172,66 @@ def _to_tensor(value: HistogramValue) -> torch.Tensor:
     return value.detach().float().cpu().flatten()
 
 
+def to_image(value: ImageValue) -> torch.Tensor:
+    """A logged image as written: ``uint8``, ``(C, H, W)`` with C 1 or 3, on the CPU.
+
+    Accepts ``(H, W)`` (grey), ``(C, H, W)`` with C 1, 3 or 4 (alpha dropped) or a callable
+    returning one; floating point values are taken as 0..1 (clamped), integers as 0..255.
+    """
+    if callable(value):
+        value = value()
+    image = value.detach()
+    if image.dim() == 2:
+        image = image.unsqueeze(0)
+    if image.dim() != 3 or image.shape[0] not in (1, 3, 4) or image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(
+            f"a logged image must be (H, W) or (C, H, W) with C 1, 3 or 4, got {tuple(value.shape)}"
+        )
+    image = image[:3].cpu()
+    if image.dtype == torch.uint8:
+        return image.contiguous()
+    if image.dtype == torch.bool:
+        return image.to(torch.uint8) * 255
+    if image.is_floating_point():
+        return (image.float().nan_to_num(0.0).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    return image.clamp(0, 255).to(torch.uint8)
+
+
+def image_grid(
+    images: torch.Tensor | Sequence[torch.Tensor], *, columns: int | None = None, padding: int = 2
+) -> torch.Tensor:
+    """Lays images out as one image, row by row, ``padding`` grey pixels around each (grey, so that
+    the edges of images with black backgrounds show).
+
+    Args:
+        images: ``(N, C, H, W)`` or ``(N, H, W)``, or a sequence of images of one size (any form
+            :func:`to_image` takes).
+        columns: Images per row (default: the smallest square that holds them all).
+        padding: Pixels between images and around the edge.
+
+    Returns:
+        The grid, ``uint8`` ``(C, H', W')``; for no images, one grey pixel.
+    """
+    tiles = [to_image(image) for image in images]
+    if not tiles:
+        return torch.full((1, 1, 1), GRID_PADDING_VALUE, dtype=torch.uint8)
+    if len({tuple(tile.shape[1:]) for tile in tiles}) > 1:
+        raise ValueError(
+            f"images of a grid must have one size, got {sorted({tuple(t.shape) for t in tiles})}"
+        )
+    channels = max(tile.shape[0] for tile in tiles)  # grey tiles beside colour ones become grey RGB
+    columns = columns or math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / columns)
+    height, width = tiles[0].shape[1:]
+    size = (channels, padding + rows * (height + padding), padding + columns * (width + padding))
+    grid = torch.full(size, GRID_PADDING_VALUE, dtype=torch.uint8)
+    for index, tile in enumerate(tiles):
+        top = padding + (index // columns) * (height + padding)
+        left = padding + (index % columns) * (width + padding)
+        grid[:, top : top + height, left : left + width] = tile.expand(channels, -1, -1)
+    return grid
+
+
 class MultiLogger:
     """Collects lazily evaluated values under a namespace and fans them out to sub-loggers.
 
@@ -150,6 +245,7 @@ class MultiLogger:
         self._scalars: dict[str, ScalarValue] = {}
         self._strings: dict[str, StringValue] = {}
         self._histograms: dict[str, HistogramValue] = {}
+        self._images: dict[str, ImageValue] = {}
 
     def _name(self, key: str, namespace: str | None) -> str:
         return f"{namespace or self.default_namespace}/{key}"
@@ -169,12 +265,36 @@ class MultiLogger:
     def log_histogram(self, key: str, value: HistogramValue, *, namespace: str | None = None) -> None:
         self._histograms[self._name(key, namespace)] = value
 
+    def log_image(self, key: str, value: ImageValue, *, namespace: str | None = None) -> None:
+        """Logs an image: ``(H, W)`` or ``(C, H, W)`` (C 1, 3 or 4), floats in 0..1 or ``uint8``, or
+        a callable returning one. Nothing is read (nor moved off the device) until a logger writes."""
+        self._images[self._name(key, namespace)] = value
+
+    def log_images(
+        self, key: str, values: ImagesValue, *, namespace: str | None = None, columns: int | None = None
+    ) -> None:
+        """Logs several images of one size as one grid image (:func:`image_grid`), built on write.
+
+        Args:
+            key: The name of the grid.
+            values: ``(N, C, H, W)`` or ``(N, H, W)``, a sequence of images, or a callable returning
+                either (evaluated only when a logger writes).
+            namespace: As for :meth:`log_scalar`.
+            columns: Images per row (default: the smallest square that holds them).
+        """
+
+        def grid() -> torch.Tensor:
+            return image_grid(values() if callable(values) else values, columns=columns)
+
+        self._images[self._name(key, namespace)] = grid
+
     def materialize(self) -> LogBatch:
         """Evaluates every pending value and clears them."""
         batch = LogBatch(
             scalars={k: _to_float(v) for k, v in self._scalars.items()},
             strings={k: v() if callable(v) else str(v) for k, v in self._strings.items()},
             histograms={k: _to_tensor(v) for k, v in self._histograms.items()},
+            images={k: to_image(v) for k, v in self._images.items()},
         )
         self.clear()
         return batch
@@ -183,6 +303,7 @@ class MultiLogger:
         self._scalars.clear()
         self._strings.clear()
         self._histograms.clear()
+        self._images.clear()
 
     @staticmethod
     def write_all(
@@ -220,6 +341,7 @@ class MultiLogger:
             batch.scalars.update(part.scalars)
             batch.strings.update(part.strings)
             batch.histograms.update(part.histograms)
+            batch.images.update(part.images)
         if reduce is not None:
             batch.scalars = reduce(batch.scalars)
         if not batch or not writers:
@@ -227,3 +349,68 @@ class MultiLogger:
         for lg in writers:
             lg.write(state, batch)
             lg.mark_written(state)
+
+
+SECRET_REFERENCE = "${ml.secret:"
+
+
+def config_to_log(config: DictConfig, log_directory: Path | None) -> Any:
+    """The run's config for a logger to record: resolved, as plain data, except that each value
+    ``config.yaml`` keeps as a secret's reference (``${ml.secret:NAME}``) stays that reference.
+
+    The trainer hands loggers the config resolved, secrets' values included; those must reach no
+    file and no server, so they are looked up in the run folder's ``config.yaml`` (written before
+    the loggers get the config), whose secrets stay as written.
+    """
+    import yaml
+
+    from ml.run.layout import RunDir
+
+    resolved = OmegaConf.to_container(config, resolve=True)
+    if log_directory is None:
+        return resolved
+    try:  # the log folder is a child of the run folder (RunDir.logs)
+        saved = yaml.safe_load(RunDir(log_directory.parent).config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return resolved
+    return _keep_secret_references(resolved, saved)
+
+
+def _keep_secret_references(resolved: Any, saved: Any) -> Any:
+    if isinstance(resolved, dict) and isinstance(saved, dict):
+        return {k: _keep_secret_references(v, saved[k]) if k in saved else v for k, v in resolved.items()}
+    if isinstance(resolved, list) and isinstance(saved, list) and len(resolved) == len(saved):
+        return [_keep_secret_references(v, s) for v, s in zip(resolved, saved, strict=True)]
+    if isinstance(saved, str) and SECRET_REFERENCE in saved:
+        return saved
+    return resolved
+
+
+def _logger_keys(loggers: Sequence[BaseLogger]) -> list[str]:
+    """A key per logger that survives changes to the logger list between sessions: its config's
+    ``name`` (``mlflow``), numbered from the second of a kind on (``mlflow#2``)."""
+    seen: dict[str, int] = {}
+    keys = []
+    for lg in loggers:
+        name = str(getattr(lg.config, "name", type(lg).__name__))
+        seen[name] = seen.get(name, 0) + 1
+        keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return keys
+
+
+def logger_states(loggers: Sequence[BaseLogger]) -> dict[str, dict[str, Any]]:
+    """Every logger's :meth:`BaseLogger.state_dict` that is not empty, by logger (the checkpoint's
+    ``loggers`` entry)."""
+    states = {key: lg.state_dict() for key, lg in zip(_logger_keys(loggers), loggers, strict=True)}
+    return {key: state for key, state in states.items() if state}
+
+
+def load_logger_states(loggers: Sequence[BaseLogger], states: Any) -> None:
+    """Hands each logger its part of a checkpoint's ``loggers`` entry (see :func:`logger_states`);
+    a checkpoint without one (older, or no logger had state) changes nothing."""
+    if not isinstance(states, Mapping):
+        return
+    for key, lg in zip(_logger_keys(loggers), loggers, strict=True):
+        state = states.get(key)
+        if isinstance(state, Mapping):
+            lg.load_state_dict(state)

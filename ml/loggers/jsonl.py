@@ -5,7 +5,7 @@ Each line of ``<log_directory>/metrics.jsonl`` is a self-contained JSON object::
     {"step": 120, "phase": "train", "elapsed_s": 3.21, "time": 1718000000.5,
      "metrics": {"train/loss": 0.41, "train/grad_norm": "nan"}, "strings": {"task/split": "a"}}
 
-``strings`` appears only when the write has any; histograms are not written. JSON has no NaN or
+``strings`` appears only when the write has any; histograms and images are not written. JSON has no NaN or
 infinity, so non-finite metric values are written as the strings ``"nan"``, ``"inf"`` and
 ``"-inf"`` (``float()`` reads them back; :func:`read_metrics` does so). Every line is flushed as it
 is written, so a crash loses no line already written.

@@ -2,7 +2,7 @@
 
 Each write becomes a single line such as
 ``[train] step 120 epoch 1 | 3.2s | train/loss 0.4123 trainer/lr 0.001 task/split=a``: numbers with
-a few significant digits (whole numbers as integers), strings as ``key=value``, histograms left
+a few significant digits (whole numbers as integers), strings as ``key=value``, histograms and images left
 out. The same line is appended to ``<log_directory>/stdout.log`` once the logger is initialized, so
 a run's console history survives the terminal. While a progress bar is on screen (the training bar
 on a terminal, :mod:`ml.utils.progress`), the line is printed above it, whole.

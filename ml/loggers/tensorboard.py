@@ -2,9 +2,10 @@
 
 Events go to ``<log_directory>/tensorboard/<phase>/``, one ``SummaryWriter`` per phase (created on
 the phase's first write), so TensorBoard shows ``train``, ``valid`` and ``test`` as separate runs
-that can be overlaid. Scalars, strings and histograms are all written at ``state.num_steps``; the
-run's config is written once as YAML text. TensorBoard is an optional dependency: it is imported
-only when the logger is initialized, so importing this module costs nothing without it.
+that can be overlaid. Scalars, strings, histograms and images are all written at
+``state.num_steps``; the run's config is written once as YAML text (a secret as its
+``${ml.secret:NAME}`` reference). TensorBoard is an optional dependency: it is imported only when
+the logger is initialized, so importing this module costs nothing without it.
 
 A run that continues from its checkpoint at step S redoes the steps after S, whose events the
 earlier process may already have written. The writers of the continued run are therefore created
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from ml.core.config import conf_field
 from ml.core.registry import register_logger
 from ml.core.state import State
-from ml.loggers.base import BaseLogger, BaseLoggerConfig, LogBatch
+from ml.loggers.base import BaseLogger, BaseLoggerConfig, LogBatch, config_to_log
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -59,7 +60,7 @@ def _summary_writer_class() -> type["SummaryWriter"]:
 
 @register_logger("tensorboard")
 class TensorboardLogger(BaseLogger[TensorboardLoggerConfig]):
-    """Writes scalars, strings and histograms to TensorBoard event files, one folder per phase.
+    """Writes scalars, strings, histograms and images to TensorBoard event files, one folder per phase.
 
     Args:
         config: The logger's config.
@@ -110,7 +111,7 @@ class TensorboardLogger(BaseLogger[TensorboardLoggerConfig]):
 
     def log_config(self, config: DictConfig) -> None:
         """Writes the resolved config as YAML text (tag ``config``) in the ``train`` folder."""
-        text = OmegaConf.to_yaml(config, resolve=True)
+        text = OmegaConf.to_yaml(config_to_log(config, self.log_directory))  # secrets as references
         # Markdown (which TensorBoard's text tab renders) would reflow plain YAML.
         self.writer("train").add_text(CONFIG_TAG, f"```yaml\n{text}```", global_step=0)
 
@@ -127,6 +128,8 @@ class TensorboardLogger(BaseLogger[TensorboardLoggerConfig]):
             # skipped rather than failing the run.
             if finite.numel() > 0:
                 writer.add_histogram(name, finite, global_step=step)
+        for name, image in batch.images.items():  # uint8 (C, H, W): written as is (no rescaling)
+            writer.add_image(name, image, global_step=step, dataformats="CHW")
         if self.config.flush_every_n_seconds == 0:
             writer.flush()
 

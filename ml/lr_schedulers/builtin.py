@@ -1,4 +1,5 @@
-"""Defines the built-in learning-rate schedules: ``constant``, ``linear`` and ``cosine``.
+"""Defines the built-in learning-rate schedules: ``constant``, ``linear``, ``cosine``, and the
+original framework's ``linear_no_decay`` and ``cosine_decay``.
 
 Every schedule is a pure function of ``state.num_steps``. The trainer calls
 :meth:`~ml.lr_schedulers.base.SchedulerAdapter.step` *before* each optimizer step, when
@@ -212,3 +213,118 @@ class CosineLRScheduler(WarmupDecayLRScheduler[CosineConfig]):
         # Integer arithmetic, so that a cycle boundary gives exactly 0 (a restart at exactly 1).
         position = (self.num_cycles * step) % span / span
         return self.min_scale + (1.0 - self.min_scale) * 0.5 * (1.0 + math.cos(math.pi * position))
+
+
+@dataclass
+class LinearNoDecayConfig(ConstantConfig):
+    """Config of the ``linear_no_decay`` schedule (the original framework's name and default)."""
+
+    name: str = conf_field("linear_no_decay", help="Registered name, or `package.module:ClassName`")
+    warmup_steps: int = conf_field(1000, help="Updates of linear warmup from 1/warmup_steps to 1 (0: none)")
+
+
+@register_lr_scheduler("linear_no_decay", LinearNoDecayConfig)
+class LinearNoDecayLRScheduler(ConstantLRScheduler):
+    """Linear warmup to 1, then 1: ``constant`` with the original's 1000 warm-up updates.
+
+    The original's first update used a scale of 0 (``num_steps / warmup_steps`` at step 0); here it
+    is ``1 / warmup_steps``, as for every schedule of this module.
+    """
+
+
+@dataclass
+class CosineDecayConfig(BaseLRSchedulerConfig):
+    """Config of the ``cosine_decay`` schedule (the original framework's names and defaults)."""
+
+    name: str = conf_field("cosine_decay", help="Registered name, or `package.module:ClassName`")
+    total_steps: int | None = conf_field(
+        TOTAL_STEPS_FROM_TASK,
+        help="Update at which the decay reaches min_decay (default: the task's length in steps)",
+    )
+    num_resets: int = conf_field(
+        0, help="Restarts of the cosine: num_resets + 1 cycles (when phase is unset)"
+    )
+    phase: int | None = conf_field(
+        None, help="Updates in one cycle (default: total_steps / (num_resets + 1))"
+    )
+    ramp_up_percent: float = conf_field(
+        0.05, help="Share of a cycle that ramps up (when ramp_up_steps is unset)"
+    )
+    ramp_up_steps: int | None = conf_field(
+        None,
+        help="Updates of a cycle's linear ramp from eta_min to eta_max (default: phase * ramp_up_percent)",
+    )
+    eta_min: float = conf_field(0.01, help="Lowest scale of a cycle (before the decay)")
+    eta_max: float = conf_field(1.0, help="Highest scale of a cycle (before the decay)")
+    min_decay: float = conf_field(1e-4, help="Final factor of the linear decay from 1 over total_steps")
+
+
+@register_lr_scheduler("cosine_decay")
+class CosineDecayLRScheduler(BaseLRScheduler[CosineDecayConfig]):
+    """Cosine cycles (each a linear ramp up, then a cosine down) under a linear decay, as the original had.
+
+    With ``t = state.num_steps + 1``, ``T = total_steps``, ``P = phase``, ``R = ramp_up_steps`` and
+    ``c = (t - 1) mod P`` the update's place in its cycle: the cycle's shape is
+    ``eta_min + (eta_max - eta_min) * (c + 1) / R`` while ``c < R``, then
+    ``eta_min + (eta_max - eta_min) * (1 + cos(pi * (c + 1 - R) / (P - R))) / 2``; it is multiplied by
+    the decay ``min_decay + (1 - min_decay) * (T - t) / T``, so each restart peaks lower. Every
+    update from ``T`` on keeps the scale of update ``T``.
+
+    Fixed against the original: a cycle lasts ``phase`` updates (it lasted ``phase + ramp_up_steps``,
+    so the cycles overran ``total_steps``); past ``total_steps`` the scale stays put (the decay went
+    negative: a negative learning rate); the ramp rises to ``eta_max`` (it rose to 1) and its first
+    update is not 0; the default phase rounds up, so that ``num_resets + 1`` cycles fit without a
+    restart in the last updates; and the length may come from a reinforcement-learning task's
+    ``max_samples``.
+
+    Raises:
+        ValueError: ``total_steps`` resolves to null, or a field is out of range.
+    """
+
+    def __init__(self, config: CosineDecayConfig) -> None:
+        super().__init__(config)
+        raw = self.raw_config
+        self.min_decay = float(raw.min_decay)
+        self.eta_min, self.eta_max = float(raw.eta_min), float(raw.eta_max)
+        self.total_steps = _resolve_total_steps(raw, 0, 0.0)
+        if not 0.0 <= self.min_decay <= 1.0:
+            raise ValueError(
+                f"lr_scheduler.min_decay must be between 0 and 1 (inclusive), got {self.min_decay}"
+            )
+        if not 0.0 <= self.eta_min <= self.eta_max:
+            raise ValueError(
+                f"lr_scheduler.eta_min and eta_max must satisfy 0 <= eta_min <= eta_max, "
+                f"got {self.eta_min} and {self.eta_max}"
+            )
+        num_resets = int(raw.num_resets)
+        if num_resets < 0:
+            raise ValueError(f"lr_scheduler.num_resets must be non-negative (>= 0), got {num_resets}")
+        self.phase = (
+            int(raw.phase) if raw.phase is not None else math.ceil(self.total_steps / (num_resets + 1))
+        )
+        if self.phase < 1:
+            raise ValueError(f"lr_scheduler.phase must be positive, got {self.phase}")
+        if raw.ramp_up_steps is not None:
+            self.ramp_up_steps = int(raw.ramp_up_steps)
+        else:
+            if not 0.0 <= float(raw.ramp_up_percent) < 1.0:
+                raise ValueError(f"lr_scheduler.ramp_up_percent must be in [0, 1), got {raw.ramp_up_percent}")
+            self.ramp_up_steps = int(self.phase * float(raw.ramp_up_percent))
+        if not 0 <= self.ramp_up_steps < self.phase:
+            raise ValueError(
+                f"lr_scheduler.ramp_up_steps must be in [0, phase) = [0, {self.phase}), "
+                f"got {self.ramp_up_steps}"
+            )
+
+    def get_lr_scale(self, state: State) -> float:
+        update = min(state.num_steps + 1, self.total_steps)
+        place = (update - 1) % self.phase
+        ramp, span = self.ramp_up_steps, self.eta_max - self.eta_min
+        if place < ramp:
+            shape = self.eta_min + span * (place + 1) / ramp
+        else:
+            shape = self.eta_min + span * 0.5 * (
+                1.0 + math.cos(math.pi * (place + 1 - ramp) / (self.phase - ramp))
+            )
+        decay = self.min_decay + (1.0 - self.min_decay) * (self.total_steps - update) / self.total_steps
+        return shape * decay

@@ -32,3 +32,10 @@ class BaseModel(nn.Module, BaseObject[ModelConfigT]):
         nn.Module.__init__(self)
         BaseObject.__init__(self, config)
         self.logger = MultiLogger(default_namespace="model")
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one, each gathered just before it runs (and, with
+        ``trainer.activation_checkpointing``, whose activations are recomputed): a model's repeated
+        blocks. By default each child module holding trainable parameters; a model whose blocks sit
+        deeper (``self.blocks = nn.ModuleList(...)``) returns them: ``return list(self.blocks)``."""
+        return [child for child in self.children() if any(p.requires_grad for p in child.parameters())]

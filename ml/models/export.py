@@ -11,10 +11,11 @@ Heavy libraries (torch, safetensors) are imported inside the functions, so ``imp
 """
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ml.errors import ModelFileError
 
@@ -26,9 +27,11 @@ __all__ = [
     "EXPORT_FORMAT",
     "ExportedModel",
     "ModelFileError",
+    "StreamedWeights",
     "config_path_beside",
     "export_weights",
     "load_model",
+    "read_weights",
     "weights_for_safetensors",
 ]
 
@@ -97,7 +100,7 @@ def weights_for_safetensors(model_state: Mapping[str, Any]) -> "dict[str, torch.
 
 
 def export_weights(
-    model_state: Mapping[str, Any],
+    model_state: "Mapping[str, Any] | StreamedWeights",
     config_yaml: str,
     weights_path: Path,
     *,
@@ -110,7 +113,8 @@ def export_weights(
     after the other, so a failure leaves the old files (if any) as they were.
 
     Args:
-        model_state: The model's state dict (from a checkpoint's ``model`` entry).
+        model_state: The model's state dict (from a checkpoint's ``model`` entry), or its tensors
+            one at a time (:class:`StreamedWeights`: a sharded checkpoint's, streamed into the file).
         config_yaml: The run's resolved config, YAML.
         weights_path: Where to write the weights (``.safetensors``); the config goes beside it.
         step: The training step the weights are from.
@@ -125,7 +129,6 @@ def export_weights(
     config = yaml.safe_load(config_yaml)
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise ModelFileError("the run's config has no `model` section to rebuild the model from")
-    tensors = weights_for_safetensors(model_state)
     metadata = {
         "format": "pt",  # what other safetensors readers (transformers) look for
         META_FORMAT: str(EXPORT_FORMAT),
@@ -139,9 +142,65 @@ def export_weights(
     with atomic_open(config_path, "w") as config_file:
         config_file.write(config_yaml)
         with atomic_open(weights_path, "wb") as weights_file:
-            # The bytes safetensors.torch.save_file would write, written through atomic_open.
-            weights_file.write(save(tensors, metadata=metadata))
-    return ExportedModel(weights_path, config_path, step, len(tensors))
+            if isinstance(model_state, StreamedWeights):  # one tensor in memory at a time
+                count = _write_streamed(weights_file, model_state, metadata)
+            else:
+                tensors = weights_for_safetensors(model_state)
+                # The bytes safetensors.torch.save_file would write, written through atomic_open.
+                weights_file.write(save(tensors, metadata=metadata))
+                count = len(tensors)
+    return ExportedModel(weights_path, config_path, step, count)
+
+
+@dataclass
+class StreamedWeights:
+    """A model's weights read one tensor at a time (a sharded checkpoint's, which may not fit one
+    process's memory at once): the dtype and shape of each, then the tensors in that order."""
+
+    specs: "Mapping[str, tuple[torch.dtype, tuple[int, ...]]]"
+    tensors: "Iterator[tuple[str, torch.Tensor]]"
+
+
+_SAFETENSORS_DTYPES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
+
+
+def _write_streamed(file: IO[bytes], weights: StreamedWeights, metadata: dict[str, str]) -> int:
+    """Writes the safetensors format (an 8-byte header length, the JSON header, then each tensor's
+    bytes in order) from the specs first and the tensors one by one; returns how many."""
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, (dtype, shape) in weights.specs.items():
+        code = _SAFETENSORS_DTYPES.get(str(dtype).removeprefix("torch."))
+        if code is None:
+            raise ModelFileError(f"model tensor {name!r} is {dtype}, which safetensors cannot store")
+        size = dtype.itemsize * math.prod(shape)
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    file.write(len(text).to_bytes(8, "little") + text)
+    count = 0
+    for (name, tensor), expected in zip(weights.tensors, weights.specs, strict=True):
+        if name != expected:
+            raise ModelFileError(f"the weights came as {name!r} where {expected!r} was due")
+        file.write(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        count += 1
+    return count
 
 
 def _read_config(weights_path: Path, metadata: Mapping[str, str]) -> tuple[Any, str]:
@@ -208,6 +267,26 @@ def _mismatch(error: RuntimeError) -> str:
     return "; ".join(details[:3]) + (f"; and {len(details) - 3} more" if len(details) > 3 else "")
 
 
+def read_weights(
+    path: Path, device: "str | torch.device" = "cpu"
+) -> "tuple[dict[str, torch.Tensor], dict[str, str]]":
+    """The tensors of a safetensors file and its metadata (no code runs: the format holds tensors only).
+
+    Raises:
+        ModelFileError: The file is missing, foreign or damaged (one line saying why).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(path, device=str(device)), metadata
+    except Exception as e:  # safetensors reports a foreign or damaged file in several ways
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"{path} is not a safetensors file ({reason})") from e
+
+
 def load_model(
     path: str | Path, *, device: "str | torch.device | None" = None, strict: bool = True
 ) -> "nn.Module":
@@ -230,19 +309,10 @@ def load_model(
         ModelFileError: The file is not safetensors, there is no config, or the config builds a
             model the weights do not fit (the message names the first mismatches).
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no such model file: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        state = load_file(path, device="cpu")
-    except Exception as e:  # safetensors reports a foreign or damaged file in several ways
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFileError(f"{path} is not a safetensors file ({reason})") from e
+    state, metadata = read_weights(path)
     config, where = _read_config(path, metadata)
     model = _build_model(config, where)
     try:

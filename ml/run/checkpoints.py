@@ -23,6 +23,16 @@ The checksum lives inside the file, so a checkpoint is one file (copied, moved a
 before the comment. :func:`verify_checksum` checks it (a file without one, from before checksums or
 not from ml, is read without a claim).
 
+A sharded checkpoint (``trainer.checkpoint.format=sharded``) is the folder ``ckpt.<step>/``: every
+rank writes its own shards (``torch.distributed.checkpoint``) into ``ckpt.<step>.tmp/``
+(:func:`begin_sharded_checkpoint`), then rank 0 alone, once every rank has finished
+(:func:`publish_sharded_checkpoint`): writes ``ml.pt`` (what is not a tensor: the state, config,
+generators, data order; signed as above), writes ``ml-manifest.json`` (every shard file and its size,
+how a shard lost or truncated since is found), fsyncs, and renames the folder to ``ckpt.<step>``; then
+the steps 2 to 4 above. A folder is a candidate exactly as a file is, by its step. The same step saved
+again (the final checkpoint, then with its final metrics) keeps the step's shards (the tensors of one
+step are the same) and replaces ``ml.pt`` alone, atomically.
+
 Reading (:func:`checkpoint_candidates`, :func:`newest_checkpoint`), used alike by resume, ``ml
 runs``, ``ml export`` and ``ml plot``: the link's target, unless a numbered checkpoint of a later
 step lies beside it - a run killed between steps 1 and 2 - which is complete (only finished files
@@ -36,7 +46,9 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +57,7 @@ from typing import IO, Generic, TypeVar, cast
 from ml.errors import CheckpointError, CheckpointWriteError, DamagedCheckpointError
 from ml.run.layout import LINK_NAME, RunDir, checkpoint_step
 from ml.run.locks import write_lock
-from ml.utils.atomic import atomic_open, atomic_symlink, atomic_write_text, read_regular
+from ml.utils.atomic import atomic_open, atomic_symlink, atomic_write_text, fsync_dir, read_regular
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +68,9 @@ _END_RECORD_SIZE = 22
 CHECKSUM_TAG = b"ml-sha256:"
 _COMMENT_SIZE = len(CHECKSUM_TAG) + 64  # the tag, then the SHA-256 in hex
 _COMMENT_LENGTH = _COMMENT_SIZE.to_bytes(2, "little")
+SHARDED_EXTRAS = "ml.pt"  # in a sharded checkpoint's folder: everything but the sharded tensors
+SHARDED_MANIFEST = "ml-manifest.json"  # written last: the shard files and their sizes
+_SHARDED_TEMP = re.compile(r"ckpt\.\d+\.tmp")  # a sharded checkpoint being written
 
 
 @dataclass(frozen=True)
@@ -82,14 +97,30 @@ class Checkpoint:
 
 
 def numbered_checkpoints(run: RunDir) -> dict[int, Path]:
-    """Every ``ckpt.<step>.pt`` of the run, by step."""
+    """Every ``ckpt.<step>.pt`` file and ``ckpt.<step>`` folder of the run, by step (a folder wins
+    over a file of the same step: it was written later, by a run that switched to sharded)."""
     try:
-        names = os.listdir(run.checkpoints)
+        names = sorted(os.listdir(run.checkpoints), key=lambda name: name.endswith(".pt"))
     except OSError:
         return {}
-    return {
-        step: run.checkpoints / name for name in names if (step := checkpoint_step(Path(name))) is not None
-    }
+    found: dict[int, Path] = {}
+    for name in names:
+        step = checkpoint_step(Path(name))
+        if step is not None:
+            found.setdefault(step, run.checkpoints / name)
+    return found
+
+
+def step_checkpoint(run: RunDir, step: int) -> Path:
+    """The checkpoint of ``step`` as it lies: the folder ``ckpt.<step>`` if there is one, else the
+    file ``ckpt.<step>.pt`` (which may not exist)."""
+    folder = run.sharded_checkpoint(step)
+    return folder if folder.is_dir() else run.checkpoint(step)
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """Whether ``path`` (a link is followed) is a sharded checkpoint's folder rather than a file."""
+    return Path(path).is_dir()
 
 
 def checkpoint_candidates(run: RunDir) -> list[Checkpoint]:
@@ -370,9 +401,9 @@ def score_checkpoint(run: RunDir, step: int, value: float, ranking: Ranking) -> 
             ranking.mode,
             record.get("monitor"),
             record.get("mode"),
-            ", ".join(run.checkpoint(s).name for s in sorted(kept)),
+            ", ".join(step_checkpoint(run, s).name for s in sorted(kept)),
         )
-    scores = {s: v for s, v in kept.items() if same and s != step and run.checkpoint(s).exists()}
+    scores = {s: v for s, v in kept.items() if same and s != step and step_checkpoint(run, s).exists()}
     if math.isfinite(value):
         scores[step] = value
     sign = 1.0 if ranking.mode == "min" else -1.0
@@ -399,7 +430,7 @@ def _write_scores(run: RunDir, scores: dict[int, float], metric: str | None, mod
     if not scores:
         link.unlink(missing_ok=True)
         return
-    best = run.checkpoint(next(iter(scores))).name
+    best = step_checkpoint(run, next(iter(scores))).name
     if not (link.is_symlink() and os.readlink(link) == best):
         atomic_symlink(best, link)
 
@@ -432,24 +463,163 @@ def write_checkpoint_file(
         CheckpointWriteError: The file could not be written; the link still names the one before.
     """
     path = run.checkpoint(step)
-    previous = run.link.resolve() if run.link.is_symlink() and run.link.exists() else None
+    previous = _linked(run)
     try:
-        with atomic_open(path, "wb") as f:
-            writer = _ChecksumWriter(f)
-            write(cast(IO[bytes], writer))
-            writer.finish()
+        _write_signed(path, write)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        kept = f"{previous.name} is kept" if previous is not None else "no earlier checkpoint exists"
-        raise CheckpointWriteError(
-            f"cannot write checkpoint {path}: {io_reason(e, path.parent)}; {kept}"
-        ) from e
+        raise _write_error(path, e, previous) from e
+    _put_in_place(run, step, path, previous, keep_older=keep_older, score=score)
+    return path
+
+
+def _linked(run: RunDir) -> Path | None:
+    return run.link.resolve() if run.link.is_symlink() and run.link.exists() else None
+
+
+def _write_signed(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Writes ``path`` atomically with ``write(file)``, its checksum at the end (the module's notes)."""
+    with atomic_open(path, "wb") as f:
+        writer = _ChecksumWriter(f)
+        write(cast(IO[bytes], writer))
+        writer.finish()
+
+
+def _write_error(path: Path, error: BaseException, previous: Path | None) -> CheckpointWriteError:
+    kept = f"{previous.name} is kept" if previous is not None else "no earlier checkpoint exists"
+    return CheckpointWriteError(f"cannot write checkpoint {path}: {io_reason(error, path.parent)}; {kept}")
+
+
+def _put_in_place(
+    run: RunDir,
+    step: int,
+    path: Path,
+    previous: Path | None,
+    *,
+    keep_older: bool,
+    score: tuple[float, Ranking] | None,
+) -> None:
+    """After the checkpoint of ``step`` is durable at ``path``: rank it, link it, apply retention."""
     if score is not None:
         score_checkpoint(run, step, *score)
     link_checkpoint(run, path, keep_older=keep_older)
     write_lock(run, "ckpt", exists_ok=True)
     # The same step saved again (a run's final checkpoint, then with its final metrics) is said once.
     logger.log(logging.DEBUG if previous == path.resolve() else logging.INFO, "Saved checkpoint %s", path)
-    return path
+
+
+def sharded_temp_folder(run: RunDir, step: int) -> Path:
+    """``checkpoints/ckpt.<step>.tmp/``: where the ranks write the shards of ``step``."""
+    return run.checkpoints / f"ckpt.{step}.tmp"
+
+
+def begin_sharded_checkpoint(run: RunDir, step: int) -> Path | None:
+    """Rank 0, before the ranks write the shards of ``step``: an empty temporary folder for them
+    (one a killed writer left is emptied); None when the link names the step's checkpoint already
+    (saved again: its shards are kept, :func:`publish_sharded_checkpoint` replaces only ``ml.pt``).
+    A folder of the step the link does not name (left by an earlier process, perhaps damaged) is
+    removed first: the new one takes its place.
+
+    Raises:
+        CheckpointWriteError: The folder could not be made; the link still names the one before.
+    """
+    final = run.sharded_checkpoint(step)
+    if final.is_dir() and _linked(run) == final.resolve():
+        return None
+    temp = sharded_temp_folder(run, step)
+    try:
+        _remove(final)
+        _remove(temp)
+        temp.mkdir(parents=True)
+    except OSError as e:
+        raise _write_error(temp, e, _linked(run)) from e
+    return temp
+
+
+def publish_sharded_checkpoint(
+    run: RunDir,
+    step: int,
+    write_extras: Callable[[IO[bytes]], None],
+    *,
+    keep_older: bool = False,
+    score: tuple[float, Ranking] | None = None,
+) -> Path:
+    """Rank 0, once every rank has written its shards of ``step`` (durably): completes the
+    checkpoint folder, renames it into place, ranks it, links it, then applies retention (see the
+    module's notes).
+
+    Args:
+        run: The run.
+        step: The step it holds.
+        write_extras: Writes ``ml.pt`` (what is not a sharded tensor) to the open file.
+        keep_older: As :func:`write_checkpoint_file`'s.
+        score: As :func:`write_checkpoint_file`'s.
+
+    Returns:
+        The folder ``ckpt.<step>``.
+
+    Raises:
+        CheckpointWriteError: It could not be written; the link still names the one before.
+    """
+    final = run.sharded_checkpoint(step)
+    temp = sharded_temp_folder(run, step)
+    previous = _linked(run)
+    try:
+        if final.is_dir():  # the same step again: its shards are there, only ml.pt changes
+            _write_signed(final / SHARDED_EXTRAS, write_extras)
+        else:
+            _write_signed(temp / SHARDED_EXTRAS, write_extras)
+            files = {
+                entry.name: entry.stat(follow_symlinks=False).st_size
+                for entry in os.scandir(temp)
+                if entry.name not in (SHARDED_EXTRAS, SHARDED_MANIFEST)
+            }
+            manifest = {"format": "ml-sharded-1", "step": step, "files": dict(sorted(files.items()))}
+            atomic_write_text(temp / SHARDED_MANIFEST, json.dumps(manifest, indent=1) + "\n")
+            os.rename(temp, final)
+            fsync_dir(run.checkpoints)
+    except (OSError, RuntimeError) as e:
+        raise _write_error(final, e, previous) from e
+    _put_in_place(run, step, final, previous, keep_older=keep_older, score=score)
+    return final
+
+
+def verify_sharded_checkpoint(folder: Path) -> None:
+    """Checks a sharded checkpoint's folder against its manifest, reading no shard: every file is
+    there, a regular file, of the size written (``ml.pt`` is checked by its own checksum, when read).
+
+    Raises:
+        DamagedCheckpointError: The manifest or a shard is missing, or a shard changed size.
+    """
+    where = f"sharded checkpoint {folder}"
+    try:
+        manifest = json.loads(read_regular(folder / SHARDED_MANIFEST))
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not a mapping")
+    except FileNotFoundError as e:
+        raise DamagedCheckpointError(
+            f"cannot read {where}: it has no {SHARDED_MANIFEST} (not written to the end); "
+            "use another checkpoint"
+        ) from e
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DamagedCheckpointError(f"cannot read {where}: its {SHARDED_MANIFEST} is damaged ({e})") from e
+    for name, size in files.items():
+        path = folder / str(name)
+        if Path(str(name)).name != name:
+            raise DamagedCheckpointError(
+                f"cannot read {where}: its manifest names {name!r}, not a file in it"
+            )
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError as e:
+            raise DamagedCheckpointError(f"cannot read {where}: {name} is missing") from e
+        if not stat.S_ISREG(info.st_mode):
+            raise DamagedCheckpointError(f"cannot read {where}: {name} is not a regular file")
+        if info.st_size != size:
+            raise DamagedCheckpointError(
+                f"cannot read {where}: {name} has {info.st_size} bytes, {size} were written "
+                "(truncated or changed since); restore a good copy, or use another checkpoint"
+            )
 
 
 def link_checkpoint(run: RunDir, path: Path, *, keep_older: bool = False) -> None:
@@ -476,13 +646,24 @@ def link_checkpoint(run: RunDir, path: Path, *, keep_older: bool = False) -> Non
     if not keep_older:
         # Every other numbered checkpoint, not only the one the link named before: a process
         # killed between a link swap and this point left its previous one behind.
-        keep = {target.name, *(run.checkpoint(s).name for s in scores)}
+        keep = {target.name, *(step_checkpoint(run, s).name for s in scores)}
         best = run.best_link
         if best.is_symlink():
             keep.add(os.readlink(best))
-        for old in numbered_checkpoints(run).values():
-            if old.name not in keep:
-                old.unlink(missing_ok=True)
+        for name in os.listdir(run.checkpoints):
+            # Any other numbered checkpoint (a file of the same step too, from before the run went
+            # sharded), and sharded writes a killed process left unfinished.
+            numbered = checkpoint_step(Path(name)) is not None
+            if (numbered and name not in keep) or _SHARDED_TEMP.fullmatch(name):
+                _remove(run.checkpoints / name)
+
+
+def _remove(path: Path) -> None:
+    """Removes a checkpoint: a file (or link), or a sharded checkpoint's folder."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def io_reason(error: BaseException, folder: Path) -> str:

@@ -8,7 +8,8 @@
       status.json                      how the last session ended (ml.run.status)
       .lock_running .lock_scheduled .lock_ckpt .lock_guard
       sbatch.sh                        a Slurm launch's batch script
-      checkpoints/ckpt.<num_steps>.pt  one file per save
+      checkpoints/ckpt.<num_steps>.pt  one file per save (checkpoint.format=full)
+      checkpoints/ckpt.<num_steps>/    or one folder per save, every rank's shards (format=sharded)
       checkpoints/ckpt.pt              a relative link to the newest
       checkpoints/best.pt              a relative link to the best by checkpoint.monitor
       checkpoints/scores.json          the monitored metric of the best keep_top_k checkpoints
@@ -32,6 +33,7 @@ CONFIG_FILE = "config.yaml"
 STATUS_FILE = "status.json"
 CONFIG_CHANGES_FILE = "config_changes.log"
 SBATCH_FILE = "sbatch.sh"
+CODE_DIR = "code"
 CHECKPOINT_DIR = "checkpoints"
 LINK_NAME = "ckpt.pt"
 BEST_LINK_NAME = "best.pt"
@@ -40,7 +42,7 @@ DEFAULT_LOG_DIR = "logs"
 METRICS_FILE = "metrics.jsonl"
 
 RUN_NAME = re.compile(r"run_(\d+)")
-NUMBERED_CHECKPOINT = re.compile(r"ckpt\.(\d+)\.pt")
+NUMBERED_CHECKPOINT = re.compile(r"ckpt\.(\d+)(?:\.pt)?")  # a file, or a sharded checkpoint's folder
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,11 @@ class RunDir:
         return self.path / SBATCH_FILE
 
     @property
+    def code(self) -> Path:
+        """``code/``: the copy of the user's modules this run trains with (``ml stage``, Slurm jobs)."""
+        return self.path / CODE_DIR
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINT_DIR
 
@@ -111,6 +118,10 @@ class RunDir:
     def checkpoint(self, step: int) -> Path:
         """``checkpoints/ckpt.<step>.pt``."""
         return self.checkpoints / f"ckpt.{step}.pt"
+
+    def sharded_checkpoint(self, step: int) -> Path:
+        """``checkpoints/ckpt.<step>/``: a sharded checkpoint (a folder, every rank's shards)."""
+        return self.checkpoints / f"ckpt.{step}"
 
     @property
     def logs(self) -> Path:
@@ -148,7 +159,7 @@ def run_number(run: Path) -> int:
 
 
 def checkpoint_step(path: Path) -> int | None:
-    """The step of a ``ckpt.<step>.pt`` file; None for any other name."""
+    """The step of a ``ckpt.<step>.pt`` file or ``ckpt.<step>`` folder; None for any other name."""
     match = NUMBERED_CHECKPOINT.fullmatch(Path(path).name)
     return int(match.group(1)) if match else None
 

@@ -46,7 +46,13 @@ def _checkpoint_path(exp_dir: Path, choice: str | None) -> Path:
     does not verify.
     """
     from ml.errors import BadInput, CheckpointError
-    from ml.run.checkpoints import best_checkpoint, newest_checkpoint, numbered_checkpoints
+    from ml.run.checkpoints import (
+        best_checkpoint,
+        is_sharded_checkpoint,
+        newest_checkpoint,
+        numbered_checkpoints,
+        step_checkpoint,
+    )
     from ml.run.layout import RunDir
 
     run = RunDir(exp_dir)
@@ -72,13 +78,13 @@ def _checkpoint_path(exp_dir: Path, choice: str | None) -> Path:
             raise BadInput(f"{run.best_link} names {os.readlink(run.best_link)}, which does not exist")
         return run.best_link
     if choice.isdigit():
-        path = run.checkpoint(int(choice))
-        if not path.is_file():
+        path = step_checkpoint(run, int(choice))
+        if not path.exists():
             have = ", ".join(map(str, sorted(numbered_checkpoints(run)))) or "none"
             raise BadInput(f"no checkpoint of step {choice} in {run.checkpoints} (steps saved: {have})")
         return path
     path = Path(choice).expanduser()
-    if not path.is_file():
+    if not path.is_file() and not is_sharded_checkpoint(path):
         raise BadInput(f"--checkpoint: no such file {choice} (give a path, a step number or best)")
     return path
 
@@ -132,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--checkpoint",
         metavar="PATH_OR_STEP",
-        help="a checkpoint file, a step number (checkpoints/ckpt.<step>.pt), or best (checkpoints/best.pt, "
+        help="a checkpoint file or sharded checkpoint folder, a step number (checkpoints/ckpt.<step>.pt or "
+        "ckpt.<step>/), or best (checkpoints/best.pt, "
         "kept by trainer.checkpoint.monitor); default: the newest",
     )
     parser.add_argument(
@@ -154,7 +161,9 @@ def main(argv: list[str]) -> int:
     chosen = _checkpoint_path(exp_dir, args.checkpoint)  # bad input is refused before torch loads
 
     from ml.core.state import State
-    from ml.models.export import ModelFileError, export_weights
+    from ml.models.export import ModelFileError, StreamedWeights, export_weights
+    from ml.utils.checkpoint import ShardedState
+    from ml.utils.sharded import model_tensor_specs, stream_model_tensors
 
     ckpt_path, ckpt = _read(exp_dir, args.checkpoint, chosen)
     raw_state = ckpt["state"]
@@ -178,7 +187,10 @@ def main(argv: list[str]) -> int:
                 f"{ckpt_path}: the moving average has not started by step {state.num_steps} "
                 "(trainer.ema.start_step is later): it is still the untrained model; export without --ema"
             )
-    if not isinstance(weights, dict):
+    if isinstance(weights, ShardedState):  # streamed from the shards, one tensor in memory at a time
+        specs = model_tensor_specs(weights)
+        weights = StreamedWeights(specs, stream_model_tensors(weights, specs))
+    elif not isinstance(weights, dict):
         raise BadInput(f"{ckpt_path}: {'ema weights' if args.ema else 'model'} is not a state dict")
     try:
         written = export_weights(

@@ -5,7 +5,8 @@ Each EXP_DIR is a run folder (``<RUN_DIR>/<exp_name>/run_<N>``, or one given as
 its runs that have that file; :func:`ml.run.layout.find_runs`). The plot has one subplot per metric
 (``--metric train/loss --metric valid/loss``; by default ``train/loss`` and ``valid/loss`` or the
 first other ``valid/`` metric, and for reinforcement learning the episode returns), each run a
-curve of its own colour labelled ``<exp_name>/run_<N>``. The x axis is the step, or with
+curve of its own colour labelled ``<exp_name>/run_<N>`` (with ``--config optimizer.lr``, followed by
+the run's value of that config key: a sweep's runs told apart). The x axis is the step, or with
 ``--x time`` the run's training time (``elapsed_s``) in seconds, minutes or hours as fits.
 
 Reading follows the writer (:mod:`ml.loggers.jsonl`): a last line cut short by a kill is skipped;
@@ -197,6 +198,14 @@ def _parser() -> argparse.ArgumentParser:
         "--height", type=int, default=DEFAULT_HEIGHT, help=f"pixels (default {DEFAULT_HEIGHT})"
     )
     parser.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="add each run's value of this config key to its label, e.g. optimizer.lr (repeatable, or "
+        "comma-separated): a sweep's runs told apart",
+    )
     return parser
 
 
@@ -208,7 +217,16 @@ def main(argv: list[str]) -> int:
         if not MIN_PIXELS <= pixels <= MAX_PIXELS:
             raise _bad_input(f"{name} {pixels}: give a size from {MIN_PIXELS} to {MAX_PIXELS} pixels")
     paths = list(dict.fromkeys(p for arg in ns.exp_dirs for p in find_runs(arg)))
-    runs = [read_run(path, label) for path, label in zip(paths, _labels(paths), strict=True)]
+    labels = _labels(paths)
+    keys = [k.strip() for value in ns.config for k in value.split(",") if k.strip()]
+    if keys:  # the values a sweep varied, in the legend
+        from ml.tools.runs import config_cell, config_values
+
+        labels = [
+            " ".join([label, *(f"{k}={config_cell(v)}" for k, v in config_values(path, keys).items())])
+            for label, path in zip(labels, paths, strict=True)
+        ]
+    runs = [read_run(path, label) for path, label in zip(paths, labels, strict=True)]
     for run in runs:
         if run.skipped_lines:
             where = RunDir.of(run.path).metrics

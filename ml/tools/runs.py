@@ -27,6 +27,9 @@ is unknown); an empty list when nothing matches. The fields: ``name``, ``run``, 
 ``--metric``); ``best_valid`` (``{name: {"value", "step"}}`` for every metric of the valid phase);
 ``wall_s``. ``--name GLOB`` keeps the experiments whose name matches (fnmatch,
 repeatable), ``--state STATE`` the runs in the given states (repeatable, or comma-separated).
+``--config KEY`` (repeatable, or comma-separated: ``--config optimizer.lr,model.hidden``) adds a
+column per config key, its value in each run's ``config.yaml``, so the runs of a sweep show side
+by side; ``--json`` then has ``config``, ``{key: value}`` (null for a key the run lacks).
 Imports no torch: it answers in a fraction of a second.
 """
 
@@ -37,6 +40,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from ml.tools import tool_parser
 from ml.tools.experiments import DEFAULT_METRIC, STATES, RunInfo, describe_runs
@@ -65,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="STATE",
         help=f"only runs in these states (repeatable, or comma-separated): {', '.join(STATES)}",
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a column of each run's value of this config key, e.g. optimizer.lr (repeatable, or "
+        "comma-separated): a sweep's runs side by side",
     )
     parser.add_argument(
         "--metric",
@@ -154,19 +166,72 @@ def _shorten(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def table(runs: list[RunInfo], *, metric: str = DEFAULT_METRIC, now: float | None = None) -> str:
-    """The aligned table ``ml runs`` prints (without a trailing newline)."""
+_MISSING = object()
+
+
+def config_values(run_path: Path, keys: list[str]) -> dict[str, Any]:
+    """The values of dotted ``keys`` in a run's ``config.yaml`` (None where it has no such key)."""
+    import yaml
+
+    from ml.run.layout import RunDir
+    from ml.utils.atomic import read_regular
+
+    try:
+        config = yaml.safe_load(read_regular(RunDir(run_path).config).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        config = None
+    values: dict[str, Any] = {}
+    for key in keys:
+        node: Any = config
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        values[key] = None if node is _MISSING else node
+    return values
+
+
+def config_cell(value: Any) -> str:
+    """A config value in a table cell or a legend: short, floats as ``%g``, ``-`` for none."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return _shorten(value if isinstance(value, str) else json.dumps(value), 30)
+
+
+def table(
+    runs: list[RunInfo],
+    *,
+    metric: str = DEFAULT_METRIC,
+    now: float | None = None,
+    config: dict[str, dict[str, Any]] | None = None,
+) -> str:
+    """The aligned table ``ml runs`` prints (without a trailing newline).
+
+    ``config`` maps a run's path to the values of the ``--config`` keys, a column each after RUN.
+    """
     now = time.time() if now is None else now
-    header = ["EXPERIMENT", "RUN", "STATE", "STEP", "CHECKPOINT", "TRAIN/LOSS", f"BEST {metric.upper()}"]
+    keys = list(next(iter(config.values()))) if config else []
+    header = [
+        "EXPERIMENT",
+        "RUN",
+        *keys,
+        "STATE",
+        "STEP",
+        "CHECKPOINT",
+        "TRAIN/LOSS",
+        f"BEST {metric.upper()}",
+    ]
     header += ["WALL", "NOTE"]
     rows = [header]
     for run in runs:
         at = "?" if run.best_step is None else run.best_step
         best = "-" if run.best is None else f"{_value(run.best)} @{at}"
+        values = config[run.path] if config else {}
         rows.append(
             [
                 run.name,
                 run.run,
+                *(config_cell(values[key]) for key in keys),
                 run.state,
                 "-" if run.step is None else str(run.step),
                 "-" if run.checkpoint_time is None else format_age(now - run.checkpoint_time),
@@ -177,7 +242,7 @@ def table(runs: list[RunInfo], *, metric: str = DEFAULT_METRIC, now: float | Non
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    right = {3}  # STEP is a number: right-aligned
+    right = {3 + len(keys)}  # STEP is a number: right-aligned
     lines = []
     for row in rows:
         cells = [
@@ -209,8 +274,14 @@ def main(argv: list[str]) -> int:
         runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, pattern) for pattern in args.name)]
     if states:
         runs = [r for r in runs if r.state in states]
+    keys = [k.strip() for value in args.config for k in value.split(",") if k.strip()]
+    config = {r.path: config_values(Path(r.path), keys) for r in runs} if keys else None
     if args.json:
-        print(json.dumps([r.to_json() for r in runs], indent=2, allow_nan=False))
+        objects = [r.to_json() for r in runs]
+        if config is not None:
+            for obj in objects:
+                obj["config"] = config[obj["path"]]
+        print(json.dumps(objects, indent=2, allow_nan=False))
     elif not found:
         print(f"no experiments under {shown}")
     elif not runs:
@@ -218,5 +289,5 @@ def main(argv: list[str]) -> int:
         filters += [f"--state {','.join(sorted(states))}"] if states else []
         print(f"no runs under {shown} match {' '.join(filters)}")
     else:
-        print(table(runs, metric=args.metric))
+        print(table(runs, metric=args.metric, config=config))
     return 0

@@ -46,6 +46,7 @@ import time
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,14 +70,16 @@ from ml.errors import (
     RunLockedError,
     UserError,
 )
-from ml.loggers.base import BaseLogger, MultiLogger
+from ml.loggers.base import BaseLogger, MultiLogger, load_logger_states, logger_states
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel
 from ml.optimizers.base import BaseOptimizer
 from ml.run.checkpoints import (
     Ranking,
+    begin_sharded_checkpoint,
     link_checkpoint,
     newest_verified_checkpoint,
+    publish_sharded_checkpoint,
     score_checkpoint,
     write_checkpoint_file,
 )
@@ -88,6 +91,7 @@ from ml.tasks.base import BaseTask
 from ml.utils.atomic import atomic_write_text, fsync_dir, open_append, read_regular
 from ml.utils.checkpoint import (
     HostSnapshot,
+    ShardedState,
     check_loadable,
     get_rng_state,
     load_model_state,
@@ -98,8 +102,10 @@ from ml.utils.checkpoint import (
 )
 from ml.utils.device import parse_device, resolve_device
 from ml.utils.distributed import (
+    all_gather_object,
     all_max,
     broadcast_object,
+    get_rank,
     get_world_size,
     init_distributed,
     is_master,
@@ -107,6 +113,13 @@ from ml.utils.distributed import (
 )
 from ml.utils.ranks import dist_env, export_env
 from ml.utils.seeding import seed_everything
+from ml.utils.sharded import (
+    checkpoint_format,
+    load_sharded_model,
+    load_sharded_optims,
+    save_shards,
+    wait_for_shards,
+)
 from ml.utils.signals import arm_watchdog, stand_down, take_early_signal, training_began
 
 logger = logging.getLogger(__name__)
@@ -271,6 +284,31 @@ class CheckpointConfig:
         None, help="min or max: which way `monitor` improves (unset: max for names with acc/return/reward)"
     )
     keep_top_k: int = conf_field(1, help="With `monitor`: the best checkpoints kept besides the latest")
+    format: str | None = conf_field(
+        None,
+        help="full (one file, the whole state gathered to rank 0) or sharded (a folder: every rank writes "
+        "its shards at once; resumable with any number of processes); unset: sharded under FSDP, else full",
+    )
+
+
+CHECKPOINT_FORMATS = ("full", "sharded")
+FSDP_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class FsdpConfig:
+    param_dtype: str | None = conf_field(
+        None, help="FSDP mixed precision: the dtype parameters are gathered and computed in (e.g. bfloat16)"
+    )
+    reduce_dtype: str | None = conf_field(
+        None, help="FSDP mixed precision: the dtype gradients are reduced in (float32 keeps them exact)"
+    )
+    hybrid: bool = conf_field(
+        False, help="HSDP: shard within each group of shard_size processes (a node), replicate across groups"
+    )
+    shard_size: int | None = conf_field(
+        None, help="With hybrid: the processes one copy is sharded over (default: a node's, LOCAL_WORLD_SIZE)"
+    )
 
 
 @dataclass
@@ -290,8 +328,9 @@ class _PendingSave:
     """A checkpoint being written in the background (``checkpoint.async_save``)."""
 
     path: Path
-    task: Any
+    task: Any  # None on the ranks other than 0 (they write only shards)
     score: "tuple[float, Ranking] | None"
+    shards: "Future | None" = None  # checkpoint.format=sharded: the shards being written
     thread: threading.Thread = field(init=False)
     error: BaseException | None = None
 
@@ -359,6 +398,12 @@ class TrainerConfig(BaseTrainerConfig):
     early_stopping: EarlyStoppingConfig = conf_field(
         EarlyStoppingConfig(), help="Stop when an evaluation metric stops improving"
     )
+    fsdp: FsdpConfig = conf_field(FsdpConfig(), help="With parallel=fsdp: mixed precision, hybrid sharding")
+    activation_checkpointing: bool = conf_field(
+        False,
+        help="Recompute each shard unit's activations (model.shard_units(): its blocks) in the backward "
+        "pass instead of keeping them: less memory, more compute",
+    )
 
 
 def check_trainer_config(config: TrainerConfig) -> None:
@@ -369,6 +414,18 @@ def check_trainer_config(config: TrainerConfig) -> None:
         raise ConfigError(f"trainer.parallel must be one of {choices}, got {config.parallel!r}")
     if config.sync_every_n_steps < 1:
         raise ConfigError(f"trainer.sync_every_n_steps must be positive, got {config.sync_every_n_steps}")
+    if config.checkpoint.format is not None and config.checkpoint.format not in CHECKPOINT_FORMATS:
+        raise ConfigError(
+            f"trainer.checkpoint.format must be full or sharded (or unset), got {config.checkpoint.format!r}"
+        )
+    for key in ("param_dtype", "reduce_dtype"):
+        if getattr(config.fsdp, key) not in (None, *FSDP_DTYPES):
+            raise ConfigError(
+                f"trainer.fsdp.{key} must be one of {', '.join(FSDP_DTYPES)} (or unset), got "
+                f"{getattr(config.fsdp, key)!r}"
+            )
+    if config.fsdp.shard_size is not None and config.fsdp.shard_size < 1:
+        raise ConfigError(f"trainer.fsdp.shard_size must be positive, got {config.fsdp.shard_size}")
 
 
 TrainerConfigT = TypeVar("TrainerConfigT", bound=BaseTrainerConfig)
@@ -396,7 +453,7 @@ class Session:
 
 def _state_of_checkpoint(ckpt: Mapping[str, Any], where: str) -> State:
     """The checkpoint's :class:`State` (a JSON string, or a dict in older checkpoints), validated."""
-    if not isinstance(ckpt.get("model"), Mapping):
+    if not isinstance(ckpt.get("model"), Mapping | ShardedState):
         raise CheckpointError(f"{where}: 'model' is not a state dict")
     raw = ckpt.get("state")
     try:
@@ -710,9 +767,20 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         return state
 
     def load_initial_weights(self, model: ModelT, path: str) -> None:
-        """``checkpoint.load_from_ckpt_path``: model weights only (no optimizer, state or RNG)."""
-        ckpt = read_checkpoint(path, device=self.device)
-        for note in load_model_state(model, ckpt["model"], strict=self.checkpoint_config.load_strict):
+        """``checkpoint.load_from_ckpt_path``: model weights only (no optimizer, state or RNG), from a
+        checkpoint or from a ``.safetensors`` file written by ``ml export``."""
+        if Path(path).suffix == ".safetensors":
+            from ml.models.export import read_weights
+
+            weights: Mapping[str, Any] = read_weights(Path(path).expanduser(), device=self.device)[0]
+        else:
+            weights = read_checkpoint(path, device=self.device)["model"]
+        strict = self.checkpoint_config.load_strict
+        if isinstance(weights, ShardedState):  # a sharded checkpoint: read into the model piece by piece
+            notes = load_sharded_model(model, weights, strict=strict)
+        else:
+            notes = load_model_state(model, weights, strict=strict)
+        for note in notes:
             logger.warning("Initial weights from %s: %s", path, note)
         logger.info("Initial weights loaded from %s", path)
 
@@ -1020,7 +1088,10 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         return multi
 
     def close_loggers(self) -> None:
+        # How the session ended, as status.json will say it (an error after finishing aside).
+        outcome = "finished" if self.finished else "interrupted" if self.stop_signal is not None else "failed"
         for sublogger in self.loggers:
+            sublogger.on_session_end(outcome)
             sublogger.close()
 
     # -- config and locks
@@ -1175,18 +1246,30 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         ckpt_dict: dict[str, Any] = loaded
         state = _state_of_checkpoint(ckpt_dict, where)  # validated before anything is restored
         task.on_after_load_checkpoint(ckpt_dict)
-        for note in self.restore_model_state(model, ckpt_dict["model"], strict=strict):
+        weights = ckpt_dict["model"]
+        if isinstance(weights, ShardedState):  # each rank reads the pieces it holds now
+            notes = load_sharded_model(model, weights, strict=strict)
+        else:
+            notes = self.restore_model_state(model, weights, strict=strict)
+        for note in notes:
             logger.warning("Loading %s into the model: %s", where, note)
         if "task" in ckpt_dict:
             task.load_state_dict(ckpt_dict["task"], strict=strict)
         if optims is not None:
-            if "optim" not in ckpt_dict:
+            sharded = {k: v for k, v in ckpt_dict.items() if isinstance(v, ShardedState) and k != "model"}
+            if sharded:
+                load_sharded_optims(model, optims, sharded)
+            elif "optim" not in ckpt_dict:
                 raise CheckpointError(f"{where} has no optimizer state")
-            self.restore_optim_state(model, optims, ckpt_dict["optim"])
+            else:
+                self.restore_optim_state(model, optims, ckpt_dict["optim"])
         lr_state = ckpt_dict.get("lr", ckpt_dict.get("lr_sched"))
         if lr_scheds is not None and lr_state is not None:
             _load_named(lr_scheds, lr_state, "lr schedulers")
-        if "rng" in ckpt_dict:
+        rng_ranks = ckpt_dict.get("rng_ranks")
+        if isinstance(rng_ranks, list) and len(rng_ranks) == get_world_size():
+            set_rng_state(rng_ranks[get_rank()])  # as many processes: each continues its own generators
+        elif "rng" in ckpt_dict:
             set_rng_state(ckpt_dict["rng"])
         stopping = ckpt_dict.get("early_stopping")
         if self.early_stopping is not None and isinstance(stopping, Mapping):
@@ -1199,6 +1282,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                     "to go on)",
                     self.stop_reason,
                 )
+        load_logger_states(self.loggers, ckpt_dict.get("loggers"))  # e.g. the MLflow run to continue
         self.load_state_dict(ckpt_dict)
         self._last_ckpt_time_s = state.elapsed_time_s
         self._last_ckpt_step = state.num_steps
@@ -1232,13 +1316,26 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                 one before); the checkpoint before it is kept.
         """
         self.wait_for_checkpoint()
-        ckpt_path = self.get_ckpt_path(state)
+        sharded = self.checkpoint_format == "sharded"
+        ckpt_path = self.run.sharded_checkpoint(state.num_steps) if sharded else self.get_ckpt_path(state)
         # What only the ranks together hold (sharded weights, each rank's environments) is
-        # gathered first: every rank takes part, then rank 0 alone writes.
+        # gathered first: every rank takes part, then rank 0 alone writes. (A sharded checkpoint
+        # gathers no tensor: every rank writes its own shards.)
         model_state, optim_state = self.gather_checkpoint_parts(model, optims)
+        rng_ranks = all_gather_object(get_rng_state()) if self.distributed else None
+        asynchronous = self.checkpoint_config.async_save
+        shards: Future | None = None
+        skeletons: dict[str, Any] = {}
+        if sharded:
+            # Rank 0 makes the folder the shards go to, then every rank writes its own into it.
+            folder = self._sharded_folder(state.num_steps)
+            skeletons, shards = save_shards(folder, model, optims, asynchronous=asynchronous)
+            model_state, optim_state = None, None
         if not is_master():  # every rank keeps the same record of when the last save was
             self._last_ckpt_time_s = state.elapsed_time_s
             self._last_ckpt_step = state.num_steps
+            if shards is not None:  # the other ranks' shards are written in the background too
+                self._start_background_save(_PendingSave(ckpt_path, None, None, shards), None)
             return ckpt_path
         ckpt: dict[str, Any] = {
             "format_version": CHECKPOINT_FORMAT,
@@ -1249,6 +1346,11 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             "rng": get_rng_state(),
             "world_size": get_world_size(),
         }
+        if sharded:
+            del ckpt["model"]
+            ckpt["sharded"] = skeletons  # the tensors are in the folder: read_checkpoint puts them back
+        if rng_ranks is not None:  # every rank's generators, for a resume with as many processes
+            ckpt["rng_ranks"] = rng_ranks
         if optim_state is not None:
             ckpt["optim"] = optim_state
         if lr_scheds is not None:
@@ -1258,34 +1360,65 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         score = self._score_of(state.num_steps)
         if score is not None:  # ranks it again if a crash kept it from scores.json (resume_or_start)
             ckpt["score"] = {"metric": score[1].metric, "value": score[0]}
+        if loggers := logger_states(self.loggers):  # what a logger continues from (an MLflow run's id)
+            ckpt["loggers"] = loggers
         self.update_state_dict(ckpt)
         check_loadable(ckpt)
 
-        if self.checkpoint_config.async_save:
+        if asynchronous:
             if self._host_snapshot is None:
                 self._host_snapshot = HostSnapshot()
             # A copy the next optimizer step cannot change; the write does not block the loop.
             snapshot = self._host_snapshot.take(ckpt)
             del ckpt, model_state, optim_state
-            pending = _PendingSave(ckpt_path, task, self._score_of(state.num_steps))
-            # Not a daemon: an interpreter that exits still finishes the write (and its link).
-            pending.thread = threading.Thread(
-                target=self._write_in_background, args=(pending, snapshot), name="ml-checkpoint"
-            )
-            self._pending_save = pending
-            pending.thread.start()
+            self._start_background_save(_PendingSave(ckpt_path, task, score, shards), snapshot)
             self._last_ckpt_time_s = state.elapsed_time_s
             self._last_ckpt_step = state.num_steps
             return ckpt_path
-        self._write_checkpoint(ckpt, ckpt_path, self._score_of(state.num_steps))
+        self._write_checkpoint(ckpt, ckpt_path, score)
         self._last_ckpt_time_s = state.elapsed_time_s
         self._last_ckpt_step = state.num_steps
         task.on_after_save_checkpoint(ckpt_path)
         return ckpt_path
 
-    def _write_in_background(self, pending: _PendingSave, ckpt: dict[str, Any]) -> None:
+    @property
+    def checkpoint_format(self) -> str:
+        """``checkpoint.format`` as it applies: ``sharded`` under FSDP unless set, else ``full``."""
+        return checkpoint_format(str(getattr(self.config, "parallel", "ddp")), self.checkpoint_config.format)
+
+    def _sharded_folder(self, step: int) -> Path | None:
+        """Rank 0 makes the folder the ranks write the shards of ``step`` into; every rank learns it
+        (None: the step's checkpoint exists, its shards are kept), or rank 0's error."""
+        folder: Path | None = None
+        error: CheckpointWriteError | None = None
+        if is_master():
+            try:
+                folder = begin_sharded_checkpoint(self.run, step)
+            except CheckpointWriteError as e:
+                error = e
+        said = broadcast_object(
+            (None if folder is None else str(folder), None if error is None else str(error))
+        )
+        if error is not None:
+            raise error
+        if said[1] is not None:
+            raise CheckpointWriteError(said[1])
+        return None if said[0] is None else Path(said[0])
+
+    def _start_background_save(self, pending: _PendingSave, ckpt: dict[str, Any] | None) -> None:
+        # Not a daemon: an interpreter that exits still finishes the write (and its link).
+        pending.thread = threading.Thread(
+            target=self._write_in_background, args=(pending, ckpt), name="ml-checkpoint"
+        )
+        self._pending_save = pending
+        pending.thread.start()
+
+    def _write_in_background(self, pending: _PendingSave, ckpt: dict[str, Any] | None) -> None:
         try:
-            self._write_checkpoint(ckpt, pending.path, pending.score)
+            if pending.shards is not None:  # every rank: its shards, copied to host memory, written
+                wait_for_shards(pending.path, pending.shards)
+            if ckpt is not None:  # rank 0: the file, or the sharded folder's ml.pt, then the link
+                self._write_checkpoint(ckpt, pending.path, pending.score)
         except BaseException as e:  # raised in the training thread, by _finish_save
             pending.error = e
 
@@ -1293,13 +1426,17 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         self, ckpt: dict[str, Any], ckpt_path: Path, score: tuple[float, Ranking] | None
     ) -> None:
         """Writes ``ckpt`` durably, ranks it by ``score``, links it and applies retention
-        (:mod:`ml.run.checkpoints`; rank 0)."""
+        (:mod:`ml.run.checkpoints`; rank 0). For a sharded checkpoint (a folder, whose shards every
+        rank has written) ``ckpt`` is what goes beside the shards."""
+        step = int(ckpt_path.name.split(".")[1])
+        keep_older = not self.checkpoint_config.only_save_most_recent
+        if "sharded" in ckpt:
+            publish_sharded_checkpoint(
+                self.run, step, lambda f: torch.save(ckpt, f), keep_older=keep_older, score=score
+            )
+            return
         write_checkpoint_file(
-            self.run,
-            int(ckpt_path.name.split(".")[1]),
-            lambda f: torch.save(ckpt, f),
-            keep_older=not self.checkpoint_config.only_save_most_recent,
-            score=score,
+            self.run, step, lambda f: torch.save(ckpt, f), keep_older=keep_older, score=score
         )
 
     def wait_for_checkpoint(self) -> Path | None:
@@ -1324,7 +1461,8 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             raise pending.error
         if self._host_snapshot is not None:
             self._host_snapshot.release()  # the buffers serve the next save's copy
-        pending.task.on_after_save_checkpoint(pending.path)
+        if pending.task is not None:  # rank 0's save (the other ranks' wrote only their shards)
+            pending.task.on_after_save_checkpoint(pending.path)
         return pending.path
 
     def gather_checkpoint_parts(self, model: ModelT, optims: Optims | None) -> tuple[Any, Any]:

@@ -3,31 +3,104 @@
 - ``ddp``: every process holds the whole model; gradients are averaged by
   :class:`~torch.nn.parallel.DistributedDataParallel` during the backward pass.
 - ``fsdp``: parameters, gradients and optimizer state are sharded over the processes with FSDP2
-  (:func:`torch.distributed.fsdp.fully_shard`), for models that do not fit one device. Each child
-  module holding parameters becomes its own shard unit (gathered just before it runs), then the root.
+  (:func:`torch.distributed.fsdp.fully_shard`), for models that do not fit one device. The model
+  chooses its shard units (``model.shard_units()``, by default each child module holding trainable
+  parameters: its blocks), each gathered just before it runs, then the root. ``trainer.fsdp``:
+  mixed precision (``param_dtype: bfloat16`` computes in bf16 from fp32 shards, ``reduce_dtype:
+  float32`` reduces gradients exactly), and ``hybrid`` (HSDP): a 2-D mesh that shards within each
+  group of ``shard_size`` processes (a node) and replicates across the groups, so that the
+  all-gathers of every step stay inside a node.
+- ``trainer.activation_checkpointing`` (any mode, one process too): each shard unit's activations
+  are recomputed in the backward pass rather than kept (:func:`torch.distributed._composable.checkpoint`,
+  which leaves the parameters' names as they are, so checkpoints are the same either way).
 
-Checkpoints hold full, unsharded state dicts either way: under FSDP they are gathered with
-:mod:`torch.distributed.checkpoint.state_dict` (a collective every rank joins), and written by rank
-0 alone, so a checkpoint can be resumed with any number of processes, with or without FSDP.
+Checkpoints: ``trainer.checkpoint.format=full`` holds full, unsharded state dicts either way: under
+FSDP they are gathered with :mod:`torch.distributed.checkpoint.state_dict` (a collective every rank
+joins), and written by rank 0 alone. ``sharded`` (the default under FSDP) writes every rank's
+shards at once (:mod:`ml.utils.sharded`). Both resume with any number of processes, with or without FSDP.
 """
 
+import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from ml.errors import ConfigError
 
-def wrap_model(model: nn.Module, device: torch.device, mode: str) -> nn.Module:
-    """The module the training step runs: ``model`` wrapped in DDP, or ``model`` sharded in place."""
+
+def fsdp_mesh_shape(
+    world_size: int, *, hybrid: bool, shard_size: int | None, local_world_size: int
+) -> tuple[int, ...]:
+    """The device mesh FSDP shards over: ``(world_size,)``, or with ``hybrid`` (HSDP)
+    ``(replicas, shard_size)`` - the shard groups are consecutive ranks (a node's, by default).
+
+    Raises:
+        ConfigError: ``shard_size`` does not divide the processes into whole groups.
+    """
+    if not hybrid:
+        return (world_size,)
+    size = shard_size or local_world_size
+    if size > world_size or world_size % size:
+        raise ConfigError(
+            f"trainer.fsdp.shard_size={size} does not divide the {world_size} processes into whole shard "
+            "groups: set it to a divisor (a node's processes), or hybrid=false"
+        )
+    return (world_size // size, size)
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP shards one by one (and activation checkpointing recomputes): the model's
+    ``shard_units()`` (:meth:`ml.models.base.BaseModel.shard_units`), else each child holding
+    trainable parameters."""
+    choose = getattr(model, "shard_units", None)
+    if callable(choose):
+        return list(choose())
+    return [child for child in model.children() if any(p.requires_grad for p in child.parameters())]
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
+
+
+def wrap_model(
+    model: nn.Module,
+    device: torch.device,
+    mode: str,
+    *,
+    distributed: bool = True,
+    fsdp: Any = None,
+    activation_checkpointing: bool = False,
+) -> nn.Module:
+    """The module the training step runs: ``model`` wrapped in DDP, or ``model`` sharded in place
+    (``distributed=False``: ``model`` itself). ``fsdp`` holds ``trainer.fsdp``'s settings."""
+    if activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+
+        for unit in shard_units(model):
+            checkpoint(unit)
+    if not distributed:
+        return model
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-        for child in model.children():
-            if any(p.requires_grad for p in child.parameters()):
-                fully_shard(child, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        world_size = torch.distributed.get_world_size()
+        shape = fsdp_mesh_shape(
+            world_size,
+            hybrid=bool(getattr(fsdp, "hybrid", False)),
+            shard_size=getattr(fsdp, "shard_size", None),
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+        )
+        names = ("replicate", "shard") if len(shape) == 2 else ("shard",)
+        mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
+        policy = MixedPrecisionPolicy(
+            param_dtype=_dtype(getattr(fsdp, "param_dtype", None)),
+            reduce_dtype=_dtype(getattr(fsdp, "reduce_dtype", None)),
+        )
+        for unit in shard_units(model):
+            fully_shard(unit, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
         return model
     from torch.nn.parallel import DistributedDataParallel
 

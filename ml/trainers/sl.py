@@ -328,7 +328,7 @@ class SupervisedLearningTrainer(
     def gather_checkpoint_parts(self, model: BaseModel, optims: Any) -> tuple[Any, Any]:
         # A streamed training set: each rank's place in its own shard, gathered for rank 0 to save.
         self._stream_ranks = self._train_stream.gather() if self._train_stream is not None else None
-        if not is_sharded(model):
+        if not is_sharded(model) or self.checkpoint_format == "sharded":  # sharded: no tensor is gathered
             return super().gather_checkpoint_parts(model, optims)
         return full_model_state(model), None if optims is None else full_optim_state(model, optims)
 
@@ -833,8 +833,9 @@ class SupervisedLearningTrainer(
             for key, value in loss_dict.items():
                 task.logger.log_scalar(key, value.detach().float().sum(), namespace=phase)
             size = batch_size_of(batch)
-            for key, scalar in task.logger.materialize().scalars.items():
-                totals[key] = totals.get(key, 0.0) + scalar * size
+            # Only the scalars are summed per batch; images and strings wait for the pass's write.
+            for key, scalar in task.logger.pop_scalars().items():
+                totals[key] = totals.get(key, 0.0) + scalar_to_float(scalar) * size
             count += size
             if phase == "valid":
                 state.num_valid_steps += 1
@@ -905,7 +906,14 @@ class SupervisedLearningTrainer(
         self.setup_distributed()
         model.to(device=self.device, dtype=self.weight_precision)
         task.to(self.device)
-        wrapped = wrap_model(model, self.device, self.config.parallel) if self.distributed else model
+        wrapped = wrap_model(
+            model,
+            self.device,
+            self.config.parallel,
+            distributed=self.distributed,
+            fsdp=self.config.fsdp,
+            activation_checkpointing=self.config.activation_checkpointing,
+        )
         optim = optimizer.get(model)
         if self.config.fast_optimizer:
             use_fast_optimizer(optim)

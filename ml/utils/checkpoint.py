@@ -26,6 +26,7 @@ import random
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -34,20 +35,43 @@ import torch
 from torch import nn
 
 from ml.errors import CheckpointError, DamagedCheckpointError, UnsafeCheckpointError
-from ml.run.checkpoints import verify_checksum
+from ml.run.checkpoints import (
+    SHARDED_EXTRAS,
+    is_sharded_checkpoint,
+    verify_checksum,
+    verify_sharded_checkpoint,
+)
 from ml.utils.atomic import NotARegularFileError, open_regular
 
 _PLAIN = (torch.Tensor, int, float, str, bool, bytes, type(None), torch.Size, torch.dtype, torch.device)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+@dataclass(frozen=True)
+class ShardedState:
+    """A part of a sharded checkpoint (``model`` or ``optim``) whose tensors stay in its folder until
+    they are loaded into a model or optimizer (:mod:`ml.utils.sharded`), or streamed out by ``ml export``.
+
+    Attributes:
+        folder: The checkpoint's folder (``checkpoints/ckpt.<step>``).
+        key: The part's name among the folder's tensors (``model``, ``optim``, ``optim/<name>``).
+        skeleton: The part as saved with each tensor replaced by its name (the rest: plain values).
+    """
+
+    folder: Path
+    key: str
+    skeleton: Any
+
+
 def read_checkpoint(path: str | Path, device: str | torch.device | None = None) -> dict[str, Any]:
     """Reads a checkpoint file without ever unpickling arbitrary objects.
 
-    The file is checked first (:func:`verify_checkpoint`), then read from the same open file.
+    The file is checked first (:func:`verify_checkpoint`), then read from the same open file. A
+    sharded checkpoint (a folder) is checked against its manifest, then its ``ml.pt`` is read as a
+    file is; its ``model`` and ``optim`` are then :class:`ShardedState` (nothing of them read yet).
 
     Args:
-        path: The file (a ``ckpt.pt`` link is followed).
+        path: The file or sharded checkpoint folder (a ``ckpt.pt`` link is followed).
         device: Where to put the tensors (``map_location``).
 
     Returns:
@@ -61,11 +85,33 @@ def read_checkpoint(path: str | Path, device: str | torch.device | None = None) 
         UnsafeCheckpointError: The file contains objects other than tensors and plain data.
     """
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        folder = path.resolve()
+        verify_sharded_checkpoint(folder)
+        ckpt = _read_file(folder / SHARDED_EXTRAS, device)
+        parts = ckpt.pop("sharded", None) if isinstance(ckpt, dict) else None
+        if not isinstance(parts, dict):
+            raise CheckpointError(
+                f"{path} is not an ml sharded checkpoint (its {SHARDED_EXTRAS} lists no parts)"
+            )
+        for key, skeleton in parts.items():
+            ckpt[key] = ShardedState(folder, key, skeleton)
+    else:
+        ckpt = _read_file(path, device)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "state" not in ckpt:
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{path} is not an ml checkpoint (expected keys 'model' and 'state', found {keys})"
+        )
+    return ckpt
+
+
+def _read_file(path: Path, device: str | torch.device | None) -> Any:
     with _open(path) as f:
         _check_file(f, path)
         f.seek(0)
         try:
-            ckpt = torch.load(f, map_location=device, weights_only=True)
+            return torch.load(f, map_location=device, weights_only=True)
         except pickle.UnpicklingError as e:
             refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
             if not refused:
@@ -80,12 +126,6 @@ def read_checkpoint(path: str | Path, device: str | torch.device | None = None) 
             raise CheckpointError(
                 f"cannot read checkpoint {path}: the file is damaged or not a torch file ({first})"
             ) from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "state" not in ckpt:
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(
-            f"{path} is not an ml checkpoint (expected keys 'model' and 'state', found {keys})"
-        )
-    return ckpt
 
 
 def verify_checkpoint(path: str | Path) -> bool:
@@ -100,6 +140,9 @@ def verify_checkpoint(path: str | Path) -> bool:
         CheckpointError: Not a zip archive as ``torch.save`` writes them.
     """
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        verify_sharded_checkpoint(path.resolve())
+        path = path.resolve() / SHARDED_EXTRAS
     with _open(path) as f:
         return _check_file(f, path)
 

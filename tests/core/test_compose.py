@@ -119,7 +119,11 @@ def test_a_moved_run_config_continues_in_its_new_folder(tmp_path: Path) -> None:
         (["trainer.checkpoint.save_every=1"], "trainer.checkpoint.save_every: Key 'save_every' not in"),
         (["task.max_steps=abc"], "task.max_steps: Value 'abc'"),
         (["trainer.valid_at_end=maybe"], "trainer.valid_at_end: Value 'maybe'"),
-        (["optimizer.name=adamx"], "optimizer.name: unknown optimizer 'adamx'; registered: adam, adamw, sgd"),
+        (
+            ["optimizer.name=adamx"],
+            "optimizer.name: unknown optimizer 'adamx'; "
+            "registered: adam, adamw, adan, gan, lamb, lion, prodigy, sgd, shampoo",
+        ),
         (["model.name=no_such_module_x:Model"], "model.name: model 'no_such_module_x:Model': cannot import"),
         (["foo.bar=1"], "unknown section 'foo'"),
         (["=3"], "bad override '=3'"),

@@ -110,7 +110,7 @@ def test_unknown_name_lists_the_registered_ones() -> None:
         lookup("optimizer", "adamx")
     message = str(info.value)
     assert "unknown optimizer 'adamx'" in message
-    assert "registered: adam, adamw, sgd" in message
+    assert "registered: adam, adamw, adan, gan, lamb, lion, prodigy, sgd, shampoo" in message
     assert "package.module:ClassName" in message
 
 

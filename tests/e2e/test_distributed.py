@@ -140,7 +140,7 @@ def test_fsdp_trains_checkpoints_full_state_and_resumes(
     config: Path, tmp_path: Path, reference: dict[int, float]
 ) -> None:
     run_dir = tmp_path / "runs"
-    _torchrun(config, run_dir, "trainer.parallel=fsdp", "task.max_steps=12")
+    _torchrun(config, run_dir, "trainer.parallel=fsdp", "trainer.checkpoint.format=full", "task.max_steps=12")
     exp_dir = _only_run(run_dir)
     ckpt = torch.load(exp_dir / "checkpoints" / "ckpt.12.pt", weights_only=True)
     # Full tensors, not shards: the shapes of the whole model (64 -> 64 -> 64 -> 10).

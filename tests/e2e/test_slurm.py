@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.e2e.test_distributed import CONFIG, ML, _env, _only_run, _records, _train_losses
 from tests.slurm_cluster import SlurmCluster, parse_scontrol_record
@@ -285,3 +286,84 @@ def test_slurm_job_checkpoints_on_usr1_requeues_and_finishes(
     assert final["num_steps"] == MAX_STEPS
     assert final["num_samples"] > saved["num_samples"]
     assert not (exp_dir / ".lock_scheduled").exists() and not (exp_dir / ".lock_running").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A sweep as a job array, each point running the code staged when it was submitted
+
+STAGED_PACKAGE = """\
+import sys
+
+from ml.examples.digits import DigitsMLP, DigitsMLPConfig
+
+VERSION = 1
+print(f"sweepmod version {VERSION}", file=sys.stderr)
+
+
+class SweepMLP(DigitsMLP):
+    def __init__(self, config: DigitsMLPConfig) -> None:
+        super().__init__(config)
+"""
+
+SWEEP_CONFIG = """\
+model: {name: "sweepmod:SweepMLP", hidden: 16}
+task: {name: digits, seed: 3, max_steps: 3, train_dl: {batch_size: 32}}
+optimizer: {name: adam, lr: 1e-2}
+trainer: {name: sl, exp_name: arr, valid_at_end: false}
+logger: [{name: jsonl, write_every_n_steps: 1}]
+sweep:
+  optimizer.lr: [0.01, 0.02]
+"""
+
+
+def _ended(run: Path) -> bool:
+    """Whether the run's status says its session is over (it is provisional, ``running``, before)."""
+    try:
+        state = json.loads((run / "status.json").read_text())["state"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return state != "running" and not (run / ".lock_running").exists()
+
+
+@pytest.mark.slurm
+def test_a_sweep_is_a_job_array_of_staged_runs(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    (tmp_path / "sweepmod").mkdir()
+    (tmp_path / "sweepmod" / "__init__.py").write_text(STAGED_PACKAGE)
+    (tmp_path / "sweep.yaml").write_text(SWEEP_CONFIG)
+    run_dir = tmp_path / "runs"
+    env = {**_env(run_dir), **slurm_cluster.env, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run(
+        [*ML, "launch", "sweep.yaml", "launcher.name=slurm", "launcher.extra_args=[--hold]"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    job_id = int(result.stdout.strip().splitlines()[-1])
+    runs = [run_dir / "arr" / "run_0", run_dir / "arr" / "run_1"]
+    assert f"ml: submitted Slurm job array {job_id} of 2 runs:" in result.stderr
+    assert all((run / ".lock_scheduled").exists() and (run / "code" / "sweepmod").is_dir() for run in runs)
+
+    # The working tree changes while the array waits; the tasks still run what was submitted.
+    (tmp_path / "sweepmod" / "__init__.py").write_text(STAGED_PACKAGE.replace("VERSION = 1", "VERSION = 2"))
+    slurm_cluster.run("scontrol", "release", str(job_id))
+    try:
+        _wait("both points to end", lambda: all(_ended(run) for run in runs))
+    except BaseException:
+        for run in runs:
+            for out in run.glob("logs/slurm_*.out"):
+                print(out, out.read_text())
+        raise
+    lrs = []
+    for run in runs:
+        (output,) = run.glob("logs/slurm_*.out")  # each task's output in its own run folder
+        log = output.read_text()
+        assert "sweepmod version 1" in log and "version 2" not in log, log
+        assert json.loads((run / "status.json").read_text())["state"] == "finished"
+        assert sorted(_train_losses(run)) == [1, 2, 3]
+        lrs.append(OmegaConf.load(run / "config.yaml").optimizer.lr)
+        assert not (run / ".lock_scheduled").exists()
+    assert lrs == [0.01, 0.02]

@@ -122,3 +122,20 @@ def test_import_does_not_import_tensorboard() -> None:
 def test_registered_as_tensorboard() -> None:
     assert lookup("logger", "tensorboard") == (TensorboardLogger, TensorboardLoggerConfig)
     assert TensorboardLoggerConfig(name="tensorboard").write_every_n_seconds == 10.0
+
+
+def test_the_config_keeps_secrets_as_their_references(tmp_path: Path) -> None:
+    """The trainer hands loggers the config resolved; a value config.yaml keeps as ``${ml.secret:X}``
+    is written as that reference, never as the secret."""
+    run = tmp_path / "run_0"
+    run.mkdir()
+    (run / "config.yaml").write_text("task:\n  token: ${ml.secret:DATA_TOKEN}\n  batch: 8\n")
+    lg = TensorboardLogger(TensorboardLoggerConfig(name="tensorboard"))
+    lg.initialize(run / "logs")
+    lg.log_config(OmegaConf.create({"task": {"token": "s3cr3t-value", "batch": 8}}))
+    lg.close()
+    acc = _read(run / "logs" / "tensorboard" / "train")
+    (event,) = acc.Tensors("config/text_summary")
+    text = event.tensor_proto.string_val[0].decode()
+    assert "token: ${ml.secret:DATA_TOKEN}" in text and "batch: 8" in text
+    assert "s3cr3t" not in text

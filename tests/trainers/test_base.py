@@ -118,6 +118,7 @@ def test_config_defaults_equal_the_spec() -> None:
         ("monitor", None),
         ("mode", None),
         ("keep_top_k", 1),
+        ("format", None),  # full, or sharded (the default under FSDP)
     ]
     config = BaseTrainerConfig()
     assert config.name == "???" and config.exp_dir == "???" and MISSING == "???"

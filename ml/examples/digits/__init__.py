@@ -2,7 +2,8 @@
 
 1,797 grey-scale images of 64 pixels, split once with a fixed seed into train (1,257), valid (180)
 and test (360) samples; no download. The model is a small MLP (``digits_mlp``); the task
-(``digits``) computes cross-entropy and logs accuracy.
+(``digits``) computes cross-entropy and logs accuracy, and at each validation a grid of the
+validation images the model got wrong (``valid/misclassified``, shown in TensorBoard's images tab).
 """
 
 import importlib.util
@@ -23,6 +24,7 @@ from ml.models.base import BaseModel, BaseModelConfig
 from ml.tasks.sl import SupervisedLearningTask, SupervisedLearningTaskConfig
 
 SPLIT_SIZES = {"train": 1257, "valid": 180, "test": 360}
+MAX_MISCLASSIFIED_SHOWN = 64  # an 8 x 8 grid
 
 
 def _digits_file() -> Path | None:
@@ -130,7 +132,21 @@ class DigitsTaskConfig(SupervisedLearningTaskConfig):
 
 @register_task("digits")
 class DigitsTask(SupervisedLearningTask[DigitsTaskConfig]):
-    """Classify 8x8 digit images; logs cross-entropy and accuracy."""
+    """Classify 8x8 digit images; logs cross-entropy, accuracy and the misclassified validation images."""
+
+    def __init__(self, config: DigitsTaskConfig) -> None:
+        super().__init__(config)
+        # The validation batches seen at this step: (images, predictions, labels), kept as they are
+        # (on the device) until a logger writes the grid, the only time they are read.
+        self._valid_step: int | None = None
+        self._valid_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def misclassified_images(self) -> torch.Tensor:
+        """The wrongly predicted images of the latest validation (at most 64), ``(N, 8, 8)``, 0..1."""
+        wrong = [images[preds != labels] for images, preds, labels in self._valid_batches]
+        images = torch.cat(wrong) if wrong else torch.zeros(0, 64)
+        self._valid_step = None  # shown: another validation at this step starts its own
+        return images[:MAX_MISCLASSIFIED_SHOWN].view(-1, 8, 8).float().cpu()
 
     def get_dataset(self, phase: Phase) -> Dataset:
         images, labels = _load_digits_split(self.config.split_seed)[phase]
@@ -139,7 +155,13 @@ class DigitsTask(SupervisedLearningTask[DigitsTaskConfig]):
     def compute_loss(
         self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], state: State, output: torch.Tensor
     ) -> torch.Tensor:
-        _, labels = batch
-        accuracy = (output.argmax(dim=-1) == labels).float().mean()
+        images, labels = batch
+        predictions = output.argmax(dim=-1)
+        accuracy = (predictions == labels).float().mean()
         self.logger.log_scalar("accuracy", accuracy, namespace=state.phase)
+        if state.phase == "valid":
+            if self._valid_step != state.num_steps:  # a new validation
+                self._valid_step, self._valid_batches = state.num_steps, []
+            self._valid_batches.append((images.detach(), predictions.detach(), labels))
+            self.logger.log_images("misclassified", self.misclassified_images, namespace="valid")
         return F.cross_entropy(output, labels)

@@ -1,0 +1,175 @@
+"""Defines :class:`WandbLogger`, which records a run with Weights & Biases (the ``wandb`` package).
+
+Its files go inside the run folder: ``<logs>/wandb/`` (wandb's own ``offline-run-<time>-<id>/`` or
+``run-<time>-<id>/`` folders, one per session). The mode is ``mode`` from the config, else the
+environment's ``WANDB_MODE``, else ``online`` when ``WANDB_API_KEY`` is set and ``offline`` when it
+is not (no run is lost to a missing login; ``wandb sync <logs>/wandb`` uploads offline runs later).
+
+What it records: the resolved config (W&B's run config, nested as in the YAML; a secret as its
+``${ml.secret:NAME}`` reference, never its value), every scalar at
+``state.num_steps``, strings, histograms (``wandb.Histogram``) and images (``wandb.Image``). How
+the session ended: ``finished`` ends the W&B run with exit code 0; ``interrupted`` (a stop signal,
+the run to be continued) marks it preempting (``run.mark_preempting()``) and ends it with exit code
+1, W&B's sign of a preempted, resumable run; ``failed`` ends it with exit code 1.
+
+A continued run continues the same W&B run: the id is kept in every checkpoint
+(:meth:`WandbLogger.state_dict`) and passed to ``wandb.init(id=..., resume="allow")``. Offline,
+each session writes a folder of its own with that id; ``wandb sync`` puts them together in one run.
+A run stopped by a signal logged nothing past its checkpoint, so no step is in two sessions; after a
+``kill -9`` the steps redone past the checkpoint are in both (with the same values, resume being exact).
+
+``wandb`` is an optional dependency, imported when the logger is initialized. Its console capture
+is off (``ml`` prints its own lines), and so is its own output (``silent``): the logger says where
+the run is in one line.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ml.core.config import conf_field
+from ml.core.registry import register_logger
+from ml.core.state import State
+from ml.loggers.base import BaseLogger, BaseLoggerConfig, LogBatch, config_to_log
+
+logger = logging.getLogger(__name__)
+
+WANDB_DIR_NAME = "wandb"  # what wandb names the folder it makes in the `dir` it is given
+MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbLoggerConfig(BaseLoggerConfig):
+    """Config of :class:`WandbLogger`."""
+
+    mode: str | None = conf_field(
+        None,
+        help="online, offline or disabled; default: $WANDB_MODE, else online with WANDB_API_KEY set, "
+        "else offline",
+    )
+    project: str | None = conf_field(None, help="W&B project (default: trainer.exp_name)")
+    entity: str | None = conf_field(None, help="W&B entity: user or team (default: wandb's)")
+    run_name: str | None = conf_field(None, help="W&B run name (default: <exp_name>/<run folder>)")
+    tags: list[str] = conf_field([], help="Tags of the W&B run")
+
+
+def wandb_mode(configured: str | None) -> str:
+    """The mode to run in: the config's, else ``$WANDB_MODE``, else by whether an API key is set."""
+    mode = (
+        configured
+        or os.environ.get("WANDB_MODE")
+        or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    )
+    if mode not in MODES:
+        source = "mode" if configured else "WANDB_MODE"
+        raise ValueError(f"{source} must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def _import_wandb() -> ModuleType:
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError(
+            "The 'wandb' logger needs the wandb package: run `pip install wandb` "
+            "(or install the extra, `pip install 'ml-trainer[wandb]'`), or remove {name: wandb} from "
+            "the logger list"
+        ) from e
+    return wandb
+
+
+@register_logger("wandb")
+class WandbLogger(BaseLogger[WandbLoggerConfig]):
+    """Records the run with Weights & Biases (see the module docstring). Master only.
+
+    Args:
+        config: The logger's config.
+    """
+
+    def __init__(self, config: WandbLoggerConfig) -> None:
+        super().__init__(config)
+        if config.mode is not None:
+            wandb_mode(config.mode)  # a bad mode is refused before the run folder exists
+        self._wandb: ModuleType | None = None
+        self.run: Any = None  # the wandb Run of this session, once started
+        self.run_id: str | None = None  # from the checkpoint, or once the run is started
+        self._outcome = "finished"
+
+    def initialize(self, log_directory: Path) -> None:
+        super().initialize(log_directory)
+        self._wandb = _import_wandb()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id} if self.run_id is not None else {}
+
+    def load_state_dict(self, state: Any) -> None:
+        run_id = state.get("run_id")
+        if isinstance(run_id, str) and run_id:
+            self.run_id = run_id
+
+    def _start_run(self, config: DictConfig | None) -> Any:
+        if self.run is not None:
+            return self.run
+        if self._wandb is None or self.log_directory is None:
+            raise RuntimeError("WandbLogger used before initialize(log_directory)")
+        wandb = self._wandb
+        run_folder = self.log_directory.parent  # the log folder is a child of the run's (RunDir.logs)
+        exp_name = None if config is None else OmegaConf.select(config, "trainer.exp_name")
+        project = self.config.project or exp_name or run_folder.parent.name
+        mode = wandb_mode(self.config.mode)
+        # wandb makes <dir>/wandb/ itself; the folder it is given must exist.
+        self.log_directory.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            dir=str(self.log_directory),
+            mode=mode,
+            project=str(project),
+            entity=self.config.entity,
+            name=self.config.run_name or f"{project}/{run_folder.name}",
+            id=self.run_id,
+            resume="allow",
+            tags=list(self.config.tags) or None,
+            config=None if config is None else config_to_log(config, self.log_directory),
+            settings=wandb.Settings(console="off", silent=True),
+        )
+        self.run_id = self.run.id
+        logger.info("W&B run %s (%s) in %s", self.run_id, mode, self.run.dir)
+        return self.run
+
+    def log_config(self, config: DictConfig) -> None:
+        """Starts the W&B run with the resolved config (a continued run's config is updated)."""
+        if self.run is None:
+            self._start_run(config)
+        else:
+            self.run.config.update(config_to_log(config, self.log_directory), allow_val_change=True)
+
+    def write(self, state: State, batch: LogBatch) -> None:
+        run = self._start_run(None)
+        wandb = self._wandb
+        assert wandb is not None
+        data: dict[str, Any] = dict(batch.scalars)
+        data.update(batch.strings)
+        for name, values in batch.histograms.items():
+            finite = values[values.isfinite()]
+            if finite.numel() > 0:  # as TensorBoard's: no bins for nothing or NaN
+                data[name] = wandb.Histogram(finite.numpy())
+        for name, image in batch.images.items():
+            data[name] = wandb.Image(image.permute(1, 2, 0).numpy())  # (C, H, W) -> (H, W, C)
+        if data:
+            run.log(data, step=state.num_steps)
+
+    def on_session_end(self, outcome: str) -> None:
+        self._outcome = outcome
+
+    def close(self) -> None:
+        """Ends the W&B run (its files are complete then), with the session's outcome."""
+        run, self.run = self.run, None
+        if run is None:
+            return
+        if self._outcome == "interrupted":
+            run.mark_preempting()
+        run.finish(exit_code=0 if self._outcome == "finished" else 1)

@@ -1,0 +1,99 @@
+"""Defines the schedule section of a torch schedule named by import path.
+
+``lr_scheduler: {name: "torch.optim.lr_scheduler:StepLR", step_size: 100, gamma: 0.5}`` steps
+``torch.optim.lr_scheduler.StepLR`` with the trainer. The section's keys are the class's keyword
+arguments (:func:`ml.core.registry.config_from_signature`; ``optimizer`` and ``last_epoch`` are the
+adapter's). A torch schedule counts its own steps and may read the learning rate it set last, so
+it is not a scale of the step like the registered ones: :class:`TorchSchedulerAdapter` steps it
+until its count is the trainer's, before each update (update ``k`` uses the rate torch gives after
+``k`` of its steps, as in torch's ``optimizer.step(); scheduler.step()`` loop), and its state goes
+into every checkpoint, so a resumed run continues it exactly. Schedules that need a metric
+(``ReduceLROnPlateau``) or other schedules (``SequentialLR``) cannot be built from a config section.
+"""
+
+import warnings
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.optim import SGD, Optimizer
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+from ml.core.config import BaseConfig
+from ml.core.registry import config_from_signature
+from ml.core.state import State
+from ml.errors import RegistryError
+from ml.lr_schedulers.base import BaseLRScheduler, BaseLRSchedulerConfig, SchedulerAdapter
+from ml.optimizers.imported import section_kwargs
+
+_BUILDERS: dict[type, type["ImportedLRScheduler"]] = {}
+_ADAPTER_ARGUMENTS = ("optimizer", "last_epoch", "verbose")
+# Torch warns when its schedule steps before the optimizer ever did through `optimizer.step`; the
+# trainers' direct fused Adam step (ml.optimizers.fast) does not go through it.
+_STEP_ORDER_WARNING = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
+
+
+class TorchSchedulerAdapter(SchedulerAdapter):
+    """Steps a torch schedule along with the trainer's step counter; its state is checkpointed."""
+
+    def __init__(self, scheduler: "ImportedLRScheduler", optim: Optimizer) -> None:
+        super().__init__(scheduler, optim)
+        self.torch_scheduler = scheduler.scheduler_class(optim, **section_kwargs(scheduler.config))
+
+    def step(self, state: State) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _STEP_ORDER_WARNING, UserWarning)
+            while self.torch_scheduler.last_epoch < state.num_steps:
+                self.torch_scheduler.step()
+        group = self.optim.param_groups[0]
+        self.lr_scale = float(group["lr"]) / float(group["initial_lr"]) if group["initial_lr"] else 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "torch_scheduler": self.torch_scheduler.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.torch_scheduler.load_state_dict(state_dict["torch_scheduler"])
+
+
+class ImportedLRScheduler(BaseLRScheduler[BaseLRSchedulerConfig]):
+    """Binds :attr:`scheduler_class` (set per class by :func:`adapt`) to an optimizer."""
+
+    scheduler_class: ClassVar[type[LRScheduler]]
+
+    def __init__(self, config: BaseLRSchedulerConfig) -> None:
+        super().__init__(config)
+        # Made once over a stand-in optimizer: a bad value is refused with the config, before a run
+        # folder is claimed.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.scheduler_class(SGD([nn.Parameter(torch.zeros(1))], lr=1.0), **section_kwargs(config))
+
+    def get_lr_scale(self, state: State) -> float:
+        raise TypeError(
+            f"{self.scheduler_class.__name__} is a stateful torch schedule: bind it with get(optim)"
+        )
+
+    def get(self, optim: Optimizer) -> SchedulerAdapter:
+        return TorchSchedulerAdapter(self, optim)
+
+
+def adapt(cls: type) -> tuple[type, type[BaseConfig]] | None:
+    """``(component class, config class)`` for a torch ``LRScheduler`` subclass, else None.
+
+    Raises:
+        RegistryError: The schedule needs a metric at every step (``ReduceLROnPlateau``).
+    """
+    if issubclass(cls, ReduceLROnPlateau):
+        raise RegistryError(
+            f"{cls.__qualname__} steps on a validation metric, not with the trainer's steps: "
+            "use a schedule of the step (torch.optim.lr_scheduler:StepLR, cosine, ...)"
+        )
+    if not issubclass(cls, LRScheduler):
+        return None
+    config_cls = config_from_signature(cls, BaseLRSchedulerConfig, skip=_ADAPTER_ARGUMENTS)
+    if cls not in _BUILDERS:
+        _BUILDERS[cls] = type(
+            f"{cls.__name__}Builder", (ImportedLRScheduler,), {"scheduler_class": cls, "__module__": __name__}
+        )
+    return _BUILDERS[cls], config_cls

@@ -1,0 +1,442 @@
+"""Defines :class:`GanTrainer` (``gan``): a generator and a discriminator trained in alternation.
+
+The session's order is :class:`ml.trainers.base.BaseTrainer`'s; this trainer supplies its set-up
+(the model's two parts, an optimizer and a schedule for each, the data), its loop and its finish.
+The protocol a task and model follow is :mod:`ml.tasks.gan`'s. One training step:
+
+    for each of the step's ``discriminator_steps`` batches of real samples:
+        the discriminator's update (the generator frozen) on ``task.discriminator_loss``
+    the generator's update (the discriminator frozen) on ``task.generator_loss``
+
+then log, validate (``task.evaluate``, every ``valid_every_n_steps``), checkpoint, check for a stop.
+``state.num_steps`` counts generator updates, ``state.num_samples`` real samples.
+
+The optimizers and schedules are dicts by part name (``{"generator": ..., "discriminator": ...}``),
+the plural form the base trainer's ``save_checkpoint``/``load_checkpoint`` take: one checkpoint holds
+both parts' weights (as the model's), both optimizers (``optim``) and both schedules (``lr``), every
+generator's state and where the data order stands. A run stopped at any step and resumed computes
+the same tensors as one that never stopped.
+
+NaN/inf: each update's loss and gradient norm are checked on the device (:mod:`ml.utils.nonfinite`),
+an update that has one is skipped there, and the record is read when the logs are written or a
+checkpoint is saved: ``non_finite_loss=stop`` then stops naming the step, the part and the first
+module whose gradient is not finite; ``skip`` counts the skipped updates (``trainer/skipped_steps``).
+
+One process only for now (no DDP/FSDP), in float32 (or float64 weights).
+"""
+
+import itertools
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from ml.core.config import conf_field
+from ml.core.registry import register_trainer
+from ml.core.state import State
+from ml.errors import CheckpointError, ConfigError
+from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
+from ml.lr_schedulers.gan import GanLRScheduler
+from ml.models.base import BaseModel
+from ml.optimizers.base import BaseOptimizer
+from ml.optimizers.fast import step_skipping, use_fast_optimizer
+from ml.optimizers.gan import GAN_PARTS, GanOptimizer
+from ml.tasks.gan import GanTask, Losses
+from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_trainer_config
+from ml.trainers.sl import NonFiniteLossError
+from ml.utils.data import ResumableSampler, SeededDataset, batch_size_of, move_to, prepare_worker_processes
+from ml.utils.grad_norm import tensor_norms
+from ml.utils.malloc import tune_malloc
+from ml.utils.nonfinite import NonFiniteRecord
+from ml.utils.progress import TrainingBar, expected_total
+from ml.utils.ranks import dist_env
+
+logger = logging.getLogger(__name__)
+
+GENERATOR, DISCRIMINATOR = GAN_PARTS
+
+
+@dataclass
+class GanTrainerConfig(TrainerConfig):
+    discriminator_steps: int = conf_field(
+        1, help="Discriminator updates per generator update (each on its own batch of real samples)"
+    )
+    valid_every_n_steps: int | None = conf_field(None, help="Validate (task.evaluate) every N training steps")
+    valid_at_end: bool = conf_field(True, help="Validate once more when training ends")
+    non_finite_loss: str = conf_field(
+        "stop", help="On a NaN/inf loss or gradient: `stop` with an error, or `skip` the update"
+    )
+
+
+def _check_config(config: GanTrainerConfig) -> None:
+    check_trainer_config(config)
+    if config.discriminator_steps < 1:
+        raise ConfigError(f"trainer.discriminator_steps must be positive, got {config.discriminator_steps}")
+    if config.valid_every_n_steps is not None and config.valid_every_n_steps < 1:
+        raise ConfigError(f"trainer.valid_every_n_steps must be positive, got {config.valid_every_n_steps}")
+    if config.non_finite_loss not in ("stop", "skip"):
+        raise ConfigError(f"trainer.non_finite_loss must be 'stop' or 'skip', got {config.non_finite_loss!r}")
+
+
+def _total(losses: Losses, task: GanTask, method: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss to minimise and the named parts to log; anything but scalars is refused, naming the task."""
+    named = {"loss": losses} if isinstance(losses, torch.Tensor) else losses
+    if not (isinstance(named, dict) and named and all(isinstance(v, torch.Tensor) for v in named.values())):
+        raise TypeError(f"{type(task).__name__}.{method} must return a tensor or a non-empty dict of tensors")
+    for name, value in named.items():
+        if value.numel() != 1:
+            raise ConfigError(
+                f"{type(task).__name__}.{method} returned {name!r} of shape {tuple(value.shape)}, not a "
+                "scalar: reduce it (e.g. .mean())"
+            )
+    values = list(named.values())
+    total = (
+        values[0].float().reshape(())
+        if len(values) == 1
+        else torch.stack([v.float().sum() for v in values]).sum()
+    )
+    return total, named
+
+
+@dataclass
+class _Part:
+    """One part of the model as the loop trains it: its trainable parameters, their names, its record
+    of non-finite updates."""
+
+    module: nn.Module
+    params: list[nn.Parameter]
+    record: NonFiniteRecord
+
+
+@dataclass
+class _Session(Session):
+    """A GAN session: the model's two parts, and the real samples."""
+
+    parts: dict[str, _Part]
+    train_loader: DataLoader
+
+
+@register_trainer("gan", GanTrainerConfig)
+class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
+    """Trains ``model.generator`` against ``model.discriminator`` on a :class:`GanTask`.
+
+    Attributes:
+        final_metrics: The latest validation metrics (``valid/...``).
+    """
+
+    task_type = GanTask
+
+    def __init__(self, config: GanTrainerConfig) -> None:
+        super().__init__(config)
+        _check_config(config)
+        self.final_metrics: dict[str, float] = {}
+        self.num_skipped_steps = 0  # updates dropped for non-finite values (non_finite_loss=skip)
+        self._discriminator_steps = int(config.discriminator_steps)
+        self._valid_every = config.valid_every_n_steps
+        self._data_seed = 0
+        self._last_valid_step = -1
+        self._parts: dict[str, _Part] = {}  # the session's, for _settle
+
+    # -- checkpoint extras: where the data order stands, the last validation, skipped updates
+
+    def update_state_dict(self, state_dict: dict) -> None:
+        state = State.from_json(state_dict["state"])
+        state_dict["sampler"] = {
+            "seed": self._data_seed,
+            "epoch": state.num_epochs,
+            "position": state.num_epoch_samples,
+        }
+        state_dict["last_valid_step"] = self._last_valid_step
+        state_dict["skipped_steps"] = self.num_skipped_steps
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        sampler = state_dict.get("sampler")
+        if sampler is not None and sampler.get("seed") != self._data_seed:
+            logger.warning("task.seed changed since the checkpoint: the data order of this epoch changes too")
+        self._last_valid_step = int(state_dict.get("last_valid_step", -1))
+        self.num_skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+    def save_checkpoint(
+        self, state: State, task: GanTask, model: BaseModel, optims: Any = None, lr_scheds: Any = None
+    ) -> Path:
+        self._settle()  # a stop is due before the step's checkpoint; skipped updates are counted in it
+        return super().save_checkpoint(state, task, model, optims, lr_scheds)
+
+    # -- the session: set-up, loop, finish
+
+    def set_up(
+        self, model: BaseModel, task: GanTask, optimizer: BaseOptimizer, lr_scheduler: BaseLRScheduler
+    ) -> _Session:
+        """The model's parts, an optimizer and a schedule for each, the data; nothing is written to disk."""
+        if dist_env().is_distributed:
+            raise ConfigError("the gan trainer runs in one process: launch it without torchrun, mp or srun")
+        if self.config.tune_malloc:
+            tune_malloc()
+        self._data_seed = task.config.seed
+        model.to(device=self.device, dtype=self.weight_precision)
+        task.to(self.device)
+        modules = _parts_of(model)
+        if isinstance(optimizer, GanOptimizer):
+            optims = optimizer.get_parts(modules)
+        else:  # one section: each part an optimizer of its own with those settings
+            optims = {name: optimizer.get(module) for name, module in modules.items()}
+        if self.config.fast_optimizer:
+            for optim in optims.values():
+                use_fast_optimizer(optim)
+        if isinstance(lr_scheduler, GanLRScheduler):
+            lr_scheds = lr_scheduler.get_parts(optims)
+        else:
+            lr_scheds = {name: lr_scheduler.get(optim) for name, optim in optims.items()}
+        parts = {}
+        for name, module in modules.items():
+            named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+            record = NonFiniteRecord([f"{name}.{n}" for n, _ in named], self.device)
+            parts[name] = _Part(module, [p for _, p in named], record)
+        self._parts = parts
+        evaluates = task.evaluates and self._valid_every is not None
+        how = (
+            "set trainer.valid_every_n_steps"
+            if task.evaluates
+            else f"{type(task).__name__} has no validation (GanTask.evaluate)"
+        )
+        self.check_monitors("valid/", evaluates, how)
+        if self._valid_every is not None and not task.evaluates:
+            logger.warning(
+                "trainer.valid_every_n_steps: %s has no validation (GanTask.evaluate)", type(task).__name__
+            )
+        return _Session(
+            model,
+            task,
+            optims,
+            lr_scheds,
+            seed=task.config.seed,
+            parts=parts,
+            train_loader=self._loader(task),
+        )
+
+    def close(self, s: Session) -> None:
+        self._parts = {}
+
+    def loop(self, state: State, s: Session) -> None:
+        with TrainingBar(state, enabled=self.config.progress_bar) as bar:  # closed however the loop ends
+            self._loop(state, s, bar)
+
+    def _loop(self, state: State, s: Session, bar: TrainingBar) -> None:
+        assert isinstance(s, _Session)
+        task, model, optims, lr_scheds = s.task, s.model, s.optim, s.lr_sched
+        steps_per_epoch = math.ceil(len(s.train_loader) / self._discriminator_steps)
+        cfg = task.config
+        bar.start(
+            expected_total(
+                state,
+                max_steps=cfg.max_steps,
+                max_samples=cfg.max_samples,
+                samples_per_step=(s.train_loader.batch_size or 1) * self._discriminator_steps,
+                max_epochs=cfg.max_epochs,
+                steps_per_epoch=steps_per_epoch,
+            )
+        )
+        while not self.training_over(state, task) and self.stop_signal is None:
+            if state.num_epoch_samples == 0:
+                self.on_epoch_start(state, task, model, optims, lr_scheds)
+            for batches in self._epoch_steps(s.train_loader, state):
+                self.on_step_start(state, task, model, optims, lr_scheds)
+                loss_dict = self._train_step(state, batches, s)
+                samples = sum(map(batch_size_of, batches))
+                state.num_steps += 1
+                state.num_epoch_steps += 1
+                state.num_samples += samples
+                state.num_epoch_samples += samples
+                self.on_step_end(state, loss_dict, task, model, optims, lr_scheds)
+                self.logger.log_scalar("epoch", state.num_epochs)
+                last = self.stop_signal is not None or task.is_training_over(state)
+                if last or any(lg.should_write(state) for lg in self.loggers):
+                    self._settle()  # the values are read for the logs anyway
+                self.write_logs(task, model, state, final=last)
+                if last or state.num_steps >= bar.due:  # an int compare; losses are read on a redraw only
+                    bar.update({"epoch": state.num_epochs, **loss_dict}, force=last)
+                if self._valid_every is not None and state.num_steps % self._valid_every == 0:
+                    self._validate(state, s)
+                if self.should_checkpoint(state):
+                    self.save_checkpoint(state, task, model, optims, lr_scheds)
+                if self.training_over(state, task) or self.stop_signal is not None:
+                    return
+            self.on_epoch_end(state, task, model, optims, lr_scheds)
+
+    def finish(self, state: State, s: Session) -> None:
+        """The end of a completed run: a last validation, then the final checkpoint."""
+        assert isinstance(s, _Session)
+        if self.config.valid_at_end and self._last_valid_step != state.num_steps:
+            self._validate(state, s)
+        super().finish(state, s)
+
+    # -- data
+
+    def _loader(self, task: GanTask) -> DataLoader:
+        """The real samples in a resumable order (:class:`ml.utils.data.ResumableSampler`)."""
+        where = f"{type(task).__name__}.get_dataset('train')"
+        dataset = task.get_dataset("train")
+        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise ConfigError(f"{where} returned {type(dataset).__name__}, not a map-style Dataset")
+        cfg = task.config.train_dl
+        if len(dataset) == 0 or (cfg.drop_last and len(dataset) < cfg.batch_size):
+            raise ConfigError(  # an epoch without a step would loop forever
+                f"the training data of {type(task).__name__} has no complete batch ({len(dataset)} samples, "
+                f"batch_size {cfg.batch_size}, drop_last {cfg.drop_last})"
+            )
+        seeded = cfg.num_workers > 0  # random draws in workers, exact on resume (see ml.utils.data)
+        if seeded:
+            prepare_worker_processes()
+        sampler = ResumableSampler(dataset, shuffle=cfg.shuffle, seed=self._data_seed, with_seeds=seeded)
+        return DataLoader(
+            SeededDataset(dataset) if seeded else dataset,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            num_workers=cfg.num_workers,
+            pin_memory=self.device_type == "cuda" if cfg.pin_memory is None else cfg.pin_memory,
+            drop_last=cfg.drop_last,
+            generator=torch.Generator(),  # the workers' seeds: not drawn from the global generator
+        )
+
+    def _epoch_steps(self, loader: DataLoader, state: State) -> Iterator[list[Any]]:
+        """The rest of the current epoch as groups of ``discriminator_steps`` batches (the last may be
+        short), from the saved position: the order depends only on ``(task.seed, epoch)``."""
+        sampler = cast(ResumableSampler, loader.sampler)
+        if state.num_epoch_samples > sampler.num_samples:
+            raise CheckpointError(
+                f"the checkpoint stands at sample {state.num_epoch_samples} of epoch {state.num_epochs}, but "
+                f"the training data now has {sampler.num_samples} samples: was the dataset changed?"
+            )
+        sampler.set_epoch(state.num_epochs, start=state.num_epoch_samples)
+        assert loader.generator is not None
+        loader.generator.manual_seed(self._data_seed + state.num_epochs)
+        batches = iter(loader)
+        while group := list(itertools.islice(batches, self._discriminator_steps)):
+            yield group
+
+    # -- one training step
+
+    def _train_step(self, state: State, batches: list[Any], s: _Session) -> dict[str, torch.Tensor]:
+        """The discriminator's updates (one per batch), then the generator's; returns both mean losses."""
+        task, model = s.task, s.model
+        if not model.training:
+            model.train()
+        d_losses = []
+        dtype = self.weight_precision
+        for batch in batches:
+            batch = move_to(batch, self.device, dtype)
+            d_losses.append(self._update(DISCRIMINATOR, task.discriminator_loss, batch, state, s))
+        g_loss = self._update(GENERATOR, task.generator_loss, batch, state, s)
+        d_loss = d_losses[0] if len(d_losses) == 1 else torch.stack(d_losses).mean()
+        task.logger.log_scalar("discriminator_loss", d_loss, namespace="train")
+        task.logger.log_scalar("generator_loss", g_loss, namespace="train")
+        return {"d_loss": d_loss, "g_loss": g_loss}
+
+    def _update(self, name: str, loss_of: Any, batch: Any, state: State, s: _Session) -> torch.Tensor:
+        """One optimizer step of part ``name`` (the other part frozen meanwhile); returns its loss.
+
+        Freezing the other part keeps its gradients unset and lets the loss run it without building
+        a graph through it where nothing else needs one (the fakes of the discriminator's loss).
+        """
+        part, other = s.parts[name], s.parts[GENERATOR if name == DISCRIMINATOR else DISCRIMINATOR]
+        optim: Optimizer = s.optim[name]
+        lr_sched: SchedulerAdapter = s.lr_sched[name]
+        optim.zero_grad(set_to_none=True)
+        for p in other.params:
+            p.requires_grad_(False)
+        try:
+            loss, named = _total(loss_of(s.model, batch, state), s.task, f"{name}_loss")
+            loss.backward()
+        finally:
+            for p in other.params:
+                p.requires_grad_(True)
+        grads = [g for p in part.params if (g := p.grad) is not None]
+        norms = tensor_norms(grads)
+        grad_norm = torch.linalg.vector_norm(norms)
+        if part.record.full:
+            self._settle()
+        found_inf = part.record.found_inf(loss, grad_norm)
+        part.record.record(
+            state.num_steps + 1, found_inf, loss, grad_norm, norms if len(grads) == len(part.params) else None
+        )
+        lr_sched.step(state)
+        step_skipping(optim, found_inf)  # the update is dropped on the device if found_inf is 1
+        self.logger.log_scalar(f"lr_{name}", lr_sched.lr)
+        self.logger.log_scalar(f"grad_norm_{name}", grad_norm)
+        if len(named) > 1:
+            for key, value in named.items():
+                s.task.logger.log_scalar(f"{name}/{key}", value.detach(), namespace="train")
+        return loss.detach()
+
+    def _settle(self) -> None:
+        """Reads which updates since the last read had non-finite values (one host read per part):
+        stops at the first (``non_finite_loss=stop``) or counts them as skipped (``skip``)."""
+        for name, part in self._parts.items():
+            if not part.record.pending:
+                continue
+            bad = part.record.read()
+            if not bad:
+                continue
+            first = bad[0]
+            message = f"non-finite values in the {name}'s update at step {first.step} ({first.describe()})"
+            if self.config.non_finite_loss == "stop":
+                later = f"; {len(bad) - 1} later update(s) too" if len(bad) > 1 else ""
+                raise NonFiniteLossError(
+                    f"{message}{later}; set trainer.non_finite_loss=skip to skip such updates"
+                )
+            self.num_skipped_steps += len(bad)
+            logger.warning("%s: skipped %d update(s) (%d so far)", message, len(bad), self.num_skipped_steps)
+            self.logger.log_scalar("skipped_steps", self.num_skipped_steps)
+
+    # -- validation
+
+    def _validate(self, state: State, s: _Session) -> None:
+        """``task.evaluate`` in eval mode, without gradients, with torch's generators seeded from the
+        step and put back afterwards; its metrics are logged and judged (best checkpoints, early stopping)."""
+        task, model = s.task, s.model
+        if not task.evaluates:
+            return
+        state.set_phase("valid")
+        model.eval()
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self._data_seed + state.num_steps)
+            metrics = {f"valid/{key}": float(value) for key, value in task.evaluate(model, state).items()}
+        model.train()
+        for key, value in metrics.items():
+            task.logger.log_scalar(key.removeprefix("valid/"), value, namespace="valid")
+        self.write_logs(task, model, state)
+        state.set_phase("train")
+        self._last_valid_step = state.num_steps
+        self.final_metrics.update(metrics)
+        self.judge_evaluation(state, metrics, s)
+
+
+def _parts_of(model: nn.Module) -> dict[str, nn.Module]:
+    """``model.generator`` and ``model.discriminator``, checked: each a module with trainable
+    parameters, none shared (each optimizer must own its part's alone)."""
+    parts: dict[str, nn.Module] = {}
+    for name in GAN_PARTS:
+        module = getattr(model, name, None)
+        if not isinstance(module, nn.Module) or not any(p.requires_grad for p in module.parameters()):
+            raise ConfigError(
+                f"the gan trainer needs a model with a `{name}` submodule holding trainable parameters; "
+                f"{type(model).__name__} has {'none' if module is None else type(module).__name__}"
+            )
+        parts[name] = module
+    shared = {id(p) for p in parts[GENERATOR].parameters()} & {
+        id(p) for p in parts[DISCRIMINATOR].parameters()
+    }
+    if shared:
+        raise ConfigError(
+            f"{type(model).__name__}'s generator and discriminator share {len(shared)} parameter(s): "
+            "each part's optimizer must own its parameters alone"
+        )
+    return parts

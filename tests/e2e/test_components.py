@@ -1,0 +1,215 @@
+"""End-to-end tests of components by name through the ``ml`` command (real subprocesses).
+
+Covered: a torch optimizer and a torch schedule by import path (``config.yaml``, the rates used, an
+exact resume), swapping a section on the command line (``optimizer.name=lion``: rebuilt from the
+new component's defaults), the library optimizers and the original's schedules in ``--help``, an
+unknown key, initial weights from an ``ml export`` file, and a user package imported from the
+current directory by the ``ml`` console script (every run here uses one: ``cwd_models``).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import yaml
+
+from ml.models.export import export_weights
+from tests.same import assert_same
+
+_SCRIPT = Path(sys.executable).parent / "ml"
+ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.entry"]
+TIMEOUT_S = 120
+
+USER_PACKAGE = '''\
+"""A model in the folder `ml train` runs in (not installed, not on PYTHONPATH)."""
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ml.core.config import conf_field
+from ml.models.base import BaseModel, BaseModelConfig
+
+
+@dataclass
+class LinearConfig(BaseModelConfig):
+    width: int = conf_field(64, help="Input features")
+
+
+class Linear(BaseModel[LinearConfig]):
+    def __init__(self, config: LinearConfig) -> None:
+        super().__init__(config)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(config.width, 10))
+
+    def forward(self, x):
+        return self.net(x)
+'''
+
+# The model is the user package's, imported from the folder `ml` runs in.
+TINY = """\
+model: {name: "cwd_models:Linear"}
+task:
+  name: digits
+  max_steps: 10
+  train_dl: {batch_size: 16}
+  valid_dl: {batch_size: 512}
+  test_dl: {batch_size: 512}
+optimizer: {name: adamw, lr: 1e-3, weight_decay: 0.05}
+trainer:
+  name: sl
+  exp_name: tiny
+  deterministic: true
+  checkpoint: {save_every_n_steps: 5, only_save_most_recent: false}
+logger: [{name: jsonl, write_every_n_steps: 1}]
+"""
+# A whole section on the command line: replaces adamw's (its weight_decay is no key of SGD's).
+TORCH_SGD = 'optimizer={name: "torch.optim:SGD", lr: 0.1, momentum: 0.9}'
+STEP_LR = 'lr_scheduler={name: "torch.optim.lr_scheduler:StepLR", step_size: 3, gamma: 0.5}'
+
+
+def ml(*args: str | Path, cwd: Path, run_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RUN_DIR", "ML_EXP_NAME", "PYTHONPATH")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RUN_DIR=str(run_dir or cwd / "runs"))
+    return subprocess.run(
+        [*ML, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+
+
+def _ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _bad_input(result: subprocess.CompletedProcess[str], message: str) -> None:
+    """Exit code 2 and one line naming the problem."""
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ml: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder the runs start in: the config, and the user package ``cwd_models``."""
+    root = tmp_path_factory.mktemp("components")
+    (root / "tiny.yaml").write_text(TINY)
+    (root / "cwd_models").mkdir()
+    (root / "cwd_models" / "__init__.py").write_text(USER_PACKAGE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sgd_run(home: Path) -> Path:
+    """10 steps with torch.optim.SGD and StepLR by import path (checkpoints at 5 and 10)."""
+    _ok(ml("train", "tiny.yaml", TORCH_SGD, STEP_LR, cwd=home))
+    return home / "runs" / "tiny" / "run_0"
+
+
+def test_the_ml_command_imports_a_package_of_the_current_directory(sgd_run: Path) -> None:
+    # `cwd_models` lives only in the folder the command ran in: not installed, not on PYTHONPATH
+    # (ml() removes it). The console script found it there, as `python -m` would.
+    config = yaml.safe_load((sgd_run / "config.yaml").read_text())
+    assert config["model"] == {"name": "cwd_models:Linear", "width": 64}
+    assert (sgd_run / "checkpoints" / "ckpt.10.pt").is_file()
+
+
+def test_a_torch_optimizer_and_schedule_by_import_path_train_as_configured(sgd_run: Path) -> None:
+    config = yaml.safe_load((sgd_run / "config.yaml").read_text())
+    # The sections as given, completed with the classes' own defaults; nothing of adamw's is left.
+    assert config["optimizer"] == {
+        "name": "torch.optim:SGD",
+        **{"lr": 0.1, "momentum": 0.9, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False},
+        **{"maximize": False, "foreach": None, "differentiable": False, "fused": None},
+    }
+    assert config["lr_scheduler"] == {"name": "torch.optim.lr_scheduler:StepLR", "step_size": 3, "gamma": 0.5}
+    rates = [r["metrics"]["trainer/lr"] for r in _records(sgd_run) if r["phase"] == "train"]
+    assert rates == [0.1] * 3 + [0.05] * 3 + [0.025] * 3 + [0.0125]  # StepLR's, from the first update
+    ckpt = _load(sgd_run / "checkpoints" / "ckpt.10.pt")
+    assert ckpt["optim"]["param_groups"][0]["momentum"] == 0.9
+    assert ckpt["lr"]["torch_scheduler"]["last_epoch"] == 9
+
+
+def test_a_run_with_imported_components_resumes_exactly(sgd_run: Path, tmp_path: Path) -> None:
+    # The run as it was at step 5: its folder copied, the later checkpoint gone, the link back.
+    run = tmp_path / "tiny" / "run_0"
+    shutil.copytree(sgd_run, run, symlinks=True)
+    (run / "checkpoints" / "ckpt.10.pt").unlink()
+    (run / "checkpoints" / "ckpt.pt").unlink()
+    (run / "checkpoints" / "ckpt.pt").symlink_to("ckpt.5.pt")
+    result = _ok(ml("train", run / "config.yaml", cwd=sgd_run.parents[2], run_dir=tmp_path))
+    assert "Resumed from" in result.stderr and "at step 5" in result.stderr
+    resumed, uninterrupted = (
+        _load(run / "checkpoints" / "ckpt.10.pt"),
+        _load(sgd_run / "checkpoints" / "ckpt.10.pt"),
+    )
+    for key in ("model", "optim", "lr"):
+        assert_same(resumed[key], uninterrupted[key], key)
+
+
+def test_initial_weights_from_an_export_and_a_swap_by_name(sgd_run: Path, home: Path) -> None:
+    ckpt = _load(sgd_run / "checkpoints" / "ckpt.10.pt")  # what `ml export` writes, written by its code
+    export_weights(ckpt["model"], ckpt["config"], home / "sgd.safetensors", step=10)
+    exported = safetensors.torch.load_file(home / "sgd.safetensors")
+    # optimizer.name=lion swaps adamw's section for lion's defaults (lion has a weight_decay too:
+    # not carried over); with lr 0 lion changes nothing, so the weights are the export's.
+    result = _ok(
+        ml(
+            "train",
+            "tiny.yaml",
+            "optimizer.name=lion",
+            "optimizer.lr=0",
+            "lr_scheduler.name=cosine_decay",
+            "task.max_steps=2",
+            f"trainer.checkpoint.load_from_ckpt_path={home / 'sgd.safetensors'}",
+            "trainer.exp_name=initial",
+            cwd=home,
+        )
+    )
+    run = home / "runs" / "initial" / "run_0"
+    assert f"Initial weights loaded from {home / 'sgd.safetensors'}" in result.stderr
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["optimizer"] == {
+        **{"name": "lion", "lr": 0.0, "weight_decay": 0.0, "default_decay": True, "beta1": 0.9, "beta2": 0.99}
+    }
+    assert config["lr_scheduler"]["name"] == "cosine_decay" and config["lr_scheduler"]["min_decay"] == 1e-4
+    trained = _load(run / "checkpoints" / "ckpt.2.pt")
+    assert_same(trained["model"], exported, "model")
+    assert trained["optim"]["state"]  # lion did step (its momentum exists), by zero
+
+    (home / "bad.safetensors").write_bytes(b"not a safetensors file")
+    result = ml("train", "tiny.yaml", "trainer.checkpoint.load_from_ckpt_path=bad.safetensors", cwd=home)
+    _bad_input(result, "bad.safetensors is not a safetensors file")
+
+
+def test_help_lists_the_components_and_an_imported_classs_arguments(home: Path) -> None:
+    overview = _ok(ml("--help", cwd=home)).stdout
+    assert "adam, adamw, adan, gan, lamb, lion, prodigy, sgd, shampoo" in overview
+    assert "constant, cosine, cosine_decay, gan, linear, linear_no_decay" in overview
+    fields = _ok(ml("train", "tiny.yaml", "optimizer.name=torch.optim:SGD", "--help", cwd=home)).stdout
+    assert "optimizer: torch.optim:SGD  (SGDConfig)" in fields
+    assert "optimizer.momentum: float = 0.0\n      `momentum` of torch.optim.sgd.SGD" in fields
+
+
+def test_an_unknown_key_of_an_imported_class_names_its_keys(home: Path, tmp_path: Path) -> None:
+    result = ml(
+        "train", "tiny.yaml", 'optimizer={name: "torch.optim:SGD", momentm: 0.9}', cwd=home, run_dir=tmp_path
+    )
+    _bad_input(
+        result,
+        "optimizer.momentm: Key 'momentm' not in 'SGDConfig'. Did you mean: 'momentum'? "
+        "(torch.optim:SGD takes: name, lr, momentum,",
+    )
+    assert list(tmp_path.iterdir()) == []  # refused before anything was made

@@ -1,0 +1,134 @@
+"""Tests for :mod:`ml.loggers.wandb`: the real ``wandb`` package offline, its run files read back
+with wandb's own reader (``wandb leet inspect``), and how the mode is chosen."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ml.core.compose import build_component
+from ml.core.state import State
+from ml.errors import ConfigError
+from ml.loggers.base import LogBatch
+from ml.loggers.wandb import WandbLogger, WandbLoggerConfig, wandb_mode
+
+wandb = pytest.importorskip("wandb")
+
+WANDB = str(Path(sys.executable).parent / "wandb")
+CONFIG = OmegaConf.create(
+    {"optimizer": {"name": "adamw", "lr": 0.001}, "trainer": {"name": "sl", "exp_name": "digits"}}
+)
+
+
+def _inspect(run_file: Path, *flags: str) -> str:
+    return subprocess.run(
+        [WANDB, "leet", "inspect", *flags, str(run_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=True,
+    ).stdout
+
+
+def _records(run_file: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in _inspect(run_file, "--json").splitlines() if line.strip()]
+
+
+def test_the_mode_comes_from_the_config_then_wandb_mode_then_the_api_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode(None) == "offline"  # no key: nothing is lost to a missing login
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(None) == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode(None) == "disabled"
+    assert wandb_mode("offline") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ValueError, match="WANDB_MODE must be one of online, offline, disabled"):
+        wandb_mode(None)
+    node = OmegaConf.structured(WandbLoggerConfig(name="wandb", mode="cloud"))
+    with pytest.raises(ConfigError, match=r"logger\[0\] \(wandb\): mode must be one of"):
+        build_component("logger[0]", "logger", node)
+
+
+def test_an_offline_run_is_recorded_in_the_run_folder_and_continued_under_its_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    logs = tmp_path / "run_0" / "logs"
+    first = WandbLogger(WandbLoggerConfig(name="wandb", tags=["cnn"]))
+    first.initialize(logs)
+    logs.parent.mkdir()
+    (logs.parent / "config.yaml").write_text("task:\n  data_token: ${ml.secret:DATA_TOKEN}\n")  # as saved
+    first.log_config(OmegaConf.merge(CONFIG, {"task": {"data_token": "s3cr3t-value"}}))  # as resolved
+    state = State()
+    for step in (1, 2):
+        state.num_steps = step
+        first.write(state, LogBatch(scalars={"train/loss": 1.0 / step}))
+    state.set_phase("valid")
+    image = torch.arange(24, dtype=torch.uint8).view(3, 2, 4)
+    first.write(
+        state,
+        LogBatch(
+            scalars={"valid/loss": 0.7},
+            strings={"task/note": "hi"},
+            histograms={"valid/logits": torch.tensor([0.0, 1.0, float("nan")])},
+            images={"valid/grid": image},
+        ),
+    )
+    saved = first.state_dict()  # what the checkpoint keeps
+    first.on_session_end("interrupted")
+    first.close()
+
+    second = WandbLogger(WandbLoggerConfig(name="wandb"))
+    second.initialize(logs)
+    second.load_state_dict(saved)
+    second.log_config(CONFIG)
+    state.set_phase("train")
+    state.num_steps = 3
+    second.write(state, LogBatch(scalars={"train/loss": 0.25}))
+    second.on_session_end("finished")
+    second.close()
+
+    run_files = sorted((logs / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [p.name for p in run_files] == [f"run-{saved['run_id']}.wandb"] * 2  # one id, a folder per session
+    records = _records(run_files[0])
+    (run,) = [r["run"] for r in records if r["type"] == "run"]
+    assert run["project"] == "digits" and run["display_name"] == "digits/run_0" and run["tags"] == ["cnn"]
+    assert run["config"]["update"]["optimizer"] == {"name": "adamw", "lr": 0.001}
+    assert run["config"]["update"]["task"] == {"data_token": "${ml.secret:DATA_TOKEN}"}
+    assert not any(b"s3cr3t" in path.read_bytes() for path in logs.rglob("*") if path.is_file())
+    history = {r["history"]["step"]["num"]: r["history"]["item"] for r in records if r["type"] == "history"}
+    assert sorted(history) == [1, 2]
+    assert (history[1]["train/loss"], history[2]["train/loss"]) == (1.0, 0.5)
+    assert (history[2]["valid/loss"], history[2]["task/note"]) == (0.7, "hi")
+    item = history[2]  # wandb's reader flattens media: "<name>.<field>"
+    assert item["valid/logits._type"] == "histogram"
+    assert (item["valid/grid._type"], item["valid/grid.width"], item["valid/grid.height"]) == (
+        "image-file",
+        4,
+        2,
+    )
+    png = run_files[0].parent / "files" / item["valid/grid.path"]
+    assert torch.equal(torch.from_numpy(np.array(Image.open(png))).permute(2, 0, 1), image)
+    second_records = _records(run_files[1])
+    later = {
+        r["history"]["step"]["num"]: r["history"]["item"] for r in second_records if r["type"] == "history"
+    }
+    assert later == {3: pytest.approx({**later[3], "train/loss": 0.25})}
+    exits = [
+        [r["exit"].get("exit_code", 0) for r in rs if r["type"] == "exit"] for rs in (records, second_records)
+    ]
+    assert exits == [[1], [0]]  # preempted (marked so), then finished
+    assert any(r["type"] == "preempting" for r in records)

@@ -1,0 +1,238 @@
+"""Tests for the ``gan`` trainer (:mod:`ml.trainers.gan`) and its two-part optimizer and schedule,
+with real components trained in this process: which parameters each update changes, what the
+checkpoint holds, bad input refused in one line, a non-finite update.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from ml.cli import main as ml_main
+from ml.core.compose import build_objects, compose_config, config_to_save
+from ml.core.config import conf_field
+from ml.core.state import Phase, State
+from ml.errors import ConfigError
+from ml.models.base import BaseModel, BaseModelConfig
+from ml.optimizers.gan import GanOptimizer, GanOptimizerConfig
+from ml.tasks.gan import GanTask, GanTaskConfig
+from ml.trainers.gan import GanTrainer
+from ml.trainers.sl import NonFiniteLossError
+
+HERE = __name__  # the import path of this module, for `name: <module>:Class`
+
+
+class TinyGan(BaseModel[BaseModelConfig]):
+    def __init__(self, config: BaseModelConfig) -> None:
+        super().__init__(config)
+        self.generator = nn.Linear(2, 2)
+        self.discriminator = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
+
+
+# What the losses saw, in call order: which loss, which parameters could get gradients, and
+# copies of both parts' weights at that moment.
+CALLS: list[tuple[str, dict[str, bool], dict[str, torch.Tensor]]] = []
+
+
+def _seen(model: nn.Module, which: str) -> None:
+    trainable = {
+        part: all(p.requires_grad for p in getattr(model, part).parameters())
+        for part in ("generator", "discriminator")
+    }
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    CALLS.append((which, trainable, weights))
+
+
+@dataclass
+class TinyGanTaskConfig(GanTaskConfig):
+    nan_at_step: int | None = conf_field(None, help="The discriminator's loss is NaN at this step")
+
+
+class TinyGanTask(GanTask[TinyGanTaskConfig]):
+    """Real points on a line; the generator maps noise onto it."""
+
+    def get_dataset(self, phase: Phase) -> Dataset:
+        t = torch.linspace(-1, 1, 40).unsqueeze(1)
+        return TensorDataset(torch.cat([t, 2 * t], dim=1))
+
+    def discriminator_loss(self, model: nn.Module, batch: Any, state: State) -> torch.Tensor:
+        _seen(model, "discriminator")
+        gan, (real,) = cast(TinyGan, model), batch
+        drawn = gan.generator(torch.randn_like(real))
+        assert not drawn.requires_grad  # the generator is frozen: no graph into it
+        real_logit, drawn_logit = gan.discriminator(real), gan.discriminator(drawn)
+        loss = F.softplus(-real_logit).mean() + F.softplus(drawn_logit).mean()
+        if state.num_steps + 1 == self.config.nan_at_step:
+            loss = loss * float("nan")
+        return loss
+
+    def generator_loss(self, model: nn.Module, batch: Any, state: State) -> dict[str, torch.Tensor]:
+        _seen(model, "generator")
+        gan = cast(TinyGan, model)
+        drawn = gan.generator(torch.randn(batch[0].shape[0], 2))
+        return {
+            "adversarial": F.softplus(-gan.discriminator(drawn)).mean(),
+            "small": 1e-3 * drawn.pow(2).mean(),
+        }
+
+
+CONFIG = f"""\
+model: {{name: "{HERE}:TinyGan"}}
+task: {{name: "{HERE}:TinyGanTask", max_steps: 4, train_dl: {{batch_size: 8}}}}
+optimizer:
+  name: gan
+  generator: {{name: sgd, lr: 0.1}}
+  discriminator: {{name: adam, lr: 0.01}}
+lr_scheduler:
+  name: gan
+  generator: {{name: cosine}}
+  discriminator: {{name: constant}}
+trainer: {{name: gan, discriminator_steps: 2, progress_bar: false}}
+logger: [{{name: jsonl, write_every_n_steps: 1}}]
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "gan.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+def _train(config_file: Path, exp_dir: Path, *overrides: str) -> tuple[GanTrainer, Any]:
+    """Composes, builds and trains as ``ml train`` does, keeping the objects."""
+    root = compose_config([str(config_file)], [*overrides, f"trainer.exp_dir={exp_dir}"])
+    objects = build_objects(root)
+    saved = config_to_save(root)
+    OmegaConf.resolve(root)
+    trainer = GanTrainer(root.trainer)
+    trainer.set_run_config(root, saved)
+    trainer.add_loggers(objects.loggers)
+    trainer.train(objects.model, objects.task, objects.optimizer, objects.lr_scheduler)
+    return trainer, objects
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], part: str) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a if k.startswith(part))
+
+
+def test_each_update_changes_its_own_part_only_with_the_other_frozen(
+    config_file: Path, tmp_path: Path
+) -> None:
+    CALLS.clear()
+    _, objects = _train(
+        config_file, tmp_path / "run", "task.max_steps=2", "lr_scheduler.generator.total_steps=10"
+    )
+    # Each step: two discriminator updates (a batch each), then one generator update.
+    assert [which for which, _, _ in CALLS] == ["discriminator", "discriminator", "generator"] * 2
+    for which, trainable, _ in CALLS:
+        other = "generator" if which == "discriminator" else "discriminator"
+        assert trainable == {which: True, other: False}, which
+    weights = [w for _, _, w in CALLS] + [
+        {n: p.detach().clone() for n, p in objects.model.named_parameters()}
+    ]
+    for i, (which, _, _) in enumerate(CALLS):  # between this loss and the next, only `which` moved
+        other = "generator" if which == "discriminator" else "discriminator"
+        assert not _same(weights[i], weights[i + 1], which), (i, which)
+        assert _same(weights[i], weights[i + 1], other), (i, which)
+    assert all(p.requires_grad for p in objects.model.parameters())  # unfrozen after training
+
+
+def test_the_checkpoint_holds_both_optimizers_and_schedules_and_loads_with_weights_only(
+    config_file: Path, tmp_path: Path
+) -> None:
+    trainer, objects = _train(config_file, tmp_path / "run")
+    ckpt = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=True)
+    assert set(ckpt["optim"]) == set(ckpt["lr"]) == {"generator", "discriminator"}
+    g_state, d_state = ckpt["optim"]["generator"], ckpt["optim"]["discriminator"]
+    assert g_state["param_groups"][0]["momentum"] == 0  # sgd: the generator's own optimizer
+    assert d_state["state"][0]["exp_avg"].shape == (4, 2)  # adam over the discriminator's weights
+    assert sum(len(g["params"]) for g in g_state["param_groups"]) == 2
+    assert sum(len(g["params"]) for g in d_state["param_groups"]) == 4
+    # The generator's cosine schedule ends at task.max_steps (4): its last update's scale is 0.
+    assert ckpt["lr"]["generator"] == {"lr_scale": 0.0}
+    assert ckpt["lr"]["discriminator"] == {"lr_scale": 1.0}
+    assert json.loads(ckpt["state"])["num_steps"] == 4
+    assert trainer.finished
+    # config.yaml holds each part whole, its schedule's length as a reference to task.max_steps.
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["optimizer"]["discriminator"]["beta1"] == 0.9
+    assert "task.max_steps" in saved["lr_scheduler"]["generator"]["total_steps"]
+    # Loading it into fresh objects restores both optimizers.
+    fresh = build_objects(compose_config([str(config_file)], []))
+    optims = fresh.optimizer.get_parts(
+        {"generator": fresh.model.generator, "discriminator": fresh.model.discriminator}
+    )
+    scheds = fresh.lr_scheduler.get_parts(optims)
+    state = trainer.load_checkpoint(trainer.ckpt_path, fresh.task, fresh.model, optims, scheds)
+    assert state.num_steps == 4
+    assert torch.equal(
+        optims["discriminator"].state_dict()["state"][0]["exp_avg"], d_state["state"][0]["exp_avg"]
+    )
+    for name, p in fresh.model.named_parameters():
+        assert torch.equal(p, dict(objects.model.named_parameters())[name]), name
+
+
+def test_one_optimizer_section_gives_each_part_an_optimizer_of_its_own(
+    config_file: Path, tmp_path: Path
+) -> None:
+    trainer, _ = _train(
+        config_file, tmp_path / "run", "optimizer={name: adam, lr: 0.01}", "lr_scheduler={name: constant}"
+    )
+    ckpt = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=True)
+    assert ckpt["optim"]["generator"]["state"][0]["exp_avg"].shape == (2, 2)
+    assert ckpt["optim"]["discriminator"]["state"][0]["exp_avg"].shape == (4, 2)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.discriminator_steps=0", "trainer.discriminator_steps must be positive"),
+        ("optimizer.generator.lr=fast", "optimizer.generator.lr"),
+        ("optimizer.discriminator.name=gan", "optimizer.discriminator.name: name the discriminator's own"),
+        ("lr_scheduler.generator.warmup=3", "lr_scheduler.generator.warmup"),
+        ("model.name=tests.tiny:TinyModel", "needs a model with a `generator` submodule"),
+        ("trainer.non_finite_loss=ignore", "trainer.non_finite_loss must be 'stop' or 'skip'"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(
+    override: str,
+    message: str,
+    config_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("RUN_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("ML_EXP_NAME", "gan")
+    assert ml_main(["train", str(config_file), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not list((tmp_path / "runs").glob("*/run_*"))
+
+
+def test_the_gan_optimizer_is_refused_by_a_trainer_of_one_optimizer() -> None:
+    optimizer = GanOptimizer(GanOptimizerConfig(name="gan"))
+    with pytest.raises(ConfigError, match=r"it is for trainer\.name=gan"):
+        optimizer.get(nn.Linear(2, 2))
+
+
+def test_a_non_finite_update_stops_the_run_naming_the_step_and_part(
+    config_file: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(NonFiniteLossError, match=r"discriminator's update at step 2 \(loss nan"):
+        _train(config_file, tmp_path / "stop", "task.nan_at_step=2")
+    trainer, objects = _train(
+        config_file, tmp_path / "skip", "task.nan_at_step=2", "trainer.non_finite_loss=skip"
+    )
+    ckpt = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=True)
+    assert ckpt["skipped_steps"] == 2  # both discriminator updates of step 2 (its two batches)
+    assert all(torch.isfinite(p).all() for p in objects.model.parameters())
