@@ -22,7 +22,7 @@ from tests.same import assert_same
 _SCRIPT = Path(sys.executable).parent / "ml"
 ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.cli"]
 TIMEOUT_S = 120
-MAX_STEPS = 300
+MAX_STEPS = 400
 STOP_AFTER = 45  # SIGTERM once the logs reach this step: in the second epoch, far from its end
 # 1,257 real digits in batches of 17 (the last dropped): 73 batches, 2 per step: 37 steps an epoch,
 # the last of one batch only.
