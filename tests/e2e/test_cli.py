@@ -466,7 +466,13 @@ def test_a_task_without_training_data_stops_with_one_line(
     files: Files, tmp_path: Path, task: str, expected: str
 ) -> None:
     result = ml(
-        files, "train", files.user, f"task.name={USER_MODULE}:{task}", "task.threshold=0", run_dir=tmp_path
+        files,
+        "train",
+        files.user,
+        f"task.name={USER_MODULE}:{task}",  # another component: its section starts from its defaults
+        "task.threshold=0",
+        "task.max_steps=2",
+        run_dir=tmp_path,
     )
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
