@@ -14,6 +14,7 @@
       checkpoints/best.pt              a relative link to the best by checkpoint.monitor
       checkpoints/scores.json          the monitored metric of the best keep_top_k checkpoints
       <log_dir_name>/                  stdout log, metrics.jsonl, tensorboard/ (default: logs/)
+      <log_dir_name>/tensorboard/profile/  trainer.profile's traces (TensorBoard's run `profile`)
 
 A run folder is normally named ``run_<N>``; one given as ``trainer.exp_dir`` may have any name, and
 is recognised by what it holds (a config and checkpoints or logs).
@@ -126,6 +127,11 @@ class RunDir:
     @property
     def logs(self) -> Path:
         return self.path / self.log_dir_name
+
+    @property
+    def profile(self) -> Path:
+        """Where ``trainer.profile`` writes its traces: under TensorBoard's folder, as a run of its own."""
+        return self.logs / "tensorboard" / "profile"
 
     @property
     def metrics(self) -> Path:

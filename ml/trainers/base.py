@@ -111,6 +111,7 @@ from ml.utils.distributed import (
     is_master,
     mean_over_ranks,
 )
+from ml.utils.profiling import ProfileConfig, StepProfiler, check_profile_config
 from ml.utils.ranks import dist_env, export_env
 from ml.utils.seeding import seed_everything
 from ml.utils.sharded import (
@@ -398,6 +399,9 @@ class TrainerConfig(BaseTrainerConfig):
     early_stopping: EarlyStoppingConfig = conf_field(
         EarlyStoppingConfig(), help="Stop when an evaluation metric stops improving"
     )
+    profile: ProfileConfig = conf_field(
+        ProfileConfig(), help="torch's profiler over chosen training steps (trace in logs/profile)"
+    )
     fsdp: FsdpConfig = conf_field(FsdpConfig(), help="With parallel=fsdp: mixed precision, hybrid sharding")
     activation_checkpointing: bool = conf_field(
         False,
@@ -426,6 +430,7 @@ def check_trainer_config(config: TrainerConfig) -> None:
             )
     if config.fsdp.shard_size is not None and config.fsdp.shard_size < 1:
         raise ConfigError(f"trainer.fsdp.shard_size must be positive, got {config.fsdp.shard_size}")
+    check_profile_config(config.profile)
 
 
 TrainerConfigT = TypeVar("TrainerConfigT", bound=BaseTrainerConfig)
@@ -603,6 +608,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         self.early_stopping = _early_stopping_of(getattr(config, "early_stopping", None))
         self._score: tuple[int, float] | None = None  # the monitored metric's last (step, value)
         self._session_start_step = 0  # where this session's training began (write_status)
+        self._profiler: StepProfiler | None = None  # trainer.profile, while the loop runs (profiling)
 
     # -- the session, top to bottom
 
@@ -656,7 +662,8 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             started = True
             self.save_config()
             self.log_run_config()
-            self.loop(state, s)
+            with self.profiling():
+                self.loop(state, s)
             self.sync_ranks(state, force=True)  # a signal received since the last agreement counts too
             if self.stop_signal is None:
                 self.finish(state, s)
@@ -707,6 +714,20 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
     def close(self, s: Session) -> None:
         """Releases what :meth:`set_up` opened (environments, ...), after the session."""
         del s
+
+    @contextmanager
+    def profiling(self) -> Iterator[None]:
+        """``trainer.profile``'s profiler around the loop, on rank 0 (:mod:`ml.utils.profiling`)."""
+        config = getattr(self.config, "profile", None)
+        if config is None or config.active is None or not is_master():
+            yield
+            return
+        with StepProfiler(config, self.run.profile, cuda=self.device_type == "cuda") as profiler:
+            self._profiler = profiler
+            try:
+                yield
+            finally:
+                self._profiler = None
 
     @contextmanager
     def training_context(self) -> Iterator[None]:
@@ -1601,6 +1622,8 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         optim: Optims,
         lr_sched: LRScheds,
     ) -> None:
+        if self._profiler is not None:
+            self._profiler.step()
         self.sync_ranks(state)  # the clock; in a distributed job also the agreed stop flag and log writes
         pending = self._pending_save
         if pending is not None and not pending.thread.is_alive():  # a background write ended
