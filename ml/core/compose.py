@@ -209,13 +209,26 @@ def _clear_swapped_sections(merged: DictConfig, layer: DictConfig, whole_section
     config-group swap replaces the group: an AdamW ``lr`` or ``weight_decay`` is no value for SGD.
     A whole section without a ``name`` keeps the component it replaces (its defaults again).
     """
+    if not isinstance(layer, DictConfig):
+        return
     for section in SECTIONS:
-        old, new = merged.get(section), layer.get(section) if isinstance(layer, DictConfig) else None
-        if not isinstance(old, DictConfig) or not isinstance(new, DictConfig):
-            continue
-        old_name, new_name = _written_name(old), _written_name(new)
-        if section in whole_sections or (new_name is not None and new_name != old_name):
-            merged[section] = {} if new_name is not None or old_name is None else {"name": old_name}
+        _clear_swapped(merged, layer, section, whole=section in whole_sections)
+
+
+def _clear_swapped(merged: DictConfig, layer: DictConfig, key: str, *, whole: bool) -> None:
+    """The rule above for ``merged[key]``, then for each component nested in it (a mapping with a
+    ``name``, e.g. the gan optimizer's ``generator``: ``optimizer.generator.name=sgd`` swaps it)."""
+    if any(key not in c or OmegaConf.is_interpolation(c, key) for c in (merged, layer)):
+        return  # (an interpolation is left for the validation to resolve, or to name if it cannot)
+    old, new = merged.get(key), layer.get(key)
+    if not isinstance(old, DictConfig) or not isinstance(new, DictConfig):
+        return
+    old_name, new_name = _written_name(old), _written_name(new)
+    if whole or (new_name is not None and new_name != old_name):
+        merged[key] = {} if new_name is not None or old_name is None else {"name": old_name}
+        return
+    for sub in new:
+        _clear_swapped(old, new, str(sub), whole=False)
 
 
 def _written_name(section: DictConfig) -> Any:

@@ -184,3 +184,13 @@ def test_yaml_sections_by_import_path_compose(tmp_path: Path) -> None:
         """).replace("optimizer: {name: adamw, lr: 0.003, weight_decay: 0.05}\n", "")
     )
     assert compose_config([str(path)]).optimizer.momentum == 0.9
+
+
+def test_a_component_nested_in_a_section_is_swapped_too() -> None:
+    """The gan optimizer holds one optimizer per part: naming another one for a part replaces that
+    part's section (the packaged config's Adam betas would be no value for SGD), not its sibling's."""
+    root = compose_config(["digits_gan"], ["optimizer.generator.name=torch.optim:SGD"])
+    generator = OmegaConf.to_container(root.optimizer.generator)
+    assert generator == {"name": "torch.optim:SGD"}  # its defaults come when the part is built
+    assert root.optimizer.discriminator.name == compose_config(["digits_gan"]).optimizer.discriminator.name
+    assert root.optimizer.discriminator == compose_config(["digits_gan"]).optimizer.discriminator
