@@ -7,7 +7,8 @@ under FSDP): real torchrun, real gloo process groups, real files.
   run), with 3 (FSDP resharded 3 ways) and with 1 (no FSDP): the loss of the first step after the
   resume, which the loaded weights alone decide, and the whole curve to step 12 are the
   uninterrupted run's (the same global batch in every case: the per-process batch times the
-  processes), and so are the final weights.
+  processes), and so are the final weights. The three resumed runs are started side by side, once
+  for the module, each in a copy of the run of its own.
 - ``ml export`` streams a sharded checkpoint into one safetensors file.
 - kill -9 of rank 1 while a sharded checkpoint is being written: the link still names the
   previous complete checkpoint, and the run resumes from it.
@@ -93,18 +94,51 @@ def test_every_rank_writes_its_shards_into_the_checkpoint_folder(uninterrupted: 
     assert weights["net.0.weight"].shape == (48, 64)  # whole tensors, put together from both ranks
 
 
-@pytest.mark.parametrize("nproc", [2, 3, 1])
-def test_resume_with_another_number_of_processes(uninterrupted: Path, tmp_path: Path, nproc: int) -> None:
-    # The run as it stood at step 8: its checkpoint linked, the later one gone.
-    exp_dir = tmp_path / "runs" / "sharded" / "run_0"
-    shutil.copytree(uninterrupted, exp_dir, symlinks=True)
-    shutil.rmtree(exp_dir / "checkpoints" / "ckpt.12")
-    (exp_dir / "checkpoints" / "ckpt.pt").unlink()
-    (exp_dir / "checkpoints" / "ckpt.pt").symlink_to("ckpt.8")
+@pytest.fixture(scope="module")
+def resumed(uninterrupted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, str]]:
+    """The run as it stood at step 8 (its checkpoint linked, the later one gone), copied once per
+    number of processes (2, 3, 1) and resumed to step 12 in each, the three side by side; for each,
+    the resumed run folder and its stderr."""
+    procs: dict[int, tuple[Path, subprocess.Popen[bytes]]] = {}
+    try:
+        for nproc in (2, 3, 1):
+            tmp = tmp_path_factory.mktemp(f"resumed{nproc}")
+            exp_dir = tmp / "runs" / "sharded" / "run_0"
+            shutil.copytree(uninterrupted, exp_dir, symlinks=True)
+            shutil.rmtree(exp_dir / "checkpoints" / "ckpt.12")
+            (exp_dir / "checkpoints" / "ckpt.pt").unlink()
+            (exp_dir / "checkpoints" / "ckpt.pt").symlink_to("ckpt.8")
+            batch = f"task.train_dl.batch_size={GLOBAL_BATCH // nproc}"
+            args = [str(exp_dir / "config.yaml"), batch, "--allow-config-change"]
+            if nproc > 1:
+                args = ["launch", *args, "launcher.name=torchrun", f"launcher.nproc_per_node={nproc}"]
+            else:
+                args = ["train", *args]
+            with (tmp / "stderr").open("w") as stderr:  # the child keeps its own copy
+                proc = subprocess.Popen(
+                    [*ML, *args], env=_env(tmp / "runs"), stdout=subprocess.DEVNULL, stderr=stderr
+                )
+            procs[nproc] = (exp_dir, proc)
+        results = {}
+        for nproc, (exp_dir, proc) in procs.items():
+            code = proc.wait(timeout=TIMEOUT_S)
+            stderr = (exp_dir.parents[2] / "stderr").read_text()
+            assert code == 0, stderr[-3000:]
+            results[nproc] = (exp_dir, stderr)
+        return results
+    finally:
+        for _, proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
-    batch = f"task.train_dl.batch_size={GLOBAL_BATCH // nproc}"
-    result = _launch(exp_dir / "config.yaml", tmp_path / "runs", nproc, batch, "--allow-config-change")
-    assert "at step 8" in result.stderr
+
+@pytest.mark.parametrize("nproc", [2, 3, 1])
+def test_resume_with_another_number_of_processes(
+    uninterrupted: Path, resumed: dict[int, tuple[Path, str]], nproc: int
+) -> None:
+    exp_dir, stderr = resumed[nproc]
+    assert "at step 8" in stderr
 
     reference, resumed = _losses(uninterrupted), _losses(exp_dir)
     ours = _weights(exp_dir / "checkpoints" / "ckpt.12")

@@ -111,12 +111,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.2)
         yield uri
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        # Nothing is read from the server after the tests: SIGKILL ends it and its workers at once.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         log.close()
 
 
@@ -134,16 +131,27 @@ def _train(args: list[str], run_dir: Path, name: str) -> None:
     assert code == 0, (run_dir / f"{name}.err").read_text()
 
 
-def _wandb_records(run_file: Path) -> list[dict[str, Any]]:
-    """The records of a .wandb file, read by wandb's own reader (``wandb leet inspect --json``)."""
-    out = subprocess.run(
+def _start_wandb_reader(run_file: Path) -> subprocess.Popen[str]:
+    """wandb's own reader (``wandb leet inspect --json``) of a .wandb file, started; see
+    :func:`_wandb_records`."""
+    return subprocess.Popen(
         [str(_BIN / "wandb"), "leet", "inspect", "--json", str(run_file)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
         stdin=subprocess.DEVNULL,
-        check=True,
-    ).stdout
+    )
+
+
+def _wandb_records(reader: subprocess.Popen[str]) -> list[dict[str, Any]]:
+    """The records a reader started by :func:`_start_wandb_reader` printed."""
+    try:
+        out, err = reader.communicate(timeout=60)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.communicate()
+    assert reader.returncode == 0, err
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
@@ -181,7 +189,16 @@ def test_mlflow_and_wandb_follow_a_run_stopped_by_sigterm_and_continued(
     assert client.get_run(mlflow_id).info.status == "KILLED"
     assert max(m.step for m in client.get_metric_history(mlflow_id, "train/loss")) == stopped_at
 
-    _train([str(exp_dir / "config.yaml")], tmp_path, "second")
+    # The first session's .wandb file is complete: wandb's reader reads it while the run continues.
+    (first_file,) = (exp_dir / "logs" / "wandb").glob("offline-run-*/run-*.wandb")
+    first_reader = _start_wandb_reader(first_file)
+    try:
+        _train([str(exp_dir / "config.yaml")], tmp_path, "second")
+    except BaseException:
+        first_reader.kill()
+        first_reader.communicate()
+        raise
+    first = _wandb_records(first_reader)
 
     # One MLflow run for both sessions: finished, each step once, the values metrics.jsonl holds.
     run = client.get_run(mlflow_id)
@@ -211,9 +228,9 @@ def test_mlflow_and_wandb_follow_a_run_stopped_by_sigterm_and_continued(
 
     # W&B, offline: a folder per session inside the run folder, one run id; read with wandb's reader.
     run_files = sorted((exp_dir / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(run_files) == 2
+    assert len(run_files) == 2 and run_files[0] == first_file
     assert all(path.name == f"run-{wandb_id}.wandb" for path in run_files)
-    first, second = (_wandb_records(path) for path in run_files)
+    second = _wandb_records(_start_wandb_reader(run_files[1]))
     first_loss, second_loss = _history(first, "train/loss"), _history(second, "train/loss")
     assert sorted(first_loss) == list(range(1, stopped_at + 1))
     assert sorted(second_loss) == list(range(stopped_at + 1, MAX_STEPS + 1))

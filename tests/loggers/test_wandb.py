@@ -27,19 +27,31 @@ CONFIG = OmegaConf.create(
 )
 
 
-def _inspect(run_file: Path, *flags: str) -> str:
-    return subprocess.run(
-        [WANDB, "leet", "inspect", *flags, str(run_file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=True,
-    ).stdout
-
-
-def _records(run_file: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in _inspect(run_file, "--json").splitlines() if line.strip()]
+def _records(*run_files: Path) -> list[list[dict[str, Any]]]:
+    """The records of each .wandb file, read by wandb's own reader (``wandb leet inspect --json``),
+    one reader per file, side by side."""
+    readers = [
+        subprocess.Popen(
+            [WANDB, "leet", "inspect", "--json", str(run_file)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+        for run_file in run_files
+    ]
+    outputs = []
+    try:
+        for reader in readers:
+            out, err = reader.communicate(timeout=60)
+            assert reader.returncode == 0, err
+            outputs.append([json.loads(line) for line in out.splitlines() if line.strip()])
+    finally:
+        for reader in readers:
+            if reader.poll() is None:
+                reader.kill()
+                reader.communicate()
+    return outputs
 
 
 def test_the_mode_comes_from_the_config_then_wandb_mode_then_the_api_key(
@@ -103,7 +115,7 @@ def test_an_offline_run_is_recorded_in_the_run_folder_and_continued_under_its_id
 
     run_files = sorted((logs / "wandb").glob("offline-run-*/run-*.wandb"))
     assert [p.name for p in run_files] == [f"run-{saved['run_id']}.wandb"] * 2  # one id, a folder per session
-    records = _records(run_files[0])
+    records, second_records = _records(*run_files)
     (run,) = [r["run"] for r in records if r["type"] == "run"]
     assert run["project"] == "digits" and run["display_name"] == "digits/run_0" and run["tags"] == ["cnn"]
     assert run["config"]["update"]["optimizer"] == {"name": "adamw", "lr": 0.001}
@@ -122,7 +134,6 @@ def test_an_offline_run_is_recorded_in_the_run_folder_and_continued_under_its_id
     )
     png = run_files[0].parent / "files" / item["valid/grid.path"]
     assert torch.equal(torch.from_numpy(np.array(Image.open(png))).permute(2, 0, 1), image)
-    second_records = _records(run_files[1])
     later = {
         r["history"]["step"]["num"]: r["history"]["item"] for r in second_records if r["type"] == "history"
     }
