@@ -27,11 +27,16 @@ A sharded checkpoint (``trainer.checkpoint.format=sharded``) is the folder ``ckp
 rank writes its own shards (``torch.distributed.checkpoint``) into ``ckpt.<step>.tmp/``
 (:func:`begin_sharded_checkpoint`), then rank 0 alone, once every rank has finished
 (:func:`publish_sharded_checkpoint`): writes ``ml.pt`` (what is not a tensor: the state, config,
-generators, data order; signed as above), writes ``ml-manifest.json`` (every shard file and its size,
-how a shard lost or truncated since is found), fsyncs, and renames the folder to ``ckpt.<step>``; then
-the steps 2 to 4 above. A folder is a candidate exactly as a file is, by its step. The same step saved
-again (the final checkpoint, then with its final metrics) keeps the step's shards (the tensors of one
-step are the same) and replaces ``ml.pt`` alone, atomically.
+generators, data order; signed as above), writes ``ml-manifest.json`` (every shard file, its size and
+its SHA-256, how a shard lost, truncated or changed since is found), fsyncs, and renames the folder to
+``ckpt.<step>``; then the steps 2 to 4 above. Each rank hashes the files it wrote itself, right after
+writing them, all ranks at once, and rank 0 gathers the digests (:mod:`ml.utils.sharded`,
+:func:`record_shard_digests`); a file no rank reported (DCP's ``.metadata``) rank 0 hashes here.
+A folder is a candidate exactly as a file is, by its step, and verified against its manifest when
+read (:func:`verify_sharded_checkpoint`): a shard missing, resized or of another SHA-256 makes it
+damaged, skipped as a damaged file is. The same step saved again (the final checkpoint, then with
+its final metrics) keeps the step's shards (the tensors of one step are the same) and replaces
+``ml.pt`` alone, atomically.
 
 Reading (:func:`checkpoint_candidates`, :func:`newest_checkpoint`), used alike by resume, ``ml
 runs``, ``ml export`` and ``ml plot``: the link's target, unless a numbered checkpoint of a later
@@ -49,7 +54,9 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Generic, TypeVar, cast
@@ -57,7 +64,14 @@ from typing import IO, Generic, TypeVar, cast
 from ml.errors import CheckpointError, CheckpointWriteError, DamagedCheckpointError
 from ml.run.layout import LINK_NAME, RunDir, checkpoint_step
 from ml.run.locks import write_lock
-from ml.utils.atomic import atomic_open, atomic_symlink, atomic_write_text, fsync_dir, read_regular
+from ml.utils.atomic import (
+    atomic_open,
+    atomic_symlink,
+    atomic_write_text,
+    fsync_dir,
+    open_regular,
+    read_regular,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +83,7 @@ CHECKSUM_TAG = b"ml-sha256:"
 _COMMENT_SIZE = len(CHECKSUM_TAG) + 64  # the tag, then the SHA-256 in hex
 _COMMENT_LENGTH = _COMMENT_SIZE.to_bytes(2, "little")
 SHARDED_EXTRAS = "ml.pt"  # in a sharded checkpoint's folder: everything but the sharded tensors
-SHARDED_MANIFEST = "ml-manifest.json"  # written last: the shard files and their sizes
+SHARDED_MANIFEST = "ml-manifest.json"  # written last: the shard files, their sizes and SHA-256s
 _SHARDED_TEMP = re.compile(r"ckpt\.\d+\.tmp")  # a sharded checkpoint being written
 
 
@@ -526,6 +540,7 @@ def begin_sharded_checkpoint(run: RunDir, step: int) -> Path | None:
     if final.is_dir() and _linked(run) == final.resolve():
         return None
     temp = sharded_temp_folder(run, step)
+    _take_shard_digests(temp)  # of an earlier try at this step that was not published
     try:
         _remove(final)
         _remove(temp)
@@ -563,6 +578,7 @@ def publish_sharded_checkpoint(
     final = run.sharded_checkpoint(step)
     temp = sharded_temp_folder(run, step)
     previous = _linked(run)
+    reported = _take_shard_digests(temp)
     try:
         if final.is_dir():  # the same step again: its shards are there, only ml.pt changes
             _write_signed(final / SHARDED_EXTRAS, write_extras)
@@ -573,7 +589,16 @@ def publish_sharded_checkpoint(
                 for entry in os.scandir(temp)
                 if entry.name not in (SHARDED_EXTRAS, SHARDED_MANIFEST)
             }
-            manifest = {"format": "ml-sharded-1", "step": step, "files": dict(sorted(files.items()))}
+            # The ranks hashed what they wrote; what none reported (DCP's .metadata, which its
+            # coordinator writes) is hashed here.
+            digests = {name: reported[name] for name in files if name in reported}
+            digests.update(sha256_files(temp, [name for name in files if name not in digests]))
+            manifest = {
+                "format": "ml-sharded-1",
+                "step": step,
+                "files": dict(sorted(files.items())),
+                "sha256": dict(sorted(digests.items())),
+            }
             atomic_write_text(temp / SHARDED_MANIFEST, json.dumps(manifest, indent=1) + "\n")
             os.rename(temp, final)
             fsync_dir(run.checkpoints)
@@ -584,11 +609,13 @@ def publish_sharded_checkpoint(
 
 
 def verify_sharded_checkpoint(folder: Path) -> None:
-    """Checks a sharded checkpoint's folder against its manifest, reading no shard: every file is
-    there, a regular file, of the size written (``ml.pt`` is checked by its own checksum, when read).
+    """Checks a sharded checkpoint's folder against its manifest: every file is there, a regular
+    file, of the size written, and (read whole, several files at once) of the SHA-256 written
+    (``ml.pt`` is checked by its own checksum, when read).
 
     Raises:
-        DamagedCheckpointError: The manifest or a shard is missing, or a shard changed size.
+        DamagedCheckpointError: The manifest or a shard is missing, or a shard changed (size or bytes).
+        CheckpointError: A shard could not be read (the disk's error: not a verdict on the file).
     """
     where = f"sharded checkpoint {folder}"
     try:
@@ -596,12 +623,17 @@ def verify_sharded_checkpoint(folder: Path) -> None:
         files = manifest["files"]
         if not isinstance(files, dict):
             raise TypeError("files is not a mapping")
+        # Manifests written before shards had digests (same day) have no "sha256": they are
+        # accepted by the sizes alone, without the guarantee that a changed byte is found.
+        digests = manifest.get("sha256")
+        if digests is not None and not (isinstance(digests, dict) and set(digests) == set(files)):
+            raise TypeError("sha256 does not list each file once")
     except FileNotFoundError as e:
         raise DamagedCheckpointError(
             f"cannot read {where}: it has no {SHARDED_MANIFEST} (not written to the end); "
             "use another checkpoint"
         ) from e
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DamagedCheckpointError(f"cannot read {where}: its {SHARDED_MANIFEST} is damaged ({e})") from e
     for name, size in files.items():
         path = folder / str(name)
@@ -620,6 +652,55 @@ def verify_sharded_checkpoint(folder: Path) -> None:
                 f"cannot read {where}: {name} has {info.st_size} bytes, {size} were written "
                 "(truncated or changed since); restore a good copy, or use another checkpoint"
             )
+    if digests is None:
+        return
+    try:
+        found = sha256_files(folder, files)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {where}: {e.strerror or e}") from e
+    changed = sorted(name for name, digest in found.items() if digest != digests[name])
+    if changed:
+        raise DamagedCheckpointError(
+            f"cannot read {where}: {', '.join(changed)} does not match the SHA-256 written (changed since "
+            "it was written: damaged on disk or in a copy); restore a good copy, or use another checkpoint"
+        )
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a regular file, in hex (read in 1 MiB pieces; hashing releases the GIL)."""
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(1 << 20))
+    with open_regular(path) as f:
+        while n := f.readinto(buffer):  # type: ignore[attr-defined]
+            digest.update(buffer[:n])
+    return digest.hexdigest()
+
+
+def sha256_files(folder: Path, names: Iterable[str], threads: int | None = None) -> dict[str, str]:
+    """The SHA-256 of each file ``names`` names in ``folder``, several read at once (by default one
+    thread per core, at most 8)."""
+    names = list(names)
+    threads = threads or min(8, os.cpu_count() or 1)
+    if len(names) <= 1 or threads <= 1:
+        return {name: sha256_file(folder / name) for name in names}
+    with ThreadPoolExecutor(min(threads, len(names)), thread_name_prefix="ml-sha256") as pool:
+        return dict(zip(names, pool.map(lambda name: sha256_file(folder / name), names), strict=True))
+
+
+_shard_digests: dict[Path, dict[str, str]] = {}  # by temporary folder: what the ranks reported
+_shard_digests_lock = threading.Lock()
+
+
+def record_shard_digests(folder: Path, digests: Mapping[str, str]) -> None:
+    """Rank 0, after the ranks wrote their shards into ``folder`` (the temporary one): the SHA-256 of
+    each file they wrote, which :func:`publish_sharded_checkpoint` puts in the manifest."""
+    with _shard_digests_lock:
+        _shard_digests[Path(folder)] = dict(digests)
+
+
+def _take_shard_digests(folder: Path) -> dict[str, str]:
+    with _shard_digests_lock:
+        return _shard_digests.pop(Path(folder), {})
 
 
 def link_checkpoint(run: RunDir, path: Path, *, keep_older: bool = False) -> None:

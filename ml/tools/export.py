@@ -3,8 +3,9 @@
 Reads a run's newest checkpoint that verifies (:func:`ml.run.checkpoints.newest_verified_checkpoint`,
 the one resuming would continue from: a damaged newer one is skipped, with a warning naming it and
 the one used), or a chosen one (a path, or a step number meaning ``checkpoints/ckpt.<step>.pt``),
-with the safe reader (checksum checked, ``weights_only``: a damaged or foreign file is refused with
-one line, exit code 2), and writes the model's weights - or with ``--ema`` the moving average of
+with the safe reader (checksum checked, ``weights_only``; a sharded folder's shards against the
+SHA-256s of its manifest: a damaged or foreign one is refused with one line, exit code 2, and so is
+a shard DCP cannot read), and writes the model's weights - or with ``--ema`` the moving average of
 them that ``trainer.ema`` kept - as safetensors plus the run's resolved config beside them
 (``model.safetensors`` -> ``model.yaml``);
 see :mod:`ml.models.export`. ``ml.load_model("model.safetensors")`` rebuilds the model from the two.

@@ -239,9 +239,13 @@ def save_shards(
     """Writes this rank's shards of the model's and optimizers' tensors into ``folder`` (every rank
     calls this: a collective); None for ``folder`` when the step's shards exist already.
 
+    Right after DCP's write, each rank hashes the files it wrote (all ranks at once) and rank 0
+    gathers the SHA-256s, which go into the manifest (:func:`ml.run.checkpoints.record_shard_digests`).
+
     Asynchronously, this rank's shards are copied to host memory first (:func:`_host_copy`: the
     loop waits for that alone), and DCP writes the copy in a background thread, its collectives on a
-    process group of their own: the returned future is done once every rank's shards are durable.
+    process group of their own: the returned future is done once every rank's shards are durable
+    and hashed (:func:`wait_for_shards` waits for it).
 
     Returns:
         The skeletons of ``model`` and each optimizer (``ml.pt`` keeps them), and the future of an
@@ -251,7 +255,6 @@ def save_shards(
         CheckpointWriteError: A rank could not write (the previous checkpoint is kept).
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemWriter
 
     state: dict[str, dict[str, torch.Tensor]] = {}
     skeletons: dict[str, Any] = {}
@@ -262,7 +265,7 @@ def save_shards(
         state[key], skeletons[key] = split_tensors(part)
     if folder is None:
         return skeletons, None
-    writer = FileSystemWriter(str(folder), sync_files=True, thread_count=_writer_threads())
+    writer = _hashing_writer_class()(str(folder), sync_files=True, thread_count=_writer_threads())
     try:
         with _quiet_alone():
             if asynchronous:
@@ -275,12 +278,89 @@ def save_shards(
                     no_dist=_alone(),
                     async_stager=_passthrough_stager(),
                 )
-                # Staged (copied to host memory) already: the future is the write's alone.
-                return skeletons, cast(Future, future)
+                # Staged (copied to host memory) already: the future is the write's, then the hashing.
+                return skeletons, cast(Future, _HashedShards(cast(Future, future), folder, writer, group))
             dcp.save(state, storage_writer=writer, no_dist=_alone())
+            _share_digests(folder, writer, _save_group())
     except (Exception, _dcp_failure()) as e:
         raise _write_failed(folder, _cause(e)) from e
     return skeletons, None
+
+
+def _hashing_writer_class() -> type:
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class HashingFileSystemWriter(FileSystemWriter):
+        """DCP's file writer, keeping the names of the files this rank wrote (for their digests)."""
+
+        written: tuple[str, ...] = ()
+
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            future = super().write_data(plan, planner)
+            # FileSystemWriter has written (and fsynced) every file before it returns the future.
+            results = future.wait()
+            self.written = tuple(sorted({str(r.storage_data.relative_path) for r in results}))
+            return future
+
+    return HashingFileSystemWriter
+
+
+def _share_digests(folder: Path, writer: Any, group: Any) -> None:
+    """Every rank hashes the files it wrote into ``folder`` (in parallel threads); rank 0 gathers
+    the digests and records them for the manifest. A collective when a process group exists.
+
+    Raises:
+        OSError: A file could not be read back (on rank 0: any rank's failure, in words).
+    """
+    import torch.distributed as dist
+
+    from ml.run.checkpoints import record_shard_digests, sha256_files
+
+    error: str | None = None
+    digests: dict[str, str] = {}
+    try:
+        digests = sha256_files(folder, writer.written, _writer_threads())
+    except OSError as e:
+        error = f"cannot read back {e.filename or folder}: {e.strerror or e}"
+    reports: list[Any] | None
+    if _alone():
+        reports = [(digests, error)]
+    else:
+        reports = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object((digests, error), reports, dst=0, group=group)
+    if error is not None:
+        raise OSError(error)
+    if reports is None:  # not rank 0
+        return
+    merged: dict[str, str] = {}
+    for report in reports:
+        digests_of_rank, error_of_rank = cast(tuple[dict[str, str], str | None], report)
+        if error_of_rank is not None:
+            raise OSError(error_of_rank)
+        merged.update(digests_of_rank)
+    record_shard_digests(folder, merged)
+
+
+class _HashedShards:
+    """The future of an asynchronous :func:`save_shards`: DCP's write, then the digests of what each
+    rank wrote (hashed and gathered by :func:`wait_for_shards`, in the thread that waits)."""
+
+    def __init__(self, write: Future, folder: Path, writer: Any, group: Any) -> None:
+        self._write = write
+        self._folder = folder
+        self._writer = writer
+        self._group = group
+        self._hashed = False
+
+    def done(self) -> bool:
+        return self._hashed
+
+    def result(self, timeout: float | None = None) -> None:
+        if self._hashed:
+            return
+        self._write.result(timeout)
+        _share_digests(self._folder, self._writer, self._group)
+        self._hashed = True
 
 
 def _writer_threads() -> int:
@@ -378,16 +458,23 @@ def _write_failed(folder: Path, error: BaseException) -> Exception:
 # -- reading
 
 
-def _load(state: dict[str, dict[str, torch.Tensor]], folder: Path) -> None:
+def _load(state: dict[str, dict[str, torch.Tensor]], folder: Path, *, alone: bool = False) -> None:
     """Fills ``state``'s tensors (this rank's pieces) from the checkpoint folder (a collective when a
-    process group exists)."""
+    process group exists, unless ``alone``: read by this process by itself).
+
+    Raises:
+        CheckpointError: DCP could not read them (its first error, in one line).
+    """
     import torch.distributed.checkpoint as dcp
 
     reader_class, planner_class = _reader_classes()
     try:
         with _quiet_alone():
             dcp.load(
-                state, storage_reader=reader_class(str(folder)), planner=planner_class(), no_dist=_alone()
+                state,
+                storage_reader=reader_class(str(folder)),
+                planner=planner_class(),
+                no_dist=alone or _alone(),
             )
     except (CheckpointError, UnsafeCheckpointError):
         raise
@@ -498,17 +585,9 @@ def stream_model_tensors(
     this process alone."""
     for name, (dtype, shape) in specs.items():
         tensor = torch.empty(shape, dtype=dtype)
-        _load_alone({part.key: {name: tensor}}, part.folder)
+        _load({part.key: {name: tensor}}, part.folder, alone=True)
         yield name, tensor
         del tensor
-
-
-def _load_alone(state: dict[str, dict[str, torch.Tensor]], folder: Path) -> None:
-    import torch.distributed.checkpoint as dcp
-
-    reader_class, planner_class = _reader_classes()
-    with _quiet_alone():
-        dcp.load(state, storage_reader=reader_class(str(folder)), planner=planner_class(), no_dist=True)
 
 
 def checkpoint_format(mode: str, configured: str | None) -> str:

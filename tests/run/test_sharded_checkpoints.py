@@ -4,7 +4,9 @@
   the optimizer, the schedule, the task and the generators exactly, into the trainer's
   ``load_checkpoint`` and from ``ml export``.
 - It is a candidate as a file is (:mod:`ml.run.checkpoints`): a newer unlinked folder wins, a
-  damaged one (a shard gone or truncated, no manifest) is skipped for the one before, saying so;
+  damaged one (a shard gone, truncated or with a byte changed - the manifest's SHA-256 - no
+  manifest) is skipped for the one before, saying so, by resume and ``ml export``; exporting it by
+  name is one line, exit 2; a manifest from before digests is accepted by its sizes;
   an unfinished ``ckpt.<step>.tmp/`` is never a candidate and goes with retention; files and
   folders of one run mix (a run that switched format).
 - Nothing read from it runs code: a ``.metadata`` pickle naming anything but DCP's classes is
@@ -15,8 +17,11 @@
   plain model. The mesh shapes of hybrid sharding.
 """
 
+import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +32,7 @@ from torch import nn
 from ml.core.state import State
 from ml.errors import CheckpointError, ConfigError, DamagedCheckpointError, UnsafeCheckpointError
 from ml.models.base import BaseModel, BaseModelConfig
-from ml.run.checkpoints import checkpoint_candidates, newest_verified_checkpoint
+from ml.run.checkpoints import checkpoint_candidates, newest_verified_checkpoint, sha256_file
 from ml.run.layout import RunDir
 from ml.trainers.parallel import fsdp_mesh_shape, wrap_model
 from ml.utils.checkpoint import ShardedState, read_checkpoint, verify_checkpoint
@@ -163,6 +168,7 @@ def test_metadata_that_would_run_code_is_refused(tmp_path: Path) -> None:
     metadata = path / ".metadata"
     size = metadata.stat().st_size
     metadata.write_bytes(pickle.dumps(Evil()).ljust(size))  # the manifest's size still fits
+    _rewrite_manifest(path, ".metadata")  # the digest is against damage: whoever can write can rehash
     fresh = make_parts(tmp_path / "x", format="sharded")[1]
     with pytest.raises(UnsafeCheckpointError, match=r"(posix|os)\.system"):
         load_sharded_model(fresh, read_checkpoint(path)["model"], strict=True)
@@ -180,6 +186,108 @@ def test_an_async_save_writes_the_state_of_its_step(tmp_path: Path) -> None:
     fresh = make_parts(tmp_path / "x", format="sharded")[1]
     load_sharded_model(fresh, read_checkpoint(path)["model"], strict=True)
     assert_same(fresh.state_dict(), expected, "model")
+
+
+def _rewrite_manifest(folder: Path, name: str) -> None:
+    """The manifest made to agree with ``name`` as it is now (a SHA-256 is no signature)."""
+    manifest = json.loads((folder / "ml-manifest.json").read_text())
+    manifest["sha256"][name] = sha256_file(folder / name)
+    (folder / "ml-manifest.json").write_text(json.dumps(manifest))
+
+
+def _flip_byte(path: Path, offset: int | None = None) -> None:
+    """One byte changed in place (the middle by default): the size stays."""
+    data = bytearray(path.read_bytes())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _two_saved(tmp_path: Path) -> tuple:
+    """ckpt.3 and ckpt.4 (older ones kept), with a run config, as a trained run leaves them."""
+    trainer, model, task, optim, sched, state = _trained(tmp_path, only_save_most_recent=False)
+    trainer.set_run_config(OmegaConf.create({"model": {"name": "tiny"}, "trainer": dict(trainer.config)}))
+    trainer.save_checkpoint(state, task, model, optim, sched)
+    older = {k: v.clone() for k, v in model.state_dict().items()}
+    train_steps(model, task, optim, sched, state, 1)
+    trainer.save_checkpoint(state, task, model, optim, sched)
+    return trainer, RunDir(tmp_path), older
+
+
+def test_a_byte_changed_in_a_shard_is_found_and_resume_takes_the_older_checkpoint(tmp_path: Path) -> None:
+    _, run, older = _two_saved(tmp_path)
+    newest = run.sharded_checkpoint(4)
+    manifest = json.loads((newest / "ml-manifest.json").read_text())
+    assert set(manifest["sha256"]) == set(manifest["files"]) and ".metadata" in manifest["sha256"]
+    assert manifest["sha256"]["__0_0.distcp"] == sha256_file(newest / "__0_0.distcp")
+    verify_checkpoint(newest)  # intact: verifies and loads
+    fresh = make_parts(tmp_path / "x", format="sharded")[1]
+    load_sharded_model(fresh, read_checkpoint(newest)["model"], strict=True)
+
+    for offset in (None, 0):  # a tensor's byte, then the archive's header (DCP could not read it)
+        _flip_byte(newest / "__0_0.distcp", offset)
+        with pytest.raises(DamagedCheckpointError, match=r"__0_0\.distcp does not match the SHA-256"):
+            read_checkpoint(newest)
+        found = newest_verified_checkpoint(run, read_checkpoint)  # what resume does
+        assert found is not None and found.checkpoint.step == 3
+        assert f"skipping {newest}" in found.warnings[0] and "does not match the SHA-256" in found.warnings[0]
+        assert found.warnings[0].endswith(
+            f"using {run.sharded_checkpoint(3)}, the newest checkpoint that verifies"
+        )
+        _flip_byte(newest / "__0_0.distcp", offset)  # back as it was
+    trainer2, model2, task2, optim2, sched2 = make_parts(tmp_path / "y", format="sharded")
+    _flip_byte(newest / "__0_0.distcp")
+    found = newest_verified_checkpoint(run, read_checkpoint)
+    assert found is not None
+    trainer2.load_checkpoint(found.value, task2, model2, optim2, sched2)
+    assert_same(model2.state_dict(), older, "model")
+
+
+def test_ml_export_of_a_damaged_sharded_checkpoint_is_one_line(tmp_path: Path) -> None:
+    """Named: one line, exit 2; the newest (by default): the older one, with a warning."""
+    from safetensors.torch import load_file
+
+    _, run, older = _two_saved(tmp_path)
+    _flip_byte(run.sharded_checkpoint(4) / "__0_0.distcp")
+    out = tmp_path / "m.safetensors"
+    named = subprocess.run(
+        [sys.executable, "-m", "ml.cli", "export", str(tmp_path), "-o", str(out), "--checkpoint", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert named.returncode == 2, named.stderr
+    assert named.stderr.count("\n") == 1 and "does not match the SHA-256" in named.stderr, named.stderr
+    assert not out.exists()
+
+    from ml.tools.export import main
+
+    assert main([str(tmp_path), "-o", str(out)]) == 0
+    assert_same(load_file(out), older, "export")
+
+
+def test_a_manifest_without_digests_is_checked_by_size_and_a_bad_shard_is_one_line(tmp_path: Path) -> None:
+    """Manifests written before the digests: accepted by their sizes; what DCP then cannot read is a
+    CheckpointError of one line (the export's too), not DCP's exception with every rank's traceback."""
+    from ml.errors import UserError
+    from ml.tools.export import main
+
+    _, run, _ = _two_saved(tmp_path)
+    newest = run.sharded_checkpoint(4)
+    manifest = json.loads((newest / "ml-manifest.json").read_text())
+    del manifest["sha256"]
+    (newest / "ml-manifest.json").write_text(json.dumps(manifest))
+    verify_checkpoint(newest)
+    fresh = make_parts(tmp_path / "x", format="sharded")[1]
+    load_sharded_model(fresh, read_checkpoint(newest)["model"], strict=True)
+
+    _flip_byte(newest / "__0_0.distcp", 0)  # the archive's header: unnoticed until DCP reads it
+    verify_checkpoint(newest)
+    with pytest.raises(UserError) as raised:
+        main([str(tmp_path), "-o", str(tmp_path / "m.safetensors")])
+    assert f"cannot load the sharded checkpoint {newest}" in str(raised.value)
+    assert "\n" not in str(raised.value) and "Traceback" not in str(raised.value)
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_export_streams_the_weights_into_safetensors(tmp_path: Path) -> None:
