@@ -60,8 +60,11 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
     root = compose_args(args)
     objects = build_objects(root)
     initial = root.trainer.checkpoint.load_from_ckpt_path
-    if initial and not Path(initial).expanduser().is_file():
-        raise ConfigError(f"trainer.checkpoint.load_from_ckpt_path: no such file {initial}")
+    # A file (a checkpoint, an export) or a sharded checkpoint's folder (read_checkpoint checks it).
+    if initial and not (Path(initial).expanduser().is_file() or Path(initial).expanduser().is_dir()):
+        raise ConfigError(
+            f"trainer.checkpoint.load_from_ckpt_path: no such file or checkpoint folder {initial}"
+        )
 
     trainer_cls, _ = lookup("trainer", str(root.trainer.name))
     device = _device_of(root)  # a device this machine lacks is bad input: refused before the claim

@@ -789,18 +789,26 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
 
     def load_initial_weights(self, model: ModelT, path: str) -> None:
         """``checkpoint.load_from_ckpt_path``: model weights only (no optimizer, state or RNG), from a
-        checkpoint or from a ``.safetensors`` file written by ``ml export``."""
-        if Path(path).suffix == ".safetensors":
+        checkpoint (a file, or a sharded checkpoint's folder) or from a ``.safetensors`` file written
+        by ``ml export``.
+
+        It runs in :meth:`resume_or_start`, after ``set_up`` has wrapped (under FSDP: sharded) the
+        model, so the weights go in as a resume's do: a sharded checkpoint's pieces through
+        :func:`load_sharded_model`, full weights (a file, an export) through
+        :meth:`restore_model_state`, which scatters them into the shards under FSDP.
+        """
+        where = Path(path).expanduser()
+        if where.suffix == ".safetensors":
             from ml.models.export import read_weights
 
-            weights: Mapping[str, Any] = read_weights(Path(path).expanduser(), device=self.device)[0]
+            weights: Mapping[str, Any] = read_weights(where, device=self.device)[0]
         else:
-            weights = read_checkpoint(path, device=self.device)["model"]
+            weights = read_checkpoint(where, device=self.device)["model"]
         strict = self.checkpoint_config.load_strict
         if isinstance(weights, ShardedState):  # a sharded checkpoint: read into the model piece by piece
             notes = load_sharded_model(model, weights, strict=strict)
         else:
-            notes = load_model_state(model, weights, strict=strict)
+            notes = self.restore_model_state(model, weights, strict=strict)
         for note in notes:
             logger.warning("Initial weights from %s: %s", path, note)
         logger.info("Initial weights loaded from %s", path)

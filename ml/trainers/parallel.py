@@ -130,11 +130,47 @@ def full_optim_state(model: nn.Module, optim: torch.optim.Optimizer) -> dict[str
     )
 
 
-def load_full_model_state(model: nn.Module, state: dict[str, Any], *, strict: bool) -> None:
-    """Loads a full state dict into a sharded model; each rank keeps its shard."""
+def load_full_model_state(model: nn.Module, state: dict[str, Any], *, strict: bool) -> list[str]:
+    """Loads a full state dict into a sharded model; each rank keeps its shard (all ranks call this).
+
+    The keys and whole shapes are checked first, as :func:`ml.utils.checkpoint.load_model_state`
+    does for a model that is not sharded: under ``strict`` a mismatch raises, naming it; otherwise
+    tensors of another shape are left out and what did not fit is returned as notes.
+
+    Raises:
+        CheckpointError: ``strict`` and the keys or shapes differ (the message lists them).
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    from ml.errors import CheckpointError
+
+    own = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # DTensors: whole shapes
+    missing = [name for name in own if name not in state]
+    unexpected = [name for name in state if name not in own]
+    misfits = [
+        f"{name} {tuple(t.shape)} vs {own[name]}"
+        for name, t in state.items()
+        if name in own and isinstance(t, torch.Tensor) and tuple(t.shape) != own[name]
+    ]
+    notes = [
+        f"{what}: {', '.join(names)}"
+        for what, names in (
+            ("not loaded, shapes differ", misfits),
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+        )
+        if names
+    ]
+    if strict and notes:
+        raise CheckpointError(f"{'; '.join(notes)} (checkpoint.load_strict=false loads what fits)")
+    if misfits:
+        state = {
+            k: v
+            for k, v in state.items()
+            if not (isinstance(v, torch.Tensor) and k in own and tuple(v.shape) != own[k])
+        }
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+    return notes
 
 
 def load_full_optim_state(model: nn.Module, optim: torch.optim.Optimizer, state: dict[str, Any]) -> None:

@@ -336,12 +336,11 @@ class SupervisedLearningTrainer(
         if not is_sharded(model):
             return super().restore_model_state(model, state, strict=strict)
         try:
-            load_full_model_state(model, dict(state), strict=strict)
+            return load_full_model_state(model, dict(state), strict=strict)
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(
                 f"the checkpoint's weights do not fit the model: {str(e).splitlines()[0]}"
             ) from e
-        return []
 
     def restore_optim_state(self, model: BaseModel, optims: Any, state: Any) -> None:
         """Loads either form: torch's (parameters by position) or FSDP's (parameters by name)."""

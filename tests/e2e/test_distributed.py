@@ -325,3 +325,37 @@ def test_launch_with_the_default_launcher_trains_in_this_process(config: Path, t
     assert result.returncode == 0, result.stderr[-3000:]
     assert "process group" not in result.stderr
     assert _state(_only_run(tmp_path / "runs") / "checkpoints" / "ckpt.pt")["num_steps"] == 3
+
+
+def test_fsdp_starts_from_an_export_and_one_process_from_the_sharded_folder(
+    config: Path, tmp_path: Path
+) -> None:
+    """Initial weights (checkpoint.load_from_ckpt_path) go into FSDP's shards as a resume's do, and a
+    sharded checkpoint's folder is itself a source of initial weights. With lr=0 the weights each run
+    saves are those it started from."""
+    from safetensors.torch import load_file
+
+    run_dir, export = tmp_path / "runs", tmp_path / "w.safetensors"
+    assert _ml("train", str(config), "task.max_steps=2", run_dir=run_dir).returncode == 0
+    assert _ml("export", str(run_dir / "dist" / "run_0"), "-o", str(export), run_dir=run_dir).returncode == 0
+    exported = load_file(export)
+    frozen = ["optimizer.lr=0.0", "task.max_steps=1", "trainer.checkpoint.save_every_n_steps=null"]
+    _torchrun(
+        config, run_dir, "trainer.parallel=fsdp", f"trainer.checkpoint.load_from_ckpt_path={export}", *frozen
+    )
+    folder = run_dir / "dist" / "run_1" / "checkpoints" / "ckpt.1"
+    assert folder.is_dir()  # sharded: the default under FSDP
+    result = _ml(
+        "train",
+        str(config),
+        f"trainer.checkpoint.load_from_ckpt_path={folder}",
+        "trainer.checkpoint.format=full",
+        *frozen,
+        run_dir=run_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Initial weights loaded from {folder}" in result.stderr
+    weights = torch.load(run_dir / "dist" / "run_2" / "checkpoints" / "ckpt.1.pt", weights_only=True)["model"]
+    assert sorted(weights) == sorted(exported)
+    for name, tensor in exported.items():
+        assert torch.equal(weights[name], tensor), name
