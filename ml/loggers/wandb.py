@@ -18,6 +18,11 @@ each session writes a folder of its own with that id; ``wandb sync`` puts them t
 A run stopped by a signal logged nothing past its checkpoint, so no step is in two sessions; after a
 ``kill -9`` the steps redone past the checkpoint are in both (with the same values, resume being exact).
 
+wandb's other files stay in the run folder too: its cache (``wandb-core``'s ``core-debug-*.log`` and
+``symon-debug-*.log``, the artifact cache), its data folder (artifacts being staged) and downloaded
+artifacts go under ``<logs>/wandb/`` (``cache/``, ``data/``, ``artifacts/``), not ``~/.cache``,
+``~/.local/share`` or ``./artifacts`` (:data:`RUN_FOLDER_DIRS`).
+
 ``wandb`` is an optional dependency, imported when the logger is initialized. Its console capture
 is off (``ml`` prints its own lines), and so is its own output (``silent``): the logger says where
 the run is in one line.
@@ -41,6 +46,16 @@ logger = logging.getLogger(__name__)
 
 WANDB_DIR_NAME = "wandb"  # what wandb names the folder it makes in the `dir` it is given
 MODES = ("online", "offline", "disabled")
+
+# Where wandb would write outside the run folder, and where it writes instead (under <logs>/wandb).
+# wandb.Settings has no field for these: wandb and its service process (wandb-core, started at the
+# first wandb.init of a process, with the environment of then) read them from the environment. So
+# they are set in os.environ while the W&B run is open, each only if the user has not set it (a
+# WANDB_CACHE_DIR of theirs wins), and put back at close(), which also ends the service so that
+# the next run of this process starts one with its own folders. WANDB_CONFIG_DIR is left alone:
+# wandb only reads it during a run, and it holds the user's settings (a self-hosted server's
+# base_url, a default entity) that an online run must keep.
+RUN_FOLDER_DIRS = {"WANDB_CACHE_DIR": "cache", "WANDB_DATA_DIR": "data", "WANDB_ARTIFACT_DIR": "artifacts"}
 
 
 @dataclass
@@ -99,6 +114,7 @@ class WandbLogger(BaseLogger[WandbLoggerConfig]):
         self.run: Any = None  # the wandb Run of this session, once started
         self.run_id: str | None = None  # from the checkpoint, or once the run is started
         self._outcome = "finished"
+        self._set_env: list[str] = []  # the WANDB_* variables this logger set (RUN_FOLDER_DIRS)
 
     def initialize(self, log_directory: Path) -> None:
         super().initialize(log_directory)
@@ -124,6 +140,10 @@ class WandbLogger(BaseLogger[WandbLoggerConfig]):
         mode = wandb_mode(self.config.mode)
         # wandb makes <dir>/wandb/ itself; the folder it is given must exist.
         self.log_directory.mkdir(parents=True, exist_ok=True)
+        for name, folder in RUN_FOLDER_DIRS.items():
+            if name not in os.environ:
+                os.environ[name] = str(self.log_directory / WANDB_DIR_NAME / folder)
+                self._set_env.append(name)
         self.run = wandb.init(
             dir=str(self.log_directory),
             mode=mode,
@@ -170,6 +190,14 @@ class WandbLogger(BaseLogger[WandbLoggerConfig]):
         run, self.run = self.run, None
         if run is None:
             return
-        if self._outcome == "interrupted":
-            run.mark_preempting()
-        run.finish(exit_code=0 if self._outcome == "finished" else 1)
+        try:
+            if self._outcome == "interrupted":
+                run.mark_preempting()
+            run.finish(exit_code=0 if self._outcome == "finished" else 1)
+            wandb = self._wandb
+            if wandb is not None and getattr(wandb, "run", None) is None:  # no other W&B run uses it
+                wandb.teardown()  # wandb-core ends; the next run's starts with the next run's folders
+        finally:
+            for name in self._set_env:
+                os.environ.pop(name, None)
+            self._set_env.clear()

@@ -143,3 +143,52 @@ def test_an_offline_run_is_recorded_in_the_run_folder_and_continued_under_its_id
     ]
     assert exits == [[1], [0]]  # preempted (marked so), then finished
     assert any(r["type"] == "preempting" for r in records)
+
+
+_SESSION = """\
+import sys
+from pathlib import Path
+from omegaconf import OmegaConf
+from ml.core.state import State
+from ml.loggers.base import LogBatch
+from ml.loggers.wandb import WandbLogger, WandbLoggerConfig
+logger = WandbLogger(WandbLoggerConfig(name="wandb"))
+logger.initialize(Path(sys.argv[1]))
+logger.log_config(OmegaConf.create({"trainer": {"name": "sl", "exp_name": "digits"}}))
+state = State()
+state.num_steps = 1
+logger.write(state, LogBatch(scalars={"train/loss": 1.0}))
+logger.close()
+"""
+
+
+def test_wandbs_debug_logs_and_caches_stay_in_the_run_folder(tmp_path: Path) -> None:
+    """wandb-core's core-debug/symon-debug logs and wandb's caches land under <logs>/wandb, not in
+    the home folder, the XDG folders or the working directory."""
+    import os
+
+    outside = {name: tmp_path / name for name in ("home", "cache", "data", "config", "cwd")}
+    for folder in outside.values():
+        folder.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "XDG_"))}
+    env.update(
+        HOME=str(outside["home"]),
+        XDG_CACHE_HOME=str(outside["cache"]),
+        XDG_DATA_HOME=str(outside["data"]),
+        XDG_CONFIG_HOME=str(outside["config"]),
+    )
+    logs = tmp_path / "run_0" / "logs"
+    result = subprocess.run(
+        [sys.executable, "-c", _SESSION, str(logs)],
+        env=env,
+        cwd=outside["cwd"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = {name: sorted(p for p in folder.rglob("*") if p.is_file()) for name, folder in outside.items()}
+    assert written == {name: [] for name in outside}
+    assert list((logs / "wandb").rglob("core-debug-*.log"))  # wandb-core's log: in the run folder
+    assert list((logs / "wandb").glob("offline-run-*/run-*.wandb"))
