@@ -5,6 +5,9 @@ exact resume), swapping a section on the command line (``optimizer.name=lion``: 
 new component's defaults), the library optimizers and the original's schedules in ``--help``, an
 unknown key, initial weights from an ``ml export`` file, and a user package imported from the
 current directory by the ``ml`` console script (every run here uses one: ``cwd_models``).
+
+The module's commands start as early as they can, side by side: those needing nothing at once, the
+two that start from the SGD run's checkpoints as soon as it ends; each test waits for its own.
 """
 
 import json
@@ -12,6 +15,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -112,10 +117,88 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sgd_run(home: Path) -> Path:
+def pool() -> Iterator[ThreadPoolExecutor]:
+    """Runs the module's ``ml`` commands side by side (each in a thread waiting on its process)."""
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        yield executor
+
+
+@pytest.fixture(scope="module")
+def independent(
+    home: Path, pool: ThreadPoolExecutor, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Future]:
+    """The commands that need no run of this module, started at once (before the SGD run)."""
+    (home / "bad.safetensors").write_bytes(b"not a safetensors file")
+    unknown_run_dir = tmp_path_factory.mktemp("unknown_key")
+    return {
+        "overview": pool.submit(ml, "--help", cwd=home),
+        "fields": pool.submit(ml, "train", "tiny.yaml", "optimizer.name=torch.optim:SGD", "--help", cwd=home),
+        "unknown_key": pool.submit(
+            ml,
+            "train",
+            "tiny.yaml",
+            'optimizer={name: "torch.optim:SGD", momentm: 0.9}',
+            cwd=home,
+            run_dir=unknown_run_dir,
+        ),
+        "unknown_key_run_dir": unknown_run_dir,
+        "bad_weights": pool.submit(
+            ml,
+            "train",
+            "tiny.yaml",
+            "trainer.checkpoint.load_from_ckpt_path=bad.safetensors",
+            cwd=home,
+            run_dir=tmp_path_factory.mktemp("bad_weights"),  # not the SGD run's folder
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def sgd_run(home: Path, independent: dict[str, Future]) -> Path:
     """10 steps with torch.optim.SGD and StepLR by import path (checkpoints at 5 and 10)."""
+    del independent  # started first, to run beside this one
     _ok(ml("train", "tiny.yaml", TORCH_SGD, STEP_LR, cwd=home))
     return home / "runs" / "tiny" / "run_0"
+
+
+@pytest.fixture(scope="module")
+def from_sgd_run(
+    sgd_run: Path, home: Path, pool: ThreadPoolExecutor, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path | Future]:
+    """The two runs that start from the SGD run's checkpoints, started together as soon as it ends.
+
+    - ``resumed``: the SGD run as it was at step 5 (its folder copied, the later checkpoint gone,
+      the link back), continued to step 10.
+    - ``initial``: a new run with initial weights from the SGD run's weights at step 10 exported by
+      ``ml export``'s code, lion by name instead of adamw (``optimizer.name=lion``) at lr 0, and the
+      cosine_decay schedule, for 2 steps.
+    """
+    resumed_run_dir = tmp_path_factory.mktemp("resumed")
+    run = resumed_run_dir / "tiny" / "run_0"
+    shutil.copytree(sgd_run, run, symlinks=True)
+    (run / "checkpoints" / "ckpt.10.pt").unlink()
+    (run / "checkpoints" / "ckpt.pt").unlink()
+    (run / "checkpoints" / "ckpt.pt").symlink_to("ckpt.5.pt")
+
+    ckpt = _load(sgd_run / "checkpoints" / "ckpt.10.pt")  # what `ml export` writes, written by its code
+    export_weights(ckpt["model"], ckpt["config"], home / "sgd.safetensors", step=10)
+    # optimizer.name=lion swaps adamw's section for lion's defaults (lion has a weight_decay too:
+    # not carried over); with lr 0 lion changes nothing, so the weights are the export's.
+    initial = (
+        "train",
+        "tiny.yaml",
+        "optimizer.name=lion",
+        "optimizer.lr=0",
+        "lr_scheduler.name=cosine_decay",
+        "task.max_steps=2",
+        f"trainer.checkpoint.load_from_ckpt_path={home / 'sgd.safetensors'}",
+        "trainer.exp_name=initial",
+    )
+    return {
+        "resumed_run": run,
+        "resumed": pool.submit(ml, "train", run / "config.yaml", cwd=home, run_dir=resumed_run_dir),
+        "initial": pool.submit(ml, *initial, cwd=home),
+    }
 
 
 def test_the_ml_command_imports_a_package_of_the_current_directory(sgd_run: Path) -> None:
@@ -142,14 +225,10 @@ def test_a_torch_optimizer_and_schedule_by_import_path_train_as_configured(sgd_r
     assert ckpt["lr"]["torch_scheduler"]["last_epoch"] == 9
 
 
-def test_a_run_with_imported_components_resumes_exactly(sgd_run: Path, tmp_path: Path) -> None:
-    # The run as it was at step 5: its folder copied, the later checkpoint gone, the link back.
-    run = tmp_path / "tiny" / "run_0"
-    shutil.copytree(sgd_run, run, symlinks=True)
-    (run / "checkpoints" / "ckpt.10.pt").unlink()
-    (run / "checkpoints" / "ckpt.pt").unlink()
-    (run / "checkpoints" / "ckpt.pt").symlink_to("ckpt.5.pt")
-    result = _ok(ml("train", run / "config.yaml", cwd=sgd_run.parents[2], run_dir=tmp_path))
+def test_a_run_with_imported_components_resumes_exactly(sgd_run: Path, from_sgd_run: dict) -> None:
+    # The run as it was at step 5 (its folder copied, the later checkpoint gone), continued.
+    run = from_sgd_run["resumed_run"]
+    result = _ok(from_sgd_run["resumed"].result())
     assert "Resumed from" in result.stderr and "at step 5" in result.stderr
     resumed, uninterrupted = (
         _load(run / "checkpoints" / "ckpt.10.pt"),
@@ -159,25 +238,12 @@ def test_a_run_with_imported_components_resumes_exactly(sgd_run: Path, tmp_path:
         assert_same(resumed[key], uninterrupted[key], key)
 
 
-def test_initial_weights_from_an_export_and_a_swap_by_name(sgd_run: Path, home: Path) -> None:
-    ckpt = _load(sgd_run / "checkpoints" / "ckpt.10.pt")  # what `ml export` writes, written by its code
-    export_weights(ckpt["model"], ckpt["config"], home / "sgd.safetensors", step=10)
+def test_initial_weights_from_an_export_and_a_swap_by_name(
+    home: Path, from_sgd_run: dict, independent: dict[str, Future]
+) -> None:
+    # The SGD run's weights at step 10, exported by `ml export`'s code; lion at lr 0 for 2 steps.
     exported = safetensors.torch.load_file(home / "sgd.safetensors")
-    # optimizer.name=lion swaps adamw's section for lion's defaults (lion has a weight_decay too:
-    # not carried over); with lr 0 lion changes nothing, so the weights are the export's.
-    result = _ok(
-        ml(
-            "train",
-            "tiny.yaml",
-            "optimizer.name=lion",
-            "optimizer.lr=0",
-            "lr_scheduler.name=cosine_decay",
-            "task.max_steps=2",
-            f"trainer.checkpoint.load_from_ckpt_path={home / 'sgd.safetensors'}",
-            "trainer.exp_name=initial",
-            cwd=home,
-        )
-    )
+    result = _ok(from_sgd_run["initial"].result())
     run = home / "runs" / "initial" / "run_0"
     assert f"Initial weights loaded from {home / 'sgd.safetensors'}" in result.stderr
     config = yaml.safe_load((run / "config.yaml").read_text())
@@ -189,27 +255,23 @@ def test_initial_weights_from_an_export_and_a_swap_by_name(sgd_run: Path, home: 
     assert_same(trained["model"], exported, "model")
     assert trained["optim"]["state"]  # lion did step (its momentum exists), by zero
 
-    (home / "bad.safetensors").write_bytes(b"not a safetensors file")
-    result = ml("train", "tiny.yaml", "trainer.checkpoint.load_from_ckpt_path=bad.safetensors", cwd=home)
-    _bad_input(result, "bad.safetensors is not a safetensors file")
+    # A file that is no safetensors file (bad.safetensors) is refused.
+    _bad_input(independent["bad_weights"].result(), "bad.safetensors is not a safetensors file")
 
 
-def test_help_lists_the_components_and_an_imported_classs_arguments(home: Path) -> None:
-    overview = _ok(ml("--help", cwd=home)).stdout
+def test_help_lists_the_components_and_an_imported_classs_arguments(independent: dict[str, Future]) -> None:
+    overview = _ok(independent["overview"].result()).stdout
     assert "adam, adamw, adan, gan, lamb, lion, prodigy, sgd, shampoo" in overview
     assert "constant, cosine, cosine_decay, gan, linear, linear_no_decay" in overview
-    fields = _ok(ml("train", "tiny.yaml", "optimizer.name=torch.optim:SGD", "--help", cwd=home)).stdout
+    fields = _ok(independent["fields"].result()).stdout
     assert "optimizer: torch.optim:SGD  (SGDConfig)" in fields
     assert "optimizer.momentum: float = 0.0\n      `momentum` of torch.optim.sgd.SGD" in fields
 
 
-def test_an_unknown_key_of_an_imported_class_names_its_keys(home: Path, tmp_path: Path) -> None:
-    result = ml(
-        "train", "tiny.yaml", 'optimizer={name: "torch.optim:SGD", momentm: 0.9}', cwd=home, run_dir=tmp_path
-    )
+def test_an_unknown_key_of_an_imported_class_names_its_keys(independent: dict[str, Future]) -> None:
     _bad_input(
-        result,
+        independent["unknown_key"].result(),
         "optimizer.momentm: Key 'momentm' not in 'SGDConfig'. Did you mean: 'momentum'? "
         "(torch.optim:SGD takes: name, lr, momentum,",
     )
-    assert list(tmp_path.iterdir()) == []  # refused before anything was made
+    assert list(independent["unknown_key_run_dir"].iterdir()) == []  # refused before anything was made

@@ -2,13 +2,19 @@
 
 The trace must be the Chrome trace format that Perfetto and TensorBoard's profiler plugin open,
 hold the profiled steps and only them, and the top operators must be printed at the end.
+
+The module's three runs are independent: they start together, and each test waits for its own.
 """
 
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 _SCRIPT = Path(sys.executable).parent / "ml"
 ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.cli"]
@@ -23,15 +29,36 @@ def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
 
 
-def test_the_profiled_steps_are_traced_and_their_top_operators_printed(tmp_path: Path) -> None:
-    result = _train(
-        tmp_path,
+# Each test's run: its arguments to `ml train digits`.
+RUNS = {
+    "traced": [
         "task.max_steps=9",
         "trainer.profile.active=3",
         "trainer.profile.wait=2",
         "trainer.profile.warmup=1",
         "trainer.profile.top=4",
-    )
+    ],
+    "too_short": ["task.max_steps=2", "trainer.profile.active=2", "trainer.profile.wait=5"],
+    "records_nothing": ["task.max_steps=200", "trainer.profile.active=0"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, Future]]]:
+    """Every run of ``RUNS`` started at once, each in a folder of its own: its folder, its result."""
+    with ThreadPoolExecutor(max_workers=len(RUNS)) as pool:
+        started = {}
+        for name, args in RUNS.items():
+            folder = tmp_path_factory.mktemp(name)
+            started[name] = (folder, pool.submit(_train, folder, *args))
+        yield started
+
+
+def test_the_profiled_steps_are_traced_and_their_top_operators_printed(
+    runs: dict[str, tuple[Path, Future]],
+) -> None:
+    tmp_path, future = runs["traced"]
+    result = future.result()
     assert result.returncode == 0, result.stderr
     traces = list((tmp_path / "runs" / "digits" / "run_0" / "logs" / "tensorboard" / "profile").iterdir())
     assert len(traces) == 1 and traces[0].name.endswith(".pt.trace.json")
@@ -47,15 +74,19 @@ def test_the_profiled_steps_are_traced_and_their_top_operators_printed(tmp_path:
     assert len(rows) == 4, table  # trainer.profile.top
 
 
-def test_a_run_too_short_for_its_profile_says_so(tmp_path: Path) -> None:
-    result = _train(tmp_path, "task.max_steps=2", "trainer.profile.active=2", "trainer.profile.wait=5")
+def test_a_run_too_short_for_its_profile_says_so(runs: dict[str, tuple[Path, Future]]) -> None:
+    tmp_path, future = runs["too_short"]
+    result = future.result()
     assert result.returncode == 0, result.stderr
     assert "training ended before a profiled step; nothing was written" in result.stderr
     assert not (tmp_path / "runs" / "digits" / "run_0" / "logs" / "tensorboard" / "profile").exists()
 
 
-def test_a_profile_that_records_nothing_is_refused_before_a_run_folder(tmp_path: Path) -> None:
-    result = _train(tmp_path, "task.max_steps=200", "trainer.profile.active=0")
+def test_a_profile_that_records_nothing_is_refused_before_a_run_folder(
+    runs: dict[str, tuple[Path, Future]],
+) -> None:
+    tmp_path, future = runs["records_nothing"]
+    result = future.result()
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "trainer.profile.active must be at least 1" in lines[0], result.stderr

@@ -3,12 +3,18 @@
 - DDP in 2 processes started by ``launcher.name=mp``, stopped by SIGTERM to the launcher mid-run and
   resumed (by ``mp`` again), follows the loss curve of the same job run uninterrupted by torchrun.
 - A process that fails ends the others, and ``ml launch`` exits non-zero at once.
+
+The three launches that need no other's result (torchrun's reference, the mp run to stop, the
+failing mp run) start together, in the ``started`` fixture; each test waits for its own.
 """
 
 import json
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -59,22 +65,72 @@ def _ml(*args: str, run_dir: Path, cwd: Path) -> subprocess.CompletedProcess[str
     )
 
 
+def _timed_ml(*args: str, run_dir: Path, cwd: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    """``_ml``'s result, and the seconds the command took."""
+    began = time.monotonic()
+    result = _ml(*args, run_dir=run_dir, cwd=cwd)
+    return result, time.monotonic() - began
+
+
+@dataclass
+class Started:
+    torchrun: Future  # the job run by torchrun, uninterrupted: `_ml`'s result
+    paced: subprocess.Popen[str]  # the paced job in 2 processes by mp, for a test to stop
+    paced_err: Path  # its stderr
+    failing: Future  # the job in 2 processes by mp, rank 1 failing at step 3: `_timed_ml`'s
+
+
 @pytest.fixture(scope="module")
-def torchrun_losses(folder: Path) -> dict[int, float]:
+def started(folder: Path) -> Iterator[Started]:
+    """The launches that need no other's result, started together."""
+    with ThreadPoolExecutor(max_workers=2) as pool, (folder / "paced.stderr").open("w") as paced_err:
+        torchrun = pool.submit(
+            _ml,
+            *("launch", "dist.yaml", "launcher.name=torchrun", "launcher.nproc_per_node=2"),
+            run_dir=folder / "torchrun",
+            cwd=folder,
+        )
+        paced = subprocess.Popen(
+            [*ML, "launch", "paced.yaml", "launcher.name=mp", "launcher.nproc_per_node=2"],
+            env={**_env(folder / "mp"), "PYTHONPATH": str(folder), "PACED_STEP_SLEEP_S": "0.15"},
+            cwd=folder,
+            stdout=subprocess.DEVNULL,
+            stderr=paced_err,
+            text=True,
+        )
+        failing = pool.submit(
+            _timed_ml,
+            "launch",
+            "paced.yaml",
+            "launcher.name=mp",
+            "task.fail_on_rank=1",
+            "task.max_steps=100000",
+            "launcher.kill_after_s=60",
+            run_dir=folder / "failing",
+            cwd=folder,
+        )
+        try:
+            yield Started(torchrun, paced, folder / "paced.stderr", failing)
+        finally:
+            if paced.poll() is None:  # its test did not run: stopped as the test would
+                paced.send_signal(signal.SIGTERM)
+                paced.wait(timeout=TIMEOUT_S)
+
+
+def _torchrun_losses(folder: Path, started: Started) -> dict[int, float]:
     """The curve of the job run by torchrun, uninterrupted."""
     run_dir = folder / "torchrun"
-    args = ["launch", "dist.yaml", "launcher.name=torchrun", "launcher.nproc_per_node=2"]
-    result = _ml(*args, run_dir=run_dir, cwd=folder)
+    result = started.torchrun.result()
     assert result.returncode == 0, result.stderr[-3000:]
     losses = _train_losses(_only_run(run_dir))
     assert sorted(losses) == list(range(1, STEPS + 1))
     return losses
 
 
-def _wait_for_step(exp_dir: Path, step: int, proc: subprocess.Popen[str]) -> None:
+def _wait_for_step(exp_dir: Path, step: int, proc: subprocess.Popen[str], err: Path) -> None:
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert proc.poll() is None, err.read_text()[-3000:]
         metrics = exp_dir / "logs" / "metrics.jsonl"
         if metrics.exists() and any(r["step"] >= step for r in _records(exp_dir) if r["phase"] == "train"):
             return
@@ -82,21 +138,13 @@ def _wait_for_step(exp_dir: Path, step: int, proc: subprocess.Popen[str]) -> Non
     raise AssertionError(f"step {step} never came")
 
 
-def test_mp_stopped_by_sigterm_and_resumed_follows_torchrun(
-    folder: Path, torchrun_losses: dict[int, float]
-) -> None:
-    run_dir = folder / "mp"
-    proc = subprocess.Popen(
-        [*ML, "launch", "paced.yaml", "launcher.name=mp", "launcher.nproc_per_node=2"],
-        env={**_env(run_dir), "PYTHONPATH": str(folder), "PACED_STEP_SLEEP_S": "0.15"},
-        cwd=folder,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for_step(run_dir / "dist" / "run_0", 4, proc)
+def test_mp_stopped_by_sigterm_and_resumed_follows_torchrun(folder: Path, started: Started) -> None:
+    # The paced job (0.15 s a step) in 2 processes by mp, started with the module.
+    run_dir, proc = folder / "mp", started.paced
+    _wait_for_step(run_dir / "dist" / "run_0", 4, proc, started.paced_err)
     proc.send_signal(signal.SIGTERM)  # to the launcher, which passes it on to both processes
-    _, err = proc.communicate(timeout=TIMEOUT_S)
+    proc.wait(timeout=TIMEOUT_S)
+    err = started.paced_err.read_text()
     assert proc.returncode == 0, err[-3000:]  # both checkpointed and ended cleanly
     assert "Joined the gloo process group as rank 0 of 2" in err
     assert "Stopping on SIGTERM at step" in err
@@ -111,6 +159,7 @@ def test_mp_stopped_by_sigterm_and_resumed_follows_torchrun(
     result = _ml("launch", str(exp_dir / "config.yaml"), run_dir=run_dir, cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at step {stopped_at}" in result.stderr
+    torchrun_losses = _torchrun_losses(folder, started)
     losses = _train_losses(exp_dir)
     assert sorted(losses) == sorted(torchrun_losses)
     for step, loss in torchrun_losses.items():
@@ -119,20 +168,10 @@ def test_mp_stopped_by_sigterm_and_resumed_follows_torchrun(
     assert (state["num_steps"], state["num_samples"]) == (STEPS, STEPS * 2 * 32)
 
 
-def test_a_failing_process_ends_the_others(folder: Path) -> None:
+def test_a_failing_process_ends_the_others(folder: Path, started: Started) -> None:
+    # The job in 2 processes by mp, rank 1 failing at step 3, started with the module.
     run_dir = folder / "failing"
-    started = time.monotonic()
-    result = _ml(
-        "launch",
-        "paced.yaml",
-        "launcher.name=mp",
-        "task.fail_on_rank=1",
-        "task.max_steps=100000",
-        "launcher.kill_after_s=60",
-        run_dir=run_dir,
-        cwd=folder,
-    )
-    took = time.monotonic() - started
+    result, took = started.failing.result()
     assert result.returncode == 1, result.stderr[-3000:]
     assert "planned failure on rank 1" in result.stderr
     # Rank 0 may fail too (its peer is gone) before the launcher looks: both are then named.
