@@ -736,7 +736,8 @@ class SupervisedLearningTrainer(
 
     def _weights_finite(self) -> bool:
         """Whether every weight is finite (every rank's shard under FSDP); read on the host."""
-        assert self._parts is not None
+        if self._parts is None:  # no step of this loop yet (a stop at start-up): the weights as loaded
+            return True
         local = [p.to_local() if hasattr(p, "to_local") else p for p in self._parts[2]]
         bad = torch.stack([torch.isfinite(t.detach()).all() for t in local]).logical_not().any().float()
         if self.distributed:

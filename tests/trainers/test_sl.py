@@ -329,3 +329,18 @@ def test_a_changed_dataset_size_is_a_clear_checkpoint_error(tmp_path: Path) -> N
 
     with pytest.raises(CheckpointError, match="was the dataset changed"):
         _fit(_trainer(tmp_path), max_steps=5, task_cls=Smaller)
+
+
+def test_a_stop_before_the_first_step_saves_its_checkpoint(tmp_path: Path) -> None:
+    """A signal that lands before the loop's first step (at start-up) stops with a checkpoint of step
+    0; the check that weights are finite before a save has no step's parameters to look at then."""
+
+    class StopsAtOnce(TinyTask):
+        def on_training_start(self, state, model, optim, lr_sched):  # type: ignore[no-untyped-def]
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = _trainer(tmp_path)
+    _fit(trainer, max_steps=5, task_cls=StopsAtOnce)
+    assert trainer.stop_signal == signal.SIGTERM
+    ckpt = torch.load(tmp_path / "checkpoints" / "ckpt.pt", weights_only=True)
+    assert json.loads(ckpt["state"])["num_steps"] == 0
