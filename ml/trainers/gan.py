@@ -31,7 +31,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from ml.core.config import conf_field
 from ml.core.registry import register_trainer
 from ml.core.state import State
-from ml.errors import CheckpointError, ConfigError
+from ml.errors import ConfigError
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.lr_schedulers.gan import GanLRScheduler
 from ml.models.base import BaseModel
@@ -51,7 +51,14 @@ from ml.optimizers.gan import GAN_PARTS, GanOptimizer
 from ml.tasks.gan import GanTask, Losses
 from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_trainer_config
 from ml.trainers.sl import NonFiniteLossError
-from ml.utils.data import ResumableSampler, SeededDataset, batch_size_of, move_to, prepare_worker_processes
+from ml.utils.data import (
+    ResumableSampler,
+    SeededDataset,
+    batch_size_of,
+    move_to,
+    prepare_worker_processes,
+    rest_of_epoch,
+)
 from ml.utils.grad_norm import tensor_norms
 from ml.utils.malloc import tune_malloc
 from ml.utils.nonfinite import NonFiniteRecord
@@ -308,16 +315,7 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
     def _epoch_steps(self, loader: DataLoader, state: State) -> Iterator[list[Any]]:
         """The rest of the current epoch as groups of ``discriminator_steps`` batches (the last may be
         short), from the saved position: the order depends only on ``(task.seed, epoch)``."""
-        sampler = cast(ResumableSampler, loader.sampler)
-        if state.num_epoch_samples > sampler.num_samples:
-            raise CheckpointError(
-                f"the checkpoint stands at sample {state.num_epoch_samples} of epoch {state.num_epochs}, but "
-                f"the training data now has {sampler.num_samples} samples: was the dataset changed?"
-            )
-        sampler.set_epoch(state.num_epochs, start=state.num_epoch_samples)
-        assert loader.generator is not None
-        loader.generator.manual_seed(self._data_seed + state.num_epochs)
-        batches = iter(loader)
+        batches = rest_of_epoch(loader, state.num_epochs, state.num_epoch_samples, self._data_seed)
         while group := list(itertools.islice(batches, self._discriminator_steps)):
             yield group
 

@@ -58,6 +58,7 @@ from ml.utils.data import (
     batch_size_of,
     move_to,
     prepare_worker_processes,
+    rest_of_epoch,
     to_device_ahead,
 )
 from ml.utils.distributed import all_gather_object, get_rank, get_world_size
@@ -512,16 +513,7 @@ class SupervisedLearningTrainer(
         if stream is not None and loader is stream.loader:
             yield from stream.steps(state.num_epochs, state.num_epoch_samples, self._batches_per_step)
             return
-        sampler = cast(ResumableSampler, loader.sampler)
-        if state.num_epoch_samples > sampler.num_samples:
-            raise CheckpointError(
-                f"the checkpoint stands at sample {state.num_epoch_samples} of epoch {state.num_epochs}, but "
-                f"the training data now has {sampler.num_samples} samples: was the dataset changed?"
-            )
-        sampler.set_epoch(state.num_epochs, start=state.num_epoch_samples)
-        assert loader.generator is not None
-        loader.generator.manual_seed(self._data_seed + state.num_epochs)
-        batches = iter(loader)
+        batches = rest_of_epoch(loader, state.num_epochs, state.num_epoch_samples, self._data_seed)
         if self._batches_per_step == 1:
             for batch in batches:
                 yield [batch]

@@ -102,6 +102,30 @@ class ResumableSampler(Sampler[int]):
         return len(self._positions())
 
 
+def rest_of_epoch(loader: Any, epoch: int, position: int, data_seed: int) -> Iterator[Any]:
+    """The batches of ``loader`` (over a :class:`ResumableSampler`) from sample ``position`` of epoch
+    ``epoch`` on: where a checkpoint left the data order, which depends only on ``(data_seed, epoch)``.
+
+    The sampler skips ahead by index, without loading a batch; the loader's generator (the workers'
+    seeds) is seeded from the epoch too. The one rule the trainers resume their data order by.
+
+    Raises:
+        CheckpointError: ``position`` is past the end of the data (the dataset changed since).
+    """
+    from ml.errors import CheckpointError
+
+    sampler = loader.sampler
+    assert isinstance(sampler, ResumableSampler) and loader.generator is not None
+    if position > sampler.num_samples:
+        raise CheckpointError(
+            f"the checkpoint stands at sample {position} of epoch {epoch}, but the training data now "
+            f"has {sampler.num_samples} samples: was the dataset changed?"
+        )
+    sampler.set_epoch(epoch, start=position)
+    loader.generator.manual_seed(data_seed + epoch)
+    return iter(loader)
+
+
 class SeededDataset(Dataset):
     """Loads ``(index, seed)`` keys: seeds every generator with ``seed``, then returns ``data[index]``."""
 
