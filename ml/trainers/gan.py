@@ -52,12 +52,10 @@ from ml.tasks.gan import GanTask, Losses
 from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_trainer_config
 from ml.trainers.sl import NonFiniteLossError
 from ml.utils.data import (
-    ResumableSampler,
-    SeededDataset,
     batch_size_of,
     move_to,
-    prepare_worker_processes,
     rest_of_epoch,
+    resumable_loader,
 )
 from ml.utils.grad_norm import tensor_norms
 from ml.utils.malloc import tune_malloc
@@ -292,24 +290,13 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
         dataset = task.get_dataset("train")
         if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise ConfigError(f"{where} returned {type(dataset).__name__}, not a map-style Dataset")
-        cfg = task.config.train_dl
-        if len(dataset) == 0 or (cfg.drop_last and len(dataset) < cfg.batch_size):
-            raise ConfigError(  # an epoch without a step would loop forever
-                f"the training data of {type(task).__name__} has no complete batch ({len(dataset)} samples, "
-                f"batch_size {cfg.batch_size}, drop_last {cfg.drop_last})"
-            )
-        seeded = cfg.num_workers > 0  # random draws in workers, exact on resume (see ml.utils.data)
-        if seeded:
-            prepare_worker_processes()
-        sampler = ResumableSampler(dataset, shuffle=cfg.shuffle, seed=self._data_seed, with_seeds=seeded)
-        return DataLoader(
-            SeededDataset(dataset) if seeded else dataset,
-            batch_size=cfg.batch_size,
-            sampler=sampler,
-            num_workers=cfg.num_workers,
-            pin_memory=self.device_type == "cuda" if cfg.pin_memory is None else cfg.pin_memory,
-            drop_last=cfg.drop_last,
-            generator=torch.Generator(),  # the workers' seeds: not drawn from the global generator
+        return resumable_loader(
+            dataset,
+            task.config.train_dl,
+            seed=self._data_seed,
+            device_type=self.device_type,
+            training=True,
+            owner=type(task).__name__,
         )
 
     def _epoch_steps(self, loader: DataLoader, state: State) -> Iterator[list[Any]]:

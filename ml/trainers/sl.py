@@ -54,11 +54,11 @@ from ml.trainers.parallel import (
 from ml.utils.checkpoint import unwrap_model
 from ml.utils.data import (
     ResumableSampler,
-    SeededDataset,
     batch_size_of,
     move_to,
     prepare_worker_processes,
     rest_of_epoch,
+    resumable_loader,
     to_device_ahead,
 )
 from ml.utils.distributed import all_gather_object, get_rank, get_world_size
@@ -419,35 +419,18 @@ class SupervisedLearningTrainer(
                 f"{where} returned {type(dataset).__name__}, "
                 "not a map-style Dataset (with __len__ and __getitem__) nor an IterableDataset"
             )
-        cfg = task.dataloader_config(phase)
-        if phase == "train" and (len(dataset) == 0 or (cfg.drop_last and len(dataset) < cfg.batch_size)):
-            raise ConfigError(  # an epoch without a step would loop forever
-                f"the training data of {type(task).__name__} has no complete batch "
-                f"({len(dataset)} samples, batch_size {cfg.batch_size}, drop_last {cfg.drop_last})"
-            )
-        pin = self.device_type == "cuda" if cfg.pin_memory is None else cfg.pin_memory
-        seeded = cfg.num_workers > 0  # see ml.utils.data: exact random draws in workers on resume
-        if cfg.num_workers > 0:
-            prepare_worker_processes()
-        sampler = ResumableSampler(
+        return resumable_loader(
             dataset,
-            shuffle=cfg.shuffle,
+            task.dataloader_config(phase),
             seed=self._data_seed,
-            with_seeds=seeded,
+            device_type=self.device_type,
+            training=phase == "train",
+            owner=type(task).__name__,
             rank=get_rank(),
             world_size=get_world_size(),
             # Every rank takes as many training steps. Evaluation covers every sample, except under
             # FSDP, whose forward passes are collective: there all ranks need as many batches too.
             even=phase == "train" or self.config.parallel == "fsdp",
-        )
-        return DataLoader(
-            SeededDataset(dataset) if seeded else dataset,
-            batch_size=cfg.batch_size,
-            sampler=sampler,
-            num_workers=cfg.num_workers,
-            pin_memory=pin,
-            drop_last=cfg.drop_last,
-            generator=torch.Generator(),
         )
 
     # The training data when it is a stream (see _stream_loader), and every rank's place in it,

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, epoch, position) over the seed space
 
@@ -100,6 +100,55 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self._positions())
+
+
+def resumable_loader(
+    dataset: Any,
+    cfg: Any,
+    *,
+    seed: int,
+    device_type: str,
+    training: bool,
+    owner: str,
+    rank: int = 0,
+    world_size: int = 1,
+    even: bool = True,
+) -> DataLoader:
+    """A map-style dataset's loader in a resumable order (:class:`ResumableSampler`, seeded by ``seed``
+    and the epoch); with workers, each sample's random draws are seeded too (:class:`SeededDataset`).
+
+    ``cfg`` is the task's data loader config (``batch_size``, ``shuffle``, ``num_workers``,
+    ``pin_memory`` (None: on CUDA), ``drop_last``). Training data without a complete batch is
+    refused: an epoch without a step would loop forever (``owner`` names the task).
+    """
+    from ml.errors import ConfigError
+
+    if training and (len(dataset) == 0 or (cfg.drop_last and len(dataset) < cfg.batch_size)):
+        raise ConfigError(
+            f"the training data of {owner} has no complete batch "
+            f"({len(dataset)} samples, batch_size {cfg.batch_size}, drop_last {cfg.drop_last})"
+        )
+    seeded = cfg.num_workers > 0  # exact random draws in workers on resume
+    if seeded:
+        prepare_worker_processes()
+    sampler = ResumableSampler(
+        dataset,
+        shuffle=cfg.shuffle,
+        seed=seed,
+        with_seeds=seeded,
+        rank=rank,
+        world_size=world_size,
+        even=even,
+    )
+    return DataLoader(
+        SeededDataset(dataset) if seeded else dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=device_type == "cuda" if cfg.pin_memory is None else cfg.pin_memory,
+        drop_last=cfg.drop_last,
+        generator=torch.Generator(),  # the workers' seeds: not drawn from the global generator
+    )
 
 
 def rest_of_epoch(loader: Any, epoch: int, position: int, data_seed: int) -> Iterator[Any]:
