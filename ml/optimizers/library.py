@@ -20,7 +20,7 @@ from torch import nn
 from ml.core.config import conf_field
 from ml.core.registry import register_optimizer
 from ml.optimizers.base import BaseOptimizer, BaseOptimizerConfig
-from ml.optimizers.builtin import weight_decay_param_groups
+from ml.optimizers.builtin import grouped_optimizer
 
 LIBRARY = "pytorch_optimizer"
 INSTALL_HINT = "pip install 'ml[optimizers]' (the pytorch-optimizer package)"
@@ -128,12 +128,12 @@ class LibraryOptimizer(BaseOptimizer[LibraryConfigT]):
         library = importlib.import_module(LIBRARY)
         kwargs = self._values()
         del kwargs["name"]
-        groups = weight_decay_param_groups(model, kwargs.pop("weight_decay"), kwargs.pop("default_decay"))
+        weight_decay, default_decay = kwargs.pop("weight_decay"), kwargs.pop("default_decay")
         betas = tuple(kwargs.pop(key) for key in ("beta1", "beta2", "beta3") if key in kwargs)
         if betas:
             kwargs["betas"] = betas
-        optimizer: torch.optim.Optimizer = getattr(library, self.class_name)(groups, **kwargs)
-        return optimizer
+        optimizer_class = getattr(library, self.class_name)
+        return grouped_optimizer(optimizer_class, model, weight_decay, default_decay, **kwargs)
 
 
 @register_optimizer("lion")

@@ -63,9 +63,13 @@ def test_library_optimizers_step_and_resume_exactly(
     model = _model()
     optim = _optimizer(section, model)
     assert type(optim) is library_class
-    decayed, undecayed = optim.param_groups  # biases and the norm are not decayed
-    assert decayed["weight_decay"] == section.get("weight_decay", 0.0) and undecayed["weight_decay"] == 0.0
-    assert len(undecayed["params"]) == 4 and len(decayed["params"]) == 2  # biases and norm; the two weights
+    if section.get("weight_decay", 0.0) > 0:
+        decayed, undecayed = optim.param_groups  # biases and the norm are not decayed
+        assert decayed["weight_decay"] == section["weight_decay"] and undecayed["weight_decay"] == 0.0
+        assert len(undecayed["params"]) == 4 and len(decayed["params"]) == 2  # biases, norm; two weights
+    else:  # without decay, one group
+        (decayed,) = optim.param_groups
+        assert decayed["weight_decay"] == 0.0 and len(decayed["params"]) == 6
     assert decayed["lr"] == section.get("lr", decayed["lr"])
     if betas is not None:
         assert tuple(decayed["betas"]) == betas

@@ -1,5 +1,6 @@
 """Tests for :mod:`ml.optimizers.builtin`: the decay / no-decay grouping and the three optimizers."""
 
+import io
 from typing import Any
 
 import pytest
@@ -121,6 +122,57 @@ def test_empty_groups_are_left_out() -> None:
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.1
     groups = weight_decay_param_groups(nn.LayerNorm(3), 0.1)
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
+
+
+def test_without_decay_there_is_one_group_in_model_order() -> None:
+    # Each group costs the optimizer a pass per step; without decay the split would change nothing.
+    net = _Net()
+    groups = weight_decay_param_groups(net, 0.0)
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
+    assert _ids(groups[0]["params"]) == _ids(p for p in net.parameters() if p.requires_grad)
+
+
+def _train(net: _Net, optimizer: torch.optim.Optimizer, steps: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        net(torch.randint(0, 10, (20,), generator=generator)).square().mean().backward()
+        optimizer.step()
+
+
+def test_a_state_saved_with_two_groups_without_decay_resumes_in_one() -> None:
+    # Checkpoints written before one group was made without decay: decayed parameters first.
+    torch.manual_seed(0)
+    old_net = _Net()
+    split = weight_decay_param_groups(old_net, 1.0)
+    old = torch.optim.Adam([{**group, "weight_decay": 0.0} for group in split], lr=1e-2)
+    _train(old_net, old, 3, seed=1)
+    file = io.BytesIO()
+    torch.save(old.state_dict(), file)  # as a checkpoint holds it (loaded, it shares no tensor)
+    file.seek(0)
+    saved = torch.load(file, weights_only=True)
+
+    new_net = _Net()
+    new_net.load_state_dict(old_net.state_dict())
+    new = AdamOptimizer(AdamConfig(lr=1e-2)).get(new_net)
+    new.load_state_dict(saved)
+    assert len(new.param_groups) == 1
+    olds = dict(old_net.named_parameters())
+    for name, param in new_net.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(new.state[param]["exp_avg"], old.state[olds[name]]["exp_avg"]), name
+
+    _train(old_net, old, 2, seed=2)
+    _train(new_net, new, 2, seed=2)
+    for (name, a), b in zip(old_net.named_parameters(), new_net.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_state_with_other_groups_is_still_refused() -> None:
+    net = _Net()
+    decayed = AdamOptimizer(AdamConfig(weight_decay=0.1)).get(net)
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        AdamOptimizer(AdamConfig()).get(net).load_state_dict(decayed.state_dict())
 
 
 def test_a_model_without_trainable_params_raises() -> None:
