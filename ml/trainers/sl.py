@@ -295,6 +295,7 @@ class SupervisedLearningTrainer(
         self._sharded = False  # FSDP: the gradients are DTensors (set for each loop)
         self._fused_step: FusedAdamStep | None = None  # set for each session's loop (see loop)
         self._checks_on_host = False  # whether the non-finite check reads the loss (see _loop)
+        self._moves_batches = True  # whether the step moves its batches to the device (see _loop)
         self._step_grad_norm: torch.Tensor | None = None  # the last step's, if it measured it
         self._throughput: _Throughput | None = None  # the loop's steps/s and samples/s
         self.precision = MixedPrecision(config.precision, self.device)
@@ -537,6 +538,62 @@ class SupervisedLearningTrainer(
             output = _to_float32(output)
         return _as_loss_dict(task.compute_loss(model, batch, state, output), task)
 
+    def _one_batch(
+        self, state: State, batch: Any, task: SupervisedLearningTask, model: nn.Module, optim: Optimizer
+    ) -> dict[str, torch.Tensor]:
+        """Forward and backward over one batch (the usual step); returns its losses, detached."""
+        if self._moves_batches:
+            batch = move_to(batch, self.device, self._dtype)
+        loss_dict = self._losses(task, model, batch, state)
+        loss = _summed(loss_dict)
+        # After the forward pass, as a plain loop does: the last step's gradients are freed just
+        # before the new ones are made, which then reuse their memory (freed before the forward,
+        # the activations took it, and glibc's malloc page-faulted twice as often: 0.87x a plain
+        # loop on 1024-wide layers).
+        optim.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        return {name: _scalar(value.detach().float()) for name, value in loss_dict.items()}
+
+    def _accumulated(
+        self,
+        state: State,
+        batches: Batches,
+        task: SupervisedLearningTask,
+        model: nn.Module,
+        optim: Optimizer,
+    ) -> dict[str, torch.Tensor]:
+        """Forward and backward over several batches, one gradient; returns the mean losses.
+
+        Each batch's loss is weighted by its share of the step's samples, so accumulating k batches
+        gives the gradient of one batch k times as large.
+        """
+        total = sum(batch_size_of(b) for b in batches)
+        losses: dict[str, torch.Tensor] = {}
+        no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce gradients once, after the last batch
+        # What the task and model log in each micro-batch, averaged over the step like the loss.
+        sources = self._micro_batch_sources(task, model)
+        logged: dict[str, list[tuple[float, ScalarValue]]] = {}
+        for i, batch in enumerate(batches):
+            weight = batch_size_of(batch) / total
+            if self._moves_batches:
+                batch = move_to(batch, self.device, self._dtype)
+            last = i == len(batches) - 1
+            with no_sync() if no_sync is not None and not last else _NO_CONTEXT:
+                loss_dict = self._losses(task, model, batch, state)
+                if i == 0:
+                    optim.zero_grad(set_to_none=True)  # after the forward pass: see _one_batch
+                self.precision.backward(_summed(loss_dict) * weight)
+            for name, value in loss_dict.items():
+                part = _scalar(value.detach().float())
+                losses[name] = losses.get(name, 0.0) + part * weight
+            for source in sources:
+                for key, scalar in source.pop_scalars().items():
+                    logged.setdefault(key, []).append((weight, scalar))
+        for key, parts in logged.items():  # back where they were logged, as one value for the step
+            namespace, _, name = key.partition("/")
+            task.logger.log_scalar(name, _weighted_mean(parts), namespace=namespace)
+        return losses
+
     def _train_step(
         self,
         state: State,
@@ -546,46 +603,14 @@ class SupervisedLearningTrainer(
         optim: Optimizer,
         lr_sched: SchedulerAdapter,
     ) -> dict[str, torch.Tensor]:
-        """Forward and backward over ``batches``, then one optimizer step; returns the mean losses.
-
-        Each batch's loss is weighted by its share of the step's samples, so accumulating k batches
-        gives the gradient of one batch k times as large.
-        """
+        """Forward and backward over ``batches``, then one optimizer step; returns the mean losses."""
         modules, all_params = self._parts_of(model)
         if not all(m.training for m in modules):  # as model.train(), without its cost on every step
             model.train()
-        # A step of one batch (the usual case) skips the weighting: its weight is exactly 1.
-        single = len(batches) == 1
-        total = batch_size_of(batches[0]) if single else sum(batch_size_of(b) for b in batches)
-        losses: dict[str, torch.Tensor] = {}
-        # DDP: all-reduce gradients once, after the last batch
-        no_sync = None if single else getattr(model, "no_sync", None)
-        # What the task and model log in each micro-batch, averaged over the step like the loss.
-        sources = [] if single else self._micro_batch_sources(task, model)
-        logged: dict[str, list[tuple[float, ScalarValue]]] = {}
-        for i, batch in enumerate(batches):
-            weight = 1.0 if single else batch_size_of(batch) / total
-            batch = move_to(batch, self.device, self._dtype)
-            last = i == len(batches) - 1
-            with no_sync() if no_sync is not None and not last else _NO_CONTEXT:
-                loss_dict = self._losses(task, model, batch, state)
-                loss = _summed(loss_dict)
-                if i == 0:
-                    # After the forward pass, as a plain loop does: the last step's gradients are
-                    # freed just before the new ones are made, which then reuse their memory (freed
-                    # before the forward, the activations took it, and glibc's malloc page-faulted
-                    # twice as often: 0.87x a plain loop on 1024-wide layers).
-                    optim.zero_grad(set_to_none=True)
-                self.precision.backward(loss if single else loss * weight)
-            for name, value in loss_dict.items():
-                part = _scalar(value.detach().float())
-                losses[name] = part if single else losses.get(name, 0.0) + part * weight
-            for source in sources:
-                for key, scalar in source.pop_scalars().items():
-                    logged.setdefault(key, []).append((weight, scalar))
-        for key, parts in logged.items():  # back where they were logged, as one value for the step
-            namespace, _, name = key.partition("/")
-            task.logger.log_scalar(name, _weighted_mean(parts), namespace=namespace)
+        if len(batches) == 1:
+            losses = self._one_batch(state, batches[0], task, model, optim)
+        else:
+            losses = self._accumulated(state, batches, task, model, optim)
         step_loss = (
             next(iter(losses.values())) if len(losses) == 1 else torch.stack(list(losses.values())).sum()
         )
@@ -992,6 +1017,8 @@ class SupervisedLearningTrainer(
             and not skips_on_device(optim)
         )
         self._sharded = is_sharded(s.model)
+        # On CUDA the batches were moved a step ahead (_device_ahead), but a stream's are moved here.
+        self._moves_batches = self._train_stream is not None or self.device.type != "cuda"
         if s.valid_loaders and self._validation_missed(state):
             # A stop signal ended the last session during the validation due at its final step.
             self._validate(state, s)
