@@ -53,7 +53,29 @@ class TorchSchedulerAdapter(SchedulerAdapter):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.torch_scheduler.load_state_dict(state_dict["torch_scheduler"])
+        saved = state_dict["torch_scheduler"]
+        if len(self.optim.param_groups) == 1:  # (see _one_group)
+            saved = _one_group(self.torch_scheduler.state_dict(), saved)
+        self.torch_scheduler.load_state_dict(saved)
+
+
+def _one_group(fresh: Any, saved: Any) -> Any:
+    """``saved`` with each per-group list of two equal values as one value, where ``fresh`` (this
+    schedule's own state, over one group) has one.
+
+    A run without weight decay had two parameter groups (equal but for their parameters) before it
+    had one (:func:`ml.optimizers.builtin.grouped_optimizer`); torch pairs a schedule's per-group
+    lists (``base_lrs``, ``_last_lr``, ``max_lrs``, ...) with the groups, so the older checkpoints'
+    lists must shrink with them. Anything else is left as saved.
+    """
+    if isinstance(fresh, dict) and isinstance(saved, dict):
+        return {key: _one_group(fresh[key], value) if key in fresh else value for key, value in saved.items()}
+    if isinstance(fresh, list) and isinstance(saved, list):
+        if len(fresh) == 1 and len(saved) == 2 and saved[0] == saved[1]:
+            return [saved[0]]
+        if len(fresh) == len(saved):
+            return [_one_group(f, v) for f, v in zip(fresh, saved, strict=True)]
+    return saved
 
 
 class ImportedLRScheduler(BaseLRScheduler[BaseLRSchedulerConfig]):

@@ -1,7 +1,8 @@
 """Defines the built-in optimizers (``adam``, ``adamw``, ``sgd``) and their weight-decay grouping.
 
 All three split a model's trainable parameters into a decayed and a non-decayed parameter group with
-:func:`weight_decay_param_groups`. The rule, applied to each parameter's owning module(s):
+:func:`weight_decay_param_groups` (one group when there is no decay, see below). The rule, applied
+to each parameter's owning module(s):
 
 1. biases (a parameter whose name has a ``bias`` part: ``bias``, ``in_proj_bias``, ``bias_ih_l0``)
    are not decayed;
@@ -36,7 +37,6 @@ _NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
     nn.GroupNorm,
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())  # torch >= 2.4
-OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
 
 _WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -47,6 +47,9 @@ _WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (
     nn.RNNBase,
     nn.MultiheadAttention,
 )
+
+
+OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
 
 
 def _is_bias(param_name: str) -> bool:
@@ -65,7 +68,7 @@ def _should_decay(module: nn.Module, param_name: str, default_decay: bool) -> bo
 def weight_decay_param_groups(
     model: nn.Module, weight_decay: float, default_decay: bool = True
 ) -> list[dict[str, Any]]:
-    """Splits a model's trainable parameters into a decayed and a non-decayed group.
+    """Splits a model's trainable parameters into a decayed and a non-decayed group (one without decay).
 
     The rule is the one in this module's docstring. Parameters keep the order of
     ``model.parameters()`` within each group, so the optimizer's state dict is the same from run to
@@ -119,8 +122,11 @@ def grouped_optimizer(
     default_decay: bool,
     **kwargs: Any,
 ) -> OptimizerT:
-    """``optimizer(weight_decay_param_groups(...), **kwargs)``, which also loads the state of an older
-    checkpoint whose two groups had no decay (before there was one group then)."""
+    """``optimizer(weight_decay_param_groups(...), **kwargs)``.
+
+    Without decay the optimizer also loads a state saved in two groups (decayed parameters first,
+    both without decay), as checkpoints held it before such a run had one group.
+    """
     groups = weight_decay_param_groups(model, weight_decay, default_decay)
     built = optimizer(groups, **kwargs)
     if weight_decay == 0:
@@ -128,15 +134,18 @@ def grouped_optimizer(
         if decay and no_decay:
             position = {id(p): i for i, p in enumerate(groups[0]["params"])}
             built.register_load_state_dict_pre_hook(
-                _from_split_groups([position[id(p)] for p in decay + no_decay])
+                _from_split_groups([position[id(p)] for p in decay + no_decay], len(decay))
             )
     return built
 
 
-def _from_split_groups(positions: list[int]) -> Callable[[Any, dict[str, Any]], dict[str, Any] | None]:
-    """A load hook: an optimizer state saved with the decayed group first and the other second (both
-    without decay), as one group in ``model.parameters()`` order; ``positions[k]`` is where the
-    ``k``-th saved parameter now stands. Any other state is left to torch's own checks."""
+def _from_split_groups(
+    positions: list[int], num_decayed: int
+) -> Callable[[Any, dict[str, Any]], dict[str, Any] | None]:
+    """A load hook: an optimizer state saved with the decayed group (``num_decayed`` parameters)
+    first and the other second, both without decay, as one group in ``model.parameters()`` order;
+    ``positions[k]`` is where the ``k``-th saved parameter now stands. Any other state (other group
+    sizes: the rule would now sort the parameters otherwise) is left to torch's own checks."""
 
     def merge(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any] | None:
         groups = state_dict.get("param_groups", [])
@@ -144,7 +153,7 @@ def _from_split_groups(positions: list[int]) -> Callable[[Any, dict[str, Any]], 
         if (
             len(groups) != 2
             or len(optimizer.param_groups) != 1
-            or len(saved) != len(positions)
+            or [len(group["params"]) for group in groups] != [num_decayed, len(positions) - num_decayed]
             or any(group.get("weight_decay") != 0 for group in groups)
             or not all(isinstance(i, int) for i in saved)
         ):
@@ -202,7 +211,7 @@ def _check_adam(config: AdamConfig) -> None:
 
 @register_optimizer("adam")
 class AdamOptimizer(BaseOptimizer[AdamConfig]):
-    """Builds ``torch.optim.Adam`` over the decay / no-decay parameter groups.
+    """Builds ``torch.optim.Adam`` over the decay / no-decay parameter groups (one without decay).
 
     Raises:
         ValueError: If a field is out of range.
@@ -248,7 +257,7 @@ class SGDConfig(BaseOptimizerConfig):
 
 @register_optimizer("sgd")
 class SGDOptimizer(BaseOptimizer[SGDConfig]):
-    """Builds ``torch.optim.SGD`` over the decay / no-decay parameter groups.
+    """Builds ``torch.optim.SGD`` over the decay / no-decay parameter groups (one without decay).
 
     Raises:
         ValueError: If a field is out of range, or ``nesterov`` is set without momentum.

@@ -1517,7 +1517,13 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         sync per parameter); so every ``step`` is handed over on the CPU, where torch wants it.
         """
         del model
-        _load_named(optims, _steps_on_cpu(state), "optimizers")
+        try:
+            _load_named(optims, _steps_on_cpu(state), "optimizers")
+        except ValueError as e:  # torch's: other parameter groups, or other sizes in them
+            raise CheckpointError(
+                f"the checkpoint's optimizer state does not fit the optimizer ({str(e).splitlines()[0]}): "
+                "were the model's parameters or optimizer.weight_decay (0 or not) changed since?"
+            ) from e
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Function for loading state dict keys for different components.

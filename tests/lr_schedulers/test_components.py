@@ -160,3 +160,38 @@ def test_bad_sections_of_a_torch_schedule_are_refused_with_the_config(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         _schedule(section)
+
+
+def test_a_torch_schedule_saved_over_two_groups_without_decay_resumes_over_one() -> None:
+    # Checkpoints from before a run without weight decay had one parameter group: the schedule's
+    # per-group lists (base_lrs, _last_lr, ...) had two equal values.
+    from ml.optimizers.builtin import AdamConfig, AdamOptimizer, weight_decay_param_groups
+
+    section = {"name": "torch.optim.lr_scheduler:CosineAnnealingWarmRestarts", "T_0": 3}
+    torch.manual_seed(0)
+    old_model, new_model = (
+        nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)),
+        nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)),
+    )
+    new_model.load_state_dict(old_model.state_dict())
+    groups = [{**g, "weight_decay": 0.0} for g in weight_decay_param_groups(old_model, 1.0)]
+    old_optim = torch.optim.Adam(groups, lr=0.1)
+    old = _schedule(section).get(old_optim)
+    for k in range(1, 5):
+        old.step(State(num_steps=k))
+    saved = old.state_dict()
+    assert len(saved["torch_scheduler"]["base_lrs"]) == 2
+
+    new_optim = AdamOptimizer(AdamConfig(lr=0.1)).get(new_model)
+    new_optim.load_state_dict(old_optim.state_dict())
+    new = _schedule(section).get(new_optim)
+    new.load_state_dict(saved)
+    for k in range(5, 12):
+        old.step(State(num_steps=k))
+        new.step(State(num_steps=k))
+        assert (
+            new_optim.param_groups[0]["lr"]
+            == old_optim.param_groups[0]["lr"]
+            == old_optim.param_groups[1]["lr"]
+        )
+    assert new.state_dict()["torch_scheduler"]["base_lrs"] == [0.1]

@@ -168,6 +168,15 @@ def test_a_state_saved_with_two_groups_without_decay_resumes_in_one() -> None:
         assert torch.equal(a, b), name
 
 
+def test_a_two_group_state_split_otherwise_than_the_rule_now_would_is_refused() -> None:
+    # Same total, other group sizes (here default_decay changed): merging would misplace the state.
+    net = _Net()
+    split = weight_decay_param_groups(net, 1.0, default_decay=True)
+    old = torch.optim.Adam([{**group, "weight_decay": 0.0} for group in split])
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        AdamOptimizer(AdamConfig(default_decay=False)).get(net).load_state_dict(old.state_dict())
+
+
 def test_a_state_with_other_groups_is_still_refused() -> None:
     net = _Net()
     decayed = AdamOptimizer(AdamConfig(weight_decay=0.1)).get(net)

@@ -344,3 +344,17 @@ def test_a_stop_before_the_first_step_saves_its_checkpoint(tmp_path: Path) -> No
     assert trainer.stop_signal == signal.SIGTERM
     ckpt = torch.load(tmp_path / "checkpoints" / "ckpt.pt", weights_only=True)
     assert json.loads(ckpt["state"])["num_steps"] == 0
+
+
+def test_an_optimizer_state_of_other_parameter_groups_is_a_clear_checkpoint_error(tmp_path: Path) -> None:
+    # With weight decay the optimizer has two parameter groups, without it one.
+    _fit(_trainer(tmp_path), max_steps=2)
+    task = TinyTask(SupervisedLearningTaskConfig(name="tiny", max_steps=4))
+    decayed = AdamOptimizer(AdamConfig(name="adam", weight_decay=0.1))
+    with pytest.raises(CheckpointError, match="optimizer.weight_decay"):
+        _trainer(tmp_path).train(
+            TinyModel(TinyModelConfig(name="tiny")),
+            task,
+            decayed,
+            ConstantLRScheduler(ConstantConfig(name="constant")),
+        )
