@@ -508,8 +508,9 @@ class SupervisedLearningTrainer(
     def _device_ahead(self, groups: Iterator[Batches]) -> Iterator[Batches]:
         """On CUDA, the next step's batches are copied to the device while this step computes
         (:func:`ml.utils.data.to_device_ahead`); a stream's loader must stand where training does
-        (its position is saved from it), so streams are moved by the step itself."""
-        if self._train_stream is not None:
+        (its position is saved from it), so streams are moved by the step itself. Elsewhere the
+        groups pass as they are (not through a generator that would only hand them on)."""
+        if self._train_stream is not None or self.device.type != "cuda":
             return groups
         return to_device_ahead(groups, self.device, self._dtype)
 
@@ -526,8 +527,9 @@ class SupervisedLearningTrainer(
 
     def _losses(
         self, task: SupervisedLearningTask, model: nn.Module, batch: Any, state: State
-    ) -> dict[str, torch.Tensor]:
-        """The forward pass under autocast, then the loss outside it, on float32 outputs.
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The forward pass under autocast, then the loss outside it, on float32 outputs: the losses
+        by name, and their sum (what the backward pass starts from).
 
         Computing the loss in bf16/fp16 loses precision for anything but the few losses autocast
         promotes itself (a defect of the framework we replace).
@@ -536,7 +538,11 @@ class SupervisedLearningTrainer(
             output = task.run_model(model, batch, state)
         if self.precision.dtype is not None:
             output = _to_float32(output)
-        return _as_loss_dict(task.compute_loss(model, batch, state, output), task)
+        losses = task.compute_loss(model, batch, state, output)
+        if isinstance(losses, torch.Tensor) and losses.dim() == 0:  # the usual: one scalar loss
+            return {"loss": losses}, losses.float()
+        loss_dict = _as_loss_dict(losses, task)
+        return loss_dict, _summed(loss_dict)
 
     def _one_batch(
         self, state: State, batch: Any, task: SupervisedLearningTask, model: nn.Module, optim: Optimizer
@@ -544,8 +550,7 @@ class SupervisedLearningTrainer(
         """Forward and backward over one batch (the usual step); returns its losses, detached."""
         if self._moves_batches:
             batch = move_to(batch, self.device, self._dtype)
-        loss_dict = self._losses(task, model, batch, state)
-        loss = _summed(loss_dict)
+        loss_dict, loss = self._losses(task, model, batch, state)
         # After the forward pass, as a plain loop does: the last step's gradients are freed just
         # before the new ones are made, which then reuse their memory (freed before the forward,
         # the activations took it, and glibc's malloc page-faulted twice as often: 0.87x a plain
@@ -579,10 +584,10 @@ class SupervisedLearningTrainer(
                 batch = move_to(batch, self.device, self._dtype)
             last = i == len(batches) - 1
             with no_sync() if no_sync is not None and not last else _NO_CONTEXT:
-                loss_dict = self._losses(task, model, batch, state)
+                loss_dict, loss = self._losses(task, model, batch, state)
                 if i == 0:
                     optim.zero_grad(set_to_none=True)  # after the forward pass: see _one_batch
-                self.precision.backward(_summed(loss_dict) * weight)
+                self.precision.backward(loss * weight)
             for name, value in loss_dict.items():
                 part = _scalar(value.detach().float())
                 losses[name] = losses.get(name, 0.0) + part * weight
@@ -829,7 +834,7 @@ class SupervisedLearningTrainer(
             if self.stop_signal is not None:  # stop promptly
                 return None
             batch = move_to(batch, self.device, self.weight_precision)
-            loss_dict = _with_total(self._losses(task, model, batch, state))
+            loss_dict = _with_total(self._losses(task, model, batch, state)[0])
             for key, value in loss_dict.items():
                 task.logger.log_scalar(key, value.detach().float().sum(), namespace=phase)
             size = batch_size_of(batch)
