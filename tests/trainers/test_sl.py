@@ -351,7 +351,7 @@ def test_an_optimizer_state_of_other_parameter_groups_is_a_clear_checkpoint_erro
     _fit(_trainer(tmp_path), max_steps=2)
     task = TinyTask(SupervisedLearningTaskConfig(name="tiny", max_steps=4))
     decayed = AdamOptimizer(AdamConfig(name="adam", weight_decay=0.1))
-    with pytest.raises(CheckpointError, match="optimizer.weight_decay"):
+    with pytest.raises(CheckpointError, match=r"optimizer\.weight_decay"):
         _trainer(tmp_path).train(
             TinyModel(TinyModelConfig(name="tiny")),
             task,
