@@ -340,6 +340,31 @@ def test_top_level_help_names_the_components_without_importing_torch(files: File
     assert shown.stdout.strip().splitlines()[-1] == "False"
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["missing.yaml"],
+        ["digits", "optimiser.lr=0.1"],  # an unknown section
+        ["digits", "logger.name=stdout"],  # a mapping where the config has a list
+    ],
+    ids=["missing file", "unknown section", "wrong shape"],
+)
+def test_a_config_that_cannot_compose_is_refused_before_torch_is_imported(
+    args: list[str], tmp_path: Path
+) -> None:
+    """The user waits a tenth of a second for the line, not the second and a half torch takes."""
+    code = (
+        "import sys; from ml.cli import main; "
+        f"code = main(['train', *{args!r}]); print(code, 'torch' in sys.modules)"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert shown.stdout.split() == ["2", "False"], shown.stderr
+    assert shown.stderr.startswith("ml: error: "), shown.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_train_help_lists_every_field(files: Files, tmp_path: Path) -> None:
     result = _ok(ml(files, "train", "--help", run_dir=tmp_path))
     _assert_lists_fields(result.stdout)
