@@ -188,6 +188,22 @@ def _deterministic(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(before)
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block, then every module back in the mode it was in.
+
+    ``model.train()`` instead would also switch on a submodule the user keeps in eval mode (a
+    frozen batch norm, whose running statistics must not move).
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
 def _to_float32(value: Any) -> Any:
     """``value`` with every half-precision tensor (nested in lists, tuples, dicts) cast to float32."""
     if isinstance(value, torch.Tensor):
@@ -290,7 +306,7 @@ class SupervisedLearningTrainer(
         self._norm_every_step = config.clip_grad_norm is not None or config.check_grads
         self._valid_every = (config.valid_every_n_steps, config.valid_every_n_seconds)
         self._dtype = torch.float64 if config.use_double_weight_precision else torch.float32
-        self._parts: tuple[nn.Module, list[nn.Module], list[nn.Parameter]] | None = None  # _parts_of
+        self._parts: tuple[nn.Module, nn.Module, list[nn.Parameter]] | None = None  # _parts_of
         self._non_finite: NonFiniteRecord | None = None  # this loop's steps, on the device (_settle)
         self._sharded = False  # FSDP: the gradients are DTensors (set for each loop)
         self._fused_step: FusedAdamStep | None = None  # set for each session's loop (see loop)
@@ -516,13 +532,13 @@ class SupervisedLearningTrainer(
 
     # -- one training step
 
-    def _parts_of(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
-        """The model's modules and parameters, and whether it runs on the CPU.
+    def _parts_of(self, model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
+        """The model inside its wrappers (DDP, ``torch.compile``), and its parameters.
 
         Found once per training loop instead of at every step.
         """
         if self._parts is None or self._parts[0] is not model:
-            self._parts = (model, list(model.modules()), list(model.parameters()))
+            self._parts = (model, unwrap_model(model), list(model.parameters()))
         return self._parts[1:]
 
     def _losses(
@@ -609,8 +625,10 @@ class SupervisedLearningTrainer(
         lr_sched: SchedulerAdapter,
     ) -> dict[str, torch.Tensor]:
         """Forward and backward over ``batches``, then one optimizer step; returns the mean losses."""
-        modules, all_params = self._parts_of(model)
-        if not all(m.training for m in modules):  # as model.train(), without its cost on every step
+        inner, all_params = self._parts_of(model)
+        # A hook that left the model in eval mode (evaluations restore the modes themselves); a
+        # submodule alone in eval mode is the user's choice (a frozen batch norm) and stays so.
+        if not inner.training:
             model.train()
         if len(batches) == 1:
             losses = self._one_batch(state, batches[0], task, model, optim)
@@ -788,15 +806,15 @@ class SupervisedLearningTrainer(
         """
         sets = {"": loaders} if isinstance(loaders, DataLoader) else dict(loaders)
         state.set_phase(phase)
-        model.eval()
         metrics: dict[str, float] = {}
-        for name, loader in sets.items():
-            part = self._evaluate_set(phase, name, loader, task, model, state)
-            if part is None:  # stopped: a partial pass is not reported
-                task.logger.clear()
-                state.set_phase("train")
-                return None
-            metrics.update(part)
+        with _eval_mode(model):
+            for name, loader in sets.items():
+                part = self._evaluate_set(phase, name, loader, task, model, state)
+                if part is None:  # stopped: a partial pass is not reported
+                    task.logger.clear()
+                    state.set_phase("train")
+                    return None
+                metrics.update(part)
         for key, mean in metrics.items():
             namespace, _, rest = key.partition("/")
             task.logger.log_scalar(rest, mean, namespace=namespace)

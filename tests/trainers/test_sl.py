@@ -358,3 +358,54 @@ def test_an_optimizer_state_of_other_parameter_groups_is_a_clear_checkpoint_erro
             decayed,
             ConstantLRScheduler(ConstantConfig(name="constant")),
         )
+
+
+class _ModesSeen(TinyTask):
+    """Records the modes of every forward pass. ``freeze``: sets the model's batch norm to eval mode
+    before the first step (frozen: its running statistics stay as they are); ``forget``: puts the
+    whole model in eval mode in a hook after step 3, and does not switch it back."""
+
+    freeze = forget = False
+
+    def __init__(self, config: SupervisedLearningTaskConfig) -> None:
+        super().__init__(config)
+        self.seen_modes: list[tuple[str, bool, bool]] = []  # (phase, model, batch norm)
+
+    def on_training_start(self, state, model, optim, lr_sched) -> None:  # type: ignore[no-untyped-def]
+        if self.freeze:
+            model.net[1].eval()
+
+    def on_step_end(self, state, loss_dict, model, optim, lr_sched) -> None:  # type: ignore[no-untyped-def]
+        if self.forget and state.num_steps == 3:
+            model.eval()
+
+    def run_model(self, model, batch, state):  # type: ignore[no-untyped-def]
+        self.seen_modes.append((state.phase, model.training, model.net[1].training))
+        return super().run_model(model, batch, state)
+
+
+def _modes_seen(tmp_path: Path, *, freeze: bool, forget: bool) -> tuple[list, list, TinyModel]:
+    """The (model, batch norm) modes of the training and the validation forward passes of 6 steps."""
+    trainer = _trainer(tmp_path, valid_every_n_steps=2, valid_at_end=False, test_at_end=False)
+    task = _ModesSeen(SupervisedLearningTaskConfig(name="tiny", max_steps=6))
+    task.freeze, task.forget = freeze, forget
+    model = TinyModel(TinyModelConfig(name="tiny"))
+    constant = ConstantLRScheduler(ConstantConfig(name="constant"))
+    trainer.train(model, task, AdamOptimizer(AdamConfig(name="adam")), constant)
+    train = [modes[1:] for modes in task.seen_modes if modes[0] == "train"]
+    valid = [modes[1:] for modes in task.seen_modes if modes[0] == "valid"]
+    return train, valid, model
+
+
+def test_a_submodule_frozen_in_eval_mode_stays_frozen_through_steps_and_validations(tmp_path: Path) -> None:
+    """Validation puts the model in eval mode, then every module back in the mode it was in."""
+    train, valid, model = _modes_seen(tmp_path, freeze=True, forget=False)
+    assert train == [(True, False)] * 6
+    assert valid and set(valid) == {(False, False)}
+    assert model.training and not model.net[1].training  # as the user left it
+
+
+def test_a_model_a_hook_left_in_eval_mode_trains_in_train_mode(tmp_path: Path) -> None:
+    train, valid, _ = _modes_seen(tmp_path, freeze=False, forget=True)
+    assert train == [(True, True)] * 6
+    assert valid and set(valid) == {(False, False)}
