@@ -2,8 +2,11 @@
 
 A model is an ``nn.Module`` built from its config dataclass. It has its own :class:`MultiLogger`
 (namespace ``model``) for values it wants to report, such as activation statistics.
+:func:`eval_mode` is how the trainers evaluate a model without changing the modes its user chose.
 """
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -39,3 +42,19 @@ class BaseModel(nn.Module, BaseObject[ModelConfigT]):
         blocks. By default each child module holding trainable parameters; a model whose blocks sit
         deeper (``self.blocks = nn.ModuleList(...)``) returns them: ``return list(self.blocks)``."""
         return [child for child in self.children() if any(p.requires_grad for p in child.parameters())]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block, then every module back in the mode it was in.
+
+    ``model.train()`` afterwards would also switch on a submodule the user keeps in eval mode (a
+    frozen batch norm, whose running statistics must not move).
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode

@@ -44,7 +44,7 @@ from ml.core.state import State
 from ml.errors import ConfigError
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.lr_schedulers.gan import GanLRScheduler
-from ml.models.base import BaseModel
+from ml.models.base import BaseModel, eval_mode
 from ml.optimizers.base import BaseOptimizer
 from ml.optimizers.fast import step_skipping, use_fast_optimizer
 from ml.optimizers.gan import GAN_PARTS, GanOptimizer
@@ -389,12 +389,10 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
         if not task.evaluates:
             return
         state.set_phase("valid")
-        model.eval()
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        with eval_mode(model), torch.no_grad(), torch.random.fork_rng(devices=cuda):
             torch.manual_seed(self._data_seed + state.num_steps)
             metrics = {f"valid/{key}": float(value) for key, value in task.evaluate(model, state).items()}
-        model.train()
         for key, value in metrics.items():
             task.logger.log_scalar(key.removeprefix("valid/"), value, namespace="valid")
         self.write_logs(task, model, state)

@@ -38,7 +38,7 @@ from ml.core.state import Phase, State
 from ml.errors import CheckpointError, ConfigError
 from ml.loggers.base import MultiLogger, ScalarValue, scalar_to_float
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
-from ml.models.base import BaseModel
+from ml.models.base import BaseModel, eval_mode
 from ml.optimizers.base import BaseOptimizer
 from ml.optimizers.fast import FusedAdamStep, skips_on_device, step_skipping, use_fast_optimizer
 from ml.tasks.sl import SupervisedLearningTask
@@ -186,22 +186,6 @@ def _deterministic(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(before)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` for the block, then every module back in the mode it was in.
-
-    ``model.train()`` instead would also switch on a submodule the user keeps in eval mode (a
-    frozen batch norm, whose running statistics must not move).
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
 
 
 def _to_float32(value: Any) -> Any:
@@ -807,7 +791,7 @@ class SupervisedLearningTrainer(
         sets = {"": loaders} if isinstance(loaders, DataLoader) else dict(loaders)
         state.set_phase(phase)
         metrics: dict[str, float] = {}
-        with _eval_mode(model):
+        with eval_mode(model):
             for name, loader in sets.items():
                 part = self._evaluate_set(phase, name, loader, task, model, state)
                 if part is None:  # stopped: a partial pass is not reported
