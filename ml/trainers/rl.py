@@ -46,7 +46,7 @@ from ml.core.registry import register_trainer
 from ml.core.state import State
 from ml.errors import ConfigError
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
-from ml.models.base import BaseModel
+from ml.models.base import BaseModel, eval_mode
 from ml.optimizers.base import BaseOptimizer
 from ml.optimizers.fast import FusedAdamStep, use_fast_optimizer
 from ml.tasks.rl import ReinforcementLearningTask
@@ -357,8 +357,8 @@ class ReinforcementLearningTrainer(
         Acting runs under one ``torch.inference_mode`` for the whole rollout. What the environments
         return (rewards, ends of episodes, final observations) is written into NumPy arrays made for
         the rollout and becomes tensors once at its end; the model's outputs are stacked then too.
+        The caller puts the model in eval mode.
         """
-        model.eval()
         device, count, num_steps = self.device, rollout.count, task.config.num_env_steps
         envs, returns, lengths = rollout.envs, rollout.episode_returns, rollout.episode_lengths
         rewards = np.zeros((num_steps, count), dtype=np.float32)
@@ -423,7 +423,8 @@ class ReinforcementLearningTrainer(
         dropped by setting them to None and clipped with one norm over all of them (as
         ``clip_grad_norm_`` does, without its per-call bookkeeping).
         """
-        model.train()
+        if not model.training:  # a hook left it in eval mode (a submodule alone is the user's choice)
+            model.train()
         # Inference tensors cannot be saved for the backward pass; plain ones pass through as they are.
         dataset = {key: value.clone() if value.is_inference() else value for key, value in dataset.items()}
         size = next(iter(dataset.values())).shape[0]
@@ -468,6 +469,10 @@ class ReinforcementLearningTrainer(
         policy draws no random numbers, so evaluating changes nothing about training. The metrics
         are written at once, as a ``valid`` record of the current iteration.
         """
+        with eval_mode(model):
+            return self._evaluate(task, model, state)
+
+    def _evaluate(self, task: ReinforcementLearningTask, model: nn.Module, state: State) -> dict[str, float]:
         count = self.config.num_eval_episodes
         state.set_phase("valid")
         if self._eval_envs is None:
@@ -479,7 +484,6 @@ class ReinforcementLearningTrainer(
         returns = np.zeros(count)
         lengths = np.zeros(count, dtype=np.int64)
         running = np.ones(count, dtype=bool)
-        model.eval()
         while running.any():
             observations = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
             actions, _ = self._act(task, model, observations, optimal=True)
@@ -625,9 +629,12 @@ class ReinforcementLearningTrainer(
         )
         while not self.training_over(state, task) and self.stop_signal is None:
             self.on_step_start(state, task, model, optim, lr_sched)
-            trajectory, finished = self._collect(rollout, task, model)
-            state.num_samples += rollout.count * task.config.num_env_steps * get_world_size()
-            dataset = task.build_rl_dataset(model, trajectory, state)
+            # Acting and the dataset's values (returns, advantages) in eval mode; then every module
+            # back in its own mode for the update (a submodule the user froze stays frozen).
+            with eval_mode(model):
+                trajectory, finished = self._collect(rollout, task, model)
+                state.num_samples += rollout.count * task.config.num_env_steps * get_world_size()
+                dataset = task.build_rl_dataset(model, trajectory, state)
             lr_sched.step(state)
             loss_dict = self._update(state, dataset, task, s.learner, optim)
             state.num_steps += 1

@@ -11,6 +11,8 @@ from omegaconf import OmegaConf
 
 from ml.core.state import State
 from ml.examples.classic_control import ActorCriticMLP, ActorCriticMLPConfig, ClassicControlTask
+from ml.lr_schedulers.builtin import ConstantConfig, ConstantLRScheduler
+from ml.optimizers.builtin import AdamConfig, AdamOptimizer
 from ml.tasks.ppo import PPOTaskConfig
 from ml.trainers.rl import (
     ReinforcementLearningTrainer,
@@ -137,3 +139,49 @@ def test_the_resume_warning_names_the_user_s_own_environment(
     assert "usable state of the Corridor environments" in caplog.text
     assert "CartPole" not in caplog.text
     assert task.config.env_id == "CartPole-v1"  # the default the old warning named
+
+
+class _FreezesItsValueHead(ClassicControlTask):
+    """Keeps the value network in eval mode (as a user freezes a part), and records the modes of the
+    model's forward passes: (acting or evaluating, model, value network)."""
+
+    def __init__(self, config: PPOTaskConfig) -> None:
+        super().__init__(config)
+        self.seen_modes: list[tuple[bool, bool, bool]] = []
+
+    def on_training_start(self, state, model, optim, lr_sched) -> None:  # type: ignore[no-untyped-def]
+        model.value.eval()
+        model.register_forward_pre_hook(
+            lambda module, args: self.seen_modes.append(
+                (
+                    torch.is_inference_mode_enabled() or not torch.is_grad_enabled(),
+                    module.training,
+                    module.value.training,
+                )
+            )
+        )
+
+
+def test_acting_and_evaluating_leave_a_frozen_submodule_frozen_for_the_updates(tmp_path: Path) -> None:
+    config = PPOTaskConfig(
+        name="classic_control", env_id="CartPole-v1", num_envs=2, num_env_steps=16,
+        minibatch_size=16, num_update_epochs=1, max_steps=2,
+    )  # fmt: skip
+    task = _FreezesItsValueHead(config)
+    model = ActorCriticMLP(ActorCriticMLPConfig(name="m", observation_size=4, action_size=2))
+    trainer_config = OmegaConf.merge(
+        OmegaConf.structured(ReinforcementLearningTrainerConfig),
+        {"name": "rl", "exp_dir": str(tmp_path), "eval_every_n_iterations": 1, "num_eval_episodes": 2},
+    )
+    trainer = ReinforcementLearningTrainer(trainer_config)  # type: ignore[arg-type]
+    trainer.train(
+        model,
+        task,
+        AdamOptimizer(AdamConfig(name="adam")),
+        ConstantLRScheduler(ConstantConfig(name="constant")),
+    )
+    acting = {modes[1:] for modes in task.seen_modes if modes[0]}
+    updating = {modes[1:] for modes in task.seen_modes if not modes[0]}
+    assert acting == {(False, False)}
+    assert updating == {(True, False)}
+    assert model.training and not model.value.training
