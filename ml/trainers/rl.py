@@ -52,6 +52,7 @@ from ml.optimizers.fast import FusedAdamStep, use_fast_optimizer
 from ml.tasks.rl import ReinforcementLearningTask
 from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_trainer_config
 from ml.trainers.parallel import wrap_model
+from ml.utils.checkpoint import unwrap_model
 from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size, mean_over_ranks
 from ml.utils.grad_norm import clip_grad_norm_
 from ml.utils.malloc import tune_malloc
@@ -423,7 +424,9 @@ class ReinforcementLearningTrainer(
         dropped by setting them to None and clipped with one norm over all of them (as
         ``clip_grad_norm_`` does, without its per-call bookkeeping).
         """
-        if not model.training:  # a hook left it in eval mode (a submodule alone is the user's choice)
+        # A hook left the model in eval mode (a submodule alone is the user's choice). The flag is
+        # the model's own: hooks and eval_mode see it, not a DDP wrapper around it.
+        if not unwrap_model(model).training:
             model.train()
         # Inference tensors cannot be saved for the backward pass; plain ones pass through as they are.
         dataset = {key: value.clone() if value.is_inference() else value for key, value in dataset.items()}

@@ -2,12 +2,15 @@
 
 Gradient clipping is ``ml.utils.grad_norm``'s (tests/utils/test_grad_norm.py)."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
+from torch import nn
 
 from ml.core.state import State
 from ml.examples.classic_control import ActorCriticMLP, ActorCriticMLPConfig, ClassicControlTask
@@ -32,7 +35,9 @@ def test_every_environment_of_every_rank_gets_its_own_seed() -> None:
     assert env_seeds(7, 0, 4) != env_seeds(8, 0, 4)
 
 
-def _update_steps(tmp_path: Path, target_kl: float | None) -> int:
+def _update_steps(
+    tmp_path: Path, target_kl: float | None, wrap: Callable[[nn.Module], nn.Module] | None = None
+) -> int:
     config = PPOTaskConfig(
         name="classic_control", env_id="CartPole-v1", num_envs=2, num_env_steps=64,
         minibatch_size=16, num_update_epochs=4, target_kl=target_kl,
@@ -54,7 +59,7 @@ def _update_steps(tmp_path: Path, target_kl: float | None) -> int:
     finally:
         rollout.close()
     optim = torch.optim.Adam(model.parameters(), lr=1e-2)
-    trainer._update(State.init_state(), dataset, task, model, optim)
+    trainer._update(State.init_state(), dataset, task, model if wrap is None else wrap(model), optim)
     return int(optim.state[next(iter(model.parameters()))]["step"])
 
 
@@ -185,3 +190,22 @@ def test_acting_and_evaluating_leave_a_frozen_submodule_frozen_for_the_updates(t
     assert acting == {(False, False)}
     assert updating == {(True, False)}
     assert model.training and not model.value.training
+
+
+def test_an_update_of_a_ddp_model_a_hook_left_in_eval_mode_trains_in_train_mode(tmp_path: Path) -> None:
+    """The trainer updates through the DDP wrapper; a hook's ``model.eval()`` reaches the model inside
+    it, whose flag is the one to check (DDP's own stays on)."""
+    modes: list[bool] = []
+
+    def forgotten_in_eval_mode(model: nn.Module) -> nn.Module:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        model.eval()  # as a hook would, on the model it is given
+        model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+        return ddp
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert _update_steps(tmp_path, None, wrap=forgotten_in_eval_mode) > 0
+    finally:
+        dist.destroy_process_group()
+    assert modes and all(modes)
