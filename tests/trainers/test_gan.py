@@ -236,3 +236,36 @@ def test_a_non_finite_update_stops_the_run_naming_the_step_and_part(
     ckpt = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=True)
     assert ckpt["skipped_steps"] == 2  # both discriminator updates of step 2 (its two batches)
     assert all(torch.isfinite(p).all() for p in objects.model.parameters())
+
+
+MODES: list[tuple[str, bool, bool]] = []  # (phase, model, the discriminator's first layer)
+
+
+class FrozenPartGanTask(TinyGanTask):
+    """Keeps the discriminator's first layer in eval mode (as a user freezes a part); validates."""
+
+    def on_training_start(self, state, model, optim, lr_sched) -> None:  # type: ignore[no-untyped-def]
+        model.discriminator[0].eval()
+
+    def discriminator_loss(self, model: nn.Module, batch: Any, state: State) -> torch.Tensor:
+        MODES.append(("train", model.training, model.discriminator[0].training))
+        return super().discriminator_loss(model, batch, state)
+
+    def evaluate(self, model: nn.Module, state: State) -> dict[str, float]:
+        MODES.append(("valid", model.training, model.discriminator[0].training))
+        return {"zero": 0.0}
+
+
+def test_validation_leaves_a_frozen_part_frozen(config_file: Path, tmp_path: Path) -> None:
+    MODES.clear()
+    _, objects = _train(
+        config_file,
+        tmp_path / "run",
+        f"task.name={HERE}:FrozenPartGanTask",
+        "task.max_steps=4",
+        "trainer.valid_every_n_steps=1",
+    )
+    assert {modes for modes in MODES if modes[0] == "valid"} == {("valid", False, False)}
+    training = [modes for modes in MODES if modes[0] == "train"]
+    assert training and set(training) == {("train", True, False)}
+    assert objects.model.training and not objects.model.discriminator[0].training
