@@ -156,13 +156,22 @@ def scalar_to_float(value: ScalarValue) -> float:
     return _to_float(value)
 
 
+def one_element(value: torch.Tensor) -> torch.Tensor:
+    """``value``, checked to be a scalar's tensor: one element (its shape, not its value: no host sync).
+
+    Raises:
+        ValueError: It has more or fewer elements.
+    """
+    if value.numel() != 1:
+        raise ValueError(f"a logged scalar must have one element, got shape {tuple(value.shape)}")
+    return value
+
+
 def _to_float(value: ScalarValue) -> float:
     if callable(value):
         value = value()
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"a logged scalar must have one element, got shape {tuple(value.shape)}")
-        return float(value.detach().float().cpu().item())
+        return float(one_element(value).detach().float().cpu().item())
     return float(value)
 
 

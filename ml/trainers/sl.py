@@ -36,7 +36,7 @@ from ml.core.config import conf_field
 from ml.core.registry import register_trainer
 from ml.core.state import Phase, State
 from ml.errors import CheckpointError, ConfigError
-from ml.loggers.base import MultiLogger, ScalarValue, scalar_to_float
+from ml.loggers.base import MultiLogger, ScalarValue, one_element, scalar_to_float
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel, eval_mode
 from ml.optimizers.base import BaseOptimizer
@@ -61,7 +61,7 @@ from ml.utils.data import (
     resumable_loader,
     to_device_ahead,
 )
-from ml.utils.distributed import all_gather_object, get_rank, get_world_size
+from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size
 from ml.utils.ema import WeightAverage
 from ml.utils.grad_norm import clip_grads_with_norm_, tensor_norms
 from ml.utils.malloc import tune_malloc
@@ -142,7 +142,8 @@ def _weighted_mean(parts: list[tuple[float, ScalarValue]]) -> ScalarValue:
     total = sum(weight for weight, _ in parts)
     if all(isinstance(value, torch.Tensor) for _, value in parts):
         terms = [
-            cast(torch.Tensor, value).detach().float().sum() * (weight / total) for weight, value in parts
+            one_element(cast(torch.Tensor, value)).detach().float().sum() * (weight / total)
+            for weight, value in parts
         ]
         return torch.stack(terms).sum()
     return lambda: sum(weight * scalar_to_float(value) for weight, value in parts) / total
@@ -420,6 +421,11 @@ class SupervisedLearningTrainer(
                 f"{where} returned {type(dataset).__name__}, "
                 "not a map-style Dataset (with __len__ and __getitem__) nor an IterableDataset"
             )
+        if phase != "train" and self.config.parallel == "fsdp" and len(dataset) < get_world_size():
+            raise ConfigError(
+                f"{where} has {len(dataset)} samples, fewer than the {get_world_size()} processes: under "
+                "FSDP every process evaluates at least one; use a larger set or fewer processes"
+            )
         return resumable_loader(
             dataset,
             task.dataloader_config(phase),
@@ -429,9 +435,9 @@ class SupervisedLearningTrainer(
             owner=type(task).__name__,
             rank=get_rank(),
             world_size=get_world_size(),
-            # Every rank takes as many training steps. Evaluation covers every sample, except under
-            # FSDP, whose forward passes are collective: there all ranks need as many batches too.
-            even=phase == "train" or self.config.parallel == "fsdp",
+            # Every rank takes as many training steps; evaluation covers every sample (under FSDP,
+            # ranks with a batch less join the others' last forward passes: _stand_in_passes).
+            even=phase == "train",
         )
 
     # The training data when it is a stream (see _stream_loader), and every rank's place in it,
@@ -818,9 +824,16 @@ class SupervisedLearningTrainer(
         model: nn.Module,
         state: State,
     ) -> dict[str, float] | None:
-        """One set's sample-weighted means (``<phase>/<name>/...`` for a named set); None if stopped."""
+        """One set's sample-weighted means (``<phase>/<name>/...`` for a named set); None if stopped.
+
+        What the task and the evaluated model log for each batch is averaged over the samples of
+        the batches that logged it (a value logged for some batches only is their mean), on every
+        rank together.
+        """
+        sources = self._micro_batch_sources(task, model)
         totals: dict[str, float] = {}
-        count = 0
+        counts: dict[str, int] = {}  # the samples behind each total
+        last_batch: Any = None
         streamed = is_stream(loader.dataset)  # read to exhaustion; how many batches, nobody knows
         if streamed:
             begin_pass(loader, self._data_seed)
@@ -841,23 +854,46 @@ class SupervisedLearningTrainer(
                 task.logger.log_scalar(key, value.detach().float().sum(), namespace=phase)
             size = batch_size_of(batch)
             # Only the scalars are summed per batch; images and strings wait for the pass's write.
-            for key, scalar in task.logger.pop_scalars().items():
-                totals[key] = totals.get(key, 0.0) + scalar_to_float(scalar) * size
-            count += size
+            for source in sources:
+                for key, scalar in source.pop_scalars().items():
+                    totals[key] = totals.get(key, 0.0) + scalar_to_float(scalar) * size
+                    counts[key] = counts.get(key, 0) + size
             if phase == "valid":
                 state.num_valid_steps += 1
             else:
                 state.num_test_steps += 1
-        if self.distributed:  # each rank saw its share of the set: combine the sums
-            parts = all_gather_object((totals, count))
-            totals = {key: sum(part[0].get(key, 0.0) for part in parts) for key in parts[0][0]}
-            count = sum(part[1] for part in parts)
+            last_batch = batch
+        if is_sharded(model) and not streamed:
+            self._stand_in_passes(task, model, state, last_batch, len(loader), sources)
+        if self.distributed:  # each rank saw its share of the set: combine every key any rank logged
+            parts = all_gather_object((totals, counts))
+            keys = dict.fromkeys(key for part_totals, _ in parts for key in part_totals)
+            totals = {key: sum(part_totals.get(key, 0.0) for part_totals, _ in parts) for key in keys}
+            counts = {key: sum(part_counts.get(key, 0) for _, part_counts in parts) for key in keys}
         prefix = f"{phase}/"
         renamed = (lambda key: f"{prefix}{name}/{key[len(prefix) :]}") if name else (lambda key: key)
         return {
-            (renamed(key) if key.startswith(prefix) else key): total / max(count, 1)
+            (renamed(key) if key.startswith(prefix) else key): total / counts[key]
             for key, total in totals.items()
         }
+
+    def _stand_in_passes(
+        self,
+        task: SupervisedLearningTask,
+        model: nn.Module,
+        state: State,
+        batch: Any,
+        done: int,
+        sources: list[MultiLogger],
+    ) -> None:
+        """FSDP's forward passes are collective: a rank that evaluated fewer batches than another
+        (a set need not split evenly over the ranks) runs its last batch again as often as it lacks,
+        to join the others' passes; what those passes log is dropped."""
+        lacking = int(all_max([float(done)])[0]) - done
+        for _ in range(lacking):
+            self._losses(task, model, batch, state)
+            for source in sources:
+                source.pop_scalars()
 
     def _evaluated(self, s: _Session) -> nn.Module:
         """The model validation and test run: the moving average with ``trainer.ema.use_for_eval``,

@@ -359,3 +359,41 @@ def test_fsdp_starts_from_an_export_and_one_process_from_the_sharded_folder(
     assert sorted(weights) == sorted(exported)
     for name, tensor in exported.items():
         assert torch.equal(weights[name], tensor), name
+
+
+COUNTING = """\
+model: {name: "counting_task:CountingModel"}
+task:
+  name: "counting_task:CountingTask"
+  max_steps: 2
+  n_valid: 9
+  some_at: 5
+  train_dl: {batch_size: 2}
+  valid_dl: {batch_size: 2}
+  test_dl: {batch_size: 2}
+optimizer: {name: adam, lr: 0.0}
+lr_scheduler: {name: constant}
+trainer: {name: sl, exp_name: dist, parallel: fsdp, test_at_end: false}
+logger: [{name: jsonl, write_every_n_steps: 1}]
+"""
+
+
+def test_fsdp_validation_covers_every_sample_and_what_one_rank_alone_logged(tmp_path: Path) -> None:
+    """The 9 samples 0..8 split 5 and 4 over the ranks: rank 0 evaluates 3 batches ([0, 2], [4, 6],
+    [8]), rank 1 two ([1, 3], [5, 7]) and joins rank 0's third forward pass with a stand-in; the
+    mean is 4 (all 9, none dropped for an even split), and ``some``, logged by rank 1's [5, 7] alone,
+    is 6."""
+    config = tmp_path / "counting.yaml"
+    config.write_text(COUNTING)
+    run_dir = tmp_path / "runs"
+    env = {
+        **_env(run_dir),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [*ML, "launch", str(config), "launcher.name=torchrun", "launcher.nproc_per_node=2"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (valid,) = [r["metrics"] for r in _records(_only_run(run_dir)) if r["phase"] == "valid"]
+    assert valid["valid/loss"] == pytest.approx(4.0)
+    assert valid["model/mean"] == pytest.approx(4.0)
+    assert valid["valid/some"] == pytest.approx(6.0)

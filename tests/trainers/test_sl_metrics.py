@@ -28,9 +28,11 @@ from ml.core.state import State
 from ml.errors import ConfigError
 from ml.loggers.jsonl import JsonlLogger, JsonlLoggerConfig
 from ml.lr_schedulers.builtin import ConstantConfig, ConstantLRScheduler
+from ml.models.base import BaseModelConfig
 from ml.optimizers.builtin import AdamConfig, AdamOptimizer
 from ml.tasks.sl import SupervisedLearningTaskConfig
 from ml.trainers.sl import SupervisedLearningTrainer, SupervisedLearningTrainerConfig
+from tests.e2e.counting_task import CountingModel, CountingTask, CountingTaskConfig
 from tests.tiny import TinyModel, TinyModelConfig, TinyTask
 
 
@@ -160,3 +162,55 @@ def test_validation_sets_the_trainer_cannot_use_are_refused_before_the_first_ste
     with pytest.raises(ConfigError, match=message):
         _train(tmp_path, task, valid_every_n_steps=2)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def _counting_run(tmp_path: Path, **trainer: object) -> dict[str, float]:
+    """Trains the counting task 4 steps at lr 0, validating at step 4 over 0..6 in batches of 2
+    ([0, 1], [2, 3], [4, 5], [6]); returns the validation's record."""
+    config = CountingTaskConfig(name="counting", max_steps=4, n_valid=7, some_at=5.0)
+    config.train_dl.batch_size = 3
+    config.valid_dl.batch_size = 2
+    sl = SupervisedLearningTrainer(
+        OmegaConf.merge(  # type: ignore[arg-type]
+            OmegaConf.structured(SupervisedLearningTrainerConfig),
+            {
+                "name": "sl",
+                "exp_dir": str(tmp_path),
+                "valid_every_n_steps": 4,
+                "test_at_end": False,
+                **trainer,
+            },
+        )
+    )
+    sl.add_logger(JsonlLogger(JsonlLoggerConfig(name="jsonl", write_every_n_steps=1)))
+    constant = ConstantLRScheduler(ConstantConfig(name="constant"))
+    model = CountingModel(BaseModelConfig(name="counting"))
+    sl.train(model, CountingTask(config), AdamOptimizer(AdamConfig(name="adam", lr=0.0)), constant)
+    lines = (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
+    (valid,) = [r["metrics"] for r in map(json.loads, lines) if r["phase"] == "valid"]
+    return valid
+
+
+def test_what_some_validation_batches_log_is_their_mean_and_the_model_s_values_the_set_s_mean(
+    tmp_path: Path,
+) -> None:
+    valid = _counting_run(tmp_path)
+    assert valid["valid/loss"] == pytest.approx(3.0)  # the mean of 0..6
+    assert valid["model/mean"] == pytest.approx(3.0)  # what the model logs for each batch, averaged too
+    assert valid["valid/some"] == pytest.approx(4.5)  # logged for the batch [4, 5] only
+
+
+def test_a_tensor_of_several_elements_logged_under_accumulation_is_refused(tmp_path: Path) -> None:
+    """As it is without accumulation, instead of being summed into a number."""
+
+    class LogsAPair(BitsTask):
+        def compute_loss(
+            self, model: nn.Module, batch: tuple, state: State, output: torch.Tensor
+        ) -> torch.Tensor:
+            self.logger.log_scalar("pair", output[:2, 0].detach(), namespace=state.phase)
+            return super().compute_loss(model, batch, state, output)
+
+    with pytest.raises(ValueError, match=r"a logged scalar must have one element, got shape \(2,\)"):
+        _train(
+            tmp_path, LogsAPair(SupervisedLearningTaskConfig(name="pair", max_steps=2)), batches_per_step=2
+        )
