@@ -1015,13 +1015,29 @@ class SupervisedLearningTrainer(
         with TrainingBar(state, enabled=self.config.progress_bar) as bar:  # closed however the loop ends
             self._loop(state, s, bar)
 
+    def _steps_per_epoch(self, loader: DataLoader) -> int | None:
+        """Training steps in an epoch; None for a stream without a length."""
+        try:
+            return math.ceil(len(loader) / self.config.batches_per_step)
+        except (TypeError, NotImplementedError):
+            return None
+
+    @staticmethod
+    def _ends_last_epoch(state: State, task: SupervisedLearningTask, epoch_steps: int | None) -> bool:
+        """Whether the step just taken ends the epoch that reaches ``task.max_epochs`` (the epoch count
+        reaches it only after the step, when the epoch is over)."""
+        max_epochs = task.config.max_epochs
+        return (
+            max_epochs is not None
+            and epoch_steps is not None
+            and state.num_epoch_steps >= epoch_steps
+            and state.num_epochs + 1 >= max_epochs
+        )
+
     def _bar_total(self, state: State, s: _Session) -> int | None:
         """Where the training bar ends: ``task.max_steps``, else what max_samples or max_epochs come to."""
         loader, per_step = s.train_loader, self.config.batches_per_step
-        try:
-            steps_per_epoch: int | None = math.ceil(len(loader) / per_step)
-        except (TypeError, NotImplementedError):  # a stream without a length
-            steps_per_epoch = None
+        steps_per_epoch = self._steps_per_epoch(loader)
         epoch_samples = getattr(getattr(loader, "sampler", None), "num_samples", None)  # every rank's
         if steps_per_epoch and isinstance(epoch_samples, int):
             samples_per_step: float = epoch_samples / steps_per_epoch  # the last step may be short
@@ -1068,6 +1084,7 @@ class SupervisedLearningTrainer(
         self._throughput = _Throughput(state)
         bar.start(self._bar_total(state, s))
         world_size = get_world_size()
+        epoch_steps = self._steps_per_epoch(s.train_loader)
         while not self.training_over(state, task) and self.stop_signal is None:
             if state.num_epoch_samples == 0:
                 self.on_epoch_start(state, task, model, optim, lr_sched)
@@ -1083,15 +1100,23 @@ class SupervisedLearningTrainer(
                 if self.ema is not None:
                     self.ema.update(state.num_steps)
                 self.on_step_end(state, loss_dict, task, model, optim, lr_sched)
-                last = self.stop_signal is not None or task.is_training_over(state)
-                due = self._logs_due(state, last)
+                last = (
+                    self.stop_signal is not None
+                    or task.is_training_over(state)
+                    or self._ends_last_epoch(state, task, epoch_steps)
+                )
+                validating = bool(s.valid_loaders) and self._should_validate(state)
+                # The last step is always written, and so is a step whose validation may stop the
+                # run early (before that validation, which ends the run at this step).
+                written = last or (validating and self.early_stopping is not None)
+                due = self._logs_due(state, written)
                 if due:
                     self._settle()
                     self._log_step(state, task, loss_dict, lr_sched.lr)
-                self.write_logs(task, model, state, final=last, due=due)
+                self.write_logs(task, model, state, final=written, due=due)
                 if last or state.num_steps >= bar.due:  # an int compare; the loss is read on a redraw only
                     bar.update({"epoch": state.num_epochs, **loss_dict}, force=last)
-                if s.valid_loaders and self._should_validate(state):
+                if validating:
                     self._validate(state, s)
                 if self.should_checkpoint(state):
                     self.save_checkpoint(state, task, model, optim, lr_sched)

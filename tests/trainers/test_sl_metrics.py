@@ -214,3 +214,40 @@ def test_a_tensor_of_several_elements_logged_under_accumulation_is_refused(tmp_p
         _train(
             tmp_path, LogsAPair(SupervisedLearningTaskConfig(name="pair", max_steps=2)), batches_per_step=2
         )
+
+
+@pytest.mark.parametrize(
+    ("limits", "trainer"),
+    [
+        ({"max_epochs": 2}, {}),
+        (  # the constant loss does not improve: stopped at the second validation, step 4
+            {"max_steps": 20},
+            {"valid_every_n_steps": 2, "early_stopping": {"monitor": "valid/loss", "patience": 1}},
+        ),
+    ],
+    ids=["max_epochs", "early_stopping"],
+)
+def test_the_last_training_step_is_written_when_epochs_or_early_stopping_end_the_run(
+    tmp_path: Path, limits: dict, trainer: dict
+) -> None:
+    config = CountingTaskConfig(name="counting", **limits)
+    config.train_dl.batch_size = 3
+    sl = SupervisedLearningTrainer(
+        OmegaConf.merge(  # type: ignore[arg-type]
+            OmegaConf.structured(SupervisedLearningTrainerConfig),
+            {"name": "sl", "exp_dir": str(tmp_path), "test_at_end": False, **trainer},
+        )
+    )
+    sl.add_logger(JsonlLogger(JsonlLoggerConfig(name="jsonl", write_every_n_steps=100)))
+    model = CountingModel(BaseModelConfig(name="counting"))
+    adam, constant = (
+        AdamOptimizer(AdamConfig(name="adam", lr=0.0)),
+        ConstantLRScheduler(ConstantConfig(name="constant")),
+    )
+    sl.train(model, CountingTask(config), adam, constant)
+    records = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["phase"] == "train"]
+    if "early_stopping" in trainer:  # each validation's step is written first, the last (4) among them
+        assert train_steps == [1, 2, 4]
+    else:  # 10 samples, 3 a batch (the short last one dropped): 3 steps an epoch
+        assert train_steps == [1, 6]
