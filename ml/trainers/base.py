@@ -410,9 +410,18 @@ class TrainerConfig(BaseTrainerConfig):
     )
 
 
+def check_interval(key: str, value: float | None) -> None:
+    """Refuses an interval (``..._every_n_steps``, ``..._every_n_seconds``) that is not positive: a
+    negative one would act as its absolute value, or every step; null turns the interval off."""
+    if value is not None and value <= 0:
+        raise ConfigError(f"{key} must be positive (or null, to turn it off), got {value}")
+
+
 def check_trainer_config(config: TrainerConfig) -> None:
     """Refuses a :class:`TrainerConfig` whose shared settings are out of range (one line)."""
     parse_device(config.device)  # its form; whether this machine has it: when the trainer asks
+    check_interval("trainer.checkpoint.save_every_n_steps", config.checkpoint.save_every_n_steps)
+    check_interval("trainer.checkpoint.save_every_n_seconds", config.checkpoint.save_every_n_seconds)
     if config.parallel not in PARALLEL_MODES:
         choices = ", ".join(PARALLEL_MODES)
         raise ConfigError(f"trainer.parallel must be one of {choices}, got {config.parallel!r}")

@@ -49,7 +49,7 @@ from ml.optimizers.base import BaseOptimizer
 from ml.optimizers.fast import step_skipping, use_fast_optimizer
 from ml.optimizers.gan import GAN_PARTS, GanOptimizer
 from ml.tasks.gan import GanTask, Losses
-from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_trainer_config
+from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_interval, check_trainer_config
 from ml.trainers.sl import NonFiniteLossError
 from ml.utils.data import (
     batch_size_of,
@@ -84,8 +84,7 @@ def _check_config(config: GanTrainerConfig) -> None:
     check_trainer_config(config)
     if config.discriminator_steps < 1:
         raise ConfigError(f"trainer.discriminator_steps must be positive, got {config.discriminator_steps}")
-    if config.valid_every_n_steps is not None and config.valid_every_n_steps < 1:
-        raise ConfigError(f"trainer.valid_every_n_steps must be positive, got {config.valid_every_n_steps}")
+    check_interval("trainer.valid_every_n_steps", config.valid_every_n_steps)
     if config.non_finite_loss not in ("stop", "skip"):
         raise ConfigError(f"trainer.non_finite_loss must be 'stop' or 'skip', got {config.non_finite_loss!r}")
 

@@ -42,7 +42,14 @@ from ml.models.base import BaseModel, eval_mode
 from ml.optimizers.base import BaseOptimizer
 from ml.optimizers.fast import FusedAdamStep, skips_on_device, step_skipping, use_fast_optimizer
 from ml.tasks.sl import SupervisedLearningTask
-from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_trainer_config, warn_unused
+from ml.trainers.base import (
+    BaseTrainer,
+    Session,
+    TrainerConfig,
+    check_interval,
+    check_trainer_config,
+    warn_unused,
+)
 from ml.trainers.parallel import (
     full_model_state,
     full_optim_state,
@@ -225,6 +232,8 @@ def _with_total(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _check_config(config: SupervisedLearningTrainerConfig) -> None:
     check_trainer_config(config)
+    check_interval("trainer.valid_every_n_steps", config.valid_every_n_steps)
+    check_interval("trainer.valid_every_n_seconds", config.valid_every_n_seconds)
     if config.non_finite_loss not in ("stop", "skip"):
         raise ConfigError(f"trainer.non_finite_loss must be 'stop' or 'skip', got {config.non_finite_loss!r}")
     if config.precision not in PRECISIONS:

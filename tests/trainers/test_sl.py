@@ -409,3 +409,23 @@ def test_a_model_a_hook_left_in_eval_mode_trains_in_train_mode(tmp_path: Path) -
     train, valid, _ = _modes_seen(tmp_path, freeze=False, forget=True)
     assert train == [(True, True)] * 6
     assert valid and set(valid) == {(False, False)}
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("checkpoint.save_every_n_steps", -2),  # acted as 2
+        ("checkpoint.save_every_n_steps", 0),
+        ("checkpoint.save_every_n_seconds", -1),  # saved at every step
+        ("valid_every_n_steps", -1),
+        ("valid_every_n_seconds", 0),
+    ],
+)
+def test_an_interval_that_is_not_positive_is_refused(tmp_path: Path, key: str, value: float) -> None:
+    section, _, field = key.rpartition(".")
+    settings: dict = {section: {field: value}} if section else {field: value}
+    with pytest.raises(
+        ConfigError, match=rf"trainer.{key} must be positive \(or null, to turn it off\), got {value}"
+    ):
+        _trainer(tmp_path, **settings)
+    assert list(tmp_path.iterdir()) == []
