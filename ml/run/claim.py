@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ml.errors import ConfigError, RunDirNotSetError, UserError
-from ml.run.layout import RUN_NAME, RunDir
+from ml.run.layout import DEFAULT_LOG_DIR, OTHER_ENTRIES, RUN_NAME, RunDir
 from ml.utils.ranks import dist_env
 
 RUN_DIR_ENV = "RUN_DIR"
+NAME_MAX = 255  # the longest file name Linux's file systems take, in bytes
 
 
 def check_folder_name(value: str, key: str) -> str:
@@ -27,6 +28,21 @@ def check_folder_name(value: str, key: str) -> str:
     name = str(value)
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise ConfigError(f"{key} must be a plain folder name, got {name!r}")
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise ConfigError(
+            f"{key} must be at most {NAME_MAX} bytes long (a file system's limit), got {name[:40]!r}..."
+        )
+    return name
+
+
+def check_log_dir_name(value: str) -> str:
+    """``trainer.log_dir_name`` when it is a plain folder name the run folder does not use otherwise."""
+    name = check_folder_name(value, "trainer.log_dir_name")
+    if name in OTHER_ENTRIES:
+        raise ConfigError(
+            f"trainer.log_dir_name={name} is taken by the run folder's own {name}: name the log folder "
+            f"otherwise (the default is {DEFAULT_LOG_DIR})"
+        )
     return name
 
 

@@ -42,6 +42,12 @@ SCORES_FILE = "scores.json"
 DEFAULT_LOG_DIR = "logs"
 METRICS_FILE = "metrics.jsonl"
 
+# What the run folder holds besides the log folder, which therefore cannot take one of these names.
+OTHER_ENTRIES = frozenset(
+    {CONFIG_FILE, CONFIG_CHANGES_FILE, STATUS_FILE, SBATCH_FILE, CODE_DIR, CHECKPOINT_DIR, ".lock_guard"}
+    | {f".lock_{lock_type}" for lock_type in LOCK_TYPES}
+)
+
 RUN_NAME = re.compile(r"run_(\d+)")
 NUMBERED_CHECKPOINT = re.compile(r"ckpt\.(\d+)(?:\.pt)?")  # a file, or a sharded checkpoint's folder
 

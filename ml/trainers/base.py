@@ -83,7 +83,7 @@ from ml.run.checkpoints import (
     score_checkpoint,
     write_checkpoint_file,
 )
-from ml.run.claim import check_folder_name, get_empty_exp_dir, new_exp_dir
+from ml.run.claim import check_log_dir_name, get_empty_exp_dir, new_exp_dir
 from ml.run.layout import LOCK_TYPES, LockType, RunDir
 from ml.run.locks import LockInfo, read_lock, remove_lock, take_running_lock, write_lock
 from ml.run.status import reserve_status, restore_status, status_record, write_status
@@ -591,7 +591,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             type(config).resolve(config)
         self.exp_name: str = config.exp_name
         self.exp_dir = Path(config.exp_dir).expanduser().resolve()
-        self.run = RunDir(self.exp_dir, check_folder_name(config.log_dir_name, "trainer.log_dir_name"))
+        self.run = RunDir(self.exp_dir, check_log_dir_name(config.log_dir_name))
         self.log_dir = self.run.logs
         self.checkpoint_config: CheckpointConfig = config.checkpoint
         self.loggers: list[BaseLogger] = []

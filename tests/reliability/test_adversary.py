@@ -188,6 +188,25 @@ def test_log_dir_name_cannot_leave_the_run_folder(tmp_path: Path, name: str) -> 
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "absolute-logs").exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.log_dir_name=code", "trainer.log_dir_name=code is taken by the run folder's own code"),
+        ("trainer.log_dir_name=.lock_ckpt", "is taken by the run folder's own .lock_ckpt"),
+        ("trainer.exp_name=" + "a" * 300, "trainer.exp_name must be at most 255 bytes long"),
+    ],
+    ids=["the code copy's name", "a lock's name", "too long"],
+)
+def test_a_folder_name_the_run_folder_or_the_disk_cannot_take_is_refused(
+    tmp_path: Path, override: str, message: str
+) -> None:
+    """``code`` as the log folder silently emptied ``ml stage``'s copy of the code; a name over 255
+    bytes failed (exit 1) after the experiment's folder was made."""
+    run_dir = tmp_path / "runs"
+    _one_line(_ml("train", _config(tmp_path), override, run_dir=run_dir), 2, message)
+    assert not run_dir.exists()
+
+
 # -- 3. raising the limit ------------------------------------------------------------------------
 
 
