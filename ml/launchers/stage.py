@@ -28,7 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ml.errors import ConfigError
-from ml.run.layout import CONFIG_FILE, RunDir
+from ml.run.layout import CONFIG_FILE, LOCK_TYPES, RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def code_files(source: Path, exclude: list[Path]) -> list[Path]:
     for entry in sorted(source.iterdir()):
         if _skipped(entry.name) or entry.resolve() in excluded:
             continue
-        if entry.is_file() and entry.suffix == ".py":
+        if entry.suffix == ".py" and not entry.is_dir():
             files.append(entry.relative_to(source))
         elif entry.is_dir() and (entry / "__init__.py").is_file():
             for folder, dirs, names in os.walk(entry):
@@ -58,6 +58,16 @@ def code_files(source: Path, exclude: list[Path]) -> list[Path]:
                     d for d in dirs if not _skipped(d) and (Path(folder) / d).resolve() not in excluded
                 )
                 files += [(Path(folder) / n).relative_to(source) for n in sorted(names) if not _skipped(n)]
+    # A pipe or socket cannot be copied (reading a pipe would wait for a writer), and a link whose
+    # target is gone has nothing to copy: none of them is code. is_file() follows links, so a link to
+    # a file is copied as that file.
+    special = [f for f in files if not (source / f).is_file()]
+    if special:
+        logger.warning(
+            "Not staging %s: not regular files (a pipe, a socket or a broken link)",
+            ", ".join(str(f) for f in special),
+        )
+        files = [f for f in files if f not in special]
     size = sum((source / f).stat().st_size for f in files)
     if size > MAX_CODE_BYTES:
         biggest = max(files, key=lambda f: (source / f).stat().st_size)
@@ -120,11 +130,43 @@ def prepare_run(config: DictConfig, *, stage: bool) -> tuple[RunDir, Callable[[]
     return run, release
 
 
+def _new_folder(config: DictConfig) -> Path | None:
+    """The folder ``trainer.exp_dir`` names, checked to hold no run; None when unset (a new ``run_<N>``).
+
+    Staging writes ``config.yaml`` and ``code/``: in a folder that holds a run it would replace that
+    run's config (which ``ml train`` then refuses to continue with) and code.
+
+    Raises:
+        ConfigError: The folder holds a config, checkpoints or logs, or a lock.
+    """
+    from ml.run.claim import has_results
+
+    if OmegaConf.is_missing(config.trainer, "exp_dir"):
+        return None
+    run = RunDir.of(Path(str(config.trainer.exp_dir)).expanduser().resolve())
+    found = [p.name for p in (run.config, *(run.lock(t) for t in LOCK_TYPES)) if p.exists()]
+    if has_results(run):
+        found.append("checkpoints or logs")
+    if found:
+        raise ConfigError(
+            f"trainer.exp_dir={run.path} already holds a run ({', '.join(found)}): stage into a new "
+            f"folder (leave trainer.exp_dir unset, or name one that does not exist), or continue that "
+            f"run with `ml train {run.config}`"
+        )
+    return run.path
+
+
 def stage_runs(configs: list[DictConfig]) -> int:
     """``ml stage``: prepares one run folder per config (a sweep's points); prints each folder.
 
     All or nothing: a config that fails gives back the folders already prepared.
     """
+    given = [_new_folder(config) for config in configs]  # refused before anything is written
+    for folder in {f for f in given if f is not None and given.count(f) > 1}:
+        raise ConfigError(
+            f"trainer.exp_dir={folder} is given to {given.count(folder)} sweep points: each staged run "
+            "needs a folder of its own (leave trainer.exp_dir unset for a new run_<N> each)"
+        )
     releases: list[Callable[[], None]] = []
     runs: list[RunDir] = []
     try:

@@ -7,10 +7,16 @@ directory) and imports the staged version. What is staged: the top-level modules
 packages.
 """
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from ml.run.layout import RunDir
+from ml.run.locks import write_lock
 from tests.e2e.test_distributed import ML, TIMEOUT_S, _env, _train_losses
 
 PACKAGE = """\
@@ -36,6 +42,7 @@ optimizer: {name: adam, lr: 1e-2}
 trainer: {name: sl, exp_name: staged, valid_at_end: false}
 logger: [{name: jsonl, write_every_n_steps: 1}]
 """
+MLP_CONFIG = CONFIG.replace('"stagedmod:StagedMLP"', "digits_mlp")  # no user code needed
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -80,8 +87,74 @@ def test_a_staged_run_trains_with_the_code_it_was_staged_with(tmp_path: Path) ->
 
 
 def test_bad_input_stages_nothing(tmp_path: Path) -> None:
-    (tmp_path / "exp.yaml").write_text(CONFIG.replace('"stagedmod:StagedMLP"', "digits_mlp"))
+    (tmp_path / "exp.yaml").write_text(MLP_CONFIG)
     result = _run([*ML, "stage", "exp.yaml", "optimizer.lr=fast"], tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("ml: error: optimizer.lr")
     assert not (tmp_path / "runs").exists()
+
+
+def _listing(root: Path) -> list[tuple[str, int, int]]:
+    """Every entry under ``root`` (hidden ones too) with its size and modification time."""
+    entries = [(p, p.lstat()) for p in root.rglob("*")]
+    return sorted((str(p.relative_to(root)), st.st_size, st.st_mtime_ns) for p, st in entries)
+
+
+@pytest.mark.parametrize("holds", ["a finished run", "checkpoints", "a live process's lock"])
+def test_staging_into_a_folder_that_holds_a_run_changes_nothing(tmp_path: Path, holds: str) -> None:
+    (tmp_path / "exp.yaml").write_text(MLP_CONFIG)
+    folder = tmp_path.resolve() / "existing"
+    if holds == "a finished run":
+        trained = _run([*ML, "train", "exp.yaml", f"trainer.exp_dir={folder}"], tmp_path)
+        assert trained.returncode == 0, trained.stderr[-3000:]
+    elif holds == "checkpoints":  # its config.yaml deleted
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "checkpoints" / "ckpt.3.pt").write_bytes(b"a checkpoint")
+    else:  # a submitted Slurm job's, waiting to start; its owner (this process) is alive
+        write_lock(RunDir(folder), "scheduled")
+    before = _listing(tmp_path)
+
+    # Staging would replace the run's config.yaml with one the run then refuses to continue with.
+    result = _run([*ML, "stage", "exp.yaml", f"trainer.exp_dir={folder}", "optimizer.lr=0.5"], tmp_path)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"ml: error: trainer.exp_dir={folder} already holds a run")
+    assert "stage into a new folder" in line and f"`ml train {folder / 'config.yaml'}`" in line
+    assert _listing(tmp_path) == before
+
+
+def test_a_sweep_cannot_stage_its_points_into_one_folder(tmp_path: Path) -> None:
+    (tmp_path / "exp.yaml").write_text(MLP_CONFIG)
+    folder = tmp_path.resolve() / "new"
+    before = _listing(tmp_path)
+    result = _run(
+        [*ML, "stage", "-m", "exp.yaml", f"trainer.exp_dir={folder}", "optimizer.lr=0.1,0.2"], tmp_path
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"ml: error: trainer.exp_dir={folder} is given to 2 sweep points")
+    assert _listing(tmp_path) == before
+
+
+def test_what_is_not_a_regular_file_is_not_staged(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("X = 1\n")
+    os.mkfifo(package / "pipe")  # copying it would wait for a writer
+    (package / "data.lnk").symlink_to("gone.txt")  # a link to nothing
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(package / "agent.sock"))
+    (tmp_path / "exp.yaml").write_text(MLP_CONFIG)
+    before = _listing(tmp_path)
+    try:
+        result = _run([*ML, "stage", "exp.yaml"], tmp_path)
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stderr[-3000:]
+    [warning] = [line for line in result.stderr.splitlines() if "Not staging" in line]
+    assert "pkg/agent.sock, pkg/data.lnk, pkg/pipe: not regular files" in warning
+    run = Path(result.stdout.strip())
+    code = sorted(str(p.relative_to(run / "code")) for p in (run / "code").rglob("*") if not p.is_dir())
+    assert code == ["pkg/__init__.py"]
+    assert (run / "config.yaml").is_file()
+    assert [e for e in _listing(tmp_path) if not e[0].startswith("runs")] == before
