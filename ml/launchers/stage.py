@@ -105,13 +105,13 @@ def prepare_run(config: DictConfig, *, stage: bool) -> tuple[RunDir, Callable[[]
         UserError: Bad input; nothing is left on disk for it.
     """
     from ml.core.compose import build_objects, config_to_save
-    from ml.run.claim import check_folder_name, claim_run_dir
+    from ml.run.claim import check_log_dir_name, claim_run_dir
     from ml.trainers.base import save_config
 
     build_objects(config)  # bad input stops here, not in the job
     exp_dir, release = claim_run_dir(config.trainer)
     try:
-        run = RunDir(exp_dir, check_folder_name(config.trainer.log_dir_name, "trainer.log_dir_name"))
+        run = RunDir(exp_dir, check_log_dir_name(config.trainer.log_dir_name))
         saved = config_to_save(config)
         OmegaConf.resolve(config)
         run.logs.mkdir(parents=True, exist_ok=True)
@@ -130,8 +130,8 @@ def prepare_run(config: DictConfig, *, stage: bool) -> tuple[RunDir, Callable[[]
     return run, release
 
 
-def _new_folder(config: DictConfig) -> Path | None:
-    """The folder ``trainer.exp_dir`` names, checked to hold no run; None when unset (a new ``run_<N>``).
+def _check_new_folder(config: DictConfig) -> None:
+    """Refuses a ``trainer.exp_dir`` that holds a run; unset, a new ``run_<N>`` is claimed.
 
     Staging writes ``config.yaml`` and ``code/``: in a folder that holds a run it would replace that
     run's config (which ``ml train`` then refuses to continue with) and code.
@@ -142,7 +142,7 @@ def _new_folder(config: DictConfig) -> Path | None:
     from ml.run.claim import has_results
 
     if OmegaConf.is_missing(config.trainer, "exp_dir"):
-        return None
+        return
     run = RunDir.of(Path(str(config.trainer.exp_dir)).expanduser().resolve())
     found = [p.name for p in (run.config, *(run.lock(t) for t in LOCK_TYPES)) if p.exists()]
     if has_results(run):
@@ -153,7 +153,6 @@ def _new_folder(config: DictConfig) -> Path | None:
             f"folder (leave trainer.exp_dir unset, or name one that does not exist), or continue that "
             f"run with `ml train {run.config}`"
         )
-    return run.path
 
 
 def stage_runs(configs: list[DictConfig]) -> int:
@@ -161,12 +160,8 @@ def stage_runs(configs: list[DictConfig]) -> int:
 
     All or nothing: a config that fails gives back the folders already prepared.
     """
-    given = [_new_folder(config) for config in configs]  # refused before anything is written
-    for folder in {f for f in given if f is not None and given.count(f) > 1}:
-        raise ConfigError(
-            f"trainer.exp_dir={folder} is given to {given.count(folder)} sweep points: each staged run "
-            "needs a folder of its own (leave trainer.exp_dir unset for a new run_<N> each)"
-        )
+    for config in configs:  # all refused before anything is written
+        _check_new_folder(config)
     releases: list[Callable[[], None]] = []
     runs: list[RunDir] = []
     try:
