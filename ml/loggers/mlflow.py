@@ -39,13 +39,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
 from ml.core.config import conf_field
 from ml.core.registry import register_logger
 from ml.core.state import State
+from ml.errors import ConfigError
 from ml.loggers.base import BaseLogger, BaseLoggerConfig, LogBatch, config_to_log
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MLFLOW_DIR_NAME = "mlflow"  # the local store's folder in the log folder
+ARTIFACTS_DIR_NAME = "artifacts"  # the local store's artifacts, in its folder
 SERVER_SCHEMES = ("http", "https", "databricks")
 STATUS_OF_OUTCOME = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limits of one log_batch call
@@ -121,6 +123,36 @@ def _mlflow_client_class() -> type["MlflowClient"]:
     return MlflowClient
 
 
+def _create_local_store(uri: str, artifacts: Path) -> None:
+    """Creates the run folder's SQLite store (if new) with its default artifact root inside it.
+
+    MLflow's client opens a store with the default artifact root ``./mlruns``, which puts the
+    artifacts of the store's built-in "Default" experiment (made with the store) in the current
+    directory. Made here first, the store's "Default" keeps them in ``artifacts/0``.
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore(uri, artifacts.as_uri())
+    store.engine.dispose()  # the client opens its own connection
+
+
+def _check_inside_local_store(experiment: Any, local_store: Path) -> None:
+    """Refuses an experiment of the run folder's store whose artifacts would go outside it (a store
+    made by an older version, whose "Default" experiment points at ``./mlruns``).
+
+    Raises:
+        ConfigError: Naming the experiment and the fix.
+    """
+    location = urlparse(str(experiment.artifact_location))
+    path = Path(unquote(location.path)) if location.scheme in ("", "file") else None
+    if path is None or not path.resolve().is_relative_to(local_store.resolve()):
+        raise ConfigError(
+            f"MLflow experiment {experiment.name!r} of the store in {local_store} keeps its artifacts at "
+            f"{experiment.artifact_location}, outside the run folder: set logger experiment_name to "
+            "another name"
+        )
+
+
 @register_logger("mlflow")
 class MlflowLogger(BaseLogger[MlflowLoggerConfig]):
     """Records the run in MLflow (see the module docstring). Master only, like every logger.
@@ -148,6 +180,7 @@ class MlflowLogger(BaseLogger[MlflowLoggerConfig]):
             self._local_store = Path(log_directory) / MLFLOW_DIR_NAME
             self._local_store.mkdir(parents=True, exist_ok=True)
             uri = f"sqlite:///{self._local_store / 'mlflow.db'}"
+            _create_local_store(uri, self._local_store / ARTIFACTS_DIR_NAME)
         self.tracking_uri = uri
         self.client = client_class(tracking_uri=uri)
 
@@ -197,8 +230,10 @@ class MlflowLogger(BaseLogger[MlflowLoggerConfig]):
         experiment = self.client.get_experiment_by_name(str(experiment_name))
         if experiment is not None:
             experiment_id = experiment.experiment_id
+            if self._local_store is not None:
+                _check_inside_local_store(experiment, self._local_store)
         elif self._local_store is not None:  # its artifacts stay in the run folder too
-            artifacts = (self._local_store / "artifacts").as_uri()
+            artifacts = (self._local_store / ARTIFACTS_DIR_NAME).as_uri()
             experiment_id = self.client.create_experiment(str(experiment_name), artifact_location=artifacts)
         else:
             experiment_id = self.client.create_experiment(str(experiment_name))

@@ -89,6 +89,11 @@ class StdoutLogger(BaseLogger[StdoutLoggerConfig]):
 
     def __init__(self, config: StdoutLoggerConfig) -> None:
         super().__init__(config)
+        if config.precision < 1:  # refused before the run folder exists, not at the first write
+            raise ValueError(
+                f"precision is the significant digits printed, at least 1, got {config.precision}: "
+                "e.g. precision: 4"
+            )
         self._file: TextIO | None = None
         self._path: Path | None = None
 

@@ -46,6 +46,11 @@ logger = logging.getLogger(__name__)
 
 WANDB_DIR_NAME = "wandb"  # what wandb names the folder it makes in the `dir` it is given
 MODES = ("online", "offline", "disabled")
+# What wandb refuses in a project name (wandb.Settings.validate_project), checked for the entity too:
+# both are parts of the run's path, <entity>/<project>/<run id>. Tags: wandb's validate_run_tags.
+NAME_FORBIDDEN_CHARS = "/\\#?%:"
+NAME_MAX_CHARS = 128
+TAG_MAX_CHARS = 64
 
 # Where wandb would write outside the run folder, and where it writes instead (under <logs>/wandb).
 # wandb.Settings has no field for these: wandb and its service process (wandb-core, started at the
@@ -86,6 +91,45 @@ def wandb_mode(configured: str | None) -> str:
     return mode
 
 
+def check_names(config: WandbLoggerConfig) -> None:
+    """Refuses a project, entity or tag that wandb would refuse at ``wandb.init`` (in the run).
+
+    Raises:
+        ValueError: Built into a :class:`ml.errors.ConfigError` naming the section.
+    """
+    for field in ("project", "entity"):
+        value = getattr(config, field)
+        if value is None:
+            continue
+        found = sorted({char for char in str(value) if char in NAME_FORBIDDEN_CHARS})
+        if found:
+            raise ValueError(
+                f"{field} {value!r} contains {' '.join(found)}: W&B names cannot contain any of "
+                f"{' '.join(NAME_FORBIDDEN_CHARS)}; use - or _ instead"
+            )
+        if len(str(value)) > NAME_MAX_CHARS:
+            raise ValueError(
+                f"{field} is {len(str(value))} characters long: W&B takes at most {NAME_MAX_CHARS}; "
+                "give a shorter one"
+            )
+    for index, tag in enumerate(config.tags):
+        if not str(tag):
+            raise ValueError(f"tags[{index}] is empty: W&B refuses empty tags; remove it")
+        if len(str(tag)) > TAG_MAX_CHARS:
+            raise ValueError(
+                f"tags[{index}] is {len(str(tag))} characters long: W&B takes at most {TAG_MAX_CHARS}; "
+                "give a shorter one"
+            )
+
+
+def default_project(name: str) -> str:
+    """The project named after the experiment when the config names none: ``exp_name`` may hold
+    characters W&B refuses (``a:b`` is a fine folder name), so those become ``-``."""
+    for char in NAME_FORBIDDEN_CHARS:
+        name = name.replace(char, "-")
+    return name[:NAME_MAX_CHARS]
+
+
 def _import_wandb() -> ModuleType:
     try:
         import wandb
@@ -110,6 +154,7 @@ class WandbLogger(BaseLogger[WandbLoggerConfig]):
         super().__init__(config)
         if config.mode is not None:
             wandb_mode(config.mode)  # a bad mode is refused before the run folder exists
+        check_names(config)  # so are names wandb.init would refuse
         self._wandb: ModuleType | None = None
         self.run: Any = None  # the wandb Run of this session, once started
         self.run_id: str | None = None  # from the checkpoint, or once the run is started
@@ -136,7 +181,7 @@ class WandbLogger(BaseLogger[WandbLoggerConfig]):
         wandb = self._wandb
         run_folder = self.log_directory.parent  # the log folder is a child of the run's (RunDir.logs)
         exp_name = None if config is None else OmegaConf.select(config, "trainer.exp_name")
-        project = self.config.project or exp_name or run_folder.parent.name
+        project = self.config.project or default_project(str(exp_name or run_folder.parent.name))
         mode = wandb_mode(self.config.mode)
         # wandb makes <dir>/wandb/ itself; the folder it is given must exist.
         self.log_directory.mkdir(parents=True, exist_ok=True)

@@ -424,6 +424,14 @@ BAD_OVERRIDES: dict[str, tuple[list[str], str]] = {
         ["trainer.early_stopping.monitor=train/loss"],
         "trainer.early_stopping.monitor=train/loss is not an evaluation metric",
     ),
+    "a logger's value it rejects": (
+        ["logger=[{name: stdout, precision: -3}]"],
+        "logger[0] (stdout): precision is",
+    ),
+    "a name wandb refuses": (  # the others are tests/loggers/test_wandb.py's
+        ["logger=[{name: wandb, project: a/b}]"],
+        "logger[0] (wandb): project 'a/b' contains /",
+    ),
 }
 BAD_FILES = ("unknown section in YAML", "bad YAML", "missing file")
 

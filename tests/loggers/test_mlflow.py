@@ -183,3 +183,54 @@ def test_a_continued_run_keeps_one_value_per_step_and_its_status_follows(
     lost.log_config(CONFIG)
     assert lost.state_dict()["run_id"] not in ("0" * 32, saved["run_id"])
     lost.close()
+
+
+def test_the_default_experiment_of_the_run_folders_store_keeps_its_artifacts_in_the_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's client makes a new store's built-in "Default" experiment with artifacts at
+    ./mlruns (the current directory): experiment_name: Default put images and the model there."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    run_folder = tmp_path / "run_0"
+    logger = _logger(experiment_name="Default")
+    logger.initialize(run_folder / "logs")
+    logger.log_config(CONFIG)
+    state = State()
+    state.num_steps = 1
+    state.set_phase("valid")
+    logger.write(state, LogBatch(images={"valid/grid": torch.zeros(1, 2, 2, dtype=torch.uint8)}))
+    run_id = logger.state_dict()["run_id"]
+    logger.close()
+
+    assert list(cwd.iterdir()) == []
+    store = run_folder / "logs" / "mlflow"
+    client = mlflow_tracking.MlflowClient(tracking_uri=logger.tracking_uri)
+    run = client.get_run(run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "Default"
+    assert run.info.artifact_uri.startswith((store / "artifacts").as_uri())
+    assert any((store / "artifacts").rglob("*.png"))
+
+
+def test_an_experiment_of_the_run_folders_store_with_artifacts_outside_it_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store made without the artifact root (as before): its "Default" points at ./mlruns."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "run_0" / "logs" / "mlflow"
+    store.mkdir(parents=True)
+    old = mlflow_tracking.MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    assert old.get_experiment_by_name("Default").artifact_location == str(tmp_path / "mlruns" / "0")
+    logger = _logger(experiment_name="Default")
+    logger.initialize(store.parent)
+    with pytest.raises(ConfigError, match=r"experiment 'Default' .* outside the run folder: set logger"):
+        logger.log_config(CONFIG)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_0"]
+    other = _logger()  # an experiment the logger makes keeps its artifacts in the store
+    other.initialize(store.parent)
+    other.log_config(CONFIG)
+    assert other.state_dict()["run_id"]
+    other.close()

@@ -5,9 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from ml.core.compose import build_component
 from ml.core.registry import lookup
 from ml.core.state import State
+from ml.errors import ConfigError
 from ml.loggers.base import LogBatch, MultiLogger
 from ml.loggers.stdout import StdoutLogger, StdoutLoggerConfig, format_duration, format_number
 
@@ -59,6 +62,15 @@ def test_precision_and_no_file_without_initialize(capsys: pytest.CaptureFixture[
     MultiLogger.write_all([ml_logger], [lg], State(num_steps=7))
     assert capsys.readouterr().out == "[train] step 7 epoch 0 | 0.0s | train/loss 0.12\n"
     lg.close()  # closing a logger that never opened a file is fine
+
+
+@pytest.mark.parametrize("precision", [0, -3])
+def test_a_precision_below_one_is_refused_when_the_logger_is_built(precision: int) -> None:
+    node = OmegaConf.structured(StdoutLoggerConfig(name="stdout", precision=precision))
+    with pytest.raises(
+        ConfigError, match=rf"logger\[0\] \(stdout\): precision is .* got {precision}: e\.g\."
+    ):
+        build_component("logger[0]", "logger", node)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 with wandb's own reader (``wandb leet inspect``), and how the mode is chosen."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from ml.core.compose import build_component
 from ml.core.state import State
 from ml.errors import ConfigError
 from ml.loggers.base import LogBatch
-from ml.loggers.wandb import WandbLogger, WandbLoggerConfig, wandb_mode
+from ml.loggers.wandb import WandbLogger, WandbLoggerConfig, default_project, wandb_mode
 
 wandb = pytest.importorskip("wandb")
 
@@ -71,6 +72,38 @@ def test_the_mode_comes_from_the_config_then_wandb_mode_then_the_api_key(
     node = OmegaConf.structured(WandbLoggerConfig(name="wandb", mode="cloud"))
     with pytest.raises(ConfigError, match=r"logger\[0\] \(wandb\): mode must be one of"):
         build_component("logger[0]", "logger", node)
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"project": "team/vision"}, "project 'team/vision' contains /: W&B names cannot contain"),
+        ({"project": "p" * 129}, "project is 129 characters long: W&B takes at most 128"),
+        ({"entity": "a#b:c"}, "entity 'a#b:c' contains # :"),
+        ({"tags": ["ok", "t" * 65]}, "tags[1] is 65 characters long: W&B takes at most 64"),
+        ({"tags": [""]}, "tags[0] is empty"),
+    ],
+)
+def test_names_wandb_refuses_are_refused_when_the_logger_is_built(
+    settings: dict[str, Any], expected: str
+) -> None:
+    node = OmegaConf.structured(WandbLoggerConfig(name="wandb", **settings))
+    with pytest.raises(ConfigError, match=rf"logger\[0\] \(wandb\): {re.escape(expected)}"):
+        build_component("logger[0]", "logger", node)
+    # wandb itself refuses them too (in wandb.init, once the run folder exists), except the entity,
+    # which it leaves to the server, in the run's path <entity>/<project>.
+    if "entity" not in settings:
+        with pytest.raises((wandb.errors.UsageError, ValueError)):
+            wandb.Settings(project=settings.get("project"), run_tags=settings.get("tags"))
+    limits = WandbLoggerConfig(name="wandb", project="p" * 128, entity="my-team_1", tags=["t" * 64])
+    assert WandbLogger(limits).config.project == "p" * 128
+
+
+def test_the_default_project_takes_the_experiments_name_without_what_wandb_refuses() -> None:
+    assert default_project("digits") == "digits"
+    assert default_project("a:b/c#d") == "a-b-c-d"  # exp_name a:b is a fine folder name
+    assert len(default_project("x" * 300)) == 128
+    wandb.Settings(project=default_project("a/b\\c#d?e%f:g" + "x" * 300))  # what wandb.init takes
 
 
 def test_an_offline_run_is_recorded_in_the_run_folder_and_continued_under_its_id(
