@@ -184,7 +184,7 @@ def _sweep(command: str, args: list[str], *, multirun: bool, flags: list[str]) -
     points = expand(args, multirun=multirun)
     if len(points) == 1 and not points[0].values:
         return None
-    configs = check_points(points)  # every point checked before anything is created
+    configs = check_points(points, here=command == "train")  # every point checked before anything is made
     if len(points) == 1:
         return _one(command, points[0].args, flags)
     launcher = configs[0].launcher

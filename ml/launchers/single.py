@@ -60,13 +60,7 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
     # a component's keys are checked against its config class, whose module imports torch.
     root = compose_args(args)
     objects = build_objects(root)
-    initial = root.trainer.checkpoint.load_from_ckpt_path
-    # A file (a checkpoint, an export) or a sharded checkpoint's folder (read_checkpoint checks it).
-    if initial and not (Path(initial).expanduser().is_file() or Path(initial).expanduser().is_dir()):
-        raise ConfigError(
-            f"trainer.checkpoint.load_from_ckpt_path: no such file or checkpoint folder {initial}"
-        )
-
+    _check_initial_weights(root)
     trainer_cls, _ = lookup("trainer", str(root.trainer.name))
     device = _device_of(root)  # a device this machine lacks is bad input: refused before the claim
     release = _claim_for_job(root, device)
@@ -79,7 +73,7 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
         trainer.add_loggers(objects.loggers)
     except BaseException as e:
         release()
-        if isinstance(e, (ValueError, TypeError, OmegaConfBaseException)):
+        if isinstance(e, (ValueError, TypeError, OmegaConfBaseException)) and not isinstance(e, ConfigError):
             raise ConfigError(f"trainer ({root.trainer.name}): {_first_line(e)}") from e
         raise
     requeue_on_preemption(trainer)
@@ -105,6 +99,59 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
     if trainer.stop_signal == signal.Signals.SIGINT and not trainer.finished:
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def check_before_claim(root: Any, *, device: bool = True) -> None:
+    """Refuses a composed config that ``ml train`` would refuse once it claimed a run folder: the
+    initial weights' file, the folder names, the trainer's settings, and (``device``: when the run
+    trains on this machine) the device.
+
+    What a sweep checks of every point before the first starts (its components are built by each
+    point's own run: a model may take long to build). The trainer is built on a copy whose
+    ``exp_dir`` is a placeholder (nothing is created), with its warnings held back for the run.
+
+    Raises:
+        ConfigError: The first problem, in one line.
+    """
+    import copy
+    import logging
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ml.core.registry import lookup
+    from ml.run.claim import check_folder_name
+
+    _check_initial_weights(root)
+    check_folder_name(str(root.trainer.exp_name), "trainer.exp_name")
+    if device:
+        _device_of(root)
+    trainer_cls, _ = lookup("trainer", str(root.trainer.name))
+    trial = copy.deepcopy(root)
+    if OmegaConf.is_missing(trial.trainer, "exp_dir"):
+        trial.trainer.exp_dir = os.path.join(os.sep, "nonexistent", "ml-check", "run")
+    quiet = logging.getLogger("ml")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        OmegaConf.resolve(trial)
+        trainer_cls(trial.trainer)
+    except ConfigError:  # names its key already
+        raise
+    except (ValueError, TypeError, OmegaConfBaseException) as e:
+        raise ConfigError(f"trainer ({root.trainer.name}): {_first_line(e)}") from e
+    finally:
+        quiet.setLevel(level)
+
+
+def _check_initial_weights(root: Any) -> None:
+    """``load_from_ckpt_path``: a file (a checkpoint, an export) or a sharded checkpoint's folder
+    (whose contents read_checkpoint checks)."""
+    initial = root.trainer.checkpoint.load_from_ckpt_path
+    if initial and not (Path(initial).expanduser().is_file() or Path(initial).expanduser().is_dir()):
+        raise ConfigError(
+            f"trainer.checkpoint.load_from_ckpt_path: no such file or checkpoint folder {initial}"
+        )
 
 
 def _device_of(root: Any) -> Any:

@@ -105,10 +105,12 @@ def prepare_run(config: DictConfig, *, stage: bool) -> tuple[RunDir, Callable[[]
         UserError: Bad input; nothing is left on disk for it.
     """
     from ml.core.compose import build_objects, config_to_save
+    from ml.launchers.single import check_before_claim
     from ml.run.claim import check_log_dir_name, claim_run_dir
     from ml.trainers.base import save_config
 
     build_objects(config)  # bad input stops here, not in the job
+    check_before_claim(config, device=False)  # (the job's machine may have a device this one lacks)
     exp_dir, release = claim_run_dir(config.trainer)
     try:
         run = RunDir(exp_dir, check_log_dir_name(config.trainer.log_dir_name))

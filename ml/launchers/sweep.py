@@ -180,17 +180,30 @@ def expand(args: list[str], *, multirun: bool) -> list[Point]:
     return points
 
 
-def check_points(points: list[Point]) -> list[Any]:
-    """Composes every point's config (each one checked: unknown keys, types, missing values).
+def check_points(points: list[Point], *, here: bool = False) -> list[Any]:
+    """Composes every point's config and checks it (unknown keys, types, missing values, and what
+    ``ml train`` refuses before it claims a run folder: :func:`ml.launchers.single.check_before_claim`;
+    the device only when the points train ``here``, on this machine).
 
     Returns the composed configs, in order. Raises :class:`ml.errors.ConfigError` naming the point.
     """
+    from omegaconf import OmegaConf
+
     from ml.core.compose import compose_args
+    from ml.launchers.single import check_before_claim
 
     configs = []
     for point in points:
         try:
-            configs.append(compose_args(point.args))
+            config = compose_args(point.args)
+            if len(points) > 1 and not OmegaConf.is_missing(config.trainer, "exp_dir"):
+                raise ConfigError(
+                    f"trainer.exp_dir is set ({config.trainer.exp_dir}): every point would train in that "
+                    "one folder; leave it unset, and each point gets a run folder of its own"
+                )
+            if len(points) > 1:  # (one point is checked by its own run, as ml train checks)
+                check_before_claim(config, device=here)
+            configs.append(config)
         except ConfigError as e:
             if len(points) == 1:
                 raise

@@ -86,8 +86,11 @@ def test_a_staged_run_trains_with_the_code_it_was_staged_with(tmp_path: Path) ->
     assert sorted(_train_losses(run)) == [1, 2, 3]
 
 
-# trainer.log_dir_name=code: the log folder would take the place of the staged code, left empty.
-@pytest.mark.parametrize("override", ["optimizer.lr=fast", "trainer.log_dir_name=code"])
+# trainer.log_dir_name=code: the log folder would take the place of the staged code, left empty;
+# trainer.checkpoint.format=bogus: a trainer setting, refused by the job that trains the folder later.
+@pytest.mark.parametrize(
+    "override", ["optimizer.lr=fast", "trainer.log_dir_name=code", "trainer.checkpoint.format=bogus"]
+)
 def test_bad_input_stages_nothing(tmp_path: Path, override: str) -> None:
     (tmp_path / "exp.yaml").write_text(MLP_CONFIG)
     result = _run([*ML, "stage", "exp.yaml", override], tmp_path)

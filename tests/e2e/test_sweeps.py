@@ -87,6 +87,22 @@ BAD_SWEEPS = [
     (["-m", "optimizer.lr=1e-2,fast"], "", "sweep point 2 (optimizer.lr=fast): optimizer.lr"),
     ([], "sweep:\n  optimizer.lr: []\n", "sweep key optimizer.lr has no values"),
     (["-m", "trainer.exp_dir=a,b"], "", "sweep key trainer.exp_dir: a sweep cannot vary it"),
+    # What ml train refuses before it claims a run folder, found before point 1 trains.
+    (
+        ["-m", "trainer.log_dir_name=logs,../escape"],
+        "",
+        "sweep point 2 (trainer.log_dir_name=../escape): trainer.log_dir_name must be a plain folder name",
+    ),
+    (
+        ["-m", "trainer.device=cpu,cuda:99"],
+        "",
+        "sweep point 2 (trainer.device=cuda:99): trainer.device=cuda:99",
+    ),
+    (
+        ["-m", "optimizer.lr=1e-2,2e-2", "trainer.exp_dir=one"],
+        "",
+        "trainer.exp_dir is set",
+    ),  # one folder for all
 ]
 
 
