@@ -59,8 +59,8 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
     # A bad file, section or shape is refused before torch is imported (a 0.1 s answer, not 1.5 s);
     # a component's keys are checked against its config class, whose module imports torch.
     root = compose_args(args)
+    check_before_claim(root)  # before the components are built (and warn): the error is the one line
     objects = build_objects(root)
-    _check_initial_weights(root)
     trainer_cls, _ = lookup("trainer", str(root.trainer.name))
     device = _device_of(root)  # a device this machine lacks is bad input: refused before the claim
     release = _claim_for_job(root, device)

@@ -420,6 +420,14 @@ BAD_OVERRIDES: dict[str, tuple[list[str], str]] = {
     "value a component rejects": (["task.max_steps=-1"], "task.max_steps must be positive"),
     "value the trainer rejects": (["trainer.non_finite_loss=maybe"], "trainer.non_finite_loss"),
     "broken interpolation": (["optimizer.lr=${nope}"], "optimizer.lr"),
+    "a trainer setting, after a component's warning": (  # the trainer's checks come first now
+        [
+            "lr_scheduler.name=cosine",
+            "lr_scheduler.warmup_steps=100",
+            "trainer.checkpoint.save_every_n_steps=0",
+        ],
+        "trainer.checkpoint.save_every_n_steps must be positive",
+    ),
     "a monitor that is not evaluated": (  # the others are tests/trainers/test_monitor.py's
         ["trainer.early_stopping.monitor=train/loss"],
         "trainer.early_stopping.monitor=train/loss is not an evaluation metric",
