@@ -36,6 +36,7 @@ Notes for subclass authors:
   :meth:`BaseTrainer.wait_for_checkpoint`).
 """
 
+import dataclasses
 import datetime
 import itertools
 import logging
@@ -1109,7 +1110,10 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                 source.clear()
             return
         self._write_due = False
-        MultiLogger.write_all(multi, self.loggers, state, reduce=mean_over_ranks, force=final)
+        # The ranks decide on the clock they last agreed on (sync_ranks), up to sync_every_n_steps
+        # steps old; the records say when they were written (rank 0 writes them, on its clock).
+        now = dataclasses.replace(state, elapsed_time_s=time.time() - state.start_time_s)
+        MultiLogger.write_all(multi, self.loggers, now, reduce=mean_over_ranks, force=final)
 
     def _log_sources(self, task: TaskT, model: ModelT) -> list[MultiLogger]:
         """Where values are logged: the task's, the model's (if it has one) and the trainer's loggers.

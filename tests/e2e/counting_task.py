@@ -8,6 +8,7 @@ whatever the batches and the ranks, and the task also logs ``some``, the mean of
 ``counting_task:CountingTask`` and ``counting_task:CountingModel`` (this folder on ``PYTHONPATH``).
 """
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ class CountingTaskConfig(SupervisedLearningTaskConfig):
     n_train: int = conf_field(10, help="Training samples: 0, 1, ..., n_train - 1")
     n_valid: int = conf_field(7, help="Validation and test samples")
     some_at: float = conf_field(5.0, help="The sample whose batch alone logs `some`")
+    step_sleep_s: float = conf_field(0.0, help="Seconds each training batch sleeps (a slow step)")
 
 
 class CountingTask(SupervisedLearningTask[CountingTaskConfig]):
@@ -45,6 +47,8 @@ class CountingTask(SupervisedLearningTask[CountingTaskConfig]):
 
     def compute_loss(self, model: nn.Module, batch: Any, state: State, output: torch.Tensor) -> torch.Tensor:
         x = batch[0]
+        if state.training:
+            time.sleep(self.config.step_sleep_s)
         if bool((x == self.config.some_at).any()):
             self.logger.log_scalar("some", x.mean(), namespace=state.phase)
         return output.mean()

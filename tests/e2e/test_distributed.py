@@ -368,12 +368,20 @@ task:
   max_steps: 2
   n_valid: 9
   some_at: 5
+  step_sleep_s: 0.3
   train_dl: {batch_size: 2}
   valid_dl: {batch_size: 2}
   test_dl: {batch_size: 2}
 optimizer: {name: adam, lr: 0.0}
 lr_scheduler: {name: constant}
-trainer: {name: sl, exp_name: dist, parallel: fsdp, test_at_end: false}
+trainer:
+  name: sl
+  exp_name: dist
+  parallel: fsdp
+  sync_every_n_steps: 5  # the ranks agree on the clock at step 0 and after the loop
+  valid_every_n_steps: 1
+  valid_at_end: false
+  test_at_end: false
 logger: [{name: jsonl, write_every_n_steps: 1}]
 """
 
@@ -382,7 +390,8 @@ def test_fsdp_validation_covers_every_sample_and_what_one_rank_alone_logged(tmp_
     """The 9 samples 0..8 split 5 and 4 over the ranks: rank 0 evaluates 3 batches ([0, 2], [4, 6],
     [8]), rank 1 two ([1, 3], [5, 7]) and joins rank 0's third forward pass with a stand-in; the
     mean is 4 (all 9, none dropped for an even split), and ``some``, logged by rank 1's [5, 7] alone,
-    is 6."""
+    is 6. The validations' records say when they were written, not when the ranks last agreed on
+    the clock (at step 0: every later step took 0.3 s)."""
     config = tmp_path / "counting.yaml"
     config.write_text(COUNTING)
     run_dir = tmp_path / "runs"
@@ -393,7 +402,10 @@ def test_fsdp_validation_covers_every_sample_and_what_one_rank_alone_logged(tmp_
     command = [*ML, "launch", str(config), "launcher.name=torchrun", "launcher.nproc_per_node=2"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    (valid,) = [r["metrics"] for r in _records(_only_run(run_dir)) if r["phase"] == "valid"]
-    assert valid["valid/loss"] == pytest.approx(4.0)
-    assert valid["model/mean"] == pytest.approx(4.0)
-    assert valid["valid/some"] == pytest.approx(6.0)
+    records = [r for r in _records(_only_run(run_dir)) if r["phase"] == "valid"]
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert record["metrics"]["valid/loss"] == pytest.approx(4.0)
+        assert record["metrics"]["model/mean"] == pytest.approx(4.0)
+        assert record["metrics"]["valid/some"] == pytest.approx(6.0)
+        assert record["elapsed_s"] >= 0.3 * record["step"], record
