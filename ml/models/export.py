@@ -232,13 +232,15 @@ def _read_config(weights_path: Path, metadata: Mapping[str, str]) -> tuple[Any, 
     return OmegaConf.create(data), f"{weights_path} (metadata)"
 
 
-def _build_model(config: Any, where: str) -> "nn.Module":
+def _build_model(config: Any, where: str, *, trust_imports: bool) -> "nn.Module":
     """Builds the model of a run config's ``model`` section the way ``ml train`` does.
 
     The section is merged over the named component's config dataclass (a registered name or
     ``package.module:ClassName``), validated, and the class is constructed from it; the weights
     then get the run's weight precision (``trainer.use_double_weight_precision``).
     """
+    import sys
+
     import torch
     from omegaconf import DictConfig
 
@@ -247,6 +249,13 @@ def _build_model(config: Any, where: str) -> "nn.Module":
 
     if not isinstance(config, DictConfig) or "model" not in config:
         raise ModelFileError(f"{where} has no `model` section")
+    name = str(config.model.get("name", ""))
+    module = name.partition(":")[0] if ":" in name else None
+    if module and module not in sys.modules and not trust_imports:
+        raise ModelFileError(
+            f"{where} names the model {name}, whose module {module} is not imported: import it first "
+            "(the file chooses what a load would import), or pass trust_imports=True"
+        )
     try:
         node = typed_section("model", "model", config.model)
         model = build_component("model", "model", node)
@@ -288,18 +297,25 @@ def read_weights(
 
 
 def load_model(
-    path: str | Path, *, device: "str | torch.device | None" = None, strict: bool = True
+    path: str | Path,
+    *,
+    device: "str | torch.device | None" = None,
+    strict: bool = True,
+    trust_imports: bool = False,
 ) -> "nn.Module":
     """Rebuilds a model exported by ``ml export`` and loads its weights.
 
     The model is built from the ``model`` section of ``<name>.yaml`` beside the file (or, when that
     is missing, of the config in the file's metadata), exactly as ``ml train`` builds it: a
-    registered name or ``package.module:ClassName`` (which must be importable).
+    registered name or ``package.module:ClassName``. Loading runs no code the file chooses: the
+    module of an import path must be imported already (``import package.module`` first), unless
+    ``trust_imports`` (a file from elsewhere could name any installed module, whose import runs it).
 
     Args:
         path: The ``.safetensors`` file.
         device: Where to put the model (default: the CPU).
         strict: Whether every weight must match a model parameter or buffer, and the reverse.
+        trust_imports: Import the module an import path names if it is not imported yet.
 
     Returns:
         The model, in eval mode.
@@ -314,7 +330,7 @@ def load_model(
         raise FileNotFoundError(f"no such model file: {path}")
     state, metadata = read_weights(path)
     config, where = _read_config(path, metadata)
-    model = _build_model(config, where)
+    model = _build_model(config, where, trust_imports=trust_imports)
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as e:

@@ -337,3 +337,29 @@ def test_bad_input_is_one_line_and_changes_nothing(
     code, _, err = export(str(run), "-o", str(out), "--force", capsys=capsys)
     assert code == 0, err
     assert ml.load_model(out) is not None and out.read_bytes()[:8] != b"precious"
+
+
+def test_load_model_imports_no_module_the_file_names_unless_trusted(
+    exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file from elsewhere may name any installed module as its model's; importing it runs it."""
+    (tmp_path / "lib").mkdir()
+    marker = tmp_path / "imported"
+    (tmp_path / "lib" / "chosen_by_the_file.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    other = tmp_path / "other.safetensors"
+    shutil.copy(exported, other)
+    config = yaml.safe_load(exported.with_suffix(".yaml").read_text())
+    config["model"] = {"name": "chosen_by_the_file:Net"}
+    other.with_suffix(".yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(
+        ModelFileError, match="whose module chosen_by_the_file is not imported: import it first"
+    ):
+        ml.load_model(other)
+    assert not marker.exists()
+    with pytest.raises(ModelFileError, match="has no class 'Net'"):
+        ml.load_model(other, trust_imports=True)
+    assert marker.exists()  # trusted: imported
+    sys.modules.pop("chosen_by_the_file", None)
