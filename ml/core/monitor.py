@@ -8,10 +8,15 @@ One rule, shared by ``ml runs`` (the best value of a run), the checkpoints kept 
 says; else a word of a score (``acc``/``accuracy``, ``return``, ``reward``, ``f1``, ``auc``,
 ``iou``, ``precision``, ``recall``, ``bleu``, ``map``, ...) makes it higher-is-better; anything
 else is lower-is-better, like a loss.
+
+A run's ``config.yaml`` may set the mode of the metrics it monitors (:func:`configured_modes`); what
+reports a run's best value afterwards (``ml runs``) follows that mode, as its best checkpoint and
+its early stopping did (:func:`mode_for`), so one rule decides both.
 """
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +65,36 @@ def mode_of(metric: str, mode: str | None, where: str) -> str:
     if mode not in MODES:
         raise ConfigError(f"{where} must be min or max (or unset: from the metric's name), got {mode!r}")
     return mode
+
+
+# The trainer's config sections that name a monitored metric (``monitor``) and its ``mode``; where both
+# set a mode for one metric, the checkpoint's counts: it decides which checkpoint is the run's best.
+MONITOR_SECTIONS = ("checkpoint", "early_stopping")
+
+
+def configured_modes(config: Any) -> dict[str, str]:
+    """The modes a run's config (its ``config.yaml``, as plain data) sets explicitly: metric to
+    ``min``/``max``, from ``trainer.<section>.monitor`` and ``.mode`` of :data:`MONITOR_SECTIONS`.
+
+    A mode that is unset or not ``min``/``max`` is left out: the metric's name decides then, as it
+    did in the run (the trainer refuses a run with another mode before it trains).
+    """
+    trainer = config.get("trainer") if isinstance(config, Mapping) else None
+    modes: dict[str, str] = {}
+    for section in MONITOR_SECTIONS:
+        settings = trainer.get(section) if isinstance(trainer, Mapping) else None
+        if not isinstance(settings, Mapping):
+            continue
+        metric, mode = settings.get("monitor"), settings.get("mode")
+        if isinstance(metric, str) and mode in MODES:
+            modes.setdefault(metric, mode)
+    return modes
+
+
+def mode_for(metric: str, modes: Mapping[str, str]) -> str:
+    """Which way ``metric`` improves in a run whose config set ``modes`` (:func:`configured_modes`):
+    the mode set for it, else its name's (:func:`higher_is_better`)."""
+    return mode_of(metric, modes.get(metric), "mode")
 
 
 def is_better(value: float, than: float | None, mode: str, min_delta: float = 0.0) -> bool:

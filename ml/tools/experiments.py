@@ -27,6 +27,15 @@ mid-write) is skipped, and when a phase and step occur more than once (runs of o
 resumed from a checkpoint older than their last log line) the last record counts. Only the records
 that matter are parsed - every validation and test record, the records holding the chosen metric,
 and the last training records - so a long run's log answers quickly.
+
+A metric's records are those of one phase (``train``, ``valid``, ``test``): a key logged without
+a phase prefix (``model/mean`` a model logs in every forward pass, ``task/acc`` of a task's own
+namespace) may appear in the records of several phases, whose values are different series.
+:class:`MetricChoice` names a metric as the tools take it: ``NAME`` (the records of whichever
+phase logs it; refused where several do) or ``PHASE:NAME`` (``valid:model/mean``: that phase's
+records only). Its best value is the lowest or the highest as the run's ``config.yaml`` says
+for a metric it monitors (``trainer.checkpoint.mode``, ``trainer.early_stopping.mode``), else as
+its name says (:mod:`ml.core.monitor` owns the rule).
 """
 
 import datetime
@@ -34,12 +43,14 @@ import json
 import math
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ml.core.monitor import higher_is_better, is_better
-from ml.errors import CheckpointError
+from ml.core.monitor import configured_modes, is_better, mode_for
+from ml.core.state import PHASES
+from ml.errors import BadInput, CheckpointError
 from ml.run.checkpoints import newest_checkpoint
 from ml.run.layout import RunDir, find_runs, run_number
 from ml.run.locks import read_lock
@@ -47,7 +58,17 @@ from ml.run.status import STATES as ENDED
 from ml.run.status import read_status
 from ml.utils.atomic import read_regular
 
-__all__ = ["DEFAULT_METRIC", "STATES", "RunInfo", "describe_run", "describe_runs", "find_runs", "run_number"]
+__all__ = [
+    "DEFAULT_METRIC",
+    "STATES",
+    "MetricChoice",
+    "RunInfo",
+    "describe_run",
+    "describe_runs",
+    "find_runs",
+    "read_config",
+    "run_number",
+]
 
 DEFAULT_METRIC = "valid/loss"
 
@@ -70,6 +91,40 @@ _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 # ---------------------------------------------------------------------------------------------
 # metrics.jsonl
+
+
+@dataclass(frozen=True)
+class MetricChoice:
+    """A metric as the tools are told it: ``NAME``, or ``PHASE:NAME`` for one phase's records."""
+
+    name: str
+    phase: str | None = None  # None: the records of whichever phase logs the name
+
+    @classmethod
+    def parse(cls, text: str) -> "MetricChoice":
+        """``valid:model/mean`` (also ``valid: model/mean``) or ``model/mean``; a text whose part
+        before the first ``:`` is not a phase is a name as it stands."""
+        phase, colon, name = text.partition(":")
+        if colon and phase.strip() in PHASES and name.strip():
+            return cls(name.strip(), phase.strip())
+        return cls(text)
+
+    def __str__(self) -> str:
+        return self.name if self.phase is None else f"{self.phase}:{self.name}"
+
+    def ambiguous(self, phases: list[str], where: str) -> BadInput:
+        """The error for a name without a phase that ``where`` logged in several ``phases``."""
+        choices = " or ".join(f"{phase}:{self.name}" for phase in phases)
+        return BadInput(
+            f"{self.name} is logged in the {' and '.join(phases)} records of {where}: "
+            f"name the phase, {choices}"
+        )
+
+
+def phase_order(phases: Any) -> list[str]:
+    """Phases as the run goes: train, valid, test (then any other a record named)."""
+    known = [phase for phase in PHASES if phase in phases]
+    return known + sorted(str(phase) for phase in phases if phase not in PHASES)
 
 
 def metric_value(value: Any) -> float | None:
@@ -97,7 +152,8 @@ class MetricsSummary:
     train_loss: float | None = None
     wall_s: float | None = None
     records: int = 0
-    best: Best | None = None  # of the chosen metric
+    best: Best | None = None  # of the chosen metric (None where several phases logged it)
+    phases: list[str] = field(default_factory=list)  # whose records hold the chosen metric
     best_valid: dict[str, Best] = field(default_factory=dict)  # every metric of the valid phase
 
 
@@ -118,21 +174,30 @@ def record_step(record: dict[str, Any]) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
-def _improve(best: dict[str, Best], name: str, value: float, step: int | None) -> None:
+def _improve(best: dict[str, Best], name: str, value: float, step: int | None, mode: str) -> None:
     if math.isnan(value):
         return
     old = best.get(name)
-    if old is None or is_better(value, old.value, "max" if higher_is_better(name) else "min"):
+    if old is None or is_better(value, old.value, mode):
         best[name] = Best(value, step)
 
 
-def summarize_metrics(path: Path, metric: str = DEFAULT_METRIC) -> MetricsSummary:
+def summarize_metrics(
+    path: Path, metric: str | MetricChoice = DEFAULT_METRIC, modes: Mapping[str, str] | None = None
+) -> MetricsSummary:
     """Reads a ``metrics.jsonl``: the last training step and loss, the wall time, the best values.
 
     Args:
         path: The file (a missing or unreadable one gives an empty summary).
-        metric: The metric whose best value is wanted (lowest, or highest for :func:`higher_is_better`).
+        metric: The metric whose best value is wanted (``NAME`` or ``PHASE:NAME``, :class:`MetricChoice`).
+        modes: The modes the run's config sets (:func:`ml.core.monitor.configured_modes`): a metric's
+            best is its lowest or highest value as :func:`ml.core.monitor.mode_for` says.
+
+    The best value is left out (None) where ``metric`` names no phase and the records of several
+    phases hold it (``summary.phases`` says which).
     """
+    choice = metric if isinstance(metric, MetricChoice) else MetricChoice.parse(metric)
+    modes = {} if modes is None else modes
     summary = MetricsSummary()
     try:
         data = read_regular(path)
@@ -140,7 +205,7 @@ def summarize_metrics(path: Path, metric: str = DEFAULT_METRIC) -> MetricsSummar
         return summary
     lines = [line for line in data.split(b"\n") if line.strip()]
     summary.records = len(lines)
-    wanted = json.dumps(metric).encode()
+    wanted = json.dumps(choice.name).encode()
     kept: dict[tuple[Any, Any], dict[str, Any]] = {}  # (phase, step) -> the last record
     for line in lines:
         if _TRAIN_PHASE in line and wanted not in line:
@@ -148,17 +213,22 @@ def summarize_metrics(path: Path, metric: str = DEFAULT_METRIC) -> MetricsSummar
         record = parse_record(line)
         if record is not None:
             kept[(record.get("phase"), record_step(record))] = record
-    chosen: dict[str, Best] = {}
+    chosen: dict[str, Best] = {}  # phase -> the chosen metric's best in its records
+    logged_in: set[str] = set()  # the phases whose records hold the chosen metric
+    mode = mode_for(choice.name, modes)
     for (phase, step), record in kept.items():
         for name, raw in record["metrics"].items():
             value = metric_value(raw)
             if value is None:
                 continue
-            if name == metric:
-                _improve(chosen, name, value, step)
+            if name == choice.name and choice.phase in (None, phase):
+                logged_in.add(str(phase))
+                _improve(chosen, str(phase), value, step, mode)
             if phase == "valid":
-                _improve(summary.best_valid, name, value, step)
-    summary.best = chosen.get(metric)
+                _improve(summary.best_valid, name, value, step, mode_for(name, modes))
+    summary.phases = phase_order(logged_in)
+    if len(logged_in) == 1:  # of several phases, which series is meant is the user's to say
+        summary.best = next(iter(chosen.values()), None)
 
     for line in reversed(lines):  # the newest training record, and the newest loss
         if _TRAIN_PHASE not in line and b'"train"' not in line:
@@ -200,9 +270,11 @@ class RunInfo:
     checkpoint_step: int | None = None
     checkpoint_time: float | None = None  # the newest checkpoint's mtime (seconds since the epoch)
     train_loss: float | None = None
-    metric: str = DEFAULT_METRIC
+    metric: str = DEFAULT_METRIC  # NAME or PHASE:NAME (MetricChoice)
+    mode: str = "min"  # which way the metric improves in this run: min or max
     best: float | None = None
     best_step: int | None = None
+    metric_phases: list[str] = field(default_factory=list)  # whose records hold the metric
     best_valid: dict[str, dict[str, Any]] = field(default_factory=dict)
     wall_s: float | None = None
     status_time: str | None = None  # when status.json was written (ISO)
@@ -248,33 +320,53 @@ def _parse_time(text: str | None) -> float | None:
     return moment.timestamp()
 
 
+def read_config(exp_dir: Path) -> Any:
+    """A run's ``config.yaml`` as plain data (read without torch); None if it cannot be read."""
+    import yaml
+
+    try:
+        return yaml.safe_load(read_regular(RunDir(exp_dir).config).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
 def describe_run(
-    exp_dir: Path, name: str | None = None, *, metric: str = DEFAULT_METRIC, now: float | None = None
+    exp_dir: Path,
+    name: str | None = None,
+    *,
+    metric: str | MetricChoice = DEFAULT_METRIC,
+    now: float | None = None,
 ) -> RunInfo:
     """Reads one run folder.
 
     Args:
         exp_dir: The run folder (``<exp_name>/run_<N>``).
         name: The experiment's name (default: the parent folder's name).
-        metric: The metric whose best value is reported.
+        metric: The metric whose best value is reported (``NAME`` or ``PHASE:NAME``).
         now: The time to measure a running run's wall time against (default: now).
+
+    ``best`` is None where ``metric`` names no phase and the run logged it in several phases'
+    records (``metric_phases`` lists them; :meth:`MetricChoice.ambiguous` is the error to show).
     """
     exp_dir = Path(exp_dir)
     run = RunDir.of(exp_dir)
     info = RunInfo(
         name=exp_dir.parent.name if name is None else name, run=exp_dir.name, path=str(exp_dir), state="empty"
     )
-    info.metric = metric
+    choice = metric if isinstance(metric, MetricChoice) else MetricChoice.parse(metric)
+    modes = configured_modes(read_config(exp_dir))  # the run's own say on which way its metrics go
+    info.metric, info.mode = str(choice), mode_for(choice.name, modes)
     try:
         ckpt = newest_checkpoint(run)
     except CheckpointError:  # a link to a file that is gone: resuming refuses it, so no checkpoint
         ckpt = None
     if ckpt is not None:
         info.checkpoint, info.checkpoint_step, info.checkpoint_time = str(ckpt.file), ckpt.step, ckpt.mtime
-    metrics = summarize_metrics(run.metrics, metric)
+    metrics = summarize_metrics(run.metrics, choice, modes)
     info.train_loss, info.wall_s = metrics.train_loss, metrics.wall_s
     if metrics.best is not None:
         info.best, info.best_step = metrics.best.value, metrics.best.step
+    info.metric_phases = metrics.phases
     info.best_valid = {k: {"value": b.value, "step": b.step} for k, b in sorted(metrics.best_valid.items())}
     progress = max(
         (s for s in (info.checkpoint_step, metrics.last_train_step) if s is not None), default=None
@@ -321,7 +413,7 @@ def describe_run(
     return info
 
 
-def describe_runs(path: Path, *, metric: str = DEFAULT_METRIC) -> list[RunInfo]:
+def describe_runs(path: Path, *, metric: str | MetricChoice = DEFAULT_METRIC) -> list[RunInfo]:
     """:func:`describe_run` for each run :func:`find_runs` finds under ``path``."""
     now = time.time()
     return [describe_run(run, name, metric=metric, now=now) for name, run in find_runs(path)]

@@ -9,6 +9,14 @@ curve of its own colour labelled ``<exp_name>/run_<N>`` (with ``--config optimiz
 the run's value of that config key: a sweep's runs told apart). The x axis is the step, or with
 ``--x time`` the run's training time (``elapsed_s``) in seconds, minutes or hours as fits.
 
+A curve holds the records of one phase. A key logged without a phase prefix (``model/mean`` that a
+model logs in its forward pass, ``task/acc`` of a task's own namespace) can be in the records of
+several phases: its subplot then has a curve per run and phase, as TensorBoard overlays its
+``train`` and ``valid`` runs, labelled ``<run> (train)``, ``<run> (valid)`` (the run's colour; a
+line style per phase). ``--metric valid:model/mean`` plots one phase's records only
+(:class:`ml.tools.experiments.MetricChoice`). Keys with a phase prefix (``train/loss``) are in their
+phase's records alone, so they plot as before.
+
 Reading follows the writer (:mod:`ml.loggers.jsonl`): a last line cut short by a kill is skipped;
 when a phase and step appear twice (a run resumed before its logs were trimmed) the later record
 wins; non-finite values (written as ``"nan"``, ``"inf"``) leave gaps. The records are read here,
@@ -34,7 +42,7 @@ from typing import Any
 from ml.run.layout import METRICS_FILE, RunDir, is_run
 from ml.run.layout import find_runs as runs_under
 from ml.tools import tool_parser
-from ml.tools.experiments import metric_value, parse_record, record_step
+from ml.tools.experiments import MetricChoice, metric_value, parse_record, phase_order, record_step
 from ml.utils.atomic import open_regular
 
 FORMATS = {".png": "png", ".svg": "svg"}
@@ -42,6 +50,7 @@ DPI = 100
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 1000, 600
 MIN_PIXELS, MAX_PIXELS = 200, 10000
 MARKERS_UP_TO = 60  # curves with this few points (validation) also mark each point
+PHASE_STYLES = {"train": "-", "valid": "--", "test": ":"}  # where a subplot shows several phases
 DEFAULT_TRAIN_METRIC = "train/loss"
 DEFAULT_RL_METRICS = ("rl/episode_return", "rl/eval_return")  # what an RL run is judged by
 INSTALL_HINT = "ml plot needs matplotlib: pip install 'ml-trainer[plot]'"
@@ -63,12 +72,28 @@ class Run:
             names.update(dict.fromkeys(record["metrics"]))
         return list(names)
 
-    def curve(self, metric: str, x: str) -> tuple[list[float], list[float]]:
-        """The metric's points in step order: x (step or elapsed seconds) and y (NaN for inf)."""
+    def phases_of(self, metric: str) -> list[str]:
+        """The phases whose records hold ``metric``, in the order train, valid, test."""
+        return phase_order(
+            {phase for (phase, _), record in self.records.items() if metric in record["metrics"]}
+        )
+
+    def curve(self, metric: str, x: str, phase: str | None = None) -> tuple[list[float], list[float]]:
+        """The metric's points in ``phase``'s records, in step order: x (step or elapsed seconds)
+        and y (NaN for inf). ``phase`` may be left out for a metric that one phase alone logged.
+
+        Raises:
+            ValueError: ``phase`` is left out, and the records of several phases hold ``metric``.
+        """
+        if phase is None:
+            phases = self.phases_of(metric)
+            if len(phases) > 1:
+                raise ValueError(f"{metric} is logged in the {' and '.join(phases)} records: name the phase")
+            phase = phases[0] if phases else None
         xs: list[float] = []
         ys: list[float] = []
-        for (_, step), record in sorted(self.records.items(), key=lambda item: item[0][1]):
-            if metric not in record["metrics"]:
+        for (record_phase, step), record in sorted(self.records.items(), key=lambda item: item[0][1]):
+            if record_phase != phase or metric not in record["metrics"]:
                 continue
             xs.append(float(step) if x == "step" else _number(record.get("elapsed_s")))
             value = _number(record["metrics"][metric])
@@ -187,9 +212,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--metric",
         action="append",
-        metavar="NAME",
+        metavar="[PHASE:]NAME",
         help="a metric to plot, e.g. train/loss (repeat for several; default: train/loss and valid/loss, "
-        "or an RL run's episode returns)",
+        "or an RL run's episode returns); PHASE:NAME (train, valid or test) plots that phase's records "
+        "only, e.g. valid:model/mean",
+    )
+    parser.epilog = (
+        "Each curve holds one phase's records. A key logged without a phase prefix (model/mean, "
+        "task/acc) in the records of several phases gets a curve per run and phase in its subplot, "
+        "labelled '<run> (train)', '<run> (valid)'; --metric valid:model/mean shows one phase alone."
     )
     parser.add_argument("--x", choices=("step", "time"), default="step", help="the x axis (default: step)")
     parser.add_argument("-o", "--output", required=True, help="the image file: .png or .svg")
@@ -237,18 +268,37 @@ def main(argv: list[str]) -> int:
     available = list(dict.fromkeys(name for run in runs for name in run.metric_names()))
     if not available:
         raise _bad_input(f"no metrics logged yet in {', '.join(str(p) for p in paths)}")
-    metrics = list(dict.fromkeys(ns.metric)) if ns.metric else default_metrics(available)
-    missing = [name for name in metrics if name not in available]
+    chosen = list(dict.fromkeys(ns.metric)) if ns.metric else default_metrics(available)
+    metrics = list(dict.fromkeys(MetricChoice.parse(text) for text in chosen))
+    missing = [str(m) for m in metrics if not any(_phases(run, m) for run in runs)]
     if missing:
-        raise _bad_input(f"no run logged {', '.join(missing)}; available: {', '.join(available)}")
+        raise _bad_input(
+            f"no run logged {', '.join(missing)}; available: {', '.join(_listing(runs, available))}"
+        )
     figure = _draw(runs, metrics, ns.x, ns.width, ns.height)
     _save(figure, out, fmt)
-    print(f"{out}: {', '.join(metrics)} of {len(runs)} run(s)")
+    print(f"{out}: {', '.join(map(str, metrics))} of {len(runs)} run(s)")
     return 0
 
 
-def _draw(runs: Sequence[Run], metrics: Sequence[str], x: str, width: int, height: int) -> Any:
-    """A figure of ``width`` x ``height`` pixels, one subplot per metric, one curve per run."""
+def _phases(run: Run, metric: MetricChoice) -> list[str]:
+    """The phases of ``run`` whose records give ``metric`` a curve."""
+    phases = run.phases_of(metric.name)
+    return phases if metric.phase is None else [p for p in phases if p == metric.phase]
+
+
+def _listing(runs: Sequence[Run], available: Sequence[str]) -> list[str]:
+    """The metrics to choose from: each name, then ``PHASE:NAME`` where several phases logged it."""
+    listed = []
+    for name in available:
+        phases = phase_order({phase for run in runs for phase in run.phases_of(name)})
+        listed += [name] + ([f"{phase}:{name}" for phase in phases] if len(phases) > 1 else [])
+    return listed
+
+
+def _draw(runs: Sequence[Run], metrics: Sequence[MetricChoice], x: str, width: int, height: int) -> Any:
+    """A figure of ``width`` x ``height`` pixels, one subplot per metric, a curve per run (and per
+    phase, where the metric is logged in several)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -256,7 +306,14 @@ def _draw(runs: Sequence[Run], metrics: Sequence[str], x: str, width: int, heigh
     except ImportError as e:
         raise _bad_input(INSTALL_HINT) from e
 
-    curves = {(run.label, metric): run.curve(metric, x) for run in runs for metric in metrics}
+    # Per subplot: the phases it shows (of all runs), and each run's curve of each.
+    shown = {m: phase_order({p for run in runs for p in _phases(run, m)}) for m in metrics}
+    curves = {
+        (run.label, m, phase): run.curve(m.name, x, phase)
+        for run in runs
+        for m in metrics
+        for phase in shown[m]
+    }
     unit, scale = "step", 1.0
     if x == "time":
         seconds = [v for xs, _ in curves.values() for v in xs if math.isfinite(v)]
@@ -272,20 +329,23 @@ def _draw(runs: Sequence[Run], metrics: Sequence[str], x: str, width: int, heigh
             ax.sharex(axes[0])
         if x == "step":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        phases = shown[metric]
         for number, run in enumerate(runs):
-            xs, ys = curves[(run.label, metric)]
-            if not xs:
-                continue
-            marker = "o" if len(xs) <= MARKERS_UP_TO else None
-            ax.plot(
-                [v / scale for v in xs],
-                ys,
-                color=f"C{number % 10}",
-                label=run.label,
-                marker=marker,
-                markersize=3,
-            )
-        ax.set_title(metric)
+            for phase in phases:
+                xs, ys = curves[(run.label, metric, phase)]
+                if not xs:
+                    continue
+                marker = "o" if len(xs) <= MARKERS_UP_TO else None
+                ax.plot(
+                    [v / scale for v in xs],
+                    ys,
+                    color=f"C{number % 10}",
+                    linestyle=PHASE_STYLES.get(phase, "-.") if len(phases) > 1 else "-",
+                    label=f"{run.label} ({phase})" if len(phases) > 1 else run.label,
+                    marker=marker,
+                    markersize=3,
+                )
+        ax.set_title(str(metric))
         ax.grid(alpha=0.3)
         if index + ncols >= len(metrics):  # the lowest subplot of its column
             ax.set_xlabel("step" if x == "step" else f"time ({unit})")

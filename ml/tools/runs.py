@@ -13,8 +13,13 @@ The states are described in :mod:`ml.tools.experiments` (``running``, ``crashed`
 ``scheduled``, ``finished``, ``interrupted``, ``failed``, ``unknown``, ``empty``). STEP is the furthest
 step the run reached (its newest checkpoint, its last logged training step, its status marker);
 CHECKPOINT the age of the newest checkpoint; TRAIN/LOSS the last logged ``train/loss``; BEST the
-best value of ``--metric`` (default ``valid/loss``: the lowest; metrics whose name holds ``acc``,
-``return`` or ``reward``: the highest) with its step; WALL the training time (the largest
+best value of ``--metric`` (default ``valid/loss``) with its step: the highest or the lowest as the
+run's config says for a metric it monitors (``trainer.checkpoint.mode``, else
+``trainer.early_stopping.mode``), else the lowest, or the highest for names with ``acc``,
+``return``, ``reward``, ``f1``, ... (:mod:`ml.core.monitor`). A metric logged without a phase prefix
+in the records of several phases (``task/acc`` in training and validation) is one series per
+phase: ``--metric valid:task/acc`` names the validation's; ``--metric task/acc`` is then refused
+as ambiguous. WALL the training time (the largest
 ``elapsed_s`` logged, else the status marker's, else the time since a running run's lock);
 NOTE the lock's owner, the stop signal or the error.
 
@@ -23,10 +28,12 @@ times in ISO 8601, non-finite values as ``"nan"``/``"inf"`` like ``metrics.jsonl
 is unknown); an empty list when nothing matches. The fields: ``name``, ``run``, ``run_number``,
 ``path``, ``state``; ``pid``, ``host``, ``lock_time`` (the lock's owner); ``signal``, ``error``,
 ``status_time`` (from ``status.json``, when the state comes from it); ``step``; ``checkpoint``,
-``checkpoint_step``, ``checkpoint_time``; ``train_loss``; ``metric``, ``best``, ``best_step`` (the
-``--metric``); ``best_valid`` (``{name: {"value", "step"}}`` for every metric of the valid phase);
-``wall_s``. ``--name GLOB`` keeps the experiments whose name matches (fnmatch,
-repeatable), ``--state STATE`` the runs in the given states (repeatable, or comma-separated).
+``checkpoint_step``, ``checkpoint_time``; ``train_loss``; ``metric``, ``mode`` (``min`` or
+``max``: which way it improves in that run), ``metric_phases`` (the phases whose records hold it),
+``best``, ``best_step`` (the ``--metric``); ``best_valid`` (``{name: {"value", "step"}}`` for
+every metric of the valid phase); ``wall_s``. ``--name GLOB`` keeps the experiments whose name
+matches (fnmatch, repeatable), ``--state STATE`` the runs in the given states (repeatable, or
+comma-separated).
 ``--config KEY`` (repeatable, or comma-separated: ``--config optimizer.lr,model.hidden``) adds a
 column per config key, its value in each run's ``config.yaml``, so the runs of a sweep show side
 by side; ``--json`` then has ``config``, ``{key: value}`` (null for a key the run lacks).
@@ -43,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.tools import tool_parser
-from ml.tools.experiments import DEFAULT_METRIC, STATES, RunInfo, describe_runs
+from ml.tools.experiments import DEFAULT_METRIC, STATES, MetricChoice, RunInfo, describe_runs, read_config
 
 DEFAULT_RUN_DIR = "runs"
 
@@ -81,8 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--metric",
         default=DEFAULT_METRIC,
-        help="the metric whose best value is shown (default: valid/loss; names with acc, return "
-        "or reward: highest is best)",
+        metavar="[PHASE:]NAME",
+        help="the metric whose best value is shown (default: valid/loss); PHASE:NAME (train, valid or "
+        "test) takes that phase's records only, as a key logged without a phase prefix (model/mean) "
+        "may be in several phases' records, each its own series",
+    )
+    parser.epilog = (
+        "The best value is the lowest or the highest as the run's config.yaml says for a metric it "
+        "monitors (trainer.checkpoint.mode, else trainer.early_stopping.mode), else as the metric's "
+        "name says: the highest for names with acc, return, reward, f1, auc, ..., else the lowest. "
+        "A NAME without PHASE: logged in the records of several phases is refused as ambiguous."
     )
     return parser
 
@@ -171,15 +186,7 @@ _MISSING = object()
 
 def config_values(run_path: Path, keys: list[str]) -> dict[str, Any]:
     """The values of dotted ``keys`` in a run's ``config.yaml`` (None where it has no such key)."""
-    import yaml
-
-    from ml.run.layout import RunDir
-    from ml.utils.atomic import read_regular
-
-    try:
-        config = yaml.safe_load(read_regular(RunDir(run_path).config).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        config = None
+    config = read_config(run_path)
     values: dict[str, Any] = {}
     for key in keys:
         node: Any = config
@@ -263,8 +270,9 @@ def main(argv: list[str]) -> int:
         return int(e.code or 0)
     states = _states(args.state)
     root, shown = _root(args.path)
+    metric = MetricChoice.parse(args.metric)
     try:
-        runs = describe_runs(root, metric=args.metric)
+        runs = describe_runs(root, metric=metric)
     except FileNotFoundError:
         raise BadInput(_not_found(args.path, shown)) from None
     except NotADirectoryError:
@@ -274,6 +282,10 @@ def main(argv: list[str]) -> int:
         runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, pattern) for pattern in args.name)]
     if states:
         runs = [r for r in runs if r.state in states]
+    if metric.phase is None:  # refused only for the runs shown: one series per phase, which is meant?
+        for run in runs:
+            if len(run.metric_phases) > 1:
+                raise metric.ambiguous(run.metric_phases, run.path)
     keys = [k.strip() for value in args.config for k in value.split(",") if k.strip()]
     config = {r.path: config_values(Path(r.path), keys) for r in runs} if keys else None
     if args.json:
@@ -289,5 +301,5 @@ def main(argv: list[str]) -> int:
         filters += [f"--state {','.join(sorted(states))}"] if states else []
         print(f"no runs under {shown} match {' '.join(filters)}")
     else:
-        print(table(runs, metric=args.metric, config=config))
+        print(table(runs, metric=str(metric), config=config))
     return 0
