@@ -9,6 +9,7 @@ before anything is created on disk.
 import dataclasses
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,11 +119,118 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"bad override {item!r}: write key=value, e.g. optimizer.lr=3e-4")
+        refuse_sweep_override(item)
     try:
         return OmegaConf.from_dotlist(overrides)
     # OmegaConf's key grammar fails on some keys (`[=1`) with plain Python errors.
     except (OmegaConfBaseException, yaml.YAMLError, IndexError, KeyError, ValueError, TypeError) as e:
         raise ConfigError(f"bad override in {' '.join(overrides)}: {_first_line(e)}") from e
+
+
+def refuse_sweep_override(item: str) -> None:
+    """Refuses ``sweep.KEY=[...]`` on the command line: compose drops the ``sweep:`` section (each
+    sweep point is composed as one run), so such an override would be ignored without a word.
+
+    Raises:
+        ConfigError: ``item`` sets ``sweep`` or a key in it; the line shows the ``-m`` way.
+    """
+    key, value = _override_key(item), item.partition("=")[2]
+    if not _nested(key, "sweep"):
+        return
+    swept, choices = "optimizer.lr", "1e-3,3e-4"  # (an example, for a whole `sweep=...`)
+    listed = value.strip().removeprefix("[").removesuffix("]")  # the list's items, as written
+    if key.startswith("sweep.") and listed.strip() and not any(c in listed for c in "[]{}'\""):
+        swept = key.removeprefix("sweep.")
+        choices = ",".join(part.strip() for part in listed.split(","))
+    raise ConfigError(
+        f"{item}: a sweep is not a key=value override (it would be ignored): sweep on the command "
+        f"line with -m {swept}={choices}, or in a `sweep:` section of a YAML config file"
+    )
+
+
+def _shape_error(
+    where: str, merged: DictConfig, layer: DictConfig, overrides: list[str] | None
+) -> str | None:
+    """Says where ``layer`` gives a mapping for a list of ``merged`` (or a list for a mapping), with
+    the value it should have written; None if the layers do not differ so.
+
+    ``overrides`` are the layer's ``key=value`` strings when it is the command line's (the fix is
+    then an override), else None (the fix is a line of the YAML file ``where``).
+    """
+    try:
+        old_tree: Any = OmegaConf.to_container(merged, resolve=False)
+        new_tree: Any = OmegaConf.to_container(layer, resolve=False)
+        found = _find_misfit(old_tree, new_tree, [])
+    except (OmegaConfBaseException, RecursionError):  # too deep to walk: the merge's own words then
+        return None
+    if found is None:
+        return None
+    path, old, new = found
+    key = ".".join(path)
+    culprit = where
+    if overrides is not None:  # the overrides that reach the key, or that it is part of
+        reaching = [o for o in overrides if _nested(_override_key(o), key) or _nested(key, _override_key(o))]
+        culprit = " ".join(reaching) or where
+
+    def fix(value: Any) -> str:
+        flow = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=float("inf")).strip()
+        flow = flow.removesuffix("...").strip()
+        return shlex.quote(f"{key}={flow}") if overrides is not None else f"{key}: {flow}"
+
+    if isinstance(old, list):
+        what = _describe_list(key, old)
+        if new and all(str(k).isdigit() for k in new):  # logger.0.precision=-3: into one entry of a list
+            entries = list(old)
+            for index, entry in sorted(((int(k), v) for k, v in new.items())):
+                if index < len(entries) and isinstance(entries[index], dict) and isinstance(entry, dict):
+                    entries[index] = {**entries[index], **entry}
+                else:  # past the end: a new entry, which needs a component's name
+                    entries.append({"name": "NAME", **entry} if isinstance(entry, dict) else entry)
+            return (
+                f"{culprit}: {key} is {what}, and one entry of a list cannot be set on its own: give "
+                f"the whole list, {fix(entries)}"
+            )
+        return f"{culprit}: {key} is {what}, not a mapping: write {fix([new])}"
+    first = next(iter(old), None)
+    if first is None or isinstance(old[first], (dict, list)):
+        return f"{culprit}: {key} is a mapping, not a list: set its keys, e.g. {key}.KEY=VALUE"
+    example = f"{key}.{first}={old[first]}" if overrides is not None else fix({first: old[first]})
+    return f"{culprit}: {key} is a mapping, not a list: set its keys, e.g. {example}"
+
+
+def _find_misfit(old: Any, new: Any, path: list[str]) -> tuple[list[str], Any, Any] | None:
+    """The first key whose old value is a list and new one a mapping, or the other way round."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key, value in new.items():
+            if key in old:
+                found = _find_misfit(old[key], value, [*path, str(key)])
+                if found is not None:
+                    return found
+        return None
+    if (
+        path
+        and isinstance(old, (dict, list))
+        and isinstance(new, (dict, list))
+        and type(old) is not type(new)
+    ):
+        return path, old, new
+    return None
+
+
+def _describe_list(key: str, entries: list[Any]) -> str:
+    if key != "logger":
+        return f"a list of {len(entries)} entries"
+    names = [str(e.get("name", "?")) for e in entries if isinstance(e, dict)]
+    return f"a list of loggers ({', '.join(names)})" if names else "a list of loggers"
+
+
+def _override_key(override: str) -> str:
+    return override.partition("=")[0].strip().lstrip("+~")
+
+
+def _nested(key: str, outer: str) -> bool:
+    """``key`` is ``outer`` or a key inside it (``logger.0.precision`` in ``logger``)."""
+    return key == outer or key.startswith(f"{outer}.")
 
 
 def typed_section(section: str, kind: Kind, raw: Any) -> DictConfig:
@@ -170,12 +278,14 @@ def compose_config(config_files: list[str], overrides: list[str] | None = None) 
     overrides = list(overrides or [])
     whole = {item.partition("=")[0].strip() for item in overrides} & set(SECTIONS)
     layers.append((f"overrides {' '.join(overrides)}", _parse_overrides(overrides), whole))
-    for where, layer, whole_sections in layers:
+    for number, (where, layer, whole_sections) in enumerate(layers):
         _clear_swapped_sections(merged, layer, whole_sections)
         try:
             merged = OmegaConf.merge(merged, layer)
         except (OmegaConfBaseException, TypeError, ValueError, RecursionError) as e:  # e.g. a list given keys
-            raise ConfigError(f"{where} does not fit the config's shape: {_first_line(e)}") from e
+            from_command_line = overrides if number == len(layers) - 1 else None
+            shape = _shape_error(where, merged, layer, from_command_line)
+            raise ConfigError(shape or f"{where} does not fit the config's shape: {_first_line(e)}") from e
     _relocate_run_config(merged, paths[-1])
     merged.pop("sweep", None)  # the command line's: it runs one config per point (ml.launchers.sweep)
     unknown = sorted(set(merged) - set(SECTIONS))
@@ -196,7 +306,46 @@ def compose_config(config_files: list[str], overrides: list[str] | None = None) 
             typed[section] = typed_section(section, kind, raw)
     root = OmegaConf.create(typed)
     _check_complete(root)
+    _check_logger_outputs(root.logger)
     return root
+
+
+# What each built-in logger writes in the run's log folder (``ml.loggers.*``'s file and folder
+# names; tests/core/test_compose.py holds them to these). Two loggers with one output would write
+# every record into it twice; a logger of another package is not known, and not checked.
+_LOGGER_OUTPUTS: dict[str, str] = {
+    "stdout": "stdout.log",  # (besides the terminal)
+    "jsonl": "metrics.jsonl",
+    "tensorboard": "tensorboard/",
+    "wandb": "wandb/",  # (and a process holds one W&B run)
+    "mlflow": "mlflow/",  # the local store, where no tracking_uri is set
+}
+
+
+def _check_logger_outputs(loggers: ListConfig) -> None:
+    """Refuses two loggers that write the same output, naming both, before anything is created.
+
+    An MLflow logger with a ``tracking_uri`` records into that server's ``experiment_name``
+    instead: two loggers into one server's one experiment record the run twice too.
+    """
+    registered = {lookup("logger", name)[0]: name for name in _LOGGER_OUTPUTS}
+    seen: dict[tuple[str, ...], int] = {}
+    for index, node in enumerate(loggers):
+        kind = registered.get(lookup("logger", str(node.name))[0])
+        if kind is None:
+            continue
+        output: tuple[str, ...] = (_LOGGER_OUTPUTS[kind],)
+        written = f"the log folder's one {output[0]}"
+        if kind == "mlflow" and node.tracking_uri is not None:
+            output = (str(node.tracking_uri), str(node.experiment_name))
+            experiment = node.experiment_name or "trainer.exp_name"
+            written = f"the run into one MLflow experiment ({experiment} at {node.tracking_uri})"
+        if output in seen:
+            raise ConfigError(
+                f"logger[{seen[output]}] and logger[{index}] are both {kind} loggers, which write "
+                f"{written}: every record would be there twice; keep one of them in the logger list"
+            )
+        seen[output] = index
 
 
 def _clear_swapped_sections(merged: DictConfig, layer: DictConfig, whole_sections: set[str]) -> None:

@@ -149,11 +149,14 @@ def expand(args: list[str], *, multirun: bool) -> list[Point]:
     Raises:
         SweepError: A key without choices, an empty choice, a key a sweep may not vary.
     """
+    from ml.core.compose import refuse_sweep_override
+
     configs = [a for a in args if "=" not in a]
     overrides = [a for a in args if "=" in a]
     swept = _yaml_choices(configs) if configs else {}
     fixed: list[str] = []
     for override in overrides:
+        refuse_sweep_override(override)  # whole, before -m splits it into points
         key, value = _key(override), override.split("=", 1)[1]
         choices = split_choices(value) if multirun else [value]
         swept.pop(key, None)  # the command line decides this key

@@ -131,6 +131,19 @@ def test_a_moved_run_config_continues_in_its_new_folder(tmp_path: Path) -> None:
         (["logger=3"], "section 'logger' must be a list"),
         (["optimizer.lr=${nope}"], "optimizer.lr: "),
         (["model.name="], "model.name is required"),
+        (  # a list where the config has a section: the line shows a key of it
+            ["model.hidden=4", "optimizer=[1,2]"],
+            "optimizer=[1,2]: optimizer is a mapping, not a list: set its keys, e.g. optimizer.name=adam",
+        ),
+        (  # a key of the logger list: the line shows the list
+            ["logger.name=jsonl"],
+            "logger.name=jsonl: logger is a list of loggers (stdout), not a mapping: "
+            "write 'logger=[{name: jsonl}]'",
+        ),
+        (  # a whole sweep section: compose would drop it
+            ["sweep={optimizer.lr: [1,2]}"],
+            "a sweep is not a key=value override (it would be ignored): sweep on the command line with -m ",
+        ),
     ],
 )
 def test_bad_overrides_name_the_key(base: str, overrides: list[str], message: str) -> None:
@@ -263,3 +276,85 @@ def test_config_fields_lists_nested_fields_with_help() -> None:
     assert "checkpoint" not in rows  # a nested block is listed by its fields
     assert rows["name"][2] == "Registered name, or `package.module:ClassName`"
     assert all(help_text for _, _, help_text in rows.values())
+
+
+def test_a_file_with_a_mapping_for_the_logger_list_is_shown_the_yaml_to_write(
+    base: str, tmp_path: Path
+) -> None:
+    extra = _write(tmp_path / "extra.yaml", "logger: {name: jsonl, write_every_n_steps: 2}\n")
+    with pytest.raises(ConfigError) as info:
+        compose_config([base, extra])
+    assert str(info.value) == (
+        f"{extra}: logger is a list of loggers (stdout), not a mapping: "
+        "write logger: [{name: jsonl, write_every_n_steps: 2}]"
+    )
+
+
+def test_a_multirun_sweep_override_is_refused_with_all_its_choices(base: str) -> None:
+    """``-m sweep.optimizer.lr=1e-3,2e-3`` is refused whole, not once per point of its split."""
+    from ml.launchers.sweep import expand
+
+    with pytest.raises(ConfigError) as info:
+        expand([base, "sweep.optimizer.lr=1e-3,2e-3"], multirun=True)
+    assert str(info.value).startswith("sweep.optimizer.lr=1e-3,2e-3: a sweep is not")
+    assert "-m optimizer.lr=1e-3,2e-3," in str(info.value)
+
+
+def test_the_logger_outputs_compose_knows_are_the_loggers_own() -> None:
+    from ml.core.compose import _LOGGER_OUTPUTS
+    from ml.loggers.jsonl import METRICS_FILE_NAME
+    from ml.loggers.mlflow import MLFLOW_DIR_NAME
+    from ml.loggers.stdout import LOG_FILE_NAME
+    from ml.loggers.tensorboard import TENSORBOARD_DIR_NAME
+    from ml.loggers.wandb import WANDB_DIR_NAME
+
+    written_by_the_loggers = {
+        "stdout": LOG_FILE_NAME,
+        "jsonl": METRICS_FILE_NAME,
+        "tensorboard": f"{TENSORBOARD_DIR_NAME}/",
+        "wandb": f"{WANDB_DIR_NAME}/",
+        "mlflow": f"{MLFLOW_DIR_NAME}/",
+    }
+    assert written_by_the_loggers == _LOGGER_OUTPUTS
+
+
+@pytest.mark.parametrize(
+    ("loggers", "message"),
+    [
+        (
+            "[{name: stdout}, {name: jsonl}, {name: ml.loggers.stdout:StdoutLogger, precision: 2}]",
+            "logger[0] and logger[2] are both stdout loggers, which write the log folder's one stdout.log",
+        ),
+        (
+            "[{name: tensorboard}, {name: tensorboard}]",
+            "tensorboard loggers, which write the log folder's one tensorboard/",
+        ),
+        (
+            "[{name: wandb}, {name: wandb, project: other}]",
+            "wandb loggers, which write the log folder's one wandb/",
+        ),
+        (
+            "[{name: mlflow}, {name: mlflow, experiment_name: b}]",
+            "mlflow loggers, which write the log folder's one mlflow/",
+        ),
+        (
+            "[{name: mlflow, tracking_uri: 'http://127.0.0.1:1'}, {name: mlflow, tracking_uri: 'http://127.0.0.1:1'}]",
+            "mlflow loggers, which write the run into one MLflow experiment (trainer.exp_name at http://127.0.0.1:1)",
+        ),
+    ],
+)
+def test_two_loggers_of_one_output_are_refused(base: str, loggers: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        compose_config([base], [f"logger={loggers}"])
+    assert message in str(info.value)
+    assert "keep one of them in the logger list" in str(info.value)
+
+
+def test_loggers_of_different_outputs_are_kept(base: str) -> None:
+    server = "tracking_uri: 'http://127.0.0.1:1'"
+    loggers = (
+        "[{name: stdout}, {name: jsonl}, {name: tensorboard}, {name: wandb}, {name: mlflow}, "
+        f"{{name: mlflow, {server}}}, {{name: mlflow, {server}, experiment_name: other}}]"
+    )
+    root = compose_config([base], [f"logger={loggers}"])
+    assert [node.name for node in root.logger] == ["stdout", "jsonl", "tensorboard", "wandb", *["mlflow"] * 3]

@@ -440,6 +440,26 @@ BAD_OVERRIDES: dict[str, tuple[list[str], str]] = {
         ["logger=[{name: wandb, project: a/b}]"],
         "logger[0] (wandb): project 'a/b' contains /",
     ),
+    "a sweep as an override": (  # compose drops the sweep: section: it trained one run, silently
+        ["sweep.optimizer.lr=[1e-3,2e-3]"],
+        "sweep.optimizer.lr=[1e-3,2e-3]: a sweep is not a key=value override (it would be ignored): "
+        "sweep on the command line with -m optimizer.lr=1e-3,2e-3, or in a `sweep:` section",
+    ),
+    "a mapping for the logger list": (
+        ["logger={name: jsonl}"],
+        "logger={name: jsonl}: logger is a list of loggers (stdout, jsonl), not a mapping: "
+        "write 'logger=[{name: jsonl}]'",
+    ),
+    "a key of one logger": (
+        ["logger.0.precision=-3"],
+        "logger.0.precision=-3: logger is a list of loggers (stdout, jsonl), and one entry of a list "
+        "cannot be set on its own: give the whole list, 'logger=[{name: stdout, write_every_n_steps: 5, "
+        "precision: -3}, {name: jsonl, write_every_n_steps: 1}]'",
+    ),
+    "two loggers of one file": (  # every record was written twice into metrics.jsonl
+        ["logger=[{name: jsonl},{name: jsonl, write_every_n_steps: 1}]"],
+        "logger[0] and logger[1] are both jsonl loggers, which write the log folder's one metrics.jsonl",
+    ),
 }
 BAD_FILES = ("unknown section in YAML", "bad YAML", "missing file")
 
