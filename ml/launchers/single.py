@@ -12,7 +12,6 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -53,6 +52,7 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
 
     from ml.core.compose import build_objects, compose_args, config_to_save
     from ml.core.registry import lookup
+    from ml.launchers.checks import check_before_claim, device_of, first_line
     from ml.launchers.slurm import requeue_on_preemption
     from ml.run.claim import has_results
 
@@ -62,7 +62,7 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
     check_before_claim(root)  # before the components are built (and warn): the error is the one line
     objects = build_objects(root)
     trainer_cls, _ = lookup("trainer", str(root.trainer.name))
-    device = _device_of(root)  # a device this machine lacks is bad input: refused before the claim
+    device = device_of(root)  # a device this machine lacks is bad input: refused before the claim
     release = _claim_for_job(root, device)
     try:
         saved = config_to_save(root)  # references to other keys and secrets stay as written
@@ -74,7 +74,7 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
     except BaseException as e:
         release()
         if isinstance(e, (ValueError, TypeError, OmegaConfBaseException)) and not isinstance(e, ConfigError):
-            raise ConfigError(f"trainer ({root.trainer.name}): {_first_line(e)}") from e
+            raise ConfigError(f"trainer ({root.trainer.name}): {first_line(e)}") from e
         raise
     requeue_on_preemption(trainer)
 
@@ -99,70 +99,6 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
     if trainer.stop_signal == signal.Signals.SIGINT and not trainer.finished:
         return EXIT_INTERRUPTED
     return EXIT_OK
-
-
-def check_before_claim(root: Any, *, device: bool = True) -> None:
-    """Refuses a composed config that ``ml train`` would refuse once it claimed a run folder: the
-    initial weights' file, the folder names, the trainer's settings, and (``device``: when the run
-    trains on this machine) the device.
-
-    What a sweep checks of every point before the first starts (its components are built by each
-    point's own run: a model may take long to build). The trainer is built on a copy whose
-    ``exp_dir`` is a placeholder (nothing is created), with its warnings held back for the run.
-
-    Raises:
-        ConfigError: The first problem, in one line.
-    """
-    import copy
-    import logging
-
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from ml.core.registry import lookup
-    from ml.run.claim import check_folder_name
-
-    _check_initial_weights(root)
-    check_folder_name(str(root.trainer.exp_name), "trainer.exp_name")
-    if device:
-        _device_of(root)
-    trainer_cls, _ = lookup("trainer", str(root.trainer.name))
-    trial = copy.deepcopy(root)
-    if OmegaConf.is_missing(trial.trainer, "exp_dir"):
-        trial.trainer.exp_dir = os.path.join(os.sep, "nonexistent", "ml-check", "run")
-    quiet = logging.getLogger("ml")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        OmegaConf.resolve(trial)
-        trainer_cls(trial.trainer)
-    except ConfigError:  # names its key already
-        raise
-    except (ValueError, TypeError, OmegaConfBaseException) as e:
-        raise ConfigError(f"trainer ({root.trainer.name}): {_first_line(e)}") from e
-    finally:
-        quiet.setLevel(level)
-
-
-def _check_initial_weights(root: Any) -> None:
-    """``load_from_ckpt_path``: a file (a checkpoint, an export) or a sharded checkpoint's folder
-    (whose contents read_checkpoint checks)."""
-    initial = root.trainer.checkpoint.load_from_ckpt_path
-    if initial and not (Path(initial).expanduser().is_file() or Path(initial).expanduser().is_dir()):
-        raise ConfigError(
-            f"trainer.checkpoint.load_from_ckpt_path: no such file or checkpoint folder {initial}"
-        )
-
-
-def _device_of(root: Any) -> Any:
-    """The job's device: ``trainer.device`` (``auto`` for a trainer without it), or ``$ML_DEVICE``.
-
-    Raises:
-        ConfigError: No such device, or not on this machine.
-    """
-    from ml.utils.device import resolve_device
-
-    return resolve_device(root.trainer.get("device", "auto"))
 
 
 def _claim_for_job(root: Any, device: Any = None) -> Callable[[], None]:
@@ -194,11 +130,6 @@ def _claim_for_job(root: Any, device: Any = None) -> Callable[[], None]:
 
 def _nothing() -> None:
     return None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _report(trainer: Any) -> None:

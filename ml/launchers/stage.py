@@ -105,7 +105,7 @@ def prepare_run(config: DictConfig, *, stage: bool) -> tuple[RunDir, Callable[[]
         UserError: Bad input; nothing is left on disk for it.
     """
     from ml.core.compose import build_objects, config_to_save
-    from ml.launchers.single import check_before_claim
+    from ml.launchers.checks import check_before_claim
     from ml.run.claim import check_log_dir_name, claim_run_dir
     from ml.trainers.base import save_config
 

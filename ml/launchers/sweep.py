@@ -185,7 +185,7 @@ def expand(args: list[str], *, multirun: bool) -> list[Point]:
 
 def check_points(points: list[Point], *, here: bool = False) -> list[Any]:
     """Composes every point's config and checks it (unknown keys, types, missing values, and what
-    ``ml train`` refuses before it claims a run folder: :func:`ml.launchers.single.check_before_claim`;
+    ``ml train`` refuses before it claims a run folder: :func:`ml.launchers.checks.check_before_claim`;
     the device only when the points train ``here``, on this machine).
 
     Returns the composed configs, in order. Raises :class:`ml.errors.ConfigError` naming the point.
@@ -193,7 +193,7 @@ def check_points(points: list[Point], *, here: bool = False) -> list[Any]:
     from omegaconf import OmegaConf
 
     from ml.core.compose import compose_args
-    from ml.launchers.single import check_before_claim
+    from ml.launchers.checks import check_before_claim
 
     configs = []
     for point in points:
