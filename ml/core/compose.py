@@ -306,7 +306,7 @@ def compose_config(config_files: list[str], overrides: list[str] | None = None) 
             typed[section] = typed_section(section, kind, raw)
     root = OmegaConf.create(typed)
     _check_complete(root)
-    _check_logger_outputs(root.logger)
+    _check_logger_outputs(root)
     return root
 
 
@@ -322,24 +322,26 @@ _LOGGER_OUTPUTS: dict[str, str] = {
 }
 
 
-def _check_logger_outputs(loggers: ListConfig) -> None:
+def _check_logger_outputs(root: DictConfig) -> None:
     """Refuses two loggers that write the same output, naming both, before anything is created.
 
-    An MLflow logger with a ``tracking_uri`` records into that server's ``experiment_name``
-    instead: two loggers into one server's one experiment record the run twice too.
+    MLflow loggers record into a store (``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the
+    run folder's) and an experiment (``experiment_name``, else ``trainer.exp_name``): two into one
+    store's one experiment record the run twice; into other experiments or stores, they do not.
     """
     registered = {lookup("logger", name)[0]: name for name in _LOGGER_OUTPUTS}
     seen: dict[tuple[str, ...], int] = {}
-    for index, node in enumerate(loggers):
+    for index, node in enumerate(root.logger):
         kind = registered.get(lookup("logger", str(node.name))[0])
         if kind is None:
             continue
         output: tuple[str, ...] = (_LOGGER_OUTPUTS[kind],)
         written = f"the log folder's one {output[0]}"
-        if kind == "mlflow" and node.tracking_uri is not None:
-            output = (str(node.tracking_uri), str(node.experiment_name))
-            experiment = node.experiment_name or "trainer.exp_name"
-            written = f"the run into one MLflow experiment ({experiment} at {node.tracking_uri})"
+        if kind == "mlflow":
+            store = node.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "the run folder's store"
+            experiment = str(node.experiment_name or root.trainer.exp_name)
+            output = (str(store), experiment)
+            written = f"the run into one MLflow experiment ({experiment} in {store})"
         if output in seen:
             raise ConfigError(
                 f"logger[{seen[output]}] and logger[{index}] are both {kind} loggers, which write "

@@ -41,6 +41,10 @@ def check_before_claim(root: Any, *, device: bool = True) -> None:
     trial = copy.deepcopy(root)
     if OmegaConf.is_missing(trial.trainer, "exp_dir"):
         trial.trainer.exp_dir = os.path.join(os.sep, "nonexistent", "ml-check", "run")
+    # A trainer may ask for its device when built; not here, where the job's machine has it.
+    chosen_device = None if device else os.environ.pop("ML_DEVICE", None)
+    if not device and "device" in trial.trainer:
+        trial.trainer.device = "cpu"
     quiet = logging.getLogger("ml")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -53,6 +57,8 @@ def check_before_claim(root: Any, *, device: bool = True) -> None:
         raise ConfigError(f"trainer ({root.trainer.name}): {first_line(e)}") from e
     finally:
         quiet.setLevel(level)
+        if chosen_device is not None:
+            os.environ["ML_DEVICE"] = chosen_device
 
 
 def check_initial_weights(root: Any) -> None:

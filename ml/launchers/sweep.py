@@ -30,6 +30,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ml.errors import ConfigError
@@ -196,14 +197,19 @@ def check_points(points: list[Point], *, here: bool = False) -> list[Any]:
     from ml.launchers.checks import check_before_claim
 
     configs = []
+    folders: dict[str, Point] = {}  # the points' trainer.exp_dir, where given: one point a folder
     for point in points:
         try:
             config = compose_args(point.args)
             if len(points) > 1 and not OmegaConf.is_missing(config.trainer, "exp_dir"):
-                raise ConfigError(
-                    f"trainer.exp_dir is set ({config.trainer.exp_dir}): every point would train in that "
-                    "one folder; leave it unset, and each point gets a run folder of its own"
-                )
+                folder = str(Path(str(config.trainer.exp_dir)).expanduser().resolve())
+                other = folders.setdefault(folder, point)
+                if other is not point:
+                    raise ConfigError(
+                        f"trainer.exp_dir is {folder} here and in point {other.index + 1} "
+                        f"({other.describe()}): the points would train in one folder; leave it unset, "
+                        "and each point gets a run folder of its own"
+                    )
             if len(points) > 1:  # (one point is checked by its own run, as ml train checks)
                 check_before_claim(config, device=here)
             configs.append(config)

@@ -333,13 +333,13 @@ def test_the_logger_outputs_compose_knows_are_the_loggers_own() -> None:
             "[{name: wandb}, {name: wandb, project: other}]",
             "wandb loggers, which write the log folder's one wandb/",
         ),
-        (
-            "[{name: mlflow}, {name: mlflow, experiment_name: b}]",
-            "mlflow loggers, which write the log folder's one mlflow/",
+        (  # the second names the experiment the first takes from trainer.exp_name
+            "[{name: mlflow}, {name: mlflow, experiment_name: '${trainer.exp_name}'}]",
+            "mlflow loggers, which write the run into one MLflow experiment (",
         ),
         (
             "[{name: mlflow, tracking_uri: 'http://127.0.0.1:1'}, {name: mlflow, tracking_uri: 'http://127.0.0.1:1'}]",
-            "mlflow loggers, which write the run into one MLflow experiment (trainer.exp_name at http://127.0.0.1:1)",
+            "in http://127.0.0.1:1)",
         ),
     ],
 )
@@ -354,7 +354,8 @@ def test_loggers_of_different_outputs_are_kept(base: str) -> None:
     server = "tracking_uri: 'http://127.0.0.1:1'"
     loggers = (
         "[{name: stdout}, {name: jsonl}, {name: tensorboard}, {name: wandb}, {name: mlflow}, "
+        "{name: mlflow, experiment_name: other}, "  # the run folder's store, another experiment
         f"{{name: mlflow, {server}}}, {{name: mlflow, {server}, experiment_name: other}}]"
     )
     root = compose_config([base], [f"logger={loggers}"])
-    assert [node.name for node in root.logger] == ["stdout", "jsonl", "tensorboard", "wandb", *["mlflow"] * 3]
+    assert [node.name for node in root.logger] == ["stdout", "jsonl", "tensorboard", "wandb", *["mlflow"] * 4]

@@ -101,8 +101,8 @@ BAD_SWEEPS = [
     (
         ["-m", "optimizer.lr=1e-2,2e-2", "trainer.exp_dir=one"],
         "",
-        "trainer.exp_dir is set",
-    ),  # one folder for all
+        "the points would train in one folder",
+    ),
 ]
 
 

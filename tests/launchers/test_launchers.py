@@ -1,5 +1,6 @@
 """Tests of the launchers' command lines and batch scripts (the e2e tests run them for real)."""
 
+import os
 import shlex
 import subprocess
 import sys
@@ -108,3 +109,29 @@ def test_sbatch_script_quotes_every_value(tmp_path: Path) -> None:
 def test_sbatch_bad_settings(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         sbatch_options(_config(**kwargs), RunDir(Path("/runs/x")))
+
+
+def test_the_points_of_a_sweep_may_each_name_their_own_run_folder(tmp_path: Path) -> None:
+    from ml.launchers.sweep import check_points, expand
+
+    args = ["digits", "optimizer.lr=1e-3,2e-3", f"trainer.exp_dir={tmp_path}/lr_${{optimizer.lr}}"]
+    configs = check_points(expand(args, multirun=True), here=True)
+    assert [str(c.trainer.exp_dir) for c in configs] == [f"{tmp_path}/lr_0.001", f"{tmp_path}/lr_0.002"]
+    assert list(tmp_path.iterdir()) == []  # checked, nothing made
+
+
+def test_staging_leaves_the_device_to_the_machine_that_trains(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ml stage`` and the Slurm launcher run where the job's GPU may not be (a login node)."""
+    import torch
+
+    from ml.core.compose import compose_args
+    from ml.launchers.checks import check_before_claim
+
+    config = compose_args(["digits", "trainer.device=cuda"])
+    check_before_claim(config, device=False)
+    if not torch.cuda.is_available():  # where it trains here, the device is checked
+        with pytest.raises(ConfigError, match=r"trainer\.device=cuda"):
+            check_before_claim(config, device=True)
+    monkeypatch.setenv("ML_DEVICE", "cuda")
+    check_before_claim(compose_args(["digits"]), device=False)
+    assert os.environ["ML_DEVICE"] == "cuda"  # as it was
