@@ -17,10 +17,11 @@ it from :meth:`BaseLogger.state_dict`; the trainer saves every logger's under th
 ``loggers`` key (:func:`logger_states`) and hands it back on resume (:func:`load_logger_states`).
 """
 
+import contextlib
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -258,6 +259,20 @@ class MultiLogger:
 
     def _name(self, key: str, namespace: str | None) -> str:
         return f"{namespace or self.default_namespace}/{key}"
+
+    @contextlib.contextmanager
+    def discarding(self) -> Iterator[None]:
+        """Drops everything logged inside the block; what was logged before it stays."""
+        kept: list[tuple[dict[str, Any], dict[str, Any]]] = [
+            (values, dict(values))
+            for values in (self._scalars, self._strings, self._histograms, self._images)
+        ]
+        try:
+            yield
+        finally:
+            for values, before in kept:
+                values.clear()
+                values.update(before)
 
     def log_scalar(self, key: str, value: ScalarValue, *, namespace: str | None = None) -> None:
         """Logs a number, a one-element tensor, or a callable returning one (evaluated on write)."""

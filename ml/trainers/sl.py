@@ -897,12 +897,13 @@ class SupervisedLearningTrainer(
     ) -> None:
         """FSDP's forward passes are collective: a rank that evaluated fewer batches than another
         (a set need not split evenly over the ranks) runs its last batch again as often as it lacks,
-        to join the others' passes; what those passes log is dropped."""
+        to join the others' passes; what those passes log (scalars, images, ...) is dropped."""
         lacking = int(all_max([float(done)])[0]) - done
-        for _ in range(lacking):
-            self._losses(task, model, batch, state)
+        with contextlib.ExitStack() as stack:
             for source in sources:
-                source.pop_scalars()
+                stack.enter_context(source.discarding())
+            for _ in range(lacking):
+                self._losses(task, model, batch, state)
 
     def _evaluated(self, s: _Session) -> nn.Module:
         """The model validation and test run: the moving average with ``trainer.ema.use_for_eval``,

@@ -173,3 +173,25 @@ def test_base_logger_is_abstract_and_initialize_sets_directory(tmp_path: Path) -
     lg = _logger()
     lg.initialize(tmp_path)
     assert lg.log_directory == tmp_path
+
+
+def test_what_is_logged_while_discarding_is_dropped_and_what_was_logged_before_stays() -> None:
+    """FSDP's stand-in evaluation passes log like real ones; none of it may reach a record."""
+    multi = MultiLogger(default_namespace="valid")
+    image = torch.zeros(1, 2, 2)
+    multi.log_scalar("loss", 1.0)
+    multi.log_string("note", "real")
+    multi.log_image("worst", image)
+    with multi.discarding():
+        multi.log_scalar("loss", 99.0)  # the same key again
+        multi.log_scalar("other", 5.0)
+        multi.log_string("note", "stand-in")
+        multi.log_image("worst", torch.ones(1, 2, 2))
+        multi.log_histogram("weights", torch.ones(3))
+    assert multi.pop_scalars() == {"valid/loss": 1.0}
+    assert multi._strings == {"valid/note": "real"}
+    assert multi._images == {"valid/worst": image} and multi._histograms == {}
+    with pytest.raises(RuntimeError), multi.discarding():
+        multi.log_scalar("loss", 2.0)
+        raise RuntimeError("a pass failed")
+    assert multi.pop_scalars() == {}
