@@ -34,6 +34,7 @@ from ml.errors import (
     BadInput,
     CheckpointWriteError,
     UserError,
+    first_line,
 )
 from ml.tools import TOOLS, ArgumentParser
 
@@ -224,11 +225,6 @@ def _prog() -> str:
     return f"ml[rank {rank}]" if rank else "ml"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 _DISK_ERRNOS = {
     errno.ENOSPC,
     errno.EFBIG,
@@ -248,7 +244,7 @@ _DISK_ERRNOS = {
 def _disk_trouble(e: BaseException) -> str | None:
     """One line saying which write the disk refused and why, or None for any other error."""
     if isinstance(e, CheckpointWriteError):
-        return _first_line(e)
+        return first_line(e)
     if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
         where = f" {e.filename}" if e.filename else ""
         verb = "open" if e.errno in (errno.EMFILE, errno.ENFILE) else "write"
@@ -335,7 +331,7 @@ def _run(argv: list[str] | None) -> int:
     except Exception as e:
         if debug:
             traceback.print_exc()
-        first = _first_line(e)
+        first = first_line(e)
         if isinstance(e, UserError):
             print(f"{_prog()}: error: {first}", file=sys.stderr)
             return e.exit_code

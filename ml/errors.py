@@ -93,3 +93,9 @@ class CheckpointWriteError(RuntimeError):
 
     A failure of training (exit code 1), not bad input: the message says which file and why.
     """
+
+
+def first_line(e: BaseException) -> str:
+    """An error's message in one line: its first (or its type's name, when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

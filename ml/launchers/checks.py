@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ml.errors import ConfigError
+from ml.errors import ConfigError, first_line
 
 
 def check_before_claim(root: Any, *, device: bool = True) -> None:
@@ -80,9 +80,3 @@ def device_of(root: Any) -> Any:
     from ml.utils.device import resolve_device
 
     return resolve_device(root.trainer.get("device", "auto"))
-
-
-def first_line(e: BaseException) -> str:
-    """An error's message in one line: its first (or its type's name, when it has none)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ml.core.registry import register_launcher
-from ml.errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, UserError
+from ml.errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, UserError, first_line
 from ml.launchers.base import BaseLauncher, BaseLauncherConfig
 
 
@@ -52,7 +52,7 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
 
     from ml.core.compose import build_objects, compose_args, config_to_save
     from ml.core.registry import lookup
-    from ml.launchers.checks import check_before_claim, device_of, first_line
+    from ml.launchers.checks import check_before_claim, device_of
     from ml.launchers.slurm import requeue_on_preemption
     from ml.run.claim import has_results
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ml.errors import ConfigError, RunDirNotSetError, UserError
+from ml.errors import ConfigError, RunDirNotSetError, UserError, first_line
 from ml.run.layout import DEFAULT_LOG_DIR, OTHER_ENTRIES, RUN_NAME, RunDir
 from ml.utils.ranks import dist_env
 
@@ -118,7 +118,7 @@ def claim_run_dir(trainer_config: Any) -> tuple[Path, Callable[[], None]]:
     except UserError:
         raise
     except (ValueError, KeyError) as e:  # a trainer config's own resolve
-        raise ConfigError(_first_line(e)) from e
+        raise ConfigError(first_line(e)) from e
     exp_dir = Path(str(trainer_config.exp_dir))
 
     def release() -> None:
@@ -126,11 +126,6 @@ def claim_run_dir(trainer_config: Any) -> tuple[Path, Callable[[], None]]:
             remove_claimed(exp_dir, created_from)
 
     return exp_dir, release
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _first_missing(path: Path) -> Path | None:

@@ -1033,16 +1033,10 @@ class SupervisedLearningTrainer(
             return None
 
     @staticmethod
-    def _ends_last_epoch(state: State, task: SupervisedLearningTask, epoch_steps: int | None) -> bool:
+    def _ends_last_epoch(state: State, max_epochs: int, epoch_steps: int) -> bool:
         """Whether the step just taken ends the epoch that reaches ``task.max_epochs`` (the epoch count
         reaches it only after the step, when the epoch is over)."""
-        max_epochs = task.config.max_epochs
-        return (
-            max_epochs is not None
-            and epoch_steps is not None
-            and state.num_epoch_steps >= epoch_steps
-            and state.num_epochs + 1 >= max_epochs
-        )
+        return state.num_epoch_steps >= epoch_steps and state.num_epochs + 1 >= max_epochs
 
     def _bar_total(self, state: State, s: _Session) -> int | None:
         """Where the training bar ends: ``task.max_steps``, else what max_samples or max_epochs come to."""
@@ -1094,7 +1088,9 @@ class SupervisedLearningTrainer(
         self._throughput = _Throughput(state)
         bar.start(self._bar_total(state, s))
         world_size = get_world_size()
-        epoch_steps = self._steps_per_epoch(s.train_loader)
+        # Only a run limited by epochs of a known length ends with an epoch's last step.
+        max_epochs = task.config.max_epochs
+        epoch_steps = self._steps_per_epoch(s.train_loader) if max_epochs is not None else None
         while not self.training_over(state, task) and self.stop_signal is None:
             if state.num_epoch_samples == 0:
                 self.on_epoch_start(state, task, model, optim, lr_sched)
@@ -1113,7 +1109,7 @@ class SupervisedLearningTrainer(
                 last = (
                     self.stop_signal is not None
                     or task.is_training_over(state)
-                    or self._ends_last_epoch(state, task, epoch_steps)
+                    or (epoch_steps is not None and self._ends_last_epoch(state, max_epochs, epoch_steps))
                 )
                 validating = bool(s.valid_loaders) and self._should_validate(state)
                 # The last step is always written, and so is a step whose validation may stop the
