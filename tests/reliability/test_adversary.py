@@ -20,6 +20,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -132,6 +133,15 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The RUN_DIR of one finished 5-step run, which the refused runs below must leave as it is."""
+    root = tmp_path_factory.mktemp("finished")
+    first = _ml("train", _config(root), "task.max_steps=5", run_dir=root / "runs")
+    assert first.returncode == 0, first.stderr[-3000:]
+    return root / "runs"
+
+
 # -- 1. a full disk ------------------------------------------------------------------------------
 
 
@@ -159,11 +169,10 @@ def test_a_full_disk_leaves_no_lock_that_blocks_the_run(small_disk: Path, tmp_pa
     assert os.readlink(exp_dir / "checkpoints" / "ckpt.pt") == "ckpt.10.pt"
 
 
-def test_an_empty_lock_is_named_with_its_fix(tmp_path: Path) -> None:
+def test_an_empty_lock_is_named_with_its_fix(finished_run: Path, tmp_path: Path) -> None:
     """An empty lock (no ml writes one now) proves nothing: the error names the file and the fix."""
     run_dir = tmp_path / "runs"
-    first = _ml("train", _config(tmp_path), "task.max_steps=5", run_dir=run_dir)
-    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(finished_run, run_dir, symlinks=True)  # a copy: the run is shared
     exp_dir = run_dir / "adv" / "run_0"
     (exp_dir / ".lock_running").write_text("")
     result = _ml("train", str(exp_dir / "config.yaml"), "task.max_steps=10", run_dir=run_dir)
@@ -174,18 +183,16 @@ def test_an_empty_lock_is_named_with_its_fix(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["../run_0/logs", "../../../escaped", "<tmp>/absolute-logs", ".."])
-def test_log_dir_name_cannot_leave_the_run_folder(tmp_path: Path, name: str) -> None:
-    name = name.replace("<tmp>", str(tmp_path))
-    run_dir = tmp_path / "runs"
-    first = _ml("train", _config(tmp_path), "task.max_steps=5", run_dir=run_dir)
-    assert first.returncode == 0, first.stderr[-3000:]
-    metrics = run_dir / "adv" / "run_0" / "logs" / "metrics.jsonl"
+def test_log_dir_name_cannot_leave_the_run_folder(finished_run: Path, name: str) -> None:
+    root = finished_run.parent  # <tmp>; run_N/../../../ is here too
+    name = name.replace("<tmp>", str(root))
+    metrics = finished_run / "adv" / "run_0" / "logs" / "metrics.jsonl"
     before = metrics.read_bytes()
-    result = _ml("train", _config(tmp_path), f"trainer.log_dir_name={name}", run_dir=run_dir)
+    result = _ml("train", _config(root), f"trainer.log_dir_name={name}", run_dir=finished_run)
     _one_line(result, 2, "trainer.log_dir_name must be a plain folder name")
     assert metrics.read_bytes() == before
-    assert sorted(p.name for p in (run_dir / "adv").iterdir()) == ["run_0"]
-    assert not (tmp_path / "escaped").exists() and not (tmp_path / "absolute-logs").exists()
+    assert sorted(p.name for p in (finished_run / "adv").iterdir()) == ["run_0"]
+    assert not (root / "escaped").exists() and not (root / "absolute-logs").exists()
 
 
 @pytest.mark.parametrize(
