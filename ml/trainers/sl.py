@@ -311,7 +311,7 @@ class SupervisedLearningTrainer(
         self.precision = MixedPrecision(config.precision, self.device)
         self._data_seed = 0
         self._last_valid = (-1, 0.0)  # (step, elapsed seconds) of the last validation
-        self._resumed_valid_step: int | None = None  # the checkpoint's last validated step
+        self._abandoned_valid: int | None = None  # the step whose validation a stop signal abandoned
         self.ema: WeightAverage | None = None  # trainer.ema's average, made by set_up
 
     # -- checkpoint extras: the gradient scaler and where the data order stands
@@ -330,6 +330,7 @@ class SupervisedLearningTrainer(
             state_dict["grad_scaler"] = self.precision.state_dict()
         state_dict["skipped_steps"] = self.num_skipped_steps
         state_dict["last_valid_step"] = self._last_valid[0]
+        state_dict["abandoned_valid_step"] = self._abandoned_valid
         if self.ema is not None:
             state_dict["ema"] = self.ema.state_dict()
         if self.finished:
@@ -378,8 +379,9 @@ class SupervisedLearningTrainer(
             self._train_stream.resume(state_dict.get("stream"), state.num_epochs, state.num_epoch_samples)
         self.precision.load_state_dict(state_dict.get("grad_scaler", {}))
         self.num_skipped_steps = int(state_dict.get("skipped_steps", 0))
-        valid_step = state_dict.get("last_valid_step")
-        self._resumed_valid_step = int(valid_step) if valid_step is not None else None
+        self._last_valid = (int(state_dict.get("last_valid_step", -1)), 0.0)  # its time: see _loop
+        abandoned = state_dict.get("abandoned_valid_step")
+        self._abandoned_valid = int(abandoned) if abandoned is not None else None
         if self.ema is not None:
             if isinstance(state_dict.get("ema"), Mapping):
                 self.ema.load_state_dict(dict(state_dict["ema"]))
@@ -809,9 +811,11 @@ class SupervisedLearningTrainer(
         with eval_mode(model):
             for name, loader in sets.items():
                 part = self._evaluate_set(phase, name, loader, task, model, state)
-                if part is None:  # stopped: a partial pass is not reported
+                if part is None:  # stopped: a partial pass is not reported (a validation is redone)
                     task.logger.clear()
                     state.set_phase("train")
+                    if phase == "valid":
+                        self._abandoned_valid = state.num_steps
                     return None
                 metrics.update(part)
         for key, mean in metrics.items():
@@ -821,6 +825,7 @@ class SupervisedLearningTrainer(
         state.set_phase("train")
         if phase == "valid":
             self._last_valid = (state.num_steps, state.elapsed_time_s)
+            self._abandoned_valid = None
         self.final_metrics.update(metrics)
         return metrics
 
@@ -918,17 +923,6 @@ class SupervisedLearningTrainer(
         metrics = self.evaluate("valid", s.valid_loaders, s.task, self._evaluated(s), state)
         if metrics is not None:
             self.judge_evaluation(state, metrics, s)
-
-    def _validation_missed(self, state: State) -> bool:
-        """Whether the checkpoint resumed from was saved at a step due for validation, without it.
-
-        A stop signal that lands during a validation abandons it; the checkpoint for the signal
-        holds that step, so the validation is run when the run continues from there.
-        """
-        resumed, self._resumed_valid_step = self._resumed_valid_step, None  # asked once per session
-        every = self._valid_every[0]
-        due = bool(every) and state.num_steps > 0 and state.num_steps % every == 0  # type: ignore[operator]
-        return due and resumed is not None and resumed != state.num_steps
 
     def _should_validate(self, state: State) -> bool:
         (every_n_steps, every_n_seconds), (last_step, last_time) = self._valid_every, self._last_valid
@@ -1064,7 +1058,8 @@ class SupervisedLearningTrainer(
             logger.info("This run already finished at step %d: nothing to do", state.num_steps)
             return
         self.finished = False
-        self._last_valid = (-1, state.elapsed_time_s)  # the time-based interval restarts here
+        # The time-based interval restarts here; the step validated last is the checkpoint's.
+        self._last_valid = (self._last_valid[0], state.elapsed_time_s)
         # Made after the checkpoint's optimizer state is loaded: it holds on to the state tensors.
         # A gradient scaler steps through torch (it passes its scale to the fused kernel).
         if self.config.fast_optimizer and self.precision.scaler is None:
@@ -1082,8 +1077,9 @@ class SupervisedLearningTrainer(
         self._sharded = is_sharded(s.model)
         # On CUDA the batches were moved a step ahead (_device_ahead), but a stream's are moved here.
         self._moves_batches = self._train_stream is not None or self.device.type != "cuda"
-        if s.valid_loaders and self._validation_missed(state):
-            # A stop signal ended the last session during the validation due at its final step.
+        if s.valid_loaders and self._abandoned_valid == state.num_steps:
+            # A stop signal ended the last session during this step's validation (the checkpoint for
+            # the signal holds the step, and says so): it is run now.
             self._validate(state, s)
         self._throughput = _Throughput(state)
         bar.start(self._bar_total(state, s))
@@ -1134,7 +1130,9 @@ class SupervisedLearningTrainer(
         """The end of a completed run: final checkpoint, last validation, test pass.
 
         The checkpoint is saved again afterwards with the final metrics, which marks the run as
-        finished: continuing it with the same limits then has nothing to redo.
+        finished: continuing it with the same limits then has nothing to redo. A stop signal that
+        abandons the validation or the test leaves the run unfinished, to be finished when it
+        continues; one that lets both complete does not (they would be logged twice).
         """
         assert isinstance(s, _Session)
         if self.finished:  # resumed from a finished run: nothing was trained, nothing to finish
@@ -1143,8 +1141,12 @@ class SupervisedLearningTrainer(
             self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)
         if s.valid_loaders and self.config.valid_at_end and self._last_valid[0] != state.num_steps:
             self._validate(state, s)
+        complete = (
+            not s.valid_loaders or not self.config.valid_at_end or self._last_valid[0] == state.num_steps
+        )
         if s.test_loaders and self.config.test_at_end:
-            self.evaluate("test", s.test_loaders, s.task, self._evaluated(s), state)
-        if self.stop_signal is None:
+            tested = self.evaluate("test", s.test_loaders, s.task, self._evaluated(s), state) is not None
+            complete = complete and tested
+        if complete:
             self.finished = True
             self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)

@@ -3,8 +3,10 @@
 Each test runs ``ml train`` in a subprocess (the task and model of ``resume_task.py``), with the
 signal sent by the task itself at an exact moment (see ``resume_task.IndexedTask``):
 
-- Ctrl-C during the validation due at a checkpointed step: the resumed run validates that step
-  first, so the curve has every point (no gap at that step);
+- Ctrl-C during the validation due at a checkpointed step (by steps or by time): the resumed run
+  validates that step first, so the curve has every point (no gap at that step);
+- Ctrl-C during the final test: each evaluation is logged once, whether the test was abandoned (and
+  run when the run continues) or completed (the run finished);
 - SIGINT or SIGTERM during the teardown of a run that completed every step: ``status.json`` and
   ``ml runs`` say ``finished`` and the exit code is 0;
 - SIGTERM as the interpreter exits, after training: the exit code stays the run's (not -15).
@@ -63,16 +65,41 @@ def _exp_dir(tmp_path: Path) -> Path:
     return tmp_path / "runs" / "book" / "run_0"
 
 
-def _valid_steps(exp_dir: Path) -> list[int]:
+def _steps(exp_dir: Path, phase: str) -> list[int]:
     records = [json.loads(line) for line in (exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in records if r["phase"] == "valid"]
+    return [r["step"] for r in records if r["phase"] == phase]
 
 
-def test_a_ctrl_c_during_a_validation_is_made_good_when_the_run_continues(tmp_path: Path) -> None:
+def _valid_steps(exp_dir: Path) -> list[int]:
+    return _steps(exp_dir, "valid")
+
+
+def _test_steps(exp_dir: Path) -> list[int]:
+    return _steps(exp_dir, "test")
+
+
+# Validation every 2 steps, or after every step (a time-based cadence: any time has passed).
+CADENCES = {
+    "steps": ([], [2, 4, 6, 8]),
+    "seconds": (
+        ["trainer.valid_every_n_steps=null", "trainer.valid_every_n_seconds=1e-9"],
+        [1, 2, 3, 4, 5, 6, 7, 8],
+    ),
+}
+
+
+@pytest.mark.parametrize("cadence", list(CADENCES))
+def test_a_ctrl_c_during_a_validation_is_made_good_when_the_run_continues(
+    tmp_path: Path, cadence: str
+) -> None:
+    """The time-based cadence's abandoned validation was not redone: it is not due by the clock of
+    the resumed session."""
+    overrides, expected = CADENCES[cadence]
     marker = tmp_path / "sent"
     first = _train(
         tmp_path,
         _write(tmp_path),
+        *overrides,
         "task.signal_phase=valid",
         "task.signal_step=4",
         f"task.signal_marker={marker}",
@@ -80,12 +107,34 @@ def test_a_ctrl_c_during_a_validation_is_made_good_when_the_run_continues(tmp_pa
     assert first.returncode == 130, first.stderr[-3000:]
     exp_dir = _exp_dir(tmp_path)
     assert marker.exists() and os.readlink(exp_dir / "checkpoints" / "ckpt.pt") == "ckpt.4.pt"
-    assert _valid_steps(exp_dir) == [2]  # the validation at step 4 was abandoned, not logged
+    assert 4 not in _valid_steps(exp_dir)  # the validation at step 4 was abandoned, not logged
 
     second = _train(tmp_path, str(exp_dir / "config.yaml"))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resumed from" in second.stderr
-    assert _valid_steps(exp_dir) == [2, 4, 6, 8]  # step 4's validation was run on resuming
+    assert _valid_steps(exp_dir) == expected  # step 4's validation was run on resuming
+
+
+@pytest.mark.parametrize("test_batch", [8, 24], ids=["abandoned", "completed"])
+def test_a_ctrl_c_during_the_final_test_logs_each_evaluation_once(tmp_path: Path, test_batch: int) -> None:
+    """A test pass the signal abandons (3 batches) is run when the run continues, without
+    validating the last step again; one that completes (its one batch ran) finishes the run. The
+    resumed trainer did not know which step was validated last, and a completed test was run
+    again: both were logged twice."""
+    marker = tmp_path / "sent"
+    args = ("task.signal_phase=test", "task.signal_step=8", f"task.signal_marker={marker}")
+    first = _train(tmp_path, _write(tmp_path), *args, f"task.test_dl.batch_size={test_batch}")
+    exp_dir = _exp_dir(tmp_path)
+    if test_batch == 8:
+        assert first.returncode == 130, first.stderr[-3000:]
+        assert _test_steps(exp_dir) == []
+        second = _train(tmp_path, str(exp_dir / "config.yaml"))
+        assert second.returncode == 0, second.stderr[-3000:]
+    else:
+        assert first.returncode == 0, first.stderr[-3000:]
+    assert _valid_steps(exp_dir) == [2, 4, 6, 8]
+    assert _test_steps(exp_dir) == [8]
+    assert json.loads((exp_dir / "status.json").read_text())["state"] == "finished"
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
