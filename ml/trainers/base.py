@@ -573,6 +573,19 @@ def _early_stopping_of(config: EarlyStoppingConfig | None) -> EarlyStopping | No
     return EarlyStopping(str(config.monitor), mode, int(config.patience), float(config.min_delta))
 
 
+def _check_one_direction(ranking: Ranking | None, stopping: EarlyStopping | None) -> None:
+    """Refuses one metric that the best checkpoints and early stopping judge in opposite directions
+    (the best checkpoint would be the one early stopping gives up on; ``ml runs`` could not say
+    which value is best)."""
+    if ranking is None or stopping is None or ranking.metric != stopping.monitor:
+        return
+    if ranking.mode != stopping.mode:
+        raise ConfigError(
+            f"trainer.checkpoint.mode={ranking.mode} and trainer.early_stopping.mode={stopping.mode} "
+            f"judge {ranking.metric} in opposite directions: give both the same mode"
+        )
+
+
 class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, TaskT]):
     """Defines the base trainer type.
 
@@ -616,6 +629,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         self.stop_reason: str | None = None  # why a run ended before its limits (early stopping)
         self._ranking = _ranking_of(self.checkpoint_config)
         self.early_stopping = _early_stopping_of(getattr(config, "early_stopping", None))
+        _check_one_direction(self._ranking, self.early_stopping)
         self._score: tuple[int, float] | None = None  # the monitored metric's last (step, value)
         self._session_start_step = 0  # where this session's training began (write_status)
         self._profiler: StepProfiler | None = None  # trainer.profile, while the loop runs (profiling)

@@ -140,7 +140,18 @@ def test_a_monitor_that_validation_does_not_give_is_refused(tmp_path: Path) -> N
         _train(tmp_path / "e", ema={"decay": 1.0})
     with pytest.raises(ConfigError, match=r"trainer\.early_stopping\.patience must be positive"):
         _train(tmp_path / "f", early_stopping={"monitor": "valid/loss", "patience": 0})
-    assert not any((tmp_path / name).exists() for name in "bcdef")
+    # One metric judged both ways: the best checkpoint would be the one early stopping gives up on.
+    with pytest.raises(
+        ConfigError,
+        match=r"trainer\.checkpoint\.mode=max and trainer\.early_stopping\.mode=min judge valid/score "
+        r"in opposite directions: give both the same mode",
+    ):
+        _train(
+            tmp_path / "g",
+            checkpoint={"monitor": "valid/score", "mode": "max"},
+            early_stopping={"monitor": "valid/score", "mode": "min"},
+        )
+    assert not any((tmp_path / name).exists() for name in "bcdefg")
 
 
 def _expected_average(weights: dict[int, dict[str, torch.Tensor]], decay: float, steps: list[int]) -> dict:
