@@ -329,7 +329,7 @@ class SupervisedLearningTrainer(
         if self.precision.scaler is not None:
             state_dict["grad_scaler"] = self.precision.state_dict()
         state_dict["skipped_steps"] = self.num_skipped_steps
-        state_dict["last_valid_step"] = self._last_valid[0]
+        state_dict["last_valid_step"], state_dict["last_valid_time_s"] = self._last_valid
         state_dict["abandoned_valid_step"] = self._abandoned_valid
         if self.ema is not None:
             state_dict["ema"] = self.ema.state_dict()
@@ -379,7 +379,14 @@ class SupervisedLearningTrainer(
             self._train_stream.resume(state_dict.get("stream"), state.num_epochs, state.num_epoch_samples)
         self.precision.load_state_dict(state_dict.get("grad_scaler", {}))
         self.num_skipped_steps = int(state_dict.get("skipped_steps", 0))
-        self._last_valid = (int(state_dict.get("last_valid_step", -1)), 0.0)  # its time: see _loop
+        # The time-based cadence counts on from the last validation, as the checkpoints' does: a run
+        # stopped more often than the interval would never validate if each session restarted it.
+        elapsed = State.from_json(state_dict["state"]).elapsed_time_s
+        last_time = state_dict.get("last_valid_time_s")
+        self._last_valid = (
+            int(state_dict.get("last_valid_step", -1)),
+            float(last_time) if last_time is not None else elapsed,
+        )
         abandoned = state_dict.get("abandoned_valid_step")
         self._abandoned_valid = int(abandoned) if abandoned is not None else None
         if self.ema is not None:
@@ -924,6 +931,14 @@ class SupervisedLearningTrainer(
         if metrics is not None:
             self.judge_evaluation(state, metrics, s)
 
+    def _validate_saved_step(self, state: State, s: _Session) -> None:
+        """Validates a step whose checkpoint is saved already, then saves it again once the
+        validation completed: the checkpoint then says the step was validated, so continuing from
+        it after a ``kill -9`` does not validate (and log) the step a second time."""
+        self._validate(state, s)
+        if self._last_valid[0] == state.num_steps:
+            self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)
+
     def _should_validate(self, state: State) -> bool:
         (every_n_steps, every_n_seconds), (last_step, last_time) = self._valid_every, self._last_valid
         if last_step == state.num_steps:
@@ -1058,8 +1073,6 @@ class SupervisedLearningTrainer(
             logger.info("This run already finished at step %d: nothing to do", state.num_steps)
             return
         self.finished = False
-        # The time-based interval restarts here; the step validated last is the checkpoint's.
-        self._last_valid = (self._last_valid[0], state.elapsed_time_s)
         # Made after the checkpoint's optimizer state is loaded: it holds on to the state tensors.
         # A gradient scaler steps through torch (it passes its scale to the fused kernel).
         if self.config.fast_optimizer and self.precision.scaler is None:
@@ -1080,7 +1093,7 @@ class SupervisedLearningTrainer(
         if s.valid_loaders and self._abandoned_valid == state.num_steps:
             # A stop signal ended the last session during this step's validation (the checkpoint for
             # the signal holds the step, and says so): it is run now.
-            self._validate(state, s)
+            self._validate_saved_step(state, s)
         self._throughput = _Throughput(state)
         bar.start(self._bar_total(state, s))
         world_size = get_world_size()
@@ -1137,14 +1150,18 @@ class SupervisedLearningTrainer(
         assert isinstance(s, _Session)
         if self.finished:  # resumed from a finished run: nothing was trained, nothing to finish
             return
+        testing = bool(s.test_loaders) and self.config.test_at_end
         if not self.checkpoint_is_current(state):
             self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)
         if s.valid_loaders and self.config.valid_at_end and self._last_valid[0] != state.num_steps:
-            self._validate(state, s)
+            if testing:  # a kill during the test then does not validate again
+                self._validate_saved_step(state, s)
+            else:  # the checkpoint saved next says so
+                self._validate(state, s)
         complete = (
             not s.valid_loaders or not self.config.valid_at_end or self._last_valid[0] == state.num_steps
         )
-        if s.test_loaders and self.config.test_at_end:
+        if testing:
             tested = self.evaluate("test", s.test_loaders, s.task, self._evaluated(s), state) is not None
             complete = complete and tested
         if complete:

@@ -7,6 +7,9 @@ signal sent by the task itself at an exact moment (see ``resume_task.IndexedTask
   validates that step first, so the curve has every point (no gap at that step);
 - Ctrl-C during the final test: each evaluation is logged once, whether the test was abandoned (and
   run when the run continues) or completed (the run finished);
+- ``kill -9`` after a validation that came after its step's checkpoint (one redone on continuing,
+  the final one): the next start does not validate that step again;
+- a time-based validation cadence counts on across sessions;
 - SIGINT or SIGTERM during the teardown of a run that completed every step: ``status.json`` and
   ``ml runs`` say ``finished`` and the exit code is 0;
 - SIGTERM as the interpreter exits, after training: the exit code stays the run's (not -15).
@@ -135,6 +138,64 @@ def test_a_ctrl_c_during_the_final_test_logs_each_evaluation_once(tmp_path: Path
     assert _valid_steps(exp_dir) == [2, 4, 6, 8]
     assert _test_steps(exp_dir) == [8]
     assert json.loads((exp_dir / "status.json").read_text())["state"] == "finished"
+
+
+def test_a_kill_9_after_a_validation_redone_on_continuing_does_not_log_it_twice(tmp_path: Path) -> None:
+    """The validation redone at the resumed step was logged, but the checkpoint of that step did not
+    know: a ``kill -9`` before the next checkpoint made the next start validate (and log) it again."""
+    first = _train(
+        tmp_path,
+        _write(tmp_path),
+        "task.signal_phase=valid",
+        "task.signal_step=4",
+        f"task.signal_marker={tmp_path / 'a'}",
+    )
+    assert first.returncode == 130, first.stderr[-3000:]
+    config = str(_exp_dir(tmp_path) / "config.yaml")
+    kill = (
+        "task.signal_phase=train",
+        "task.signal_step=4",
+        "task.signal_name=SIGKILL",
+        f"task.signal_marker={tmp_path / 'b'}",
+    )
+    second = _train(tmp_path, config, "--allow-config-change", *kill)  # killed in step 5
+    assert second.returncode == -signal.SIGKILL, second.stderr[-3000:]
+    third = _train(tmp_path, config, "--allow-config-change")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert _valid_steps(_exp_dir(tmp_path)) == [2, 4, 6, 8]
+
+
+def test_a_kill_9_during_the_final_test_does_not_validate_the_last_step_again(tmp_path: Path) -> None:
+    """The final validation (step 8 is not due by the cadence) came after the checkpoint of step 8."""
+    args = (
+        "trainer.valid_every_n_steps=3",
+        "task.signal_phase=test",
+        "task.signal_step=8",
+        "task.signal_name=SIGKILL",
+    )
+    first = _train(tmp_path, _write(tmp_path), *args, f"task.signal_marker={tmp_path / 'sent'}")
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    second = _train(tmp_path, str(_exp_dir(tmp_path) / "config.yaml"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert _valid_steps(_exp_dir(tmp_path)) == [3, 6, 8]
+    assert _test_steps(_exp_dir(tmp_path)) == [8]
+
+
+def test_a_time_based_validation_counts_on_from_the_last_one_across_sessions(tmp_path: Path) -> None:
+    """Each session restarted the interval: a run stopped more often than it never validated."""
+    args = ("trainer.valid_every_n_steps=null", "trainer.valid_every_n_seconds=1.0", "task.step_sleep_s=0.15")
+    stop = ("task.signal_phase=train", "task.signal_step=3", f"task.signal_marker={tmp_path / 'sent'}")
+    first = _train(tmp_path, _write(tmp_path), *args, *stop)  # stopped at step 4, before a validation
+    assert first.returncode == 130, first.stderr[-3000:]
+    exp_dir = _exp_dir(tmp_path)
+    assert _valid_steps(exp_dir) == []
+    second = _train(tmp_path, str(exp_dir / "config.yaml"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    records = [json.loads(line) for line in (exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    elapsed = {r["step"]: r["elapsed_s"] for r in records if r["phase"] == "train"}
+    due = min(step for step, seconds in elapsed.items() if seconds >= 1.0)  # counted from the start
+    assert due < 8, elapsed  # (else the run is too fast to tell)
+    assert _valid_steps(exp_dir)[0] == due, (_valid_steps(exp_dir), elapsed)
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
