@@ -70,6 +70,7 @@ from ml.errors import (
     RunDirNotSetError,
     RunLockedError,
     UserError,
+    first_line,
 )
 from ml.loggers.base import BaseLogger, MultiLogger, load_logger_states, logger_states
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
@@ -1321,7 +1322,14 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                 self.restore_optim_state(model, optims, ckpt_dict["optim"])
         lr_state = ckpt_dict.get("lr", ckpt_dict.get("lr_sched"))
         if lr_scheds is not None and lr_state is not None:
-            _load_named(lr_scheds, lr_state, "lr schedulers")
+            try:
+                _load_named(lr_scheds, lr_state, "lr schedulers")
+            except (KeyError, ValueError, TypeError) as e:  # another kind of schedule's state
+                raise CheckpointError(
+                    f"the checkpoint's learning-rate schedule ({type(e).__name__}: {first_line(e)}) does not "
+                    "fit lr_scheduler: was it changed since? continue with the one it was saved with (the "
+                    "run's config.yaml)"
+                ) from e
         rng_ranks = ckpt_dict.get("rng_ranks")
         if isinstance(rng_ranks, list) and len(rng_ranks) == get_world_size():
             set_rng_state(rng_ranks[get_rank()])  # as many processes: each continues its own generators

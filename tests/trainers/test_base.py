@@ -467,6 +467,23 @@ def test_strict_loading_and_its_config_default(tmp_path: Path) -> None:
     lenient.load_checkpoint(ckpt, task, model)  # type: ignore[arg-type]
 
 
+def test_a_schedule_state_of_another_kind_of_schedule_is_refused_naming_the_schedule(tmp_path: Path) -> None:
+    """Continuing with a torch schedule where the run had a built-in one raised a KeyError traceback."""
+    from torch.optim.lr_scheduler import StepLR
+
+    from ml.lr_schedulers.imported import adapt
+
+    trainer, model, task, optim, sched = make_parts(tmp_path)
+    path = trainer.save_checkpoint(State(num_steps=1), task, model, optim, sched)
+    adapted = adapt(StepLR)
+    assert adapted is not None
+    builder, config_cls = adapted
+    step_lr = builder(config_cls(name="torch.optim.lr_scheduler:StepLR", step_size=2)).get(optim)
+    with pytest.raises(CheckpointError, match=r"learning-rate schedule .* does not fit lr_scheduler") as info:
+        trainer.load_checkpoint(path, task, model, optim, step_lr)
+    assert "the one it was saved with" in str(info.value)
+
+
 def _perturbed_copy(model: TinyModel) -> TinyModel:
     other = TinyModel(TinyModelConfig(name="tiny"))
     with torch.no_grad():
