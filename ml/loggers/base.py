@@ -81,7 +81,6 @@ class BaseLogger(BaseObject[LoggerConfigT], ABC):
         super().__init__(config)
         self.log_directory: Path | None = None
         self._last_write_time: float | None = None
-        self._last_write_step: int | None = None
         # Read once: should_write runs every training step, and reading a config node costs
         # microseconds.
         self._every_n_steps: int | None = config.write_every_n_steps
@@ -127,22 +126,26 @@ class BaseLogger(BaseObject[LoggerConfigT], ABC):
         del outcome
 
     def should_write(self, state: State) -> bool:
-        """Whether to write now: always outside training, else on the step or time interval."""
-        if not state.training or self._last_write_time is None:
+        """Whether to write now: always outside training, else on the step or time interval.
+
+        The step interval counts from the run's first step (steps 1, 1 + n, 1 + 2n, ...), whatever
+        else was written (a forced write, a new session): a resumed run writes the steps an
+        uninterrupted one does. The time interval counts from this session's last training write.
+        """
+        if not state.training:
             return True
         if self._every_n_steps is not None:
-            return state.num_steps - (self._last_write_step or 0) >= self._every_n_steps
-        if self._every_n_seconds is None:
+            return (state.num_steps - 1) % self._every_n_steps == 0
+        if self._every_n_seconds is None or self._last_write_time is None:
             return True
         return time.monotonic() - self._last_write_time >= self._every_n_seconds
 
     def mark_written(self, state: State) -> None:
-        """Records a write; only training writes restart the training interval."""
+        """Records a write; only training writes restart the time interval."""
         # Validation and test always write; letting them reset the clock would shift the
-        # training writes (every 100 steps would become 100 steps after the last validation).
+        # training writes (every 100 s would become 100 s after the last validation).
         if state.training:
             self._last_write_time = time.monotonic()
-            self._last_write_step = state.num_steps
 
     @abstractmethod
     def write(self, state: State, batch: LogBatch) -> None:

@@ -129,6 +129,31 @@ def test_should_write_step_interval(clock: list[float]) -> None:
     assert written == [1, 11, 21, 31]
 
 
+def test_the_step_interval_is_counted_from_the_first_step_whatever_else_was_written(
+    clock: list[float],
+) -> None:
+    """A forced write (the step a stop signal ended a session at) and a new session (a logger made
+    anew, continuing at step 7) shifted the interval: a resumed run's log differed from the
+    uninterrupted one's ([1, 5, 6, 7, 11, 15] instead of [1, 5, 6, 9, 13])."""
+    lg = _logger(steps=4)
+    state = State()
+    written = []
+    for step in range(1, 7):
+        state.num_steps = step
+        if lg.should_write(state):
+            lg.mark_written(state)
+            written.append(step)
+    lg.mark_written(state)  # step 6: forced (the session's last step)
+    written.append(6)
+    resumed = _logger(steps=4)  # the next session's
+    for step in range(7, 17):
+        state.num_steps = step
+        if resumed.should_write(state):
+            resumed.mark_written(state)
+            written.append(step)
+    assert written == [1, 5, 6, 9, 13]
+
+
 def test_should_write_time_interval(clock: list[float]) -> None:
     lg = _logger(seconds=5.0)
     state = State()
