@@ -860,6 +860,12 @@ class SupervisedLearningTrainer(
             begin_pass(loader, self._data_seed)
         else:
             cast(ResumableSampler, loader.sampler).set_epoch(0)
+        # FSDP's forward passes are collective: a rank with fewer batches (a set need not split
+        # evenly) joins the others' last passes (_stand_in_passes). How many it lacks is agreed
+        # now: asked after the pass, it would wait in that agreement while another rank waits in a
+        # forward pass for it. (Streams are evaluated under FSDP by one process only.)
+        sharded = is_sharded(model) and not streamed
+        lacking = int(all_max([float(len(loader))])[0]) - len(loader) if sharded else 0
         description = f"{phase}/{name}" if name else phase
         for batch in progress(
             loader,
@@ -884,8 +890,8 @@ class SupervisedLearningTrainer(
             else:
                 state.num_test_steps += 1
             last_batch = batch
-        if is_sharded(model) and not streamed:
-            self._stand_in_passes(task, model, state, last_batch, len(loader), sources)
+        if lacking:
+            self._stand_in_passes(task, model, state, last_batch, lacking, sources)
         if self.distributed:  # each rank saw its share of the set: combine every key any rank logged
             parts = all_gather_object((totals, counts))
             keys = dict.fromkeys(key for part_totals, _ in parts for key in part_totals)
@@ -904,13 +910,12 @@ class SupervisedLearningTrainer(
         model: nn.Module,
         state: State,
         batch: Any,
-        done: int,
+        lacking: int,
         sources: list[MultiLogger],
     ) -> None:
-        """FSDP's forward passes are collective: a rank that evaluated fewer batches than another
-        (a set need not split evenly over the ranks) runs its last batch again as often as it lacks,
-        to join the others' passes; what those passes log (scalars, images, ...) is dropped."""
-        lacking = int(all_max([float(done)])[0]) - done
+        """Under FSDP, a rank that evaluated ``lacking`` batches fewer than another runs its last
+        batch again as often, to join the others' (collective) forward passes; what those passes
+        log (scalars, images, ...) is dropped."""
         with contextlib.ExitStack() as stack:
             for source in sources:
                 stack.enter_context(source.discarding())

@@ -1,6 +1,6 @@
 """A user module whose logged numbers are known exactly: the samples are the numbers 0, 1, ..., N-1.
 
-The model returns its input (plus 0 times its one weight, so that there is a gradient) and logs
+The model returns its input (plus 0 times a child layer's output, so that there is a gradient) and logs
 the batch's mean; the loss is the output's mean; the learning rate is 0 in the tests, so nothing
 changes. A validation pass over ``n_valid`` samples then has the mean ``(n_valid - 1) / 2``
 whatever the batches and the ranks, and the task also logs ``some``, the mean of the batch holding
@@ -25,11 +25,14 @@ from ml.tasks.sl import SupervisedLearningTask, SupervisedLearningTaskConfig
 class CountingModel(BaseModel[BaseModelConfig]):
     def __init__(self, config: BaseModelConfig) -> None:
         super().__init__(config)
-        self.weight = nn.Parameter(torch.zeros(1))
+        # A child module: FSDP shards it on its own and gathers its weight at every forward pass (a
+        # collective; the root's weights stay gathered after the first pass).
+        self.scale = nn.Linear(1, 1, bias=False)
+        nn.init.zeros_(self.scale.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.logger.log_scalar("mean", x.mean())
-        return x + 0.0 * self.weight
+        return x + 0.0 * self.scale(x.unsqueeze(-1)).squeeze(-1)
 
 
 @dataclass
