@@ -81,6 +81,7 @@ class BaseLogger(BaseObject[LoggerConfigT], ABC):
         super().__init__(config)
         self.log_directory: Path | None = None
         self._last_write_time: float | None = None
+        self._written_through = 0  # the training step written last (see should_write)
         # Read once: should_write runs every training step, and reading a config node costs
         # microseconds.
         self._every_n_steps: int | None = config.write_every_n_steps
@@ -128,24 +129,32 @@ class BaseLogger(BaseObject[LoggerConfigT], ABC):
     def should_write(self, state: State) -> bool:
         """Whether to write now: always outside training, else on the step or time interval.
 
-        The step interval counts from the run's first step (steps 1, 1 + n, 1 + 2n, ...), whatever
-        else was written (a forced write, a new session): a resumed run writes the steps an
-        uninterrupted one does. The time interval counts from this session's last training write.
+        The step interval's steps are the run's 1, 1 + n, 1 + 2n, ..., whatever else was written (a
+        forced write, a new session): a resumed run writes the steps an uninterrupted one does. A
+        distributed job asks only every few steps: then one of them since the last write is due.
+        The time interval counts from this session's last training write.
         """
         if not state.training:
             return True
-        if self._every_n_steps is not None:
-            return (state.num_steps - 1) % self._every_n_steps == 0
+        every = self._every_n_steps
+        if every is not None:  # the interval's last step so far: one since the last write is due
+            return state.num_steps - (state.num_steps - 1) % every > self._written_through
         if self._every_n_seconds is None or self._last_write_time is None:
             return True
         return time.monotonic() - self._last_write_time >= self._every_n_seconds
 
     def mark_written(self, state: State) -> None:
-        """Records a write; only training writes restart the time interval."""
+        """Records a write; only training writes count for the training interval."""
         # Validation and test always write; letting them reset the clock would shift the
         # training writes (every 100 s would become 100 s after the last validation).
         if state.training:
             self._last_write_time = time.monotonic()
+            self._written_through = state.num_steps
+
+    def continue_from(self, state: State) -> None:
+        """Called by the trainer as a session starts at ``state`` (step 0, or the checkpoint's): the
+        step interval's steps up to there were the earlier sessions' to write."""
+        self._written_through = state.num_steps
 
     @abstractmethod
     def write(self, state: State, batch: LogBatch) -> None:

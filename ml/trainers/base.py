@@ -809,6 +809,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             state = State.init_state()
         if is_master():
             for sublogger in self.loggers:
+                sublogger.continue_from(state)
                 sublogger.on_resume(state)
         return state
 

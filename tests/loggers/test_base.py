@@ -145,13 +145,32 @@ def test_the_step_interval_is_counted_from_the_first_step_whatever_else_was_writ
             written.append(step)
     lg.mark_written(state)  # step 6: forced (the session's last step)
     written.append(6)
-    resumed = _logger(steps=4)  # the next session's
+    resumed = _logger(steps=4)  # the next session's, continuing from the checkpoint at step 6
+    resumed.continue_from(state)
     for step in range(7, 17):
         state.num_steps = step
         if resumed.should_write(state):
             resumed.mark_written(state)
             written.append(step)
     assert written == [1, 5, 6, 9, 13]
+
+
+def test_asked_only_every_few_steps_the_step_interval_writes_when_one_of_its_steps_passed(
+    clock: list[float],
+) -> None:
+    """A distributed job asks at the steps its ranks agree on (every 10): each such step past one of
+    the interval's (1, 5, 9, ...) writes."""
+    lg = _logger(steps=4)
+    state = State()
+    written = []
+    for step in range(10, 41, 10):
+        state.num_steps = step
+        if lg.should_write(state):
+            lg.mark_written(state)
+            written.append(step)
+    state.num_steps = 41
+    assert lg.should_write(state)  # step 41 is one of the interval's
+    assert written == [10, 20, 30, 40]
 
 
 def test_should_write_time_interval(clock: list[float]) -> None:
