@@ -153,7 +153,8 @@ def diff_configs(
 
 
 # Changing these between the segments of one run changes what the run means: the model, the
-# optimizer, the data and how it is batched, the seed (the number of processes is checked apart).
+# optimizer, the data and how it is batched (and, for the gan trainer, how many discriminator
+# updates each step makes), the seed (the number of processes is checked apart).
 # Everything else (limits such as task.max_steps, logging, checkpointing, validation frequency,
 # workers, launcher) may change freely.
 MEANINGFUL = (
@@ -161,6 +162,7 @@ MEANINGFUL = (
     "optimizer.",
     "task.",
     "trainer.batches_per_step",
+    "trainer.discriminator_steps",
     "trainer.use_double_weight_precision",
 )
 FREE_TASK_KEYS = ("max_steps", "max_epochs", "max_samples", "max_seconds", "num_workers", "pin_memory")

@@ -13,6 +13,10 @@ The ``gan`` trainer (:mod:`ml.trainers.gan`) trains it. The protocol, in full:
   :meth:`GanTask.generator_loss` (given the step's last batch: its size, its labels). While one part
   is updated the other's parameters are frozen, so a loss may run both parts freely: fakes drawn in
   the discriminator's loss carry no graph into the generator, nothing needs ``detach()``.
+- A step logs one value per key: the scalars :meth:`GanTask.discriminator_loss` logs (with
+  ``self.logger.log_scalar``, or the model's logger) are averaged over the step's discriminator
+  updates, weighted by batch size, as its loss is; those :meth:`GanTask.generator_loss` logs are its
+  one update's.
 - Noise comes from torch's global generator (``torch.randn``), which every checkpoint holds: a
   resumed run draws what an uninterrupted one would.
 - :meth:`GanTask.evaluate` (optional) is the validation: sample, score, log images (with

@@ -9,13 +9,17 @@ The protocol a task and model follow is :mod:`ml.tasks.gan`'s. One training step
     the generator's update (the discriminator frozen) on ``task.generator_loss``
 
 then log, validate (``task.evaluate``, every ``valid_every_n_steps``), checkpoint, check for a stop.
-``state.num_steps`` counts generator updates, ``state.num_samples`` real samples.
+``state.num_steps`` counts generator updates, ``state.num_samples`` real samples. A step logs one
+value per key: what its discriminator updates log (the loss, its named parts, the gradient norm, what
+the task logs inside ``discriminator_loss``) is their mean weighted by batch size, as the ``sl``
+trainer averages a step's micro-batches; the generator's one update logs its own values.
 
 The optimizers and schedules are dicts by part name (``{"generator": ..., "discriminator": ...}``),
 the plural form the base trainer's ``save_checkpoint``/``load_checkpoint`` take: one checkpoint holds
 both parts' weights (as the model's), both optimizers (``optim``) and both schedules (``lr``), every
 generator's state and where the data order stands. A run stopped at any step and resumed computes
-the same tensors as one that never stopped.
+the same tensors as one that never stopped (``trainer.deterministic=true`` for kernels that would
+otherwise be non-deterministic, as for ``sl``).
 
 NaN/inf: each update's loss and gradient norm are checked on the device (:mod:`ml.utils.nonfinite`),
 an update that has one is skipped there, and the record is read when the logs are written or a
@@ -25,13 +29,14 @@ module whose gradient is not finite; ``skip`` counts the skipped updates (``trai
 One process only for now (no DDP/FSDP), in float32 (or float64 weights).
 """
 
+import contextlib
 import itertools
 import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -42,6 +47,7 @@ from ml.core.config import conf_field
 from ml.core.registry import register_trainer
 from ml.core.state import State
 from ml.errors import ConfigError
+from ml.loggers.base import MultiLogger, ScalarValue
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.lr_schedulers.gan import GanLRScheduler
 from ml.models.base import BaseModel, eval_mode
@@ -50,7 +56,7 @@ from ml.optimizers.fast import step_skipping, use_fast_optimizer
 from ml.optimizers.gan import GAN_PARTS, GanOptimizer
 from ml.tasks.gan import GanTask, Losses
 from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_interval, check_trainer_config
-from ml.trainers.sl import NonFiniteLossError
+from ml.trainers.sl import NonFiniteLossError, _deterministic, _weighted_mean
 from ml.utils.data import (
     batch_size_of,
     move_to,
@@ -78,6 +84,7 @@ class GanTrainerConfig(TrainerConfig):
     non_finite_loss: str = conf_field(
         "stop", help="On a NaN/inf loss or gradient: `stop` with an error, or `skip` the update"
     )
+    deterministic: bool = conf_field(False, help="Use only deterministic kernels (bit-exact resume)")
 
 
 def _check_config(config: GanTrainerConfig) -> None:
@@ -107,6 +114,18 @@ def _total(losses: Losses, task: GanTask, method: str) -> tuple[torch.Tensor, di
         else torch.stack([v.float().sum() for v in values]).sum()
     )
     return total, named
+
+
+def _step_value(parts: list[tuple[float, ScalarValue]]) -> ScalarValue:
+    """One value for the step from what was logged in its updates (with each batch's weight)."""
+    return parts[0][1] if len(parts) == 1 else _weighted_mean(parts)
+
+
+def _log(values: dict[tuple[MultiLogger, str], ScalarValue]) -> None:
+    """Logs each value to its logger under its key (``namespace/name``)."""
+    for (where, key), value in values.items():
+        namespace, _, name = key.partition("/")
+        where.log_scalar(name, value, namespace=namespace)
 
 
 @dataclass
@@ -174,6 +193,11 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
         return super().save_checkpoint(state, task, model, optims, lr_scheds)
 
     # -- the session: set-up, loop, finish
+
+    @contextlib.contextmanager
+    def training_context(self) -> Iterator[None]:
+        with _deterministic(self.config.deterministic):
+            yield
 
     def set_up(
         self, model: BaseModel, task: GanTask, optimizer: BaseOptimizer, lr_scheduler: BaseLRScheduler
@@ -308,23 +332,45 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
     # -- one training step
 
     def _train_step(self, state: State, batches: list[Any], s: _Session) -> dict[str, torch.Tensor]:
-        """The discriminator's updates (one per batch), then the generator's; returns both mean losses."""
+        """The discriminator's updates (one per batch), then the generator's; returns both losses.
+
+        What each discriminator update logs is taken out of the loggers after it and logged back
+        once, as the batch-size-weighted mean over the step's updates: a logger keeps a key's last
+        value only, and the last update's would stand for the step. The generator's values, logged
+        after those, are its one update's.
+        """
         task, model = s.task, s.model
         if not model.training:
             model.train()
-        d_losses = []
+        own = getattr(model, "logger", None)  # where the model logs, if it does
+        sources = [task.logger, *([own] if isinstance(own, MultiLogger) and own is not task.logger else [])]
+        total = sum(map(batch_size_of, batches))
+        logged: dict[tuple[MultiLogger, str], list[tuple[float, ScalarValue]]] = {}
         dtype = self.weight_precision
         for batch in batches:
+            weight = batch_size_of(batch) / total
             batch = move_to(batch, self.device, dtype)
-            d_losses.append(self._update(DISCRIMINATOR, task.discriminator_loss, batch, state, s))
-        g_loss = self._update(GENERATOR, task.generator_loss, batch, state, s)
-        d_loss = d_losses[0] if len(d_losses) == 1 else torch.stack(d_losses).mean()
-        task.logger.log_scalar("discriminator_loss", d_loss, namespace="train")
-        task.logger.log_scalar("generator_loss", g_loss, namespace="train")
+            _, values = self._update(DISCRIMINATOR, task.discriminator_loss, batch, state, s)
+            update = {
+                (source, key): value for source in sources for key, value in source.pop_scalars().items()
+            }
+            update.update(values)  # the trainer's values win over a task's of the same name, as before
+            for where, value in update.items():
+                logged.setdefault(where, []).append((weight, value))
+        d_values = {where: _step_value(parts) for where, parts in logged.items()}
+        _log(d_values)  # before the generator's update: what it logs of the same name wins, as before
+        g_loss, g_values = self._update(GENERATOR, task.generator_loss, batch, state, s)
+        _log(g_values)
+        for name, lr_sched in s.lr_sched.items():  # one rate a step: the schedules follow the state
+            self.logger.log_scalar(f"lr_{name}", lr_sched.lr)
+        d_loss = cast(torch.Tensor, d_values[task.logger, "train/discriminator_loss"])
         return {"d_loss": d_loss, "g_loss": g_loss}
 
-    def _update(self, name: str, loss_of: Any, batch: Any, state: State, s: _Session) -> torch.Tensor:
-        """One optimizer step of part ``name`` (the other part frozen meanwhile); returns its loss.
+    def _update(
+        self, name: str, loss_of: Any, batch: Any, state: State, s: _Session
+    ) -> tuple[torch.Tensor, dict[tuple[MultiLogger, str], ScalarValue]]:
+        """One optimizer step of part ``name`` (the other part frozen meanwhile); returns its loss
+        and what to log for it, by logger and key: the loss, its named parts, the gradient norm.
 
         Freezing the other part keeps its gradients unset and lets the loss run it without building
         a graph through it where nothing else needs one (the fakes of the discriminator's loss).
@@ -352,12 +398,15 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
         )
         lr_sched.step(state)
         step_skipping(optim, found_inf)  # the update is dropped on the device if found_inf is 1
-        self.logger.log_scalar(f"lr_{name}", lr_sched.lr)
-        self.logger.log_scalar(f"grad_norm_{name}", grad_norm)
+        task_log, trainer_log = s.task.logger, self.logger
+        loss = loss.detach()
+        values: dict[tuple[MultiLogger, str], ScalarValue] = {
+            (task_log, f"train/{name}_loss"): loss,
+            (trainer_log, f"trainer/grad_norm_{name}"): grad_norm,
+        }
         if len(named) > 1:
-            for key, value in named.items():
-                s.task.logger.log_scalar(f"{name}/{key}", value.detach(), namespace="train")
-        return loss.detach()
+            values.update({(task_log, f"train/{name}/{key}"): value.detach() for key, value in named.items()})
+        return loss, values
 
     def _settle(self) -> None:
         """Reads which updates since the last read had non-finite values (one host read per part):

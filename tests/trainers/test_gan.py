@@ -4,6 +4,7 @@ checkpoint holds, bad input refused in one line, a non-finite update.
 """
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -269,3 +270,110 @@ def test_validation_leaves_a_frozen_part_frozen(config_file: Path, tmp_path: Pat
     training = [modes for modes in MODES if modes[0] == "train"]
     assert training and set(training) == {("train", True, False)}
     assert objects.model.training and not objects.model.discriminator[0].training
+
+
+class LineGan(BaseModel[BaseModelConfig]):
+    """Parts whose losses and gradients below are plain sums of the batch: ``D(x) = x``, ``G(z) = z``."""
+
+    def __init__(self, config: BaseModelConfig) -> None:
+        super().__init__(config)
+        self.generator = nn.Linear(1, 1)
+        self.discriminator = nn.Linear(1, 1, bias=False)
+        for weight in (self.generator.weight, self.discriminator.weight):
+            nn.init.ones_(weight)
+        nn.init.zeros_(self.generator.bias)
+
+
+DETERMINISTIC_SEEN: list[bool] = []  # torch.are_deterministic_algorithms_enabled() in each loss
+
+
+class IndexGanTask(GanTask[GanTaskConfig]):
+    """Real samples 0, 1, 2, 3, 4: what a loss logs is the mean of its batch (its gradient too)."""
+
+    def get_dataset(self, phase: Phase) -> Dataset:
+        return TensorDataset(torch.arange(5, dtype=torch.float32).unsqueeze(1))
+
+    def discriminator_loss(self, model: nn.Module, batch: Any, state: State) -> dict[str, torch.Tensor]:
+        DETERMINISTIC_SEEN.append(torch.are_deterministic_algorithms_enabled())
+        gan, (x,) = cast(LineGan, model), batch
+        self.logger.log_scalar("batch_value", x.mean(), namespace="train")
+        gan.logger.log_scalar("seen", x.mean())  # the model's own logger (model/seen)
+        # "a" is the batch mean and so is its gradient for the discriminator's weight (1).
+        return {"a": gan.discriminator(x).mean(), "b": 100 * x.mean()}
+
+    def generator_loss(self, model: nn.Module, batch: Any, state: State) -> dict[str, torch.Tensor]:
+        gan, (x,) = cast(LineGan, model), batch
+        self.logger.log_scalar("generator_batch_value", x.mean(), namespace="train")
+        return {"adversarial": gan.discriminator(gan.generator(x)).mean(), "small": 10 * x.mean()}
+
+
+def test_a_step_logs_the_batch_weighted_mean_of_its_discriminator_updates(tmp_path: Path) -> None:
+    """Three discriminator updates on batches [0, 1], [2, 3], [4] (one step, the whole epoch): each
+    value they log is the mean over the step's 5 samples (2.0), not the last batch's (4.0) nor the
+    mean of the batch means (2.33); the generator's update (on the last batch, [4]) logs its own."""
+    config = tmp_path / "gan.yaml"
+    config.write_text(CONFIG)
+    _train(
+        config,
+        tmp_path / "run",
+        f"model.name={HERE}:LineGan",
+        f"task={{name: '{HERE}:IndexGanTask', max_steps: 1}}",
+        "task.train_dl={batch_size: 2, shuffle: false, drop_last: false}",
+        "optimizer={name: sgd, lr: 0.0}",  # the weights stay at 1: the values depend on the data only
+        "lr_scheduler={name: constant}",
+        "trainer.discriminator_steps=3",
+    )
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in records] == [1]
+    metrics = records[0]["metrics"]
+    assert metrics == pytest.approx(
+        {
+            "train/batch_value": 2.0,
+            "model/seen": 2.0,
+            "train/discriminator/a": 2.0,
+            "train/discriminator/b": 200.0,
+            "train/discriminator_loss": 202.0,
+            "trainer/grad_norm_discriminator": 2.0,
+            "train/generator_batch_value": 4.0,
+            "train/generator/adversarial": 4.0,  # D(G(4)) = 4
+            "train/generator/small": 40.0,
+            "train/generator_loss": 44.0,
+            "trainer/grad_norm_generator": math.sqrt(4.0**2 + 1.0),  # G's weight (x = 4) and bias (1)
+            "trainer/lr_discriminator": 0.0,
+            "trainer/lr_generator": 0.0,
+            "trainer/epoch": 0.0,
+        }
+    )
+
+
+def test_deterministic_kernels_hold_during_training_only(config_file: Path, tmp_path: Path) -> None:
+    DETERMINISTIC_SEEN.clear()
+    assert not torch.are_deterministic_algorithms_enabled()
+    _train(
+        config_file,
+        tmp_path / "run",
+        f"model.name={HERE}:LineGan",
+        f"task={{name: '{HERE}:IndexGanTask', max_steps: 2, train_dl: {{batch_size: 2}}}}",
+        "trainer.deterministic=true",
+    )
+    assert DETERMINISTIC_SEEN == [True] * 4  # two steps of two discriminator updates
+    assert not torch.are_deterministic_algorithms_enabled()  # put back after training
+
+
+def test_changing_discriminator_steps_on_resume_is_refused(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It changes what each step trains on, as trainer.batches_per_step does for sl."""
+    monkeypatch.setenv("RUN_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("ML_EXP_NAME", "gan")
+    assert ml_main(["train", str(config_file), "task.max_steps=1"]) == 0
+    ckpt = tmp_path / "runs" / "gan" / "run_0" / "checkpoints" / "ckpt.pt"
+    before = ckpt.resolve().read_bytes()
+    capsys.readouterr()
+    resumed = str(tmp_path / "runs" / "gan" / "run_0" / "config.yaml")
+    assert ml_main(["train", resumed, "task.max_steps=2", "trainer.discriminator_steps=1"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "trainer.discriminator_steps: 2 -> 1" in last and "--allow-config-change" in last, last
+    assert ckpt.resolve().read_bytes() == before  # not trained on
