@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -178,6 +178,22 @@ def one_element(value: torch.Tensor) -> torch.Tensor:
     if value.numel() != 1:
         raise ValueError(f"a logged scalar must have one element, got shape {tuple(value.shape)}")
     return value
+
+
+def weighted_mean(parts: list[tuple[float, ScalarValue]]) -> ScalarValue:
+    """The weighted mean of values logged for parts of one step (each micro-batch's, with its share of
+    the samples; the trainers log it back as the step's value).
+
+    Tensors stay on their device (no host sync); other values are combined when a logger reads them.
+    """
+    total = sum(weight for weight, _ in parts)
+    if all(isinstance(value, torch.Tensor) for _, value in parts):
+        terms = [
+            one_element(cast(torch.Tensor, value)).detach().float().sum() * (weight / total)
+            for weight, value in parts
+        ]
+        return torch.stack(terms).sum()
+    return lambda: sum(weight * scalar_to_float(value) for weight, value in parts) / total
 
 
 def _to_float(value: ScalarValue) -> float:

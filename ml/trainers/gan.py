@@ -47,7 +47,7 @@ from ml.core.config import conf_field
 from ml.core.registry import register_trainer
 from ml.core.state import State
 from ml.errors import ConfigError
-from ml.loggers.base import MultiLogger, ScalarValue
+from ml.loggers.base import MultiLogger, ScalarValue, weighted_mean
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.lr_schedulers.gan import GanLRScheduler
 from ml.models.base import BaseModel, eval_mode
@@ -56,7 +56,7 @@ from ml.optimizers.fast import step_skipping, use_fast_optimizer
 from ml.optimizers.gan import GAN_PARTS, GanOptimizer
 from ml.tasks.gan import GanTask, Losses
 from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_interval, check_trainer_config
-from ml.trainers.sl import NonFiniteLossError, _deterministic, _weighted_mean
+from ml.trainers.sl import NonFiniteLossError
 from ml.utils.data import (
     batch_size_of,
     move_to,
@@ -68,6 +68,7 @@ from ml.utils.malloc import tune_malloc
 from ml.utils.nonfinite import NonFiniteRecord
 from ml.utils.progress import TrainingBar, expected_total
 from ml.utils.ranks import dist_env
+from ml.utils.seeding import deterministic_algorithms
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def _total(losses: Losses, task: GanTask, method: str) -> tuple[torch.Tensor, di
 
 def _step_value(parts: list[tuple[float, ScalarValue]]) -> ScalarValue:
     """One value for the step from what was logged in its updates (with each batch's weight)."""
-    return parts[0][1] if len(parts) == 1 else _weighted_mean(parts)
+    return parts[0][1] if len(parts) == 1 else weighted_mean(parts)
 
 
 def _log(values: dict[tuple[MultiLogger, str], ScalarValue]) -> None:
@@ -196,7 +197,7 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
 
     @contextlib.contextmanager
     def training_context(self) -> Iterator[None]:
-        with _deterministic(self.config.deterministic):
+        with deterministic_algorithms(self.config.deterministic):
             yield
 
     def set_up(

@@ -36,7 +36,7 @@ from ml.core.config import conf_field
 from ml.core.registry import register_trainer
 from ml.core.state import Phase, State
 from ml.errors import CheckpointError, ConfigError
-from ml.loggers.base import MultiLogger, ScalarValue, one_element, scalar_to_float
+from ml.loggers.base import MultiLogger, ScalarValue, scalar_to_float, weighted_mean
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel, eval_mode
 from ml.optimizers.base import BaseOptimizer
@@ -75,6 +75,7 @@ from ml.utils.malloc import tune_malloc
 from ml.utils.nonfinite import NonFiniteRecord
 from ml.utils.precision import PRECISIONS, MixedPrecision
 from ml.utils.progress import TrainingBar, expected_total, progress
+from ml.utils.seeding import deterministic_algorithms
 from ml.utils.streaming import TrainStream, begin_pass, eval_loader, is_stream
 
 logger = logging.getLogger(__name__)
@@ -141,21 +142,6 @@ def _as_loss_dict(losses: torch.Tensor | dict[str, torch.Tensor], task: Any) -> 
     return losses
 
 
-def _weighted_mean(parts: list[tuple[float, ScalarValue]]) -> ScalarValue:
-    """The sample-weighted mean of what was logged for each micro-batch (weights of those that logged it).
-
-    Tensors stay on their device (no host sync); other values are combined when a logger reads them.
-    """
-    total = sum(weight for weight, _ in parts)
-    if all(isinstance(value, torch.Tensor) for _, value in parts):
-        terms = [
-            one_element(cast(torch.Tensor, value)).detach().float().sum() * (weight / total)
-            for weight, value in parts
-        ]
-        return torch.stack(terms).sum()
-    return lambda: sum(weight * scalar_to_float(value) for weight, value in parts) / total
-
-
 class _Throughput:
     """Steps and samples per second since the previous write (evaluated only when a logger writes)."""
 
@@ -182,18 +168,6 @@ class _Throughput:
     def samples_per_s(self) -> float:
         self._update()
         return self.rates[1]
-
-
-@contextlib.contextmanager
-def _deterministic(enabled: bool) -> Iterator[None]:
-    """Uses only deterministic kernels inside the block when ``enabled``; restores the setting after."""
-    before = torch.are_deterministic_algorithms_enabled()
-    if enabled:
-        torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def _to_float32(value: Any) -> Any:
@@ -620,7 +594,7 @@ class SupervisedLearningTrainer(
                     logged.setdefault(key, []).append((weight, scalar))
         for key, parts in logged.items():  # back where they were logged, as one value for the step
             namespace, _, name = key.partition("/")
-            task.logger.log_scalar(name, _weighted_mean(parts), namespace=namespace)
+            task.logger.log_scalar(name, weighted_mean(parts), namespace=namespace)
         return losses
 
     def _train_step(
@@ -956,7 +930,7 @@ class SupervisedLearningTrainer(
 
     @contextlib.contextmanager
     def training_context(self) -> Iterator[None]:
-        with _deterministic(self.config.deterministic):
+        with deterministic_algorithms(self.config.deterministic):
             yield
 
     def set_up(
