@@ -842,8 +842,9 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
     def check_config_change(self, ckpt: Mapping[str, Any], where: str) -> None:
         """Compares the config a checkpoint was trained with to this run's; stops on a meaningful change.
 
-        The whole diff is logged. Changes of the model, optimizer, data, batch size, seed or number
-        of processes stop the resume with :class:`ConfigChangedError` (exit code 2), unless the run
+        The whole diff is logged. Changes of what the run trains (``ml.core.diff.MEANINGFUL``: the
+        model, optimizer, data, batch size, updates per step, seed) or of the number of processes
+        stop the resume with :class:`ConfigChangedError` (exit code 2), unless the run
         allows config changes (``ml train --allow-config-change``); then the diff is appended to
         ``<exp_dir>/config_changes.log`` with the step it applies from.
         """
