@@ -108,7 +108,9 @@ class ClassicControlTask(PPOTask[PPOTaskConfig]):
             key: getattr(inner, key) for key in ("steps_beyond_terminated", "last_u") if hasattr(inner, key)
         }
         return {
-            "physics": torch.as_tensor(np.asarray(inner.state, dtype=np.float64)),
+            # In its own dtype: Acrobot resets in float32 and steps in float64, MountainCarContinuous
+            # the other way round; either cast would change the next step's numbers.
+            "physics": torch.as_tensor(np.array(inner.state)),
             "elapsed_steps": None if limit is None else int(limit._elapsed_steps),
             "np_random": json.dumps(inner.np_random.bit_generator.state),
             "extra": json.dumps({k: None if v is None else float(v) for k, v in extra.items()}),
@@ -116,7 +118,7 @@ class ClassicControlTask(PPOTask[PPOTaskConfig]):
 
     def set_single_env_state(self, env: Any, state: dict[str, Any]) -> None:
         inner = env.unwrapped
-        inner.state = state["physics"].cpu().numpy().astype(np.asarray(inner.state).dtype)
+        inner.state = state["physics"].cpu().numpy().copy()  # as it was saved, dtype included
         limit = _time_limit(env)
         if limit is not None and state["elapsed_steps"] is not None:
             limit._elapsed_steps = int(state["elapsed_steps"])

@@ -73,6 +73,45 @@ class PPOTaskConfig(ReinforcementLearningTaskConfig):
 PPOTaskConfigT = TypeVar("PPOTaskConfigT", bound=PPOTaskConfig)
 
 
+def _check_config(config: PPOTaskConfig) -> None:
+    """Refuses settings that cannot mean anything (one line naming the key, the value and what is allowed)."""
+
+    def refuse(key: str, allowed: str) -> None:
+        raise ConfigError(f"task.{key} must be {allowed}, got {getattr(config, key)}")
+
+    for key in ("gamma", "gae_lambda"):
+        if not 0 <= getattr(config, key) <= 1:
+            refuse(key, "in [0, 1]")
+    if config.clip_coef <= 0:
+        refuse("clip_coef", "positive")
+    if config.vf_coef < 0:
+        refuse("vf_coef", "at least 0")
+    if config.target_kl is not None and config.target_kl <= 0:
+        refuse("target_kl", "positive (or null, for no KL early stop)")
+    if config.schedule_env_steps is not None and config.schedule_env_steps <= 0:
+        refuse("schedule_env_steps", "positive (or null: task.max_samples)")
+    if config.clip_schedule not in ("constant", "linear"):
+        raise ConfigError(f"task.clip_schedule must be 'constant' or 'linear', got {config.clip_schedule!r}")
+    if config.clip_schedule == "linear" and config.schedule_env_steps is None and config.max_samples is None:
+        raise ConfigError("task.clip_schedule=linear needs task.schedule_env_steps or task.max_samples")
+    if config.normalize_advantages and config.minibatch_size < 2:
+        raise ConfigError(
+            f"task.minibatch_size must be at least 2 to normalise advantages within it, got "
+            f"{config.minibatch_size} (or set task.normalize_advantages=false)"
+        )
+    rollout = config.num_envs * config.num_env_steps
+    if rollout % config.minibatch_size:
+        last = rollout % config.minibatch_size
+        logger.warning(
+            "task.minibatch_size=%d does not divide the rollout's %d transitions: each epoch's last "
+            "minibatch holds %d%s",
+            config.minibatch_size,
+            rollout,
+            last,
+            " (a single sample: its advantage is not normalised)" if last == 1 else "",
+        )
+
+
 def compute_gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
@@ -272,16 +311,11 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
 
     def __init__(self, config: PPOTaskConfigT) -> None:
         super().__init__(config)
-        if config.clip_schedule not in ("constant", "linear"):
-            raise ValueError(
-                f"task.clip_schedule must be 'constant' or 'linear', got {config.clip_schedule!r}"
-            )
-        if config.clip_schedule == "linear" and (config.schedule_env_steps or config.max_samples) is None:
-            raise ValueError("task.clip_schedule=linear needs task.schedule_env_steps or task.max_samples")
+        _check_config(config)
         # Plain copies of the hyperparameters read on every minibatch (config attribute access is slow).
         self._gamma, self._gae_lambda = float(config.gamma), float(config.gae_lambda)
         self._clip_coef, self._linear_clip = float(config.clip_coef), config.clip_schedule == "linear"
-        self._horizon = config.schedule_env_steps or config.max_samples
+        self._horizon = config.max_samples if config.schedule_env_steps is None else config.schedule_env_steps
         self._vf_coef, self._ent_coef = float(config.vf_coef), float(config.ent_coef)
         self._normalize_advantages = bool(config.normalize_advantages)
         self._target_kl = None if config.target_kl is None else float(config.target_kl)
@@ -290,13 +324,19 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
         # Per minibatch, for the iteration's statistics: log ratios, entropies (for a categorical
         # policy, the log-probabilities they come from), value losses.
         self._stats: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = ([], [], [])
-        self._stop_update = False
+        self._kl_exceeded: torch.Tensor | None = None  # the last minibatch's, on the device
 
     def on_environments_ready(self, observation_space: Any, action_space: Any) -> None:
         from gymnasium import spaces
 
         super().on_environments_ready(observation_space, action_space)
         if isinstance(action_space, spaces.Discrete):
+            if int(action_space.start) != 0:  # the policy's logits index actions from 0
+                raise ConfigError(
+                    f"task.env_id: {type(self).__name__} takes Discrete actions numbered from 0; "
+                    f"{self.config.env_id}'s are {action_space} (renumber them with a gymnasium "
+                    "ActionWrapper)"
+                )
             self.discrete = True
         elif isinstance(action_space, spaces.Box):
             self.discrete = False
@@ -336,6 +376,7 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
                 actions = policy_out
             else:
                 actions = policy_out + torch.randn_like(policy_out) * self._log_std(model).exp()
+            self._check_policy(actions.isfinite().all(), "actions")
             log_prob, _ = self._log_prob_entropy(model, policy_out, actions)
             return actions, {"log_probs": log_prob, "values": value.reshape(-1)}
         n = self.action_space.n if self.action_space is not None else policy_out.shape[-1]
@@ -344,6 +385,9 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
                 f"the model gives {policy_out.shape[-1]} action logits, but the environment has {n} actions"
             )
         log_p = F.log_softmax(policy_out, dim=-1)
+        # A NaN or +inf logit makes its row's probabilities NaN (an impossible action's -inf is fine),
+        # which both the sampling below and argmax would turn into action 0.
+        self._check_policy(log_p.isnan().any().logical_not(), "action probabilities")
         if optimal:
             index = policy_out.argmax(-1, keepdim=True)
         else:
@@ -354,6 +398,17 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
             index = (cdf <= uniform).sum(-1, keepdim=True).clamp_(max=n - 1)
         log_prob = log_p.gather(-1, index).squeeze(-1)
         return index.squeeze(-1), {"log_probs": log_prob, "values": value.reshape(-1)}
+
+    def _check_policy(self, finite: torch.Tensor, what: str) -> None:
+        """Stops when the policy is not a policy (one host read per call: the environments read the
+        actions on the host right after it anyway)."""
+        if not finite:
+            from ml.trainers.sl import NonFiniteLossError  # the trainers' error for NaN/inf values
+
+            raise NonFiniteLossError(
+                f"{type(self).__name__}.get_actions: the policy's {what} are not finite (NaN/inf): the "
+                "model's outputs are not finite for these observations (its weights, or the observations)"
+            )
 
     # -- experience to samples
 
@@ -438,17 +493,18 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
         entropies.append(entropy_source)
         value_losses.append(value_loss.detach())
         if self._target_kl is not None:
-            with torch.no_grad():
+            with torch.no_grad():  # read by the trainer, with its check of the loss (update_stop_flag)
                 approx_kl = (log_ratio.exp() - 1 - log_ratio).mean()
-            self._stop_update = bool(approx_kl > 1.5 * self._target_kl)  # one sync per minibatch
+                self._kl_exceeded = approx_kl > 1.5 * self._target_kl
         # The terms of the objective, as weighted; rl/value_loss logs the unweighted value error.
         losses = {"policy_loss": policy_loss, "value_term": value_term}
         if self._ent_coef:
             losses["entropy_term"] = -self._ent_coef * entropy_mean
         return losses
 
-    def should_stop_update(self) -> bool:
-        return self._stop_update
+    def update_stop_flag(self) -> torch.Tensor | None:
+        """With ``task.target_kl``: whether the last minibatch's approximate KL passed 1.5x it."""
+        return self._kl_exceeded
 
     def on_step_end(
         self, state: State, loss_dict: dict[str, torch.Tensor], model: nn.Module, optim: Any, lr_sched: Any
@@ -474,4 +530,4 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
             self.logger.log_scalar("value_loss", lambda: torch.stack(value_losses).mean(), namespace="rl")
             self.logger.log_scalar("clip_range", clip, namespace="rl")
         self._stats = ([], [], [])
-        self._stop_update = False
+        self._kl_exceeded = None

@@ -60,7 +60,13 @@ class ReinforcementLearningTask(BaseTask[RLTaskConfigT]):
         super().__init__(config)
         for key in ("num_envs", "num_env_steps", "num_update_epochs", "minibatch_size"):
             if getattr(config, key) < 1:
-                raise ValueError(f"task.{key} must be positive, got {getattr(config, key)}")
+                raise ConfigError(f"task.{key} must be positive, got {getattr(config, key)}")
+        rollout = config.num_envs * config.num_env_steps
+        if config.minibatch_size > rollout:
+            raise ConfigError(
+                f"task.minibatch_size must be at most the rollout's {rollout} transitions "
+                f"(task.num_envs * task.num_env_steps), got {config.minibatch_size}"
+            )
         self.observation_space: Any = None
         self.action_space: Any = None
 
@@ -70,16 +76,23 @@ class ReinforcementLearningTask(BaseTask[RLTaskConfigT]):
         """Makes one environment (``task.env_id`` with ``task.env_kwargs``).
 
         Raises:
-            ConfigError: gymnasium does not know the id, or rejects the arguments.
+            ConfigError: gymnasium does not know the id, or the environment rejects the arguments
+                (an argument it does not take, or a value it refuses with ValueError or AssertionError).
         """
         import gymnasium
 
+        kwargs = dict(self.config.env_kwargs)
         try:
-            return gymnasium.make(self.config.env_id, render_mode=render_mode, **dict(self.config.env_kwargs))
+            return gymnasium.make(self.config.env_id, render_mode=render_mode, **kwargs)
         except gymnasium.error.Error as e:
             raise ConfigError(f"task.env_id: cannot make environment {self.config.env_id!r}: {e}") from e
-        except TypeError as e:
-            raise ConfigError(f"task.env_kwargs: {self.config.env_id}: {e}") from e
+        except (TypeError, ValueError, AssertionError) as e:
+            # Without arguments of the user's, the id is what the environment refused.
+            key = "task.env_kwargs" if kwargs else "task.env_id"
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(
+                f"{key}: {self.config.env_id} refuses {kwargs or 'its defaults'}: {reason}"
+            ) from e
 
     def on_environments_ready(self, observation_space: Any, action_space: Any) -> None:
         """Called by the trainer with the single environment's spaces before anything runs."""
@@ -156,6 +169,13 @@ class ReinforcementLearningTask(BaseTask[RLTaskConfigT]):
     ) -> dict[str, torch.Tensor]:
         """Returns named losses (summed for the backward pass, each logged)."""
 
-    def should_stop_update(self) -> bool:
-        """Whether to end this iteration's update early (e.g. PPO's KL limit); checked per minibatch."""
-        return False
+    def update_stop_flag(self) -> torch.Tensor | None:
+        """Whether to end this iteration's update early (e.g. PPO's KL limit), asked after each
+        :meth:`compute_loss`: a tensor on the device, true or nonzero to stop (that minibatch is not
+        applied either), or None (the default) for a task that never stops early.
+
+        The trainer reads the flag on the host together with its own check of the minibatch's loss
+        (one read per minibatch, which such a task needs anyway); without a flag it reads nothing
+        per minibatch.
+        """
+        return None

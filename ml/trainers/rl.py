@@ -21,6 +21,13 @@ end; an update drops gradients by setting them to None, clips them with one ``fo
 steps a fused Adam through its kernel directly (:class:`ml.optimizers.fast.FusedAdamStep`); a
 minibatch that holds the whole rollout is not shuffled, as its gradient does not depend on the order.
 
+NaN/inf (``trainer.non_finite_loss``, as in ``sl``): each minibatch's loss, and its gradient norm
+where clipping measures it, is checked on the device, an update that has one is skipped there, and
+the update's record is read once when it ends (a task with an early stop, such as PPO's KL limit,
+has its flag read per minibatch anyway: the loss's check is read with it). ``stop`` then stops,
+naming the iteration and minibatch; ``skip`` counts the skipped updates (``trainer/skipped_steps``).
+No checkpoint is saved with weights that are not finite.
+
 Resume is exact at iteration boundaries: besides model, optimizer, schedule, counters and every
 global generator, the checkpoint holds the observations the next rollout starts from, the running
 episode returns and lengths, and the environments' own state through the task's
@@ -29,11 +36,13 @@ plain data. An environment without that hook is reset on resume, and the trainer
 """
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,14 +57,23 @@ from ml.errors import ConfigError
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel, eval_mode
 from ml.optimizers.base import BaseOptimizer
-from ml.optimizers.fast import FusedAdamStep, use_fast_optimizer
+from ml.optimizers.fast import FusedAdamStep, step_skipping, use_fast_optimizer
 from ml.tasks.rl import ReinforcementLearningTask
-from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_trainer_config
+from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_interval, check_trainer_config
 from ml.trainers.parallel import wrap_model
+from ml.trainers.sl import NonFiniteLossError
 from ml.utils.checkpoint import unwrap_model
-from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size, mean_over_ranks
+from ml.utils.distributed import (
+    all_gather_object,
+    control_group,
+    get_rank,
+    get_world_size,
+    is_initialized,
+    mean_over_ranks,
+)
 from ml.utils.grad_norm import clip_grad_norm_
 from ml.utils.malloc import tune_malloc
+from ml.utils.nonfinite import NonFiniteRecord, NonFiniteStep
 from ml.utils.progress import TrainingBar, expected_total
 
 logger = logging.getLogger(__name__)
@@ -75,6 +93,9 @@ class ReinforcementLearningTrainerConfig(TrainerConfig):
     eval_at_end: bool = conf_field(True, help="Evaluate once more when training ends")
     record_video: bool = conf_field(
         False, help="Record one evaluation episode per evaluation (needs moviepy)"
+    )
+    non_finite_loss: str = conf_field(
+        "stop", help="On a NaN/inf loss or gradient: `stop` with an error, or `skip` that minibatch's update"
     )
 
 
@@ -99,6 +120,24 @@ def _total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _mean_losses(recorded: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {name: torch.stack(values).mean(0) for name, values in recorded.items()}
+
+
+def episode_stats(finished: list[tuple[float, int]], num_episodes: int) -> dict[str, float]:
+    """``rl/episode_return`` and ``rl/episode_length`` (means over the episodes that ended, when any
+    did) and ``rl/episodes`` (all episodes so far), over every rank's episodes in a job: their sums
+    and counts are added up over the ranks before dividing (one all-reduce), so every rank logs the
+    same numbers and a rank that finished more episodes weighs more."""
+    totals = torch.tensor(
+        [sum(r for r, _ in finished), sum(n for _, n in finished), len(finished), num_episodes],
+        dtype=torch.float64,
+    )
+    if is_initialized():
+        torch.distributed.all_reduce(totals, group=control_group())
+    return_sum, length_sum, count, episodes = totals.tolist()
+    stats = {"rl/episodes": episodes}
+    if count:
+        stats |= {"rl/episode_return": return_sum / count, "rl/episode_length": length_sum / count}
+    return stats
 
 
 class SyncEnvs:
@@ -175,7 +214,11 @@ class _Rollout:
         import gymnasium
         from gymnasium.vector import AutoresetMode
 
-        task.get_environment().close()  # a bad id or argument fails here, in this process, clearly
+        probe = task.get_environment()  # a bad id or argument fails here, in this process, clearly
+        try:
+            _check_observations(probe, task)
+        finally:
+            probe.close()
         fns = [task.get_environment for _ in range(count)]
         if vectorization == "async":
             self.envs: Any = gymnasium.vector.AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
@@ -197,9 +240,24 @@ class _Rollout:
         self.envs.close()
 
 
+def _check_observations(env: Any, task: ReinforcementLearningTask) -> None:
+    """Refuses observations that are not one array (a ``Box``): the rollout stacks them into a
+    float tensor, which a tuple or dict of observations would become transposed or not at all."""
+    from gymnasium import spaces
+
+    space = env.observation_space
+    if not isinstance(space, spaces.Box):
+        raise ConfigError(
+            f"task.env_id: the rl trainer takes observations that are one array (a Box space); "
+            f"{_env_name(env, task)}'s are {space} (flatten them, e.g. with gymnasium.wrappers."
+            "FlattenObservation, in the task's get_environment)"
+        )
+
+
 def _env_name(envs: Any, task: ReinforcementLearningTask) -> str:
-    """What the environments are, in words: their registered id, else the environment's class."""
-    env = envs.envs[0] if hasattr(envs, "envs") else None
+    """What the environments (or one environment) are, in words: their registered id, else the
+    environment's class."""
+    env = envs.envs[0] if hasattr(envs, "envs") else envs if hasattr(envs, "observation_space") else None
     spec = getattr(env, "spec", None) if env is not None else None
     if spec is not None and getattr(spec, "id", None):
         return str(spec.id)
@@ -240,7 +298,16 @@ class ReinforcementLearningTrainer(
             raise ConfigError(f"trainer.num_eval_episodes must be positive, got {config.num_eval_episodes}")
         if config.use_double_weight_precision:
             raise ConfigError("trainer.use_double_weight_precision is not supported by the rl trainer")
+        check_interval("trainer.eval_every_n_iterations", config.eval_every_n_iterations)
+        if config.non_finite_loss not in ("stop", "skip"):
+            raise ConfigError(
+                f"trainer.non_finite_loss must be 'stop' or 'skip', got {config.non_finite_loss!r}"
+            )
         self.final_metrics: dict[str, float] = {}
+        self.num_skipped_steps = 0  # minibatch updates dropped for non-finite values (non_finite_loss=skip)
+        self._non_finite: NonFiniteRecord | None = None  # this session's update minibatches, on the device
+        self._found_on_host: list[NonFiniteStep] = []  # minibatches whose loss a stop flag's read found bad
+        self._params: list[nn.Parameter] = []  # the trainable parameters the updates change
         self._rollout: _Rollout | None = None
         self._eval_envs: Any = None
         self._task: ReinforcementLearningTask | None = None
@@ -270,6 +337,8 @@ class ReinforcementLearningTrainer(
         return super().gather_checkpoint_parts(model, optims)
 
     def update_state_dict(self, state_dict: dict) -> None:
+        state_dict["last_eval_step"] = self._last_eval_step  # a continued finished run evaluates not again
+        state_dict["skipped_steps"] = self.num_skipped_steps
         rollout_state = self._rollout_state()
         if rollout_state is None:
             return
@@ -279,6 +348,8 @@ class ReinforcementLearningTrainer(
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Takes this rank's environment state; with another number of ranks, rank 0's goes on alone."""
+        self._last_eval_step = int(state_dict.get("last_eval_step", -1))
+        self.num_skipped_steps = int(state_dict.get("skipped_steps", 0))
         ranks, rank = state_dict.get("rl_ranks"), get_rank()
         if ranks is not None and len(ranks) == get_world_size():
             self._saved_rl = ranks[rank]
@@ -423,6 +494,13 @@ class ReinforcementLearningTrainer(
         its gradient does not depend on the order, so it is not shuffled (nor copied). Gradients are
         dropped by setting them to None and clipped with one norm over all of them (as
         ``clip_grad_norm_`` does, without its per-call bookkeeping).
+
+        NaN/inf (``trainer.non_finite_loss``): each minibatch's loss, and its gradient norm when
+        clipping measures it, is checked on the device, where the optimizer skips an update that has
+        one; the record is read once, at the end of the update (:meth:`_settle`). A task that stops
+        updates early (:meth:`~ml.tasks.rl.ReinforcementLearningTask.update_stop_flag`) has its flag
+        read per minibatch: the loss's check is read with it, and a bad minibatch is not even
+        differentiated.
         """
         # A hook left the model in eval mode (a submodule alone is the user's choice). The flag is
         # the model's own: hooks and eval_mode see it, not a DDP wrapper around it.
@@ -431,11 +509,26 @@ class ReinforcementLearningTrainer(
         # Inference tensors cannot be saved for the backward pass; plain ones pass through as they are.
         dataset = {key: value.clone() if value.is_inference() else value for key, value in dataset.items()}
         size = next(iter(dataset.values())).shape[0]
-        batch_size = min(task.config.minibatch_size, size)
+        batch_size = task.config.minibatch_size
+        if batch_size > size and "small dataset" not in self._warned:
+            self._warned.add("small dataset")
+            logger.warning(
+                "%s.build_rl_dataset gave %d samples, fewer than task.minibatch_size=%d: one "
+                "minibatch holds them all",
+                type(task).__name__,
+                size,
+                batch_size,
+            )
+        batch_size = min(batch_size, size)
         epochs, clip_norm = task.config.num_update_epochs, self.config.clip_grad_norm
         recorded: dict[str, list[torch.Tensor]] = {}
-        params = [p for p in model.parameters() if p.requires_grad]
-        step = FusedAdamStep(optim) if self.config.fast_optimizer else optim.step
+        if self._non_finite is None:  # the first update: the parameters it changes, and their record
+            named = [(name, p) for name, p in unwrap_model(model).named_parameters() if p.requires_grad]
+            self._params = [p for _, p in named]
+            self._non_finite = NonFiniteRecord([name for name, _ in named], self.device)
+        params, record = self._params, self._non_finite
+        step = FusedAdamStep(optim) if self.config.fast_optimizer else functools.partial(step_skipping, optim)
+        minibatch = 0
         for _ in range(epochs):
             if batch_size == size:
                 batches: Any = (dataset,)
@@ -445,23 +538,116 @@ class ReinforcementLearningTrainer(
                     {key: value[idx] for key, value in dataset.items()} for idx in order.split(batch_size)
                 )
             for batch in batches:
+                minibatch += 1
                 output = task.run_model(model, batch, state)
                 loss_dict = task.compute_loss(model, batch, state, output)
-                stop = task.should_stop_update()  # e.g. the KL limit: this minibatch is not applied either
-                if self.distributed:  # all ranks stop together, or the next all-reduce would hang
-                    stop = all_max([float(stop)])[0] > 0
-                if stop:
-                    return _mean_losses(recorded)
                 loss = _total_loss(loss_dict)
+                stop_flag = task.update_stop_flag()  # e.g. the KL limit: this minibatch is not applied either
+                if stop_flag is not None:
+                    stop, loss_bad = self._read_with_stop_flag(stop_flag, loss)
+                    if stop:
+                        break
+                    if loss_bad:  # known on the host already: no backward pass for it
+                        self._found_bad(state, NonFiniteStep(minibatch, loss.item(), None, None))
+                        for name, value in loss_dict.items():
+                            recorded.setdefault(name, []).append(value.detach())
+                        continue
                 for p in params:
                     p.grad = None
                 loss.backward()
-                if clip_norm is not None:
-                    clip_grad_norm_(params, clip_norm)
-                step()
+                grad_norm = clip_grad_norm_(params, clip_norm) if clip_norm is not None else None
+                if stop_flag is not None and grad_norm is None:  # the loss was checked; nothing else is
+                    step(None)
+                else:
+                    if record.full:
+                        self._settle(state)
+                    found_inf = record.found_inf(loss, grad_norm)
+                    if self.distributed:  # all ranks skip or stop together, or their weights would part
+                        torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
+                    record.record(minibatch, found_inf, loss, grad_norm)
+                    step(found_inf)  # the update is dropped on the device if found_inf is 1
                 for name, value in loss_dict.items():
                     recorded.setdefault(name, []).append(value.detach())
+            else:
+                continue
+            break  # the task stopped the update
+        self._settle(state)
         return _mean_losses(recorded)
+
+    def _read_with_stop_flag(self, stop_flag: torch.Tensor, loss: torch.Tensor) -> tuple[bool, bool]:
+        """The task's stop flag and whether the loss is not finite, read on the host at once (agreed
+        by every rank: they stop, or skip, together)."""
+        flags = torch.stack(
+            [stop_flag.detach().float().reshape(()), loss.detach().isfinite().logical_not().float()]
+        )
+        if self.distributed:
+            flags = flags.to("cpu", torch.float64)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=control_group())
+        stop, loss_bad = flags.tolist()
+        return bool(stop), bool(loss_bad)
+
+    def _settle(self, state: State) -> None:
+        """Reads which minibatches of this iteration's update had non-finite values (one host read, if
+        any were checked on the device) and acts on them: ``non_finite_loss=stop`` stops,
+        ``skip`` counts them (their updates were skipped)."""
+        record = self._non_finite
+        found = record.read() if record is not None and record.pending else []
+        found = self._found_on_host + found
+        self._found_on_host = []
+        if found:
+            self._act_on_non_finite(state, found)
+
+    def _found_bad(self, state: State, bad: NonFiniteStep) -> None:
+        """A minibatch found bad on the host: a stop now; a skip is counted with the update's others."""
+        self._found_on_host.append(bad)
+        if self.config.non_finite_loss == "stop":
+            self._settle(state)
+
+    def _act_on_non_finite(self, state: State, bad: list[NonFiniteStep]) -> None:
+        bad = sorted(bad, key=lambda b: b.step)
+        where = " on at least one rank" if self.distributed else ""
+        first = bad[0]
+        iteration = state.num_steps + 1  # the iteration being updated
+        message = (
+            f"non-finite values at iteration {iteration}{where}, in minibatch {first.step} of its update "
+            f"({first.describe()})"
+        )
+        self._check_weights(message)  # skipping more updates cannot mend them
+        if self.config.non_finite_loss == "stop":
+            later = f"; {len(bad) - 1} later minibatch(es) too" if len(bad) > 1 else ""
+            raise NonFiniteLossError(
+                f"{message}{later}; set trainer.non_finite_loss=skip to skip such updates"
+            )
+        self.num_skipped_steps += len(bad)
+        logger.warning(
+            "%s: skipped %d minibatch update(s) (%d so far)", message, len(bad), self.num_skipped_steps
+        )
+        self.logger.log_scalar("skipped_steps", self.num_skipped_steps)
+
+    def _check_weights(self, where: str) -> None:
+        """Stops if the weights are not finite: an update that no check caught (a finite loss with a
+        non-finite gradient, without gradient clipping; or a learning rate that overflows them)."""
+        params = self._params
+        if not params or bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
+            return
+        raise NonFiniteLossError(
+            f"{where}: the weights themselves are no longer finite (an update the checks did not catch: "
+            "a non-finite gradient with a finite loss, without trainer.clip_grad_norm, or a learning "
+            "rate that overflows them)"
+        )
+
+    def save_checkpoint(
+        self,
+        state: State,
+        task: ReinforcementLearningTask,
+        model: BaseModel,
+        optims: Any = None,
+        lr_scheds: Any = None,
+    ) -> Path:
+        """Never saves weights that are not finite (DDP keeps every rank's alike: all stop together)."""
+        self._settle(state)
+        self._check_weights(f"at iteration {state.num_steps}")
+        return super().save_checkpoint(state, task, model, optims, lr_scheds)
 
     # -- evaluation
 
@@ -620,7 +806,6 @@ class ReinforcementLearningTrainer(
         assert isinstance(s, _Session)
         task, model, optim, lr_sched, rollout = s.task, s.model, s.optim, s.lr_sched, s.rollout
         self._start_environments(rollout, task, state)
-        self._last_eval_step = -1
         # rl/env_steps_per_s counts all the time since this loop started (logging and checkpoints
         # included) except the evaluations'.
         first_samples, started, eval_time = state.num_samples, time.perf_counter(), 0.0
@@ -666,19 +851,21 @@ class ReinforcementLearningTrainer(
     ) -> None:
         for name, value in loss_dict.items():
             task.logger.log_scalar(name, value, namespace="rl")
-        if finished:
-            task.logger.log_scalar("episode_return", float(np.mean([r for r, _ in finished])), namespace="rl")
-            task.logger.log_scalar("episode_length", float(np.mean([n for _, n in finished])), namespace="rl")
+        episodes = self._rollout.num_episodes if self._rollout else 0
+        for key, stat in episode_stats(finished, episodes).items():
+            task.logger.log_scalar(key.removeprefix("rl/"), stat, namespace="rl")
         train_time = self._train_time_s
         task.logger.log_scalar("env_steps", state.num_samples, namespace="rl")
-        task.logger.log_scalar("episodes", self._rollout.num_episodes if self._rollout else 0, namespace="rl")
         task.logger.log_scalar("env_steps_per_s", samples / max(train_time, 1e-9), namespace="rl")
         self.logger.log_scalar("lr", lr_sched.lr)
 
     def finish(self, state: State, s: Session) -> None:
-        """The end of a completed run: a last evaluation, then the final checkpoint."""
+        """The end of a completed run: a last evaluation, then the final checkpoint, which records it
+        (saved again if the loop saved this iteration before), so that continuing a finished run
+        evaluates nothing again."""
         if self.config.eval_at_end and self._last_eval_step != state.num_steps:
             self.judge_evaluation(state, self.evaluate(s.task, s.model, state), s)
+            self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)
         super().finish(state, s)
 
 

@@ -252,6 +252,7 @@ def test_rl_collects_on_every_rank_and_saves_every_ranks_environments(tmp_path: 
     overrides = [
         "task.max_steps=3",
         "task.num_envs=2",
+        "task.minibatch_size=64",  # the rollout of 2 x 32 steps (cartpole's 256 would not fit)
         "trainer.eval_every_n_iterations=null",
         "trainer.num_eval_episodes=2",
     ]

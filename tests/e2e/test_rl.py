@@ -2,8 +2,9 @@
 
 A short CartPole run improves its return. A run stopped by SIGTERM (at an iteration boundary) and
 continued from its ``config.yaml`` ends with exactly the tensors of a run that never stopped:
-model, optimizer, generators and the environments' own state. A bad environment id and a model
-whose actions do not fit the environment each stop with one ``ml: error:`` line and exit code 2.
+model, optimizer, generators and the environments' own state. A bad environment id, a model whose
+actions do not fit the environment and a setting that means nothing each stop with one
+``ml: error:`` line and exit code 2, leaving no run folder.
 """
 
 import os
@@ -141,18 +142,19 @@ def test_sigterm_at_an_iteration_boundary_then_resume_is_exact(tmp_path: Path, l
         (("cartpole", "task.env_id=NoSuchEnv-v0"), "NoSuchEnv"),
         (("pendulum", "model.action_size=2"), "expected shape (4, 1)"),
         (("cartpole", "model.observation_size=5"), "cannot act on CartPole-v1 observations of shape (4,)"),
+        (("cartpole", "task.gamma=1.5"), "task.gamma must be in [0, 1], got 1.5"),
     ],
-    ids=["bad-env-id", "wrong-action-shape", "wrong-observation-size"],
+    ids=["bad-env-id", "wrong-action-shape", "wrong-observation-size", "bad-gamma"],
 )
 def test_bad_environment_or_actions_give_one_clear_line(tmp_path: Path, args: tuple, message: str) -> None:
     stderr = _finish(_start(tmp_path, *args), tmp_path, expected=2)
     errors = [line for line in stderr.splitlines() if line.startswith("ml: error:")]
     assert len(errors) == 1 and message in errors[0], stderr
     assert "Traceback" not in stderr
-    assert not any((tmp_path / args[0]).glob("run_*/checkpoints/*"))
+    assert not any((tmp_path / args[0]).glob("run_*"))  # no run folder left behind
 
 
-@pytest.mark.parametrize("change", ["task.num_envs=4", "trainer.vectorization=async"])
+@pytest.mark.parametrize("change", ["task.num_envs=16", "trainer.vectorization=async"])
 def test_continuing_with_other_environments_resets_them_and_says_so(
     tmp_path: Path, logging_yaml: Path, change: str
 ) -> None:

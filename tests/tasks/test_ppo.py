@@ -50,7 +50,7 @@ def test_gae_bootstraps_truncation_and_not_termination() -> None:
 def test_rollout_with_an_episode_truncated_mid_rollout(tmp_path: Path) -> None:
     config = PPOTaskConfig(
         name="classic_control", env_id="CartPole-v1", env_kwargs={"max_episode_steps": 5},
-        num_envs=2, num_env_steps=8, gamma=0.9, gae_lambda=0.8,
+        num_envs=2, num_env_steps=8, minibatch_size=16, gamma=0.9, gae_lambda=0.8,
     )  # fmt: skip
     task = ClassicControlTask(config)
     torch.manual_seed(0)
@@ -290,3 +290,91 @@ def test_a_fused_loss_with_other_gradients_is_not_used(monkeypatch: pytest.Monke
     fallback = _train(fused_loss=True)
     assert ppo._fused_ok is False
     _assert_same_training(fallback, expected)
+
+
+# -- what PPO refuses: a policy that is not one, settings that mean nothing, spaces it cannot act in
+
+
+@pytest.mark.parametrize("optimal", [False, True], ids=["sampled", "deterministic"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_policy_whose_probabilities_are_not_finite_stops_instead_of_choosing_action_0(
+    optimal: bool, bad: float
+) -> None:
+    from ml.trainers.sl import NonFiniteLossError
+
+    task = ClassicControlTask(PPOTaskConfig(name="classic_control"))
+    task.on_environments_ready(None, gymnasium.spaces.Discrete(3))
+
+    def model(obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = torch.zeros(obs.shape[0], 3)
+        logits[1, 2] = bad  # one environment's observation gives a logit that is not finite
+        return logits, torch.zeros(obs.shape[0])
+
+    with pytest.raises(NonFiniteLossError, match="policy's action probabilities are not finite"):
+        task.get_actions(model, torch.zeros(4, 4), optimal=optimal)  # type: ignore[arg-type]
+
+
+def test_a_gaussian_policy_whose_actions_are_not_finite_stops() -> None:
+    from ml.trainers.sl import NonFiniteLossError
+
+    task = ClassicControlTask(PPOTaskConfig(name="classic_control", env_id="Pendulum-v1"))
+    task.on_environments_ready(None, gymnasium.spaces.Box(-2.0, 2.0, shape=(1,)))
+    model = ActorCriticMLP(ActorCriticMLPConfig(name="m", observation_size=3, action_size=1, continuous=True))
+    with torch.no_grad():
+        model.policy[0].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="policy's actions are not finite"):
+        task.get_actions(model, torch.ones(2, 3), optimal=False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"gamma": 1.5}, "task.gamma must be in [0, 1], got 1.5"),
+        ({"gamma": -1.0}, "task.gamma must be in [0, 1], got -1.0"),
+        ({"gae_lambda": 2.0}, "task.gae_lambda must be in [0, 1], got 2.0"),
+        ({"clip_coef": -0.2}, "task.clip_coef must be positive, got -0.2"),
+        ({"vf_coef": -1.0}, "task.vf_coef must be at least 0, got -1.0"),
+        ({"target_kl": -1.0}, "task.target_kl must be positive (or null"),
+        ({"target_kl": 0.0}, "task.target_kl must be positive (or null"),
+        ({"schedule_env_steps": -5}, "task.schedule_env_steps must be positive (or null"),
+        ({"schedule_env_steps": 0, "clip_schedule": "linear"}, "task.schedule_env_steps must be positive"),
+        ({"minibatch_size": 1}, "task.minibatch_size must be at least 2 to normalise advantages"),
+        ({"minibatch_size": 100000}, "task.minibatch_size must be at most the rollout's 256 transitions"),
+    ],
+)
+def test_nonsensical_settings_are_refused(overrides: dict, message: str) -> None:
+    from ml.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        ClassicControlTask(PPOTaskConfig(name="classic_control", **overrides))
+    assert message in str(caught.value)
+
+
+def test_a_rollout_that_does_not_split_into_whole_minibatches_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger=ppo.__name__)
+    ClassicControlTask(PPOTaskConfig(name="classic_control", minibatch_size=1, normalize_advantages=False))
+    ClassicControlTask(PPOTaskConfig(name="classic_control", minibatch_size=255))
+    warnings = [r.getMessage() for r in caplog.records if r.name == ppo.__name__]
+    assert len(warnings) == 1, warnings  # 1 divides 256
+    assert "task.minibatch_size=255 does not divide the rollout's 256 transitions" in warnings[0]
+    assert "a single sample: its advantage is not normalised" in warnings[0]
+
+
+def test_discrete_actions_not_numbered_from_0_are_refused() -> None:
+    from ml.errors import ConfigError
+
+    task = ClassicControlTask(PPOTaskConfig(name="classic_control"))
+    with pytest.raises(ConfigError, match=r"task\.env_id: .*CartPole-v1's are Discrete\(2, start=1\)"):
+        task.on_environments_ready(None, gymnasium.spaces.Discrete(2, start=1))
+
+
+def test_an_environment_argument_the_environment_refuses_names_task_env_kwargs() -> None:
+    from ml.errors import ConfigError
+
+    task = ClassicControlTask(PPOTaskConfig(name="classic_control", env_kwargs={"max_episode_steps": 0}))
+    with pytest.raises(
+        ConfigError, match=r"^task\.env_kwargs: CartPole-v1 refuses \{'max_episode_steps': 0\}"
+    ):
+        task.get_environment()

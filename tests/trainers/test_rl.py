@@ -23,7 +23,9 @@ from ml.trainers.rl import (
     SyncEnvs,
     _Rollout,
     env_seeds,
+    episode_stats,
 )
+from tests.same import assert_same
 
 gymnasium = pytest.importorskip("gymnasium")
 
@@ -209,3 +211,199 @@ def test_an_update_of_a_ddp_model_a_hook_left_in_eval_mode_trains_in_train_mode(
     finally:
         dist.destroy_process_group()
     assert modes and all(modes)
+
+
+# -- NaN/inf, the last evaluation, the episode statistics of a job, refused settings
+
+
+class _NonFiniteLossAt(ClassicControlTask):
+    """A task whose loss is NaN in every minibatch of one iteration (a user's bug, or a blow-up)."""
+
+    bad_iteration = 2
+
+    def __init__(self, config: PPOTaskConfig) -> None:
+        super().__init__(config)
+        self.weights: list[dict[str, torch.Tensor]] = []  # after each iteration's update
+
+    def on_step_end(self, state, loss_dict, model, optim, lr_sched) -> None:  # type: ignore[no-untyped-def]
+        super().on_step_end(state, loss_dict, model, optim, lr_sched)
+        self.weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        self.weights[-1]["adam_step"] = optim.state[next(iter(model.parameters()))]["step"].clone()
+
+    def compute_loss(self, model, batch, state, output):  # type: ignore[no-untyped-def]
+        losses = super().compute_loss(model, batch, state, output)
+        if state.num_steps + 1 == self.bad_iteration:
+            losses["policy_loss"] = losses["policy_loss"] * float("nan")
+        return losses
+
+
+def _train(
+    tmp_path: Path, task: ClassicControlTask, trainer_overrides: dict | None = None, exp: str = "run"
+) -> ReinforcementLearningTrainer:
+    """Trains ``task`` with a small actor-critic in a fresh trainer on ``tmp_path / exp`` (jsonl logs)."""
+    from ml.loggers.jsonl import JsonlLogger, JsonlLoggerConfig
+
+    torch.manual_seed(0)
+    model = ActorCriticMLP(ActorCriticMLPConfig(name="m", observation_size=4, action_size=2))
+    trainer_config = OmegaConf.merge(
+        OmegaConf.structured(ReinforcementLearningTrainerConfig),
+        {
+            "name": "rl",
+            "exp_dir": str(tmp_path / exp),
+            "eval_every_n_iterations": None,
+            "num_eval_episodes": 2,
+            "progress_bar": False,
+            "checkpoint": {"save_every_n_steps": 1},
+            **(trainer_overrides or {}),
+        },
+    )
+    trainer = ReinforcementLearningTrainer(trainer_config)  # type: ignore[arg-type]
+    trainer.add_logger(JsonlLogger(JsonlLoggerConfig(name="jsonl", write_every_n_steps=1)))
+    trainer.train(
+        model,
+        task,
+        AdamOptimizer(AdamConfig(name="adam")),
+        ConstantLRScheduler(ConstantConfig(name="constant")),
+    )
+    return trainer
+
+
+def _small_task(
+    cls: type[ClassicControlTask] = ClassicControlTask, **overrides: object
+) -> ClassicControlTask:
+    config = PPOTaskConfig(
+        name="classic_control", env_id="CartPole-v1", num_envs=2, num_env_steps=16,
+        minibatch_size=16, num_update_epochs=2, max_steps=3,
+    )  # fmt: skip
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return cls(config)
+
+
+def _ckpt(exp_dir: Path, step: int) -> dict:
+    return torch.load(exp_dir / "checkpoints" / f"ckpt.{step}.pt", weights_only=True)
+
+
+# target_kl set: the task reads its early-stop flag per minibatch, and the loss's check rides along;
+# unset: the loss is checked on the device and read once per update.
+@pytest.mark.parametrize("target_kl", [None, 1e9], ids=["checked-on-device", "read-with-the-kl-flag"])
+def test_a_nan_loss_stops_the_run_naming_the_iteration_before_any_checkpoint_holds_it(
+    tmp_path: Path, target_kl: float | None
+) -> None:
+    from ml.trainers.sl import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match=r"at iteration 2, in minibatch 1 of its update.*loss nan"):
+        _train(tmp_path, _small_task(_NonFiniteLossAt, target_kl=target_kl))
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt.*.pt"))
+    assert saved == ["ckpt.1.pt"]  # iteration 2's never written
+    assert all(torch.isfinite(t).all() for t in _ckpt(tmp_path / "run", 1)["model"].values())
+
+
+@pytest.mark.parametrize("target_kl", [None, 1e9], ids=["checked-on-device", "read-with-the-kl-flag"])
+def test_non_finite_loss_skip_drops_those_updates_and_counts_them(
+    tmp_path: Path, target_kl: float | None
+) -> None:
+    task = _small_task(_NonFiniteLossAt, target_kl=target_kl)
+    trainer = _train(tmp_path, task, {"non_finite_loss": "skip"})
+    first, second, third = task.weights  # type: ignore[attr-defined]
+    # Iteration 2's four minibatches (2 epochs of 32 samples in 16s) were all skipped: nothing moved.
+    assert trainer.num_skipped_steps == 4 and _ckpt(tmp_path / "run", 3)["skipped_steps"] == 4
+    assert_same(second, first, "iteration 2")
+    assert third["adam_step"] == first["adam_step"] + 4 and not torch.equal(
+        third["policy.0.weight"], first["policy.0.weight"]
+    )
+    assert all(torch.isfinite(t).all() for t in third.values())
+
+
+def test_weights_that_are_no_longer_finite_are_never_saved(tmp_path: Path) -> None:
+    """A learning rate that overflows the weights with finite losses and gradients (no clipping)."""
+    from ml.trainers.sl import NonFiniteLossError
+
+    class Overflows(ClassicControlTask):
+        def on_step_end(self, state, loss_dict, model, optim, lr_sched) -> None:  # type: ignore[no-untyped-def]
+            super().on_step_end(state, loss_dict, model, optim, lr_sched)
+            if state.num_steps == 2:
+                with torch.no_grad():
+                    model.value[0].weight.fill_(float("inf"))  # as an update the checks cannot see
+
+    with pytest.raises(
+        NonFiniteLossError, match="at iteration 2: the weights themselves are no longer finite"
+    ):
+        _train(tmp_path, _small_task(Overflows), {"non_finite_loss": "skip", "clip_grad_norm": None})
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt.*.pt")) == ["ckpt.1.pt"]
+
+
+def test_continuing_a_finished_run_does_not_evaluate_it_again(tmp_path: Path) -> None:
+    """The final evaluation comes after the loop saved the last iteration: the checkpoint is saved
+    again to record it, so the continued run (nothing left to train) logs no second evaluation."""
+    from ml.loggers.jsonl import read_metrics
+
+    _train(tmp_path, _small_task(max_steps=2))
+    again = _train(tmp_path, _small_task(max_steps=2))
+    valid = [r["step"] for r in read_metrics(tmp_path / "run" / "logs") if r.get("phase") == "valid"]
+    assert valid == [2]
+    assert again.final_metrics == {}
+
+
+_RANK_1 = """
+import sys, torch.distributed as dist
+from ml.trainers.rl import episode_stats
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=1, world_size=2)
+print(episode_stats([(100.0, 100)], 4))  # one long episode; 4 in all so far
+dist.destroy_process_group()
+"""
+
+
+def test_episode_statistics_are_over_every_rank_s_episodes(tmp_path: Path) -> None:
+    """Two real gloo processes (rank 0 this one): the mean return is over the job's 4 episodes (40),
+    not the mean of the ranks' means (60), and every rank has the job's 11 episodes (not 5.5)."""
+    import datetime
+    import subprocess
+    import sys
+
+    store = str(tmp_path / "store")
+    rank_1 = subprocess.Popen(
+        [sys.executable, "-c", _RANK_1, store], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    # A rank 1 that died would leave this one waiting: not longer than 60 s.
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=0, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        on_rank_0 = episode_stats([(10.0, 10), (20.0, 20), (30.0, 30)], 7)  # three short episodes
+    finally:
+        dist.destroy_process_group()
+        out, err = rank_1.communicate(timeout=60)
+    assert rank_1.returncode == 0, err
+    expected = {"rl/episodes": 11.0, "rl/episode_return": 40.0, "rl/episode_length": 40.0}
+    assert on_rank_0 == expected and eval(out) == expected
+    assert episode_stats([], 3) == {"rl/episodes": 3.0}  # one process, no episode ended: no mean
+
+
+def test_observations_that_are_not_one_array_are_refused(tmp_path: Path) -> None:
+    from ml.errors import ConfigError
+
+    task = ClassicControlTask(PPOTaskConfig(name="classic_control", env_id="Blackjack-v1", num_envs=3))
+    with pytest.raises(ConfigError, match=r"task\.env_id: .*Blackjack-v1's are Tuple\("):
+        _Rollout(task, "sync", 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"eval_every_n_iterations": -1}, "trainer.eval_every_n_iterations must be positive (or null"),
+        ({"eval_every_n_iterations": 0}, "trainer.eval_every_n_iterations must be positive (or null"),
+        ({"non_finite_loss": "ignore"}, "trainer.non_finite_loss must be 'stop' or 'skip', got 'ignore'"),
+    ],
+)
+def test_nonsensical_trainer_settings_are_refused(tmp_path: Path, overrides: dict, message: str) -> None:
+    from ml.errors import ConfigError
+
+    trainer_config = OmegaConf.merge(
+        OmegaConf.structured(ReinforcementLearningTrainerConfig),
+        {"name": "rl", "exp_dir": str(tmp_path / "run"), **overrides},
+    )
+    with pytest.raises(ConfigError) as caught:
+        ReinforcementLearningTrainer(trainer_config)  # type: ignore[arg-type]
+    assert message in str(caught.value)
+    assert not (tmp_path / "run").exists()
