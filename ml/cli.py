@@ -33,6 +33,7 @@ from ml.errors import (
     EXIT_OK,
     BadInput,
     CheckpointWriteError,
+    NonFiniteLossError,
     UserError,
     first_line,
 )
@@ -241,9 +242,11 @@ _DISK_ERRNOS = {
 }
 
 
-def _disk_trouble(e: BaseException) -> str | None:
-    """One line saying which write the disk refused and why, or None for any other error."""
-    if isinstance(e, CheckpointWriteError):
+def _failure_line(e: BaseException) -> str | None:
+    """One line for a failure of training that is no bug to trace, or None for any other error: a
+    write the disk refused (which, and why), or values that stopped being finite (the message names
+    the step and the fix)."""
+    if isinstance(e, (CheckpointWriteError, NonFiniteLossError)):
         return first_line(e)
     if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
         where = f" {e.filename}" if e.filename else ""
@@ -335,9 +338,9 @@ def _run(argv: list[str] | None) -> int:
         if isinstance(e, UserError):
             print(f"{_prog()}: error: {first}", file=sys.stderr)
             return e.exit_code
-        disk = _disk_trouble(e)
-        if disk is not None:  # not a bug to trace: the machine's disk refused a write
-            print(f"{_prog()}: training failed: {disk}", file=sys.stderr)
+        known = _failure_line(e)
+        if known is not None:  # not a bug to trace: the disk refused a write, or the numbers blew up
+            print(f"{_prog()}: training failed: {known}", file=sys.stderr)
             return EXIT_FAILURE
         if not debug:
             traceback.print_exc()

@@ -30,6 +30,7 @@ __all__ = [
     "ConfigError",
     "DamagedCheckpointError",
     "ModelFileError",
+    "NonFiniteLossError",
     "RegistryError",
     "RunDirNotSetError",
     "RunLockedError",
@@ -86,6 +87,14 @@ class RunDirNotSetError(UserError, KeyError):
 
 class ModelFileError(UserError, ValueError):
     """An exported model cannot be loaded: not a safetensors file, no config, or weights that do not fit."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient became NaN or infinite and ``trainer.non_finite_loss`` is ``stop``.
+
+    A failure of training (exit code 1), reported in one line: the message names the step (and the
+    module, the part or the minibatch) and the fix.
+    """
 
 
 class CheckpointWriteError(RuntimeError):

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ml.core.compose import ConfigError
 from ml.core.config import conf_field
 from ml.core.state import State
+from ml.errors import ConfigError, NonFiniteLossError
 from ml.tasks.rl import ReinforcementLearningTask, ReinforcementLearningTaskConfig
 from ml.utils.checkpoint import unwrap_model
 
@@ -403,8 +403,6 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
         """Stops when the policy is not a policy (one host read per call: the environments read the
         actions on the host right after it anyway)."""
         if not finite:
-            from ml.trainers.sl import NonFiniteLossError  # the trainers' error for NaN/inf values
-
             raise NonFiniteLossError(
                 f"{type(self).__name__}.get_actions: the policy's {what} are not finite (NaN/inf): the "
                 "model's outputs are not finite for these observations (its weights, or the observations)"

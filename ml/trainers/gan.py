@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 from ml.core.config import conf_field
 from ml.core.registry import register_trainer
 from ml.core.state import State
-from ml.errors import ConfigError
+from ml.errors import ConfigError, NonFiniteLossError
 from ml.loggers.base import MultiLogger, ScalarValue, weighted_mean
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.lr_schedulers.gan import GanLRScheduler
@@ -56,7 +56,6 @@ from ml.optimizers.fast import step_skipping, use_fast_optimizer
 from ml.optimizers.gan import GAN_PARTS, GanOptimizer
 from ml.tasks.gan import GanTask, Losses
 from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_interval, check_trainer_config
-from ml.trainers.sl import NonFiniteLossError
 from ml.utils.data import (
     batch_size_of,
     move_to,

@@ -53,7 +53,7 @@ from torch.optim import Optimizer
 from ml.core.config import conf_field
 from ml.core.registry import register_trainer
 from ml.core.state import State
-from ml.errors import ConfigError
+from ml.errors import ConfigError, NonFiniteLossError
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel, eval_mode
 from ml.optimizers.base import BaseOptimizer
@@ -61,7 +61,6 @@ from ml.optimizers.fast import FusedAdamStep, step_skipping, use_fast_optimizer
 from ml.tasks.rl import ReinforcementLearningTask
 from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_interval, check_trainer_config
 from ml.trainers.parallel import wrap_model
-from ml.trainers.sl import NonFiniteLossError
 from ml.utils.checkpoint import unwrap_model
 from ml.utils.distributed import (
     all_gather_object,

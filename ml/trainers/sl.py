@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from ml.core.config import conf_field
 from ml.core.registry import register_trainer
 from ml.core.state import Phase, State
-from ml.errors import CheckpointError, ConfigError
+from ml.errors import CheckpointError, ConfigError, NonFiniteLossError  # the last also importable here
 from ml.loggers.base import MultiLogger, ScalarValue, scalar_to_float, weighted_mean
 from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel, eval_mode
@@ -81,10 +81,6 @@ from ml.utils.streaming import TrainStream, begin_pass, eval_loader, is_stream
 logger = logging.getLogger(__name__)
 
 Batches = list[Any]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite and the policy is ``stop``."""
 
 
 @dataclass

@@ -654,6 +654,16 @@ def test_failure_during_training_exits_1_and_keeps_the_run(files: Files, tmp_pat
     assert _train_steps(_records(exp_dir)) == [1, 2, 3]
 
 
+def test_values_that_stop_being_finite_fail_the_run_in_one_line(files: Files, tmp_path: Path) -> None:
+    """Not a bug to trace: the line names the step and the fix (it came after a traceback)."""
+    result = ml(files, "train", files.tiny, "optimizer.lr=1e38", "task.max_steps=5", run_dir=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("ml: training failed: non-finite values at step 2"), last
+    assert "trainer.check_grads=true" in last
+
+
 def test_ctrl_c_checkpoints_and_exits_130(files: Files, tmp_path: Path) -> None:
     args = ["task.threshold=0", "task.max_steps=100000", "task.step_sleep_s=0.01"]
     proc = subprocess.Popen(

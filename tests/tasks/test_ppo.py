@@ -300,7 +300,7 @@ def test_a_fused_loss_with_other_gradients_is_not_used(monkeypatch: pytest.Monke
 def test_a_policy_whose_probabilities_are_not_finite_stops_instead_of_choosing_action_0(
     optimal: bool, bad: float
 ) -> None:
-    from ml.trainers.sl import NonFiniteLossError
+    from ml.errors import NonFiniteLossError
 
     task = ClassicControlTask(PPOTaskConfig(name="classic_control"))
     task.on_environments_ready(None, gymnasium.spaces.Discrete(3))
@@ -315,7 +315,7 @@ def test_a_policy_whose_probabilities_are_not_finite_stops_instead_of_choosing_a
 
 
 def test_a_gaussian_policy_whose_actions_are_not_finite_stops() -> None:
-    from ml.trainers.sl import NonFiniteLossError
+    from ml.errors import NonFiniteLossError
 
     task = ClassicControlTask(PPOTaskConfig(name="classic_control", env_id="Pendulum-v1"))
     task.on_environments_ready(None, gymnasium.spaces.Box(-2.0, 2.0, shape=(1,)))

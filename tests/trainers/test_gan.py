@@ -21,12 +21,11 @@ from ml.cli import main as ml_main
 from ml.core.compose import build_objects, compose_config, config_to_save
 from ml.core.config import conf_field
 from ml.core.state import Phase, State
-from ml.errors import ConfigError
+from ml.errors import ConfigError, NonFiniteLossError
 from ml.models.base import BaseModel, BaseModelConfig
 from ml.optimizers.gan import GanOptimizer, GanOptimizerConfig
 from ml.tasks.gan import GanTask, GanTaskConfig
 from ml.trainers.gan import GanTrainer
-from ml.trainers.sl import NonFiniteLossError
 
 HERE = __name__  # the import path of this module, for `name: <module>:Class`
 

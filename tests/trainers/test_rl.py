@@ -290,7 +290,7 @@ def _ckpt(exp_dir: Path, step: int) -> dict:
 def test_a_nan_loss_stops_the_run_naming_the_iteration_before_any_checkpoint_holds_it(
     tmp_path: Path, target_kl: float | None
 ) -> None:
-    from ml.trainers.sl import NonFiniteLossError
+    from ml.errors import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError, match=r"at iteration 2, in minibatch 1 of its update.*loss nan"):
         _train(tmp_path, _small_task(_NonFiniteLossAt, target_kl=target_kl))
@@ -317,7 +317,7 @@ def test_non_finite_loss_skip_drops_those_updates_and_counts_them(
 
 def test_weights_that_are_no_longer_finite_are_never_saved(tmp_path: Path) -> None:
     """A learning rate that overflows the weights with finite losses and gradients (no clipping)."""
-    from ml.trainers.sl import NonFiniteLossError
+    from ml.errors import NonFiniteLossError
 
     class Overflows(ClassicControlTask):
         def on_step_end(self, state, loss_dict, model, optim, lr_sched) -> None:  # type: ignore[no-untyped-def]
