@@ -74,6 +74,7 @@ from ml.utils.grad_norm import clip_grad_norm_
 from ml.utils.malloc import tune_malloc
 from ml.utils.nonfinite import NonFiniteRecord, NonFiniteStep
 from ml.utils.progress import TrainingBar, expected_total
+from ml.utils.seeding import deterministic_algorithms
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class ReinforcementLearningTrainerConfig(TrainerConfig):
     non_finite_loss: str = conf_field(
         "stop", help="On a NaN/inf loss or gradient: `stop` with an error, or `skip` that minibatch's update"
     )
+    deterministic: bool = conf_field(False, help="Use only deterministic kernels (bit-exact resume)")
 
 
 def env_seeds(seed: int, rank: int, count: int, stream: int = 0) -> list[int]:
@@ -728,7 +730,8 @@ class ReinforcementLearningTrainer(
     def training_context(self) -> Iterator[None]:
         threads = torch.get_num_threads()
         try:
-            yield
+            with deterministic_algorithms(self.config.deterministic):
+                yield
         finally:
             torch.set_num_threads(threads)
 

@@ -333,6 +333,23 @@ def test_weights_that_are_no_longer_finite_are_never_saved(tmp_path: Path) -> No
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt.*.pt")) == ["ckpt.1.pt"]
 
 
+class _SeesDeterminism(ClassicControlTask):
+    seen: list[bool]
+
+    def compute_loss(self, model, batch, state, output):  # type: ignore[no-untyped-def]
+        self.seen = [*getattr(self, "seen", []), torch.are_deterministic_algorithms_enabled()]
+        return super().compute_loss(model, batch, state, output)
+
+
+def test_deterministic_kernels_hold_during_training_only(tmp_path: Path) -> None:
+    """``trainer.deterministic`` was refused by the rl trainer (an unknown key)."""
+    assert not torch.are_deterministic_algorithms_enabled()
+    task = _small_task(_SeesDeterminism)
+    _train(tmp_path, task, {"deterministic": True})
+    assert task.seen and all(task.seen)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_continuing_a_finished_run_does_not_evaluate_it_again(tmp_path: Path) -> None:
     """The final evaluation comes after the loop saved the last iteration: the checkpoint is saved
     again to record it, so the continued run (nothing left to train) logs no second evaluation."""
