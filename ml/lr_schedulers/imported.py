@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from ml.core.config import BaseConfig
 from ml.core.registry import config_from_signature
 from ml.core.state import State
-from ml.errors import RegistryError
+from ml.errors import CheckpointError, RegistryError
 from ml.lr_schedulers.base import BaseLRScheduler, BaseLRSchedulerConfig, SchedulerAdapter
 from ml.optimizers.imported import section_kwargs
 
@@ -38,7 +38,8 @@ class TorchSchedulerAdapter(SchedulerAdapter):
 
     def __init__(self, scheduler: "ImportedLRScheduler", optim: Optimizer) -> None:
         super().__init__(scheduler, optim)
-        self.torch_scheduler = scheduler.scheduler_class(optim, **section_kwargs(scheduler.config))
+        self.settings = section_kwargs(scheduler.config)
+        self.torch_scheduler = scheduler.scheduler_class(optim, **self.settings)
 
     def step(self, state: State) -> None:
         with warnings.catch_warnings():
@@ -52,10 +53,24 @@ class TorchSchedulerAdapter(SchedulerAdapter):
         return {**super().state_dict(), "torch_scheduler": self.torch_scheduler.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continues the saved schedule; refuses one whose settings the config changed since.
+
+        Raises:
+            CheckpointError: A setting of the section differs from the saved schedule's: torch
+                would take the saved one back silently (its settings are part of its state).
+        """
         super().load_state_dict(state_dict)
         saved = state_dict["torch_scheduler"]
+        fresh = self.torch_scheduler.state_dict()
+        for key in self.settings:
+            if key in saved and key in fresh and saved[key] != fresh[key]:
+                raise CheckpointError(
+                    f"lr_scheduler.{key}: the checkpoint's {type(self.torch_scheduler).__name__} has "
+                    f"{saved[key]!r}, the config {fresh[key]!r}; a torch schedule keeps its settings in "
+                    f"its state, so continue with {saved[key]!r}, or start a new run"
+                )
         if len(self.optim.param_groups) == 1:  # (see _one_group)
-            saved = _one_group(self.torch_scheduler.state_dict(), saved)
+            saved = _one_group(fresh, saved)
         self.torch_scheduler.load_state_dict(saved)
 
 

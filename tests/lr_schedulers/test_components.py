@@ -12,7 +12,7 @@ from torch import nn
 
 from ml.core.compose import build_component, typed_section
 from ml.core.state import State
-from ml.errors import ConfigError
+from ml.errors import CheckpointError, ConfigError
 from ml.lr_schedulers.base import SchedulerAdapter
 
 
@@ -139,6 +139,20 @@ def test_a_torch_schedule_resumes_exactly_from_a_checkpointed_state() -> None:
     resumed_adapter.load_state_dict(saved["lr"])
     assert _train(resumed_model, resumed_optim, resumed_adapter, range(4, 10)) == continued
     assert torch.equal(model.weight, resumed_model.weight)
+
+
+def test_a_torch_schedule_whose_settings_changed_since_the_checkpoint_is_refused() -> None:
+    """Torch took the saved step_size and gamma back silently: the run went on halving every 3 steps
+    while its config.yaml said every 100."""
+    model, optim = _model_and_optimizer()
+    adapter = _schedule(STEP_LR).get(optim)
+    _train(model, optim, adapter, range(4))
+    changed = _schedule({**STEP_LR, "step_size": 100}).get(optim)
+    with pytest.raises(
+        CheckpointError, match=r"lr_scheduler\.step_size: the checkpoint's StepLR has 3, the config 100"
+    ):
+        changed.load_state_dict(adapter.state_dict())
+    _schedule(dict(STEP_LR)).get(optim).load_state_dict(adapter.state_dict())  # the same settings load
 
 
 @pytest.mark.parametrize(
