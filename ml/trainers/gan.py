@@ -299,10 +299,13 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
             self.on_epoch_end(state, task, model, optims, lr_scheds)
 
     def finish(self, state: State, s: Session) -> None:
-        """The end of a completed run: a last validation, then the final checkpoint."""
+        """The end of a completed run: a last validation, then the final checkpoint, which says the
+        step was validated (the loop may have saved this step's before): continuing the run, or a
+        ``kill -9`` now, does not validate (and log) it again."""
         assert isinstance(s, _Session)
-        if self.config.valid_at_end and self._last_valid_step != state.num_steps:
+        if self.config.valid_at_end and s.task.evaluates and self._last_valid_step != state.num_steps:
             self._validate(state, s)
+            self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)
         super().finish(state, s)
 
     # -- data

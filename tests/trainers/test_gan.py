@@ -361,6 +361,33 @@ def test_deterministic_kernels_hold_during_training_only(config_file: Path, tmp_
     assert not torch.are_deterministic_algorithms_enabled()  # put back after training
 
 
+class EvaluatingTinyGanTask(TinyGanTask):
+    def evaluate(self, model: nn.Module, state: State) -> dict[str, float]:
+        return {"score": float(state.num_steps)}
+
+
+def test_continuing_a_finished_run_does_not_validate_its_last_step_again(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The final validation came after the loop's checkpoint of that step, which was not saved
+    again: each continuation validated (and logged) the last step once more."""
+    monkeypatch.setenv("RUN_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("ML_EXP_NAME", "gan")
+    args = [
+        f"task.name={HERE}:EvaluatingTinyGanTask",
+        "task.max_steps=4",
+        "task.train_dl.batch_size=8",
+        "trainer.valid_every_n_steps=3",
+        "trainer.checkpoint.save_every_n_steps=2",
+    ]
+    assert ml_main(["train", str(config_file), *args]) == 0
+    exp_dir = tmp_path / "runs" / "gan" / "run_0"
+    for _ in range(2):
+        assert ml_main(["train", str(exp_dir / "config.yaml")]) == 0
+    records = [json.loads(line) for line in (exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["phase"] == "valid"] == [3, 4]
+
+
 def test_changing_discriminator_steps_on_resume_is_refused(
     config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
