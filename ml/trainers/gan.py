@@ -306,6 +306,7 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
         if self.config.valid_at_end and s.task.evaluates and self._last_valid_step != state.num_steps:
             self._validate(state, s)
             self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)
+            self.wait_for_checkpoint()  # on disk at once (async_save)
         super().finish(state, s)
 
     # -- data

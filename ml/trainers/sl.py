@@ -913,6 +913,7 @@ class SupervisedLearningTrainer(
         self._validate(state, s)
         if self._last_valid[0] == state.num_steps:
             self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)
+            self.wait_for_checkpoint()  # on disk before anything else may be logged (async_save)
 
     def _should_validate(self, state: State) -> bool:
         (every_n_steps, every_n_seconds), (last_step, last_time) = self._valid_every, self._last_valid

@@ -165,10 +165,16 @@ def test_a_kill_9_after_a_validation_redone_on_continuing_does_not_log_it_twice(
     assert _valid_steps(_exp_dir(tmp_path)) == [2, 4, 6, 8]
 
 
-def test_a_kill_9_during_the_final_test_does_not_validate_the_last_step_again(tmp_path: Path) -> None:
-    """The final validation (step 8 is not due by the cadence) came after the checkpoint of step 8."""
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_kill_9_during_the_final_test_does_not_validate_the_last_step_again(
+    tmp_path: Path, async_save: bool
+) -> None:
+    """The final validation (step 8 is not due by the cadence) came after the checkpoint of step 8;
+    the checkpoint saved again for it must be on disk before the test begins (an asynchronous save
+    was still being written when the kill came)."""
     args = (
         "trainer.valid_every_n_steps=3",
+        f"trainer.checkpoint.async_save={str(async_save).lower()}",
         "task.signal_phase=test",
         "task.signal_step=8",
         "task.signal_name=SIGKILL",
