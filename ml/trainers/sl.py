@@ -779,7 +779,8 @@ class SupervisedLearningTrainer(
 
         Everything the task logs while evaluating (losses, accuracy, ...) is averaged over samples.
         Several named sets (``{"clean": ..., "noisy": ...}``) are each averaged on their own and
-        logged together, in one record, as ``valid/clean/loss``, ``valid/noisy/loss``, ...
+        logged together, in one record, as ``valid/clean/loss``, ``valid/noisy/loss``, ... (a key of
+        another namespace likewise: ``model/clean/mean``).
         A stop signal abandons the pass at the next batch (None is returned, nothing is logged).
         """
         sets = {"": loaders} if isinstance(loaders, DataLoader) else dict(loaders)
@@ -867,12 +868,15 @@ class SupervisedLearningTrainer(
             keys = dict.fromkeys(key for part_totals, _ in parts for key in part_totals)
             totals = {key: sum(part_totals.get(key, 0.0) for part_totals, _ in parts) for key in keys}
             counts = {key: sum(part_counts.get(key, 0) for _, part_counts in parts) for key in keys}
-        prefix = f"{phase}/"
-        renamed = (lambda key: f"{prefix}{name}/{key[len(prefix) :]}") if name else (lambda key: key)
-        return {
-            (renamed(key) if key.startswith(prefix) else key): total / counts[key]
-            for key, total in totals.items()
-        }
+        if not name:
+            return {key: total / counts[key] for key, total in totals.items()}
+        # A named set's keys carry its name after their namespace (valid/clean/loss, model/clean/mean):
+        # the sets are logged together, in one record.
+        named = {}
+        for key, total in totals.items():
+            namespace, _, rest = key.partition("/")
+            named[f"{namespace}/{name}/{rest}" if rest else f"{name}/{key}"] = total / counts[key]
+        return named
 
     def _stand_in_passes(
         self,

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ml.core.state import State
+from ml.core.state import Phase, State
 from ml.errors import ConfigError
 from ml.loggers.jsonl import JsonlLogger, JsonlLoggerConfig
 from ml.lr_schedulers.builtin import ConstantConfig, ConstantLRScheduler
@@ -164,7 +164,9 @@ def test_validation_sets_the_trainer_cannot_use_are_refused_before_the_first_ste
     assert not (tmp_path / "checkpoints").exists()
 
 
-def _counting_run(tmp_path: Path, **trainer: object) -> dict[str, float]:
+def _counting_run(
+    tmp_path: Path, task_class: type[CountingTask] = CountingTask, **trainer: object
+) -> dict[str, float]:
     """Trains the counting task 4 steps at lr 0, validating at step 4 over 0..6 in batches of 2
     ([0, 1], [2, 3], [4, 5], [6]); returns the validation's record."""
     config = CountingTaskConfig(name="counting", max_steps=4, n_valid=7, some_at=5.0)
@@ -185,10 +187,29 @@ def _counting_run(tmp_path: Path, **trainer: object) -> dict[str, float]:
     sl.add_logger(JsonlLogger(JsonlLoggerConfig(name="jsonl", write_every_n_steps=1)))
     constant = ConstantLRScheduler(ConstantConfig(name="constant"))
     model = CountingModel(BaseModelConfig(name="counting"))
-    sl.train(model, CountingTask(config), AdamOptimizer(AdamConfig(name="adam", lr=0.0)), constant)
+    sl.train(model, task_class(config), AdamOptimizer(AdamConfig(name="adam", lr=0.0)), constant)
     lines = (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
     (valid,) = [r["metrics"] for r in map(json.loads, lines) if r["phase"] == "valid"]
     return valid
+
+
+class TwoCountingSetsTask(CountingTask):
+    """Validation on 0..6 (``low``) and on 10..16 (``high``)."""
+
+    def get_dataset(self, phase: Phase) -> Any:
+        data = super().get_dataset(phase)
+        if phase != "valid":
+            return data
+        return {"low": data, "high": TensorDataset(data.tensors[0] + 10)}
+
+
+def test_what_the_model_logs_on_named_validation_sets_is_kept_for_each_set(tmp_path: Path) -> None:
+    """A key without the phase's prefix (``model/mean``) kept only the last set's value."""
+    valid = _counting_run(tmp_path, TwoCountingSetsTask)
+    assert valid["valid/low/loss"] == pytest.approx(3.0) and valid["valid/high/loss"] == pytest.approx(13.0)
+    assert valid["model/low/mean"] == pytest.approx(3.0)
+    assert valid["model/high/mean"] == pytest.approx(13.0)
+    assert "model/mean" not in valid
 
 
 def test_what_some_validation_batches_log_is_their_mean_and_the_model_s_values_the_set_s_mean(
