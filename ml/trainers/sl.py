@@ -409,11 +409,18 @@ class SupervisedLearningTrainer(
                 f"{where} returned {type(dataset).__name__}, "
                 "not a map-style Dataset (with __len__ and __getitem__) nor an IterableDataset"
             )
-        if phase != "train" and self.config.parallel == "fsdp" and len(dataset) < get_world_size():
-            raise ConfigError(
-                f"{where} has {len(dataset)} samples, fewer than the {get_world_size()} processes: under "
-                "FSDP every process evaluates at least one; use a larger set or fewer processes"
-            )
+        if phase != "train" and self.config.parallel == "fsdp":  # every process evaluates a batch or more
+            if len(dataset) < get_world_size():
+                raise ConfigError(
+                    f"{where} has {len(dataset)} samples, fewer than the {get_world_size()} processes: "
+                    "under FSDP every process evaluates at least one; use a larger set or fewer processes"
+                )
+            if task.dataloader_config(phase).drop_last:
+                raise ConfigError(
+                    f"task.{phase}_dl.drop_last=true under trainer.parallel=fsdp: a process left without a "
+                    "batch cannot join the others' (collective) forward passes; set it to false (every "
+                    "sample is evaluated)"
+                )
         return resumable_loader(
             dataset,
             task.dataloader_config(phase),

@@ -164,6 +164,16 @@ def test_validation_sets_the_trainer_cannot_use_are_refused_before_the_first_ste
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_dropping_evaluation_samples_under_fsdp_is_refused_before_the_first_step(tmp_path: Path) -> None:
+    """A process left without a batch (drop_last) had nothing to join the others' collective forward
+    passes with: it crashed with a traceback after training."""
+    config = SupervisedLearningTaskConfig(name="tiny", max_steps=4)
+    config.valid_dl.drop_last = True
+    with pytest.raises(ConfigError, match=r"task\.valid_dl\.drop_last=true under trainer\.parallel=fsdp"):
+        _train(tmp_path, TinyTask(config), valid_every_n_steps=2, parallel="fsdp")
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def _counting_run(
     tmp_path: Path, task_class: type[CountingTask] = CountingTask, **trainer: object
 ) -> dict[str, float]:
