@@ -114,6 +114,15 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def share_rank_0_buffers(model: nn.Module) -> None:
+    """Gives every rank rank 0's floating buffers (a batch norm's running statistics; all ranks call
+    this). FSDP leaves each rank those of its own batches, where DDP broadcasts rank 0's at every
+    forward pass; an evaluation then sees the model the checkpoint keeps (rank 0's) on every rank."""
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
 def full_model_state(model: nn.Module) -> dict[str, Any]:
     """The whole model's state dict on the CPU, gathered from every rank (all ranks call this)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -56,6 +56,7 @@ from ml.trainers.parallel import (
     is_sharded,
     load_full_model_state,
     load_full_optim_state,
+    share_rank_0_buffers,
     wrap_model,
 )
 from ml.utils.checkpoint import unwrap_model
@@ -791,6 +792,8 @@ class SupervisedLearningTrainer(
         A stop signal abandons the pass at the next batch (None is returned, nothing is logged).
         """
         sets = {"": loaders} if isinstance(loaders, DataLoader) else dict(loaders)
+        if self.distributed and is_sharded(model):
+            share_rank_0_buffers(model)
         state.set_phase(phase)
         metrics: dict[str, float] = {}
         with eval_mode(model):

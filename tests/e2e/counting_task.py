@@ -35,6 +35,18 @@ class CountingModel(BaseModel[BaseModelConfig]):
         return x + 0.0 * self.scale(x.unsqueeze(-1)).squeeze(-1)
 
 
+class NormedCountingModel(CountingModel):
+    """The counting model behind a batch norm: training moves its running statistics, each rank's by
+    its own batches; evaluation then gives ``(x - running_mean) / sqrt(running_var + eps)``."""
+
+    def __init__(self, config: BaseModelConfig) -> None:
+        super().__init__(config)
+        self.norm = nn.BatchNorm1d(1, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(super().forward(x).unsqueeze(-1)).squeeze(-1)
+
+
 @dataclass
 class CountingTaskConfig(SupervisedLearningTaskConfig):
     n_train: int = conf_field(10, help="Training samples: 0, 1, ..., n_train - 1")

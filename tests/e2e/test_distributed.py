@@ -410,3 +410,29 @@ def test_fsdp_validation_covers_every_sample_and_what_one_rank_alone_logged(tmp_
         assert record["metrics"]["model/mean"] == pytest.approx(4.0)
         assert record["metrics"]["valid/some"] == pytest.approx(6.0)
         assert record["elapsed_s"] >= 0.3 * record["step"], record
+
+
+def test_fsdp_evaluates_with_rank_0_s_running_statistics_which_the_checkpoint_keeps(tmp_path: Path) -> None:
+    """FSDP leaves each rank the batch-norm statistics of its own batches (DDP broadcasts rank 0's);
+    a rank evaluated with its own, so validation disagreed with the checkpoint's (rank 0's) model, and
+    a resumed run validated differently from an uninterrupted one."""
+    config = tmp_path / "normed.yaml"
+    config.write_text(
+        COUNTING.replace("counting_task:CountingModel", "counting_task:NormedCountingModel").replace(
+            "  valid_every_n_steps: 1\n", "  valid_every_n_steps: 2\n  checkpoint: {format: full}\n"
+        )
+    )
+    run_dir = tmp_path / "runs"
+    env = {
+        **_env(run_dir),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [*ML, "launch", str(config), "launcher.name=torchrun", "launcher.nproc_per_node=2"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exp_dir = _only_run(run_dir)
+    (record,) = [r for r in _records(exp_dir) if r["phase"] == "valid"]
+    buffers = torch.load(exp_dir / "checkpoints" / "ckpt.pt", weights_only=True)["model"]
+    mean, var = buffers["norm.running_mean"].item(), buffers["norm.running_var"].item()
+    expected = (4.0 - mean) / (var + 1e-5) ** 0.5  # the samples 0..8: their mean, normed as rank 0 does
+    assert record["metrics"]["valid/loss"] == pytest.approx(expected, rel=1e-5), (record, mean, var)
