@@ -312,6 +312,8 @@ class SupervisedLearningTrainer(
     def gather_checkpoint_parts(self, model: BaseModel, optims: Any) -> tuple[Any, Any]:
         # A streamed training set: each rank's place in its own shard, gathered for rank 0 to save.
         self._stream_ranks = self._train_stream.gather() if self._train_stream is not None else None
+        if is_sharded(model) and self.distributed:  # the buffers saved are rank 0's, whichever rank writes
+            share_rank_0_buffers(model)
         if not is_sharded(model) or self.checkpoint_format == "sharded":  # sharded: no tensor is gathered
             return super().gather_checkpoint_parts(model, optims)
         return full_model_state(model), None if optims is None else full_optim_state(model, optims)
