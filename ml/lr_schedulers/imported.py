@@ -11,6 +11,7 @@ into every checkpoint, so a resumed run continues it exactly. Schedules that nee
 (``ReduceLROnPlateau``) or other schedules (``SequentialLR``) cannot be built from a config section.
 """
 
+import enum
 import warnings
 from typing import Any, ClassVar
 
@@ -50,28 +51,39 @@ class TorchSchedulerAdapter(SchedulerAdapter):
         self.lr_scale = float(group["lr"]) / float(group["initial_lr"]) if group["initial_lr"] else 1.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "torch_scheduler": self.torch_scheduler.state_dict()}
+        settings = {key: _plain(value) for key, value in self.settings.items()}
+        return {
+            **super().state_dict(),
+            "torch_scheduler": self.torch_scheduler.state_dict(),
+            "settings": settings,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continues the saved schedule; refuses one whose settings the config changed since.
 
         Raises:
-            CheckpointError: A setting of the section differs from the saved schedule's: torch
-                would take the saved one back silently (its settings are part of its state).
+            CheckpointError: A setting of the section differs from the one the schedule was saved
+                with: torch would take the saved one back silently (its settings are part of its
+                state, some under other names or in the optimizer's groups).
         """
         super().load_state_dict(state_dict)
-        saved = state_dict["torch_scheduler"]
-        fresh = self.torch_scheduler.state_dict()
-        for key in self.settings:
-            if key in saved and key in fresh and saved[key] != fresh[key]:
+        saved_settings = state_dict.get("settings", {})  # (none in a checkpoint from before they were)
+        for key, value in self.settings.items():
+            if key in saved_settings and saved_settings[key] != _plain(value):
                 raise CheckpointError(
                     f"lr_scheduler.{key}: the checkpoint's {type(self.torch_scheduler).__name__} has "
-                    f"{saved[key]!r}, the config {fresh[key]!r}; a torch schedule keeps its settings in "
-                    f"its state, so continue with {saved[key]!r}, or start a new run"
+                    f"{saved_settings[key]!r}, the config {_plain(value)!r}; a torch schedule keeps its "
+                    f"settings in its state, so continue with {saved_settings[key]!r}, or start a new run"
                 )
+        saved = state_dict["torch_scheduler"]
         if len(self.optim.param_groups) == 1:  # (see _one_group)
-            saved = _one_group(fresh, saved)
+            saved = _one_group(self.torch_scheduler.state_dict(), saved)
         self.torch_scheduler.load_state_dict(saved)
+
+
+def _plain(value: Any) -> Any:
+    """A setting as a checkpoint holds it (``weights_only`` loading takes no enums): an enum's value."""
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def _one_group(fresh: Any, saved: Any) -> Any:

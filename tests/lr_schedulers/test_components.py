@@ -155,6 +155,23 @@ def test_a_torch_schedule_whose_settings_changed_since_the_checkpoint_is_refused
     _schedule(dict(STEP_LR)).get(optim).load_state_dict(adapter.state_dict())  # the same settings load
 
 
+def test_a_torch_schedule_s_settings_kept_under_other_names_are_compared_too() -> None:
+    """OneCycleLR keeps max_lr in the optimizer's groups and pct_start in its phases: a changed value
+    was taken back silently (the review's 0.1 where the config said 1.0)."""
+    one_cycle = {"name": "torch.optim.lr_scheduler:OneCycleLR", "max_lr": 0.1, "total_steps": 20}
+    model, optim = _model_and_optimizer()
+    adapter = _schedule(one_cycle).get(optim)
+    _train(model, optim, adapter, range(4))
+    saved = io.BytesIO()
+    torch.save(adapter.state_dict(), saved)  # as a checkpoint holds it: weights_only loading
+    saved.seek(0)
+    state = torch.load(saved, weights_only=True)
+    changed = _schedule({**one_cycle, "max_lr": 1.0}).get(optim)
+    with pytest.raises(CheckpointError, match=r"lr_scheduler\.max_lr: the checkpoint's OneCycleLR has 0\.1"):
+        changed.load_state_dict(state)
+    _schedule(dict(one_cycle)).get(optim).load_state_dict(state)
+
+
 @pytest.mark.parametrize(
     ("section", "message"),
     [
