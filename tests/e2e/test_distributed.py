@@ -387,14 +387,11 @@ logger: [{name: jsonl, write_every_n_steps: 1}]
 """
 
 
-def test_fsdp_validation_covers_every_sample_and_what_one_rank_alone_logged(tmp_path: Path) -> None:
-    """The 9 samples 0..8 split 5 and 4 over the ranks: rank 0 evaluates 3 batches ([0, 2], [4, 6],
-    [8]), rank 1 two ([1, 3], [5, 7]) and joins rank 0's third forward pass with a stand-in; the
-    mean is 4 (all 9, none dropped for an even split), and ``some``, logged by rank 1's [5, 7] alone,
-    is 6. The validations' records say when they were written, not when the ranks last agreed on
-    the clock (at step 0: every later step took 0.3 s)."""
+def _train_counting(tmp_path: Path, config_text: str) -> Path:
+    """Trains ``config_text`` (the counting task, ``counting_task.py``) on 2 processes under torchrun;
+    returns the run folder."""
     config = tmp_path / "counting.yaml"
-    config.write_text(COUNTING)
+    config.write_text(config_text)
     run_dir = tmp_path / "runs"
     env = {
         **_env(run_dir),
@@ -403,7 +400,16 @@ def test_fsdp_validation_covers_every_sample_and_what_one_rank_alone_logged(tmp_
     command = [*ML, "launch", str(config), "launcher.name=torchrun", "launcher.nproc_per_node=2"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [r for r in _records(_only_run(run_dir)) if r["phase"] == "valid"]
+    return _only_run(run_dir)
+
+
+def test_fsdp_validation_covers_every_sample_and_what_one_rank_alone_logged(tmp_path: Path) -> None:
+    """The 9 samples 0..8 split 5 and 4 over the ranks: rank 0 evaluates 3 batches ([0, 2], [4, 6],
+    [8]), rank 1 two ([1, 3], [5, 7]) and joins rank 0's third forward pass with a stand-in; the
+    mean is 4 (all 9, none dropped for an even split), and ``some``, logged by rank 1's [5, 7] alone,
+    is 6. The validations' records say when they were written, not when the ranks last agreed on
+    the clock (at step 0: every later step took 0.3 s)."""
+    records = [r for r in _records(_train_counting(tmp_path, COUNTING)) if r["phase"] == "valid"]
     assert [r["step"] for r in records] == [1, 2]
     for record in records:
         assert record["metrics"]["valid/loss"] == pytest.approx(4.0)
@@ -416,21 +422,10 @@ def test_fsdp_evaluates_with_rank_0_s_running_statistics_which_the_checkpoint_ke
     """FSDP leaves each rank the batch-norm statistics of its own batches (DDP broadcasts rank 0's);
     a rank evaluated with its own, so validation disagreed with the checkpoint's (rank 0's) model, and
     a resumed run validated differently from an uninterrupted one."""
-    config = tmp_path / "normed.yaml"
-    config.write_text(
-        COUNTING.replace("counting_task:CountingModel", "counting_task:NormedCountingModel").replace(
-            "  valid_every_n_steps: 1\n", "  valid_every_n_steps: 2\n  checkpoint: {format: full}\n"
-        )
+    normed = COUNTING.replace("counting_task:CountingModel", "counting_task:NormedCountingModel").replace(
+        "  valid_every_n_steps: 1\n", "  valid_every_n_steps: 2\n  checkpoint: {format: full}\n"
     )
-    run_dir = tmp_path / "runs"
-    env = {
-        **_env(run_dir),
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [*ML, "launch", str(config), "launcher.name=torchrun", "launcher.nproc_per_node=2"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    exp_dir = _only_run(run_dir)
+    exp_dir = _train_counting(tmp_path, normed)
     (record,) = [r for r in _records(exp_dir) if r["phase"] == "valid"]
     buffers = torch.load(exp_dir / "checkpoints" / "ckpt.pt", weights_only=True)["model"]
     mean, var = buffers["norm.running_mean"].item(), buffers["norm.running_var"].item()
