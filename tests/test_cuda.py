@@ -310,3 +310,25 @@ def test_a_resumed_optimizer_keeps_its_step_counts_where_a_fresh_one_does(
     assert {p["step"].device.type for p in again.state.values()} == fresh
     assert {p["exp_avg"].device.type for p in again.state.values()} == {"cuda"}
     del sched
+
+
+def test_rank_0_s_buffers_reach_every_process_over_nccl_even_when_not_contiguous(tmp_path: Path) -> None:
+    """NCCL broadcasts only contiguous tensors (gloo copies itself): a transposed buffer, which the
+    CPU tests cannot catch, made every FSDP evaluation and checkpoint fail on GPUs."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from ml.trainers.parallel import share_rank_0_buffers
+
+    module = nn.Module().cuda()
+    module.register_buffer("transposed", torch.arange(6.0, device="cuda").view(2, 3).t())
+    module.register_buffer("stats", torch.ones(3, device="cuda"))
+    before = {name: t.clone() for name, t in module.named_buffers()}
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        share_rank_0_buffers(module)
+    finally:
+        dist.destroy_process_group()
+    for name, tensor in module.named_buffers():
+        assert torch.equal(tensor, before[name]), name
+    assert not module.transposed.is_contiguous()  # still the module's own tensor, filled in place

@@ -121,6 +121,8 @@ def _check_output(output: str, force: bool) -> Path:
         raise BadInput(f"-o {output}: the output must end in {SUFFIX}, e.g. model{SUFFIX}")
     if path.is_dir():
         raise BadInput(f"-o {output} is a folder; give a file name ending in {SUFFIX}")
+    if not path.parent.is_dir():
+        raise BadInput(f"-o {output}: the folder {path.parent} does not exist")
     if not force:
         for existing in (path, config_path_beside(path)):
             if existing.exists() or existing.is_symlink():

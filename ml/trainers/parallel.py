@@ -118,9 +118,15 @@ def share_rank_0_buffers(model: nn.Module) -> None:
     """Gives every rank rank 0's floating buffers (a batch norm's running statistics; all ranks call
     this). FSDP leaves each rank those of its own batches, where DDP broadcasts rank 0's at every
     forward pass; an evaluation then sees the model the checkpoint keeps (rank 0's) on every rank."""
-    for buffer in model.buffers():
-        if buffer.is_floating_point():
+    for buffer in model.buffers():  # every buffer, persistent or not, as DDP broadcasts them
+        if not buffer.is_floating_point():
+            continue
+        if buffer.is_contiguous():
             torch.distributed.broadcast(buffer.data, src=0)
+        else:  # NCCL takes only contiguous tensors (gloo copies itself)
+            whole = buffer.data.contiguous()
+            torch.distributed.broadcast(whole, src=0)
+            buffer.data.copy_(whole)
 
 
 def full_model_state(model: nn.Module) -> dict[str, Any]:

@@ -306,6 +306,10 @@ def test_bad_input_is_one_line_and_changes_nothing(
     # A wrong suffix.
     assert "must end in .safetensors" in export_error(str(run), "-o", str(tmp_path / "m.pt"), capsys=capsys)
     assert not out.exists() and not (tmp_path / "m.pt").exists() and not out.with_suffix(".yaml").exists()
+    # A folder that does not exist is refused, not made (as `ml plot -o` does).
+    nested = tmp_path / "no" / "such" / "model.safetensors"
+    assert "the folder" in export_error(str(run), "-o", str(nested), capsys=capsys)
+    assert not (tmp_path / "no").exists()
 
     # Truncated checkpoints (in a copy of the run): the newest that is not is exported, and a
     # warning names both; with none left whole, the safe reader's one line.

@@ -174,6 +174,19 @@ def test_dropping_evaluation_samples_under_fsdp_is_refused_before_the_first_step
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_an_evaluation_set_smaller_than_the_processes_under_fsdp_is_refused_before_the_first_step(
+    tmp_path: Path,
+) -> None:
+    """Under FSDP every process must evaluate a batch or more; with one process only an empty set is
+    smaller than the processes."""
+    task = BadValidTask(
+        SupervisedLearningTaskConfig(name="bad", max_steps=4), TensorDataset(torch.zeros(0, 4))
+    )
+    with pytest.raises(ConfigError, match=r"has 0 samples, fewer than the 1 processes: under FSDP"):
+        _train(tmp_path, task, valid_every_n_steps=2, parallel="fsdp")
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def _counting_run(
     tmp_path: Path, task_class: type[CountingTask] = CountingTask, **trainer: object
 ) -> dict[str, float]:
