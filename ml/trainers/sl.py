@@ -67,7 +67,6 @@ from ml.utils.data import (
     prepare_worker_processes,
     rest_of_epoch,
     resumable_loader,
-    to_device_ahead,
 )
 from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world_size
 from ml.utils.ema import WeightAverage
@@ -276,7 +275,6 @@ class SupervisedLearningTrainer(
         self._sharded = False  # FSDP: the gradients are DTensors (set for each loop)
         self._fused_step: FusedAdamStep | None = None  # set for each session's loop (see loop)
         self._checks_on_host = False  # whether the non-finite check reads the loss (see _loop)
-        self._moves_batches = True  # whether the step moves its batches to the device (see _loop)
         self._step_grad_norm: torch.Tensor | None = None  # the last step's, if it measured it
         self._throughput: _Throughput | None = None  # the loop's steps/s and samples/s
         self.precision = MixedPrecision(config.precision, self.device)
@@ -509,15 +507,6 @@ class SupervisedLearningTrainer(
         while group := list(itertools.islice(batches, self._batches_per_step)):
             yield group
 
-    def _device_ahead(self, groups: Iterator[Batches]) -> Iterator[Batches]:
-        """On CUDA, the next step's batches are copied to the device while this step computes
-        (:func:`ml.utils.data.to_device_ahead`); a stream's loader must stand where training does
-        (its position is saved from it), so streams are moved by the step itself. Elsewhere the
-        groups pass as they are (not through a generator that would only hand them on)."""
-        if self._train_stream is not None or self.device.type != "cuda":
-            return groups
-        return to_device_ahead(groups, self.device, self._dtype)
-
     # -- one training step
 
     def _parts_of(self, model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
@@ -552,8 +541,7 @@ class SupervisedLearningTrainer(
         self, state: State, batch: Any, task: SupervisedLearningTask, model: nn.Module, optim: Optimizer
     ) -> dict[str, torch.Tensor]:
         """Forward and backward over one batch (the usual step); returns its losses, detached."""
-        if self._moves_batches:
-            batch = move_to(batch, self.device, self._dtype)
+        batch = move_to(batch, self.device, self._dtype)
         loss_dict, loss = self._losses(task, model, batch, state)
         # After the forward pass, as a plain loop does: the last step's gradients are freed just
         # before the new ones are made, which then reuse their memory (freed before the forward,
@@ -584,8 +572,7 @@ class SupervisedLearningTrainer(
         logged: dict[str, list[tuple[float, ScalarValue]]] = {}
         for i, batch in enumerate(batches):
             weight = batch_size_of(batch) / total
-            if self._moves_batches:
-                batch = move_to(batch, self.device, self._dtype)
+            batch = move_to(batch, self.device, self._dtype)
             last = i == len(batches) - 1
             with no_sync() if no_sync is not None and not last else _NO_CONTEXT:
                 loss_dict, loss = self._losses(task, model, batch, state)
@@ -1080,8 +1067,6 @@ class SupervisedLearningTrainer(
             and not skips_on_device(optim)
         )
         self._sharded = is_sharded(s.model)
-        # On CUDA the batches were moved a step ahead (_device_ahead), but a stream's are moved here.
-        self._moves_batches = self._train_stream is not None or self.device.type != "cuda"
         if s.valid_loaders and self._abandoned_valid == state.num_steps:
             # A stop signal ended the last session during this step's validation (the checkpoint for
             # the signal holds the step, and says so): it is run now.
@@ -1095,7 +1080,7 @@ class SupervisedLearningTrainer(
         while not self.training_over(state, task) and self.stop_signal is None:
             if state.num_epoch_samples == 0:
                 self.on_epoch_start(state, task, model, optim, lr_sched)
-            for batches in self._device_ahead(self._epoch_steps(s.train_loader, state)):
+            for batches in self._epoch_steps(s.train_loader, state):
                 self.on_step_start(state, task, model, optim, lr_sched)
                 loss_dict = self._train_step(state, batches, task, s.runner, optim, lr_sched)
                 # Every rank's step covers as many samples (see ResumableSampler): count them all.

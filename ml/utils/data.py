@@ -16,6 +16,8 @@ random draws inside ``__getitem__`` (augmentation) would change on resume. :clas
 fixes that: each sample is loaded with the generators seeded from ``(seed, epoch, position)``.
 """
 
+import dataclasses
+import functools
 import random
 from collections.abc import Iterator, Sized
 from typing import Any
@@ -195,18 +197,58 @@ class SeededDataset(Dataset):
 
 
 def batch_size_of(batch: Any) -> int:
-    """The number of samples in a batch: the leading size of its first tensor."""
+    """The number of samples in a batch: the leading size of its first tensor, depth first (a
+    string or other leaf before it, such as a list of ids, is passed over); else the length of the
+    first list in it (a batch of strings)."""
+    size = _first_tensor_size(batch)
+    if size is not None:
+        return size
+    size = _first_list_length(batch)
+    if size is not None:
+        return size
+    raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}: it holds no tensor and no list")
+
+
+def _first_tensor_size(batch: Any) -> int | None:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, (list, tuple)):
+        items: Any = batch
+    elif isinstance(batch, dict):
+        items = batch.values()
+    elif _is_dataclass_instance(batch):
+        items = (getattr(batch, f.name) for f in dataclasses.fields(batch))
+    else:
+        return None
+    for item in items:
+        size = _first_tensor_size(item)
+        if size is not None:
+            return size
+    return None
+
+
+def _first_list_length(batch: Any) -> int | None:
+    if isinstance(batch, list):
+        return len(batch)
     if isinstance(batch, dict):
-        return batch_size_of(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch_size_of(batch[0])
-    raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}")
+        return next((n for v in batch.values() if (n := _first_list_length(v)) is not None), None)
+    if isinstance(batch, tuple):
+        return next((n for v in batch if (n := _first_list_length(v)) is not None), None)
+    return None
 
 
 def move_to(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
-    """Moves every tensor in a (nested) batch to ``device``; floating tensors to ``dtype`` if given."""
+    """Moves every tensor in a (nested) batch to ``device``; floating tensors to ``dtype`` if given.
+
+    A batch is a tensor, or a dict, list, tuple, named tuple or dataclass of batches; anything else
+    is left as it is. On CUDA the copies run on a side stream (:func:`_on_copy_stream`).
+    """
+    if device.type == "cuda":
+        return _on_copy_stream(batch, device, dtype)
+    return _moved(batch, device, dtype)
+
+
+def _moved(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     if isinstance(batch, torch.Tensor):
         if dtype is not None and batch.is_floating_point() and batch.dtype != dtype:
             return batch.to(device=device, dtype=dtype, non_blocking=True)
@@ -214,51 +256,47 @@ def move_to(batch: Any, device: torch.device, dtype: torch.dtype | None = None) 
             return batch
         return batch.to(device=device, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: move_to(v, device, dtype) for k, v in batch.items()}
+        return {k: _moved(v, device, dtype) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple (default_collate keeps it)
+        return type(batch)(*(_moved(v, device, dtype) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to(v, device, dtype) for v in batch)
+        return type(batch)(_moved(v, device, dtype) for v in batch)
+    if _is_dataclass_instance(batch):  # (from a collate_fn of the user's)
+        fields = [f.name for f in dataclasses.fields(batch) if f.init]
+        return dataclasses.replace(
+            batch, **{name: _moved(getattr(batch, name), device, dtype) for name in fields}
+        )
     return batch
 
 
-def to_device_ahead(
-    groups: Iterator[list[Any]], device: torch.device, dtype: torch.dtype | None = None
-) -> Iterator[list[Any]]:
-    """``groups`` of batches moved to ``device``, each copy started one group ahead.
+def _is_dataclass_instance(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
-    On CUDA the next group is copied (from pinned memory, non-blocking) on a side stream while the
-    current step's kernels run; the step's stream waits for that copy's event only, and the
-    tensors are marked as used by it (``record_stream``) so that the allocator does not hand their
-    memory out early. Elsewhere the groups pass as they are (the step moves them: on the CPU, a
-    no-op). The consumer must not need the source to stand where it consumed it: a stream's
-    position is saved from its loader, which this reads one group ahead - streams do not use it.
+
+@functools.cache
+def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
+    return torch.cuda.Stream(device=device)
+
+
+def _on_copy_stream(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``batch`` copied to the GPU on a side stream, ready for the current stream.
+
+    A step does not wait for the GPU (no host reads), so the host queues the next step's copy while
+    the GPU still computes this one: on the current stream the copy would wait behind those kernels;
+    on a side stream it runs beside them (from pinned memory, ``task.train_dl.pin_memory``). The
+    current stream then waits for the copy only, and the tensors are marked as used by it
+    (``record_stream``), so that the allocator does not hand their memory out before it is done. The
+    batch is not fetched ahead of its step: what a checkpoint saves (the generators a dataset draws
+    from, a stream's position) stands where training does.
     """
-    if device.type != "cuda":
-        yield from groups
-        return
-    side = torch.cuda.Stream(device=device)
-
-    def start(group: list[Any]) -> tuple[list[Any], Any]:
-        with torch.cuda.stream(side):
-            moved = [move_to(batch, device, dtype) for batch in group]
-            copied = torch.cuda.Event()
-            copied.record(side)
-        return moved, copied
-
-    def hand_over(moved: list[Any], copied: Any) -> list[Any]:
-        compute = torch.cuda.current_stream(device)
-        compute.wait_event(copied)
-        for tensor in _tensors(moved):
-            tensor.record_stream(compute)
-        return moved
-
-    ahead = None
-    for group in groups:
-        started = start(group)
-        if ahead is not None:
-            yield hand_over(*ahead)
-        ahead = started
-    if ahead is not None:
-        yield hand_over(*ahead)
+    compute = torch.cuda.current_stream(device)
+    side = _copy_stream(device)
+    with torch.cuda.stream(side):
+        moved = _moved(batch, device, dtype)
+    compute.wait_stream(side)
+    for tensor in _tensors(moved):
+        tensor.record_stream(compute)
+    return moved
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -270,6 +308,9 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _tensors(item)
+    elif _is_dataclass_instance(value):
+        for f in dataclasses.fields(value):
+            yield from _tensors(getattr(value, f.name))
 
 
 # Torch's default way to pass a batch from a worker process holds one file descriptor per tensor in
