@@ -19,7 +19,9 @@ CPU (its per-tensor loop; its multi-tensor ``foreach=True`` one is 1.04-1.23x an
 This module is the one owner of the private torch names those paths use: ``torch._fused_adam_``,
 ``torch._fused_adamw_``, ``torch._foreach_add_`` and ``torch._foreach_sub_`` (the kernels), the
 ``found_inf`` attribute a fused optimizer's ``step`` reads (torch's gradient scaler sets it: how a
-step is skipped on the device, :func:`step_skipping`), the optimizer's
+step is skipped on the device, :func:`step_skipping`), the ``_step_supports_amp_scaling`` flag that
+tells the scaler so (without it the scaler reads ``found_inf`` on the host: one sync per fp16 step,
+what torch does for any optimizer not built fused), the optimizer's
 ``_optimizer_step_pre_hooks``/``_optimizer_step_post_hooks`` and ``torch.optim.optimizer``'s
 ``_global_optimizer_pre_hooks``/``_global_optimizer_post_hooks`` (whether a step hook would be
 skipped), and ``torch.utils._foreach_utils._get_fused_kernels_supported_devices``. Where one is
@@ -89,6 +91,10 @@ def use_fast_optimizer(optim: Optimizer) -> None:
             group["fused"], group["foreach"] = True, False
         elif "foreach" in group and hasattr(torch, "_foreach_add_"):
             group["foreach"] = True
+    if adam and all(group.get("fused") for group in optim.param_groups):
+        # What torch's constructor sets for fused=True: a gradient scaler (fp16) then hands the kernel
+        # its found_inf flag, where otherwise it reads the flag on the host before every step.
+        optim._step_supports_amp_scaling = True  # type: ignore[attr-defined]
 
 
 def _step_hooks(optim: Optimizer) -> tuple[Any, ...] | None:
