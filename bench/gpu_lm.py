@@ -10,8 +10,9 @@ Contenders, each in a fresh interpreter (the smoke run below: all four in one):
 
 * ``plain``: a hand-written loop (a DataLoader over the token tensor, pinned memory, copies
   ``non_blocking``; ``AdamW(fused=True)``; no host sync per step);
-* ``ml``: ``ml train`` with ``trainer.precision=bf16`` (its defaults otherwise: the gradient norm and
-  the non-finite check every step, the stdout and jsonl loggers; no validation, test or timed
+* ``ml``: ``ml train`` with ``trainer.precision=bf16`` (its defaults otherwise: the non-finite check
+  every step, on the device; the gradient norm when a logger writes; the stdout and jsonl loggers;
+  no validation, test or timed
   checkpoint, the final checkpoint after the timed steps);
 * ``plain compiled``: the plain loop with the model through ``torch.compile``;
 * ``ml compiled``: ``ml train`` with ``trainer.compile_model=true`` too.
@@ -20,7 +21,8 @@ Each runs 15 warm-up steps (compilation happens there), then 50 timed steps: the
 synchronised when the forward pass of step 16 begins and when that of step 66 begins, nowhere in
 between (the task's ``run_model`` marks the steps for ``ml``, outside the compiled model).
 
-Reported: tokens/s (batch x context x timed steps / seconds), the ratio to ``plain``, ms per step and
+Reported: tokens/s (batch x context x timed steps / seconds), the ratio to the plain loop run the same
+way (``ml`` to ``plain``, ``ml compiled`` to ``plain compiled``), ms per step and
 the model FLOPs utilisation: (6 N + 12 L d T) flops per token (N: the weights, the tied embedding
 counted once, positions left out; the attention's score and value products counted as if not causal,
 PaLM's convention) times tokens/s, over the device's peak dense bf16 rate: 989 TFLOP/s for an H100 or
@@ -349,17 +351,20 @@ def peak_tflops(override: float | None) -> tuple[float | None, str]:
 def summarize(
     results: list[dict[str, Any]], shape: Shape, params: int, peak: float | None
 ) -> tuple[list[str], list[list[Any]]]:
+    """The table: each contender's ratio is to the plain loop run the same way (eager or compiled);
+    a contender whose plain loop has not run (yet) has none."""
     per_token = flops_per_token(shape, params)
-    plain = next(r["tokens_per_s"] for r in results if r["contender"] == "plain")
+    plain = {r["contender"]: r["tokens_per_s"] for r in results if r["contender"].startswith("plain")}
     columns = ["contender", "tokens/s", "x plain", "ms/step", "MFU %"]
     rows = []
     for r in results:
         mfu = 100.0 * per_token * r["tokens_per_s"] / (peak * 1e12) if peak else None
+        baseline = plain.get("plain compiled" if r["contender"].endswith("compiled") else "plain")
         rows.append(
             [
                 r["contender"],
                 r["tokens_per_s"],
-                r["tokens_per_s"] / plain,
+                r["tokens_per_s"] / baseline if baseline else None,
                 1000.0 * r["seconds"] / r["steps"],
                 mfu,
             ]
@@ -396,36 +401,52 @@ def main() -> None:
 
     contenders = [c.strip() for c in args.contenders.split(",")]
     unknown = sorted(set(contenders) - set(CONTENDERS))
-    if unknown or "plain" not in contenders:
-        parser.error(f"contenders must include plain, from {', '.join(CONTENDERS)}; got {args.contenders}")
+    if (
+        unknown
+        or "plain" not in contenders
+        or ("ml compiled" in contenders) > ("plain compiled" in contenders)
+    ):
+        parser.error(
+            "contenders must include plain (and plain compiled with ml compiled), "
+            f"from {', '.join(CONTENDERS)}; got {args.contenders}"
+        )
     params = weights(shape, make_model(shape))
-    peak, source = peak_tflops(args.peak_tflops)
+    # A tiny shape on the CPU uses no GPU's peak, whatever the machine has.
+    peak, source = (None, "none (smoke run)") if smoke else peak_tflops(args.peak_tflops)
     what = "smoke (CPU, tiny shape)" if smoke else "GPT-2 small shape"
     print(
         f"{what}: {asdict(shape)}; N = {params:,} weights; "
         f"{flops_per_token(shape, params) / 1e9:.3f} GFLOP/token; peak: {source}",
         file=sys.stderr,
     )
-    if smoke:  # one fresh interpreter for all: its start-up would be most of the smoke run
-        results = run_contenders(contenders, shape, smoke, args.timeout)
-    else:
-        results = [r for c in contenders for r in run_contenders([c], shape, smoke, args.timeout)]
-    columns, rows = summarize(results, shape, params, peak)
-    print(table(columns, rows))
-    record = {
-        "shape": asdict(shape),
-        "smoke": smoke,
-        "weights": params,
-        "peak_tflops": peak,
-        "peak_source": source,
-        "columns": columns,
-        "rows": rows,
-        "runs": results,
-    }
-    if args.json is not None:
-        args.json.write_text(json.dumps({**record, "machine": machine()}, indent=2, default=str) + "\n")
+
+    def record(results: list[dict[str, Any]]) -> dict[str, Any]:
+        columns, rows = summarize(results, shape, params, peak)
+        return {
+            "shape": asdict(shape),
+            "smoke": smoke,
+            "weights": params,
+            "peak_tflops": peak,
+            "peak_source": source,
+            "columns": columns,
+            "rows": rows,
+            "runs": results,
+        }
+
+    results: list[dict[str, Any]] = []
+    # One fresh interpreter for all in a smoke run (its start-up would be most of it); else one per
+    # contender, the JSON written after each, so that a run cut short keeps what it measured.
+    for group in [contenders] if smoke else [[c] for c in contenders]:
+        results += run_contenders(group, shape, smoke, args.timeout)
+        for r in results[-len(group) :]:
+            print(f"{r['contender']}: {r['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
+        if args.json is not None:
+            done = {**record(results), "machine": machine()}
+            args.json.write_text(json.dumps(done, indent=2, default=str) + "\n")
+    final = record(results)
+    print(table(final["columns"], final["rows"]))
     if not smoke:
-        write_results("gpu_lm", record)
+        write_results("gpu_lm", final)
 
 
 if __name__ == "__main__":
