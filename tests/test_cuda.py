@@ -332,3 +332,52 @@ def test_rank_0_s_buffers_reach_every_process_over_nccl_even_when_not_contiguous
     for name, tensor in module.named_buffers():
         assert torch.equal(tensor, before[name]), name
     assert not module.transposed.is_contiguous()  # still the module's own tensor, filled in place
+
+
+NOISY = """\
+model: {name: "tests.e2e.resume_task:DropoutBNModel", hidden: 16, dropout: 0.2}
+task:
+  name: "tests.e2e.resume_task:IndexedTask"
+  num_samples: 96
+  max_steps: 20
+  augment_noise: 0.1
+  train_dl: {batch_size: 8, num_workers: 0, shuffle: true}
+optimizer: {name: adamw, lr: 1e-2}
+lr_scheduler: {name: constant}
+trainer: {name: sl, deterministic: true}
+"""
+
+
+def test_a_dataset_that_draws_random_numbers_resumes_bit_exactly_on_the_gpu(tmp_path: Path) -> None:
+    """Without workers a dataset's augmentation draws from the generators a checkpoint saves; on CUDA
+    the next step's batch was fetched before this step's checkpoint (to copy it early), so the resumed
+    run drew it again from a later state."""
+    config = tmp_path / "noisy.yaml"
+    config.write_text(NOISY)
+    _train(tmp_path / "whole", config=str(config))
+
+    def stop_at_7(model: Any, batch: Any, state: State, output: Any) -> None:
+        del model, batch, output
+        if state.training and state.num_steps == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped, _ = _train(tmp_path / "resumed", config=str(config), hook=stop_at_7)
+    assert stopped.stop_signal == signal.SIGTERM and not stopped.finished
+    _train(tmp_path / "resumed", config=str(config))
+    whole, resumed = _checkpoint(tmp_path / "whole"), _checkpoint(tmp_path / "resumed")
+    assert json.loads(resumed["state"])["num_steps"] == 20
+    for key in ("model", "optim"):
+        _assert_equal_trees(whole[key], resumed[key], key)
+    assert _losses(tmp_path / "whole") == _losses(tmp_path / "resumed")
+
+
+def test_generators_saved_where_more_gpus_were_visible_are_restored_on_those_visible_now() -> None:
+    """A checkpoint from a machine with more GPUs visible failed to resume (set_rng_state_all)."""
+    from ml.utils.checkpoint import get_rng_state, set_rng_state
+
+    torch.cuda.manual_seed(1)
+    state = get_rng_state()
+    expected = torch.rand(3, device="cuda")
+    state["cuda"] = [*state["cuda"], *[s.clone() for s in state["cuda"]]]  # as if twice as many GPUs
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3, device="cuda"), expected)

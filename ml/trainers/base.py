@@ -1041,9 +1041,15 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
     # -- distributed jobs
 
     def setup_distributed(self) -> bool:
-        """Joins the job's process group when launched as one of several processes; returns whether."""
+        """Joins the job's process group when launched as one of several processes; returns whether.
+
+        The trainer's GPU becomes the process's current one, whatever the job: else a call that
+        names no GPU (the data loader's pinning thread, for one) opens a context on GPU 0 as well.
+        """
         export_env(dist_env())  # Slurm's ranks as torchrun's, before the local device is chosen
         self._device_cache = None
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.distributed = init_distributed(self.device)
         return self.distributed
 

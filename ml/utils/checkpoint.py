@@ -340,7 +340,10 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     if "torch" in state:
         torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        # Those of the GPUs visible now: a checkpoint saved where more were visible (a process
+        # trains on one) is resumed, not refused with an IndexError.
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
 
 
 class HostSnapshot:

@@ -24,7 +24,15 @@ ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.cli"]
 @pytest.fixture(autouse=True)
 def _no_launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No device override and no distributed job, unless a test sets them."""
-    for name in ("ML_DEVICE", "LOCAL_RANK", "RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID"):
+    for name in (
+        "ML_DEVICE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "RANK",
+        "WORLD_SIZE",
+        "SLURM_PROCID",
+        "SLURM_LOCALID",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -90,6 +98,25 @@ def test_cuda_is_the_local_rank_s_gpu(monkeypatch: pytest.MonkeyPatch, two_gpus:
     }.items():
         monkeypatch.setenv(name, value)
     assert resolve_device("cuda") == torch.device("cuda", 1)
+
+
+def test_one_named_gpu_for_several_processes_of_a_machine_is_refused(
+    monkeypatch: pytest.MonkeyPatch, two_gpus: None
+) -> None:
+    """Every process took that GPU, and NCCL failed at run time ("Duplicate GPU detected")."""
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(
+        ConfigError, match=r"^trainer.device=cuda:1 names one GPU for the 2 processes on this"
+    ):
+        resolve_device("cuda:1")
+    monkeypatch.setenv("ML_DEVICE", "cuda:0")
+    with pytest.raises(ConfigError, match=r"^ML_DEVICE=cuda:0 names one GPU .*use ML_DEVICE=cuda "):
+        resolve_device("auto")
+    monkeypatch.delenv("ML_DEVICE")
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per machine: its GPU is its own to name
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
 
 
 def test_ml_device_overrides_the_config(monkeypatch: pytest.MonkeyPatch, two_gpus: None) -> None:
