@@ -67,7 +67,7 @@ from ml.utils.malloc import tune_malloc
 from ml.utils.nonfinite import NonFiniteRecord
 from ml.utils.progress import TrainingBar, expected_total
 from ml.utils.ranks import dist_env
-from ml.utils.seeding import deterministic_algorithms
+from ml.utils.seeding import deterministic_algorithms, generators_of_their_own
 
 logger = logging.getLogger(__name__)
 
@@ -441,9 +441,7 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
         if not task.evaluates:
             return
         state.set_phase("valid")
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        with eval_mode(model), torch.no_grad(), torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(self._data_seed + state.num_steps)
+        with eval_mode(model), torch.no_grad(), generators_of_their_own(self._data_seed + state.num_steps):
             metrics = {f"valid/{key}": float(value) for key, value in task.evaluate(model, state).items()}
         for key, value in metrics.items():
             task.logger.log_scalar(key.removeprefix("valid/"), value, namespace="valid")

@@ -75,7 +75,7 @@ from ml.utils.malloc import tune_malloc
 from ml.utils.nonfinite import NonFiniteRecord
 from ml.utils.precision import PRECISIONS, MixedPrecision
 from ml.utils.progress import TrainingBar, expected_total, progress
-from ml.utils.seeding import deterministic_algorithms
+from ml.utils.seeding import deterministic_algorithms, generators_of_their_own
 from ml.utils.streaming import TrainStream, begin_pass, eval_loader, is_stream
 
 logger = logging.getLogger(__name__)
@@ -422,6 +422,10 @@ class SupervisedLearningTrainer(
                     "batch cannot join the others' (collective) forward passes; set it to false (every "
                     "sample is evaluated)"
                 )
+        if phase != "train" and len(dataset) == 0:  # (nothing would be logged, and a monitor would fail late)
+            raise ConfigError(
+                f"{where} has no samples: give it some, or raise NotImplementedError for no {phase} phase"
+            )
         return resumable_loader(
             dataset,
             task.dataloader_config(phase),
@@ -467,12 +471,6 @@ class SupervisedLearningTrainer(
                 drop_last=cfg.drop_last,
                 rank=rank,
                 world_size=world_size,
-            )
-        if world_size > 1 and not cfg.drop_last and task.config.max_samples is not None:
-            raise ConfigError(  # each rank counts its own batches times the ranks: counts could differ
-                f"{name} streams its training data over {world_size} processes with task.max_samples and "
-                "task.train_dl.drop_last=false: ranks' last batches differ in size, so they would not agree "
-                "when the limit is reached; set drop_last=true, or limit by max_steps or max_epochs"
             )
         self._train_stream = TrainStream(
             dataset,
@@ -785,7 +783,7 @@ class SupervisedLearningTrainer(
             share_rank_0_buffers(model)
         state.set_phase(phase)
         metrics: dict[str, float] = {}
-        with eval_mode(model):
+        with eval_mode(model), generators_of_their_own(self._data_seed + state.num_steps):
             for name, loader in sets.items():
                 part = self._evaluate_set(phase, name, loader, task, model, state)
                 if part is None:  # stopped: a partial pass is not reported (a validation is redone)
@@ -1083,8 +1081,14 @@ class SupervisedLearningTrainer(
             for batches in self._epoch_steps(s.train_loader, state):
                 self.on_step_start(state, task, model, optim, lr_sched)
                 loss_dict = self._train_step(state, batches, task, s.runner, optim, lr_sched)
-                # Every rank's step covers as many samples (see ResumableSampler): count them all.
-                samples = sum(map(batch_size_of, batches)) * world_size
+                # Every rank's step covers as many samples (see ResumableSampler): count them all; a
+                # stream's ranks agreed on theirs (their last batches may differ).
+                stream = self._train_stream
+                samples = (
+                    stream.step_samples
+                    if stream is not None
+                    else sum(map(batch_size_of, batches)) * world_size
+                )
                 state.num_steps += 1
                 state.num_epoch_steps += 1
                 state.num_samples += samples

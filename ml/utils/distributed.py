@@ -110,6 +110,15 @@ def all_max(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def all_sum(values: list[float]) -> list[float]:
+    """The element-wise sum of ``values`` over all ranks (on the CPU control group)."""
+    if not is_initialized():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=control_group())
+    return tensor.tolist()
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (over the CPU control group)."""
     if not is_initialized():

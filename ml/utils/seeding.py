@@ -1,4 +1,5 @@
-"""Defines :func:`seed_everything` (one seed for Python's, NumPy's and torch's generators) and
+"""Defines :func:`seed_everything` (one seed for Python's, NumPy's and torch's generators),
+:func:`generators_of_their_own` (an evaluation's draws apart from training's) and
 :func:`deterministic_algorithms` (``trainer.deterministic``): what makes a run repeatable."""
 
 import contextlib
@@ -14,6 +15,26 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def generators_of_their_own(seed: int) -> Iterator[None]:
+    """Inside the block every generator (Python's, NumPy's, torch's CPU and CUDA ones) starts from
+    ``seed``; after it, each is back where it was.
+
+    For evaluations, which may draw (a VAE's sampling, a noisy loss, a random ``__getitem__`` without
+    workers): their numbers then depend on the step only, and training's draws do not depend on
+    whether, how often or how far an evaluation ran (one abandoned by a stop signal is redone on
+    resume, from the generators the checkpoint saved).
+    """
+    from ml.utils.checkpoint import get_rng_state, set_rng_state
+
+    saved = get_rng_state()
+    seed_everything(seed)
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
 
 
 @contextlib.contextmanager

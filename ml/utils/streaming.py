@@ -46,8 +46,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ml.errors import CheckpointError, ConfigError
 from ml.utils.checkpoint import check_loadable, get_rng_state, set_rng_state
-from ml.utils.data import sample_seed
-from ml.utils.distributed import all_gather_object, all_max
+from ml.utils.data import batch_size_of, sample_seed
+from ml.utils.distributed import all_gather_object, all_sum
 
 # The (rank, world_size) of the process whose loader iterates a stream, set by _Stream.__iter__ in
 # whichever process runs it (the main process or a worker), for shard_of_stream.
@@ -210,6 +210,7 @@ class TrainStream:
                 snapshot_every_n_steps=1,  # a state for every batch: any step can be resumed
             )
         self._live = False  # an epoch's iteration is under way (its state is worth saving)
+        self.step_samples = 0  # the job's samples in the step last handed out (see steps)
         self._resume: dict[str, Any] | None = None  # this rank's saved state, for the epoch resumed
 
     # -- the checkpoint
@@ -299,9 +300,10 @@ class TrainStream:
         first = True
         while True:
             group = list(itertools.islice(batches, batches_per_step))
-            ended = not group
+            ended, samples = not group, sum(map(batch_size_of, group))
             if self.world_size > 1:  # every rank steps, or none: DDP's collectives need them all
-                ended = all_max([float(ended)])[0] > 0.0
+                ranks_ended, job_samples = all_sum([float(ended), float(samples)])
+                ended, samples = ranks_ended > 0, int(job_samples)
             if ended:
                 self._live = False
                 if first and position == 0:
@@ -312,4 +314,7 @@ class TrainStream:
                     )
                 return
             first = False
+            # The job's samples in this step: every rank's own (the last batches of an epoch may
+            # differ in size from rank to rank, when drop_last is off).
+            self.step_samples = samples
             yield group

@@ -53,10 +53,10 @@ trainer:
 logger: [{{name: jsonl, write_every_n_steps: 1}}]
 """
 
-# Two ranks of one worker each: shards of 21 and 20 samples, in batches of 4: 6 batches on rank 0
-# and 5 on rank 1, so every epoch ends after 5 steps, when rank 1's stream does.
+# Two ranks of one worker each: shards of 20 and 19 samples, in batches of 4: 5 batches on each,
+# rank 1's last of 3 samples, so every epoch has 5 steps and 39 samples.
 DIST_OVERRIDES = (
-    "task.num_samples=41",
+    "task.num_samples=39",
     "task.train_dl.num_workers=1",
     "trainer.batches_per_step=1",
     "trainer.sync_every_n_steps=1",
@@ -241,5 +241,6 @@ def test_two_ranks_stop_and_resume_exactly_and_not_with_another_world_size(
         reference.kill()
     _assert_same_training(run, reference)
     state = json.loads(run.ckpt()["state"])
-    # 5 steps an epoch on both ranks (rank 0's sixth batch is dropped), 4 samples a rank a step.
-    assert (state["num_epochs"], state["num_epoch_steps"], state["num_samples"]) == (2, 2, MAX_STEPS * 8)
+    # 5 steps an epoch, of 8 samples but the last (7: the ranks' sum, not rank 0's times 2).
+    assert (state["num_epochs"], state["num_epoch_steps"]) == (2, 2)
+    assert state["num_samples"] == 2 * 39 + 2 * 8 and state["num_epoch_samples"] == 2 * 8

@@ -149,6 +149,8 @@ def test_several_validation_sets_are_logged_each_under_its_name(tmp_path: Path) 
     [
         ({}, "returned an empty dict"),
         ({"a/b": TensorDataset(torch.zeros(2, 4))}, "name each set with a plain string"),
+        (TensorDataset(torch.zeros(0, 4)), r"get_dataset\('valid'\) has no samples"),
+        ({"ok": TensorDataset(torch.zeros(2, 4)), "empty": []}, r"\['empty'\] has no samples"),
         (
             {"ok": [1, 2, 3], "bad": 5},
             r"get_dataset\('valid'\)\['bad'\] returned int, not a map-style Dataset",
@@ -185,6 +187,39 @@ def test_an_evaluation_set_smaller_than_the_processes_under_fsdp_is_refused_befo
     with pytest.raises(ConfigError, match=r"has 0 samples, fewer than the 1 processes: under FSDP"):
         _train(tmp_path, task, valid_every_n_steps=2, parallel="fsdp")
     assert not (tmp_path / "checkpoints").exists()
+
+
+class NoisyLossTask(TinyTask):
+    """Its loss draws from torch's generator, in training and in evaluation alike."""
+
+    def compute_loss(self, model: Any, batch: Any, state: State, output: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(output * (1 + 0.5 * torch.randn(())), batch[1])
+
+
+def test_evaluations_draw_from_generators_of_their_own(tmp_path: Path) -> None:
+    """Validation drew from training's generators: how often it ran changed the training's draws
+    (and a validation abandoned by a stop signal and redone on resume broke exact resume)."""
+    for every in (2, 3):
+        torch.manual_seed(0)  # the same initial weights
+        _train(tmp_path / str(every), NoisyLossTask(SupervisedLearningTaskConfig(name="n", max_steps=6)),
+               valid_every_n_steps=every)  # fmt: skip
+    weights = [
+        torch.load(tmp_path / str(every) / "checkpoints" / "ckpt.pt", weights_only=True)["model"]
+        for every in (2, 3)
+    ]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    valid_at_6 = [
+        next(
+            r["metrics"]["valid/loss"]
+            for r in map(
+                json.loads, (tmp_path / str(every) / "logs" / "metrics.jsonl").read_text().splitlines()
+            )
+            if r["phase"] == "valid" and r["step"] == 6
+        )
+        for every in (2, 3)
+    ]
+    assert valid_at_6[0] == valid_at_6[1]  # the step's own draws, whatever ran before
 
 
 def _counting_run(
