@@ -165,7 +165,16 @@ MEANINGFUL = (
     "trainer.discriminator_steps",
     "trainer.use_double_weight_precision",
 )
-FREE_TASK_KEYS = ("max_steps", "max_epochs", "max_samples", "max_seconds", "num_workers", "pin_memory")
+FREE_TASK_KEYS = (
+    "max_steps",
+    "max_epochs",
+    "max_samples",
+    "max_seconds",
+    "num_workers",
+    "pin_memory",
+    "persistent_workers",
+    "prefetch_factor",
+)
 FREE_TASK_SECTIONS = ("valid_dl.", "test_dl.")
 
 
