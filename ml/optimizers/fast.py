@@ -92,9 +92,20 @@ def use_fast_optimizer(optim: Optimizer) -> None:
         elif "foreach" in group and hasattr(torch, "_foreach_add_"):
             group["foreach"] = True
     if adam and all(group.get("fused") for group in optim.param_groups):
-        # What torch's constructor sets for fused=True: a gradient scaler (fp16) then hands the kernel
-        # its found_inf flag, where otherwise it reads the flag on the host before every step.
-        optim._step_supports_amp_scaling = True  # type: ignore[attr-defined]
+        optim.defaults.update(fused=True, foreach=False)  # a group added later is fused too
+    match_amp_scaling(optim)
+
+
+def match_amp_scaling(optim: Optimizer) -> None:
+    """Tells a gradient scaler (fp16) whether torch's Adam or AdamW takes its found_inf flag: when
+    every group is fused, as torch's constructor does for ``fused=True``. Then the scaler hands the
+    flag to the kernel, where otherwise it reads it on the host before every step. Asked again at
+    every fp16 step (:meth:`ml.utils.precision.MixedPrecision.step`): a checkpoint's optimizer
+    state, or a group added since, may have changed which groups are fused, and a group that is
+    not asserts the flag is not there."""
+    if isinstance(optim, (torch.optim.Adam, torch.optim.AdamW)):
+        fused = all(group.get("fused") for group in optim.param_groups)
+        optim._step_supports_amp_scaling = fused
 
 
 def _step_hooks(optim: Optimizer) -> tuple[Any, ...] | None:
@@ -298,6 +309,8 @@ class FusedAdamStep:
 
     def __call__(self, found_inf: torch.Tensor | None = None) -> None:
         """Steps the optimizer; with ``found_inf`` 1.0 changes nothing (decided on the device)."""
+        if self._groups is not None and len(self._groups) != len(self.optim.param_groups):
+            self._groups, self._plain = None, True  # a group was added (unfreezing a part): look again
         if self._groups is None and self._plain:
             self._groups = self._plain_groups()
         groups = self._groups

@@ -12,6 +12,8 @@ from typing import Any, Literal, get_args
 import torch
 from torch.optim import Optimizer
 
+from ml.optimizers.fast import match_amp_scaling
+
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,6 +55,7 @@ class MixedPrecision:
         if self.scaler is None:
             optim.step()
         else:
+            match_amp_scaling(optim)
             self.scaler.step(optim)
             self.scaler.update()
 

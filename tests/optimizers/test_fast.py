@@ -397,3 +397,52 @@ def test_a_step_flagged_non_finite_changes_nothing_and_the_others_step_as_usual(
     plain, _ = run(None)
     unflagged, _ = run([0.0] * 5)
     _assert_same(plain, unflagged, exact=True)
+
+
+def test_a_group_added_later_is_stepped_by_the_direct_call() -> None:
+    """Unfreezing a part (``add_param_group``) after the first steps: the direct call kept stepping
+    the groups it had found, and the new one never changed."""
+    torch.manual_seed(0)
+    body, head = nn.Linear(4, 3), nn.Linear(3, 2)
+    optim = torch.optim.AdamW(body.parameters(), lr=0.1)
+    use_fast_optimizer(optim)
+    step = FusedAdamStep(optim)
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        optim.zero_grad()
+        head(body(x)).square().sum().backward()
+        step()
+    optim.add_param_group({"params": list(head.parameters())})
+    assert optim.param_groups[1]["fused"]  # as a group of torch's AdamW(fused=True) would be
+    before = head.weight.detach().clone()
+    for _ in range(2):
+        optim.zero_grad()
+        head(body(x)).square().sum().backward()
+        step()
+    assert not torch.equal(head.weight, before)
+
+
+def test_under_fp16_groups_no_longer_all_fused_step_through_torch_without_its_flag() -> None:
+    """A resumed run steps as its checkpoint's optimizer did (unfused groups here), and a group may
+    be added unfused: the gradient scaler handed them its found_inf flag, which they assert against."""
+    from ml.utils.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    unfused = torch.optim.AdamW(model.parameters(), lr=0.1)
+    saved = copy.deepcopy(unfused.state_dict())
+    optim = torch.optim.AdamW(model.parameters(), lr=0.1)
+    use_fast_optimizer(optim)
+    precision = MixedPrecision("fp16", torch.device("cpu"))
+    for restore in (False, True):
+        if restore:
+            optim.load_state_dict(saved)  # the checkpoint's groups: not fused
+            assert not optim.param_groups[0]["fused"]
+        before = model.weight.detach().clone()
+        for _ in range(10):  # (the first steps overflow at the scaler's first scales, and are skipped)
+            optim.zero_grad()
+            with precision.autocast():
+                loss = model(torch.randn(8, 4)).float().square().sum()
+            precision.backward(loss)
+            precision.step(optim)
+        assert not torch.equal(model.weight, before)
