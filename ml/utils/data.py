@@ -19,6 +19,7 @@ nothing a worker keeps decides the order or the draws, workers may live on betwe
 (``persistent_workers``) without changing either.
 """
 
+import copy
 import dataclasses
 import functools
 import random
@@ -288,21 +289,25 @@ def _seed_generators(seed: int) -> None:
 
 
 def batch_size_of(batch: Any) -> int:
-    """The number of samples in a batch: the leading size of its first tensor, depth first (a
-    string or other leaf before it, such as a list of ids, is passed over); else the length of the
-    first list in it (a batch of strings)."""
+    """The number of samples in a batch: the leading size of its first tensor of one dimension or
+    more, depth first (a string, a scalar beside the data such as a weight, or another leaf before
+    it is passed over); else the length of the first list in it (a batch of strings); else 1 (a
+    batch of scalars)."""
     size = _first_tensor_size(batch)
-    if size is not None:
-        return size
-    size = _first_list_length(batch)
-    if size is not None:
-        return size
-    raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}: it holds no tensor and no list")
+    if size is None:
+        size = _first_list_length(batch)
+    if size is None and next(_tensors(batch), None) is not None:
+        size = 1
+    if size is None:
+        raise TypeError(
+            f"cannot tell the batch size of a {type(batch).__name__}: it holds no tensor and no list"
+        )
+    return size
 
 
 def _first_tensor_size(batch: Any) -> int | None:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, torch.Tensor):  # (a scalar beside the data, such as a weight, is passed over)
+        return int(batch.shape[0]) if batch.dim() > 0 else None
     if isinstance(batch, (list, tuple)):
         items: Any = batch
     elif isinstance(batch, dict):
@@ -353,10 +358,12 @@ def _moved(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_moved(v, device, dtype) for v in batch)
     if _is_dataclass_instance(batch):  # (from a collate_fn of the user's)
-        fields = [f.name for f in dataclasses.fields(batch) if f.init]
-        return dataclasses.replace(
-            batch, **{name: _moved(getattr(batch, name), device, dtype) for name in fields}
-        )
+        # A copy with each field moved, not a new instance: __init__ would run __post_init__ again
+        # and reset the fields it does not take.
+        moved = copy.copy(batch)
+        for f in dataclasses.fields(batch):
+            object.__setattr__(moved, f.name, _moved(getattr(batch, f.name), device, dtype))  # (frozen too)
+        return moved
     return batch
 
 
@@ -380,6 +387,10 @@ def _on_copy_stream(batch: Any, device: torch.device, dtype: torch.dtype | None)
     batch is not fetched ahead of its step: what a checkpoint saves (the generators a dataset draws
     from, a stream's position) stands where training does.
     """
+    if any(t.is_cuda for t in _tensors(batch)):
+        # Made on the GPU (a dataset on the device): its tensors were written on the current
+        # stream, which a side stream would not wait for; converted there too.
+        return _moved(batch, device, dtype)
     compute = torch.cuda.current_stream(device)
     side = _copy_stream(device)
     with torch.cuda.stream(side):
