@@ -372,12 +372,16 @@ def test_a_dataset_that_draws_random_numbers_resumes_bit_exactly_on_the_gpu(tmp_
 
 
 def test_generators_saved_where_more_gpus_were_visible_are_restored_on_those_visible_now() -> None:
-    """A checkpoint from a machine with more GPUs visible failed to resume (set_rng_state_all)."""
+    """A checkpoint from a machine with more GPUs visible failed to resume (set_rng_state_all), and
+    the GPU trained on may have another number now (CUDA_VISIBLE_DEVICES)."""
     from ml.utils.checkpoint import get_rng_state, set_rng_state
 
     torch.cuda.manual_seed(1)
     state = get_rng_state()
     expected = torch.rand(3, device="cuda")
-    state["cuda"] = [*state["cuda"], *[s.clone() for s in state["cuda"]]]  # as if twice as many GPUs
+    torch.cuda.manual_seed(2)
+    other = torch.cuda.get_rng_state()
+    # Saved where the GPU trained on was another's number: the process's own generator goes to it.
+    state["cuda"] = [other, *[other.clone() for _ in state["cuda"]]]
     set_rng_state(state)
     assert torch.equal(torch.rand(3, device="cuda"), expected)

@@ -441,7 +441,7 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
         if not task.evaluates:
             return
         state.set_phase("valid")
-        with eval_mode(model), torch.no_grad(), generators_of_their_own(self._data_seed + state.num_steps):
+        with eval_mode(model), torch.no_grad(), generators_of_their_own(self._data_seed, state.num_steps):
             metrics = {f"valid/{key}": float(value) for key, value in task.evaluate(model, state).items()}
         for key, value in metrics.items():
             task.logger.log_scalar(key.removeprefix("valid/"), value, namespace="valid")

@@ -422,7 +422,14 @@ class SupervisedLearningTrainer(
                     "batch cannot join the others' (collective) forward passes; set it to false (every "
                     "sample is evaluated)"
                 )
-        if phase != "train" and len(dataset) == 0:  # (nothing would be logged, and a monitor would fail late)
+        # An evaluation of an empty set logs nothing (and a monitored metric fails late): refused
+        # when the phase runs.
+        runs = (
+            self.config.test_at_end
+            if phase == "test"
+            else self._valid_every != (None, None) or self.config.valid_at_end
+        )
+        if phase != "train" and runs and len(dataset) == 0:
             raise ConfigError(
                 f"{where} has no samples: give it some, or raise NotImplementedError for no {phase} phase"
             )
@@ -783,7 +790,7 @@ class SupervisedLearningTrainer(
             share_rank_0_buffers(model)
         state.set_phase(phase)
         metrics: dict[str, float] = {}
-        with eval_mode(model), generators_of_their_own(self._data_seed + state.num_steps):
+        with eval_mode(model), generators_of_their_own(self._data_seed, state.num_steps):
             for name, loader in sets.items():
                 part = self._evaluate_set(phase, name, loader, task, model, state)
                 if part is None:  # stopped: a partial pass is not reported (a validation is redone)

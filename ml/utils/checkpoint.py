@@ -323,6 +323,9 @@ def get_rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+        # The process's own GPU's (the one it trains on): resumed where the GPUs are numbered
+        # otherwise (another CUDA_VISIBLE_DEVICES), it goes to the GPU trained on, not by number.
+        state["cuda_current"] = torch.cuda.get_rng_state().cpu()
     return state
 
 
@@ -344,6 +347,8 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         # trains on one) is resumed, not refused with an IndexError.
         for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state.cpu(), index)
+        if "cuda_current" in state:
+            torch.cuda.set_rng_state(state["cuda_current"].cpu())
 
 
 class HostSnapshot:

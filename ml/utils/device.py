@@ -7,8 +7,9 @@ Precedence: the ``ML_DEVICE`` environment variable (when set and not empty) wins
 - ``cpu``, ``mps``;
 - ``cuda``: this process's GPU (in a distributed job, the one of its local rank: ``LOCAL_RANK``,
   or ``SLURM_LOCALID`` inside an ``srun`` step, modulo the GPUs visible);
-- ``cuda:N``: GPU ``N`` (a single process's: refused for several processes on one machine, which
-  would all take it).
+- ``cuda:N``: GPU ``N`` (refused where several processes of a machine see several GPUs: they would
+  all take that one; with one GPU visible to each, as Slurm's ``--gpus-per-task=1`` gives, ``cuda:0``
+  is each one's own).
 
 A value that is no device, or a device this machine does not have (``cuda`` without a usable GPU,
 ``cuda:N`` beyond the GPUs visible, ``mps`` off a Mac), is bad input: a one-line
@@ -78,15 +79,6 @@ def resolve_device(spec: object = "auto", where: str = "trainer.device") -> torc
         spec, where = forced, DEVICE_ENV
     text = parse_device(spec, where)
     kind, _, index = text.partition(":")
-    if index:
-        from ml.utils.ranks import dist_env
-
-        local = dist_env().local_world_size
-        if local > 1:  # every process would take that GPU (NCCL: "Duplicate GPU detected")
-            raise ConfigError(
-                f"{where}={text} names one GPU for the {local} processes on this machine; use {where}=cuda "
-                "(each process takes its local rank's GPU; CUDA_VISIBLE_DEVICES chooses which GPUs)"
-            )
     if kind == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", _local_rank() % torch.cuda.device_count())
@@ -101,6 +93,14 @@ def resolve_device(spec: object = "auto", where: str = "trainer.device") -> torc
         raise _no_cuda(where, text)
     count = torch.cuda.device_count()
     if index:
+        from ml.utils.ranks import dist_env
+
+        local = dist_env().local_world_size
+        if local > 1 and count > 1:  # every process would take that GPU (NCCL: "Duplicate GPU detected")
+            raise ConfigError(
+                f"{where}={text} names one GPU for the {local} processes on this machine; use {where}=cuda "
+                "(each process takes its local rank's GPU; CUDA_VISIBLE_DEVICES chooses which GPUs)"
+            )
         if int(index) >= count:
             raise ConfigError(
                 f"{where}={text}: only {count} CUDA GPU{'s' if count != 1 else ''} visible (cuda:0"

@@ -18,19 +18,27 @@ def seed_everything(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def generators_of_their_own(seed: int) -> Iterator[None]:
+def generators_of_their_own(seed: int, step: int) -> Iterator[None]:
     """Inside the block every generator (Python's, NumPy's, torch's CPU and CUDA ones) starts from
-    ``seed``; after it, each is back where it was.
+    ``(seed, step, this process's rank)``; after it, each is back where it was.
 
     For evaluations, which may draw (a VAE's sampling, a noisy loss, a random ``__getitem__`` without
-    workers): their numbers then depend on the step only, and training's draws do not depend on
-    whether, how often or how far an evaluation ran (one abandoned by a stop signal is redone on
-    resume, from the generators the checkpoint saved).
+    workers): their numbers then depend on the step only (and differ from process to process, each
+    evaluating its own share), and training's draws do not depend on whether, how often or how far
+    an evaluation ran (one abandoned by a stop signal is redone on resume, from the generators the
+    checkpoint saved).
     """
     from ml.utils.checkpoint import get_rng_state, set_rng_state
+    from ml.utils.data import sample_seed
+    from ml.utils.distributed import get_rank
 
+    seed = sample_seed(seed, step, get_rank())
     saved = get_rng_state()
-    seed_everything(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # (else a seed queued for later)
+        torch.cuda.manual_seed_all(seed)
     try:
         yield
     finally:

@@ -166,6 +166,20 @@ def test_validation_sets_the_trainer_cannot_use_are_refused_before_the_first_ste
     assert not (tmp_path / "checkpoints").exists()
 
 
+class EmptyTestTask(TinyTask):
+    def get_dataset(self, phase: str) -> Any:
+        return TensorDataset(torch.zeros(0, 4)) if phase == "test" else super().get_dataset(phase)
+
+
+def test_an_empty_set_is_refused_only_for_a_phase_that_runs(tmp_path: Path) -> None:
+    config = SupervisedLearningTaskConfig(name="t", max_steps=2)
+    _train(tmp_path / "no_test", EmptyTestTask(config), test_at_end=False)  # never tested: trains
+    assert (tmp_path / "no_test" / "checkpoints" / "ckpt.pt").exists()
+    with pytest.raises(ConfigError, match=r"get_dataset\('test'\) has no samples"):
+        _train(tmp_path / "tested", EmptyTestTask(config), test_at_end=True)
+    assert not (tmp_path / "tested" / "checkpoints").exists()
+
+
 def test_dropping_evaluation_samples_under_fsdp_is_refused_before_the_first_step(tmp_path: Path) -> None:
     """A process left without a batch (drop_last) had nothing to join the others' collective forward
     passes with: it crashed with a traceback after training."""

@@ -117,6 +117,9 @@ def test_one_named_gpu_for_several_processes_of_a_machine_is_refused(
     assert resolve_device("cuda") == torch.device("cuda", 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per machine: its GPU is its own to name
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU visible to each process
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
 
 
 def test_ml_device_overrides_the_config(monkeypatch: pytest.MonkeyPatch, two_gpus: None) -> None:
