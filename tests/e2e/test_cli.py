@@ -632,6 +632,7 @@ def test_early_stopping_the_best_checkpoint_and_its_moving_average_from_the_comm
     assert (exp_dir / "checkpoints" / "best.pt").resolve().name == f"ckpt.{best_step}.pt"
 
     out = tmp_path / "export" / "model.safetensors"
+    out.parent.mkdir()  # (a folder that does not exist is refused, as by ml plot -o)
     exported = _ok(ml(files, "export", exp_dir, "-o", out, "--checkpoint", "best", "--ema", run_dir=tmp_path))
     assert f"exported the moving average of step {best_step}" in exported.stdout
     best = torch.load(exp_dir / "checkpoints" / "best.pt", weights_only=True)
