@@ -103,19 +103,19 @@ def is_master() -> bool:
 
 def all_max(values: list[float]) -> list[float]:
     """The element-wise maximum of ``values`` over all ranks (on the CPU control group)."""
-    if not is_initialized():
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=control_group())
-    return tensor.tolist()
+    return _all_reduced(values, "MAX")
 
 
 def all_sum(values: list[float]) -> list[float]:
     """The element-wise sum of ``values`` over all ranks (on the CPU control group)."""
+    return _all_reduced(values, "SUM")
+
+
+def _all_reduced(values: list[float], op: str) -> list[float]:
     if not is_initialized():
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=control_group())
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op), group=control_group())
     return tensor.tolist()
 
 
