@@ -115,7 +115,10 @@ class Run:
             (self.run_dir / f"stdout.{self.segments}.txt").open("w") as out,
             self.stderr_path.open("w") as err,
         ):
-            self.proc = subprocess.Popen([*ML, "train", *args], env=env, stdout=out, stderr=err)
+            # A session of its own: a signal may go to its whole process group, as torchrun's does.
+            self.proc = subprocess.Popen(
+                [*ML, "train", *args], env=env, stdout=out, stderr=err, start_new_session=True
+            )
         return self.proc
 
     def wait(self) -> int:
@@ -267,13 +270,19 @@ def _mid_epoch_step(rng: random.Random) -> int:
     return rng.choice([s for s in range(2, MAX_STEPS - 2) if s % STEPS_PER_EPOCH in (1, 2, 3)])
 
 
-def _stop_by_signal(run: Run, config: Path, sig: signal.Signals, expected_code: int, seed: str) -> int:
-    """Starts ``run``, sends ``sig`` once step k (random, mid-epoch) began; returns the stop step."""
+def _stop_by_signal(
+    run: Run, config: Path, sig: signal.Signals, expected_code: int, seed: str, group: bool = False
+) -> int:
+    """Starts ``run``, sends ``sig`` once step k (random, mid-epoch) began, to the process or to its
+    whole process group (its data-loader workers too); returns the stop step."""
     k = _mid_epoch_step(random.Random(seed))
     run.start(config)
     run.wait_for(f"step {k}", lambda: run.steps_reached() >= k)
     assert run.proc is not None
-    run.proc.send_signal(sig)
+    if group:
+        os.killpg(run.proc.pid, sig)
+    else:
+        run.proc.send_signal(sig)
     stderr = run.finish(expected_code)
     assert "Traceback" not in stderr
     assert f"Stopping on {sig.name}" in stderr
@@ -325,7 +334,9 @@ def test_sigterm_mid_epoch_then_resume_is_bit_exact(
     reference = _reference(references, config, num_workers, tmp_path_factory.getbasetemp())
     run = Run(tmp_path, _workers(num_workers))
     try:
-        stop = _stop_by_signal(run, config, signal.SIGTERM, 0, seed=f"sigterm-{num_workers}")
+        # To the process group, as torchrun and `timeout` send it: the workers get it too, and
+        # torch's handler in a worker ended it (the run then failed without a checkpoint).
+        stop = _stop_by_signal(run, config, signal.SIGTERM, 0, seed=f"sigterm-{num_workers}", group=True)
         _resume_to_the_end(run, config, stop)
     finally:
         run.kill()
