@@ -81,7 +81,8 @@ def use_fast_optimizer(optim: Optimizer) -> None:
     changes how the optimizer steps, not its state.
     """
     devices = _fused_devices()
-    adam = isinstance(optim, (torch.optim.Adam, torch.optim.AdamW))
+    # torch's own Adam and AdamW only: a subclass's step may not be torch's (nor take the flags).
+    adam = type(optim) in (torch.optim.Adam, torch.optim.AdamW)
     for group in optim.param_groups:
         floats = all(p.dtype in (torch.float32, torch.float64) for p in group["params"])
         fusable = floats and all(
@@ -103,7 +104,7 @@ def match_amp_scaling(optim: Optimizer) -> None:
     every fp16 step (:meth:`ml.utils.precision.MixedPrecision.step`): a checkpoint's optimizer
     state, or a group added since, may have changed which groups are fused, and a group that is
     not asserts the flag is not there."""
-    if isinstance(optim, (torch.optim.Adam, torch.optim.AdamW)):
+    if type(optim) in (torch.optim.Adam, torch.optim.AdamW):  # (a subclass's step may ignore it)
         fused = all(group.get("fused") for group in optim.param_groups)
         optim._step_supports_amp_scaling = fused
 
@@ -297,6 +298,24 @@ class FusedAdamStep:
         self._plain = True
         return groups
 
+    def _still_current(
+        self, groups: list[tuple[dict[str, Any], list[Any], list[Any], list[Any], list[Any]]]
+    ) -> bool:
+        """Whether the groups found are still the optimizer's: the same groups, each with the same
+        parameter list and length, and the same state tensors. A hook may add a group or swap one
+        (unfreezing a part), replace or extend a group's list, or reset or load the state; the
+        direct call would go on stepping what it found, and what is new would never train."""
+        current = self.optim.param_groups
+        if len(groups) != len(current):
+            return False
+        state = self.optim.state
+        for (group, params, exp_avgs, _, _), now in zip(groups, current, strict=True):
+            if now is not group or now["params"] is not params or len(params) != len(exp_avgs):
+                return False
+            if params and state.get(params[0], {}).get("exp_avg") is not exp_avgs[0]:
+                return False
+        return True
+
     def _torch_step(self, found_inf: torch.Tensor | None) -> None:
         """``optim.step()``; first, once, fused groups step unfused where this torch lacks the kernels."""
         if not self._unfused:
@@ -309,8 +328,8 @@ class FusedAdamStep:
 
     def __call__(self, found_inf: torch.Tensor | None = None) -> None:
         """Steps the optimizer; with ``found_inf`` 1.0 changes nothing (decided on the device)."""
-        if self._groups is not None and len(self._groups) != len(self.optim.param_groups):
-            self._groups, self._plain = None, True  # a group was added (unfreezing a part): look again
+        if self._groups is not None and not self._still_current(self._groups):
+            self._groups, self._plain = None, True  # a hook changed the groups or the state: look again
         if self._groups is None and self._plain:
             self._groups = self._plain_groups()
         groups = self._groups

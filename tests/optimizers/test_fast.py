@@ -446,3 +446,68 @@ def test_under_fp16_groups_no_longer_all_fused_step_through_torch_without_its_fl
             precision.backward(loss)
             precision.step(optim)
         assert not torch.equal(model.weight, before)
+
+
+def _unfreeze(optim: torch.optim.Optimizer, body: nn.Module, head: nn.Module, how: str) -> None:
+    if how == "replace the list":
+        optim.param_groups[0]["params"] = [*body.parameters(), *head.parameters()]
+    elif how == "swap the group":
+        optim.param_groups.pop()
+        optim.add_param_group({"params": list(head.parameters())})
+    else:  # "reset the state"
+        optim.state.clear()
+
+
+@pytest.mark.parametrize("how", ["replace the list", "swap the group", "reset the state"])
+def test_the_direct_call_follows_groups_and_state_a_hook_changes(how: str) -> None:
+    """The direct call kept stepping the lists and moments it first found: a head unfrozen by a
+    hook never trained, and a reset state was not reset."""
+    torch.manual_seed(0)
+    body, head = nn.Linear(4, 3), nn.Linear(3, 2)
+    twins = copy.deepcopy((body, head))
+    direct = torch.optim.AdamW(body.parameters(), lr=0.1)
+    use_fast_optimizer(direct)
+    step = FusedAdamStep(direct)
+    reference = torch.optim.AdamW(twins[0].parameters(), lr=0.1, fused=True)
+    x = torch.randn(8, 4)
+    for i in range(6):
+        if i == 3:
+            _unfreeze(direct, body, head, how)
+            _unfreeze(reference, *twins, how)
+        for optim, (b, h), take in ((direct, (body, head), step), (reference, twins, reference.step)):
+            optim.zero_grad()
+            h(b(x)).square().sum().backward()
+            take()
+    for mine, theirs in zip(
+        [*body.parameters(), *head.parameters()],
+        [*twins[0].parameters(), *twins[1].parameters()],
+        strict=True,
+    ):
+        assert torch.equal(mine, theirs)
+
+
+def test_a_subclass_of_adam_with_its_own_step_is_left_to_it() -> None:
+    """Fused flags and the scaler's protocol belong to torch's own step: a subclass with its own
+    step was told it takes found_inf, so under fp16 an overflowing step was applied, not skipped."""
+    from ml.utils.precision import MixedPrecision
+
+    class SignAdam(torch.optim.Adam):
+        @torch.no_grad()
+        def step(self, closure: Any = None) -> None:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad.sign(), alpha=-group["lr"])
+
+    model = nn.Linear(4, 2)
+    optim = SignAdam(model.parameters(), lr=0.1)
+    use_fast_optimizer(optim)
+    assert not optim.param_groups[0].get("fused")
+    precision = MixedPrecision("fp16", torch.device("cpu"))
+    before = model.weight.detach().clone()
+    optim.zero_grad()
+    with precision.autocast():
+        loss = model(torch.full((8, 4), 1e4)).float().square().sum()  # overflows in fp16
+    precision.backward(loss)
+    precision.step(optim)
+    assert torch.equal(model.weight, before)  # skipped, as for any optimizer torch's scaler knows
