@@ -106,7 +106,7 @@ def match_amp_scaling(optim: Optimizer) -> None:
     not asserts the flag is not there."""
     if type(optim) in (torch.optim.Adam, torch.optim.AdamW):  # (a subclass's step may ignore it)
         fused = all(group.get("fused") for group in optim.param_groups)
-        optim._step_supports_amp_scaling = fused
+        optim._step_supports_amp_scaling = fused  # type: ignore[attr-defined]
 
 
 def _step_hooks(optim: Optimizer) -> tuple[Any, ...] | None:
