@@ -361,13 +361,20 @@ def _moved(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_moved(v, device, dtype) for v in batch)
     if _is_dataclass_instance(batch):  # (from a collate_fn of the user's)
-        # A copy with each field moved, not a new instance: __init__ would run __post_init__ again
+        # A copy with each value moved, not a new instance: __init__ would run __post_init__ again
         # and reset the fields it does not take.
         moved = copy.copy(batch)
-        for f in dataclasses.fields(batch):
-            object.__setattr__(moved, f.name, _moved(getattr(batch, f.name), device, dtype))  # (frozen too)
+        for name in _dataclass_values(batch):
+            object.__setattr__(moved, name, _moved(getattr(batch, name), device, dtype))  # (frozen too)
         return moved
     return batch
+
+
+def _dataclass_values(batch: Any) -> list[str]:
+    """A dataclass batch's fields, and the attributes its ``__post_init__`` made (a mask derived
+    from the fields: moved with them)."""
+    names = [f.name for f in dataclasses.fields(batch)]
+    return names + [name for name in getattr(batch, "__dict__", {}) if name not in names]
 
 
 def _is_dataclass_instance(value: Any) -> bool:
@@ -414,8 +421,8 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
         for item in value:
             yield from _tensors(item)
     elif _is_dataclass_instance(value):
-        for f in dataclasses.fields(value):
-            yield from _tensors(getattr(value, f.name))
+        for name in _dataclass_values(value):
+            yield from _tensors(getattr(value, name))
 
 
 # Torch's default way to pass a batch from a worker process holds one file descriptor per tensor in

@@ -32,7 +32,9 @@ def generators_of_their_own(seed: int, step: int) -> Iterator[None]:
     from ml.utils.data import sample_seed
     from ml.utils.distributed import get_rank
 
-    seed = sample_seed(seed, step, get_rank())
+    # Epoch -1 - step: training's samples are seeded with epochs 0, 1, ..., so no evaluation shares
+    # a seed with a training sample's augmentation.
+    seed = sample_seed(seed, -1 - step, get_rank())
     saved = get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)

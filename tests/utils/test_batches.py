@@ -33,6 +33,7 @@ class Shifted:
 
     def __post_init__(self) -> None:
         self.x = self.x + 1
+        self.total = self.x.sum(0, keepdim=True)  # an attribute it derives, not a field
 
 
 def _devices(batch: Any) -> set[torch.dtype]:
@@ -73,6 +74,7 @@ def test_named_tuples_and_dataclasses_are_moved_and_keep_their_type() -> None:
     moved_shifted = move_to(shifted, torch.device("cpu"), torch.float32)
     assert moved_shifted.x.tolist() == [1.0, 1.0, 1.0] and moved_shifted.x.dtype == torch.float32
     assert moved_shifted.mask is not None and moved_shifted.mask.dtype == torch.float32
+    assert moved_shifted.total.dtype == torch.float32 and moved_shifted.total.tolist() == [3.0]
     assert shifted.x.dtype == torch.float64  # the original is left as it was
 
 
