@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ml.utils.signals import ignore_stop_signals
+from ml.utils.signals import isolate_from_stop_signals
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, epoch, position) over the seed space
 
@@ -183,7 +183,7 @@ def resumable_loader(
         pin_memory=device_type == "cuda" if cfg.pin_memory is None else cfg.pin_memory,
         drop_last=cfg.drop_last,
         generator=torch.Generator(),  # the workers' seeds: not drawn from the global generator
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=isolate_from_stop_signals,
         # Torch refuses both without workers, where they mean nothing: a config that turns workers
         # off (num_workers=0 to debug) needs no other change.
         persistent_workers=workers and cfg.persistent_workers,

@@ -25,7 +25,6 @@ from signal import Signals
 from typing import Any
 
 EARLY_SIGNALS = (Signals.SIGTERM, Signals.SIGUSR1)
-STOP_SIGNALS = (Signals.SIGTERM, Signals.SIGINT, Signals.SIGUSR1)  # what a trainer stops on
 STARTUP_STOP_GRACE_ENV = "ML_STARTUP_STOP_GRACE_S"
 DEFAULT_STARTUP_STOP_GRACE_S = 60.0
 _received: Signals | None = None
@@ -116,15 +115,18 @@ def _end_stuck_startup(sig: Signals) -> None:
     os._exit(128 + int(sig))
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """A data-loader worker's start (``worker_init_fn``): its stop signals are ignored.
+def isolate_from_stop_signals(worker_id: int) -> None:
+    """A data-loader worker's start (``worker_init_fn``): stop signals are the main process's.
 
-    A signal sent to a whole process group or session (torchrun's to its ranks, ``timeout``'s, a
-    terminal's Ctrl-C) reaches the workers too. Torch's handler in a worker would end it, and the
-    main process then failed with "DataLoader worker ... is killed by signal" instead of stopping
-    at the step with a checkpoint; it ends its workers itself (and a worker whose main process
-    died ends on its own: torch watches the parent).
+    A signal sent to a whole process group (torchrun's to its ranks, ``timeout``'s, a terminal's
+    Ctrl-C) reached the workers too; torch's SIGTERM handler in a worker ends it unless the main
+    process sent it, and the main process then failed with "DataLoader worker ... is killed by
+    signal" instead of stopping at the step with a checkpoint. So the worker leaves the main
+    process's group, and ignores SIGINT and SIGUSR1 sent to it alone. SIGTERM keeps torch's
+    handler: the main process ends its workers with it (and a worker whose main process died
+    ends on its own: torch watches the parent).
     """
     del worker_id
-    for sig in STOP_SIGNALS:
+    os.setpgid(0, 0)
+    for sig in (Signals.SIGINT, Signals.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)

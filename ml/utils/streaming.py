@@ -48,7 +48,7 @@ from ml.errors import CheckpointError, ConfigError
 from ml.utils.checkpoint import check_loadable, get_rng_state, set_rng_state
 from ml.utils.data import batch_size_of, sample_seed
 from ml.utils.distributed import all_gather_object, all_sum
-from ml.utils.signals import ignore_stop_signals
+from ml.utils.signals import isolate_from_stop_signals
 
 # The (rank, world_size) of the process whose loader iterates a stream, set by _Stream.__iter__ in
 # whichever process runs it (the main process or a worker), for shard_of_stream.
@@ -149,7 +149,7 @@ def eval_loader(
         pin_memory=pin_memory,
         drop_last=drop_last,
         generator=torch.Generator(),
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=isolate_from_stop_signals,
     )
 
 
@@ -209,7 +209,7 @@ class TrainStream:
                 pin_memory=pin_memory,
                 drop_last=drop_last,
                 generator=torch.Generator(),
-                worker_init_fn=ignore_stop_signals,
+                worker_init_fn=isolate_from_stop_signals,
                 snapshot_every_n_steps=1,  # a state for every batch: any step can be resumed
             )
         self._live = False  # an epoch's iteration is under way (its state is worth saving)
