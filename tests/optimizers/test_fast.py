@@ -454,11 +454,24 @@ def _unfreeze(optim: torch.optim.Optimizer, body: nn.Module, head: nn.Module, ho
     elif how == "swap the group":
         optim.param_groups.pop()
         optim.add_param_group({"params": list(head.parameters())})
-    else:  # "reset the state"
+    elif how == "reset the state":
         optim.state.clear()
+    elif how == "drop a parameter's state":
+        del optim.state[body.bias]
+    else:  # "replace a parameter in the list"
+        optim.param_groups[0]["params"][1] = head.weight
 
 
-@pytest.mark.parametrize("how", ["replace the list", "swap the group", "reset the state"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "replace the list",
+        "swap the group",
+        "reset the state",
+        "drop a parameter's state",
+        "replace a parameter in the list",
+    ],
+)
 def test_the_direct_call_follows_groups_and_state_a_hook_changes(how: str) -> None:
     """The direct call kept stepping the lists and moments it first found: a head unfrozen by a
     hook never trained, and a reset state was not reset."""
