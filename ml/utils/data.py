@@ -364,17 +364,27 @@ def _moved(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
         # A copy with each value moved, not a new instance: __init__ would run __post_init__ again
         # and reset the fields it does not take.
         moved = copy.copy(batch)
+        done: dict[int, Any] = {id(batch): moved}  # a value held twice is moved once; a back-reference
         for name in _dataclass_values(batch):
-            object.__setattr__(moved, name, _moved(getattr(batch, name), device, dtype))  # (frozen too)
+            value = getattr(batch, name)
+            if id(value) not in done:
+                done[id(value)] = _moved(value, device, dtype)
+            object.__setattr__(moved, name, done[id(value)])  # (frozen too)
         return moved
     return batch
 
 
 def _dataclass_values(batch: Any) -> list[str]:
     """A dataclass batch's fields, and the attributes its ``__post_init__`` made (a mask derived
-    from the fields: moved with them)."""
+    from the fields: moved with them), in its ``__dict__`` or in a class's ``__slots__``."""
     names = [f.name for f in dataclasses.fields(batch)]
-    return names + [name for name in getattr(batch, "__dict__", {}) if name not in names]
+    slots = []
+    for cls in type(batch).__mro__:
+        declared = cls.__dict__.get("__slots__", ())
+        slots += [declared] if isinstance(declared, str) else list(declared)
+    set_slots = [n for n in slots if n not in ("__dict__", "__weakref__") and hasattr(batch, n)]
+    attributes = [*getattr(batch, "__dict__", {}), *set_slots]
+    return names + [name for name in dict.fromkeys(attributes) if name not in names]
 
 
 def _is_dataclass_instance(value: Any) -> bool:
@@ -422,7 +432,8 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
     elif _is_dataclass_instance(value):
         for name in _dataclass_values(value):
-            yield from _tensors(getattr(value, name))
+            if (item := getattr(value, name)) is not value:  # (a back-reference)
+                yield from _tensors(item)
 
 
 # Torch's default way to pass a batch from a worker process holds one file descriptor per tensor in

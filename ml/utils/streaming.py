@@ -158,7 +158,8 @@ def begin_pass(loader: DataLoader, seed: int) -> None:
     stream = loader.dataset
     assert isinstance(stream, _Stream) and loader.generator is not None
     stream.set_epoch(0)
-    loader.generator.manual_seed(sample_seed(seed, 0, stream.ranks[0]))
+    # Epoch -1: training's epochs are 0, 1, ...; an evaluation's workers share no seed with them.
+    loader.generator.manual_seed(sample_seed(seed, -1, stream.ranks[0]))
 
 
 class TrainStream:

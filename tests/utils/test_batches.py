@@ -34,6 +34,20 @@ class Shifted:
     def __post_init__(self) -> None:
         self.x = self.x + 1
         self.total = self.x.sum(0, keepdim=True)  # an attribute it derives, not a field
+        self.same = self.x  # the same tensor again
+        self.me = self  # a back-reference
+
+
+class Slotted:
+    __slots__ = ("cached",)
+
+
+@dataclasses.dataclass
+class WithSlottedBase(Slotted):
+    x: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.cached = self.x * 2  # kept in the base class's slot
 
 
 def _devices(batch: Any) -> set[torch.dtype]:
@@ -75,6 +89,9 @@ def test_named_tuples_and_dataclasses_are_moved_and_keep_their_type() -> None:
     assert moved_shifted.x.tolist() == [1.0, 1.0, 1.0] and moved_shifted.x.dtype == torch.float32
     assert moved_shifted.mask is not None and moved_shifted.mask.dtype == torch.float32
     assert moved_shifted.total.dtype == torch.float32 and moved_shifted.total.tolist() == [3.0]
+    assert moved_shifted.same is moved_shifted.x and moved_shifted.me is moved_shifted  # kept as one
+    slotted = move_to(WithSlottedBase(torch.ones(2, dtype=torch.float64)), torch.device("cpu"), torch.float32)
+    assert slotted.x.dtype == slotted.cached.dtype == torch.float32
     assert shifted.x.dtype == torch.float64  # the original is left as it was
 
 
