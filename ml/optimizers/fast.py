@@ -376,7 +376,8 @@ _SKIPPING = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.A
 def skips_on_device(optim: Optimizer) -> bool:
     """Whether :func:`step_skipping` decides on the device: every group of a torch optimizer with a
     fused kernel is fused (else it reads the flag on the host once per step)."""
-    return isinstance(optim, _SKIPPING) and all(group.get("fused") for group in optim.param_groups)
+    # torch's own classes only: a subclass's step may ignore the flag and apply the step.
+    return type(optim) in _SKIPPING and all(group.get("fused") for group in optim.param_groups)
 
 
 def step_skipping(optim: Optimizer, found_inf: torch.Tensor | None) -> None:

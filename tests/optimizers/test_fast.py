@@ -524,3 +524,5 @@ def test_a_subclass_of_adam_with_its_own_step_is_left_to_it() -> None:
     precision.backward(loss)
     precision.step(optim)
     assert torch.equal(model.weight, before)  # skipped, as for any optimizer torch's scaler knows
+    # Built fused by the user, its step still ignores a found_inf flag: read on the host instead.
+    assert not fast.skips_on_device(SignAdam(model.parameters(), lr=0.1, fused=True))
