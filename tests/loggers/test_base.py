@@ -2,6 +2,7 @@
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -117,15 +118,21 @@ def test_namespacing() -> None:
     assert not ml_logger.materialize()  # materialize clears
 
 
-def test_should_write_step_interval(clock: list[float]) -> None:
-    lg = _logger(steps=10)
-    state = State()
+def _steps_written(lg: Any, state: State, steps: range) -> list[int]:
+    """Asks ``lg`` at each of ``steps``; the steps it wrote (marked written as a trainer does)."""
     written = []
-    for step in range(1, 32):
+    for step in steps:
         state.num_steps = step
         if lg.should_write(state):
             lg.mark_written(state)
             written.append(step)
+    return written
+
+
+def test_should_write_step_interval(clock: list[float]) -> None:
+    lg = _logger(steps=10)
+    state = State()
+    written = _steps_written(lg, state, range(1, 32))
     assert written == [1, 11, 21, 31]
 
 
@@ -137,21 +144,12 @@ def test_the_step_interval_is_counted_from_the_first_step_whatever_else_was_writ
     uninterrupted one's ([1, 5, 6, 7, 11, 15] instead of [1, 5, 6, 9, 13])."""
     lg = _logger(steps=4)
     state = State()
-    written = []
-    for step in range(1, 7):
-        state.num_steps = step
-        if lg.should_write(state):
-            lg.mark_written(state)
-            written.append(step)
+    written = _steps_written(lg, state, range(1, 7))
     lg.mark_written(state)  # step 6: forced (the session's last step)
     written.append(6)
     resumed = _logger(steps=4)  # the next session's, continuing from the checkpoint at step 6
     resumed.continue_from(state)
-    for step in range(7, 17):
-        state.num_steps = step
-        if resumed.should_write(state):
-            resumed.mark_written(state)
-            written.append(step)
+    written += _steps_written(resumed, state, range(7, 17))
     assert written == [1, 5, 6, 9, 13]
 
 
@@ -162,12 +160,7 @@ def test_asked_only_every_few_steps_the_step_interval_writes_when_one_of_its_ste
     the interval's (1, 5, 9, ...) writes."""
     lg = _logger(steps=4)
     state = State()
-    written = []
-    for step in range(10, 41, 10):
-        state.num_steps = step
-        if lg.should_write(state):
-            lg.mark_written(state)
-            written.append(step)
+    written = _steps_written(lg, state, range(10, 41, 10))
     state.num_steps = 41
     assert lg.should_write(state)  # step 41 is one of the interval's
     assert written == [10, 20, 30, 40]
