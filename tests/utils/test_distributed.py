@@ -41,6 +41,21 @@ def test_slurm_step_variables() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("tasks_per_node", "node", "local_world"),
+    [("2,1", "0", 2), ("2,1", "1", 1), ("3(x2),1", "1", 3), ("3(x2),1", "2", 1), ("4", "0", 4)],
+)
+def test_a_slurm_step_with_uneven_nodes_gives_each_node_its_own_count(
+    tasks_per_node: str, node: str, local_world: int
+) -> None:
+    env = SLURM_STEP | {
+        "SLURM_STEP_TASKS_PER_NODE": tasks_per_node,
+        "SLURM_NODEID": node,
+        "SLURM_PROCID": "0",
+    }
+    assert dist_env(env).local_world_size == local_world
+
+
 def test_torchrun_inside_slurm_wins_and_a_batch_shell_is_not_a_rank() -> None:
     assert dist_env(SLURM_STEP | {"RANK": "0", "WORLD_SIZE": "2"}).world_size == 2
     batch_shell = {k: v for k, v in SLURM_STEP.items() if k != "SLURM_STEP_ID"}
