@@ -322,7 +322,7 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
             task.config.train_dl,
             seed=self._data_seed,
             device_type=self.device_type,
-            training=True,
+            phase="train",
             owner=type(task).__name__,
         )
 

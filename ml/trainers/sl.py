@@ -438,7 +438,7 @@ class SupervisedLearningTrainer(
             task.dataloader_config(phase),
             seed=self._data_seed,
             device_type=self.device_type,
-            training=phase == "train",
+            phase=phase,
             owner=type(task).__name__,
             rank=get_rank(),
             world_size=get_world_size(),

@@ -139,7 +139,7 @@ def resumable_loader(
     *,
     seed: int,
     device_type: str,
-    training: bool,
+    phase: str,
     owner: str,
     rank: int = 0,
     world_size: int = 1,
@@ -157,9 +157,8 @@ def resumable_loader(
 
     if cfg.prefetch_factor is not None and cfg.prefetch_factor < 1:
         raise ConfigError(
-            f"the {'training' if training else 'evaluation'} data loader of {owner} has prefetch_factor "
-            f"{cfg.prefetch_factor}: set it to 1 or more (batches each worker loads ahead), "
-            "or null for torch's 2"
+            f"task.{phase}_dl.prefetch_factor of {owner} is {cfg.prefetch_factor}: set it to 1 or more "
+            "(batches each worker loads ahead), or null for torch's 2"
         )
     workers = cfg.num_workers > 0  # and then exact random draws in them on resume: SeededDataset
     if workers:
@@ -173,7 +172,7 @@ def resumable_loader(
         world_size=world_size,
         even=even,
     )
-    if training:
+    if phase == "train":
         _check_every_epoch_has_a_batch(sampler, cfg, owner)
     return DataLoader(
         seeded_dataset(dataset) if workers else dataset,

@@ -43,13 +43,15 @@ class BatchedNoisy(Noisy):
         ]
 
 
-def _loader(data: Dataset, rank: int = 0, world_size: int = 1, **cfg: Any) -> torch.utils.data.DataLoader:
+def _loader(
+    data: Dataset, rank: int = 0, world_size: int = 1, phase: str = "train", **cfg: Any
+) -> torch.utils.data.DataLoader:
     return resumable_loader(
         data,
         DataLoaderConfig(**{"batch_size": 4, "shuffle": True, **cfg}),
         seed=SEED,
         device_type="cpu",
-        training=True,
+        phase=phase,
         owner="Tiny",
         rank=rank,
         world_size=world_size,
@@ -151,8 +153,8 @@ def test_worker_settings_are_config_keys_and_mean_nothing_without_workers() -> N
     # num_workers=0 (to debug, say) needs no other change: torch would refuse both.
     loader = _loader(Noisy(8), num_workers=0, persistent_workers=True, prefetch_factor=4)
     assert len(_epoch(loader, 0)) == 2 and not loader.persistent_workers
-    with pytest.raises(ConfigError, match="prefetch_factor 0: set it to 1 or more"):
-        _loader(Noisy(8), num_workers=2, prefetch_factor=0)
+    with pytest.raises(ConfigError, match=r"task.valid_dl.prefetch_factor of Tiny is 0: set it to 1 or more"):
+        _loader(Noisy(8), phase="valid", num_workers=2, prefetch_factor=0)
 
 
 def test_a_run_from_before_these_keys_resumes() -> None:
