@@ -196,6 +196,21 @@ def weighted_mean(parts: list[tuple[float, ScalarValue]]) -> ScalarValue:
     return lambda: sum(weight * scalar_to_float(value) for weight, value in parts) / total
 
 
+T = TypeVar("T")
+
+
+def _as_logged(value: T) -> T:
+    """A tensor's copy as it is now, on its device (no host read); anything else as it is.
+
+    Values are read only when a logger writes, after the step's optimizer update: a parameter, a
+    buffer or a view of one, logged as it is, would show its value after that update (and a
+    tensor's later in-place changes).
+    """
+    if isinstance(value, torch.Tensor):
+        return cast(T, value.detach().clone())
+    return value
+
+
 def _to_float(value: ScalarValue) -> float:
     if callable(value):
         value = value()
@@ -303,8 +318,12 @@ class MultiLogger:
                 values.update(before)
 
     def log_scalar(self, key: str, value: ScalarValue, *, namespace: str | None = None) -> None:
-        """Logs a number, a one-element tensor, or a callable returning one (evaluated on write)."""
-        self._scalars[f"{namespace or self.default_namespace}/{key}"] = value  # as _name, inlined: hot
+        """Logs a number, a one-element tensor, or a callable returning one (evaluated on write).
+
+        A tensor is copied as it is now (see :func:`_as_logged`); a callable is the way to log what
+        a value will be when a logger writes.
+        """
+        self._scalars[f"{namespace or self.default_namespace}/{key}"] = _as_logged(value)  # _name inlined
 
     def pop_scalars(self) -> dict[str, ScalarValue]:
         """The scalars logged since the last write, taken out of it (e.g. to combine them first)."""
@@ -315,12 +334,12 @@ class MultiLogger:
         self._strings[self._name(key, namespace)] = value
 
     def log_histogram(self, key: str, value: HistogramValue, *, namespace: str | None = None) -> None:
-        self._histograms[self._name(key, namespace)] = value
+        self._histograms[self._name(key, namespace)] = _as_logged(value)
 
     def log_image(self, key: str, value: ImageValue, *, namespace: str | None = None) -> None:
         """Logs an image: ``(H, W)`` or ``(C, H, W)`` (C 1, 3 or 4), floats in 0..1 or ``uint8``, or
         a callable returning one. Nothing is read (nor moved off the device) until a logger writes."""
-        self._images[self._name(key, namespace)] = value
+        self._images[self._name(key, namespace)] = _as_logged(value)
 
     def log_images(
         self, key: str, values: ImagesValue, *, namespace: str | None = None, columns: int | None = None
@@ -334,6 +353,11 @@ class MultiLogger:
             namespace: As for :meth:`log_scalar`.
             columns: Images per row (default: the smallest square that holds them).
         """
+
+        if isinstance(values, (list, tuple)):
+            values = [_as_logged(v) for v in values]
+        else:
+            values = _as_logged(values)
 
         def grid() -> torch.Tensor:
             return image_grid(values() if callable(values) else values, columns=columns)

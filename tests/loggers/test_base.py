@@ -97,6 +97,33 @@ def test_grad_tensor_logged_as_detached_float() -> None:
     assert all(type(v) is float for v in batch.scalars.values())
 
 
+def test_a_tensor_is_logged_as_it_was_not_as_it_is_when_a_logger_writes() -> None:
+    # A parameter (or a buffer, or a view of either) changes in place at the optimizer's update,
+    # before the step's logs are written.
+    weight = torch.nn.Parameter(torch.tensor([3.0, 1.0]))
+    ml_logger = MultiLogger("train")
+    ml_logger.log_scalar("weight0", weight[0])
+    ml_logger.log_scalar("weight1", weight[1:])
+    ml_logger.log_histogram("weights", weight)
+    ml_logger.log_image("image", weight.view(1, 1, 2))
+    ml_logger.log_images("images", [weight.view(1, 2)])
+    with torch.no_grad():
+        weight.mul_(10)
+    batch = ml_logger.materialize()
+    assert batch.scalars == {"train/weight0": 3.0, "train/weight1": 1.0}
+    assert batch.histograms["train/weights"].tolist() == [3.0, 1.0]
+    assert batch.images["train/image"].flatten().tolist() == [255, 255]  # 3.0 and 1.0, clipped to 1
+    with torch.no_grad():
+        weight.copy_(torch.tensor([0.5, 0.0]))
+    ml_logger.log_image("image", weight.view(1, 1, 2))
+    ml_logger.log_images("images", weight.view(1, 1, 1, 2))
+    weight.data.fill_(1.0)
+    batch = ml_logger.materialize()
+    assert batch.images["train/image"].flatten().tolist() == [128, 0]
+    expected = base.to_image(base.image_grid(torch.tensor([[[[0.5, 0.0]]]])))
+    assert torch.equal(batch.images["train/images"], expected)
+
+
 def test_multi_element_tensor_raises() -> None:
     ml_logger = MultiLogger("train")
     ml_logger.log_scalar("loss", torch.ones(3))
@@ -227,7 +254,8 @@ def test_what_is_logged_while_discarding_is_dropped_and_what_was_logged_before_s
         multi.log_histogram("weights", torch.ones(3))
     assert multi.pop_scalars() == {"valid/loss": 1.0}
     assert multi._strings == {"valid/note": "real"}
-    assert multi._images == {"valid/worst": image} and multi._histograms == {}
+    assert list(multi._images) == ["valid/worst"] and torch.equal(multi._images["valid/worst"], image)
+    assert multi._histograms == {}
     with pytest.raises(RuntimeError), multi.discarding():
         multi.log_scalar("loss", 2.0)
         raise RuntimeError("a pass failed")
