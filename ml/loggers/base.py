@@ -354,10 +354,7 @@ class MultiLogger:
             columns: Images per row (default: the smallest square that holds them).
         """
 
-        if isinstance(values, (list, tuple)):
-            values = [_as_logged(v) for v in values]
-        else:
-            values = _as_logged(values)
+        values = [_as_logged(v) for v in values] if isinstance(values, (list, tuple)) else _as_logged(values)
 
         def grid() -> torch.Tensor:
             return image_grid(values() if callable(values) else values, columns=columns)
