@@ -287,6 +287,8 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
                 last = self.stop_signal is not None or task.is_training_over(state)
                 if last or any(lg.should_write(state) for lg in self.loggers):
                     self._settle()  # the values are read for the logs anyway
+                if self.num_skipped_steps:  # at every write from the first skip on, whatever read the record
+                    self.logger.log_scalar("skipped_steps", self.num_skipped_steps)
                 self.write_logs(task, model, state, final=last)
                 if last or state.num_steps >= bar.due:  # an int compare; losses are read on a redraw only
                     bar.update({"epoch": state.num_epochs, **loss_dict}, force=last)
@@ -430,7 +432,6 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
                 )
             self.num_skipped_steps += len(bad)
             logger.warning("%s: skipped %d update(s) (%d so far)", message, len(bad), self.num_skipped_steps)
-            self.logger.log_scalar("skipped_steps", self.num_skipped_steps)
 
     # -- validation
 

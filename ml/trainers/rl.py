@@ -623,7 +623,6 @@ class ReinforcementLearningTrainer(
         logger.warning(
             "%s: skipped %d minibatch update(s) (%d so far)", message, len(bad), self.num_skipped_steps
         )
-        self.logger.log_scalar("skipped_steps", self.num_skipped_steps)
 
     def _check_weights(self, where: str) -> None:
         """Stops if the weights are not finite: an update that no check caught (a finite loss with a
@@ -860,6 +859,8 @@ class ReinforcementLearningTrainer(
         task.logger.log_scalar("env_steps", state.num_samples, namespace="rl")
         task.logger.log_scalar("env_steps_per_s", samples / max(train_time, 1e-9), namespace="rl")
         self.logger.log_scalar("lr", lr_sched.lr)
+        if self.num_skipped_steps:  # at every write from the first skip on
+            self.logger.log_scalar("skipped_steps", self.num_skipped_steps)
 
     def finish(self, state: State, s: Session) -> None:
         """The end of a completed run: a last evaluation, then the final checkpoint, which records it

@@ -670,6 +670,8 @@ class SupervisedLearningTrainer(
         assert throughput is not None
         self.logger.log_scalar("samples_per_s", throughput.samples_per_s)
         self.logger.log_scalar("steps_per_s", throughput.steps_per_s)
+        if self.num_skipped_steps:  # at every write from the first skip on, whatever read the record
+            self.logger.log_scalar("skipped_steps", self.num_skipped_steps)
 
     def _grad_norm(self, params: list[nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The whole gradient norm, and each gradient's when they are all here (to name the first
@@ -724,7 +726,6 @@ class SupervisedLearningTrainer(
         self.num_skipped_steps += len(bad)
         steps = ", ".join(str(b.step) for b in bad[:10]) + (", ..." if len(bad) > 10 else "")
         logger.warning("%s: skipped step(s) %s (%d skipped so far)", message, steps, self.num_skipped_steps)
-        self.logger.log_scalar("skipped_steps", self.num_skipped_steps)
 
     def _check_weights(self, where: str) -> None:
         """Stops if the weights are not finite, which only an update with a non-finite gradient and a

@@ -235,6 +235,11 @@ def test_a_non_finite_update_stops_the_run_naming_the_step_and_part(
     )
     ckpt = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=True)
     assert ckpt["skipped_steps"] == 2  # both discriminator updates of step 2 (its two batches)
+    records = [json.loads(line) for line in (trainer.log_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [
+        (r["step"], r["metrics"].get("trainer/skipped_steps")) for r in records if r["phase"] == "train"
+    ]
+    assert logged[:3] == [(1, None), (2, 2), (3, 2)] and all(n == 2 for _, n in logged[1:])
     assert all(torch.isfinite(p).all() for p in objects.model.parameters())
 
 

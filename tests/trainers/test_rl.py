@@ -2,6 +2,7 @@
 
 Gradient clipping is ``ml.utils.grad_norm``'s (tests/utils/test_grad_norm.py)."""
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -308,6 +309,9 @@ def test_non_finite_loss_skip_drops_those_updates_and_counts_them(
     first, second, third = task.weights  # type: ignore[attr-defined]
     # Iteration 2's four minibatches (2 epochs of 32 samples in 16s) were all skipped: nothing moved.
     assert trainer.num_skipped_steps == 4 and _ckpt(tmp_path / "run", 3)["skipped_steps"] == 4
+    records = (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(r)["metrics"].get("trainer/skipped_steps") for r in records if '"train"' in r]
+    assert logged == [None, 4, 4]  # every write from the skip on
     assert_same(second, first, "iteration 2")
     assert third["adam_step"] == first["adam_step"] + 4 and not torch.equal(
         third["policy.0.weight"], first["policy.0.weight"]

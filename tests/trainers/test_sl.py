@@ -131,13 +131,22 @@ def test_a_non_finite_loss_can_skip_the_step(tmp_path: Path) -> None:
             loss = super().compute_loss(model, batch, state, output)
             return loss * float("nan") if state.num_steps == 1 else loss
 
-    trainer = _trainer(tmp_path, non_finite_loss="skip")
-    _fit(trainer, max_steps=3, task_cls=SometimesNaN)
+    # The checkpoint at step 3 reads the record (a stop would be due before it), between writes.
+    config = {"non_finite_loss": "skip", "checkpoint": {"save_every_n_steps": 3}}
+    trainer = SupervisedLearningTrainer(
+        OmegaConf.merge(
+            OmegaConf.structured(SupervisedLearningTrainerConfig), {"exp_dir": str(tmp_path), **config}
+        )
+    )
+    trainer.add_logger(JsonlLogger(JsonlLoggerConfig(name="jsonl", write_every_n_steps=5)))
+    _fit(trainer, max_steps=7, task_cls=SometimesNaN)
     ckpt = torch.load(tmp_path / "checkpoints" / "ckpt.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert trainer.num_skipped_steps == 1 and ckpt["skipped_steps"] == 1  # counted, and kept on resume
     records = [r for r in _records(tmp_path) if r["phase"] == "train"]
-    assert [r["metrics"].get("trainer/skipped_steps") for r in records] == [None, 1, None]
+    # Every write from the skip on carries the count, whatever read the record first.
+    skipped = [(r["step"], r["metrics"].get("trainer/skipped_steps")) for r in records]
+    assert skipped == [(1, None), (6, 1), (7, 1)]
 
 
 class InfGradientInLastLayer(TinyTask):
