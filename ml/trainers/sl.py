@@ -250,7 +250,8 @@ class SupervisedLearningTrainer(
     """Trains a model on a :class:`SupervisedLearningTask`.
 
     Attributes:
-        final_metrics: The latest validation and test metrics (the final ones once training ends).
+        final_metrics: The latest validation and test metrics (the final ones once training ends);
+            a key of another namespace than the phase's names its phase: ``valid:task/acc``.
     """
 
     task_type = SupervisedLearningTask
@@ -809,7 +810,11 @@ class SupervisedLearningTrainer(
         if phase == "valid":
             self._last_valid = (state.num_steps, state.elapsed_time_s)
             self._abandoned_valid = None
-        self.final_metrics.update(metrics)
+        # A key of another namespace (``task/acc``) says its phase, as ``ml runs --metric valid:task/acc``
+        # does: the test's would replace the validation's.
+        self.final_metrics.update(
+            {key if key.startswith(f"{phase}/") else f"{phase}:{key}": mean for key, mean in metrics.items()}
+        )
         return metrics
 
     def _evaluate_set(

@@ -225,6 +225,24 @@ def test_the_gradient_norm_measured_when_logged_is_the_steps(tmp_path: Path) -> 
     assert norms["when_logged"] == norms["every_step"]
 
 
+def test_final_metrics_of_another_namespace_keep_the_validation_and_the_test_apart(tmp_path: Path) -> None:
+    class LogsTheMeanTarget(TinyTask):
+        def compute_loss(self, model, batch, state, output):  # type: ignore[no-untyped-def]
+            self.logger.log_scalar("mean_target", batch[1].float().mean(), namespace="task")
+            return super().compute_loss(model, batch, state, output)
+
+    trainer = _trainer(tmp_path, valid_every_n_steps=2)
+    _fit(trainer, max_steps=2, task_cls=LogsTheMeanTarget)
+    evaluated = {
+        r["phase"]: r["metrics"]["task/mean_target"] for r in _records(tmp_path) if r["phase"] != "train"
+    }
+    assert evaluated["valid"] != evaluated["test"]  # (the sets differ)
+    final = trainer.final_metrics
+    assert final["valid:task/mean_target"] == pytest.approx(evaluated["valid"])
+    assert final["test:task/mean_target"] == pytest.approx(evaluated["test"])
+    assert "task/mean_target" not in final and "valid/loss" in final and "test/loss" in final
+
+
 def test_a_task_without_validation_or_test_data_skips_them(tmp_path: Path) -> None:
     class TrainOnly(TinyTask):
         def get_dataset(self, phase):  # type: ignore[no-untyped-def]
