@@ -149,14 +149,16 @@ class EarlyStopping:
     def state_dict(self) -> dict[str, Any]:
         return {
             "monitor": self.monitor,
+            "mode": self.mode,
             "best": self.best,
             "best_step": self.best_step,
             "bad_evaluations": self.bad_evaluations,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continues the count of a checkpoint's run; one of another metric starts over."""
-        if state.get("monitor") != self.monitor:
+        """Continues the count of a checkpoint's run; one of another metric or direction starts over
+        (its best would be the worst; a checkpoint from before ``mode`` was kept is taken as alike)."""
+        if state.get("monitor") != self.monitor or state.get("mode", self.mode) != self.mode:
             return
         best = state.get("best")
         self.best = None if best is None else float(best)

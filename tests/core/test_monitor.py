@@ -47,3 +47,18 @@ def test_early_stopping_counts_evaluations_without_improvement_by_more_than_min_
     assert not stopping.should_stop
     stopping.update(0.8, 5)
     assert stopping.should_stop and "best 0.85 at step 3" in stopping.reason
+
+
+def test_early_stopping_continues_a_checkpoints_count_only_for_the_same_metric_and_direction() -> None:
+    before = EarlyStopping("valid/acc", "min", patience=3)
+    for step, value in [(1, 0.5), (2, 0.6), (3, 0.7)]:  # rising: 2 bad evaluations when lower is better
+        before.update(value, step)
+    same = EarlyStopping("valid/acc", "min", patience=3)
+    same.load_state_dict(before.state_dict())
+    assert (same.best, same.bad_evaluations) == (0.5, 2)
+    flipped = EarlyStopping("valid/acc", "max", patience=3)  # the resumed run says higher is better
+    flipped.load_state_dict(before.state_dict())
+    assert (flipped.best, flipped.best_step, flipped.bad_evaluations) == (None, None, 0)
+    older = {k: v for k, v in before.state_dict().items() if k != "mode"}  # a checkpoint without the key
+    same.load_state_dict(older)
+    assert (same.best, same.bad_evaluations) == (0.5, 2)
