@@ -362,9 +362,9 @@ def _moved(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     if isinstance(batch, dict):
         return {k: _moved(v, device, dtype) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple (default_collate keeps it)
-        return type(batch)(*(_moved(v, device, dtype) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_moved(v, device, dtype) for v in batch)
+        return type(batch)(*[_moved(v, device, dtype) for v in batch])
+    if isinstance(batch, (list, tuple)):  # (a list, not a generator: no frame resumed per item)
+        return type(batch)([_moved(v, device, dtype) for v in batch])
     if _is_dataclass_instance(batch):  # (from a collate_fn of the user's)
         # A copy with each value moved, not a new instance: __init__ would run __post_init__ again
         # and reset the fields it does not take.
