@@ -382,12 +382,22 @@ def _ml_components(widths: tuple[int, ...], clock: _Clock) -> None:
 
     @register_model("overhead_mlp")
     class MLP(BaseModel[MLPConfig]):
+        """The plain loop's layers as the model's own, run in order as ``nn.Sequential`` runs them.
+
+        As a user writes an ``ml`` model: the model is the module. A ``BaseModel`` holding the
+        ``nn.Sequential`` would cost a module call per step that the plain loop and Lightning's
+        ``training_step`` (which call the ``nn.Sequential`` itself) do not pay.
+        """
+
         def __init__(self, config: MLPConfig) -> None:
             super().__init__(config)
-            self.net = _model(_ML_MODEL["widths"], _ML_MODEL["clock"])
+            for name, layer in _model(_ML_MODEL["widths"], _ML_MODEL["clock"]).named_children():
+                self.add_module(name, layer)
 
         def forward(self, x: Any) -> Any:
-            return self.net(x)
+            for layer in self._modules.values():
+                x = layer(x)
+            return x
 
     @dataclass
     class DigitsConfig(SupervisedLearningTaskConfig):
