@@ -139,23 +139,36 @@ def _as_loss_dict(losses: torch.Tensor | dict[str, torch.Tensor], task: Any) -> 
 
 
 class _Throughput:
-    """Steps and samples per second since the previous write (evaluated only when a logger writes)."""
+    """Training steps and samples per second since the previous write (evaluated only when a logger
+    writes); the time spent validating and saving checkpoints in between (:meth:`paused`) is left out,
+    as Lightning's throughput leaves it: a write after a long validation showed a fraction of the
+    rate training ran at."""
 
     def __init__(self, state: State) -> None:
         self.state = state
         self.last = (state.num_steps, state.num_samples, time.monotonic())
         self.rates = (0.0, 0.0)
+        self.paused_s = 0.0  # since the previous update
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.paused_s += time.monotonic() - start
 
     def _update(self) -> None:
         steps, samples, then = self.last
         now = time.monotonic()
-        if now > then and self.state.num_steps > steps:
-            seconds = now - then
+        seconds = now - then - self.paused_s
+        if seconds > 0 and self.state.num_steps > steps:
             self.rates = (
                 (self.state.num_steps - steps) / seconds,
                 (self.state.num_samples - samples) / seconds,
             )
             self.last = (self.state.num_steps, self.state.num_samples, now)
+            self.paused_s = 0.0
 
     def steps_per_s(self) -> float:
         self._update()
@@ -1082,7 +1095,7 @@ class SupervisedLearningTrainer(
             # A stop signal ended the last session during this step's validation (the checkpoint for
             # the signal holds the step, and says so): it is run now.
             self._validate_saved_step(state, s)
-        self._throughput = _Throughput(state)
+        self._throughput = throughput = _Throughput(state)
         bar.start(self._bar_total(state, s))
         world_size = get_world_size()
         # Only a run limited by epochs of a known length ends with an epoch's last step.
@@ -1126,9 +1139,11 @@ class SupervisedLearningTrainer(
                 if last or state.num_steps >= bar.due:  # an int compare; the loss is read on a redraw only
                     bar.update({"epoch": state.num_epochs, **loss_dict}, force=last)
                 if validating:
-                    self._validate(state, s)
+                    with throughput.paused():
+                        self._validate(state, s)
                 if self.should_checkpoint(state):
-                    self.save_checkpoint(state, task, model, optim, lr_sched)
+                    with throughput.paused():
+                        self.save_checkpoint(state, task, model, optim, lr_sched)
                 if self.training_over(state, task) or self.stop_signal is not None:
                     return
             self.on_epoch_end(state, task, model, optim, lr_sched)

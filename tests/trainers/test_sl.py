@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,22 @@ def test_final_metrics_of_another_namespace_keep_the_validation_and_the_test_apa
     assert final["valid:task/mean_target"] == pytest.approx(evaluated["valid"])
     assert final["test:task/mean_target"] == pytest.approx(evaluated["test"])
     assert "task/mean_target" not in final and "valid/loss" in final and "test/loss" in final
+
+
+def test_throughput_leaves_out_the_time_spent_validating(tmp_path: Path) -> None:
+    class SlowToValidate(TinyTask):
+        def compute_loss(self, model, batch, state, output):  # type: ignore[no-untyped-def]
+            if state.phase == "valid":
+                time.sleep(0.2)  # a validation of ~0.8 s, against training steps of milliseconds
+            return super().compute_loss(model, batch, state, output)
+
+    trainer = _trainer(tmp_path, valid_every_n_steps=3, test_at_end=False)
+    _fit(trainer, max_steps=6, task_cls=SlowToValidate)
+    rates = {
+        r["step"]: r["metrics"]["trainer/steps_per_s"] for r in _records(tmp_path) if r["phase"] == "train"
+    }
+    after_validation = rates.pop(4)
+    assert after_validation > 0.15 * sorted(rates.values())[len(rates) // 2], (after_validation, rates)
 
 
 def test_a_task_without_validation_or_test_data_skips_them(tmp_path: Path) -> None:
