@@ -103,8 +103,25 @@ class BaseLogger(BaseObject[LoggerConfigT], ABC):
         Steps after S were done by an earlier process whose work the checkpoint does not hold; they
         are about to be done again, so a logger that keeps history on disk drops what it holds for
         them (every metric then has one value per step). Loggers without history keep this no-op.
+
+        The trainer calls :meth:`on_resume_from`, which also names the evaluations of step S to be
+        done again; its default calls this, so a logger written for this hook keeps working.
         """
         del state
+
+    def on_resume_from(self, state: State, redone_phases: frozenset[str]) -> None:
+        """What the trainer calls on resume: :meth:`on_resume`, plus the phases whose records *at*
+        step S the checkpoint does not cover.
+
+        A checkpoint is saved before its step's last evaluations (the final validation and test)
+        and again after each, saying it was done; a ``kill -9`` in between leaves records of step S
+        that the continued run logs again. ``redone_phases`` names them (``valid``: S was not
+        validated; ``test``: the run did not finish; every phase for a run starting over). A logger
+        that keeps history drops its records after S and those of S in these phases, so that each
+        evaluation is logged once. The default calls :meth:`on_resume` (it keeps the records of S).
+        """
+        del redone_phases
+        self.on_resume(state)
 
     def state_dict(self) -> dict[str, Any]:
         """What this logger needs to continue in a later session (an external run's id), kept in

@@ -11,9 +11,11 @@ infinity, so non-finite metric values are written as the strings ``"nan"``, ``"i
 is written, so a crash loses no line already written.
 
 When a run continues from its checkpoint at step S, the steps after S are trained (and logged)
-again, so :meth:`JsonlLogger.on_resume` first drops the lines of the earlier process for steps
-after S, and a line a kill cut short (:func:`drop_records_after`): the file then holds one record
-per phase and step. The rewrite is atomic; a kill during it leaves the old file or the new one.
+again, so :meth:`JsonlLogger.on_resume_from` first drops the lines of the earlier process for
+steps after S, those of S in the phases the checkpoint does not cover (an evaluation logged after
+it was saved: the continued run does it again), and a line a kill cut short
+(:func:`drop_records_after`): the file then holds one record per phase and step. The rewrite is
+atomic; a kill during it leaves the old file or the new one.
 """
 
 import io
@@ -21,7 +23,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -105,18 +107,24 @@ def read_metrics(path: str | Path) -> Iterator[dict[str, Any]]:
             yield record
 
 
-def _step_of(line: bytes) -> int | None:
-    """The step of a complete record line, or None for a line that is not one (cut short, garbled)."""
+def _step_and_phase(line: bytes) -> tuple[int, Any] | None:
+    """The step and phase of a complete record line, or None for a line that is not one (cut
+    short, garbled)."""
     try:
         record = json.loads(line)
     except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
         return None
-    step = record.get("step") if isinstance(record, dict) else None
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
+    if not isinstance(record, dict):
+        return None
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return None
+    return step, record.get("phase")
 
 
-def drop_records_after(path: str | Path, step: int) -> int:
-    """Atomically drops the records of ``path`` with a step after ``step``, and any line cut short.
+def drop_records_after(path: str | Path, step: int, redone_phases: Collection[str] = ()) -> int:
+    """Atomically drops the records of ``path`` with a step after ``step``, those at ``step`` of
+    ``redone_phases``, and any line cut short.
 
     Kept lines stay byte for byte as they were, in their order (blank lines too). A line that is
     not a whole record (the last line of a writer killed mid-write; a garbled line) is dropped. A
@@ -129,6 +137,8 @@ def drop_records_after(path: str | Path, step: int) -> int:
     Args:
         path: The ``metrics.jsonl`` file; a missing file is left missing.
         step: The last step to keep (the step of the checkpoint training continues from).
+        redone_phases: The phases whose records at ``step`` go too (evaluations the checkpoint
+            does not cover, done again now).
 
     Returns:
         The number of lines dropped.
@@ -145,8 +155,8 @@ def drop_records_after(path: str | Path, step: int) -> int:
             unterminated = not line.endswith(b"\n")  # only the last line can lack it
             if not line.strip():
                 continue
-            line_step = _step_of(line)
-            if line_step is None or line_step > step:
+            found = _step_and_phase(line)
+            if found is None or found[0] > step or (found[0] == step and found[1] in redone_phases):
                 dropped.add(index)
     if not dropped and not unterminated:
         return 0
@@ -191,7 +201,12 @@ class JsonlLogger(BaseLogger[JsonlLoggerConfig]):
         self._file = open_append(path)
 
     def on_resume(self, state: State) -> None:
-        """Drops the records after the step training continues from (see :func:`drop_records_after`).
+        """Drops the records after the step training continues from; keeps those of the step."""
+        self.on_resume_from(state, frozenset())
+
+    def on_resume_from(self, state: State, redone_phases: frozenset[str]) -> None:
+        """Drops the records after the step training continues from, and those of the step in
+        ``redone_phases`` (see :func:`drop_records_after`).
 
         The file is closed around the rewrite: a handle opened before it would go on appending to
         the replaced file, which no longer has a name.
@@ -200,13 +215,20 @@ class JsonlLogger(BaseLogger[JsonlLoggerConfig]):
         if path is None:
             return
         self.close()
-        dropped = drop_records_after(path, state.num_steps)
+        step = state.num_steps
+        dropped = drop_records_after(path, step, redone_phases)
         if dropped:
+            redone = (
+                f", or {'/'.join(sorted(redone_phases))} at step {step} not covered by it"
+                if redone_phases
+                else ""
+            )
             logger.info(
-                "Dropped %d line(s) of %s past the checkpoint at step %d (logged again now) or cut short",
+                "Dropped %d line(s) of %s past the checkpoint at step %d%s (logged again now), or cut short",
                 dropped,
                 path,
-                state.num_steps,
+                step,
+                redone,
             )
         self._open()
 

@@ -22,10 +22,12 @@ What it records:
 
 A continued run continues the same MLflow run: its id is kept in every checkpoint
 (:meth:`MlflowLogger.state_dict`). A run continued from its checkpoint at step S redoes the steps
-an earlier process may have logged past S (after a ``kill -9``); MLflow cannot delete metric
-values, so values at steps the MLflow run already holds for that metric are not sent again: each
-metric has one value per step (the first process's, which an exact resume reproduces). A run
-stopped by a signal saved its checkpoint at its last step, so nothing is skipped then.
+an earlier process may have logged past S (after a ``kill -9``), and the evaluations of S logged
+after that checkpoint was saved (a final validation or test the kill cut off from the checkpoint
+saying it was done); MLflow cannot delete metric values, so values at steps the MLflow run already
+holds for that metric are not sent again: each metric has one value per step (the first
+process's, which an exact resume reproduces). A run stopped by a signal saved its checkpoint at its
+last step, so nothing is skipped then.
 
 MLflow is an optional dependency, imported when the logger is initialized.
 """

@@ -8,9 +8,11 @@ that can be overlaid. Scalars, strings, histograms and images are all written at
 the logger is initialized, so importing this module costs nothing without it.
 
 A run that continues from its checkpoint at step S redoes the steps after S, whose events the
-earlier process may already have written. The writers of the continued run are therefore created
-with ``purge_step=S + 1``: their event files start with a marker at which TensorBoard discards the
-events of step S + 1 and later that come before it, so every scalar keeps one value per step.
+earlier process may already have written, and the evaluations of step S the checkpoint does not
+cover (logged after it was saved). The writers of the continued run are therefore created with
+``purge_step=S + 1``, or ``S`` for a phase redone at S: their event files start with a marker at
+which TensorBoard discards the events of that step and later that come before it, in that phase's
+folder only, so every scalar keeps one value per step.
 """
 
 from dataclasses import dataclass
@@ -70,7 +72,9 @@ class TensorboardLogger(BaseLogger[TensorboardLoggerConfig]):
         super().__init__(config)
         self._writer_cls: type[SummaryWriter] | None = None
         self._writers: dict[str, SummaryWriter] = {}
-        self._purge_step: int | None = None  # set by on_resume, for the writers created after it
+        # Set by on_resume_from, for the writers created after it: the step, and the phases purged
+        # from it (others from the next one).
+        self._resumed_at: tuple[int, frozenset[str]] | None = None
 
     def initialize(self, log_directory: Path) -> None:
         super().initialize(log_directory)
@@ -86,28 +90,37 @@ class TensorboardLogger(BaseLogger[TensorboardLoggerConfig]):
                 raise RuntimeError("TensorboardLogger used before initialize(log_directory)")
             log_dir = self.log_directory / TENSORBOARD_DIR_NAME / phase
             # TensorBoard's writer thread would spin with flush_secs=0: every write flushes instead.
+            purge_step = None
+            if self._resumed_at is not None:
+                step, redone_phases = self._resumed_at
+                purge_step = step if phase in redone_phases else step + 1
             writer = self._writer_cls(
                 log_dir=str(log_dir),
                 flush_secs=self.config.flush_every_n_seconds or 3600,
-                purge_step=self._purge_step,
+                purge_step=purge_step,
             )
             self._writers[phase] = writer
         return writer
 
     def on_resume(self, state: State) -> None:
-        """Makes TensorBoard discard the events after ``state.num_steps`` that are already on disk.
+        """Makes TensorBoard discard the events after ``state.num_steps``; keeps those of the step."""
+        self.on_resume_from(state, frozenset())
 
-        Each phase's writer, created on its first write from now on, is given ``purge_step`` (S + 1
-        for a run resumed at step S; 1 for a run starting over without a checkpoint in a folder that
-        holds events already; none for a new run). Writers that already exist are closed first so
+    def on_resume_from(self, state: State, redone_phases: frozenset[str]) -> None:
+        """Makes TensorBoard discard the events after ``state.num_steps`` that are already on disk,
+        and those of the step in ``redone_phases``.
+
+        Each phase's writer, created on its first write from now on, is given ``purge_step``: for a
+        run resumed at step S, S for a phase in ``redone_phases`` and S + 1 for the others; none for
+        a new run (no checkpoint and no events yet). Writers that already exist are closed first so
         that they are created again with it.
         """
         self.close()
         folder = None if self.log_directory is None else self.log_directory / TENSORBOARD_DIR_NAME
         if state.num_steps > 0 or (folder is not None and any(folder.glob("*/events.out.tfevents.*"))):
-            self._purge_step = state.num_steps + 1
+            self._resumed_at = (state.num_steps, redone_phases)
         else:
-            self._purge_step = None
+            self._resumed_at = None
 
     def log_config(self, config: DictConfig) -> None:
         """Writes the resolved config as YAML text (tag ``config``) in the ``train`` folder."""

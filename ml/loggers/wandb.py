@@ -16,7 +16,10 @@ A continued run continues the same W&B run: the id is kept in every checkpoint
 (:meth:`WandbLogger.state_dict`) and passed to ``wandb.init(id=..., resume="allow")``. Offline,
 each session writes a folder of its own with that id; ``wandb sync`` puts them together in one run.
 A run stopped by a signal logged nothing past its checkpoint, so no step is in two sessions; after a
-``kill -9`` the steps redone past the checkpoint are in both (with the same values, resume being exact).
+``kill -9`` the steps redone past the checkpoint are in both (with the same values, resume being exact),
+and so is an evaluation of the checkpoint's step logged after it was saved (a final validation or
+test): W&B cannot take logged values back (its run rewind, ``resume_from``, is an online-only
+preview that cuts whole steps, the training values of the step with them).
 
 wandb's other files stay in the run folder too: its cache (``wandb-core``'s ``core-debug-*.log`` and
 ``symon-debug-*.log``, the artifact cache), its data folder (artifacts being staged) and downloaded

@@ -61,7 +61,7 @@ from torch.optim import Optimizer
 from ml.core.config import BaseConfig, BaseObject, conf_field
 from ml.core.diff import diff_configs, segment_changes  # torch-free (for `ml diff`); re-exported here
 from ml.core.monitor import EarlyStopping, mode_of
-from ml.core.state import State
+from ml.core.state import PHASES, State
 from ml.errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -786,7 +786,8 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
     def resume_or_start(self, s: Session) -> State:
         """Restores the run's newest checkpoint, or seeds a fresh run (with initial weights if configured).
 
-        Either way the loggers then learn the step training continues from, so that the logs of an
+        Either way the loggers then learn the step training continues from, and the evaluations of
+        that step the checkpoint does not cover (:meth:`redone_evaluations`), so that the logs of an
         earlier process past the checkpoint (done again now) do not stay beside the new ones.
 
         The checkpoint is the one :meth:`find_resume_checkpoint` names, found while reading (each
@@ -802,16 +803,37 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             logger.info("Resumed from %s at step %d", path, state.num_steps)
             self._rank_resumed(ckpt, state)
             self.tidy_checkpoints(path)
+            redone = self.redone_evaluations(ckpt, state)
         else:
             seed_everything(s.seed)
             if self.checkpoint_config.load_from_ckpt_path:
                 self.load_initial_weights(s.model, self.checkpoint_config.load_from_ckpt_path)
             state = State.init_state()
+            redone = frozenset(PHASES)  # no checkpoint: all that was logged is done again
         if is_master():
             for sublogger in self.loggers:
                 sublogger.continue_from(state)
-                sublogger.on_resume(state)
+                sublogger.on_resume_from(state, redone)
         return state
+
+    def redone_evaluations(self, ckpt: Mapping[str, Any], state: State) -> frozenset[str]:
+        """The phases whose records at the checkpoint's step it does not cover: this session logs
+        them again, so the loggers drop an earlier process's (:meth:`BaseLogger.on_resume_from`).
+
+        A step's last evaluations come after its checkpoint, which is saved again once each is done
+        and says so; a ``kill -9`` in between leaves their records without it. ``valid``: the
+        checkpoint does not name its step as the last validated (``last_valid_step``, or the ``rl``
+        trainer's ``last_eval_step``; a trainer that saves neither keeps its validations); ``test``:
+        the run had not finished (the test is the last thing a run does). Called after
+        :meth:`load_checkpoint`, which restored :attr:`finished`.
+        """
+        redone = set()
+        validated = ckpt.get("last_valid_step", ckpt.get("last_eval_step"))
+        if validated is not None and validated != state.num_steps:
+            redone.add("valid")
+        if not self.finished:
+            redone.add("test")
+        return frozenset(redone)
 
     def load_initial_weights(self, model: ModelT, path: str) -> None:
         """``checkpoint.load_from_ckpt_path``: model weights only (no optimizer, state or RNG), from a
