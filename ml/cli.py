@@ -287,13 +287,6 @@ def _main(argv: list[str] | None) -> int:
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool that SIGPIPE ended
 
 
-def _drop_stdout() -> None:
-    """Points stdout at /dev/null: the interpreter's last flush must not fail again on the closed pipe."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-
-
 def _run(argv: list[str] | None) -> int:
     global _left_a_process_group
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -308,7 +301,9 @@ def _run(argv: list[str] | None) -> int:
             try:
                 return int(tool.main(argv[1:]))
             except BrokenPipeError:  # `ml runs --json | head`: the reader took what it wanted
-                _drop_stdout()
+                from ml.utils.progress import drop_stdout
+
+                drop_stdout()
                 return EXIT_BROKEN_PIPE
         ns = parser.parse_intermixed_args(argv)  # options anywhere: `ml train digits -m a=1,2`
         if ns.help:

@@ -83,13 +83,32 @@ def _tqdm() -> Any:
 
 
 def write(line: str, file: TextIO | None = None) -> None:
-    """Prints ``line`` and a newline to ``file`` (stdout), flushed, above any bar on screen."""
+    """Prints ``line`` and a newline to ``file`` (stdout), flushed, above any bar on screen.
+
+    Stdout's reader gone (``ml train ... | head``): training goes on, and stdout is dropped for the
+    rest of the process (the stdout logger's file keeps every line).
+    """
     stream = sys.stdout if file is None else file
-    if _shown:
-        _tqdm().write(line, file=stream)
-        stream.flush()
-    else:
-        print(line, file=stream, flush=True)
+    try:
+        if _shown:
+            _tqdm().write(line, file=stream)
+            stream.flush()
+        else:
+            print(line, file=stream, flush=True)
+    except BrokenPipeError:
+        if stream is not sys.stdout:
+            raise
+        drop_stdout()
+
+
+def drop_stdout() -> None:
+    """Points stdout at /dev/null after its reader left: the interpreter's last flush, and later
+    writes, must not fail again on the closed pipe."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 class _AboveBars:

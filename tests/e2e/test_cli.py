@@ -731,3 +731,28 @@ def test_initial_weights_that_do_not_fit_stop_with_one_line(
     assert len(lines) == 1 and lines[0].startswith("ml: error: checkpoint weights do not fit"), result.stderr
     assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_training_goes_on_when_the_reader_of_its_stdout_quits(files: Files, tmp_path: Path) -> None:
+    # `ml train config.yaml | head`: the stdout logger's next line meets a closed pipe.
+    config = tmp_path / "user.yaml"
+    config.write_text(
+        files.user.read_text()
+        .replace("max_steps: 6", "max_steps: 6, step_sleep_s: 0.05")
+        .replace("logger: [", "logger: [{name: stdout, write_every_n_steps: 1}, ")
+    )
+    with subprocess.Popen(
+        [*ML, "train", str(config), "task.threshold=0"],
+        env=_env(files, tmp_path / "runs"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("[train] step 1 ")
+        proc.stdout.close()  # as `head -n 1` exits
+        _, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    run = tmp_path / "runs" / "user" / "run_0"
+    assert [r["step"] for r in _records(run) if r["phase"] == "train"] == [1, 2, 3, 4, 5, 6]
+    logged = (run / "logs" / "stdout.log").read_text()
+    assert "[train] step 6 " in logged  # the stdout logger's file keeps every line
