@@ -349,7 +349,9 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
         log_std = getattr(unwrap_model(model), "log_std", None)  # also through a DDP wrapper
         if not isinstance(log_std, torch.Tensor):
             raise ConfigError(
-                f"continuous actions need a model with a `log_std` parameter ({type(model).__name__})"
+                f"model.continuous: the environment's actions are continuous ({self.action_space}), "
+                f"which need a model with a `log_std` parameter ({type(unwrap_model(model)).__name__} "
+                "has none): set model.continuous=true"
             )
         return log_std
 
@@ -382,7 +384,8 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
         n = self.action_space.n if self.action_space is not None else policy_out.shape[-1]
         if policy_out.shape[-1] != n:
             raise ConfigError(
-                f"the model gives {policy_out.shape[-1]} action logits, but the environment has {n} actions"
+                f"model.action_size: the model gives {policy_out.shape[-1]} action logits, but "
+                f"the environment has {n} actions: set model.action_size={n}"
             )
         log_p = F.log_softmax(policy_out, dim=-1)
         # A NaN or +inf logit makes its row's probabilities NaN (an impossible action's -inf is fine),
@@ -503,6 +506,15 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
     def update_stop_flag(self) -> torch.Tensor | None:
         """With ``task.target_kl``: whether the last minibatch's approximate KL passed 1.5x it."""
         return self._kl_exceeded
+
+    def on_minibatches_skipped(self, minibatches: list[int]) -> None:
+        """Drops the skipped minibatches' statistics (kept one per :meth:`compute_loss` call, in order)."""
+        skipped = set(minibatches)
+        log_ratios, entropies, value_losses = (
+            [value for number, value in enumerate(values, 1) if number not in skipped]
+            for values in self._stats
+        )
+        self._stats = (log_ratios, entropies, value_losses)
 
     def on_step_end(
         self, state: State, loss_dict: dict[str, torch.Tensor], model: nn.Module, optim: Any, lr_sched: Any

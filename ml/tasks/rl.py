@@ -45,6 +45,14 @@ class ReinforcementLearningTaskConfig(BaseTaskConfig):
     minibatch_size: int = conf_field(64, help="Samples per gradient step")
 
 
+def environment_name(env: Any) -> str:
+    """What an environment is, in words: its registered id, else its class's name."""
+    spec = getattr(env, "spec", None)
+    if spec is not None and getattr(spec, "id", None):
+        return str(spec.id)
+    return type(getattr(env, "unwrapped", env)).__name__
+
+
 RLTaskConfigT = TypeVar("RLTaskConfigT", bound=ReinforcementLearningTaskConfig)
 
 
@@ -67,6 +75,9 @@ class ReinforcementLearningTask(BaseTask[RLTaskConfigT]):
                 f"task.minibatch_size must be at most the rollout's {rollout} transitions "
                 f"(task.num_envs * task.num_env_steps), got {config.minibatch_size}"
             )
+        steps = config.env_kwargs.get("max_episode_steps")
+        if isinstance(steps, bool):  # an int to Python: gymnasium's TimeLimit would take true as 1
+            raise ConfigError(f"task.env_kwargs.max_episode_steps must be a positive integer, got {steps}")
         self.observation_space: Any = None
         self.action_space: Any = None
 
@@ -76,23 +87,52 @@ class ReinforcementLearningTask(BaseTask[RLTaskConfigT]):
         """Makes one environment (``task.env_id`` with ``task.env_kwargs``).
 
         Raises:
-            ConfigError: gymnasium does not know the id, or the environment rejects the arguments
-                (an argument it does not take, or a value it refuses with ValueError or AssertionError).
+            ConfigError: gymnasium does not know the id or cannot import the module it names, or the
+                environment rejects the arguments (an argument it does not take, or a value it
+                refuses with ValueError or AssertionError).
         """
         import gymnasium
 
         kwargs = dict(self.config.env_kwargs)
         try:
             return gymnasium.make(self.config.env_id, render_mode=render_mode, **kwargs)
-        except gymnasium.error.Error as e:
+        except (gymnasium.error.Error, ImportError) as e:  # `module:Env-v0` imports the module
             raise ConfigError(f"task.env_id: cannot make environment {self.config.env_id!r}: {e}") from e
         except (TypeError, ValueError, AssertionError) as e:
-            # Without arguments of the user's, the id is what the environment refused.
-            key = "task.env_kwargs" if kwargs else "task.env_id"
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ConfigError(
-                f"{key}: {self.config.env_id} refuses {kwargs or 'its defaults'}: {reason}"
-            ) from e
+            raise self._refused(f"{self.config.env_id} refuses {kwargs or 'its defaults'}: {reason}") from e
+
+    def check_environment(self, env: "gymnasium.Env") -> None:
+        """Resets ``env`` (seed 0) and steps it once with a sampled action, before the run starts.
+
+        An argument the environment takes when it is made may break it only when it runs (Pendulum's
+        ``g=abc``); found here, it is bad input, refused before anything is on disk, rather than the
+        first rollout's failure. The line names the error's type and text, as it may as well be a bug
+        in the environment itself (``--debug`` shows its traceback).
+
+        Raises:
+            ConfigError: The reset or the step raised TypeError, ValueError, AssertionError or a
+                gymnasium error.
+        """
+        import gymnasium
+
+        where = "reset"
+        try:
+            env.reset(seed=0)
+            where = "step"
+            env.action_space.seed(0)
+            env.step(env.action_space.sample())
+        except (gymnasium.error.Error, TypeError, ValueError, AssertionError) as e:
+            kwargs = dict(self.config.env_kwargs)
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+            name, arguments = environment_name(env), kwargs or "its defaults"
+            raise self._refused(f"{name} with {arguments} fails at its first {where}: {reason}") from e
+
+    def _refused(self, message: str) -> ConfigError:
+        """The error for an environment that refuses its arguments: it names ``task.env_kwargs``, or
+        without arguments of the user's, ``task.env_id``, the one thing left to change."""
+        key = "task.env_kwargs" if self.config.env_kwargs else "task.env_id"
+        return ConfigError(f"{key}: {message}")
 
     def on_environments_ready(self, observation_space: Any, action_space: Any) -> None:
         """Called by the trainer with the single environment's spaces before anything runs."""
@@ -179,3 +219,10 @@ class ReinforcementLearningTask(BaseTask[RLTaskConfigT]):
         per minibatch.
         """
         return None
+
+    def on_minibatches_skipped(self, minibatches: list[int]) -> None:
+        """Called at the end of an update whose minibatches ``minibatches`` (numbered from 1, in the
+        order :meth:`compute_loss` saw them) were not applied, their values not being finite
+        (``trainer.non_finite_loss=skip``): statistics kept per minibatch leave them out, as the
+        trainer's logged losses do. By default nothing."""
+        del minibatches

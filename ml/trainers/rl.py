@@ -26,11 +26,16 @@ where clipping measures it, is checked on the device, an update that has one is 
 the update's record is read once when it ends (a task with an early stop, such as PPO's KL limit,
 has its flag read per minibatch anyway: the loss's check is read with it). ``stop`` then stops,
 naming the iteration and minibatch; ``skip`` counts the skipped updates (``trainer/skipped_steps``).
-No checkpoint is saved with weights that are not finite.
+No checkpoint is saved with weights that are not finite. A skipped minibatch's losses and the task's
+statistics of it stay out of the iteration's logged means.
+
+``rl/episode_return`` and ``rl/episode_length`` are means over the last 100 episodes the job
+finished (:class:`EpisodeWindow`, as Stable-Baselines3's ``ep_rew_mean``), logged at every write.
 
 Resume is exact at iteration boundaries: besides model, optimizer, schedule, counters and every
 global generator, the checkpoint holds the observations the next rollout starts from, the running
-episode returns and lengths, and the environments' own state through the task's
+episode returns and lengths, the window of finished episodes the logged means are over
+(:class:`EpisodeWindow`), and the environments' own state through the task's
 ``get_env_state`` hook (physics, time-limit step counts, generator states), all as tensors and
 plain data. An environment without that hook is reset on resume, and the trainer says so.
 """
@@ -40,6 +45,7 @@ import functools
 import importlib.util
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +64,7 @@ from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.models.base import BaseModel, eval_mode
 from ml.optimizers.base import BaseOptimizer
 from ml.optimizers.fast import FusedAdamStep, step_skipping, use_fast_optimizer
-from ml.tasks.rl import ReinforcementLearningTask
+from ml.tasks.rl import ReinforcementLearningTask, environment_name
 from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_interval, check_trainer_config
 from ml.trainers.parallel import wrap_model
 from ml.utils.checkpoint import unwrap_model
@@ -67,7 +73,6 @@ from ml.utils.distributed import (
     control_group,
     get_rank,
     get_world_size,
-    is_initialized,
     mean_over_ranks,
 )
 from ml.utils.grad_norm import clip_grad_norm_
@@ -119,26 +124,84 @@ def _total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def _mean_losses(recorded: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {name: torch.stack(values).mean(0) for name, values in recorded.items()}
+def _mean_losses(
+    recorded: list[tuple[int, dict[str, torch.Tensor]]], skipped: set[int]
+) -> dict[str, torch.Tensor]:
+    """Each named loss's mean over the minibatches ``(number, losses)`` not ``skipped``."""
+    values: dict[str, list[torch.Tensor]] = {}
+    for number, losses in recorded:
+        if number not in skipped:
+            for name, value in losses.items():
+                values.setdefault(name, []).append(value)
+    return {name: torch.stack(kept).mean(0) for name, kept in values.items()}
 
 
-def episode_stats(finished: list[tuple[float, int]], num_episodes: int) -> dict[str, float]:
-    """``rl/episode_return`` and ``rl/episode_length`` (means over the episodes that ended, when any
-    did) and ``rl/episodes`` (all episodes so far), over every rank's episodes in a job: their sums
-    and counts are added up over the ranks before dividing (one all-reduce), so every rank logs the
-    same numbers and a rank that finished more episodes weighs more."""
-    totals = torch.tensor(
-        [sum(r for r, _ in finished), sum(n for _, n in finished), len(finished), num_episodes],
-        dtype=torch.float64,
-    )
-    if is_initialized():
-        torch.distributed.all_reduce(totals, group=control_group())
-    return_sum, length_sum, count, episodes = totals.tolist()
-    stats = {"rl/episodes": episodes}
-    if count:
-        stats |= {"rl/episode_return": return_sum / count, "rl/episode_length": length_sum / count}
-    return stats
+EPISODE_WINDOW = 100  # finished episodes the logged return and length average over (as SB3's ep_rew_mean)
+
+
+class EpisodeWindow:
+    """The job's last :data:`EPISODE_WINDOW` finished episodes, and how many it has finished.
+
+    ``rl/episode_return`` and ``rl/episode_length`` are the means over the window, logged at every
+    write once an episode has ended: Stable-Baselines3's ``ep_rew_mean`` and ``ep_len_mean``. Every
+    episode enters the window whether or not its iteration is written, and a mean does not swing
+    with the few episodes that happened to end in one iteration. In a job each rank adds every
+    rank's episodes, in rank order (one all-gather per iteration), so the window is the job's, the
+    same on every rank. Checkpoints hold it (:meth:`state_dict`): a resumed run logs the same means.
+
+    Attributes:
+        returns: The window's returns, oldest first.
+        lengths: The window's lengths, oldest first.
+        episodes: Episodes every rank has finished so far (``rl/episodes``).
+    """
+
+    def __init__(self, size: int = EPISODE_WINDOW) -> None:
+        self.returns: deque[float] = deque(maxlen=size)
+        self.lengths: deque[int] = deque(maxlen=size)
+        self.episodes = 0
+
+    def add(self, finished: list[tuple[float, int]], rank_episodes: int) -> None:
+        """Adds the episodes that ended in this iteration, on every rank.
+
+        Args:
+            finished: This rank's, as ``(return, length)`` in the order they ended.
+            rank_episodes: The episodes this rank has finished so far (its own count, kept with its
+                environments).
+        """
+        self.episodes = 0
+        for rank_finished, count in all_gather_object((finished, rank_episodes)):
+            for episode_return, length in rank_finished:
+                self.returns.append(episode_return)
+                self.lengths.append(length)
+            self.episodes += count
+
+    def mean_return(self) -> float | None:
+        return sum(self.returns) / len(self.returns) if self.returns else None
+
+    def stats(self) -> dict[str, float]:
+        """``rl/episodes``, and the window's means once an episode has ended."""
+        stats = {"rl/episodes": float(self.episodes)}
+        if self.returns:
+            count = len(self.returns)
+            stats |= {
+                "rl/episode_return": sum(self.returns) / count,
+                "rl/episode_length": sum(self.lengths) / count,
+            }
+        return stats
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "window_returns": torch.tensor(list(self.returns), dtype=torch.float64),
+            "window_lengths": torch.tensor(list(self.lengths), dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`'s window (a checkpoint from before it has none: it starts empty)."""
+        self.returns.clear()
+        self.lengths.clear()
+        if "window_returns" in state:
+            self.returns.extend(float(r) for r in state["window_returns"].tolist())
+            self.lengths.extend(int(n) for n in state["window_lengths"].tolist())
 
 
 class SyncEnvs:
@@ -215,9 +278,12 @@ class _Rollout:
         import gymnasium
         from gymnasium.vector import AutoresetMode
 
-        probe = task.get_environment()  # a bad id or argument fails here, in this process, clearly
+        # A bad id or argument fails here, in this process, clearly: when the environment is made, or
+        # (one that breaks only when it runs) at a reset and a step of the probe.
+        probe = task.get_environment()
         try:
             _check_observations(probe, task)
+            task.check_environment(probe)
         finally:
             probe.close()
         fns = [task.get_environment for _ in range(count)]
@@ -259,11 +325,8 @@ def _env_name(envs: Any, task: ReinforcementLearningTask) -> str:
     """What the environments (or one environment) are, in words: their registered id, else the
     environment's class."""
     env = envs.envs[0] if hasattr(envs, "envs") else envs if hasattr(envs, "observation_space") else None
-    spec = getattr(env, "spec", None) if env is not None else None
-    if spec is not None and getattr(spec, "id", None):
-        return str(spec.id)
     if env is not None:
-        return type(getattr(env, "unwrapped", env)).__name__
+        return environment_name(env)
     return f"{type(task).__name__}'s"
 
 
@@ -295,6 +358,8 @@ class ReinforcementLearningTrainer(
             )
         if config.num_threads is not None and config.num_threads < 1:
             raise ConfigError(f"trainer.num_threads must be positive, got {config.num_threads}")
+        if config.clip_grad_norm is not None and config.clip_grad_norm <= 0:  # would scale by <= 0: ascent
+            raise ConfigError(f"trainer.clip_grad_norm must be positive, got {config.clip_grad_norm}")
         if config.num_eval_episodes < 1:
             raise ConfigError(f"trainer.num_eval_episodes must be positive, got {config.num_eval_episodes}")
         if config.use_double_weight_precision:
@@ -306,6 +371,7 @@ class ReinforcementLearningTrainer(
             )
         self.final_metrics: dict[str, float] = {}
         self.num_skipped_steps = 0  # minibatch updates dropped for non-finite values (non_finite_loss=skip)
+        self._skipped: set[int] = set()  # the current update's skipped minibatches, left out of its means
         self._non_finite: NonFiniteRecord | None = None  # this session's update minibatches, on the device
         self._found_on_host: list[NonFiniteStep] = []  # minibatches whose loss a stop flag's read found bad
         self._params: list[nn.Parameter] = []  # the trainable parameters the updates change
@@ -317,6 +383,7 @@ class ReinforcementLearningTrainer(
         self._warned: set[str] = set()
         self._last_eval_step = -1
         self._rank_rollouts: list[Any] | None = None
+        self._episodes = EpisodeWindow()  # the job's last finished episodes, for the logged means
 
     # -- checkpoint extras: where the environments stand
 
@@ -330,6 +397,7 @@ class ReinforcementLearningTrainer(
             "episode_returns": torch.from_numpy(rollout.episode_returns.copy()),
             "episode_lengths": torch.from_numpy(rollout.episode_lengths.copy()),
             "env_state": task.get_env_state(rollout.envs),
+            **self._episodes.state_dict(),  # the job's, alike on every rank
         }
 
     def gather_checkpoint_parts(self, model: BaseModel, optims: Any) -> tuple[Any, Any]:
@@ -352,6 +420,7 @@ class ReinforcementLearningTrainer(
         self._last_eval_step = int(state_dict.get("last_eval_step", -1))
         self.num_skipped_steps = int(state_dict.get("skipped_steps", 0))
         ranks, rank = state_dict.get("rl_ranks"), get_rank()
+        self._episodes.load_state_dict(state_dict.get("rl") or {})  # every rank's: the job's window
         if ranks is not None and len(ranks) == get_world_size():
             self._saved_rl = ranks[rank]
         elif rank == 0:
@@ -522,7 +591,8 @@ class ReinforcementLearningTrainer(
             )
         batch_size = min(batch_size, size)
         epochs, clip_norm = task.config.num_update_epochs, self.config.clip_grad_norm
-        recorded: dict[str, list[torch.Tensor]] = {}
+        recorded: list[tuple[int, dict[str, torch.Tensor]]] = []  # (minibatch, its losses)
+        self._skipped = set()
         if self._non_finite is None:  # the first update: the parameters it changes, and their record
             named = [(name, p) for name, p in unwrap_model(model).named_parameters() if p.requires_grad]
             self._params = [p for _, p in named]
@@ -550,8 +620,6 @@ class ReinforcementLearningTrainer(
                         break
                     if loss_bad:  # known on the host already: no backward pass for it
                         self._found_bad(state, NonFiniteStep(minibatch, loss.item(), None, None))
-                        for name, value in loss_dict.items():
-                            recorded.setdefault(name, []).append(value.detach())
                         continue
                 for p in params:
                     p.grad = None
@@ -567,13 +635,16 @@ class ReinforcementLearningTrainer(
                         torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
                     record.record(minibatch, found_inf, loss, grad_norm)
                     step(found_inf)  # the update is dropped on the device if found_inf is 1
-                for name, value in loss_dict.items():
-                    recorded.setdefault(name, []).append(value.detach())
+                recorded.append((minibatch, {name: value.detach() for name, value in loss_dict.items()}))
             else:
                 continue
             break  # the task stopped the update
         self._settle(state)
-        return _mean_losses(recorded)
+        # A skipped minibatch's losses (NaN, or from a blown-up step) would make the logged means
+        # NaN: they stay out of them, and out of the task's statistics.
+        if self._skipped:
+            task.on_minibatches_skipped(sorted(self._skipped))
+        return _mean_losses(recorded, self._skipped)
 
     def _read_with_stop_flag(self, stop_flag: torch.Tensor, loss: torch.Tensor) -> tuple[bool, bool]:
         """The task's stop flag and whether the loss is not finite, read on the host at once (agreed
@@ -620,6 +691,7 @@ class ReinforcementLearningTrainer(
                 f"{message}{later}; set trainer.non_finite_loss=skip to skip such updates"
             )
         self.num_skipped_steps += len(bad)
+        self._skipped.update(b.step for b in bad)
         logger.warning(
             "%s: skipped %d minibatch update(s) (%d so far)", message, len(bad), self.num_skipped_steps
         )
@@ -833,7 +905,8 @@ class ReinforcementLearningTrainer(
             last = self.stop_signal is not None or task.is_training_over(state)
             self.write_logs(task, model, state, final=last)
             if last or state.num_steps >= bar.due:  # an int compare; values are read on a redraw only
-                bar.update({"return": np.mean([r for r, _ in finished])} if finished else None, force=last)
+                mean_return = self._episodes.mean_return()
+                bar.update(None if mean_return is None else {"return": mean_return}, force=last)
             if self._should_evaluate(state):
                 eval_started = time.perf_counter()
                 self.judge_evaluation(state, self.evaluate(task, model, state), s)
@@ -852,8 +925,8 @@ class ReinforcementLearningTrainer(
     ) -> None:
         for name, value in loss_dict.items():
             task.logger.log_scalar(name, value, namespace="rl")
-        episodes = self._rollout.num_episodes if self._rollout else 0
-        for key, stat in episode_stats(finished, episodes).items():
+        self._episodes.add(finished, self._rollout.num_episodes if self._rollout else 0)
+        for key, stat in self._episodes.stats().items():
             task.logger.log_scalar(key.removeprefix("rl/"), stat, namespace="rl")
         train_time = self._train_time_s
         task.logger.log_scalar("env_steps", state.num_samples, namespace="rl")

@@ -2,9 +2,9 @@
 
 A short CartPole run improves its return. A run stopped by SIGTERM (at an iteration boundary) and
 continued from its ``config.yaml`` ends with exactly the tensors of a run that never stopped:
-model, optimizer, generators and the environments' own state. A bad environment id, a model whose
-actions do not fit the environment and a setting that means nothing each stop with one
-``ml: error:`` line and exit code 2, leaving no run folder.
+model, optimizer, generators and the environments' own state, and logs the same episode
+statistics. A bad environment id, a model whose actions do not fit the environment and a setting
+that means nothing each stop with one ``ml: error:`` line and exit code 2, leaving no run folder.
 """
 
 import os
@@ -134,6 +134,21 @@ def test_sigterm_at_an_iteration_boundary_then_resume_is_exact(tmp_path: Path, l
     assert any(s["elapsed_steps"] > 0 for s in env_state)  # episodes in flight at the boundary
     steps = [r["step"] for r in read_metrics(exp_dir / "logs") if "rl/env_steps" in r["metrics"]]
     assert steps == list(range(1, ITERATIONS + 1))  # counters continue; no iteration logged twice
+    # The episode statistics (a rolling window over the last 100 episodes) continue as they were.
+    assert _episode_logs(exp_dir) == _episode_logs(tmp_path / "reference" / "cartpole" / "run_0")
+
+
+def _episode_logs(exp_dir: Path) -> list[tuple[int, float, float, float]]:
+    return [
+        (
+            r["step"],
+            r["metrics"]["rl/episodes"],
+            r["metrics"]["rl/episode_return"],
+            r["metrics"]["rl/episode_length"],
+        )
+        for r in read_metrics(exp_dir / "logs")
+        if "rl/episode_return" in r["metrics"]
+    ]
 
 
 @pytest.mark.parametrize(

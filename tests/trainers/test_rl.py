@@ -1,4 +1,5 @@
-"""Tests of the rl trainer's pieces: seeds, the KL early stop, its vector environment, the resume warning.
+"""Tests of the rl trainer's pieces: seeds, the KL early stop, its vector environment, the resume warning,
+NaN/inf, the rolling episode statistics, and bad input (one line, nothing on disk).
 
 Gradient clipping is ``ml.utils.grad_norm``'s (tests/utils/test_grad_norm.py)."""
 
@@ -19,12 +20,12 @@ from ml.lr_schedulers.builtin import ConstantConfig, ConstantLRScheduler
 from ml.optimizers.builtin import AdamConfig, AdamOptimizer
 from ml.tasks.ppo import PPOTaskConfig
 from ml.trainers.rl import (
+    EpisodeWindow,
     ReinforcementLearningTrainer,
     ReinforcementLearningTrainerConfig,
     SyncEnvs,
     _Rollout,
     env_seeds,
-    episode_stats,
 )
 from tests.same import assert_same
 
@@ -239,7 +240,11 @@ class _NonFiniteLossAt(ClassicControlTask):
 
 
 def _train(
-    tmp_path: Path, task: ClassicControlTask, trainer_overrides: dict | None = None, exp: str = "run"
+    tmp_path: Path,
+    task: ClassicControlTask,
+    trainer_overrides: dict | None = None,
+    exp: str = "run",
+    write_every: int = 1,
 ) -> ReinforcementLearningTrainer:
     """Trains ``task`` with a small actor-critic in a fresh trainer on ``tmp_path / exp`` (jsonl logs)."""
     from ml.loggers.jsonl import JsonlLogger, JsonlLoggerConfig
@@ -259,7 +264,7 @@ def _train(
         },
     )
     trainer = ReinforcementLearningTrainer(trainer_config)  # type: ignore[arg-type]
-    trainer.add_logger(JsonlLogger(JsonlLoggerConfig(name="jsonl", write_every_n_steps=1)))
+    trainer.add_logger(JsonlLogger(JsonlLoggerConfig(name="jsonl", write_every_n_steps=write_every)))
     trainer.train(
         model,
         task,
@@ -310,8 +315,13 @@ def test_non_finite_loss_skip_drops_those_updates_and_counts_them(
     # Iteration 2's four minibatches (2 epochs of 32 samples in 16s) were all skipped: nothing moved.
     assert trainer.num_skipped_steps == 4 and _ckpt(tmp_path / "run", 3)["skipped_steps"] == 4
     records = (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
-    logged = [json.loads(r)["metrics"].get("trainer/skipped_steps") for r in records if '"train"' in r]
-    assert logged == [None, 4, 4]  # every write from the skip on
+    train = [json.loads(r)["metrics"] for r in records if '"train"' in r]
+    assert [m.get("trainer/skipped_steps") for m in train] == [None, 4, 4]  # every write from the skip on
+    # The skipped minibatches' losses and statistics stay out of the logged means (they made
+    # rl/policy_loss NaN): iteration 2 applied none, so it logs none; the others log finite values.
+    assert "rl/policy_loss" not in train[1] and "rl/approx_kl" not in train[1]
+    assert all("rl/policy_loss" in m and "rl/approx_kl" in m for m in (train[0], train[2]))
+    assert not [(k, v) for m in train for k, v in m.items() if not np.isfinite(float(v))]
     assert_same(second, first, "iteration 2")
     assert third["adam_step"] == first["adam_step"] + 4 and not torch.equal(
         third["policy.0.weight"], first["policy.0.weight"]
@@ -368,16 +378,22 @@ def test_continuing_a_finished_run_does_not_evaluate_it_again(tmp_path: Path) ->
 
 _RANK_1 = """
 import sys, torch.distributed as dist
-from ml.trainers.rl import episode_stats
+from ml.trainers.rl import EpisodeWindow
 dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=1, world_size=2)
-print(episode_stats([(100.0, 100)], 4))  # one long episode; 4 in all so far
+window = EpisodeWindow(size=4)
+window.add([(100.0, 100)], 4)  # one long episode; 4 in all so far
+first = window.stats()
+window.add([], 4)  # none ended here this time
+print([first, window.stats()])
 dist.destroy_process_group()
 """
 
 
 def test_episode_statistics_are_over_every_rank_s_episodes(tmp_path: Path) -> None:
     """Two real gloo processes (rank 0 this one): the mean return is over the job's 4 episodes (40),
-    not the mean of the ranks' means (60), and every rank has the job's 11 episodes (not 5.5)."""
+    not the mean of the ranks' means (60), and every rank has the job's 11 episodes (not 5.5). The
+    window (4 episodes here) is the job's, in rank order, alike on both: the next iteration's
+    episode pushes out rank 0's oldest, and the mean is 50 on both ranks, though rank 1 had none."""
     import datetime
     import subprocess
     import sys
@@ -391,14 +407,23 @@ def test_episode_statistics_are_over_every_rank_s_episodes(tmp_path: Path) -> No
         "gloo", init_method=f"file://{store}", rank=0, world_size=2, timeout=datetime.timedelta(seconds=60)
     )
     try:
-        on_rank_0 = episode_stats([(10.0, 10), (20.0, 20), (30.0, 30)], 7)  # three short episodes
+        window = EpisodeWindow(size=4)
+        window.add([(10.0, 10), (20.0, 20), (30.0, 30)], 7)  # three short episodes
+        first = window.stats()
+        window.add([(50.0, 50)], 8)
+        on_rank_0 = [first, window.stats()]
     finally:
         dist.destroy_process_group()
         out, err = rank_1.communicate(timeout=60)
     assert rank_1.returncode == 0, err
-    expected = {"rl/episodes": 11.0, "rl/episode_return": 40.0, "rl/episode_length": 40.0}
+    expected = [
+        {"rl/episodes": 11.0, "rl/episode_return": 40.0, "rl/episode_length": 40.0},
+        {"rl/episodes": 12.0, "rl/episode_return": 50.0, "rl/episode_length": 50.0},  # 20, 30, 100, 50
+    ]
     assert on_rank_0 == expected and eval(out) == expected
-    assert episode_stats([], 3) == {"rl/episodes": 3.0}  # one process, no episode ended: no mean
+    alone = EpisodeWindow()
+    alone.add([], 3)
+    assert alone.stats() == {"rl/episodes": 3.0}  # one process, no episode ended yet: no mean
 
 
 def test_observations_that_are_not_one_array_are_refused(tmp_path: Path) -> None:
@@ -415,6 +440,9 @@ def test_observations_that_are_not_one_array_are_refused(tmp_path: Path) -> None
         ({"eval_every_n_iterations": -1}, "trainer.eval_every_n_iterations must be positive (or null"),
         ({"eval_every_n_iterations": 0}, "trainer.eval_every_n_iterations must be positive (or null"),
         ({"non_finite_loss": "ignore"}, "trainer.non_finite_loss must be 'stop' or 'skip', got 'ignore'"),
+        # clip_grad_norm_ multiplies the gradients by max_norm / norm: a negative one ascends, 0 zeroes
+        ({"clip_grad_norm": -0.5}, "trainer.clip_grad_norm must be positive, got -0.5"),
+        ({"clip_grad_norm": 0.0}, "trainer.clip_grad_norm must be positive, got 0.0"),
     ],
 )
 def test_nonsensical_trainer_settings_are_refused(tmp_path: Path, overrides: dict, message: str) -> None:
@@ -428,3 +456,124 @@ def test_nonsensical_trainer_settings_are_refused(tmp_path: Path, overrides: dic
         ReinforcementLearningTrainer(trainer_config)  # type: ignore[arg-type]
     assert message in str(caught.value)
     assert not (tmp_path / "run").exists()
+
+
+# -- the rolling episode statistics
+
+
+class _ShortEpisodes(gymnasium.Env):
+    """Episodes of 1, 2, 3, 1, ... steps, rewarded 0.5 * the step's number (a return unlike the
+    length); records each episode as it ends: (a clock over every step of every instance, return, length)."""
+
+    observation_space = gymnasium.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)
+    action_space = gymnasium.spaces.Discrete(2)
+    clock = iter(range(10**9))
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[int, float, int]] = []
+        self.steps, self.total = 0, 0.0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.steps, self.total = 0, 0.0
+        return np.zeros(4, dtype=np.float32), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.steps += 1
+        self.total += 0.5 * self.steps
+        done = self.steps >= 1 + len(self.ended) % 3
+        now = next(self.clock)
+        if done:
+            self.ended.append((now, self.total, self.steps))
+        return np.zeros(4, dtype=np.float32), 0.5 * self.steps, done, False, {}
+
+
+class _ShortEpisodesTask(ClassicControlTask):
+    def __init__(self, config: PPOTaskConfig) -> None:
+        super().__init__(config)
+        self.made: list[_ShortEpisodes] = []  # the probe first, then the training environments
+
+    def get_environment(self, render_mode: str | None = None) -> gymnasium.Env:
+        self.made.append(_ShortEpisodes())
+        return self.made[-1]
+
+
+def test_episode_return_is_the_mean_of_the_last_100_episodes_at_every_write(tmp_path: Path) -> None:
+    """As Stable-Baselines3's ep_rew_mean: the episodes of the iterations that are not written count
+    too (the mean was over the written iteration's episodes alone)."""
+    from ml.loggers.jsonl import read_metrics
+
+    task = _small_task(_ShortEpisodesTask, max_steps=9)  # 2 envs x 16 steps: ~16 episodes an iteration
+    _train(tmp_path, task, write_every=3)
+    training = task.made[1:3]  # type: ignore[attr-defined]
+    ended = sorted(e for env in training for e in env.ended)  # in the order the rollout saw them
+    records = [r for r in read_metrics(tmp_path / "run" / "logs") if r.get("phase") == "train"]
+    assert [r["step"] for r in records] == [1, 4, 7, 9]  # iterations 2, 3, 5, 6 and 8 not written
+    for record in records:
+        metrics = record["metrics"]
+        count = int(metrics["rl/episodes"])
+        window = ended[:count][-100:]
+        assert metrics["rl/episode_return"] == pytest.approx(np.mean([r for _, r, _ in window]), rel=1e-12)
+        assert metrics["rl/episode_length"] == pytest.approx(np.mean([n for _, _, n in window]), rel=1e-12)
+    assert int(records[-1]["metrics"]["rl/episodes"]) > 100  # the window is full, and rolls
+    saved = _ckpt(tmp_path / "run", 9)["rl"]
+    assert saved["window_returns"].tolist() == [r for _, r, _ in ended[:count][-100:]]
+
+
+# -- bad input: one line naming the key to change, exit 2, no run folder
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["cartpole", "trainer.clip_grad_norm=-0.5"],
+            "ml: error: trainer.clip_grad_norm must be positive, got -0.5",
+        ),
+        (
+            ["pendulum", "task.max_samples=512", "task.env_kwargs.g=abc"],
+            "ml: error: task.env_kwargs: Pendulum-v1 with {'g': 'abc'} fails at its first step: TypeError: "
+            "unsupported operand",
+        ),
+        (
+            ["cartpole", "task.env_id=nosuchmodule:Foo-v0"],
+            "ml: error: task.env_id: cannot make environment 'nosuchmodule:Foo-v0': No module named "
+            "'nosuchmodule'",
+        ),
+        (
+            ["cartpole", "task.env_kwargs.max_episode_steps=true"],
+            "task.env_kwargs.max_episode_steps must be a positive integer, got True",
+        ),
+        (
+            ["cartpole", "model.action_size=3"],
+            "ml: error: model.action_size: the model gives 3 action logits, but the environment has 2 "
+            "actions: set model.action_size=2",
+        ),
+        (["pendulum", "model.continuous=false"], "has none): set model.continuous=true"),
+    ],
+    ids=[
+        "negative-clip",
+        "env-kwarg-breaks-step",
+        "no-such-module",
+        "bool-episode-steps",
+        "logits",
+        "log-std",
+    ],
+)
+def test_bad_input_is_one_line_naming_the_key_and_leaves_no_run(
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ml.cli import main as ml_main
+
+    monkeypatch.setenv("RUN_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("ML_EXP_NAME", raising=False)
+    assert ml_main(["train", *args, "trainer.progress_bar=false"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("ml: error:")]
+    assert len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err
+    assert not list((tmp_path / "runs").glob("*/run_*"))
