@@ -107,9 +107,9 @@ def read_metrics(path: str | Path) -> Iterator[dict[str, Any]]:
             yield record
 
 
-def _step_and_phase(line: bytes) -> tuple[int, Any] | None:
-    """The step and phase of a complete record line, or None for a line that is not one (cut
-    short, garbled)."""
+def _step_and_phase(line: bytes) -> tuple[int, str | None] | None:
+    """The step and phase (None unless a string) of a complete record line, or None for a line
+    that is not one (cut short, garbled)."""
     try:
         record = json.loads(line)
     except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
@@ -119,7 +119,8 @@ def _step_and_phase(line: bytes) -> tuple[int, Any] | None:
     step = record.get("step")
     if not isinstance(step, int) or isinstance(step, bool):
         return None
-    return step, record.get("phase")
+    phase = record.get("phase")
+    return step, phase if isinstance(phase, str) else None
 
 
 def drop_records_after(path: str | Path, step: int, redone_phases: Collection[str] = ()) -> int:
@@ -181,6 +182,7 @@ class JsonlLogger(BaseLogger[JsonlLoggerConfig]):
     def __init__(self, config: JsonlLoggerConfig) -> None:
         super().__init__(config)
         self._file: TextIO | None = None
+        self._redone_phases: frozenset[str] = frozenset()  # see on_resume_from
 
     @property
     def path(self) -> Path | None:
@@ -200,13 +202,19 @@ class JsonlLogger(BaseLogger[JsonlLoggerConfig]):
         # Appending, so a resumed run continues the same file.
         self._file = open_append(path)
 
-    def on_resume(self, state: State) -> None:
-        """Drops the records after the step training continues from; keeps those of the step."""
-        self.on_resume_from(state, frozenset())
-
     def on_resume_from(self, state: State, redone_phases: frozenset[str]) -> None:
         """Drops the records after the step training continues from, and those of the step in
-        ``redone_phases`` (see :func:`drop_records_after`).
+        ``redone_phases`` (see :func:`drop_records_after`), in :meth:`on_resume`, which a subclass
+        may extend."""
+        self._redone_phases = redone_phases
+        try:
+            self.on_resume(state)
+        finally:
+            self._redone_phases = frozenset()
+
+    def on_resume(self, state: State) -> None:
+        """Drops the records after the step training continues from, and those of the step in the
+        phases :meth:`on_resume_from` names (called alone: none).
 
         The file is closed around the rewrite: a handle opened before it would go on appending to
         the replaced file, which no longer has a name.
@@ -216,6 +224,7 @@ class JsonlLogger(BaseLogger[JsonlLoggerConfig]):
             return
         self.close()
         step = state.num_steps
+        redone_phases = self._redone_phases
         dropped = drop_records_after(path, step, redone_phases)
         if dropped:
             redone = (

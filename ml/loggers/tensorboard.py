@@ -75,6 +75,7 @@ class TensorboardLogger(BaseLogger[TensorboardLoggerConfig]):
         # Set by on_resume_from, for the writers created after it: the step, and the phases purged
         # from it (others from the next one).
         self._resumed_at: tuple[int, frozenset[str]] | None = None
+        self._redone_phases: frozenset[str] = frozenset()  # see on_resume_from
 
     def initialize(self, log_directory: Path) -> None:
         super().initialize(log_directory)
@@ -102,13 +103,18 @@ class TensorboardLogger(BaseLogger[TensorboardLoggerConfig]):
             self._writers[phase] = writer
         return writer
 
-    def on_resume(self, state: State) -> None:
-        """Makes TensorBoard discard the events after ``state.num_steps``; keeps those of the step."""
-        self.on_resume_from(state, frozenset())
-
     def on_resume_from(self, state: State, redone_phases: frozenset[str]) -> None:
+        """:meth:`on_resume` (which a subclass may extend), purging the events of the step too in
+        ``redone_phases``."""
+        self._redone_phases = redone_phases
+        try:
+            self.on_resume(state)
+        finally:
+            self._redone_phases = frozenset()
+
+    def on_resume(self, state: State) -> None:
         """Makes TensorBoard discard the events after ``state.num_steps`` that are already on disk,
-        and those of the step in ``redone_phases``.
+        and those of the step in the phases :meth:`on_resume_from` names (called alone: none).
 
         Each phase's writer, created on its first write from now on, is given ``purge_step``: for a
         run resumed at step S, S for a phase in ``redone_phases`` and S + 1 for the others; none for
@@ -118,7 +124,7 @@ class TensorboardLogger(BaseLogger[TensorboardLoggerConfig]):
         self.close()
         folder = None if self.log_directory is None else self.log_directory / TENSORBOARD_DIR_NAME
         if state.num_steps > 0 or (folder is not None and any(folder.glob("*/events.out.tfevents.*"))):
-            self._resumed_at = (state.num_steps, redone_phases)
+            self._resumed_at = (state.num_steps, self._redone_phases)
         else:
             self._resumed_at = None
 

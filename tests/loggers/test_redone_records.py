@@ -48,6 +48,13 @@ def test_drop_records_after_also_drops_the_step_s_redone_phases(
     )
 
 
+def test_a_record_with_a_phase_of_another_type_is_kept_like_one_of_another_phase(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    odd = b'{"step": 6, "phase": ["valid"], "metrics": {}}\n'  # (edited by hand)
+    path.write_bytes(odd)
+    assert drop_records_after(path, 6, frozenset({"valid"})) == 0 and path.read_bytes() == odd
+
+
 def test_the_jsonl_logger_drops_them_on_resume_and_appends_after(tmp_path: Path) -> None:
     _write_metrics(tmp_path / "metrics.jsonl")
     logger = JsonlLogger(JsonlLoggerConfig(name="jsonl"))
@@ -114,3 +121,32 @@ def test_a_logger_overriding_only_on_resume_is_still_resumed() -> None:
     logger = OneArgumentLogger(BaseLoggerConfig(name="old"))
     logger.on_resume_from(State(num_steps=6), frozenset({"valid", "test"}))
     assert logger.resumed_at == [6]
+
+
+@pytest.mark.parametrize("logger_class", [JsonlLogger, TensorboardLogger], ids=["jsonl", "tensorboard"])
+def test_a_subclass_of_a_logger_with_history_extending_on_resume_is_still_resumed(
+    tmp_path: Path, logger_class: type
+) -> None:
+    if logger_class is TensorboardLogger:
+        pytest.importorskip("tensorboard")
+
+    class Extended(logger_class):  # type: ignore[misc,valid-type]
+        resumed_at: list[int] = []
+
+        def on_resume(self, state: State) -> None:
+            self.resumed_at.append(state.num_steps)
+            super().on_resume(state)
+
+    _write_metrics(tmp_path / "metrics.jsonl")
+    config = JsonlLoggerConfig(name="jsonl") if logger_class is JsonlLogger else TensorboardLoggerConfig()
+    logger = Extended(config)
+    logger.initialize(tmp_path)
+    logger.on_resume_from(State(num_steps=6), frozenset({"test"}))
+    logger.close()
+    assert Extended.resumed_at == [6]
+    if logger_class is JsonlLogger:  # and the base class's work was done, with the redone phase
+        kept = [
+            (r["step"], r["phase"])
+            for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+        ]
+        assert kept == [(5, "train"), (6, "train"), (6, "valid")]
