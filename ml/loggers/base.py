@@ -221,7 +221,9 @@ def _as_logged(value: T) -> T:
 
     Values are read only when a logger writes, after the step's optimizer update: a parameter, a
     buffer or a view of one, logged as it is, would show its value after that update (and a
-    tensor's later in-place changes).
+    tensor's later in-place changes). The copy is made whether or not a logger writes the step: a
+    big tensor (a histogram of a large weight) logged at every step costs a copy each time; a
+    callable returning it is evaluated only at a write (and shows the value then).
     """
     if isinstance(value, torch.Tensor):
         return cast(T, value.detach().clone())
@@ -351,6 +353,8 @@ class MultiLogger:
         self._strings[self._name(key, namespace)] = value
 
     def log_histogram(self, key: str, value: HistogramValue, *, namespace: str | None = None) -> None:
+        """Logs a tensor's values (copied now, see :func:`_as_logged`), or a callable returning one
+        (evaluated only when a logger writes: the cheap way to log a big tensor at every step)."""
         self._histograms[self._name(key, namespace)] = _as_logged(value)
 
     def log_image(self, key: str, value: ImageValue, *, namespace: str | None = None) -> None:
