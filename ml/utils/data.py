@@ -130,10 +130,9 @@ class ResumableSampler(Sampler[int]):
         indices = self._indices(positions)
         if not self.with_seeds:
             return indices
-        return zip(indices, map(self._seed_at, positions), strict=True)
-
-    def _seed_at(self, position: int) -> int:
-        return sample_seed(self.seed, self.epoch, position)
+        # The epoch as it is now, as the order's: a set_epoch while this iterator is in use is the next's.
+        seeds = map(functools.partial(sample_seed, self.seed, self.epoch), positions)
+        return zip(indices, seeds, strict=True)
 
     def __len__(self) -> int:
         return len(self._positions())

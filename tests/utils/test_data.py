@@ -201,3 +201,15 @@ def test_the_first_index_comes_without_a_list_of_the_epoch() -> None:
     assert peak < 8 * 2**20  # a list of the epoch: ~70 MB of Python ints; a chunk: ~2.5 MB
     unshuffled = iter(ResumableSampler(range(10), shuffle=False, seed=SEED, rank=1, world_size=3))
     assert list(unshuffled) == [1, 4, 7]
+
+
+def test_an_iterator_keeps_the_epoch_it_was_made_in() -> None:
+    # Its order and its samples' seeds alike: the epoch and start set later are the next iterator's.
+    sampler = ResumableSampler(range(8), shuffle=True, seed=SEED, with_seeds=True)
+    sampler.set_epoch(0)
+    made_in_epoch_0 = iter(sampler)
+    sampler.set_epoch(1, start=2)
+    epoch_1, taken_in_epoch_1 = list(sampler), list(made_in_epoch_0)
+    sampler.set_epoch(0)
+    assert taken_in_epoch_1 == list(sampler) != epoch_1
+    assert len(epoch_1) == 6
