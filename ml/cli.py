@@ -143,7 +143,10 @@ def _value_in(node: Any, field: str) -> str:
 def _rank() -> int:
     from ml.utils.ranks import dist_env
 
-    return dist_env().rank
+    try:
+        return dist_env().rank
+    except UserError:  # a launcher's environment that does not fit: reported where it is read
+        return 0
 
 
 def _setup_logging() -> None:

@@ -49,16 +49,28 @@ def _first_host(nodelist: str) -> str:
     return head
 
 
-def _tasks_on_node(tasks_per_node: str, node: int) -> int:
-    """The number of tasks on node ``node`` of a step, from Slurm's compressed list: ``2(x3),1`` is
-    2 tasks on each of the first 3 nodes, then 1 (uneven when the tasks do not divide the nodes)."""
-    first = 0
-    for part in tasks_per_node.split(","):
-        count, _, repeat = part.partition("(x")
-        first += int(repeat.rstrip(")")) if repeat else 1
-        if node < first:
-            return int(count)
-    raise ValueError(f"Slurm says node {node} runs no task of this step: {tasks_per_node!r}")
+def _tasks_on_node(tasks_per_node: str, node_id: str) -> int:
+    """The number of tasks on node ``node_id`` of a step, from Slurm's compressed list: ``2(x3),1``
+    is 2 tasks on each of the first 3 nodes, then 1 (uneven when the tasks do not divide the nodes).
+
+    Raises:
+        ConfigError: The two variables do not fit (an environment not made by ``srun``).
+    """
+    from ml.errors import ConfigError
+
+    try:
+        node, first = int(node_id), 0
+        for part in tasks_per_node.split(","):
+            count, _, repeat = part.partition("(x")
+            first += int(repeat.rstrip(")")) if repeat else 1
+            if node < first:
+                return int(count)
+    except ValueError:
+        pass
+    raise ConfigError(
+        f"SLURM_NODEID={node_id!r} names no node of SLURM_STEP_TASKS_PER_NODE={tasks_per_node!r}: "
+        "run it as a Slurm step (srun), or unset the SLURM_ variables"
+    )
 
 
 def slurm_master_port(job_id: str) -> int:
@@ -83,7 +95,7 @@ def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and "SLURM_NTASKS" in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
         tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
-        local_world = _tasks_on_node(tasks_per_node, int(env.get("SLURM_NODEID", "0")))
+        local_world = _tasks_on_node(tasks_per_node, env.get("SLURM_NODEID", "0"))
         port = env.get("MASTER_PORT")
         return DistEnv(
             rank=int(env["SLURM_PROCID"]),

@@ -2,6 +2,7 @@
 
 import pytest
 
+from ml.errors import ConfigError
 from ml.utils.data import ResumableSampler
 from ml.utils.ranks import DistEnv, dist_env, slurm_master_port
 
@@ -54,6 +55,13 @@ def test_a_slurm_step_with_uneven_nodes_gives_each_node_its_own_count(
         "SLURM_PROCID": "0",
     }
     assert dist_env(env).local_world_size == local_world
+
+
+@pytest.mark.parametrize("node", ["2", "x"])
+def test_a_slurm_node_outside_the_step_is_refused_in_one_line(node: str) -> None:
+    env = SLURM_STEP | {"SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_NODEID": node}
+    with pytest.raises(ConfigError, match=rf"SLURM_NODEID='{node}' names no node"):
+        dist_env(env)
 
 
 def test_torchrun_inside_slurm_wins_and_a_batch_shell_is_not_a_rank() -> None:
