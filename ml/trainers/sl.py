@@ -1138,10 +1138,14 @@ class SupervisedLearningTrainer(
                 self.write_logs(task, model, state, final=written, due=due)
                 if last or state.num_steps >= bar.due:  # an int compare; the loss is read on a redraw only
                     bar.update({"epoch": state.num_epochs, **loss_dict}, force=last)
+                # (Settled first: waiting for the device to finish the training steps queued is
+                # training's time, not the pause's.)
                 if validating:
+                    self._settle()
                     with throughput.paused():
                         self._validate(state, s)
                 if self.should_checkpoint(state):
+                    self._settle()
                     with throughput.paused():
                         self.save_checkpoint(state, task, model, optim, lr_sched)
                 if self.training_over(state, task) or self.stop_signal is not None:
