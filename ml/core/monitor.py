@@ -14,6 +14,7 @@ reports a run's best value afterwards (``ml runs``) follows that mode, as its be
 its early stopping did (:func:`mode_for`), so one rule decides both.
 """
 
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ml.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = frozenset(
     {
@@ -159,6 +162,14 @@ class EarlyStopping:
         """Continues the count of a checkpoint's run; one of another metric or direction starts over
         (its best would be the worst; a checkpoint from before ``mode`` was kept is taken as alike)."""
         if state.get("monitor") != self.monitor or state.get("mode", self.mode) != self.mode:
+            if state.get("best") is not None:
+                logger.info(
+                    "Early stopping starts over: the checkpoint's count was for %s (%s), not %s (%s)",
+                    state.get("monitor"),
+                    state.get("mode", "min or max"),
+                    self.monitor,
+                    self.mode,
+                )
             return
         best = state.get("best")
         self.best = None if best is None else float(best)
