@@ -7,7 +7,8 @@ with the safe reader (checksum checked, ``weights_only``; a sharded folder's sha
 SHA-256s of its manifest: a damaged or foreign one is refused with one line, exit code 2, and so is
 a shard DCP cannot read), and writes the model's weights - or with ``--ema`` the moving average of
 them that ``trainer.ema`` kept - as safetensors plus the run's resolved config beside them
-(``model.safetensors`` -> ``model.yaml``);
+(``model.safetensors`` -> ``model.yaml``). A run still training may be exported: what verified is
+what is read, even as the run replaces its checkpoints (:func:`_read`);
 see :mod:`ml.models.export`. ``ml.load_model("model.safetensors")`` rebuilds the model from the two.
 
 An existing output is never overwritten without ``--force`` (the config beside it included), and
@@ -90,25 +91,46 @@ def _checkpoint_path(exp_dir: Path, choice: str | None) -> Path:
     return path
 
 
-def _read(exp_dir: Path, choice: str | None, chosen: Path) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint to export and what it holds: ``chosen``, or without ``--checkpoint`` the
-    newest that verifies (a warning on stderr names each newer one skipped and the one used)."""
+def _read(exp_dir: Path, choice: str | None, chosen: Path) -> tuple[Path, Path, dict[str, Any]]:
+    """The checkpoint to export, the file or folder it is (a link resolved when read), and what it
+    holds: ``chosen``, or without ``--checkpoint`` the newest that verifies (a warning on stderr
+    names each newer one skipped and the one used).
+
+    A run still training may replace its checkpoints meanwhile: a sharded one's files are held open
+    once verified (:func:`ml.utils.checkpoint.read_checkpoint`), and one removed before that sends
+    the search back to the newest (:func:`ml.run.checkpoints.newest_verified_checkpoint`).
+    """
     from ml.errors import BadInput, CheckpointError
     from ml.run.checkpoints import newest_verified_checkpoint
     from ml.run.layout import RunDir
-    from ml.utils.checkpoint import read_checkpoint
 
     try:
         if choice is not None:
-            return chosen, read_checkpoint(chosen, device="cpu")
-        found = newest_verified_checkpoint(RunDir(exp_dir), lambda p: read_checkpoint(p, device="cpu"))
+            return chosen, *_read_resolved(chosen)
+        found = newest_verified_checkpoint(RunDir(exp_dir), _read_resolved)
     except CheckpointError as e:
         raise BadInput(str(e).strip().splitlines()[0]) from e
     if found is None:  # removed since _checkpoint_path saw it
         raise BadInput(f"no checkpoint in {RunDir(exp_dir).checkpoints} (the run has not saved one yet)")
     for warning in found.warnings:
         print(f"ml: warning: {warning}", file=sys.stderr)
-    return found.checkpoint.path, found.value
+    return found.checkpoint.path, *found.value
+
+
+def _read_resolved(path: Path) -> tuple[Path, dict[str, Any]]:
+    """What ``path`` names (a link resolved) and the checkpoint read from it; a link that moved on
+    while its checkpoint was read (a run still training removed it) is read again."""
+    from ml.errors import DamagedCheckpointError
+    from ml.utils.checkpoint import read_checkpoint
+
+    for _ in range(3):
+        resolved = path.resolve()
+        try:
+            return resolved, read_checkpoint(resolved, device="cpu")
+        except DamagedCheckpointError:
+            if not path.is_symlink() or path.resolve() == resolved:
+                raise
+    return resolved, read_checkpoint(resolved, device="cpu")
 
 
 def _check_output(output: str, force: bool) -> Path:
@@ -168,7 +190,7 @@ def main(argv: list[str]) -> int:
     from ml.utils.checkpoint import ShardedState
     from ml.utils.sharded import model_tensor_specs, stream_model_tensors
 
-    ckpt_path, ckpt = _read(exp_dir, args.checkpoint, chosen)
+    ckpt_path, source_path, ckpt = _read(exp_dir, args.checkpoint, chosen)
     raw_state = ckpt["state"]
     try:
         state = State.from_json(raw_state) if isinstance(raw_state, str) else State.from_dict(dict(raw_state))
@@ -197,12 +219,13 @@ def main(argv: list[str]) -> int:
         raise BadInput(f"{ckpt_path}: {'ema weights' if args.ema else 'model'} is not a state dict")
     try:
         written = export_weights(
-            weights, config_yaml, output, step=state.num_steps, checkpoint=str(ckpt_path.resolve())
+            weights, config_yaml, output, step=state.num_steps, checkpoint=str(source_path)
         )
     except ModelFileError as e:
         raise BadInput(f"{ckpt_path}: {e}") from e
     what = "the moving average of step" if args.ema else "step"
-    source = f"{ckpt_path} -> {os.readlink(ckpt_path)}" if ckpt_path.is_symlink() else str(ckpt_path)
+    linked = os.path.relpath(source_path, ckpt_path.parent)
+    source = f"{ckpt_path} -> {linked}" if ckpt_path.is_symlink() else str(ckpt_path)
     print(f"ml: exported {what} {written.step} from {source}")
     print(f"ml: weights {written.weights_path} ({written.num_tensors} tensors)")
     print(f"ml: config  {written.config_path}")

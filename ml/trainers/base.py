@@ -1525,8 +1525,12 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         step = int(ckpt_path.name.split(".")[1])
         keep_older = not self.checkpoint_config.only_save_most_recent
         if "sharded" in ckpt:
-            publish_sharded_checkpoint(
-                self.run, step, lambda f: torch.save(ckpt, f), keep_older=keep_older, score=score
+            publish_sharded_checkpoint(  # ml.pt gets what ties it to its shards (the manifest's SHA-256)
+                self.run,
+                step,
+                lambda f, bound: torch.save({**ckpt, **bound}, f),
+                keep_older=keep_older,
+                score=score,
             )
             return
         write_checkpoint_file(

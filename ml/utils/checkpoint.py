@@ -10,7 +10,8 @@ Before ``torch.load`` sees a file (:func:`verify_checkpoint`, which :func:`read_
 - it must be a zip archive (what ``torch.save`` writes) whose directory can be read: a truncated
   file has lost its directory, which is at the end;
 - its checksum, when it has one (every checkpoint ml writes, see :mod:`ml.run.checkpoints`), must
-  match: a changed bit anywhere is found, before any of it is loaded;
+  match: a changed bit anywhere is found, before any of it is loaded (a sharded checkpoint's shards:
+  against its manifest; and its ``ml.pt`` must be of the same save as the shards);
 - no entry may be compressed (``torch.save`` stores them as they are, and ``torch.load`` would
   inflate them), and the sizes the entries declare must sum to no more than the file's size: what
   ``torch.load`` then reads is bounded by the file's size, whatever the archive claims. This is the
@@ -20,13 +21,14 @@ Before ``torch.load`` sees a file (:func:`verify_checkpoint`, which :func:`read_
 """
 
 import copy
+import json
 import os
 import pickle
 import random
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -36,11 +38,15 @@ from torch import nn
 
 from ml.errors import CheckpointError, DamagedCheckpointError, UnsafeCheckpointError
 from ml.run.checkpoints import (
+    MANIFEST_DIGEST,
     SHARDED_EXTRAS,
+    SHARDED_MANIFEST,
+    ShardedFolder,
     is_sharded_checkpoint,
+    open_sharded_checkpoint,
     verify_checksum,
-    verify_sharded_checkpoint,
 )
+from ml.run.layout import checkpoint_step
 from ml.utils.atomic import NotARegularFileError, open_regular
 
 _PLAIN = (torch.Tensor, int, float, str, bool, bytes, type(None), torch.Size, torch.dtype, torch.device)
@@ -56,19 +62,30 @@ class ShardedState:
         folder: The checkpoint's folder (``checkpoints/ckpt.<step>``).
         key: The part's name among the folder's tensors (``model``, ``optim``, ``optim/<name>``).
         skeleton: The part as saved with each tensor replaced by its name (the rest: plain values).
+        files: The folder's files, held open since they verified (:func:`read_checkpoint`): what is
+            read is what verified, even if a run still training removes the folder meanwhile. None:
+            read by path.
     """
 
     folder: Path
     key: str
     skeleton: Any
+    files: ShardedFolder | None = field(default=None, compare=False, repr=False)
+
+
+_READS = 3  # tries at reading a link that moved on meanwhile (a run still training)
 
 
 def read_checkpoint(path: str | Path, device: str | torch.device | None = None) -> dict[str, Any]:
     """Reads a checkpoint file without ever unpickling arbitrary objects.
 
     The file is checked first (:func:`verify_checkpoint`), then read from the same open file. A
-    sharded checkpoint (a folder) is checked against its manifest, then its ``ml.pt`` is read as a
-    file is; its ``model`` and ``optim`` are then :class:`ShardedState` (nothing of them read yet).
+    sharded checkpoint (a folder) is checked against its manifest, its files held open from then on
+    (:class:`~ml.run.checkpoints.ShardedFolder`); then its ``ml.pt`` is read as a file is, and must
+    belong to the same save (the manifest's SHA-256 it holds; its step, the manifest's and the
+    folder's name agree). Its ``model`` and ``optim`` are then :class:`ShardedState` (nothing of
+    them read yet). A link (``ckpt.pt``) whose checkpoint is removed while it is read - a run still
+    training moved it on - is read again, where it now points.
 
     Args:
         path: The file or sharded checkpoint folder (a ``ckpt.pt`` link is followed).
@@ -79,72 +96,139 @@ def read_checkpoint(path: str | Path, device: str | torch.device | None = None) 
 
     Raises:
         DamagedCheckpointError: The file is missing, not a regular file, truncated or changed since
-            it was written (a :class:`CheckpointError`).
+            it was written, or a sharded checkpoint's parts are of different saves (a
+            :class:`CheckpointError`).
         CheckpointError: The file is not a checkpoint of this framework, or its archive is foreign
             (compressed entries, sizes beyond the file).
         UnsafeCheckpointError: The file contains objects other than tensors and plain data.
     """
     path = Path(path)
+    for attempt in range(_READS):
+        target = path.resolve()
+        try:
+            return _read_checkpoint(path, device)[0]
+        except DamagedCheckpointError:
+            if attempt == _READS - 1 or not path.is_symlink() or path.resolve() == target:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _read_checkpoint(path: Path, device: str | torch.device | None) -> tuple[dict[str, Any], bool]:
+    """:func:`read_checkpoint` once; and whether the file (``ml.pt``) had a checksum."""
     if is_sharded_checkpoint(path):
         folder = path.resolve()
-        verify_sharded_checkpoint(folder)
-        ckpt = _read_file(folder / SHARDED_EXTRAS, device)
-        parts = ckpt.pop("sharded", None) if isinstance(ckpt, dict) else None
-        if not isinstance(parts, dict):
-            raise CheckpointError(
-                f"{path} is not an ml sharded checkpoint (its {SHARDED_EXTRAS} lists no parts)"
-            )
+        files = open_sharded_checkpoint(folder)
+        try:
+            with files.open(SHARDED_EXTRAS) as f:
+                ckpt, checked = _load(f, folder / SHARDED_EXTRAS, device)
+            parts = ckpt.pop("sharded", None) if isinstance(ckpt, dict) else None
+            if not isinstance(parts, dict):
+                raise CheckpointError(
+                    f"{path} is not an ml sharded checkpoint (its {SHARDED_EXTRAS} lists no parts)"
+                )
+            _check_one_save(files, ckpt)
+        except BaseException:
+            files.close()
+            raise
         for key, skeleton in parts.items():
-            ckpt[key] = ShardedState(folder, key, skeleton)
+            ckpt[key] = ShardedState(folder, key, skeleton, files)
     else:
-        ckpt = _read_file(path, device)
+        with _open(path) as f:
+            ckpt, checked = _load(f, path, device)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "state" not in ckpt:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(
             f"{path} is not an ml checkpoint (expected keys 'model' and 'state', found {keys})"
         )
-    return ckpt
+    return ckpt, checked
 
 
-def _read_file(path: Path, device: str | torch.device | None) -> Any:
-    with _open(path) as f:
-        _check_file(f, path)
-        f.seek(0)
-        try:
-            return torch.load(f, map_location=device, weights_only=True)
-        except pickle.UnpicklingError as e:
-            refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
-            if not refused:
-                raise CheckpointError(
-                    f"cannot read checkpoint {path}: not a torch checkpoint, or damaged"
-                ) from e
-            raise UnsafeCheckpointError(
-                f"refusing to load {path}: it holds pickled objects that could run code ({refused[0]})"
-            ) from e
-        except Exception as e:  # a damaged archive fails in many ways (zip, pickle memo, EOF, ...)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(
-                f"cannot read checkpoint {path}: the file is damaged or not a torch file ({first})"
-            ) from e
+def _check_one_save(files: ShardedFolder, ckpt: dict[str, Any]) -> None:
+    """Refuses a sharded checkpoint whose ``ml.pt`` and shards are of different saves (an ``ml.pt``
+    copied from another checkpoint's folder): ``ml.pt`` holds its manifest's SHA-256 (those written
+    before it did are compared by their steps alone), and its step, the manifest's and the folder
+    name's must agree.
+
+    Raises:
+        DamagedCheckpointError: They do not.
+    """
+    where = f"cannot read sharded checkpoint {files.folder}"
+    fix = "restore the folder's own, or use another checkpoint"
+    steps = {
+        SHARDED_EXTRAS: _step_of(ckpt),
+        SHARDED_MANIFEST: files.step,
+        "the folder's name": checkpoint_step(files.folder),
+    }
+    known = {what: step for what, step in steps.items() if step is not None}
+    if len(set(known.values())) > 1:
+        said = ", ".join(f"{what} says step {step}" for what, step in known.items())
+        raise DamagedCheckpointError(f"{where}: its files are of different saves ({said}); {fix}")
+    bound = ckpt.pop(MANIFEST_DIGEST, None)
+    if bound is not None and bound != files.manifest_sha256:
+        raise DamagedCheckpointError(
+            f"{where}: its {SHARDED_EXTRAS} was written with other shards (it holds the SHA-256 of "
+            f"another {SHARDED_MANIFEST}: a file of another save); {fix}"
+        )
+
+
+def _step_of(ckpt: Mapping[str, Any]) -> int | None:
+    """The step a checkpoint's ``state`` names (a JSON string, or a dict in older ones); None if none."""
+    raw = ckpt.get("state")
+    try:
+        state = json.loads(raw) if isinstance(raw, str) else raw
+        step = state["num_steps"] if isinstance(state, Mapping) else None
+    except (ValueError, KeyError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _load(f: IO[bytes], path: Path, device: str | torch.device | None) -> tuple[Any, bool]:
+    """The checkpoint in the open file ``f`` (checked first), and whether it had a checksum."""
+    checked = _check_file(f, path)
+    f.seek(0)
+    try:
+        return torch.load(f, map_location=device, weights_only=True), checked
+    except pickle.UnpicklingError as e:
+        refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if not refused:
+            raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint, or damaged") from e
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it holds pickled objects that could run code ({refused[0]})"
+        ) from e
+    except Exception as e:  # a damaged archive fails in many ways (zip, pickle memo, EOF, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is damaged or not a torch file ({first})"
+        ) from e
 
 
 def verify_checkpoint(path: str | Path) -> bool:
     """Checks a checkpoint file as :func:`read_checkpoint` does before loading it (see the module's
-    notes), without loading it.
+    notes), without loading it. A sharded checkpoint's ``ml.pt`` is loaded (it is small: the shards
+    are not), to check that it belongs to the same save as the shards.
 
     Returns:
         Whether its checksum was checked (False: a file without one, from before checksums).
 
     Raises:
-        DamagedCheckpointError: Missing, not a regular file, truncated, or changed since written.
+        DamagedCheckpointError: Missing, not a regular file, truncated, or changed since written
+            (or a sharded checkpoint's parts of different saves).
         CheckpointError: Not a zip archive as ``torch.save`` writes them.
     """
     path = Path(path)
     if is_sharded_checkpoint(path):
-        verify_sharded_checkpoint(path.resolve())
-        path = path.resolve() / SHARDED_EXTRAS
+        ckpt, checked = _read_checkpoint(path, "cpu")
+        close_checkpoint(ckpt)
+        return checked
     with _open(path) as f:
         return _check_file(f, path)
+
+
+def close_checkpoint(ckpt: Mapping[str, Any]) -> None:
+    """Closes the files a sharded checkpoint's parts hold (:func:`read_checkpoint`) once it is read."""
+    for value in ckpt.values():
+        if isinstance(value, ShardedState) and value.files is not None:
+            value.files.close()
 
 
 def _open(path: Path) -> IO[bytes]:

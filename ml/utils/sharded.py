@@ -9,7 +9,9 @@ step count kept as a number) stays in a *skeleton* - the state with each tensor 
 name - which ``ml.pt`` holds with the rest of the checkpoint.
 
 Reading reshards: each process asks for the tensors it holds now (its shards under FSDP with any
-number of processes, whole tensors without FSDP), and DCP reads just those pieces.
+number of processes, whole tensors without FSDP), and DCP reads just those pieces - from the
+folder's files as :func:`ml.utils.checkpoint.read_checkpoint` verified and holds them open
+(:attr:`ShardedState.files`), so a run still training may remove the folder meanwhile.
 
 Nothing read here runs code. DCP itself unpickles ``.metadata`` with plain ``pickle`` and reads
 non-tensor items with ``torch.load(weights_only=False)`` (torch 2.13); here ``.metadata`` is read
@@ -28,12 +30,13 @@ import warnings
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import torch
 from torch import nn
 
 from ml.errors import CheckpointError, UnsafeCheckpointError
+from ml.run.checkpoints import ShardedFolder
 from ml.utils.checkpoint import ShardedState
 
 logger = logging.getLogger(__name__)
@@ -62,32 +65,62 @@ _METADATA_CLASSES = {
 
 
 class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file: IO[bytes], path: Path) -> None:
+        super().__init__(file)
+        self._path = path
+
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if name in _METADATA_CLASSES.get(module, ()):
             return super().find_class(module, name)
         raise UnsafeCheckpointError(
-            f"refusing to read a sharded checkpoint's metadata: it names {module}.{name}, which is not "
-            "part of torch.distributed.checkpoint's metadata and could run code"
+            f"refusing to read the sharded checkpoint {self._path.parent}: its {self._path.name} names "
+            f"{module}.{name}, which is not part of torch.distributed.checkpoint's metadata and could "
+            "run code"
         )
 
 
 def _reader_classes() -> tuple[type, type]:
     """The DCP reader and load planner that never unpickle anything but the metadata's classes."""
     from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class HeldFileSystem(FileSystem):
+        """DCP's file access, reading the files of a checkpoint's folder that verified from the
+        descriptors held since (:class:`ml.run.checkpoints.ShardedFolder`), not by their names."""
+
+        def __init__(self, files: ShardedFolder) -> None:
+            super().__init__()
+            self.files = files
+
+        @contextlib.contextmanager
+        def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
+            name = Path(path).name
+            if mode != "rb" or not self.files.holds(name):
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            with self.files.open(name) as stream:
+                yield stream
 
     class SafeFileSystemReader(FileSystemReader):
         """DCP's file reader, reading ``.metadata`` with :class:`_MetadataUnpickler`, and only
-        pieces that lie in the checkpoint's own folder."""
+        pieces that lie in the checkpoint's own folder (from the files held open since they
+        verified, when given)."""
+
+        def __init__(self, path: str, files: ShardedFolder | None = None) -> None:
+            super().__init__(path)
+            if files is not None:
+                self.fs = HeldFileSystem(files)
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
             path = Path(self.path) / ".metadata"
             try:
-                with open(path, "rb") as f:
-                    metadata = _MetadataUnpickler(f).load()
+                with self.fs.create_stream(path, "rb") as f:
+                    metadata = _MetadataUnpickler(cast(IO[bytes], f), path).load()
             except UnsafeCheckpointError:
                 raise
             except FileNotFoundError as e:
@@ -119,10 +152,11 @@ def _reader_classes() -> tuple[type, type]:
     return SafeFileSystemReader, SafeLoadPlanner
 
 
-def read_metadata(folder: Path) -> Any:
-    """The DCP metadata of a sharded checkpoint, read safely (see the module's notes)."""
+def read_metadata(folder: Path, files: ShardedFolder | None = None) -> Any:
+    """The DCP metadata of a sharded checkpoint, read safely (see the module's notes), from its
+    files held open when given (:attr:`ShardedState.files`)."""
     reader_class, _ = _reader_classes()
-    return reader_class(str(folder)).read_metadata()
+    return reader_class(str(folder), files).read_metadata()
 
 
 # -- splitting a state into tensors and a skeleton
@@ -458,21 +492,23 @@ def _write_failed(folder: Path, error: BaseException) -> Exception:
 # -- reading
 
 
-def _load(state: dict[str, dict[str, torch.Tensor]], folder: Path, *, alone: bool = False) -> None:
-    """Fills ``state``'s tensors (this rank's pieces) from the checkpoint folder (a collective when a
-    process group exists, unless ``alone``: read by this process by itself).
+def _load(state: dict[str, dict[str, torch.Tensor]], part: ShardedState, *, alone: bool = False) -> None:
+    """Fills ``state``'s tensors (this rank's pieces) from the part's checkpoint folder (its files
+    held open, when it has them; a collective when a process group exists, unless ``alone``: read by
+    this process by itself).
 
     Raises:
         CheckpointError: DCP could not read them (its first error, in one line).
     """
     import torch.distributed.checkpoint as dcp
 
+    folder = part.folder
     reader_class, planner_class = _reader_classes()
     try:
         with _quiet_alone():
             dcp.load(
                 state,
-                storage_reader=reader_class(str(folder)),
+                storage_reader=reader_class(str(folder), part.files),
                 planner=planner_class(),
                 no_dist=alone or _alone(),
             )
@@ -522,7 +558,7 @@ def load_sharded_model(model: nn.Module, part: ShardedState, *, strict: bool) ->
             )
         notes.append(f"not loaded, shapes differ: {shapes}")
     wanted = {name: t for name, t in tensors.items() if name in sizes and name not in misfits}
-    _load({part.key: wanted}, part.folder)
+    _load({part.key: wanted}, part)
     try:
         set_model_state_dict(model, own, options=StateDictOptions(strict=strict))
     except (RuntimeError, KeyError, ValueError) as e:
@@ -534,7 +570,7 @@ def load_sharded_model(model: nn.Module, part: ShardedState, *, strict: bool) ->
 
 def _saved_sizes(part: ShardedState) -> dict[str, tuple[int, ...]]:
     """The whole shape of each tensor of ``part``, from the metadata."""
-    metadata = read_metadata(part.folder)
+    metadata = read_metadata(part.folder, part.files)
     prefix = f"{part.key}."
     return {
         key[len(prefix) :]: tuple(entry.size)
@@ -555,7 +591,7 @@ def load_sharded_optims(model: nn.Module, optims: Any, parts: Mapping[str, Shard
         own, _ = split_tensors(_optim_state(model, optim))
         saved = skeleton_tensors(part.skeleton)
         _check_keys(saved, list(own), "optimizer state", part.folder, strict=True)
-        _load({key: own}, part.folder)
+        _load({key: own}, part)
         try:
             set_optimizer_state_dict(model, optim, optim_state_dict=join_tensors(part.skeleton, own))
         except (RuntimeError, KeyError, ValueError) as e:
@@ -568,7 +604,7 @@ def model_tensor_specs(part: ShardedState) -> dict[str, tuple[torch.dtype, tuple
     """The dtype and whole shape of each of the model's tensors, from the metadata (nothing else read)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = read_metadata(part.folder)
+    metadata = read_metadata(part.folder, part.files)
     specs = {}
     for name in skeleton_tensors(part.skeleton):
         entry = metadata.state_dict_metadata.get(f"{part.key}.{name}")
@@ -585,7 +621,7 @@ def stream_model_tensors(
     this process alone."""
     for name, (dtype, shape) in specs.items():
         tensor = torch.empty(shape, dtype=dtype)
-        _load({part.key: {name: tensor}}, part.folder, alone=True)
+        _load({part.key: {name: tensor}}, part, alone=True)
         yield name, tensor
         del tensor
 

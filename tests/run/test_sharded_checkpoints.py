@@ -20,6 +20,7 @@
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,7 +171,9 @@ def test_metadata_that_would_run_code_is_refused(tmp_path: Path) -> None:
     metadata.write_bytes(pickle.dumps(Evil()).ljust(size))  # the manifest's size still fits
     _rewrite_manifest(path, ".metadata")  # the digest is against damage: whoever can write can rehash
     fresh = make_parts(tmp_path / "x", format="sharded")[1]
-    with pytest.raises(UnsafeCheckpointError, match=r"(posix|os)\.system"):
+    with pytest.raises(
+        UnsafeCheckpointError, match=rf"{re.escape(str(path))}: its \.metadata names (posix|os)\.system"
+    ):
         load_sharded_model(fresh, read_checkpoint(path)["model"], strict=True)
     assert not marker.exists()
 
@@ -189,10 +192,14 @@ def test_an_async_save_writes_the_state_of_its_step(tmp_path: Path) -> None:
 
 
 def _rewrite_manifest(folder: Path, name: str) -> None:
-    """The manifest made to agree with ``name`` as it is now (a SHA-256 is no signature)."""
+    """The manifest made to agree with ``name`` as it is now, and ml.pt with the manifest (a SHA-256
+    is no signature: ml.pt is saved again without one)."""
     manifest = json.loads((folder / "ml-manifest.json").read_text())
     manifest["sha256"][name] = sha256_file(folder / name)
     (folder / "ml-manifest.json").write_text(json.dumps(manifest))
+    extras = torch.load(folder / "ml.pt", weights_only=True)
+    extras["manifest_sha256"] = sha256_file(folder / "ml-manifest.json")
+    torch.save(extras, folder / "ml.pt")
 
 
 def _flip_byte(path: Path, offset: int | None = None) -> None:
@@ -277,6 +284,9 @@ def test_a_manifest_without_digests_is_checked_by_size_and_a_bad_shard_is_one_li
     manifest = json.loads((newest / "ml-manifest.json").read_text())
     del manifest["sha256"]
     (newest / "ml-manifest.json").write_text(json.dumps(manifest))
+    extras = torch.load(newest / "ml.pt", weights_only=True)
+    del extras["manifest_sha256"]  # nor did ml.pt hold the manifest's then
+    torch.save(extras, newest / "ml.pt")
     verify_checkpoint(newest)
     fresh = make_parts(tmp_path / "x", format="sharded")[1]
     load_sharded_model(fresh, read_checkpoint(newest)["model"], strict=True)
