@@ -798,8 +798,10 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             path, ckpt = found.checkpoint.path, found.value
             for warning in found.warnings:
                 logger.warning("%s", warning)
-            self.check_config_change(ckpt, str(path))
+            allowed = self.check_config_change(ckpt, str(path))
             state = self.load_checkpoint(ckpt, s.task, s.model, s.optim, s.lr_sched)  # type: ignore[arg-type]
+            # Recorded once the checkpoint loaded: a resume refused after all leaves no record.
+            self.record_config_change(allowed)
             logger.info("Resumed from %s at step %d", path, state.num_steps)
             self._rank_resumed(ckpt, state)
             self.tidy_checkpoints(path)
@@ -861,23 +863,27 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             logger.warning("Initial weights from %s: %s", path, note)
         logger.info("Initial weights loaded from %s", path)
 
-    def check_config_change(self, ckpt: Mapping[str, Any], where: str) -> None:
+    def check_config_change(self, ckpt: Mapping[str, Any], where: str) -> list[str]:
         """Compares the config a checkpoint was trained with to this run's; stops on a meaningful change.
 
         The whole diff is logged. Changes of what the run trains (``ml.core.diff.MEANINGFUL``: the
         model, optimizer, data, batch size, updates per step, seed) or of the number of processes
         stop the resume with :class:`ConfigChangedError` (exit code 2), unless the run
-        allows config changes (``ml train --allow-config-change``); then the diff is appended to
-        ``<exp_dir>/config_changes.log`` with the step it applies from.
+        allows config changes (``ml train --allow-config-change``).
+
+        Returns:
+            The lines to append to ``<exp_dir>/config_changes.log`` for an allowed meaningful change
+            (a header naming the step it applies from, then the diff), [] when there is none; written
+            by :meth:`record_config_change` once the checkpoint has loaded.
         """
         old_text = ckpt.get("config")
         if not isinstance(old_text, str):
-            return
+            return []
         try:
             old_config = OmegaConf.create(old_text)
         except Exception:  # a config that does not parse is not ours to judge
             logger.warning("%s holds a config that cannot be read; not comparing it", where)
-            return
+            return []
         try:  # what its references (a schedule's length from task.max_steps, ...) stood for then
             old = OmegaConf.to_container(old_config, resolve=True)
         except Exception:  # a secret no longer in the environment, ...: compared as written
@@ -889,23 +895,30 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             lines.append(line)
             meaningful.append(line)
         if not lines:
-            return
+            return []
         logger.warning("The config differs from the checkpoint's (%s):\n  %s", where, "\n  ".join(lines))
         if meaningful and not self.allow_config_change:
             raise ConfigChangedError(
                 f"the config changed since the checkpoint in what the experiment means "
                 f"({'; '.join(meaningful)}): continue anyway with --allow-config-change, or start a new run"
             )
-        if meaningful and is_master():
-            raw_state = ckpt.get("state")
-            step = State.from_json(raw_state).num_steps if isinstance(raw_state, str) else "?"
-            stamp = datetime.datetime.now().isoformat(timespec="seconds")
-            with open_append(self.run.config_changes) as f:
-                f.write(f"# {stamp}: allowed at step {step} (--allow-config-change)\n")
-                f.writelines(f"{line}\n" for line in lines)
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(self.exp_dir)
+        if not meaningful:
+            return []
+        raw_state = ckpt.get("state")
+        step = State.from_json(raw_state).num_steps if isinstance(raw_state, str) else "?"
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        return [f"# {stamp}: allowed at step {step} (--allow-config-change)", *lines]
+
+    def record_config_change(self, lines: list[str]) -> None:
+        """Rank 0 appends what :meth:`check_config_change` returned to ``<exp_dir>/config_changes.log``
+        (durably), once the resume it allowed has loaded its checkpoint."""
+        if not lines or not is_master():
+            return
+        with open_append(self.run.config_changes) as f:
+            f.writelines(f"{line}\n" for line in lines)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(self.exp_dir)
 
     def reserve_status(self, state: State) -> None:
         """Rank 0 marks the session as under way in ``status.json``, keeping room for its end."""
