@@ -286,7 +286,7 @@ def compose_config(config_files: list[str], overrides: list[str] | None = None) 
             from_command_line = overrides if number == len(layers) - 1 else None
             shape = _shape_error(where, merged, layer, from_command_line)
             raise ConfigError(shape or f"{where} does not fit the config's shape: {_first_line(e)}") from e
-    _relocate_run_config(merged, paths[-1])
+    _relocate_run_config(merged, paths[-1], layers[-1][1])
     merged.pop("sweep", None)  # the command line's: it runs one config per point (ml.launchers.sweep)
     unknown = sorted(set(merged) - set(SECTIONS))
     if unknown:
@@ -389,14 +389,31 @@ def _written_name(section: DictConfig) -> Any:
     return None if name in (None, "???") else name
 
 
-def _relocate_run_config(merged: DictConfig, last_file: Path) -> None:
-    """A run's own ``config.yaml`` continues that run, even if its folder was moved since."""
+def _relocate_run_config(merged: DictConfig, last_file: Path, command_line: Any) -> None:
+    """A run's own ``config.yaml`` continues that run, even if its folder was moved since.
+
+    A ``trainer.exp_dir`` the command line gives (``command_line``: its overrides) for another folder
+    is refused rather than ignored: this config continues its own run.
+
+    Raises:
+        ConfigError: The command line gives another ``trainer.exp_dir``.
+    """
     trainer = merged.get("trainer")
     if last_file.name != "config.yaml" or not isinstance(trainer, DictConfig) or "exp_dir" not in trainer:
         return
     if OmegaConf.is_missing(trainer, "exp_dir") or not (last_file.parent / "checkpoints").exists():
         return
     here = last_file.resolve().parent
+    try:
+        given = OmegaConf.select(command_line, "trainer.exp_dir", default=None, throw_on_missing=False)
+    except OmegaConfBaseException:  # a `trainer=...` that is no mapping: the validation says so
+        given = None
+    if given is not None and given != "???" and Path(str(given)).expanduser().resolve() != here:
+        raise ConfigError(
+            f"trainer.exp_dir={given}: {last_file} continues its own run, in {here}; to start a new run "
+            f"from its config, train a copy: cp {last_file} new.yaml && ml train new.yaml "
+            f"trainer.exp_dir={given}"
+        )
     if Path(str(trainer.exp_dir)).expanduser().resolve() != here:
         trainer.exp_dir = str(here)
 

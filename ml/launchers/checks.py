@@ -14,8 +14,9 @@ from ml.errors import ConfigError, first_line
 
 def check_before_claim(root: Any, *, device: bool = True) -> None:
     """Refuses a composed config that ``ml train`` would refuse once it claimed a run folder: the
-    initial weights' file, the folder names, the trainer's settings, and (``device``: when the run
-    trains on this machine) the device.
+    initial weights' file, the folder names (a ``trainer.exp_dir`` that is an experiment's folder
+    or lies in a run's), the trainer's settings, and (``device``: when the run trains on this
+    machine) the device.
 
     What a sweep checks of every point before the first starts (its components are built by each
     point's own run: a model may take long to build). The trainer is built on a copy whose
@@ -31,10 +32,12 @@ def check_before_claim(root: Any, *, device: bool = True) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from ml.core.registry import lookup
-    from ml.run.claim import check_folder_name
+    from ml.run.claim import check_exp_dir, check_folder_name
 
     check_initial_weights(root)
     check_folder_name(str(root.trainer.exp_name), "trainer.exp_name")
+    if not OmegaConf.is_missing(root.trainer, "exp_dir"):
+        check_exp_dir(str(root.trainer.exp_dir))
     if device:
         device_of(root)
     trainer_cls, _ = lookup("trainer", str(root.trainer.name))

@@ -35,6 +35,35 @@ def check_folder_name(value: str, key: str) -> str:
     return name
 
 
+def check_exp_dir(value: str) -> Path:
+    """``trainer.exp_dir`` as a folder when it can be a run's: not an experiment's folder (one
+    holding run folders) and not inside another run's folder, where ``ml runs`` and ``ml plot``
+    would miss runs (:mod:`ml.run.layout` says what a run folder is).
+
+    Raises:
+        ConfigError: It is either.
+    """
+    from ml.run.layout import enclosing_run, runs_in
+
+    folder = Path(str(value)).expanduser().resolve()
+    outer = enclosing_run(folder)
+    if outer is not None:
+        raise ConfigError(
+            f"trainer.exp_dir={value} lies inside the run folder {outer} (ml runs and ml plot would not "
+            "find it there); give a folder outside any run, or leave trainer.exp_dir unset to take the "
+            "next run_<N> of trainer.exp_name"
+        )
+    inner = runs_in(folder)
+    if inner:
+        shown = ", ".join(run.name for run in inner[:3]) + (", ..." if len(inner) > 3 else "")
+        raise ConfigError(
+            f"trainer.exp_dir={value} holds run folders ({shown}): it is an experiment's folder, not a "
+            "run's; leave trainer.exp_dir unset to take the next run_<N> of trainer.exp_name, or give a "
+            "folder that holds no runs"
+        )
+    return folder
+
+
 def check_log_dir_name(value: str) -> str:
     """``trainer.log_dir_name`` when it is a plain folder name the run folder does not use otherwise."""
     name = check_folder_name(value, "trainer.log_dir_name")

@@ -198,10 +198,31 @@ def is_run(folder: Path) -> bool:
     folder = Path(folder)
     if RUN_NAME.fullmatch(folder.name):
         return not any(RUN_NAME.fullmatch(child.name) for child in _subdirs(folder))
-    run = RunDir(folder)
+    return holds_run_files(folder)
+
+
+def holds_run_files(folder: Path) -> bool:
+    """Whether ``folder`` holds what a run writes: its config beside checkpoints, logs, a lock or
+    ``status.json`` (whatever its name)."""
+    run = RunDir(Path(folder))
     return run.config.is_file() and (
         run.checkpoints.is_dir() or run.logs.is_dir() or run.lock("running").exists() or run.status.exists()
     )
+
+
+def runs_in(folder: Path) -> list[Path]:
+    """The run folders directly inside ``folder`` (:func:`is_run`), by name: what makes it an
+    experiment's folder rather than a run's."""
+    return sorted(child for child in _subdirs(Path(folder)) if is_run(child))
+
+
+def enclosing_run(path: Path) -> Path | None:
+    """The run folder ``path`` lies inside (``path`` itself not counted), by what it holds; None if
+    none. (Not by name alone: a ``run_<N>`` higher up may be any folder of the user's.)"""
+    for parent in Path(path).parents:
+        if holds_run_files(parent):
+            return parent
+    return None
 
 
 def find_runs(path: Path) -> list[tuple[str, Path]]:
