@@ -596,6 +596,7 @@ def worker(
     if clock.partner_steps:
         partner_sps = clock.partner_steps / clock.partner_usage[0]
         result["partner_steps_per_s"] = partner_sps
+        result["partner_cpu_steps_per_s"] = clock.partner_steps / clock.partner_usage[1]
         result["partner_steps"] = clock.partner_steps
         result["partner_faults_per_step"] = clock.partner_usage[2] / clock.partner_steps
         result["interleaved_ratio"] = result["steps_per_s"] / partner_sps
