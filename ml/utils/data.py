@@ -358,12 +358,15 @@ def _moved(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
         if batch.device == device:  # (the usual case on the CPU: no call at all)
             return batch
         return batch.to(device=device, non_blocking=True)
+    kind = type(batch)
+    if kind is list or kind is tuple:  # the usual, first (a list, not a generator: no frame per item)
+        return kind([_moved(v, device, dtype) for v in batch])
     if isinstance(batch, dict):
         return {k: _moved(v, device, dtype) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple (default_collate keeps it)
-        return type(batch)(*[_moved(v, device, dtype) for v in batch])
-    if isinstance(batch, (list, tuple)):  # (a list, not a generator: no frame resumed per item)
-        return type(batch)([_moved(v, device, dtype) for v in batch])
+        return kind(*[_moved(v, device, dtype) for v in batch])
+    if isinstance(batch, (list, tuple)):  # a subclass
+        return kind([_moved(v, device, dtype) for v in batch])
     if _is_dataclass_instance(batch):  # (from a collate_fn of the user's)
         # A copy with each value moved, not a new instance: __init__ would run __post_init__ again
         # and reset the fields it does not take.
