@@ -18,17 +18,12 @@ signal sent by the task itself at an exact moment (see ``resume_task.IndexedTask
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ml.tools.experiments import describe_run
-
-_SCRIPT = Path(sys.executable).parent / "ml"
-ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.entry"]
-TIMEOUT_S = 120
+from tests.e2e.ml_command import ml_train
 
 CONFIG = """\
 model: {name: "resume_task:DropoutBNModel", hidden: 16, dropout: 0.2}
@@ -48,20 +43,6 @@ trainer:
 logger:
   - {name: jsonl, write_every_n_steps: 1}
 """
-
-
-def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ML_EXP_NAME")
-    }
-    env.update(
-        RUN_DIR=str(tmp_path / "runs"),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")])),
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    cmd = [*ML, "train", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
 
 
 def _exp_dir(tmp_path: Path) -> Path:
@@ -99,7 +80,7 @@ def test_a_ctrl_c_during_a_validation_is_made_good_when_the_run_continues(
     the resumed session."""
     overrides, expected = CADENCES[cadence]
     marker = tmp_path / "sent"
-    first = _train(
+    first = ml_train(
         tmp_path,
         _write(tmp_path),
         *overrides,
@@ -112,7 +93,7 @@ def test_a_ctrl_c_during_a_validation_is_made_good_when_the_run_continues(
     assert marker.exists() and os.readlink(exp_dir / "checkpoints" / "ckpt.pt") == "ckpt.4.pt"
     assert 4 not in _valid_steps(exp_dir)  # the validation at step 4 was abandoned, not logged
 
-    second = _train(tmp_path, str(exp_dir / "config.yaml"))
+    second = ml_train(tmp_path, str(exp_dir / "config.yaml"))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resumed from" in second.stderr
     assert _valid_steps(exp_dir) == expected  # step 4's validation was run on resuming
@@ -126,12 +107,12 @@ def test_a_ctrl_c_during_the_final_test_logs_each_evaluation_once(tmp_path: Path
     again: both were logged twice."""
     marker = tmp_path / "sent"
     args = ("task.signal_phase=test", "task.signal_step=8", f"task.signal_marker={marker}")
-    first = _train(tmp_path, _write(tmp_path), *args, f"task.test_dl.batch_size={test_batch}")
+    first = ml_train(tmp_path, _write(tmp_path), *args, f"task.test_dl.batch_size={test_batch}")
     exp_dir = _exp_dir(tmp_path)
     if test_batch == 8:
         assert first.returncode == 130, first.stderr[-3000:]
         assert _test_steps(exp_dir) == []
-        second = _train(tmp_path, str(exp_dir / "config.yaml"))
+        second = ml_train(tmp_path, str(exp_dir / "config.yaml"))
         assert second.returncode == 0, second.stderr[-3000:]
     else:
         assert first.returncode == 0, first.stderr[-3000:]
@@ -143,7 +124,7 @@ def test_a_ctrl_c_during_the_final_test_logs_each_evaluation_once(tmp_path: Path
 def test_a_kill_9_after_a_validation_redone_on_continuing_does_not_log_it_twice(tmp_path: Path) -> None:
     """The validation redone at the resumed step was logged, but the checkpoint of that step did not
     know: a ``kill -9`` before the next checkpoint made the next start validate (and log) it again."""
-    first = _train(
+    first = ml_train(
         tmp_path,
         _write(tmp_path),
         "task.signal_phase=valid",
@@ -158,9 +139,9 @@ def test_a_kill_9_after_a_validation_redone_on_continuing_does_not_log_it_twice(
         "task.signal_name=SIGKILL",
         f"task.signal_marker={tmp_path / 'b'}",
     )
-    second = _train(tmp_path, config, "--allow-config-change", *kill)  # killed in step 5
+    second = ml_train(tmp_path, config, "--allow-config-change", *kill)  # killed in step 5
     assert second.returncode == -signal.SIGKILL, second.stderr[-3000:]
-    third = _train(tmp_path, config, "--allow-config-change")
+    third = ml_train(tmp_path, config, "--allow-config-change")
     assert third.returncode == 0, third.stderr[-3000:]
     assert _valid_steps(_exp_dir(tmp_path)) == [2, 4, 6, 8]
 
@@ -179,9 +160,9 @@ def test_a_kill_9_during_the_final_test_does_not_validate_the_last_step_again(
         "task.signal_step=8",
         "task.signal_name=SIGKILL",
     )
-    first = _train(tmp_path, _write(tmp_path), *args, f"task.signal_marker={tmp_path / 'sent'}")
+    first = ml_train(tmp_path, _write(tmp_path), *args, f"task.signal_marker={tmp_path / 'sent'}")
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
-    second = _train(tmp_path, str(_exp_dir(tmp_path) / "config.yaml"))
+    second = ml_train(tmp_path, str(_exp_dir(tmp_path) / "config.yaml"))
     assert second.returncode == 0, second.stderr[-3000:]
     assert _valid_steps(_exp_dir(tmp_path)) == [3, 6, 8]
     assert _test_steps(_exp_dir(tmp_path)) == [8]
@@ -191,11 +172,11 @@ def test_a_time_based_validation_counts_on_from_the_last_one_across_sessions(tmp
     """Each session restarted the interval: a run stopped more often than it never validated."""
     args = ("trainer.valid_every_n_steps=null", "trainer.valid_every_n_seconds=1.0", "task.step_sleep_s=0.15")
     stop = ("task.signal_phase=train", "task.signal_step=3", f"task.signal_marker={tmp_path / 'sent'}")
-    first = _train(tmp_path, _write(tmp_path), *args, *stop)  # stopped at step 4, before a validation
+    first = ml_train(tmp_path, _write(tmp_path), *args, *stop)  # stopped at step 4, before a validation
     assert first.returncode == 130, first.stderr[-3000:]
     exp_dir = _exp_dir(tmp_path)
     assert _valid_steps(exp_dir) == []
-    second = _train(tmp_path, str(exp_dir / "config.yaml"))
+    second = ml_train(tmp_path, str(exp_dir / "config.yaml"))
     assert second.returncode == 0, second.stderr[-3000:]
     records = [json.loads(line) for line in (exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     elapsed = {r["step"]: r["elapsed_s"] for r in records if r["phase"] == "train"}
@@ -206,7 +187,7 @@ def test_a_time_based_validation_counts_on_from_the_last_one_across_sessions(tmp
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_signal_in_the_teardown_of_a_completed_run_leaves_it_finished(tmp_path: Path, sig: str) -> None:
-    result = _train(tmp_path, _write(tmp_path), "task.signal_phase=end", f"task.signal_name={sig}")
+    result = ml_train(tmp_path, _write(tmp_path), "task.signal_phase=end", f"task.signal_name={sig}")
     assert result.returncode == 0, result.stderr[-3000:]
     exp_dir = _exp_dir(tmp_path)
     status = json.loads((exp_dir / "status.json").read_text())
@@ -216,7 +197,7 @@ def test_a_signal_in_the_teardown_of_a_completed_run_leaves_it_finished(tmp_path
 
 
 def test_a_sigterm_as_the_process_exits_does_not_change_its_exit_code(tmp_path: Path) -> None:
-    result = _train(tmp_path, _write(tmp_path), "task.signal_phase=exit", "task.signal_name=SIGTERM")
+    result = ml_train(tmp_path, _write(tmp_path), "task.signal_phase=exit", "task.signal_name=SIGTERM")
     assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
     assert result.returncode != -signal.SIGTERM
     assert json.loads((_exp_dir(tmp_path) / "status.json").read_text())["state"] == "finished"

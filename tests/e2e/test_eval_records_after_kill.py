@@ -11,10 +11,7 @@ not cover must be dropped on resume (before the fix the first copy stayed: two `
 """
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +19,8 @@ from typing import Any
 
 import pytest
 
-_SCRIPT = Path(sys.executable).parent / "ml"
-ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.entry"]
-TIMEOUT_S = 120
+from tests.e2e.ml_command import ml_train
+
 MAX_STEPS, VALID_EVERY = 6, 4  # step 6 is validated only because it is the last
 
 CONFIG = f"""\
@@ -52,20 +48,6 @@ def _loggers(kill_phase: str, marker: Path) -> str:
     )
 
 
-def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ML_EXP_NAME")
-    }
-    env.update(
-        RUN_DIR=str(tmp_path / "runs"),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")])),
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    cmd = [*ML, "train", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
-
-
 def _records(exp_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
 
@@ -90,14 +72,14 @@ def sessions(tmp_path_factory: pytest.TempPathFactory) -> Sessions:
     exp_dir = tmp / "runs" / "evalkill" / "run_0"
     resumed = str(exp_dir / "config.yaml")
 
-    first = _train(tmp, str(config), _loggers("valid", tmp / "valid_killed"))
+    first = ml_train(tmp, str(config), _loggers("valid", tmp / "valid_killed"))
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     after_valid_kill = _records(exp_dir)
     # Continuing changes only the loggers (allowed): the same step's test is killed next.
-    second = _train(tmp, resumed, _loggers("test", tmp / "test_killed"))
+    second = ml_train(tmp, resumed, _loggers("test", tmp / "test_killed"))
     assert second.returncode == -signal.SIGKILL, second.stderr[-3000:]
     after_test_kill = _records(exp_dir)
-    third = _train(tmp, resumed)
+    third = ml_train(tmp, resumed)
     assert third.returncode == 0, third.stderr[-3000:]
     return Sessions(exp_dir, after_valid_kill, after_test_kill, [second.stderr, third.stderr])
 
