@@ -63,6 +63,7 @@ from ml.utils.checkpoint import unwrap_model
 from ml.utils.data import (
     ResumableSampler,
     batch_size_of,
+    check_prefetch_factor,
     move_to,
     prepare_worker_processes,
     rest_of_epoch,
@@ -474,6 +475,7 @@ class SupervisedLearningTrainer(
         name = type(task).__name__
         if cfg.shuffle and phase == "train":
             logger.debug("%s streams its training data: shuffling is the dataset's business", name)
+        check_prefetch_factor(cfg, phase, name)
         if cfg.num_workers > 0:
             prepare_worker_processes()
         pin = self.device_type == "cuda" if cfg.pin_memory is None else cfg.pin_memory
@@ -492,6 +494,7 @@ class SupervisedLearningTrainer(
                 drop_last=cfg.drop_last,
                 rank=rank,
                 world_size=world_size,
+                prefetch_factor=cfg.prefetch_factor,
             )
         self._train_stream = TrainStream(
             dataset,
@@ -504,6 +507,7 @@ class SupervisedLearningTrainer(
             num_workers=cfg.num_workers,
             pin_memory=pin,
             drop_last=cfg.drop_last,
+            prefetch_factor=cfg.prefetch_factor,
         )
         return self._train_stream.loader
 

@@ -158,13 +158,7 @@ def resumable_loader(
     last two mean nothing without workers and are then left out). Training data that gives this
     rank no batch is refused: an epoch without a step would loop forever (``owner`` names the task).
     """
-    from ml.errors import ConfigError
-
-    if cfg.prefetch_factor is not None and cfg.prefetch_factor < 1:
-        raise ConfigError(
-            f"task.{phase}_dl.prefetch_factor of {owner} is {cfg.prefetch_factor}: set it to 1 or more "
-            "(batches each worker loads ahead), or null for torch's 2"
-        )
+    check_prefetch_factor(cfg, phase, owner)
     workers = cfg.num_workers > 0  # and then exact random draws in them on resume: SeededDataset
     if workers:
         prepare_worker_processes()
@@ -193,6 +187,17 @@ def resumable_loader(
         persistent_workers=workers and cfg.persistent_workers,
         prefetch_factor=cfg.prefetch_factor if workers else None,
     )
+
+
+def check_prefetch_factor(cfg: Any, phase: str, owner: str) -> None:
+    """Refuses a ``prefetch_factor`` below 1 (torch's own error would come at the first batch)."""
+    from ml.errors import ConfigError
+
+    if cfg.prefetch_factor is not None and cfg.prefetch_factor < 1:
+        raise ConfigError(
+            f"task.{phase}_dl.prefetch_factor of {owner} is {cfg.prefetch_factor}: set it to 1 or more "
+            "(batches each worker loads ahead), or null for torch's 2"
+        )
 
 
 def _check_every_epoch_has_a_batch(sampler: ResumableSampler, cfg: Any, owner: str) -> None:

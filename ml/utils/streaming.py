@@ -137,6 +137,7 @@ def eval_loader(
     drop_last: bool,
     rank: int,
     world_size: int,
+    prefetch_factor: int | None = None,
 ) -> DataLoader:
     """A loader for a validation or test stream: read to exhaustion, each rank its own shard.
 
@@ -150,6 +151,7 @@ def eval_loader(
         drop_last=drop_last,
         generator=torch.Generator(),
         worker_init_fn=isolate_from_stop_signals,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,  # (torch refuses it without workers)
     )
 
 
@@ -186,6 +188,7 @@ class TrainStream:
         num_workers: int,
         pin_memory: bool,
         drop_last: bool,
+        prefetch_factor: int | None = None,
     ) -> None:
         if not is_resumable(dataset):
             raise ConfigError(
@@ -211,6 +214,7 @@ class TrainStream:
                 drop_last=drop_last,
                 generator=torch.Generator(),
                 worker_init_fn=isolate_from_stop_signals,
+                prefetch_factor=prefetch_factor if num_workers > 0 else None,
                 snapshot_every_n_steps=1,  # a state for every batch: any step can be resumed
             )
         self._live = False  # an epoch's iteration is under way (its state is worth saving)

@@ -27,7 +27,12 @@ from tests.e2e.stream_task import DropoutMLP, DropoutMLPConfig, NoisyStream, Str
 
 
 def _train(
-    exp_dir: Path, *, batches_per_step: int = 2, num_workers: int = 0, **task: Any
+    exp_dir: Path,
+    *,
+    batches_per_step: int = 2,
+    num_workers: int = 0,
+    prefetch_factor: int | None = None,
+    **task: Any,
 ) -> SupervisedLearningTrainer:
     config = OmegaConf.merge(
         OmegaConf.structured(SupervisedLearningTrainerConfig),
@@ -44,7 +49,9 @@ def _train(
     trainer.add_signal_handler(signal.SIGTERM, lambda: None)
     task_config = StreamTaskConfig(
         name="stream",
-        train_dl=DataLoaderConfig(batch_size=4, drop_last=False, num_workers=num_workers),
+        train_dl=DataLoaderConfig(
+            batch_size=4, drop_last=False, num_workers=num_workers, prefetch_factor=prefetch_factor
+        ),
         valid_dl=DataLoaderConfig(batch_size=8),
         test_dl=DataLoaderConfig(batch_size=8),
         **task,
@@ -149,7 +156,9 @@ def test_a_training_stream_without_state_is_refused() -> None:
         )
 
 
-def _stream(rank: int = 0, world_size: int = 1, num_workers: int = 0) -> TrainStream:
+def _stream(
+    rank: int = 0, world_size: int = 1, num_workers: int = 0, prefetch_factor: int | None = None
+) -> TrainStream:
     features, labels = torch.arange(20.0).repeat(6, 1).T, torch.arange(20)
     return TrainStream(
         NoisyStream(features, labels, 0.0),
@@ -162,7 +171,17 @@ def _stream(rank: int = 0, world_size: int = 1, num_workers: int = 0) -> TrainSt
         num_workers=num_workers,
         pin_memory=False,
         drop_last=False,
+        prefetch_factor=prefetch_factor,
     )
+
+
+def test_a_streams_workers_load_prefetch_factor_batches_ahead_and_zero_is_refused(tmp_path: Path) -> None:
+    assert _stream(num_workers=2, prefetch_factor=3).loader.prefetch_factor == 3
+    stream = _stream(num_workers=2, prefetch_factor=1)
+    assert len([i for group in stream.steps(0, 0, 1) for i in group[0][2]]) == 20  # (every sample)
+    with pytest.raises(ConfigError, match=r"task\.train_dl\.prefetch_factor of StreamTask is 0"):
+        _train(tmp_path, num_workers=2, prefetch_factor=0)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_each_rank_and_worker_reads_its_own_shard() -> None:
