@@ -828,7 +828,7 @@ def open_sharded_checkpoint(folder: Path) -> ShardedFolder:
     except BaseException:
         _close_fds(list(fds.values()))
         raise
-    del fds[SHARDED_MANIFEST]  # read already
+    _close_fds([fds.pop(SHARDED_MANIFEST)])  # read already
     return ShardedFolder(folder, step, hashlib.sha256(manifest_text).hexdigest(), fds)
 
 

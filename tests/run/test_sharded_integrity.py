@@ -159,3 +159,15 @@ def test_a_checkpoint_removed_while_the_newest_is_looked_for_sends_the_search_ba
     assert found is not None and found.checkpoint.step == 4 and not found.warnings
     assert [p.name for p in read] == ["ckpt.3", "ckpt.4"]
     assert State.from_json(found.value["state"]).num_steps == 4
+
+
+def test_reading_and_closing_a_sharded_checkpoint_leaves_no_file_open(tmp_path: Path) -> None:
+    from ml.utils.checkpoint import close_checkpoint
+
+    trainer, model, task, optim, sched, state = _saving_run(tmp_path)
+    trainer.save_checkpoint(state, task, model, optim, sched)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        close_checkpoint(read_checkpoint(trainer.ckpt_path))
+        verify_checkpoint(trainer.ckpt_path)
+    assert len(os.listdir("/proc/self/fd")) == before
