@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.errors import ConfigError, RunDirNotSetError, UserError, first_line
-from ml.run.layout import DEFAULT_LOG_DIR, OTHER_ENTRIES, RUN_NAME, RunDir
+from ml.run.layout import DEFAULT_LOG_DIR, OTHER_ENTRIES, RUN_NAME, RunDir, enclosing_run
 from ml.utils.ranks import dist_env
 
 RUN_DIR_ENV = "RUN_DIR"
@@ -43,9 +43,11 @@ def check_exp_dir(value: str) -> Path:
     Raises:
         ConfigError: It is either.
     """
-    from ml.run.layout import enclosing_run, runs_in
+    from ml.run.layout import enclosing_run, find_runs, holds_run_files
 
     folder = Path(str(value)).expanduser().resolve()
+    if holds_run_files(folder):  # a run already: continued where it is, whatever surrounds it
+        return folder
     outer = enclosing_run(folder)
     if outer is not None:
         raise ConfigError(
@@ -53,9 +55,14 @@ def check_exp_dir(value: str) -> Path:
             "find it there); give a folder outside any run, or leave trainer.exp_dir unset to take the "
             "next run_<N> of trainer.exp_name"
         )
-    inner = runs_in(folder)
+    # Runs by what they hold (a data folder named run_1 is not one), one or two levels down (an
+    # experiment's folder, or a folder of experiments such as $RUN_DIR).
+    found = find_runs(folder) if folder.is_dir() else []
+    inner = [run for _, run in found if run != folder and holds_run_files(run)]
     if inner:
-        shown = ", ".join(run.name for run in inner[:3]) + (", ..." if len(inner) > 3 else "")
+        shown = ", ".join(str(run.relative_to(folder)) for run in inner[:3]) + (
+            ", ..." if len(inner) > 3 else ""
+        )
         raise ConfigError(
             f"trainer.exp_dir={value} holds run folders ({shown}): it is an experiment's folder, not a "
             "run's; leave trainer.exp_dir unset to take the next run_<N> of trainer.exp_name, or give a "
@@ -141,6 +148,12 @@ def claim_run_dir(trainer_config: Any) -> tuple[Path, Callable[[], None]]:
     created_from = None
     if claimed:
         experiment = Path(os.environ[RUN_DIR_ENV]).expanduser().resolve() / str(trainer_config.exp_name)
+        outer = enclosing_run(experiment)
+        if outer is not None:  # (a run made there could be neither listed nor continued)
+            raise ConfigError(
+                f"RUN_DIR={os.environ[RUN_DIR_ENV]} lies inside the run folder {outer}: point RUN_DIR at "
+                "a folder outside any run"
+            )
         created_from = _first_missing(experiment)
     try:
         OmegaConf.get_type(trainer_config).resolve(trainer_config)  # type: ignore[union-attr]

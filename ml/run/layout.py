@@ -210,17 +210,18 @@ def holds_run_files(folder: Path) -> bool:
     )
 
 
-def runs_in(folder: Path) -> list[Path]:
-    """The run folders directly inside ``folder`` (:func:`is_run`), by name: what makes it an
-    experiment's folder rather than a run's."""
-    return sorted(child for child in _subdirs(Path(folder)) if is_run(child))
-
-
 def enclosing_run(path: Path) -> Path | None:
-    """The run folder ``path`` lies inside (``path`` itself not counted), by what it holds; None if
-    none. (Not by name alone: a ``run_<N>`` higher up may be any folder of the user's.)"""
+    """The run folder ``path`` lies inside (``path`` itself not counted); None if none.
+
+    By what only a run writes: its config beside ``status.json``, its running lock or a checkpoint
+    (not by name: a ``run_<N>`` higher up may be any folder of the user's; nor by a config beside
+    ``logs/``: a project's root often holds both).
+    """
     for parent in Path(path).parents:
-        if holds_run_files(parent):
+        run = RunDir(parent)
+        if run.config.is_file() and (
+            run.status.exists() or run.lock("running").exists() or any(run.checkpoints.glob("ckpt*"))
+        ):
             return parent
     return None
 

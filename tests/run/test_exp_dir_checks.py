@@ -31,8 +31,10 @@ logger: [{name: stdout}]
 
 
 def _run(folder: Path) -> Path:
-    """A run folder as training leaves one: its config (naming the folder) beside checkpoints/ and logs/."""
+    """A run folder as training leaves one: its config (naming the folder) beside checkpoints/ (one
+    checkpoint in it) and logs/."""
     (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "ckpt.5.pt").write_bytes(b"")
     (folder / "logs").mkdir()
     config = folder / "config.yaml"
     config.write_text(CONFIG.replace("EXP_DIR", str(folder)))
@@ -99,3 +101,32 @@ def test_an_experiment_folder_or_a_folder_inside_a_run_is_refused_as_exp_dir(tmp
     with pytest.raises(ConfigError, match="lies inside the run folder"):
         check_before_claim(composed, device=False)
     assert not (experiment / "run_0" / "checkpoints" / "config.yaml").exists()
+
+
+def test_what_looks_like_a_run_around_runs_refuses_nothing_but_what_holds_runs_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omegaconf import OmegaConf
+
+    from ml.run.claim import claim_run_dir
+    from ml.trainers.sl import SupervisedLearningTrainerConfig
+
+    # A project's root with its own config.yaml and logs/, runs below it: runs are made and continued.
+    (tmp_path / "config.yaml").write_text("a: 1\n")
+    (tmp_path / "logs").mkdir()
+    runs = tmp_path / "runs"
+    run_0, _ = _run(runs / "tiny" / "run_0").parent, _run(runs / "tiny" / "run_1")
+    assert check_exp_dir(str(run_0)) == run_0.resolve()  # continuing it
+    data = tmp_path / "new" / "run_1"  # a data folder of the user's named like a run
+    data.mkdir(parents=True)
+    assert check_exp_dir(str(tmp_path / "new")) == (tmp_path / "new").resolve()
+    # A folder of experiments (RUN_DIR itself) holds runs too.
+    with pytest.raises(ConfigError, match=r"holds run folders \(tiny/run_0, tiny/run_1\)"):
+        check_exp_dir(str(runs))
+    # RUN_DIR inside a run: the run made there could be neither listed nor continued.
+    monkeypatch.setenv("RUN_DIR", str(run_0))
+    trainer = OmegaConf.structured(SupervisedLearningTrainerConfig)
+    trainer.exp_name = "tiny"
+    with pytest.raises(ConfigError, match=f"RUN_DIR={re.escape(str(run_0))} lies inside the run folder"):
+        claim_run_dir(trainer)
+    assert not (run_0 / "tiny").exists()
