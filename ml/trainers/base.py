@@ -805,7 +805,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             logger.info("Resumed from %s at step %d", path, state.num_steps)
             self._rank_resumed(ckpt, state)
             self.tidy_checkpoints(path)
-            redone = self.redone_evaluations(ckpt, state)
+            redone = self.redone_evaluations(ckpt, state, s)
         else:
             seed_everything(s.seed)
             if self.checkpoint_config.load_from_ckpt_path:
@@ -818,24 +818,32 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
                 sublogger.on_resume_from(state, redone)
         return state
 
-    def redone_evaluations(self, ckpt: Mapping[str, Any], state: State) -> frozenset[str]:
-        """The phases whose records at the checkpoint's step it does not cover: this session logs
-        them again, so the loggers drop an earlier process's (:meth:`BaseLogger.on_resume_from`).
+    def redone_evaluations(self, ckpt: Mapping[str, Any], state: State, s: Session) -> frozenset[str]:
+        """The phases whose records at the checkpoint's step it does not cover and this session logs
+        again: the loggers drop an earlier process's (:meth:`BaseLogger.on_resume_from`).
 
         A step's last evaluations come after its checkpoint, which is saved again once each is done
         and says so; a ``kill -9`` in between leaves their records without it. ``valid``: the
         checkpoint does not name its step as the last validated (``last_valid_step``, or the ``rl``
         trainer's ``last_eval_step``; a trainer that saves neither keeps its validations); ``test``:
-        the run had not finished (the test is the last thing a run does). Called after
-        :meth:`load_checkpoint`, which restored :attr:`finished`.
+        the run had not finished (the test is the last thing a run does). Either only where this
+        session evaluates that step again (:meth:`evaluates_again`): a record nobody logs again is
+        kept. Called after :meth:`load_checkpoint`, which restored :attr:`finished`.
         """
         redone = set()
         validated = ckpt.get("last_valid_step", ckpt.get("last_eval_step"))
-        if validated is not None and validated != state.num_steps:
+        if validated is not None and validated != state.num_steps and self.evaluates_again("valid", state, s):
             redone.add("valid")
-        if not self.finished:
+        if not self.finished and self.evaluates_again("test", state, s):
             redone.add("test")
         return frozenset(redone)
+
+    def evaluates_again(self, phase: str, state: State, s: Session) -> bool:
+        """Whether this session evaluates ``phase`` at the resumed ``state``'s step (a validation a
+        stop signal abandoned; the final ones of a run that ends there). Default: yes (a trainer
+        that does not say so drops such records, and logs them again if it evaluates)."""
+        del phase, state, s
+        return True
 
     def load_initial_weights(self, model: ModelT, path: str) -> None:
         """``checkpoint.load_from_ckpt_path``: model weights only (no optimizer, state or RNG), from a

@@ -300,6 +300,12 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
                     return
             self.on_epoch_end(state, task, model, optims, lr_scheds)
 
+    def evaluates_again(self, phase: str, state: State, s: Session) -> bool:
+        """The final validation, where the run ends at this step (:meth:`finish`); no test phase."""
+        assert isinstance(s, _Session)
+        ends_here = self.training_over(state, s.task)
+        return phase == "valid" and self.config.valid_at_end and s.task.evaluates and ends_here
+
     def finish(self, state: State, s: Session) -> None:
         """The end of a completed run: a last validation, then the final checkpoint, which says the
         step was validated (the loop may have saved this step's before): continuing the run, or a

@@ -1156,6 +1156,19 @@ class SupervisedLearningTrainer(
                     return
             self.on_epoch_end(state, task, model, optim, lr_sched)
 
+    def evaluates_again(self, phase: str, state: State, s: Session) -> bool:
+        """A validation a stop signal abandoned at this step is redone first; else the final
+        validation and test, where the run ends at this step (:meth:`finish`)."""
+        assert isinstance(s, _Session)
+        if phase == "valid" and self._abandoned_valid == state.num_steps and s.valid_loaders:
+            return True
+        at_end, loaders = (
+            (self.config.valid_at_end, s.valid_loaders)
+            if phase == "valid"
+            else (self.config.test_at_end, s.test_loaders)
+        )
+        return at_end and bool(loaders) and self.training_over(state, s.task)
+
     def finish(self, state: State, s: Session) -> None:
         """The end of a completed run: final checkpoint, last validation, test pass.
 
