@@ -116,16 +116,17 @@ def task_steps(
 ) -> int | None:
     """``${ml.task_steps:...}``: a task's length in optimizer steps (a schedule's default length).
 
-    ``task.max_steps`` when set; else, for a reinforcement-learning task limited by
-    ``task.max_samples``, the iterations those environment steps take (each iteration steps every
-    environment of every process ``num_env_steps`` times); else null.
+    For a reinforcement-learning task, the iterations until ``task.max_steps`` or ``task.max_samples``
+    ends the run, whichever comes first (each iteration steps every environment of every process
+    ``num_env_steps`` times); else ``task.max_steps``, or null.
     """
-    if max_steps is not None:
-        return int(max_steps)
-    if max_samples is None or not num_envs or not num_env_steps:
-        return None
-    per_iteration = int(num_envs) * int(num_env_steps) * max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    return math.ceil(int(max_samples) / per_iteration)
+    by_samples = None
+    if max_samples is not None and num_envs and num_env_steps:
+        per_iteration = int(num_envs) * int(num_env_steps) * max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        by_samples = math.ceil(int(max_samples) / per_iteration)
+    if max_steps is None:
+        return by_samples
+    return int(max_steps) if by_samples is None else min(int(max_steps), by_samples)
 
 
 def _abs_path_resolver(path: str) -> str:

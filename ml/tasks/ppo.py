@@ -4,7 +4,9 @@ Clipped surrogate objective, value loss, entropy bonus, advantage normalisation 
 generalised advantage estimation (:func:`compute_gae`) that bootstraps truncated episodes from the
 value of their final observation, an optional linear decay of the clip range, and an optional KL
 early stop. Discrete action spaces use a categorical policy over the model's logits; ``Box`` spaces
-a Gaussian with the model's state-independent ``log_std`` parameter.
+a Gaussian with the model's state-independent ``log_std`` parameter. A model that masks actions
+(gymnasium's ``info["action_mask"]``) gives the impossible ones a -inf logit: they are never
+sampled, and add nothing to the entropy or its gradient.
 
 The model maps observations to ``(policy_output, value)``: logits ``(B, n)`` for ``Discrete(n)``,
 or means ``(B, *action_shape)`` plus a ``log_std`` parameter of the action's shape for ``Box``.
@@ -12,28 +14,32 @@ or means ``(B, *action_shape)`` plus a ``log_std`` parameter of the action's sha
 The loss is Stable-Baselines3's (and CleanRL's) with their defaults: per-minibatch advantage
 normalisation (unbiased std, + 1e-8), ``-min(A r, A clip(r))``, an unclipped mean-squared value loss
 weighted by ``vf_coef``, the clip range decayed on environment steps taken including the current
-rollout's. For categorical policies it is one autograd node with a hand-written backward
-(:class:`_CategoricalPPOLoss`), which is cheaper than autograd's walk over the same expressions
-and gives the same gradients. Measured with ``python bench/fast_paths.py ppo``
-(one CPU thread, a minibatch of 256, no entropy term, as CartPole's config has it): the loss's
-forward and backward pass alone ~1.3x as fast as through autograd (~0.20 ms instead of ~0.26);
-the whole minibatch step of CartPole's 64x2 actor-critic MLP (forward, loss, backward, clipping,
-Adam, ~1.2 ms) within the machine's noise (0.87-1.0x over three runs on a shared 2-core machine:
-the ~0.05 ms saved is at most ~5% of it). ``task.fused_loss=false`` computes the same expressions
-with plain autograd (:func:`_categorical_losses`), and so does a process where the fused node does
-not give autograd's numbers on a small check made on first use (it uses only public autograd APIs,
-but a torch could change them): a warning says so, once. Statistics (approximate KL, clip
-fraction, entropy, value loss) are kept per minibatch and reduced only when a logger writes them.
+rollout's, over the run's (:func:`run_samples`, the lr schedule's length). For categorical policies
+it is one autograd node with a hand-written backward (:class:`_CategoricalPPOLoss`), which is
+cheaper than autograd's walk over the same expressions and gives the same gradients. Measured with
+``python bench/fast_paths.py ppo`` (one CPU thread, a minibatch of 256, no entropy term, as
+CartPole's config has it): the loss's forward and backward pass alone ~1.3x as fast as through
+autograd (~0.20 ms instead of ~0.26); the whole minibatch step of CartPole's 64x2 actor-critic MLP
+(forward, loss, backward, clipping, Adam, ~1.2 ms) within the machine's noise (0.87-1.0x over three
+runs on a shared 2-core machine: the ~0.05 ms saved is at most ~5% of it). ``task.fused_loss=false``
+computes the same expressions with plain autograd (:func:`_categorical_losses`), and so does a
+process where the fused node does not give autograd's numbers on a small check made on first use (it
+uses only public autograd APIs, but a torch could change them): a warning says so, once. Statistics
+(approximate KL, clip fraction, entropy, value loss) are kept per minibatch and reduced only when a
+logger writes them.
 """
 
+import dataclasses
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 
 from ml.core.config import conf_field
@@ -56,7 +62,9 @@ class PPOTaskConfig(ReinforcementLearningTaskConfig):
         "constant", help="`constant`, or `linear` decay to 0 over schedule_env_steps"
     )
     schedule_env_steps: int | None = conf_field(
-        None, help="Environment steps over which `linear` decays (default: task.max_samples)"
+        None,
+        help="Environment steps over which `linear` decays (default: the run's, from task.max_samples "
+        "and task.max_steps, as the lr schedule's length)",
     )
     vf_coef: float = conf_field(0.5, help="Weight of the value loss")
     ent_coef: float = conf_field(0.0, help="Weight of the entropy bonus")
@@ -89,11 +97,13 @@ def _check_config(config: PPOTaskConfig) -> None:
     if config.target_kl is not None and config.target_kl <= 0:
         refuse("target_kl", "positive (or null, for no KL early stop)")
     if config.schedule_env_steps is not None and config.schedule_env_steps <= 0:
-        refuse("schedule_env_steps", "positive (or null: task.max_samples)")
+        refuse("schedule_env_steps", "positive (or null: the run's length)")
     if config.clip_schedule not in ("constant", "linear"):
         raise ConfigError(f"task.clip_schedule must be 'constant' or 'linear', got {config.clip_schedule!r}")
-    if config.clip_schedule == "linear" and config.schedule_env_steps is None and config.max_samples is None:
-        raise ConfigError("task.clip_schedule=linear needs task.schedule_env_steps or task.max_samples")
+    if config.clip_schedule == "linear" and config.schedule_env_steps is None and run_samples(config) is None:
+        raise ConfigError(
+            "task.clip_schedule=linear needs task.schedule_env_steps, task.max_samples or task.max_steps"
+        )
     if config.normalize_advantages and config.minibatch_size < 2:
         raise ConfigError(
             f"task.minibatch_size must be at least 2 to normalise advantages within it, got "
@@ -110,6 +120,21 @@ def _check_config(config: PPOTaskConfig) -> None:
             last,
             " (a single sample: its advantage is not normalised)" if last == 1 else "",
         )
+
+
+def run_samples(config: ReinforcementLearningTaskConfig) -> int | None:
+    """The environment steps the run takes: ``task.max_samples``, or ``task.max_steps`` iterations
+    of every environment of every process, whichever ends it first (None when neither is set).
+
+    The same measure as the lr schedule's default length (:func:`ml.core.config.task_steps`, in
+    iterations), so that a linear clip range reaches 0 at the iteration the learning rate does.
+    """
+    world_size = max(1, int(os.environ.get("WORLD_SIZE", "1")))  # as task_steps counts processes
+    limits = [config.max_samples]
+    if config.max_steps is not None:
+        limits.append(config.max_steps * config.num_envs * config.num_env_steps * world_size)
+    known = [int(limit) for limit in limits if limit is not None]
+    return min(known) if known else None
 
 
 def compute_gae(
@@ -197,7 +222,7 @@ class _CategoricalPPOLoss(torch.autograd.Function):
         error = values - returns
         value_loss = error.square().mean()
         if with_entropy:
-            entropy_mean = -(log_p.exp() * log_p).sum(-1).mean()
+            entropy_mean = _categorical_entropy(log_p).mean()
         else:
             entropy_mean = torch.full((), float("nan"), dtype=logits.dtype, device=logits.device)
         # d policy_loss / d log pi(a), for a gradient of 1 on the policy loss.
@@ -221,8 +246,10 @@ class _CategoricalPPOLoss(torch.autograd.Function):
             grad_logits = p * g.neg().unsqueeze(-1)
             grad_logits.scatter_add_(-1, index, g.unsqueeze(-1))
             if g_entropy is not None:
-                entropy = -(p * log_p).sum(-1, keepdim=True)
-                grad_logits -= p * (log_p + entropy) * (g_entropy / n)
+                # An impossible action's log p (-inf) as the least float: its p (0) zeroes its terms.
+                finite_log_p = _finite_log_p(log_p)
+                entropy = -(p * finite_log_p).sum(-1, keepdim=True)
+                grad_logits -= p * (finite_log_p + entropy) * (g_entropy / n)
         if ctx.needs_input_grad[1] and g_value is not None:
             grad_values = error * (g_value * (2 * ctx.vf_coef / n))
         return (grad_logits, grad_values, *(None,) * 8)
@@ -250,7 +277,7 @@ def _categorical_losses(
     policy_loss = -torch.minimum(advantages * ratio, advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
     value_loss = (values - returns).square().mean()
     if with_entropy:
-        entropy_mean = -(log_p.exp() * log_p).sum(-1).mean()
+        entropy_mean = _categorical_entropy(log_p).mean()
     else:
         entropy_mean = torch.full((), float("nan"), dtype=logits.dtype, device=logits.device)
     detached = value_loss.detach(), log_ratio.detach(), log_p.detach()
@@ -295,8 +322,28 @@ def _check_fused_loss() -> bool:
     return same and all(torch.allclose(a, b) for a, b in zip(*grads, strict=True))
 
 
+def _finite_log_p(log_p: torch.Tensor) -> torch.Tensor:
+    """``log_p`` with -inf (an impossible action's, from a masked -inf logit) as the least finite
+    float, so that ``p * log p`` is 0 there, as its limit is, not ``0 * -inf`` = NaN. Every finite
+    value, and a NaN, is left as it is."""
+    return log_p.clamp(min=torch.finfo(log_p.dtype).min)
+
+
 def _categorical_entropy(log_p: torch.Tensor) -> torch.Tensor:
-    return -(log_p.exp() * log_p).sum(-1)
+    """The entropy of each row of log-probabilities; impossible actions (-inf) add nothing."""
+    return -(log_p.exp() * _finite_log_p(log_p)).sum(-1)
+
+
+def _model_fix(model: nn.Module, key: str, setting: str, otherwise: str) -> tuple[str, str]:
+    """How a refusal line starts and ends: ``model.<key>: `` and ``setting`` when the model's config
+    has that key (the packaged ``actor_critic_mlp``'s), else no key and what the model must give
+    (a user's model may have no such setting)."""
+    config = getattr(unwrap_model(model), "config", None)
+    if isinstance(config, DictConfig):
+        has_key = key in config
+    else:
+        has_key = dataclasses.is_dataclass(config) and key in {f.name for f in dataclasses.fields(config)}
+    return (f"model.{key}: ", setting) if has_key and setting else ("", otherwise)
 
 
 def _mean_per_batch(batches: list[torch.Tensor], fn: Any) -> torch.Tensor:
@@ -315,7 +362,8 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
         # Plain copies of the hyperparameters read on every minibatch (config attribute access is slow).
         self._gamma, self._gae_lambda = float(config.gamma), float(config.gae_lambda)
         self._clip_coef, self._linear_clip = float(config.clip_coef), config.clip_schedule == "linear"
-        self._horizon = config.max_samples if config.schedule_env_steps is None else config.schedule_env_steps
+        horizon = config.schedule_env_steps
+        self._horizon = run_samples(config) if horizon is None else horizon
         self._vf_coef, self._ent_coef = float(config.vf_coef), float(config.ent_coef)
         self._normalize_advantages = bool(config.normalize_advantages)
         self._target_kl = None if config.target_kl is None else float(config.target_kl)
@@ -345,13 +393,30 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
 
     # -- the policy
 
+    def check_model(self, model: nn.Module) -> None:
+        """Refuses a Gaussian policy (a ``log_std`` parameter) for discrete actions: the parameter
+        would go unused, which also fails a DDP job at its second iteration."""
+        inner = unwrap_model(model)
+        if self.discrete and isinstance(getattr(inner, "log_std", None), torch.Tensor):
+            no_log_std = "the model must not have a `log_std` parameter"
+            fix = _model_fix(model, "continuous", "set model.continuous=false", no_log_std)
+            raise ConfigError(
+                f"{fix[0]}the environment's actions are discrete ({self.action_space}), but "
+                f"{type(inner).__name__} has a `log_std` parameter for continuous ones: {fix[1]}"
+            )
+
     def _log_std(self, model: nn.Module) -> torch.Tensor:
         log_std = getattr(unwrap_model(model), "log_std", None)  # also through a DDP wrapper
         if not isinstance(log_std, torch.Tensor):
+            fix = _model_fix(
+                model,
+                "continuous",
+                "set model.continuous=true",
+                f"the model must have a `log_std` parameter of the action's shape {self.action_space.shape}",
+            )
             raise ConfigError(
-                f"model.continuous: the environment's actions are continuous ({self.action_space}), "
-                f"which need a model with a `log_std` parameter ({type(unwrap_model(model)).__name__} "
-                "has none): set model.continuous=true"
+                f"{fix[0]}the environment's actions are continuous ({self.action_space}), which need a "
+                f"model with a `log_std` parameter ({type(unwrap_model(model)).__name__} has none): {fix[1]}"
             )
         return log_std
 
@@ -361,8 +426,7 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
         if self.discrete:
             log_p = F.log_softmax(policy_out, dim=-1)
             log_prob = log_p.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-            entropy = -(log_p.exp() * log_p).sum(-1)
-            return log_prob, entropy
+            return log_prob, _categorical_entropy(log_p)
         log_std = self._log_std(model)
         z = (actions - policy_out) * torch.exp(-log_std)
         log_prob = (-0.5 * z.pow(2) - log_std - _LOG_SQRT_2PI).flatten(1).sum(-1)
@@ -374,6 +438,14 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         policy_out, value = model(observations)
         if not self.discrete:
+            shape = self.action_space.shape if self.action_space is not None else policy_out.shape[1:]
+            if policy_out.shape[1:] != shape:
+                size = f"set model.action_size={shape[0]}" if len(shape) == 1 else ""
+                fix = _model_fix(model, "action_size", size, f"the model must give means of shape {shape}")
+                raise ConfigError(
+                    f"{fix[0]}the model gives actions of shape {tuple(policy_out.shape[1:])}, but the "
+                    f"environment's are {shape} ({self.action_space}): {fix[1]}"
+                )
             if optimal:
                 actions = policy_out
             else:
@@ -383,9 +455,12 @@ class PPOTask(ReinforcementLearningTask[PPOTaskConfigT]):
             return actions, {"log_probs": log_prob, "values": value.reshape(-1)}
         n = self.action_space.n if self.action_space is not None else policy_out.shape[-1]
         if policy_out.shape[-1] != n:
+            fix = _model_fix(
+                model, "action_size", f"set model.action_size={n}", f"the model must give {n} logits"
+            )
             raise ConfigError(
-                f"model.action_size: the model gives {policy_out.shape[-1]} action logits, but "
-                f"the environment has {n} actions: set model.action_size={n}"
+                f"{fix[0]}the model gives {policy_out.shape[-1]} action logits, but the environment "
+                f"has {n} actions: {fix[1]}"
             )
         log_p = F.log_softmax(policy_out, dim=-1)
         # A NaN or +inf logit makes its row's probabilities NaN (an impossible action's -inf is fine),

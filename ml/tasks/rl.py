@@ -18,6 +18,7 @@ from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,6 +52,16 @@ def environment_name(env: Any) -> str:
     if spec is not None and getattr(spec, "id", None):
         return str(spec.id)
     return type(getattr(env, "unwrapped", env)).__name__
+
+
+def _sample_action(space: Any, info: Any) -> Any:
+    """A random action of ``space``, among those ``info["action_mask"]`` allows when it has one."""
+    mask = info.get("action_mask") if isinstance(info, dict) else None
+    if mask is None:
+        return space.sample()
+    if isinstance(mask, np.ndarray):  # gymnasium's Discrete and MultiBinary take int8 masks
+        mask = mask.astype(np.int8)
+    return space.sample(mask=mask)
 
 
 RLTaskConfigT = TypeVar("RLTaskConfigT", bound=ReinforcementLearningTaskConfig)
@@ -103,30 +114,35 @@ class ReinforcementLearningTask(BaseTask[RLTaskConfigT]):
             raise self._refused(f"{self.config.env_id} refuses {kwargs or 'its defaults'}: {reason}") from e
 
     def check_environment(self, env: "gymnasium.Env") -> None:
-        """Resets ``env`` (seed 0) and steps it once with a sampled action, before the run starts.
+        """With ``task.env_kwargs``: resets ``env`` (seed 0) and steps it once, before the run starts.
 
         An argument the environment takes when it is made may break it only when it runs (Pendulum's
         ``g=abc``); found here, it is bad input, refused before anything is on disk, rather than the
-        first rollout's failure. The line names the error's type and text, as it may as well be a bug
-        in the environment itself (``--debug`` shows its traceback).
+        first rollout's failure. Whatever the reset or the step raises is refused: the line names the
+        environment, the arguments and the error's type and text, as it may as well be a bug in the
+        environment itself (``--debug`` shows its traceback). Without arguments of the user's there
+        is nothing to probe: an environment's own bug shows as the training failure it is.
+
+        The step's action is sampled with the mask the reset's info gives as ``action_mask``
+        (gymnasium's convention), so an environment that refuses illegal actions is not refused.
 
         Raises:
-            ConfigError: The reset or the step raised TypeError, ValueError, AssertionError or a
-                gymnasium error.
+            ConfigError: The reset or the step raised.
         """
-        import gymnasium
-
+        kwargs = dict(self.config.env_kwargs)
+        if not kwargs:
+            return
         where = "reset"
         try:
-            env.reset(seed=0)
+            _, info = env.reset(seed=0)
             where = "step"
             env.action_space.seed(0)
-            env.step(env.action_space.sample())
-        except (gymnasium.error.Error, TypeError, ValueError, AssertionError) as e:
-            kwargs = dict(self.config.env_kwargs)
+            env.step(_sample_action(env.action_space, info))
+        except Exception as e:  # anything: the arguments are what the user can change
             reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
-            name, arguments = environment_name(env), kwargs or "its defaults"
-            raise self._refused(f"{name} with {arguments} fails at its first {where}: {reason}") from e
+            raise ConfigError(
+                f"task.env_kwargs: {environment_name(env)} with {kwargs} fails at its first {where}: {reason}"
+            ) from e
 
     def _refused(self, message: str) -> ConfigError:
         """The error for an environment that refuses its arguments: it names ``task.env_kwargs``, or
@@ -138,6 +154,12 @@ class ReinforcementLearningTask(BaseTask[RLTaskConfigT]):
         """Called by the trainer with the single environment's spaces before anything runs."""
         self.observation_space = observation_space
         self.action_space = action_space
+
+    def check_model(self, model: nn.Module) -> None:
+        """Called by the trainer before anything runs, after :meth:`on_environments_ready`: raise
+        ``ConfigError`` for a model that cannot act in these environments. By default nothing (the
+        trainer acts once on a sample observation anyway)."""
+        del model
 
     def get_single_env_state(self, env: "gymnasium.Env") -> dict[str, Any] | None:
         """One environment's state as tensors and plain data, or None when it cannot be saved."""

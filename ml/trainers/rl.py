@@ -160,20 +160,21 @@ class EpisodeWindow:
         self.lengths: deque[int] = deque(maxlen=size)
         self.episodes = 0
 
-    def add(self, finished: list[tuple[float, int]], rank_episodes: int) -> None:
-        """Adds the episodes that ended in this iteration, on every rank.
+    def add(self, finished: list[tuple[float, int]]) -> None:
+        """Adds the episodes that ended in this iteration on every rank, and counts them.
+
+        The count is the job's, kept here and saved with the window: a run resumed with another
+        number of processes goes on counting from it (a sum of the ranks' own counts lost those of
+        the ranks that were gone).
 
         Args:
             finished: This rank's, as ``(return, length)`` in the order they ended.
-            rank_episodes: The episodes this rank has finished so far (its own count, kept with its
-                environments).
         """
-        self.episodes = 0
-        for rank_finished, count in all_gather_object((finished, rank_episodes)):
+        for rank_finished in all_gather_object(finished):
             for episode_return, length in rank_finished:
                 self.returns.append(episode_return)
                 self.lengths.append(length)
-            self.episodes += count
+            self.episodes += len(rank_finished)
 
     def mean_return(self) -> float | None:
         return sum(self.returns) / len(self.returns) if self.returns else None
@@ -189,19 +190,34 @@ class EpisodeWindow:
             }
         return stats
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "window_returns": torch.tensor(list(self.returns), dtype=torch.float64),
             "window_lengths": torch.tensor(list(self.lengths), dtype=torch.int64),
+            "window_episodes": self.episodes,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`'s window (a checkpoint from before it has none: it starts empty)."""
+    def load_state_dict(self, state: dict[str, Any], episodes_before: int = 0) -> None:
+        """Restores :meth:`state_dict`'s window and count.
+
+        A checkpoint saved before the window was has none: the window starts empty, which is said
+        once (the logged means jump to the episodes the resumed run finishes), and the count goes on
+        from ``episodes_before``, what such a checkpoint held instead.
+        """
         self.returns.clear()
         self.lengths.clear()
-        if "window_returns" in state:
-            self.returns.extend(float(r) for r in state["window_returns"].tolist())
-            self.lengths.extend(int(n) for n in state["window_lengths"].tolist())
+        if "window_returns" not in state:
+            self.episodes = episodes_before
+            if get_rank() == 0:  # the window is the job's: one line for it
+                logger.warning(
+                    "The checkpoint holds no window of finished episodes (it was saved by an older "
+                    "version): rl/episode_return and rl/episode_length start over from the episodes "
+                    "the resumed run finishes"
+                )
+            return
+        self.returns.extend(float(r) for r in state["window_returns"].tolist())
+        self.lengths.extend(int(n) for n in state["window_lengths"].tolist())
+        self.episodes = int(state["window_episodes"])
 
 
 class SyncEnvs:
@@ -279,7 +295,7 @@ class _Rollout:
         from gymnasium.vector import AutoresetMode
 
         # A bad id or argument fails here, in this process, clearly: when the environment is made, or
-        # (one that breaks only when it runs) at a reset and a step of the probe.
+        # (an argument of task.env_kwargs that breaks only when it runs) at a reset and a step of the probe.
         probe = task.get_environment()
         try:
             _check_observations(probe, task)
@@ -292,7 +308,6 @@ class _Rollout:
         else:
             self.envs = make_sync_envs(fns)
         self.count = count
-        self.num_episodes = 0
         self.observations = torch.empty(0)
         self.episode_returns = np.zeros(count, dtype=np.float64)
         self.episode_lengths = np.zeros(count, dtype=np.int64)
@@ -393,7 +408,6 @@ class ReinforcementLearningTrainer(
             return None
         return {
             "observations": rollout.observations.cpu().clone(),
-            "num_episodes": rollout.num_episodes,
             "episode_returns": torch.from_numpy(rollout.episode_returns.copy()),
             "episode_lengths": torch.from_numpy(rollout.episode_lengths.copy()),
             "env_state": task.get_env_state(rollout.envs),
@@ -420,7 +434,10 @@ class ReinforcementLearningTrainer(
         self._last_eval_step = int(state_dict.get("last_eval_step", -1))
         self.num_skipped_steps = int(state_dict.get("skipped_steps", 0))
         ranks, rank = state_dict.get("rl_ranks"), get_rank()
-        self._episodes.load_state_dict(state_dict.get("rl") or {})  # every rank's: the job's window
+        # Every rank's: the job's window. An older checkpoint has only the ranks' own episode counts.
+        saved = state_dict.get("rl") or {}
+        counts = [r.get("num_episodes", 0) for r in ranks] if ranks else [saved.get("num_episodes", 0)]
+        self._episodes.load_state_dict(saved, episodes_before=sum(int(c) for c in counts))
         if ranks is not None and len(ranks) == get_world_size():
             self._saved_rl = ranks[rank]
         elif rank == 0:
@@ -435,8 +452,6 @@ class ReinforcementLearningTrainer(
         """Fresh run: seeded reset. Resumed run: the saved state, or a reset with new seeds (said once)."""
         seed, rank, device = task.config.seed, get_rank(), self.device
         saved, self._saved_rl = self._saved_rl, None
-        if saved is not None:
-            rollout.num_episodes = int(saved.get("num_episodes", 0))
         if saved is None:
             rollout.reset(env_seeds(seed, rank, rollout.count), device)
             if state.num_steps > 0:
@@ -526,7 +541,6 @@ class ReinforcementLearningTrainer(
                     for i in np.flatnonzero(done):
                         final_obs[t, i] = infos["final_obs"][i]
                         finished.append((float(returns[i]), int(lengths[i])))
-                    rollout.num_episodes += int(done.sum())
                     returns[done] = 0
                     lengths[done] = 0
                 observations.append(obs)
@@ -859,7 +873,9 @@ class ReinforcementLearningTrainer(
             self._eval_envs = None
 
     def _check_model_fits(self, task: ReinforcementLearningTask, model: nn.Module, envs: Any) -> None:
-        """Acts once (deterministically, drawing no random numbers) on a sample observation."""
+        """Asks the task, then acts once (deterministically, drawing no random numbers) on a sample
+        observation."""
+        task.check_model(model)
         sample = np.stack([envs.single_observation_space.sample() for _ in range(envs.num_envs)])
         observations = torch.as_tensor(sample, dtype=torch.float32, device=self.device)
         try:
@@ -925,7 +941,7 @@ class ReinforcementLearningTrainer(
     ) -> None:
         for name, value in loss_dict.items():
             task.logger.log_scalar(name, value, namespace="rl")
-        self._episodes.add(finished, self._rollout.num_episodes if self._rollout else 0)
+        self._episodes.add(finished)
         for key, stat in self._episodes.stats().items():
             task.logger.log_scalar(key.removeprefix("rl/"), stat, namespace="rl")
         train_time = self._train_time_s

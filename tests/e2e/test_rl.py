@@ -155,7 +155,10 @@ def _episode_logs(exp_dir: Path) -> list[tuple[int, float, float, float]]:
     ("args", "message"),
     [
         (("cartpole", "task.env_id=NoSuchEnv-v0"), "NoSuchEnv"),
-        (("pendulum", "model.action_size=2"), "expected shape (4, 1)"),
+        (
+            ("pendulum", "model.action_size=2"),
+            "model.action_size: the model gives actions of shape (2,), but the environment's are (1,)",
+        ),
         (("cartpole", "model.observation_size=5"), "cannot act on CartPole-v1 observations of shape (4,)"),
         (("cartpole", "task.gamma=1.5"), "task.gamma must be in [0, 1], got 1.5"),
     ],

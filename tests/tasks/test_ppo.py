@@ -378,3 +378,131 @@ def test_an_environment_argument_the_environment_refuses_names_task_env_kwargs()
         ConfigError, match=r"^task\.env_kwargs: CartPole-v1 refuses \{'max_episode_steps': 0\}"
     ):
         task.get_environment()
+
+
+# -- masked actions (-inf logits): gymnasium's action_mask convention, as a model applies it
+
+
+def test_impossible_actions_add_nothing_to_the_entropy_and_get_no_gradient() -> None:
+    """A -inf logit made the entropy 0 * -inf = NaN, and with task.ent_coef > 0 every loss NaN."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(33, 3, dtype=torch.float64, generator=gen)
+    masked = logits.clone()
+    masked[:, 2] = float("-inf")  # action 2 is never allowed
+    values, returns, advantages = torch.randn(3, 33, dtype=torch.float64, generator=gen)
+    actions = torch.randint(0, 2, (33,), generator=gen)
+    old_log_probs = torch.log_softmax(masked, -1).gather(-1, actions[:, None]).squeeze(-1) - 0.1
+    rest = (actions, old_log_probs, advantages, returns, 0.2, True, 0.5, True)
+    # The entropy over the two possible actions is that of the same logits without the third.
+    legal = torch.log_softmax(logits[:, :2], -1)
+    expected_entropy = -(legal.exp() * legal).sum(-1).mean()
+    gradients = []
+    for fn in (_CategoricalPPOLoss.apply, _categorical_losses):
+        inputs = masked.clone().requires_grad_(), values.clone().requires_grad_()
+        out = fn(*inputs, *rest)
+        torch.testing.assert_close(out[2], expected_entropy)
+        grads = torch.autograd.grad(out[0] + out[1] - 0.1 * out[2], inputs)
+        assert all(g.isfinite().all() for g in grads)
+        assert (grads[0][:, 2] == 0).all()
+        gradients.append(grads)
+    for fused, plain in zip(*gradients, strict=True):
+        torch.testing.assert_close(fused, plain)
+
+
+def test_the_entropy_of_possible_actions_is_the_same_float_as_before() -> None:
+    """The fix for -inf changes no number for finite logits (float32, as training runs)."""
+    log_p = torch.log_softmax(torch.randn(256, 5, generator=torch.Generator().manual_seed(1)) * 30, -1)
+    assert torch.equal(ppo._categorical_entropy(log_p), -(log_p.exp() * log_p).sum(-1))
+
+
+# -- refusal lines name keys the model has, else what it must give
+
+
+class _PlainConfig:
+    """A user's model config with no action_size or continuous setting."""
+
+
+class _ThreeLogits(torch.nn.Module):
+    config = _PlainConfig()
+
+    def forward(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(observations.shape[0], 3), torch.zeros(observations.shape[0])
+
+
+class _GaussianOfTwo(_ThreeLogits):
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_std = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(observations.shape[0], 2), torch.zeros(observations.shape[0])
+
+
+def _ready(space: Any) -> ClassicControlTask:
+    task = ClassicControlTask(PPOTaskConfig(name="classic_control"))
+    task.on_environments_ready(None, space)
+    return task
+
+
+def _refusal(fn: Callable[[], Any]) -> str:
+    from ml.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        fn()
+    return str(caught.value)
+
+
+def test_a_model_that_does_not_fit_the_actions_is_refused_naming_its_setting_or_what_it_must_give() -> None:
+    discrete, box = gymnasium.spaces.Discrete(2), gymnasium.spaces.Box(-2.0, 2.0, shape=(1,))
+    observations = torch.zeros(4, 3)
+    mlp = ActorCriticMLP(ActorCriticMLPConfig(name="m", observation_size=3, action_size=2, continuous=True))
+    # The packaged model has the settings: the line names the one to change.
+    assert _refusal(lambda: _ready(discrete).check_model(mlp)) == (
+        "model.continuous: the environment's actions are discrete (Discrete(2)), but ActorCriticMLP has "
+        "a `log_std` parameter for continuous ones: set model.continuous=false"
+    )
+    assert _refusal(lambda: _ready(box).get_actions(mlp, observations, False)) == (
+        "model.action_size: the model gives actions of shape (2,), but the environment's are (1,) "
+        "(Box(-2.0, 2.0, (1,), float32)): set model.action_size=1"
+    )
+    # A model without them: what the model must give, no key it does not have.
+    refused = _refusal(lambda: _ready(discrete).get_actions(_ThreeLogits(), observations, False))
+    assert refused == (
+        "the model gives 3 action logits, but the environment has 2 actions: the model must give 2 logits"
+    )
+    refused = _refusal(lambda: _ready(box).get_actions(_ThreeLogits(), observations, False))
+    assert refused.startswith("the model gives actions of shape (3,)")
+    assert refused.endswith("the model must give means of shape (1,)")
+    refused = _refusal(lambda: _ready(discrete).check_model(_GaussianOfTwo()))
+    assert refused.endswith("continuous ones: the model must not have a `log_std` parameter")
+    refused = _refusal(lambda: _ready(gymnasium.spaces.Box(-1.0, 1.0, shape=(3,))).get_actions(
+        _ThreeLogits(), observations, False
+    ))  # fmt: skip
+    assert refused.endswith("(3,)"), refused  # has no log_std: what it must have
+    assert "model." not in refused
+    _ready(discrete).check_model(
+        ActorCriticMLP(ActorCriticMLPConfig(name="m", observation_size=3, action_size=2))
+    )
+
+
+def test_a_linear_clip_range_follows_the_run_s_length_whichever_limit_sets_it() -> None:
+    """task.max_steps limited the lr's schedule but not the clip range's (max_samples)."""
+
+    def horizon(**limits: int) -> float:
+        task = ClassicControlTask(
+            PPOTaskConfig(
+                name="classic_control",
+                num_envs=2,
+                num_env_steps=8,
+                minibatch_size=16,
+                clip_schedule="linear",
+                **limits,
+            )
+        )
+        # The clip range at half of what each limit allows.
+        return task.clip_range(State(num_samples=800))
+
+    assert horizon(max_samples=1600) == pytest.approx(0.1)
+    assert horizon(max_steps=100) == pytest.approx(0.1)  # 100 iterations of 16 steps
+    assert horizon(max_steps=100, max_samples=100_000) == pytest.approx(0.1)  # max_steps ends it first
+    assert horizon(max_steps=10_000, max_samples=1600) == pytest.approx(0.1)  # max_samples first

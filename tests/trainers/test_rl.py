@@ -245,12 +245,14 @@ def _train(
     trainer_overrides: dict | None = None,
     exp: str = "run",
     write_every: int = 1,
+    model: nn.Module | None = None,
 ) -> ReinforcementLearningTrainer:
     """Trains ``task`` with a small actor-critic in a fresh trainer on ``tmp_path / exp`` (jsonl logs)."""
     from ml.loggers.jsonl import JsonlLogger, JsonlLoggerConfig
 
     torch.manual_seed(0)
-    model = ActorCriticMLP(ActorCriticMLPConfig(name="m", observation_size=4, action_size=2))
+    if model is None:
+        model = ActorCriticMLP(ActorCriticMLPConfig(name="m", observation_size=4, action_size=2))
     trainer_config = OmegaConf.merge(
         OmegaConf.structured(ReinforcementLearningTrainerConfig),
         {
@@ -381,9 +383,9 @@ import sys, torch.distributed as dist
 from ml.trainers.rl import EpisodeWindow
 dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=1, world_size=2)
 window = EpisodeWindow(size=4)
-window.add([(100.0, 100)], 4)  # one long episode; 4 in all so far
+window.add([(100.0, 100)])  # one long episode
 first = window.stats()
-window.add([], 4)  # none ended here this time
+window.add([])  # none ended here this time
 print([first, window.stats()])
 dist.destroy_process_group()
 """
@@ -391,7 +393,7 @@ dist.destroy_process_group()
 
 def test_episode_statistics_are_over_every_rank_s_episodes(tmp_path: Path) -> None:
     """Two real gloo processes (rank 0 this one): the mean return is over the job's 4 episodes (40),
-    not the mean of the ranks' means (60), and every rank has the job's 11 episodes (not 5.5). The
+    not the mean of the ranks' means (60), and every rank counts the job's 4 episodes (not 2). The
     window (4 episodes here) is the job's, in rank order, alike on both: the next iteration's
     episode pushes out rank 0's oldest, and the mean is 50 on both ranks, though rank 1 had none."""
     import datetime
@@ -408,22 +410,73 @@ def test_episode_statistics_are_over_every_rank_s_episodes(tmp_path: Path) -> No
     )
     try:
         window = EpisodeWindow(size=4)
-        window.add([(10.0, 10), (20.0, 20), (30.0, 30)], 7)  # three short episodes
+        window.add([(10.0, 10), (20.0, 20), (30.0, 30)])  # three short episodes
         first = window.stats()
-        window.add([(50.0, 50)], 8)
+        window.add([(50.0, 50)])
         on_rank_0 = [first, window.stats()]
     finally:
         dist.destroy_process_group()
         out, err = rank_1.communicate(timeout=60)
     assert rank_1.returncode == 0, err
     expected = [
-        {"rl/episodes": 11.0, "rl/episode_return": 40.0, "rl/episode_length": 40.0},
-        {"rl/episodes": 12.0, "rl/episode_return": 50.0, "rl/episode_length": 50.0},  # 20, 30, 100, 50
+        {"rl/episodes": 4.0, "rl/episode_return": 40.0, "rl/episode_length": 40.0},
+        {"rl/episodes": 5.0, "rl/episode_return": 50.0, "rl/episode_length": 50.0},  # 20, 30, 100, 50
     ]
     assert on_rank_0 == expected and eval(out) == expected
     alone = EpisodeWindow()
-    alone.add([], 3)
-    assert alone.stats() == {"rl/episodes": 3.0}  # one process, no episode ended yet: no mean
+    alone.add([])
+    assert alone.stats() == {"rl/episodes": 0.0}  # one process, no episode ended yet: no mean
+
+
+def _trainer(tmp_path: Path) -> ReinforcementLearningTrainer:
+    trainer_config = OmegaConf.merge(
+        OmegaConf.structured(ReinforcementLearningTrainerConfig), {"name": "rl", "exp_dir": str(tmp_path)}
+    )
+    return ReinforcementLearningTrainer(trainer_config)  # type: ignore[arg-type]
+
+
+def test_the_episode_count_goes_on_from_a_job_s_checkpoint_with_fewer_processes(tmp_path: Path) -> None:
+    """A 2-process job's checkpoint resumed by 1 process (--allow-config-change): the count is the
+    job's (203), not rank 0's own (102): it went backwards, rank 1's episodes dropped."""
+    job = EpisodeWindow()
+    job.episodes = 203  # rank 0 finished 102 of them, rank 1 101
+    job.returns.extend([5.0, 7.0])
+    job.lengths.extend([5, 7])
+    rank_state = {"observations": torch.zeros(2, 4), "env_state": None}
+    saved = {"rl": {**rank_state, **job.state_dict()}, "rl_ranks": [rank_state, rank_state]}
+    trainer = _trainer(tmp_path)
+    trainer.load_state_dict(torch.load(_saved(tmp_path, saved), weights_only=True))
+    trainer._episodes.add([(9.0, 9)])  # the resumed run's first episode
+    assert trainer._episodes.stats() == {
+        "rl/episodes": 204.0, "rl/episode_return": 7.0, "rl/episode_length": 7.0,
+    }  # fmt: skip
+
+
+def _saved(tmp_path: Path, state: dict) -> Path:
+    """``state`` through a real save (as a checkpoint holds it: weights_only loadable)."""
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_a_checkpoint_without_the_episode_window_says_the_means_start_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Saved before the window was: its count goes on from the ranks' own counts, and the jump in
+    the logged means is said once."""
+    old = {"observations": torch.zeros(2, 4), "env_state": None}
+    saved = {
+        "rl": {**old, "num_episodes": 102},
+        "rl_ranks": [{**old, "num_episodes": 102}, {**old, "num_episodes": 101}],
+    }
+    trainer = _trainer(tmp_path)
+    trainer.load_state_dict(torch.load(_saved(tmp_path, saved), weights_only=True))
+    warnings = [r.getMessage() for r in caplog.records if "window of finished episodes" in r.getMessage()]
+    assert len(warnings) == 1 and "start over" in warnings[0]
+    assert trainer._episodes.stats() == {"rl/episodes": 203.0}
+    caplog.clear()
+    trainer.load_state_dict({"rl": {**old, **EpisodeWindow().state_dict()}})  # a checkpoint of today's
+    assert "window of finished episodes" not in caplog.text
 
 
 def test_observations_that_are_not_one_array_are_refused(tmp_path: Path) -> None:
@@ -550,6 +603,12 @@ def test_episode_return_is_the_mean_of_the_last_100_episodes_at_every_write(tmp_
             "actions: set model.action_size=2",
         ),
         (["pendulum", "model.continuous=false"], "has none): set model.continuous=true"),
+        # log_std went unused (and a DDP job failed at iteration 2 on the unused parameter)
+        (
+            ["cartpole", "model.continuous=true"],
+            "ml: error: model.continuous: the environment's actions are discrete (Discrete(2)), but "
+            "ActorCriticMLP has a `log_std` parameter for continuous ones: set model.continuous=false",
+        ),
     ],
     ids=[
         "negative-clip",
@@ -558,6 +617,7 @@ def test_episode_return_is_the_mean_of_the_last_100_episodes_at_every_write(tmp_
         "bool-episode-steps",
         "logits",
         "log-std",
+        "log-std-for-discrete-actions",
     ],
 )
 def test_bad_input_is_one_line_naming_the_key_and_leaves_no_run(
@@ -577,3 +637,101 @@ def test_bad_input_is_one_line_naming_the_key_and_leaves_no_run(
     assert len(errors) == 1 and message in errors[0], err
     assert "Traceback" not in err
     assert not list((tmp_path / "runs").glob("*/run_*"))
+
+
+# -- the environment probe: only for the user's env_kwargs, and with the environment's action mask
+
+
+class _Masked(gymnasium.Env):
+    """Three actions; action 2 is illegal in every state (``info["action_mask"]`` says so) and refused,
+    as an environment with action masking may; ``crash`` makes its step fail (an argument that breaks
+    only when it runs)."""
+
+    observation_space = gymnasium.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)
+    action_space = gymnasium.spaces.Discrete(3)
+    mask = np.array([1, 1, 0], dtype=np.int8)
+
+    def __init__(self, crash: str = "", render_mode: str | None = None) -> None:
+        self.crash, self.steps = crash, 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.steps = 0
+        return np.zeros(4, dtype=np.float32), {"action_mask": self.mask.copy()}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if action == 2:
+            raise ValueError("action 2 is masked in this state")
+        if self.crash:
+            {}[self.crash]  # a KeyError: an error type the probe did not expect
+        self.steps += 1
+        return (
+            np.zeros(4, dtype=np.float32),
+            float(action),
+            self.steps >= 5,
+            False,
+            {"action_mask": self.mask.copy()},
+        )
+
+
+gymnasium.register("MlTestMasked-v0", entry_point=_Masked, max_episode_steps=50)
+
+
+class _MaskedMLP(ActorCriticMLP):
+    """Gives action 2 a -inf logit: PPO never picks it."""
+
+    def forward(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, values = super().forward(observations)
+        return logits + torch.tensor([0.0, 0.0, float("-inf")]), values
+
+
+def test_a_masked_environment_trains_with_an_entropy_bonus(tmp_path: Path) -> None:
+    """It was refused by the probe (its sampled action 2 raised), and with task.ent_coef > 0 the
+    masked logit made every loss NaN."""
+    from ml.loggers.jsonl import read_metrics
+
+    task = _small_task(env_id="MlTestMasked-v0", ent_coef=0.01, max_steps=2)
+    torch.manual_seed(0)
+    model = _MaskedMLP(ActorCriticMLPConfig(name="m", observation_size=4, action_size=3))
+    _train(tmp_path, task, model=model)
+    records = [r["metrics"] for r in read_metrics(tmp_path / "run" / "logs") if r.get("phase") == "train"]
+    assert len(records) == 2
+    for metrics in records:
+        assert 0 < metrics["rl/entropy"] <= np.log(2) + 1e-6  # over the two possible actions
+        assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+@pytest.mark.parametrize(
+    ("env_kwargs", "refused"),
+    [
+        ({}, None),  # no arguments of the user's: nothing to probe
+        ({"max_episode_steps": 20}, None),  # the step samples among the allowed actions
+        ({"crash": "missing"}, "fails at its first step: KeyError: 'missing'"),
+    ],
+    ids=["no-kwargs", "masked-step", "kwarg-breaks-step"],
+)
+def test_the_probe_steps_only_for_env_kwargs_with_the_action_mask_and_refuses_any_error(
+    env_kwargs: dict, refused: str | None
+) -> None:
+    from ml.errors import ConfigError
+
+    task = _small_task(env_id="MlTestMasked-v0", env_kwargs=env_kwargs)
+    if refused is None:
+        _Rollout(task, "sync", 2).close()
+        return
+    with pytest.raises(ConfigError) as caught:
+        _Rollout(task, "sync", 2)
+    assert str(caught.value) == f"task.env_kwargs: MlTestMasked-v0 with {env_kwargs} {refused}"
+
+
+def test_without_env_kwargs_an_environment_s_own_bug_is_the_training_failure_it_is(tmp_path: Path) -> None:
+    """Not a one-line refusal blaming arguments the user did not give: the environment's traceback."""
+
+    class Crashes(ClassicControlTask):
+        def get_environment(self, render_mode: str | None = None) -> gymnasium.Env:
+            return _Masked(crash="missing")
+
+    model = _MaskedMLP(ActorCriticMLPConfig(name="m", observation_size=4, action_size=3))
+    with pytest.raises(KeyError, match="missing"):
+        _train(tmp_path, _small_task(Crashes), model=model)
+    assert not list((tmp_path / "run" / "checkpoints").glob("ckpt.*.pt"))
