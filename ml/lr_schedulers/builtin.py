@@ -14,8 +14,9 @@ consistently:
   later step stays there.
 
 ``total_steps`` defaults to the task's length in steps through the resolver ``ml.task_steps``
-(:func:`ml.core.config.task_steps`): ``task.max_steps``, or for a reinforcement-learning task that
-only sets ``task.max_samples``, the iterations that many environment steps take. It resolves when
+(:func:`ml.core.config.task_steps`): ``task.max_steps``, or for a reinforcement-learning task the
+iterations until ``task.max_steps`` or ``task.max_samples`` (environment steps) ends the run,
+whichever comes first. It resolves when
 the scheduler's config sits in the same tree as the task's, and stays a reference in the saved
 config, so a run continued with a higher limit gets a schedule of the new length.
 """

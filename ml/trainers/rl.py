@@ -951,6 +951,10 @@ class ReinforcementLearningTrainer(
         if self.num_skipped_steps:  # at every write from the first skip on
             self.logger.log_scalar("skipped_steps", self.num_skipped_steps)
 
+    def evaluates_again(self, phase: str, state: State, s: Session) -> bool:
+        """The final evaluation, where the run ends at this step (:meth:`finish`); no test phase."""
+        return phase == "valid" and self.config.eval_at_end and self.training_over(state, s.task)
+
     def finish(self, state: State, s: Session) -> None:
         """The end of a completed run: a last evaluation, then the final checkpoint, which records it
         (saved again if the loop saved this iteration before), so that continuing a finished run

@@ -53,7 +53,11 @@ def _session(name: str, max_steps: int) -> Session:
     if name == "gan":
         gan_task = EvaluatingTinyGanTask(TinyGanTaskConfig(name="tiny_gan", max_steps=max_steps))
         return gan_trainer._Session(None, gan_task, None, None, 0, parts={}, train_loader=None)
-    return Session(None, None, None, None, 0)  # (rl: the default rule, which reads none of it)
+    from ml.examples.classic_control import ClassicControlTask
+    from ml.tasks.ppo import PPOTaskConfig
+
+    rl_task = ClassicControlTask(PPOTaskConfig(name="cartpole", env_id="CartPole-v1", max_steps=max_steps))
+    return Session(None, rl_task, None, None, 0)
 
 
 def _validated(trainer: Any, step: int) -> None:
@@ -105,11 +109,12 @@ def test_a_checkpoint_that_records_no_validation_keeps_its_validations(tmp_path:
     assert trainer.redone_evaluations(ckpt, State(num_steps=STEP), _session("sl", STEP)) == {"test"}
 
 
-@pytest.mark.parametrize("name", ["sl", "gan"])
+@pytest.mark.parametrize("name", ["sl", "gan", "rl"])
 def test_a_record_this_session_does_not_log_again_is_kept(name: str, tmp_path: Path) -> None:
     """Continued without the final evaluations, or past the step: nothing evaluates it again, so the
     killed process's records of it are the only ones there will be."""
-    assert "valid" not in _resumed(name, tmp_path, validated_at=STEP - 2, valid_at_end=False)
+    at_end = {"eval_at_end" if name == "rl" else "valid_at_end": False}
+    assert "valid" not in _resumed(name, tmp_path, validated_at=STEP - 2, **at_end)
     assert "valid" not in _resumed(name, tmp_path, validated_at=STEP - 2, max_steps=STEP + 4)
     if name == "sl":
         assert _resumed(name, tmp_path, validated_at=STEP, test_at_end=False) == frozenset()
