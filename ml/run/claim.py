@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.errors import ConfigError, RunDirNotSetError, UserError, first_line
-from ml.run.layout import DEFAULT_LOG_DIR, OTHER_ENTRIES, RUN_NAME, RunDir, enclosing_run
+from ml.run.layout import DEFAULT_LOG_DIR, OTHER_ENTRIES, RUN_NAME, RunDir, enclosing_run, written_by_a_run
 from ml.utils.ranks import dist_env
 
 RUN_DIR_ENV = "RUN_DIR"
@@ -43,10 +43,10 @@ def check_exp_dir(value: str) -> Path:
     Raises:
         ConfigError: It is either.
     """
-    from ml.run.layout import enclosing_run, find_runs, holds_run_files
+    from ml.run.layout import holds_run_files, subfolders
 
     folder = Path(str(value)).expanduser().resolve()
-    if holds_run_files(folder):  # a run already: continued where it is, whatever surrounds it
+    if written_by_a_run(folder):  # a run already: continued where it is, whatever surrounds it
         return folder
     outer = enclosing_run(folder)
     if outer is not None:
@@ -57,8 +57,9 @@ def check_exp_dir(value: str) -> Path:
         )
     # Runs by what they hold (a data folder named run_1 is not one), one or two levels down (an
     # experiment's folder, or a folder of experiments such as $RUN_DIR).
-    found = find_runs(folder) if folder.is_dir() else []
-    inner = [run for _, run in found if run != folder and holds_run_files(run)]
+    children = list(subfolders(folder))
+    below = [*children, *(grandchild for child in children for grandchild in subfolders(child))]
+    inner = [run for run in below if holds_run_files(run)]
     if inner:
         shown = ", ".join(str(run.relative_to(folder)) for run in inner[:3]) + (
             ", ..." if len(inner) > 3 else ""
@@ -148,7 +149,7 @@ def claim_run_dir(trainer_config: Any) -> tuple[Path, Callable[[], None]]:
     created_from = None
     if claimed:
         experiment = Path(os.environ[RUN_DIR_ENV]).expanduser().resolve() / str(trainer_config.exp_name)
-        outer = enclosing_run(experiment)
+        outer = experiment if written_by_a_run(experiment) else enclosing_run(experiment)
         if outer is not None:  # (a run made there could be neither listed nor continued)
             raise ConfigError(
                 f"RUN_DIR={os.environ[RUN_DIR_ENV]} lies inside the run folder {outer}: point RUN_DIR at "

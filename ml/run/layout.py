@@ -176,7 +176,8 @@ def checkpoint_step(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _subdirs(folder: Path) -> Iterator[Path]:
+def subfolders(folder: Path) -> Iterator[Path]:
+    """The folders directly inside ``folder`` (not hidden ones; none if it cannot be read)."""
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -197,7 +198,7 @@ def is_run(folder: Path) -> bool:
     """
     folder = Path(folder)
     if RUN_NAME.fullmatch(folder.name):
-        return not any(RUN_NAME.fullmatch(child.name) for child in _subdirs(folder))
+        return not any(RUN_NAME.fullmatch(child.name) for child in subfolders(folder))
     return holds_run_files(folder)
 
 
@@ -210,20 +211,21 @@ def holds_run_files(folder: Path) -> bool:
     )
 
 
-def enclosing_run(path: Path) -> Path | None:
-    """The run folder ``path`` lies inside (``path`` itself not counted); None if none.
+def written_by_a_run(folder: Path) -> bool:
+    """Whether ``folder`` holds what only a run writes: its config beside ``status.json``, its running
+    lock or a checkpoint (not by name: a ``run_<N>`` may be any folder of the user's; nor by a
+    config beside ``logs/``, which a project's root often holds too). Stricter than
+    :func:`holds_run_files` (what ``ml runs`` lists): what a run may not be made inside of."""
+    run = RunDir(Path(folder))
+    return run.config.is_file() and (
+        run.status.exists() or run.lock("running").exists() or any(run.checkpoints.glob("ckpt*"))
+    )
 
-    By what only a run writes: its config beside ``status.json``, its running lock or a checkpoint
-    (not by name: a ``run_<N>`` higher up may be any folder of the user's; nor by a config beside
-    ``logs/``: a project's root often holds both).
-    """
-    for parent in Path(path).parents:
-        run = RunDir(parent)
-        if run.config.is_file() and (
-            run.status.exists() or run.lock("running").exists() or any(run.checkpoints.glob("ckpt*"))
-        ):
-            return parent
-    return None
+
+def enclosing_run(path: Path) -> Path | None:
+    """The run folder ``path`` lies inside (:func:`written_by_a_run`; ``path`` itself not counted);
+    None if none."""
+    return next((parent for parent in Path(path).parents if written_by_a_run(parent)), None)
 
 
 def find_runs(path: Path) -> list[tuple[str, Path]]:
@@ -244,10 +246,10 @@ def find_runs(path: Path) -> list[tuple[str, Path]]:
     path = path.resolve()
     if is_run(path):
         return [(path.parent.name if RUN_NAME.fullmatch(path.name) else path.name, path)]
-    children = sorted(_subdirs(path))
+    children = sorted(subfolders(path))
     runs = [(path.name, child) for child in children if RUN_NAME.fullmatch(child.name) and is_run(child)]
     if not runs:
-        runs = [(child.name, run) for child in children for run in _subdirs(child) if is_run(run)]
+        runs = [(child.name, run) for child in children for run in subfolders(child) if is_run(run)]
     if not runs:  # folders given as trainer.exp_dir, side by side
         runs = [(child.name, child) for child in children if is_run(child)]
     return sorted(runs, key=lambda pair: (pair[0], run_number(pair[1])))

@@ -123,7 +123,25 @@ def test_what_looks_like_a_run_around_runs_refuses_nothing_but_what_holds_runs_d
     # A folder of experiments (RUN_DIR itself) holds runs too.
     with pytest.raises(ConfigError, match=r"holds run folders \(tiny/run_0, tiny/run_1\)"):
         check_exp_dir(str(runs))
-    # RUN_DIR inside a run: the run made there could be neither listed nor continued.
+    # Runs two levels down behind a run_<N> of the user's, or beside a data folder named like one.
+    other = tmp_path / "other" / "run_3"
+    _run(other / "tiny" / "run_0")
+    (tmp_path / "mix" / "run_1").mkdir(parents=True)
+    _run(tmp_path / "mix" / "tiny" / "run_0")
+    for holding in (other, tmp_path / "mix"):
+        with pytest.raises(ConfigError, match=r"holds run folders \(tiny/run_0\)"):
+            check_exp_dir(str(holding))
+    # A project's root (its config.yaml and logs/) is not a run (to continue, or to be inside of).
+    from ml.run.layout import written_by_a_run
+
+    assert not written_by_a_run(tmp_path) and written_by_a_run(run_0)
+    # RUN_DIR inside a run, or at an experiment's folder with exp_name one of its runs: the run made
+    # there could be neither listed nor continued.
+    monkeypatch.setenv("RUN_DIR", str(run_0.parent))
+    trainer = OmegaConf.structured(SupervisedLearningTrainerConfig)
+    trainer.exp_name = "run_0"
+    with pytest.raises(ConfigError, match="lies inside the run folder"):
+        claim_run_dir(trainer)
     monkeypatch.setenv("RUN_DIR", str(run_0))
     trainer = OmegaConf.structured(SupervisedLearningTrainerConfig)
     trainer.exp_name = "tiny"
