@@ -95,7 +95,12 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
     # works (rank 0 writing the last checkpoint) can abort inside gloo.
     barrier()
     if is_master():
-        _report(trainer)
+        try:
+            _report(trainer)
+        except BrokenPipeError:  # `ml train ... 2>&1 | head`: the run is done, its reader left
+            from ml.utils.progress import drop_stream
+
+            drop_stream(sys.stderr)
     if trainer.stop_signal == signal.Signals.SIGINT and not trainer.finished:
         return EXIT_INTERRUPTED
     return EXIT_OK

@@ -104,10 +104,15 @@ def write(line: str, file: TextIO | None = None) -> None:
 def drop_stdout() -> None:
     """Points stdout at /dev/null after its reader left: the interpreter's last flush, and later
     writes, must not fail again on the closed pipe."""
+    drop_stream(sys.stdout)
+
+
+def drop_stream(stream: TextIO) -> None:
+    """Points ``stream`` (stdout, stderr) at /dev/null after its reader left (see :func:`drop_stdout`)."""
     import os
 
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, stream.fileno())
     os.close(devnull)
 
 

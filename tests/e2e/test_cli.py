@@ -733,8 +733,12 @@ def test_initial_weights_that_do_not_fit_stop_with_one_line(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_training_goes_on_when_the_reader_of_its_stdout_quits(files: Files, tmp_path: Path) -> None:
-    # `ml train config.yaml | head`: the stdout logger's next line meets a closed pipe.
+@pytest.mark.parametrize("stderr_too", [False, True], ids=["stdout", "stdout-and-stderr"])
+def test_training_goes_on_when_the_reader_of_its_stdout_quits(
+    files: Files, tmp_path: Path, stderr_too: bool
+) -> None:
+    # `ml train config.yaml | head` (and `2>&1 | head`): the stdout logger's next line, and the
+    # summary on stderr, meet a closed pipe.
     config = tmp_path / "user.yaml"
     config.write_text(
         files.user.read_text()
@@ -745,13 +749,15 @@ def test_training_goes_on_when_the_reader_of_its_stdout_quits(files: Files, tmp_
         [*ML, "train", str(config), "task.threshold=0"],
         env=_env(files, tmp_path / "runs"),
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.STDOUT if stderr_too else subprocess.PIPE,
         text=True,
     ) as proc:
-        assert proc.stdout is not None and proc.stdout.readline().startswith("[train] step 1 ")
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("[I " if stderr_too else "[train] step 1 "), first
         proc.stdout.close()  # as `head -n 1` exits
         _, err = proc.communicate(timeout=TIMEOUT_S)
-    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert proc.returncode == 0 and "Traceback" not in (err or ""), err
     run = tmp_path / "runs" / "user" / "run_0"
     assert [r["step"] for r in _records(run) if r["phase"] == "train"] == [1, 2, 3, 4, 5, 6]
     logged = (run / "logs" / "stdout.log").read_text()
