@@ -256,8 +256,9 @@ def test_throughput_leaves_out_the_time_spent_validating(tmp_path: Path) -> None
     rates = {
         r["step"]: r["metrics"]["trainer/steps_per_s"] for r in _records(tmp_path) if r["phase"] == "train"
     }
-    after_validation = rates.pop(4)
-    assert after_validation > 0.15 * sorted(rates.values())[len(rates) // 2], (after_validation, rates)
+    # Counting the validation, step 4's rate would be under 1 / 0.8 s = 1.25 steps/s; without it, a
+    # step of milliseconds (a step slowed 100-fold by a loaded machine still passes).
+    assert rates[4] > 2.5, rates
 
 
 def test_a_task_without_validation_or_test_data_skips_them(tmp_path: Path) -> None:
