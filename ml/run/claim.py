@@ -43,7 +43,7 @@ def check_exp_dir(value: str) -> Path:
     Raises:
         ConfigError: It is either.
     """
-    from ml.run.layout import holds_run_files, subfolders
+    from ml.run.layout import subfolders
 
     folder = Path(str(value)).expanduser().resolve()
     if written_by_a_run(folder):  # a run already: continued where it is, whatever surrounds it
@@ -55,11 +55,12 @@ def check_exp_dir(value: str) -> Path:
             "find it there); give a folder outside any run, or leave trainer.exp_dir unset to take the "
             "next run_<N> of trainer.exp_name"
         )
-    # Runs by what they hold (a data folder named run_1 is not one), one or two levels down (an
-    # experiment's folder, or a folder of experiments such as $RUN_DIR).
+    # Runs by what only ml writes (a data folder named run_1 is not one; nor a package's config.yaml
+    # beside its logs/), one or two levels down (an experiment's folder, or one of experiments
+    # such as $RUN_DIR).
     children = list(subfolders(folder))
     below = [*children, *(grandchild for child in children for grandchild in subfolders(child))]
-    inner = [run for run in below if holds_run_files(run)]
+    inner = [run for run in below if written_by_a_run(run)]
     if inner:
         shown = ", ".join(str(run.relative_to(folder)) for run in inner[:3]) + (
             ", ..." if len(inner) > 3 else ""

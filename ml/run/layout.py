@@ -212,14 +212,34 @@ def holds_run_files(folder: Path) -> bool:
 
 
 def written_by_a_run(folder: Path) -> bool:
-    """Whether ``folder`` holds what only a run writes: its config beside ``status.json``, its running
-    lock or a checkpoint (not by name: a ``run_<N>`` may be any folder of the user's; nor by a
-    config beside ``logs/``, which a project's root often holds too). Stricter than
-    :func:`holds_run_files` (what ``ml runs`` lists): what a run may not be made inside of."""
+    """Whether ``folder`` holds what only ``ml`` writes for a run: a config with a ``trainer``
+    section beside a checkpoint by ``ml``'s names (``checkpoints/ckpt.<N>.pt``, ``ckpt.<N>/`` or
+    the ``ckpt.pt`` link).
+
+    Stricter than :func:`holds_run_files` (what ``ml runs`` lists): a run may not be made inside
+    such a folder, so a project's own folders must not look like one (a ``config.yaml`` beside
+    ``logs/`` or ``checkpoints/ckpt_best.pth``; a ``run_<N>`` of the user's).
+    """
     run = RunDir(Path(folder))
-    return run.config.is_file() and (
-        run.status.exists() or run.lock("running").exists() or any(run.checkpoints.glob("ckpt*"))
-    )
+    if not run.config.is_file():
+        return False
+    checkpoints = (entry.name for entry in _entries(run.checkpoints))
+    if not any(name == LINK_NAME or NUMBERED_CHECKPOINT.fullmatch(name) for name in checkpoints):
+        return False
+    try:
+        import yaml
+
+        config = yaml.safe_load(run.config.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("trainer"), dict)
+
+
+def _entries(folder: Path) -> list[os.DirEntry[str]]:
+    try:
+        return list(os.scandir(folder))
+    except OSError:
+        return []
 
 
 def enclosing_run(path: Path) -> Path | None:

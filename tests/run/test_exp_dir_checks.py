@@ -148,3 +148,19 @@ def test_what_looks_like_a_run_around_runs_refuses_nothing_but_what_holds_runs_d
     with pytest.raises(ConfigError, match=f"RUN_DIR={re.escape(str(run_0))} lies inside the run folder"):
         claim_run_dir(trainer)
     assert not (run_0 / "tiny").exists()
+
+
+def test_a_project_s_own_config_and_checkpoints_do_not_make_it_a_run(tmp_path: Path) -> None:
+    # A project's root: its config.yaml beside checkpoints of its own, a status.json, logs/.
+    (tmp_path / "config.yaml").write_text("lr: 0.1\n")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "ckpt_best.pth").write_bytes(b"")
+    (tmp_path / "status.json").write_text("{}")
+    (tmp_path / "logs").mkdir()
+    inside = tmp_path / "out" / "r1"
+    assert check_exp_dir(str(inside)) == inside.resolve()
+    # A package shipping a config.yaml beside logs/ (two levels down, as a staged run's code/<pkg>).
+    package = tmp_path / "new" / "code" / "pkg"
+    (package / "logs").mkdir(parents=True)
+    (package / "config.yaml").write_text("trainer: {name: sl}\n")
+    assert check_exp_dir(str(tmp_path / "new")) == (tmp_path / "new").resolve()
