@@ -95,12 +95,7 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
     # works (rank 0 writing the last checkpoint) can abort inside gloo.
     barrier()
     if is_master():
-        try:
-            _report(trainer)
-        except BrokenPipeError:  # `ml train ... 2>&1 | head`: the run is done, its reader left
-            from ml.utils.progress import drop_stream
-
-            drop_stream(sys.stderr)
+        _report(trainer)
     if trainer.stop_signal == signal.Signals.SIGINT and not trainer.finished:
         return EXIT_INTERRUPTED
     return EXIT_OK
@@ -138,16 +133,21 @@ def _nothing() -> None:
 
 
 def _report(trainer: Any) -> None:
-    print(f"ml: run directory   {trainer.exp_dir}", file=sys.stderr)
+    from ml.utils.progress import write
+
+    def say(line: str) -> None:  # (a reader of stderr that left, `2>&1 | head`, fails nothing)
+        write(line, file=sys.stderr)
+
+    say(f"ml: run directory   {trainer.exp_dir}")
     if trainer.ckpt_path.exists():
-        print(f"ml: checkpoint      {trainer.ckpt_path} -> {os.readlink(trainer.ckpt_path)}", file=sys.stderr)
+        say(f"ml: checkpoint      {trainer.ckpt_path} -> {os.readlink(trainer.ckpt_path)}")
     best = trainer.run.best_link
     if best.is_symlink() and best.exists():
-        print(f"ml: best checkpoint {best} -> {os.readlink(best)}", file=sys.stderr)
+        say(f"ml: best checkpoint {best} -> {os.readlink(best)}")
     if trainer.stop_reason is not None:
-        print(f"ml: stopped early   {trainer.stop_reason.removeprefix('early stopping: ')}", file=sys.stderr)
+        say(f"ml: stopped early   {trainer.stop_reason.removeprefix('early stopping: ')}")
     tb = trainer.log_dir / "tensorboard"
     if tb.exists():
-        print(f"ml: tensorboard     tensorboard --logdir {tb}", file=sys.stderr)
+        say(f"ml: tensorboard     tensorboard --logdir {tb}")
     for name, value in sorted(getattr(trainer, "final_metrics", {}).items()):
-        print(f"ml: {name:<17} {value:.4f}", file=sys.stderr)
+        say(f"ml: {name:<17} {value:.4f}")

@@ -128,7 +128,9 @@ def default_run_dir() -> None:
     if not os.environ.get(RUN_DIR_ENV):
         os.environ[RUN_DIR_ENV] = str(Path("runs").resolve())
         if dist_env().rank == 0:
-            print(f"ml: RUN_DIR is not set; using {os.environ[RUN_DIR_ENV]}", file=sys.stderr)
+            from ml.utils.progress import write  # (a reader of stderr that left fails nothing)
+
+            write(f"ml: RUN_DIR is not set; using {os.environ[RUN_DIR_ENV]}", file=sys.stderr)
 
 
 def claim_run_dir(trainer_config: Any) -> tuple[Path, Callable[[], None]]:

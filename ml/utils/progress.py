@@ -85,8 +85,9 @@ def _tqdm() -> Any:
 def write(line: str, file: TextIO | None = None) -> None:
     """Prints ``line`` and a newline to ``file`` (stdout), flushed, above any bar on screen.
 
-    Stdout's reader gone (``ml train ... | head``): training goes on, and stdout is dropped for the
-    rest of the process (the stdout logger's file keeps every line).
+    The reader of stdout or stderr gone (``ml train ... | head``, ``2>&1 | head``): training goes
+    on, and the stream is dropped for the rest of the process (the stdout logger's file keeps every
+    line).
     """
     stream = sys.stdout if file is None else file
     try:
@@ -96,9 +97,9 @@ def write(line: str, file: TextIO | None = None) -> None:
         else:
             print(line, file=stream, flush=True)
     except BrokenPipeError:
-        if stream is not sys.stdout:
+        if stream is not sys.stdout and stream is not sys.stderr:
             raise
-        drop_stdout()
+        drop_stream(stream)
 
 
 def drop_stdout() -> None:
