@@ -304,9 +304,9 @@ def _run(argv: list[str] | None) -> int:
             try:
                 return int(tool.main(argv[1:]))
             except BrokenPipeError:  # `ml runs --json | head`: the reader took what it wanted
-                from ml.utils.progress import drop_stdout
+                from ml.utils.progress import drop_stream
 
-                drop_stdout()
+                drop_stream(sys.stdout)
                 return EXIT_BROKEN_PIPE
         ns = parser.parse_intermixed_args(argv)  # options anywhere: `ml train digits -m a=1,2`
         if ns.help:

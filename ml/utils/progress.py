@@ -102,14 +102,9 @@ def write(line: str, file: TextIO | None = None) -> None:
         drop_stream(stream)
 
 
-def drop_stdout() -> None:
-    """Points stdout at /dev/null after its reader left: the interpreter's last flush, and later
-    writes, must not fail again on the closed pipe."""
-    drop_stream(sys.stdout)
-
-
 def drop_stream(stream: TextIO) -> None:
-    """Points ``stream`` (stdout, stderr) at /dev/null after its reader left (see :func:`drop_stdout`)."""
+    """Points ``stream`` (stdout, stderr) at /dev/null after its reader left: the interpreter's last
+    flush, and later writes, must not fail again on the closed pipe."""
     import os
 
     devnull = os.open(os.devnull, os.O_WRONLY)
