@@ -29,7 +29,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck  # 2 workers (pytest-xdist); fault injection at small counts (10 kills, 5 signals); racing runs in `make reliability`
+test: lint typecheck  # 2 workers (pytest-xdist); fault injection at small counts (6 kills, 5 signals, 50 fuzz examples per test); racing runs in `make reliability`
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 \
 		--deselect tests/reliability/test_concurrency.py::test_fresh_runs_started_together_get_distinct_folders \
 		--deselect tests/reliability/test_concurrency.py::test_of_continuations_released_together_exactly_one_trains

@@ -1,6 +1,6 @@
 """Fixtures of the fault-injection suite: how many faults to inject, and the seed that places them.
 
-``ML_RELIABILITY_KILLS`` (default 10) and ``ML_RELIABILITY_SIGNALS`` (default 5) set the counts;
+``ML_RELIABILITY_KILLS`` (default 6) and ``ML_RELIABILITY_SIGNALS`` (default 5) set the counts;
 ``make reliability`` runs 200 and 100. ``ML_RELIABILITY_SEED`` replays a run: without it each
 session draws a fresh seed, and every test prints the one it used.
 """
@@ -10,7 +10,7 @@ import secrets
 
 import pytest
 
-DEFAULT_KILLS = 10
+DEFAULT_KILLS = 6
 DEFAULT_SIGNALS = 5
 
 
@@ -25,7 +25,7 @@ def _count(name: str, default: int) -> int:
 
 @pytest.fixture(scope="session")
 def kill_count() -> int:
-    """How many times the kill test SIGKILLs its run (``ML_RELIABILITY_KILLS``, default 10)."""
+    """How many times the kill test SIGKILLs its run (``ML_RELIABILITY_KILLS``, default 6)."""
     return _count("ML_RELIABILITY_KILLS", DEFAULT_KILLS)
 
 

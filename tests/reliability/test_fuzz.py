@@ -32,7 +32,7 @@ from ml.trainers.base import diff_configs
 from tests.e2e.test_cli import USER_CONFIG, USER_MODULE, USER_TASK
 
 MISSING = "???"
-EXAMPLES = int(os.environ.get("ML_RELIABILITY_EXAMPLES", "") or 100)
+EXAMPLES = int(os.environ.get("ML_RELIABILITY_EXAMPLES", "") or 50)
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,  # a first OmegaConf or import call may be slow; the budget is max_examples
