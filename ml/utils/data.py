@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import itertools
 import random
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Mapping, MutableMapping, Sized
 from typing import Any
 
 import numpy as np
@@ -322,7 +322,7 @@ def _first_tensor_size(batch: Any) -> int | None:
         return int(batch.shape[0]) if batch.dim() > 0 else None
     if isinstance(batch, (list, tuple)):
         items: Any = batch
-    elif isinstance(batch, dict):
+    elif isinstance(batch, Mapping):
         items = batch.values()
     elif _is_dataclass_instance(batch):
         items = (getattr(batch, f.name) for f in dataclasses.fields(batch))
@@ -338,7 +338,7 @@ def _first_tensor_size(batch: Any) -> int | None:
 def _first_list_length(batch: Any) -> int | None:
     if isinstance(batch, list):
         return len(batch)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return next((n for v in batch.values() if (n := _first_list_length(v)) is not None), None)
     if isinstance(batch, tuple):
         return next((n for v in batch if (n := _first_list_length(v)) is not None), None)
@@ -366,7 +366,17 @@ def _moved(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     kind = type(batch)
     if kind is list or kind is tuple:  # the usual, first (a list, not a generator: no frame per item)
         return kind([_moved(v, device, dtype) for v in batch])
-    if isinstance(batch, dict):
+    if kind is dict:
+        return {k: _moved(v, device, dtype) for k, v in batch.items()}
+    if isinstance(batch, MutableMapping):
+        # A mapping of another type (``default_collate`` keeps it: transformers' ``BatchEncoding``, a
+        # ``UserDict``, an ``OrderedDict``, an attribute dict): a copy of it, so that its type, its
+        # attributes and a ``defaultdict``'s factory stay, with each value moved.
+        moved_map = copy.copy(batch)
+        for k, v in batch.items():
+            moved_map[k] = _moved(v, device, dtype)
+        return moved_map
+    if isinstance(batch, Mapping):  # read-only: its values moved into a plain dict
         return {k: _moved(v, device, dtype) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple (default_collate keeps it)
         return kind(*[_moved(v, device, dtype) for v in batch])
@@ -436,7 +446,7 @@ def _on_copy_stream(batch: Any, device: torch.device, dtype: torch.dtype | None)
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         yield value
-    elif isinstance(value, dict):
+    elif isinstance(value, Mapping):
         for item in value.values():
             yield from _tensors(item)
     elif isinstance(value, (list, tuple)):

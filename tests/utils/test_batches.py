@@ -3,6 +3,7 @@ nested, to the device (on CUDA through a side stream that the step's stream wait
 ``batch_size_of`` counts their samples."""
 
 import dataclasses
+from collections import OrderedDict, UserDict, defaultdict
 from typing import Any, NamedTuple
 
 import pytest
@@ -93,6 +94,42 @@ def test_named_tuples_and_dataclasses_are_moved_and_keep_their_type() -> None:
     slotted = move_to(WithSlottedBase(torch.ones(2, dtype=torch.float64)), torch.device("cpu"), torch.float32)
     assert slotted.x.dtype == slotted.cached.dtype == torch.float32
     assert shifted.x.dtype == torch.float64  # the original is left as it was
+
+
+class Encoding(UserDict):
+    """A mapping that is not a dict, as transformers' ``BatchEncoding`` is, with an attribute."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__(data)
+        self.n_sequences = 1
+
+
+class AttrDict(dict):
+    """A dict whose keys are also attributes (a common collate output)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self[name]
+
+
+def test_mappings_of_other_types_are_moved_and_keep_their_type() -> None:
+    """default_collate keeps a sample's mapping type: a ``UserDict`` (a ``BatchEncoding``) was left
+    unmoved and uncast, and its batch size unknown (every run failed); a dict subclass came back a
+    plain dict (its attributes and a defaultdict's factory lost)."""
+    samples = [Encoding({"x": torch.zeros(3, dtype=torch.float64), "y": torch.tensor(i)}) for i in range(4)]
+    collated = default_collate(samples)
+    assert isinstance(collated, Encoding)
+    moved = move_to(collated, torch.device("cpu"), torch.float32)
+    assert isinstance(moved, Encoding) and moved.n_sequences == 1
+    assert moved["x"].dtype == torch.float32 and moved["y"].dtype == torch.int64
+    assert collated["x"].dtype == torch.float64  # the original is left as it was
+    assert batch_size_of(collated) == batch_size_of(moved) == 4
+
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    for batch in (AttrDict(x=x), OrderedDict(x=x), defaultdict(list, x=x)):
+        moved_batch = move_to(batch, torch.device("cpu"), torch.float32)
+        assert type(moved_batch) is type(batch) and moved_batch["x"].dtype == torch.float32
+    assert move_to(AttrDict(x=x), torch.device("cpu"), torch.float32).x.dtype == torch.float32
+    assert move_to(defaultdict(list, x=x), torch.device("cpu"))["missing"] == []
 
 
 def test_the_batch_size_is_the_first_tensor_s_even_after_strings() -> None:
