@@ -56,7 +56,9 @@ class NonFiniteRecord:
         self._ring = torch.zeros(CAPACITY, 4 + len(names), device=device)
         self._one = torch.ones(1, device=device)
         self._rows = 0  # rows written since the last read
-        self._first_step = 0  # the step of row 0
+        # The step (or minibatch) each row is of: a step may write several rows (a GAN's
+        # discriminator updates) and a caller may record only some of its updates (RL).
+        self._row_steps: list[int] = []
         self._on_host: list[NonFiniteStep] = []  # what check_on_host found since the last read
 
     @property
@@ -84,8 +86,7 @@ class NonFiniteRecord:
         """Keeps step ``step``'s flag and numbers (``grad_norm``: None when not measured; ``norms``:
         each gradient's, in :attr:`names`' order, or None when they are not all there). The caller
         reads (:meth:`read`) first when :attr:`full`."""
-        if self._rows == 0:
-            self._first_step = step
+        self._row_steps.append(step)
         row = self._ring[self._rows]
         parts = [found_inf.view(1), loss.detach().float().view(1)]
         if grad_norm is not None:
@@ -120,7 +121,7 @@ class NonFiniteRecord:
     def read(self) -> list[NonFiniteStep]:
         """The steps recorded since the last read that were not finite (one host read); clears."""
         found, self._on_host = self._on_host, []
-        rows, first, self._rows = self._rows, self._first_step, 0
+        rows, steps, self._rows, self._row_steps = self._rows, self._row_steps, 0, []
         if rows == 0:
             return found
         ring = self._ring[:rows]
@@ -131,7 +132,7 @@ class NonFiniteRecord:
             module = next(
                 (self._module(i) for i, norm in enumerate(values[4:]) if not math.isfinite(norm)), None
             )
-            found.append(NonFiniteStep(first + index, values[1], values[3] if values[2] else None, module))
+            found.append(NonFiniteStep(steps[index], values[1], values[3] if values[2] else None, module))
         return found
 
     def _module(self, index: int) -> str:

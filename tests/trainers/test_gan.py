@@ -243,6 +243,16 @@ def test_a_non_finite_update_stops_the_run_naming_the_step_and_part(
     assert all(torch.isfinite(p).all() for p in objects.model.parameters())
 
 
+def test_with_several_discriminator_updates_a_step_the_step_named_is_the_bad_update_s(tmp_path: Path) -> None:
+    """Each discriminator update writes a row of the non-finite record; the step was computed from
+    the row's place as if a row were a step: with 2 updates a step, step 3's NaN was named step 4
+    (the other tests log every step, so the bad row was the first of its read)."""
+    config = tmp_path / "gan.yaml"
+    config.write_text(CONFIG.replace("write_every_n_steps: 1", "write_every_n_steps: 100"))
+    with pytest.raises(NonFiniteLossError, match=r"discriminator's update at step 3 \(loss nan"):
+        _train(config, tmp_path / "run", "task.nan_at_step=3", "task.max_steps=6")
+
+
 MODES: list[tuple[str, bool, bool]] = []  # (phase, model, the discriminator's first layer)
 
 

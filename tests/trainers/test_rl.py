@@ -331,6 +331,45 @@ def test_non_finite_loss_skip_drops_those_updates_and_counts_them(
     assert all(torch.isfinite(t).all() for t in third.values())
 
 
+class _BadMinibatches2And4(ClassicControlTask):
+    """Iteration 2's minibatch 2 has a NaN loss (found on the host, with the KL flag) and its
+    minibatch 4 an infinite gradient with a finite loss (found on the device)."""
+
+    def __init__(self, config: PPOTaskConfig) -> None:
+        super().__init__(config)
+        self.skipped: list[list[int]] = []
+        self.minibatch = 0
+        self.hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    def compute_loss(self, model, batch, state, output):  # type: ignore[no-untyped-def]
+        losses = super().compute_loss(model, batch, state, output)
+        if state.num_steps + 1 == 2:
+            self.minibatch += 1
+            if self.minibatch == 2:
+                losses["policy_loss"] = losses["policy_loss"] * float("nan")
+            if self.minibatch == 4:
+                self.hooks.append(next(iter(model.parameters())).register_hook(lambda g: g * float("inf")))
+        return losses
+
+    def on_minibatches_skipped(self, numbers: list[int]) -> None:
+        self.skipped.append(list(numbers))
+        super().on_minibatches_skipped(numbers)
+
+    def on_step_end(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().on_step_end(*args, **kwargs)
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+
+
+def test_the_minibatches_named_skipped_are_the_bad_ones(tmp_path: Path) -> None:
+    """The device's record numbered its rows as if every minibatch wrote one, but one found bad on
+    the host writes none: minibatch 3 (applied) was dropped from the logged means instead of 4."""
+    task = _small_task(_BadMinibatches2And4, target_kl=1e9)
+    trainer = _train(tmp_path, task, {"non_finite_loss": "skip"})
+    assert task.skipped == [[2, 4]] and trainer.num_skipped_steps == 2
+
+
 def test_weights_that_are_no_longer_finite_are_never_saved(tmp_path: Path) -> None:
     """A learning rate that overflows the weights with finite losses and gradients (no clipping)."""
     from ml.errors import NonFiniteLossError
