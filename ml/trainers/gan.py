@@ -64,7 +64,7 @@ from ml.utils.data import (
 )
 from ml.utils.grad_norm import tensor_norms
 from ml.utils.malloc import tune_malloc
-from ml.utils.nonfinite import NonFiniteRecord
+from ml.utils.nonfinite import NonFiniteRecord, all_finite
 from ml.utils.progress import TrainingBar, expected_total
 from ml.utils.ranks import dist_env
 from ml.utils.seeding import deterministic_algorithms, generators_of_their_own
@@ -190,6 +190,13 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
         self, state: State, task: GanTask, model: BaseModel, optims: Any = None, lr_scheds: Any = None
     ) -> Path:
         self._settle()  # a stop is due before the step's checkpoint; skipped updates are counted in it
+        # Never saves weights that are not finite: a finite loss and gradient can still overflow them.
+        params = [p for part in self._parts.values() for p in part.params]
+        if not all_finite(params, self.distributed):
+            raise NonFiniteLossError(
+                f"at step {state.num_steps}: the weights themselves are no longer finite: an update made "
+                "them so with a finite loss and gradient (too large a learning rate, Adam's eps=0)"
+            )
         return super().save_checkpoint(state, task, model, optims, lr_scheds)
 
     # -- the session: set-up, loop, finish

@@ -77,7 +77,7 @@ from ml.utils.distributed import (
 )
 from ml.utils.grad_norm import clip_grad_norm_
 from ml.utils.malloc import tune_malloc
-from ml.utils.nonfinite import NonFiniteRecord, NonFiniteStep
+from ml.utils.nonfinite import NonFiniteRecord, NonFiniteStep, all_finite
 from ml.utils.progress import TrainingBar, expected_total
 from ml.utils.seeding import deterministic_algorithms
 
@@ -713,8 +713,7 @@ class ReinforcementLearningTrainer(
     def _check_weights(self, where: str) -> None:
         """Stops if the weights are not finite: an update that no check caught (a finite loss with a
         non-finite gradient, without gradient clipping; or a learning rate that overflows them)."""
-        params = self._params
-        if not params or bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
+        if all_finite(self._params):  # (DDP keeps every rank's alike)
             return
         raise NonFiniteLossError(
             f"{where}: the weights themselves are no longer finite (an update the checks did not catch: "

@@ -73,7 +73,7 @@ from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world
 from ml.utils.ema import WeightAverage
 from ml.utils.grad_norm import clip_grads_with_norm_, tensor_norms
 from ml.utils.malloc import tune_malloc
-from ml.utils.nonfinite import NonFiniteRecord
+from ml.utils.nonfinite import NonFiniteRecord, all_finite
 from ml.utils.precision import PRECISIONS, MixedPrecision
 from ml.utils.progress import TrainingBar, expected_total, progress
 from ml.utils.seeding import deterministic_algorithms, generators_of_their_own
@@ -746,25 +746,23 @@ class SupervisedLearningTrainer(
         logger.warning("%s: skipped step(s) %s (%d skipped so far)", message, steps, self.num_skipped_steps)
 
     def _check_weights(self, where: str) -> None:
-        """Stops if the weights are not finite, which only an update with a non-finite gradient and a
-        finite loss makes, at a step whose gradients were not checked (``trainer.check_grads``)."""
-        if self._norm_every_step or self._weights_finite():
-            return
-        raise NonFiniteLossError(
-            f"{where}: the weights themselves are no longer finite: an update had a non-finite gradient "
-            "with a finite loss; set trainer.check_grads=true to check every step's gradients (and name "
-            "that step)"
-        )
-
-    def _weights_finite(self) -> bool:
-        """Whether every weight is finite (every rank's shard under FSDP); read on the host."""
+        """Stops if the weights are not finite: an update the checks did not catch made them so (a
+        non-finite gradient with a finite loss at a step whose gradients were not checked, or an
+        update that overflowed with finite gradients: checked gradients do not make finite weights)."""
         if self._parts is None:  # no step of this loop yet (a stop at start-up): the weights as loaded
-            return True
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in self._parts[2]]
-        bad = torch.stack([torch.isfinite(t.detach()).all() for t in local]).logical_not().any().float()
-        if self.distributed:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        return not bad.item()
+            return
+        if all_finite(self._parts[2], self.distributed):
+            return
+        hint = (
+            ""
+            if self._norm_every_step
+            else "; set trainer.check_grads=true to check every step's gradients (and name the step)"
+        )
+        raise NonFiniteLossError(
+            f"{where}: the weights themselves are no longer finite: an update the checks did not catch "
+            "made them so (a non-finite gradient with a finite loss, or an update that overflowed: too "
+            f"large a learning rate, Adam's eps=0){hint}"
+        )
 
     def _logs_due(self, state: State, last: bool) -> bool:
         """Whether the trainer's loggers write at this step (then the device's values are read anyway)."""

@@ -19,6 +19,7 @@ clipping or ``trainer.check_grads``: a pass over the gradients, 1-2% of a small 
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -138,3 +139,19 @@ class NonFiniteRecord:
     def _module(self, index: int) -> str:
         name = self.names[index]
         return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def all_finite(tensors: Sequence[torch.Tensor], distributed: bool = False) -> bool:
+    """Whether every element of ``tensors`` is finite (each rank's shard of a sharded tensor), read on
+    the host; with ``distributed``, on every rank (an all-reduce: every rank calls it).
+
+    What the trainers ask of the weights before saving them: a finite loss and gradient do not make
+    a finite update (a learning rate that overflows, Adam with ``eps=0`` on a zero gradient).
+    """
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    if not local:
+        return True
+    bad = torch.stack([torch.isfinite(t.detach()).all() for t in local]).logical_not().any().float()
+    if distributed:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bad.item()

@@ -253,6 +253,18 @@ def test_with_several_discriminator_updates_a_step_the_step_named_is_the_bad_upd
         _train(config, tmp_path / "run", "task.nan_at_step=3", "task.max_steps=6")
 
 
+def test_weights_an_update_overflowed_are_never_saved(config_file: Path, tmp_path: Path) -> None:
+    """A learning rate that overflows the discriminator's weights: the GAN trainer checked losses and
+    gradients only, skipped every later update and saved the infinite weights, exiting as if fine."""
+    with pytest.raises(NonFiniteLossError, match="weights themselves are no longer finite"):
+        _train(
+            config_file, tmp_path / "run", "optimizer.discriminator.lr=1e39", "trainer.non_finite_loss=skip"
+        )
+    for path in (tmp_path / "run" / "checkpoints").glob("ckpt.*.pt"):
+        ckpt = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()), path
+
+
 MODES: list[tuple[str, bool, bool]] = []  # (phase, model, the discriminator's first layer)
 
 

@@ -187,6 +187,34 @@ def test_a_non_finite_gradient_can_skip_the_step(tmp_path: Path, checked: dict) 
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+class OverflowsAtStep2(TinyTask):
+    """Finite losses and gradients, but step 2's update leaves an infinite weight (as a learning rate
+    that overflows does, or Adam with ``eps=0`` on a zero gradient)."""
+
+    def on_step_end(self, state, loss_dict, model, optim, lr_sched):  # type: ignore[no-untyped-def]
+        super().on_step_end(state, loss_dict, model, optim, lr_sched)
+        if state.num_steps == 2:
+            with torch.no_grad():
+                unwrap_model(model).net[3].weight.fill_(float("inf"))
+
+
+@pytest.mark.parametrize(
+    "checked", [{"clip_grad_norm": 1.0}, {"check_grads": True}], ids=["clip", "check_grads"]
+)
+def test_weights_an_update_overflowed_are_never_saved_even_with_checked_gradients(
+    tmp_path: Path, checked: dict[str, object]
+) -> None:
+    """With the gradients checked at every step the weights were taken to be finite: a run with
+    ``skip`` skipped every later step, saved the infinite weights and ended as if fine."""
+    trainer = _trainer(tmp_path, non_finite_loss="skip", **checked)
+    with pytest.raises(NonFiniteLossError, match="weights themselves are no longer finite") as error:
+        _fit(trainer, max_steps=6, task_cls=OverflowsAtStep2)
+    assert "check_grads=true" not in str(error.value)  # they were checked
+    for path in (tmp_path / "checkpoints").glob("ckpt.*.pt"):
+        model = torch.load(path, weights_only=True)["model"]
+        assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point()), path
+
+
 @pytest.mark.parametrize("every_step", [False, True], ids=["no_checkpoint_due", "checkpoint_every_step"])
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_an_unchecked_non_finite_gradient_is_not_skipped_forever(
