@@ -644,21 +644,21 @@ class SupervisedLearningTrainer(
         if record.full:
             self._settle()
         scaler = self.precision.scaler
-        whole_norm = norms = None
+        whole_norm = norms = which = None
         if self._norm_every_step:
-            grad_norm, norms = self._grad_norm(all_params)
+            grad_norm, norms, which = self._grad_norm(all_params)
             whole_norm = self._whole(grad_norm)
             if self._clip_grad_norm is not None:  # (a NaN norm makes every gradient NaN: skipped anyway)
                 self._clip(all_params, grad_norm)
         self._step_grad_norm = whole_norm  # logged by _log_step if a logger writes
         checked = None if scaler is not None else whole_norm
         if self._checks_on_host:
-            step_now = record.check_on_host(state.num_steps + 1, step_loss, checked, norms)
+            step_now = record.check_on_host(state.num_steps + 1, step_loss, checked, norms, which)
         else:
             found_inf = record.found_inf(step_loss, checked)
             if self.distributed:  # all ranks skip or stop together, or their weights would part
                 torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
-            record.record(state.num_steps + 1, found_inf, step_loss, whole_norm, norms)
+            record.record(state.num_steps + 1, found_inf, step_loss, whole_norm, norms, which)
         lr_sched.step(state)
         if scaler is not None:
             self.precision.step(optim)
@@ -691,14 +691,19 @@ class SupervisedLearningTrainer(
         if self.num_skipped_steps:  # at every write from the first skip on, whatever read the record
             self.logger.log_scalar("skipped_steps", self.num_skipped_steps)
 
-    def _grad_norm(self, params: list[nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The whole gradient norm, and each gradient's when they are all here (to name the first
-        module whose gradient is not finite)."""
+    def _grad_norm(
+        self, params: list[nn.Parameter]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...] | None]:
+        """The whole gradient norm; each gradient's (to name the first module whose gradient is not
+        finite), and whose they are when some parameters have none (frozen; None: every one's)."""
         grads = [g for p in params if (g := p.grad) is not None]
         if self._sharded:  # FSDP's gradients are DTensors, whose norm each rank holds a part of
-            return nn.utils.get_total_norm(grads), None
+            return nn.utils.get_total_norm(grads), None, None
         norms = tensor_norms(grads)
-        return torch.linalg.vector_norm(norms), norms
+        which = None
+        if len(grads) != len(params):
+            which = tuple(i for i, p in enumerate(params) if p.grad is not None)
+        return torch.linalg.vector_norm(norms), norms, which
 
     def _clip(self, params: list[nn.Parameter], grad_norm: torch.Tensor) -> None:
         max_norm = self._clip_grad_norm

@@ -60,6 +60,7 @@ class NonFiniteRecord:
         # The step (or minibatch) each row is of: a step may write several rows (a GAN's
         # discriminator updates) and a caller may record only some of its updates (RL).
         self._row_steps: list[int] = []
+        self._row_which: list[tuple[int, ...] | None] = []  # whose gradient norms each row holds
         self._on_host: list[NonFiniteStep] = []  # what check_on_host found since the last read
 
     @property
@@ -83,18 +84,23 @@ class NonFiniteRecord:
         loss: torch.Tensor,
         grad_norm: torch.Tensor | None = None,
         norms: torch.Tensor | None = None,
+        which: tuple[int, ...] | None = None,
     ) -> None:
         """Keeps step ``step``'s flag and numbers (``grad_norm``: None when not measured; ``norms``:
-        each gradient's, in :attr:`names`' order, or None when they are not all there). The caller
-        reads (:meth:`read`) first when :attr:`full`."""
+        the gradients' norms, of the parameters ``which`` (their places in :attr:`names`; None: all
+        of them, in order): a frozen parameter has none). The caller reads (:meth:`read`) first when
+        :attr:`full`."""
         self._row_steps.append(step)
+        self._row_which.append(which)
         row = self._ring[self._rows]
         parts = [found_inf.view(1), loss.detach().float().view(1)]
+        width = 2
         if grad_norm is not None:
             parts += [self._one, grad_norm.float().view(1)]
-            if norms is not None and norms.numel() == len(self.names):
+            width = 4
+            if norms is not None and norms.numel() == self._count(which):
                 parts.append(norms.float())
-        width = 2 if len(parts) == 2 else 4 + (len(self.names) if len(parts) == 5 else 0)
+                width += norms.numel()
         torch.cat(parts, out=row[:width])  # the rest stays 0 (zeroed by read): no module is named
         self._rows += 1
 
@@ -104,6 +110,7 @@ class NonFiniteRecord:
         loss: torch.Tensor,
         grad_norm: torch.Tensor | None = None,
         norms: torch.Tensor | None = None,
+        which: tuple[int, ...] | None = None,
     ) -> bool:
         """Whether step ``step`` is finite, read on the host now (for an optimizer that would read
         the flag on the host anyway); a step that is not is kept for :meth:`read`."""
@@ -112,17 +119,16 @@ class NonFiniteRecord:
         if math.isfinite(loss_value) and (norm_value is None or math.isfinite(norm_value)):
             return True
         module = None
-        if norms is not None and norms.numel() == len(self.names):
-            module = next(
-                (self._module(i) for i, n in enumerate(norms.tolist()) if not math.isfinite(n)), None
-            )
+        if norms is not None and norms.numel() == self._count(which):
+            module = self._first_bad_module(norms.tolist(), which)
         self._on_host.append(NonFiniteStep(step, loss_value, norm_value, module))
         return False
 
     def read(self) -> list[NonFiniteStep]:
         """The steps recorded since the last read that were not finite (one host read); clears."""
         found, self._on_host = self._on_host, []
-        rows, steps, self._rows, self._row_steps = self._rows, self._row_steps, 0, []
+        rows, steps, whiches = self._rows, self._row_steps, self._row_which
+        self._rows, self._row_steps, self._row_which = 0, [], []
         if rows == 0:
             return found
         ring = self._ring[:rows]
@@ -130,11 +136,19 @@ class NonFiniteRecord:
         values_of_bad = ring[bad].tolist()
         ring.zero_()
         for index, values in zip(bad, values_of_bad, strict=True):
-            module = next(
-                (self._module(i) for i, norm in enumerate(values[4:]) if not math.isfinite(norm)), None
-            )
+            module = self._first_bad_module(values[4:], whiches[index])
             found.append(NonFiniteStep(steps[index], values[1], values[3] if values[2] else None, module))
         return found
+
+    def _count(self, which: tuple[int, ...] | None) -> int:
+        return len(self.names) if which is None else len(which)
+
+    def _first_bad_module(self, norms: list[float], which: tuple[int, ...] | None) -> str | None:
+        """The module of the first parameter whose gradient norm in ``norms`` is not finite."""
+        bad = next((i for i, norm in enumerate(norms) if not math.isfinite(norm)), None)
+        if bad is None:
+            return None
+        return self._module(bad if which is None else which[bad])
 
     def _module(self, index: int) -> str:
         name = self.names[index]

@@ -176,6 +176,23 @@ def test_a_non_finite_gradient_stops_and_names_the_step_and_module(
     assert "trainer.non_finite_loss=skip" in message
 
 
+class InfGradientBesideAFrozenBias(InfGradientInLastLayer):
+    """As :class:`InfGradientInLastLayer`, with the first layer's bias frozen (as fine-tuning does)."""
+
+    def compute_loss(self, model, batch, state, output):  # type: ignore[no-untyped-def]
+        unwrap_model(model).net[0].bias.requires_grad_(False)
+        return super().compute_loss(model, batch, state, output)
+
+
+@pytest.mark.parametrize("sgd", [False, True], ids=["fused_adam_on_the_device", "sgd_on_the_host"])
+def test_the_module_is_named_when_some_parameters_are_frozen(tmp_path: Path, sgd: bool) -> None:
+    """The record named a module only when every parameter had a gradient: one frozen parameter
+    anywhere and no stop named its module."""
+    trainer = _trainer(tmp_path, check_grads=True)
+    with pytest.raises(NonFiniteLossError, match=r"at step 2 .*first non-finite gradient in `net\.3`"):
+        _fit(trainer, max_steps=5, task_cls=InfGradientBesideAFrozenBias, sgd=sgd)
+
+
 @pytest.mark.parametrize(
     "checked", [{"clip_grad_norm": 1.0}, {"check_grads": True}], ids=["clip", "check_grads"]
 )
