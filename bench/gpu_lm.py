@@ -25,8 +25,9 @@ Reported: tokens/s (batch x context x timed steps / seconds), the ratio to the p
 way (``ml`` to ``plain``, ``ml compiled`` to ``plain compiled``), ms per step and
 the model FLOPs utilisation: (6 N + 12 L d T) flops per token (N: the weights, the tied embedding
 counted once, positions left out; the attention's score and value products counted as if not causal,
-PaLM's convention) times tokens/s, over the device's peak dense bf16 rate: 989 TFLOP/s for an H100 or
-H200 (SXM; NVIDIA's figure without sparsity), 312 for an A100; ``--peak-tflops`` for another device.
+PaLM's convention) times tokens/s, over the device's peak dense bf16 rate (NVIDIA's figures without
+sparsity): 989 TFLOP/s for an H100 or H200 SXM, 756 for an H100 PCIe, 835 for an H100 NVL or H200
+NVL, 312 for an A100; ``--peak-tflops`` for another device.
 
 ``python bench/gpu_lm.py`` on a CUDA machine; without CUDA, or with ``--smoke``, a tiny shape (2
 blocks, width 64, 4 heads, vocabulary 512, context 64, batch 4, 2 + 3 steps) on the CPU checks the
@@ -66,7 +67,16 @@ class Shape:
 
 
 SMOKE = Shape(layers=2, width=64, heads=4, vocab=512, context=64, batch=4, warmup=2, steps=3)
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16, SXM
+# Dense bf16 TFLOP/s by a part of the device's name, the more specific first (a PCIe or NVL card is
+# slower than the SXM one of the same name).
+PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200 NVL": 835.0,
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+}
 
 
 # -- the model
@@ -342,10 +352,15 @@ def peak_tflops(override: float | None) -> tuple[float | None, str]:
     if not torch.cuda.is_available():
         return None, "no CUDA device"
     name = torch.cuda.get_device_name(0)
-    for key, value in PEAK_TFLOPS.items():
-        if key in name:
-            return value, f"{name}: {value:g} TFLOP/s dense bf16 (NVIDIA's figure)"
-    return None, f"{name}: peak unknown (give --peak-tflops)"
+    value = peak_of(name)
+    if value is None:
+        return None, f"{name}: peak unknown (give --peak-tflops)"
+    return value, f"{name}: {value:g} TFLOP/s dense bf16 (NVIDIA's figure)"
+
+
+def peak_of(name: str) -> float | None:
+    """The peak dense bf16 TFLOP/s of the device called ``name``, if :data:`PEAK_TFLOPS` knows it."""
+    return next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
 
 
 def summarize(

@@ -39,8 +39,8 @@ Each run is a fresh interpreter, and the contenders alternate in rounds (plain, 
 alike. The model's first module records the time at which the training forward passes of steps
 ``warmup + 1`` and ``steps`` begin; the steps in between are the timed ones (``steps - warmup - 1``
 whole steps, start-up and the first ``warmup`` steps excluded, and so is everything after the last
-forward: the final checkpoint, teardown). On CUDA the device is synchronised at those two instants
-only.
+forward: the final checkpoint, teardown). On CUDA the device is synchronised at those two instants,
+and around each block of the partner's steps (below), whose time is taken out.
 
 Each run also carries a partner (unless ``--no-partner``): the plain loop, with its own copy of the
 model, optimizer and data, trained in the contender's process in blocks of 100 steps (tiny) or 10
