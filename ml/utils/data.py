@@ -317,7 +317,8 @@ def batch_size_of(batch: Any) -> int:
     return size
 
 
-def _first_tensor_size(batch: Any) -> int | None:
+def _first_tensor_size(batch: Any, seen: set[int] | None = None) -> int | None:
+    """``seen``: the dataclasses walked into (one may refer back to another)."""
     if isinstance(batch, torch.Tensor):  # (a scalar beside the data, such as a weight, is passed over)
         return int(batch.shape[0]) if batch.dim() > 0 else None
     if isinstance(batch, (list, tuple)):
@@ -325,11 +326,15 @@ def _first_tensor_size(batch: Any) -> int | None:
     elif isinstance(batch, Mapping):
         items = batch.values()
     elif _is_dataclass_instance(batch):
+        seen = set() if seen is None else seen
+        if id(batch) in seen:
+            return None
+        seen.add(id(batch))
         items = (getattr(batch, f.name) for f in dataclasses.fields(batch))
     else:
         return None
     for item in items:
-        size = _first_tensor_size(item)
+        size = _first_tensor_size(item, seen)
         if size is not None:
             return size
     return None
@@ -356,7 +361,11 @@ def move_to(batch: Any, device: torch.device, dtype: torch.dtype | None = None) 
     return _moved(batch, device, dtype)
 
 
-def _moved(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+def _moved(
+    batch: Any, device: torch.device, dtype: torch.dtype | None, memo: dict[int, Any] | None = None
+) -> Any:
+    """``batch`` moved; ``memo``: what the dataclasses around it moved already, by ``id`` (a value
+    held twice is moved once, and a reference back to a dataclass being moved is its copy)."""
     if isinstance(batch, torch.Tensor):
         if dtype is not None and batch.is_floating_point() and batch.dtype != dtype:
             return batch.to(device=device, dtype=dtype, non_blocking=True)
@@ -365,32 +374,34 @@ def _moved(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
         return batch.to(device=device, non_blocking=True)
     kind = type(batch)
     if kind is list or kind is tuple:  # the usual, first (a list, not a generator: no frame per item)
-        return kind([_moved(v, device, dtype) for v in batch])
+        return kind([_moved(v, device, dtype, memo) for v in batch])
     if kind is dict:
-        return {k: _moved(v, device, dtype) for k, v in batch.items()}
+        return {k: _moved(v, device, dtype, memo) for k, v in batch.items()}
     if isinstance(batch, MutableMapping):
         # A mapping of another type (``default_collate`` keeps it: transformers' ``BatchEncoding``, a
         # ``UserDict``, an ``OrderedDict``, an attribute dict): a copy of it, so that its type, its
         # attributes and a ``defaultdict``'s factory stay, with each value moved.
         moved_map = copy.copy(batch)
         for k, v in batch.items():
-            moved_map[k] = _moved(v, device, dtype)
+            moved_map[k] = _moved(v, device, dtype, memo)
         return moved_map
     if isinstance(batch, Mapping):  # read-only: its values moved into a plain dict
-        return {k: _moved(v, device, dtype) for k, v in batch.items()}
+        return {k: _moved(v, device, dtype, memo) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple (default_collate keeps it)
-        return kind(*[_moved(v, device, dtype) for v in batch])
+        return kind(*[_moved(v, device, dtype, memo) for v in batch])
     if isinstance(batch, (list, tuple)):  # a subclass
-        return kind([_moved(v, device, dtype) for v in batch])
+        return kind([_moved(v, device, dtype, memo) for v in batch])
     if _is_dataclass_instance(batch):  # (from a collate_fn of the user's)
         # A copy with each value moved, not a new instance: __init__ would run __post_init__ again
         # and reset the fields it does not take.
-        moved = copy.copy(batch)
-        done: dict[int, Any] = {id(batch): moved}  # a value held twice is moved once; a back-reference
+        done = {} if memo is None else memo
+        if id(batch) in done:  # a back-reference, however deep
+            return done[id(batch)]
+        moved = done[id(batch)] = copy.copy(batch)
         for name in _dataclass_values(batch):
             value = getattr(batch, name)
             if id(value) not in done:
-                done[id(value)] = _moved(value, device, dtype)
+                done[id(value)] = _moved(value, device, dtype, done)
             object.__setattr__(moved, name, done[id(value)])  # (frozen too)
         return moved
     return batch
@@ -443,19 +454,22 @@ def _on_copy_stream(batch: Any, device: torch.device, dtype: torch.dtype | None)
     return moved
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
+def _tensors(value: Any, seen: set[int] | None = None) -> Iterator[torch.Tensor]:
+    """Every tensor in ``value``; ``seen``: the dataclasses walked into (one may refer back)."""
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, Mapping):
         for item in value.values():
-            yield from _tensors(item)
+            yield from _tensors(item, seen)
     elif isinstance(value, (list, tuple)):
         for item in value:
-            yield from _tensors(item)
+            yield from _tensors(item, seen)
     elif _is_dataclass_instance(value):
-        for name in _dataclass_values(value):
-            if (item := getattr(value, name)) is not value:  # (a back-reference)
-                yield from _tensors(item)
+        seen = set() if seen is None else seen
+        if id(value) not in seen:
+            seen.add(id(value))
+            for name in _dataclass_values(value):
+                yield from _tensors(getattr(value, name), seen)
 
 
 # Torch's default way to pass a batch from a worker process holds one file descriptor per tensor in

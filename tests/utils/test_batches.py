@@ -96,6 +96,33 @@ def test_named_tuples_and_dataclasses_are_moved_and_keep_their_type() -> None:
     assert shifted.x.dtype == torch.float64  # the original is left as it was
 
 
+@dataclasses.dataclass
+class Node:
+    x: torch.Tensor
+    parent: "Node | None" = None
+    child: "Node | None" = None
+
+
+def test_a_dataclass_that_refers_back_through_another_is_moved_once() -> None:
+    """A child pointing back at its parent made move_to recurse until RecursionError (only a field
+    pointing at its own object was known), and so did the walk for the batch size."""
+    root = Node(torch.zeros(3, dtype=torch.float64))
+    root.child = Node(torch.ones(3, dtype=torch.float64), parent=root)
+    moved = move_to(root, torch.device("cpu"), torch.float32)
+    assert moved is not root and moved.child is not None and moved.child.parent is moved
+    assert moved.x.dtype == moved.child.x.dtype == torch.float32
+    assert root.x.dtype == torch.float64 and root.child.parent is root  # the original is left as it was
+    first = Linked(None, torch.zeros(4))
+    first.previous = Linked(first, torch.zeros(4))  # the walk meets the cycle before any tensor
+    assert batch_size_of(first) == 4
+
+
+@dataclasses.dataclass
+class Linked:
+    previous: "Linked | None"
+    x: torch.Tensor
+
+
 class Encoding(UserDict):
     """A mapping that is not a dict, as transformers' ``BatchEncoding`` is, with an attribute."""
 
