@@ -24,7 +24,8 @@ import dataclasses
 import functools
 import itertools
 import random
-from collections.abc import Iterator, Mapping, MutableMapping, Sized
+from collections import UserDict
+from collections.abc import Iterator, Mapping, Sized
 from typing import Any
 
 import numpy as np
@@ -377,16 +378,23 @@ def _moved(
         return kind([_moved(v, device, dtype, memo) for v in batch])
     if kind is dict:
         return {k: _moved(v, device, dtype, memo) for k, v in batch.items()}
-    if isinstance(batch, MutableMapping):
-        # A mapping of another type (``default_collate`` keeps it: transformers' ``BatchEncoding``, a
-        # ``UserDict``, an ``OrderedDict``, an attribute dict): a copy of it, so that its type, its
-        # attributes and a ``defaultdict``'s factory stay, with each value moved.
-        moved_map = copy.copy(batch)
-        for k, v in batch.items():
-            moved_map[k] = _moved(v, device, dtype, memo)
-        return moved_map
-    if isinstance(batch, Mapping):  # read-only: its values moved into a plain dict
-        return {k: _moved(v, device, dtype, memo) for k, v in batch.items()}
+    if isinstance(batch, Mapping):
+        values = {k: _moved(v, device, dtype, memo) for k, v in batch.items()}
+        if isinstance(batch, (dict, UserDict)):
+            # A dict subclass or a ``UserDict`` (``default_collate`` keeps it: transformers'
+            # ``BatchEncoding``, an ``OrderedDict``, an attribute dict): a copy of it, with its own
+            # items (the original is left as it was), its type, its attributes and a
+            # ``defaultdict``'s factory.
+            try:
+                copied = copy.copy(batch)
+                for k, v in values.items():
+                    copied[k] = v
+                return copied
+            except Exception:  # one that refuses to be copied or written: the values, as a dict
+                return values
+        # Another mapping may keep its items anywhere (a copy could share them with the original):
+        # its values in a plain dict.
+        return values
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple (default_collate keeps it)
         return kind(*[_moved(v, device, dtype, memo) for v in batch])
     if isinstance(batch, (list, tuple)):  # a subclass

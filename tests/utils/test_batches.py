@@ -4,6 +4,7 @@ nested, to the device (on CUDA through a side stream that the step's stream wait
 
 import dataclasses
 from collections import OrderedDict, UserDict, defaultdict
+from collections.abc import Iterator, MutableMapping
 from typing import Any, NamedTuple
 
 import pytest
@@ -157,6 +158,41 @@ def test_mappings_of_other_types_are_moved_and_keep_their_type() -> None:
         assert type(moved_batch) is type(batch) and moved_batch["x"].dtype == torch.float32
     assert move_to(AttrDict(x=x), torch.device("cpu"), torch.float32).x.dtype == torch.float32
     assert move_to(defaultdict(list, x=x), torch.device("cpu"))["missing"] == []
+
+    # A mapping keeping its items in an attribute: a copy would share them, and the move cast the
+    # caller's own batch. Its values come back as a plain dict; so do those of a dict subclass that
+    # refuses writes (copying one writes its items).
+    store = Store(x=x)
+    moved_store = move_to(store, torch.device("cpu"), torch.float32)
+    assert moved_store == {"x": moved_store["x"]} and moved_store["x"].dtype == torch.float32
+    assert store["x"].dtype == torch.float64
+    moved_read_only = move_to(ReadOnly(x=x), torch.device("cpu"), torch.float32)
+    assert type(moved_read_only) is dict and moved_read_only["x"].dtype == torch.float32
+
+
+class Store(MutableMapping):
+    def __init__(self, **items: Any) -> None:
+        self.items_ = dict(items)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.items_[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.items_[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.items_[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.items_)
+
+    def __len__(self) -> int:
+        return len(self.items_)
+
+
+class ReadOnly(dict):
+    def __setitem__(self, key: str, value: Any) -> None:
+        raise TypeError("a read-only batch")
 
 
 def test_the_batch_size_is_the_first_tensor_s_even_after_strings() -> None:
