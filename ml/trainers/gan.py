@@ -64,7 +64,7 @@ from ml.utils.data import (
 )
 from ml.utils.grad_norm import tensor_norms
 from ml.utils.malloc import tune_malloc
-from ml.utils.nonfinite import NonFiniteRecord, all_finite
+from ml.utils.nonfinite import NonFiniteRecord, all_finite, float_buffers
 from ml.utils.progress import TrainingBar, expected_total
 from ml.utils.ranks import dist_env
 from ml.utils.seeding import deterministic_algorithms, generators_of_their_own
@@ -190,12 +190,14 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
         self, state: State, task: GanTask, model: BaseModel, optims: Any = None, lr_scheds: Any = None
     ) -> Path:
         self._settle()  # a stop is due before the step's checkpoint; skipped updates are counted in it
-        # Never saves weights that are not finite: a finite loss and gradient can still overflow them.
-        params = [p for part in self._parts.values() for p in part.params]
-        if not all_finite(params, self.distributed):
+        # Never saves weights that are not finite: a finite loss and gradient can still overflow them,
+        # and a skipped update's forward pass still wrote its running statistics.
+        tensors = [t for part in self._parts.values() for t in (*part.params, *float_buffers(part.module))]
+        if not all_finite(tensors, self.distributed):
             raise NonFiniteLossError(
-                f"at step {state.num_steps}: the weights themselves are no longer finite: an update made "
-                "them so with a finite loss and gradient (too large a learning rate, Adam's eps=0)"
+                f"at step {state.num_steps}: the weights themselves are no longer finite (or a buffer such "
+                "as a batch norm's running statistics): an update made them so with a finite loss and "
+                "gradient (too large a learning rate, Adam's eps=0), or a batch that was not finite"
             )
         return super().save_checkpoint(state, task, model, optims, lr_scheds)
 
@@ -412,9 +414,10 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
         if part.record.full:
             self._settle()
         found_inf = part.record.found_inf(loss, grad_norm)
-        part.record.record(
-            state.num_steps + 1, found_inf, loss, grad_norm, norms if len(grads) == len(part.params) else None
-        )
+        which = None  # whose norms they are, when a parameter had no gradient (an unused head)
+        if len(grads) != len(part.params):
+            which = tuple(i for i, p in enumerate(part.params) if p.grad is not None)
+        part.record.record(state.num_steps + 1, found_inf, loss, grad_norm, norms, which)
         lr_sched.step(state)
         step_skipping(optim, found_inf)  # the update is dropped on the device if found_inf is 1
         task_log, trainer_log = s.task.logger, self.logger

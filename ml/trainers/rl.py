@@ -77,7 +77,7 @@ from ml.utils.distributed import (
 )
 from ml.utils.grad_norm import clip_grad_norm_
 from ml.utils.malloc import tune_malloc
-from ml.utils.nonfinite import NonFiniteRecord, NonFiniteStep, all_finite
+from ml.utils.nonfinite import NonFiniteRecord, NonFiniteStep, all_finite, float_buffers
 from ml.utils.progress import TrainingBar, expected_total
 from ml.utils.seeding import deterministic_algorithms
 
@@ -390,6 +390,7 @@ class ReinforcementLearningTrainer(
         self._non_finite: NonFiniteRecord | None = None  # this session's update minibatches, on the device
         self._found_on_host: list[NonFiniteStep] = []  # minibatches whose loss a stop flag's read found bad
         self._params: list[nn.Parameter] = []  # the trainable parameters the updates change
+        self._buffers: list[torch.Tensor] = []  # and the model's floating buffers (checked with them)
         self._rollout: _Rollout | None = None
         self._eval_envs: Any = None
         self._task: ReinforcementLearningTask | None = None
@@ -610,6 +611,7 @@ class ReinforcementLearningTrainer(
         if self._non_finite is None:  # the first update: the parameters it changes, and their record
             named = [(name, p) for name, p in unwrap_model(model).named_parameters() if p.requires_grad]
             self._params = [p for _, p in named]
+            self._buffers = float_buffers(unwrap_model(model))
             self._non_finite = NonFiniteRecord([name for name, _ in named], self.device)
         params, record = self._params, self._non_finite
         step = FusedAdamStep(optim) if self.config.fast_optimizer else functools.partial(step_skipping, optim)
@@ -713,7 +715,7 @@ class ReinforcementLearningTrainer(
     def _check_weights(self, where: str) -> None:
         """Stops if the weights are not finite: an update that no check caught (a finite loss with a
         non-finite gradient, without gradient clipping; or a learning rate that overflows them)."""
-        if all_finite(self._params):  # (DDP keeps every rank's alike)
+        if all_finite([*self._params, *self._buffers]):  # (DDP keeps every rank's alike)
             return
         raise NonFiniteLossError(
             f"{where}: the weights themselves are no longer finite (an update the checks did not catch: "

@@ -73,7 +73,7 @@ from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world
 from ml.utils.ema import WeightAverage
 from ml.utils.grad_norm import clip_grads_with_norm_, tensor_norms
 from ml.utils.malloc import tune_malloc
-from ml.utils.nonfinite import NonFiniteRecord, all_finite
+from ml.utils.nonfinite import NonFiniteRecord, all_finite, float_buffers
 from ml.utils.precision import PRECISIONS, MixedPrecision
 from ml.utils.progress import TrainingBar, expected_total, progress
 from ml.utils.seeding import deterministic_algorithms, generators_of_their_own
@@ -756,7 +756,8 @@ class SupervisedLearningTrainer(
         update that overflowed with finite gradients: checked gradients do not make finite weights)."""
         if self._parts is None:  # no step of this loop yet (a stop at start-up): the weights as loaded
             return
-        if all_finite(self._parts[2], self.distributed):
+        _, inner, params = self._parts
+        if all_finite([*params, *float_buffers(inner)], self.distributed):
             return
         hint = (
             ""
@@ -764,9 +765,10 @@ class SupervisedLearningTrainer(
             else "; set trainer.check_grads=true to check every step's gradients (and name the step)"
         )
         raise NonFiniteLossError(
-            f"{where}: the weights themselves are no longer finite: an update the checks did not catch "
-            "made them so (a non-finite gradient with a finite loss, or an update that overflowed: too "
-            f"large a learning rate, Adam's eps=0){hint}"
+            f"{where}: the weights themselves are no longer finite (or a buffer such as a batch norm's "
+            "running statistics): an update the checks did not catch made them so (a non-finite gradient "
+            "with a finite loss, or an update that overflowed: too large a learning rate, Adam's eps=0), "
+            f"or a batch that was not finite{hint}"
         )
 
     def _logs_due(self, state: State, last: bool) -> bool:

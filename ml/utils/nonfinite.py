@@ -169,3 +169,9 @@ def all_finite(tensors: Sequence[torch.Tensor], distributed: bool = False) -> bo
     if distributed:
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return not bad.item()
+
+
+def float_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    """``module``'s floating-point buffers (a batch norm's running statistics): checked with its
+    weights, since a skipped update's forward pass still wrote them."""
+    return [b for b in module.buffers() if b.is_floating_point()]

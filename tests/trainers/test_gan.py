@@ -265,6 +265,36 @@ def test_weights_an_update_overflowed_are_never_saved(config_file: Path, tmp_pat
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()), path
 
 
+class TinyGanWithAnUnusedWeight(TinyGan):
+    """A discriminator weight no loss uses (as an auxiliary head): it never has a gradient."""
+
+    def __init__(self, config: BaseModelConfig) -> None:
+        super().__init__(config)
+        self.discriminator.register_parameter("unused", nn.Parameter(torch.zeros(3)))
+
+
+class InfGradientInTheDiscriminator(TinyGanTask):
+    """A finite loss whose gradient becomes infinite in ``discriminator.0`` from step 2 on."""
+
+    def discriminator_loss(self, model: nn.Module, batch: Any, state: State) -> torch.Tensor:
+        if state.num_steps + 1 == 2:
+            cast(TinyGan, model).discriminator[0].weight.register_hook(lambda grad: grad * float("inf"))
+        return super().discriminator_loss(model, batch, state)
+
+
+def test_the_module_is_named_beside_a_weight_without_gradient(tmp_path: Path) -> None:
+    """The gradient norms were kept only when every weight of the part had a gradient: one unused
+    weight and no stop named its module."""
+    config = tmp_path / "gan.yaml"
+    config.write_text(
+        CONFIG.replace(f'"{HERE}:TinyGan"', f'"{HERE}:TinyGanWithAnUnusedWeight"').replace(
+            f'"{HERE}:TinyGanTask"', f'"{HERE}:InfGradientInTheDiscriminator"'
+        )
+    )
+    with pytest.raises(NonFiniteLossError, match=r"at step 2 .*non-finite gradient in `discriminator\.0`"):
+        _train(config, tmp_path / "run")
+
+
 MODES: list[tuple[str, bool, bool]] = []  # (phase, model, the discriminator's first layer)
 
 

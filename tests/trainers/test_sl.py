@@ -232,6 +232,27 @@ def test_weights_an_update_overflowed_are_never_saved_even_with_checked_gradient
         assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point()), path
 
 
+class NaNInputAtStep2(TinyTask):
+    """A batch that is not finite at step 2: its update is skipped, but the model's batch norm
+    took it into its running statistics in the forward pass."""
+
+    def run_model(self, model, batch, state):  # type: ignore[no-untyped-def]
+        if state.num_steps + 1 == 2:
+            batch = (batch[0] * float("nan"), batch[1])
+        return super().run_model(model, batch, state)
+
+
+def test_running_statistics_that_are_no_longer_finite_are_never_saved(tmp_path: Path) -> None:
+    """Only the parameters were checked before a checkpoint: a skipped step's NaN running statistics
+    were saved and the run ended as if fine (its model then evaluates to NaN)."""
+    trainer = _trainer(tmp_path, non_finite_loss="skip")
+    with pytest.raises(NonFiniteLossError, match="running statistics"):
+        _fit(trainer, max_steps=5, task_cls=NaNInputAtStep2)
+    for path in (tmp_path / "checkpoints").glob("ckpt.*.pt"):
+        model = torch.load(path, weights_only=True)["model"]
+        assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point()), path
+
+
 @pytest.mark.parametrize("every_step", [False, True], ids=["no_checkpoint_due", "checkpoint_every_step"])
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_an_unchecked_non_finite_gradient_is_not_skipped_forever(
