@@ -64,7 +64,7 @@ from ml.utils.data import (
 )
 from ml.utils.grad_norm import tensor_norms
 from ml.utils.malloc import tune_malloc
-from ml.utils.nonfinite import NonFiniteRecord, all_finite, float_buffers
+from ml.utils.nonfinite import NonFiniteRecord, all_finite, float_buffers, present_grads
 from ml.utils.progress import TrainingBar, expected_total
 from ml.utils.ranks import dist_env
 from ml.utils.seeding import deterministic_algorithms, generators_of_their_own
@@ -408,15 +408,12 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
         finally:
             for p in other.params:
                 p.requires_grad_(True)
-        grads = [g for p in part.params if (g := p.grad) is not None]
+        grads, which = present_grads(part.params)  # (which: when a weight has none, as an unused head)
         norms = tensor_norms(grads)
         grad_norm = torch.linalg.vector_norm(norms)
         if part.record.full:
             self._settle()
         found_inf = part.record.found_inf(loss, grad_norm)
-        which = None  # whose norms they are, when a parameter had no gradient (an unused head)
-        if len(grads) != len(part.params):
-            which = tuple(i for i, p in enumerate(part.params) if p.grad is not None)
         part.record.record(state.num_steps + 1, found_inf, loss, grad_norm, norms, which)
         lr_sched.step(state)
         step_skipping(optim, found_inf)  # the update is dropped on the device if found_inf is 1

@@ -73,7 +73,7 @@ from ml.utils.distributed import all_gather_object, all_max, get_rank, get_world
 from ml.utils.ema import WeightAverage
 from ml.utils.grad_norm import clip_grads_with_norm_, tensor_norms
 from ml.utils.malloc import tune_malloc
-from ml.utils.nonfinite import NonFiniteRecord, all_finite, float_buffers
+from ml.utils.nonfinite import NonFiniteRecord, all_finite, float_buffers, present_grads
 from ml.utils.precision import PRECISIONS, MixedPrecision
 from ml.utils.progress import TrainingBar, expected_total, progress
 from ml.utils.seeding import deterministic_algorithms, generators_of_their_own
@@ -696,13 +696,10 @@ class SupervisedLearningTrainer(
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...] | None]:
         """The whole gradient norm; each gradient's (to name the first module whose gradient is not
         finite), and whose they are when some parameters have none (frozen; None: every one's)."""
-        grads = [g for p in params if (g := p.grad) is not None]
+        grads, which = present_grads(params)
         if self._sharded:  # FSDP's gradients are DTensors, whose norm each rank holds a part of
             return nn.utils.get_total_norm(grads), None, None
         norms = tensor_norms(grads)
-        which = None
-        if len(grads) != len(params):
-            which = tuple(i for i, p in enumerate(params) if p.grad is not None)
         return torch.linalg.vector_norm(norms), norms, which
 
     def _clip(self, params: list[nn.Parameter], grad_norm: torch.Tensor) -> None:

@@ -175,3 +175,12 @@ def float_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
     """``module``'s floating-point buffers (a batch norm's running statistics): checked with its
     weights, since a skipped update's forward pass still wrote them."""
     return [b for b in module.buffers() if b.is_floating_point()]
+
+
+def present_grads(params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], tuple[int, ...] | None]:
+    """The gradients ``params`` have, and whose they are when some have none (a frozen or unused
+    parameter; None: every one's): the ``which`` of :meth:`NonFiniteRecord.record` for their norms."""
+    grads = [g for p in params if (g := p.grad) is not None]
+    if len(grads) == len(params):
+        return grads, None
+    return grads, tuple(i for i, p in enumerate(params) if p.grad is not None)
