@@ -5,6 +5,7 @@ texts, user components by import path, and bad input (one ``ml: error:`` line, e
 created on disk), a failure during training (exit 1) and Ctrl-C (exit 130).
 """
 
+import gc
 import json
 import os
 import signal
@@ -19,6 +20,8 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
+
+from ml.utils.startup_gc import STARTUP_THRESHOLD
 
 _SCRIPT = Path(sys.executable).parent / "ml"
 ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.cli"]
@@ -48,6 +51,7 @@ USER_MODULE = "ml_e2e_user_task"
 USER_TASK = f'''\
 """A task defined outside the package, selected with `name: {USER_MODULE}:SumSignTask`."""
 
+import gc
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -91,6 +95,22 @@ class NoDatasetMethodTask(SupervisedLearningTask[SumSignConfig]):
 class NoTrainingDataTask(SumSignTask):
     def get_dataset(self, phase):
         raise NotImplementedError(f"no {{phase}} split")
+
+
+class GcWatchTask(SumSignTask):
+    """Logs the garbage collector's first threshold while the run sets up and in each step."""
+
+    def get_dataset(self, phase):
+        if phase == "train":
+            self.threshold_at_set_up = gc.get_threshold()[0]
+        return super().get_dataset(phase)
+
+    def compute_loss(self, model, batch, state, output):
+        if state.training:
+            self.logger.log_scalar("gc_threshold_at_set_up", self.threshold_at_set_up)
+            self.logger.log_scalar("gc_threshold", gc.get_threshold()[0])
+            self.logger.log_scalar("gc_frozen", gc.get_freeze_count())
+        return super().compute_loss(model, batch, state, output)
 '''
 
 USER_CONFIG = f"""\
@@ -605,6 +625,20 @@ def test_user_task_by_import_path(files: Files, tmp_path: Path) -> None:
     result = ml(files, "train", files.user, "task.threshold=0", "task.num_sample=3", run_dir=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("ml: error: task.num_sample: Key 'num_sample' not in 'SumSignConfig'")
+
+
+def test_the_collector_runs_less_often_while_starting(files: Files, tmp_path: Path) -> None:
+    """ml.utils.startup_gc: fewer collections until the first step (a short run's start-up spent a
+    fifth of its time walking torch's objects again and again), then the default, start-up frozen."""
+    task = f"task.name={USER_MODULE}:GcWatchTask"
+    _ok(ml(files, "train", files.user, task, "task.threshold=0", "task.max_steps=2", run_dir=tmp_path))
+    steps = [r for r in _records(tmp_path / "user" / "run_0") if r["phase"] == "train"]
+    assert [r["step"] for r in steps] == [1, 2]
+    for record in steps:
+        metrics = record["metrics"]
+        assert metrics["task/gc_threshold_at_set_up"] == STARTUP_THRESHOLD
+        assert metrics["task/gc_threshold"] == gc.get_threshold()[0] == 700  # Python's default again
+        assert metrics["task/gc_frozen"] > 100_000  # torch's modules and the like, out of every walk
 
 
 def test_early_stopping_the_best_checkpoint_and_its_moving_average_from_the_command_line(
