@@ -114,18 +114,19 @@ def test_tune_malloc_stops_the_page_faults_of_each_step(tmp_path: Path) -> None:
     untuned = _faults_per_step("none", tmp_path)
     tuned = _faults_per_step("call", tmp_path)
     # glibc's defaults: the step's 4 MiB gradients and 256 KiB activations come back from the OS each
-    # time (~1,300-1,600 faults a step here); tuned, the heap keeps them (0 to ~70: a few steps may
+    # time (~1,400-2,000 faults a step alone here, as few as ~440 during a whole suite, by chance:
+    # one run in three of this test alone); tuned, the heap keeps them (0 to ~70: a few steps may
     # still grow the heap).
-    assert untuned > 500, untuned
-    assert tuned < 150, (tuned, untuned)
+    assert untuned > 300, untuned
+    assert tuned < min(150, untuned / 4), (tuned, untuned)
 
 
 @glibc_only
 def test_the_trainer_tunes_malloc_unless_told_not_to(tmp_path: Path) -> None:
     on = _faults_per_step("trainer_on", tmp_path)
     off = _faults_per_step("trainer_off", tmp_path)
-    assert on < 150, (on, off)
-    assert off > 500, (on, off)
+    assert off > 300, (on, off)  # (see test_tune_malloc_stops_the_page_faults_of_each_step)
+    assert on < min(150, off / 4), (on, off)
 
 
 class _Libc:
