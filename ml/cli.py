@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from ml.errors import (
@@ -85,7 +86,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _print_help(command: str | None, args: list[str]) -> None:
+def _print_help(command: str | None, args: list[str]) -> int:
     print(USAGE)
     if command is None:  # the overview: the names alone, without importing a component (or torch)
         from ml.core.registry import BUILTIN_NAMES
@@ -95,7 +96,7 @@ def _print_help(command: str | None, args: list[str]) -> None:
             print(f"  {kind + ':':<14}{', '.join(builtin)}")
         print("\n`ml train --help` lists every config field with its help text; `ml train CONFIG --help`")
         print("only the fields of the components CONFIG selects.")
-        return
+        return EXIT_OK
 
     from ml.core.compose import SECTIONS, compose_config, config_fields
     from ml.core.registry import lookup, registered_names
@@ -123,6 +124,7 @@ def _print_help(command: str | None, args: list[str]) -> None:
                 value = default if node is None else _value_in(node, field)
                 print(f"  {label}.{field}: {type_name} = {value}\n      {help_text}")
             print()
+    return EXIT_OK
 
 
 def _value_in(node: Any, field: str) -> str:
@@ -290,6 +292,21 @@ def _main(argv: list[str] | None) -> int:
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool that SIGPIPE ended
 
 
+def _to_stdout(command: Callable[[], int]) -> int:
+    """Runs a command whose output is its stdout (a tool, a help text, ``ml resolve``): a reader that
+    leaves early (``ml runs --json | head``) took what it wanted, so the command ends quietly with the
+    shell's code for a command SIGPIPE ended, not with a traceback and "training failed"."""
+    try:
+        code = command()
+        sys.stdout.flush()  # here, not at the interpreter's exit, where a closed pipe is "ignored" as 120
+        return code
+    except BrokenPipeError:
+        from ml.utils.progress import drop_stream
+
+        drop_stream(sys.stdout)
+        return EXIT_BROKEN_PIPE
+
+
 def _run(argv: list[str] | None) -> int:
     global _left_a_process_group
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -301,17 +318,10 @@ def _run(argv: list[str] | None) -> int:
             import importlib
 
             tool = importlib.import_module(f"ml.tools.{argv[0]}")
-            try:
-                return int(tool.main(argv[1:]))
-            except BrokenPipeError:  # `ml runs --json | head`: the reader took what it wanted
-                from ml.utils.progress import drop_stream
-
-                drop_stream(sys.stdout)
-                return EXIT_BROKEN_PIPE
+            return _to_stdout(lambda: int(tool.main(argv[1:])))
         ns = parser.parse_intermixed_args(argv)  # options anywhere: `ml train digits -m a=1,2`
         if ns.help:
-            _print_help(ns.command, ns.args)
-            return EXIT_OK
+            return _to_stdout(lambda: _print_help(ns.command, ns.args))
         if ns.command is None:
             raise BadInput("give a command: `ml train ...` or `ml resolve ...` (see `ml --help`)")
         _setup_logging()
@@ -319,7 +329,7 @@ def _run(argv: list[str] | None) -> int:
 
         use_staged_code(ns.args)  # before any of the user's modules is imported
         if ns.command == "resolve":
-            return _resolve(ns.args, multirun=ns.multirun)
+            return _to_stdout(lambda: _resolve(ns.args, multirun=ns.multirun))
         flags = ["--allow-config-change"] if ns.allow_config_change else []
         swept = _sweep(ns.command, ns.args, multirun=ns.multirun, flags=flags)
         if swept is not None:

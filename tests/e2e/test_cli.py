@@ -767,6 +767,33 @@ def test_initial_weights_that_do_not_fit_stop_with_one_line(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["--help"], ["train", "TINY", "--help"], ["resolve", "TINY", "-m", "optimizer.lr=1e-3,2e-3"]],
+    ids=["help", "a config's help", "resolve a sweep"],
+)
+def test_a_reader_that_stops_early_ends_the_output_quietly(
+    files: Files, tmp_path: Path, command: list[str]
+) -> None:
+    """``ml --help | head -1``, ``ml resolve ... | head``: the reader took what it wanted. They said
+    "training failed: BrokenPipeError" after a traceback and exited 1 (stdout buffered, as it is
+    without PYTHONUNBUFFERED: "Exception ignored ... BrokenPipeError" and 120)."""
+    env = _env(files, tmp_path / "runs")
+    env.pop("PYTHONUNBUFFERED")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        args = [str(files.tiny) if arg == "TINY" else arg for arg in command]
+        result = subprocess.run(
+            [*ML, *args], env=env, stdout=write, stderr=subprocess.PIPE, text=True, timeout=TIMEOUT_S
+        )
+    finally:
+        os.close(write)
+    assert result.returncode == 128 + signal.SIGPIPE, result.stderr
+    assert result.stderr == ""
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("stderr_too", [False, True], ids=["stdout", "stdout-and-stderr"])
 def test_training_goes_on_when_the_reader_of_its_stdout_quits(
     files: Files, tmp_path: Path, stderr_too: bool

@@ -647,13 +647,19 @@ def test_refused_input_leaves_the_marker_alone(tmp_path: Path) -> None:
     assert (tmp_path / "status.json").read_text() == before
 
 
-def test_a_reader_that_stops_early_ends_the_listing_quietly(runs: Runs) -> None:
-    """``ml runs --json | head -1``: the closed pipe is the reader's choice, not a failure to trace."""
+@pytest.mark.parametrize("buffered", [False, True], ids=["unbuffered", "buffered"])
+def test_a_reader_that_stops_early_ends_the_listing_quietly(runs: Runs, buffered: bool) -> None:
+    """``ml runs --json | head -1``: the closed pipe is the reader's choice, not a failure to trace;
+    also where stdout is buffered (no PYTHONUNBUFFERED), its last flush at the interpreter's exit
+    said "Exception ignored ... BrokenPipeError" and exited 120."""
+    env = runs.env()
+    if buffered:
+        env.pop("PYTHONUNBUFFERED")
     read, write = os.pipe()
     os.close(read)  # the reader is gone before anything is written
     try:
         result = subprocess.run(
-            [*ML, "runs", runs.run_dir, "--json"], env=runs.env(), stdout=write, stderr=subprocess.PIPE,
+            [*ML, "runs", runs.run_dir, "--json"], env=env, stdout=write, stderr=subprocess.PIPE,
             text=True, timeout=60,
         )  # fmt: skip
     finally:
