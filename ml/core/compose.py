@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ml.core.config import EXP_NAME_ENV
 from ml.core.registry import Kind, build, lookup
@@ -173,8 +173,7 @@ def _shape_error(
         culprit = " ".join(reaching) or where
 
     def fix(value: Any) -> str:
-        flow = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=float("inf")).strip()
-        flow = flow.removesuffix("...").strip()
+        flow = _flow(value)
         return shlex.quote(f"{key}={flow}") if overrides is not None else f"{key}: {flow}"
 
     if isinstance(old, list):
@@ -217,6 +216,12 @@ def _find_misfit(old: Any, new: Any, path: list[str]) -> tuple[list[str], Any, A
     return None
 
 
+def _flow(value: Any) -> str:
+    """``value`` as YAML on one line (``{cuda: null}``, ``[1, 2]``)."""
+    flow = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=float("inf")).strip()
+    return flow.removesuffix("...").strip()
+
+
 def _describe_list(key: str, entries: list[Any]) -> str:
     if key != "logger":
         return f"a list of {len(entries)} entries"
@@ -249,6 +254,17 @@ def typed_section(section: str, kind: Kind, raw: Any) -> DictConfig:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         where = f"{section}.{key}" if key else section
+        given = OmegaConf.select(raw, str(key), default=None, throw_on_missing=False) if key else None
+        if isinstance(e, ValidationError) and isinstance(given, (DictConfig, ListConfig)):
+            # `trainer.device=cuda:` is YAML for a mapping ({cuda: null}): OmegaConf's words named a
+            # DictConfig, not what was written or how to write it
+            flow = _flow(OmegaConf.to_container(given, resolve=False))
+            if isinstance(given, ListConfig):
+                raise ConfigError(f"{where} takes a single value, but was given the list {flow}") from e
+            raise ConfigError(
+                f"{where} takes a single value, but was given the mapping {flow} (in YAML, a word "
+                "that ends in ':' is a key): write the value whole, or quote it"
+            ) from e
         allowed = ""
         if isinstance(e, ConfigKeyError) and key and "." not in str(key):  # a key the section lacks
             allowed = f" ({name} takes: {', '.join(f.name for f in dataclasses.fields(config_cls))})"

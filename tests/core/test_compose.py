@@ -140,6 +140,15 @@ def test_a_moved_run_config_continues_in_its_new_folder(tmp_path: Path) -> None:
             "logger.name=jsonl: logger is a list of loggers (stdout), not a mapping: "
             "write 'logger=[{name: jsonl}]'",
         ),
+        (  # OmegaConf said "Cannot convert 'DictConfig' to string"
+            ["trainer.device=cuda:"],
+            "trainer.device takes a single value, but was given the mapping {cuda: null} (in YAML, a "
+            "word that ends in ':' is a key): write the value whole, or quote it",
+        ),
+        (
+            ["trainer.checkpoint.save_every_n_steps=[1,2]"],
+            "trainer.checkpoint.save_every_n_steps takes a single value, but was given the list [1, 2]",
+        ),
         (  # a whole sweep section: compose would drop it
             ["sweep={optimizer.lr: [1,2]}"],
             "a sweep is not a key=value override (it would be ignored): sweep on the command line with -m ",
