@@ -1,9 +1,13 @@
 """Defines ``ml diff EXP_A EXP_B``: the config differences between two runs.
 
 Each argument is a run folder (its ``config.yaml``, the resolved config the run was trained with)
-or a config YAML file. The configs are compared like the trainer compares a continued run's
-config (:func:`ml.core.diff.config_changes`, the walk behind ``ml.trainers.base.diff_configs``:
-keys and list items at any depth, ``1`` vs ``1.0`` and ``true`` vs ``1`` differ), one line each::
+or a config YAML file, which is compared as it composes (every default filled in, as ``ml resolve``
+prints it), so a run and the file it was trained from differ only in what the command line changed,
+and ``1e-3`` is ``0.001``; a file that does not compose on its own (a layer of overrides) is compared
+as written, and its header says so and why. The configs are compared like the trainer compares a
+continued run's config (:func:`ml.core.diff.config_changes`, the walk behind
+``ml.trainers.base.diff_configs``: keys and list items at any depth, ``1`` vs ``1.0`` and ``true`` vs
+``1`` differ), one line each::
 
     --- runs/digits/run_0/config.yaml
     +++ runs/digits/run_1/config.yaml
@@ -17,7 +21,8 @@ unset or empty (``--color always|never`` decides otherwise).
 
 Exit codes follow diff(1), so scripts can test ``ml diff A B``: 0 no differences (``no
 differences`` is printed), 1 the configs differ, 2 bad input (a path that is no run folder or
-config file, a config that is not YAML). Imports no torch.
+config file, a config that is not YAML). Imports no torch for two runs (composing a file loads the
+components it names, and so torch).
 """
 
 import argparse
@@ -56,14 +61,29 @@ def config_path_of(arg: str) -> Path:
     raise BadInput(f"{arg} is not a run folder (no config.yaml in it); give a run folder or a config file")
 
 
-def _load(path: Path) -> Any:
+def _load(path: Path) -> tuple[Any, str]:
+    """The config ``path`` holds, and how it was read (for the header): a run's as saved (resolved
+    already), a file as it composes, or as written where it does not compose on its own."""
     from ml.core.compose import load_yaml
     from ml.errors import BadInput, ConfigError
+    from ml.run.layout import holds_run_files
 
     try:
-        return load_yaml(path)
+        written = load_yaml(path)
     except ConfigError as e:
         raise BadInput(str(e)) from e
+    if path.name == "config.yaml" and holds_run_files(path.parent):
+        return written, ""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ml.core.compose import compose_config, config_to_save
+
+    try:  # as a run would save it in its config.yaml
+        composed = OmegaConf.to_container(config_to_save(compose_config([str(path)])), resolve=False)
+    except (ConfigError, OmegaConfBaseException) as e:  # a layer of overrides, an unknown component
+        return written, f"  (as written: {str(e).splitlines()[0]})"
+    return composed, "  (composed)"
 
 
 def _show(value: Any) -> str:
@@ -134,13 +154,13 @@ def main(argv: list[str]) -> int:
     """``ml diff EXP_A EXP_B``: prints the differences; returns 0 when none, 1 when some."""
     args = _parser().parse_args(argv)
     path_a, path_b = config_path_of(args.exp_a), config_path_of(args.exp_b)
-    first, second = _load(path_a), _load(path_b)
+    (first, read_a), (second, read_b) = _load(path_a), _load(path_b)
     ignore = () if args.all else IGNORED_BY_DEFAULT
     lines = diff_lines(first, second, color=use_color(args.color), ignore=ignore)
     if not lines:
         print("no differences")
         return EXIT_SAME
-    print(f"--- {path_a}")
-    print(f"+++ {path_b}")
+    print(f"--- {path_a}{read_a}")
+    print(f"+++ {path_b}{read_b}")
     print("\n".join(lines))
     return EXIT_DIFFERENT

@@ -4,6 +4,8 @@
   line, keys only one run has are marked, the paths are exactly those ``diff_configs`` reports
   (less ``trainer.exp_dir`` unless ``--all``), and the exit code is 1.
 - Two runs trained alike: ``no differences``, exit code 0 (a run folder or its config.yaml).
+- A config file is compared as it composes (the job's file against its run: only the overrides);
+  a layer of overrides, as written, its header saying why.
 - Colour only on a terminal (a real pty, the command in a subprocess), and not with ``NO_COLOR``
   or ``--color never``; ``--color always`` colours captured output too.
 - ``ml diff`` does not import torch; bad paths are one ``ml: error:`` line with exit code 2.
@@ -21,6 +23,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+import ml
 from ml.cli import main as ml_main
 from tests.tools.test_export import ML, TIMEOUT_S, env, run_python, trained_runs
 
@@ -87,6 +90,49 @@ def test_runs_trained_alike_have_no_differences(
     assert diff(str(runs["a"]), str(runs["c"] / "config.yaml"), capsys=capsys)[:2] == (0, "no differences\n")
     code, stdout, _ = diff(str(runs["a"]), str(runs["c"]), "--all", capsys=capsys)  # their folders differ
     assert code == 1 and stdout.splitlines()[2:] == [f"  trainer.exp_dir: {runs['a']} -> {runs['c']}"]
+
+
+def test_a_config_file_is_compared_as_it_composes(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The job's own config file against its run: only what the command line changed. Compared as
+    written, every default the file leaves out was "only in B", and the file's ``1e-3`` (a string
+    to YAML) differed from the run's 0.001."""
+    digits = Path(ml.__file__).parent / "examples" / "digits" / "config.yaml"
+    assert "lr: 1e-3" in digits.read_text()
+    code, stdout, err = diff(str(digits), str(runs["a"]), capsys=capsys)
+    assert code == 1, err
+    assert stdout.splitlines() == [
+        f"--- {digits}  (composed)",
+        f"+++ {runs['a'] / 'config.yaml'}",
+        "  task.max_steps: 1500 -> 5",
+        "  lr_scheduler.warmup_steps: 100 -> 1",
+        "  trainer.checkpoint.save_every_n_steps: 500 -> 2",
+        "  trainer.checkpoint.only_save_most_recent: True -> False",
+    ]
+    # A file written with b's overrides, the numbers as a user writes them: the same as run b.
+    mine = tmp_path / "mine.yaml"
+    text = digits.read_text().replace("max_steps: 1500", "max_steps: 5").replace("lr: 1e-3", "lr: 3e-4")
+    mine.write_text(
+        text.replace("warmup_steps: 100", "warmup_steps: 1").replace("batch_size: 64", "batch_size: 32")
+    )
+    with mine.open("a") as f:
+        f.write("logger: [{name: jsonl}]\n")
+    assert diff(str(mine), str(runs["b"]), capsys=capsys)[:2] == (0, "no differences\n")
+
+
+def test_a_layer_of_overrides_is_compared_as_written_and_says_why(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    layer = tmp_path / "faster.yaml"
+    layer.write_text("optimizer: {lr: 3e-4}\n")
+    code, stdout, err = diff(str(layer), str(runs["b"]), capsys=capsys)
+    assert code == 1, err
+    lines = stdout.splitlines()
+    assert lines[0] == f"--- {layer}  (as written: missing section 'model' (with at least `name:`))"
+    assert lines[1] == f"+++ {runs['b'] / 'config.yaml'}"
+    assert "  optimizer.lr: '3e-4' -> 0.0003" in lines  # YAML's string, shown as one
+    assert "+ model: {name: digits_cnn, channels: 32, hidden: 128, dropout: 0.25}  (only in B)" in lines
 
 
 def _on_terminal(*args: str, **extra_env: str) -> str:
