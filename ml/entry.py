@@ -7,7 +7,7 @@ signals are ignored until the process exits, so a signal that lands during the i
 shutdown (which would otherwise restore the default handlers: death by the signal) cannot change
 the exit code, which is the run's.
 
-While the command starts, Python's garbage collector runs less often (:mod:`ml.utils.startup_gc`).
+While the command imports torch, Python's garbage collector runs less often (:mod:`ml.utils.startup_gc`).
 
 It also puts the current directory first on ``sys.path``, as ``python -m`` does, so that ``ml train``
 finds a config's ``mypkg.models:MyModel`` in the folder it runs in. The processes of a launched
@@ -20,10 +20,10 @@ import signal
 import sys
 
 from ml.utils.signals import enable_startup_watchdog, listen_early
-from ml.utils.startup_gc import collect_less_while_starting
+from ml.utils.startup_gc import collect_less_while_importing
 
 listen_early()
-collect_less_while_starting()  # until the trainer's first step: start-up spent a fifth of its time collecting
+collect_less_while_importing()  # until the components are built: a fifth of torch's import was collecting
 
 
 def import_from_current_directory() -> None:

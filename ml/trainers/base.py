@@ -124,7 +124,6 @@ from ml.utils.sharded import (
     wait_for_shards,
 )
 from ml.utils.signals import arm_watchdog, stand_down, take_early_signal, training_began
-from ml.utils.startup_gc import start_up_done
 
 logger = logging.getLogger(__name__)
 
@@ -688,7 +687,6 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             started = True
             self.save_config()
             self.log_run_config()
-            start_up_done()  # the `ml` command's collector back to its pace, the start-up's objects frozen
             with self.profiling():
                 self.loop(state, s)
             self.sync_ranks(state, force=True)  # a signal received since the last agreement counts too

@@ -1,35 +1,37 @@
-"""Python's garbage collector while the ``ml`` command starts: it collects less often until training.
+"""Python's garbage collector while the ``ml`` command imports torch: it collects less often.
 
-Starting ``ml train`` makes about 300,000 objects that live as long as the process (torch, then
-``torch._dynamo``, which torch's optimizers import when the first one is made, omegaconf, the
-model). The collector runs each time 700 more objects are tracked than freed, and its full
-collections walk all of them: in a 3-step ``ml train`` of digits (2 cores, measured with
-``gc.callbacks``) it ran 663 young, 61 middle and 5 full collections, 0.46 s of the run's 2.2 s
-of CPU (0.36 s in the full ones); with a collection every 10,000 new objects, 48 young and 4
-middle, none full, 0.14 s.
+Importing torch makes about 200,000 objects that live as long as the process, and
+``torch._dynamo`` (which torch's optimizers import when the first one is made) as many again. The
+collector runs each time 700 more objects are tracked than freed, and its full collections walk
+every object made so far: importing torch, then ``torch._dynamo``, spent 0.45 s of 2.1 s in the
+collector (measured with ``gc.callbacks``, 2 cores), 0.35 s of it in ``torch._dynamo``'s import,
+where every full collection walked torch's objects again.
 
-The command's first module (:mod:`ml.entry`) calls :func:`collect_less_while_starting`; the
-trainer calls :func:`start_up_done` before its first step, which puts the threshold back and
-freezes what the start-up made (``gc.freeze``): later collections skip those objects instead of
-walking them again (about 5 us a step on the tiny MLP of ``bench/overhead.py``), and forked
-data-loader workers do not write into their pages.
+So the command's first module (:mod:`ml.entry`) calls :func:`collect_less_while_importing`: a
+collection every 10,000 new objects while the config is composed (which imports torch, ml and
+the modules of the user's components). :func:`imports_done`, called before any component is
+built, puts the thresholds back, collects once, and freezes what is left (``gc.freeze``): later
+collections skip torch's objects, including those of ``torch._dynamo``'s import (0.21-0.24 s in
+the collector for both imports then, 0.08 s of it the one collection). Start-up is about 0.25 s
+shorter; see ``bench/import_time.py``.
 
-A collection still runs every 10,000 new objects, so a start-up that makes cyclic garbage (a data
-set built in a loop) is cleaned in larger batches, not left to grow. Used as a library (a trainer
-in the user's own script), nothing here changes the process's collector.
+What the user's code builds (the model, the data sets) is collected at Python's own pace and never
+frozen: a start-up that makes cyclic garbage does not grow its peak memory, and garbage made later
+is freed. Used as a library (a trainer in the user's own script), nothing here changes the
+process's collector.
 """
 
 from __future__ import annotations
 
 import gc
 
-STARTUP_THRESHOLD = 10_000  # new objects between collections while starting (Python's default: 700)
+IMPORT_THRESHOLD = 10_000  # new objects between collections while importing (Python's default: 700)
 
-_saved: tuple[int, int, int] | None = None  # the thresholds to put back, while starting
+_saved: tuple[int, int, int] | None = None  # the thresholds to put back, while importing
 
 
-def collect_less_while_starting() -> None:
-    """Raises the collector's first threshold to :data:`STARTUP_THRESHOLD` until :func:`start_up_done`.
+def collect_less_while_importing() -> None:
+    """Raises the collector's first threshold to :data:`IMPORT_THRESHOLD` until :func:`imports_done`.
 
     A process whose collector is off (threshold 0) or already collects less often keeps its setting.
     """
@@ -37,16 +39,18 @@ def collect_less_while_starting() -> None:
     if _saved is not None:
         return
     thresholds = gc.get_threshold()
-    if 0 < thresholds[0] < STARTUP_THRESHOLD:
+    if 0 < thresholds[0] < IMPORT_THRESHOLD:
         _saved = thresholds
-        gc.set_threshold(STARTUP_THRESHOLD, *thresholds[1:])
+        gc.set_threshold(IMPORT_THRESHOLD, *thresholds[1:])
 
 
-def start_up_done() -> None:
-    """The thresholds as they were; what the start-up made frozen. Nothing if start-up changed none."""
+def imports_done() -> None:
+    """The thresholds as they were; one collection, then what is left frozen. Nothing if
+    :func:`collect_less_while_importing` changed nothing."""
     global _saved
     if _saved is None:
         return
     gc.set_threshold(*_saved)
     _saved = None
+    gc.collect()  # the imports' own garbage is freed, not frozen
     gc.freeze()

@@ -1,10 +1,12 @@
-"""ml.utils.startup_gc: fewer collections while the ``ml`` command starts, the process's own pace after.
+"""ml.utils.startup_gc: fewer collections while the ``ml`` command imports, the process's own pace after.
 
-The ``ml`` command's side (its first module raises the threshold, the trainer puts it back before
-the first step) is tests/e2e/test_cli.py's; here, what the two functions do to a process's collector.
+The ``ml`` command's side (its first module raises the threshold, ``train_in_process`` puts it back
+before any component is built) is tests/e2e/test_cli.py's; here, what the two functions do to a
+process's collector.
 """
 
 import gc
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -22,21 +24,30 @@ def _collector_as_it_was() -> Iterator[None]:
         gc.unfreeze()
 
 
-def test_start_up_collects_less_often_then_the_thresholds_return_and_its_objects_are_frozen() -> None:
+class _Node:
+    """A reference cycle: freed only by the collector."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_importing_collects_less_often_then_the_thresholds_return_and_the_imports_are_frozen() -> None:
     gc.set_threshold(700, 11, 12)
-    startup_gc.collect_less_while_starting()
-    assert gc.get_threshold() == (startup_gc.STARTUP_THRESHOLD, 11, 12)
-    startup_gc.collect_less_while_starting()  # twice (a sweep's point, a second trainer): still one pause
-    assert gc.get_threshold() == (startup_gc.STARTUP_THRESHOLD, 11, 12)
+    startup_gc.collect_less_while_importing()
+    assert gc.get_threshold() == (startup_gc.IMPORT_THRESHOLD, 11, 12)
+    startup_gc.collect_less_while_importing()  # twice: still one pause, the thresholds to put back kept
+    assert gc.get_threshold() == (startup_gc.IMPORT_THRESHOLD, 11, 12)
 
-    made_while_starting = [[i] for i in range(1000)]  # tracked containers, as start-up makes
+    made_while_importing = [[i] for i in range(1000)]  # tracked containers, as imports make
+    garbage = weakref.ref(_Node())  # a cycle nothing refers to any more
     frozen = gc.get_freeze_count()
-    startup_gc.start_up_done()
+    startup_gc.imports_done()
     assert gc.get_threshold() == (700, 11, 12)
-    assert gc.get_freeze_count() >= frozen + len(made_while_starting)
+    assert gc.get_freeze_count() >= frozen + len(made_while_importing)
+    assert garbage() is None  # collected before the freeze: frozen, it would stay for the whole run
 
     frozen = gc.get_freeze_count()
-    startup_gc.start_up_done()  # a second session of the process: nothing left to do
+    startup_gc.imports_done()  # a second call: nothing left to do
     assert gc.get_freeze_count() == frozen
     assert gc.get_threshold() == (700, 11, 12)
 
@@ -45,17 +56,17 @@ def test_start_up_collects_less_often_then_the_thresholds_return_and_its_objects
 def test_a_collector_set_otherwise_keeps_its_setting(first: int) -> None:
     gc.set_threshold(first, 10, 10)
     frozen = gc.get_freeze_count()
-    startup_gc.collect_less_while_starting()
+    startup_gc.collect_less_while_importing()
     assert gc.get_threshold() == (first, 10, 10)
-    startup_gc.start_up_done()
+    startup_gc.imports_done()
     assert gc.get_threshold() == (first, 10, 10)
     assert gc.get_freeze_count() == frozen  # nothing paused: the process's objects are not frozen
 
 
-def test_a_trainer_in_the_users_own_process_leaves_its_collector_alone() -> None:
-    """The trainer calls start_up_done in every session; without the ml command it changes nothing."""
+def test_without_the_ml_command_the_collector_is_left_alone() -> None:
+    """``train_in_process`` called from a user's script (no ``ml.entry``): nothing changes."""
     gc.set_threshold(700, 10, 10)
     frozen = gc.get_freeze_count()
-    startup_gc.start_up_done()
+    startup_gc.imports_done()
     assert gc.get_threshold() == (700, 10, 10)
     assert gc.get_freeze_count() == frozen
