@@ -293,12 +293,14 @@ EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool that 
 
 
 def _to_stdout(command: Callable[[], int]) -> int:
-    """Runs a command whose output is its stdout (a tool, a help text, ``ml resolve``): a reader that
-    leaves early (``ml runs --json | head``) took what it wanted, so the command ends quietly with the
-    shell's code for a command SIGPIPE ended, not with a traceback and "training failed"."""
+    """Runs a command whose output is its stdout (a tool, a help text, ``ml resolve``, the folders
+    ``ml stage`` made, the job ``ml launch`` submitted): a reader that leaves early (``ml runs
+    --json | head``) took what it wanted, so the command ends quietly with the shell's code for a
+    command SIGPIPE ended, not with a traceback and "training failed"."""
     try:
         code = command()
-        sys.stdout.flush()  # here, not at the interpreter's exit, where a closed pipe is "ignored" as 120
+        if sys.stdout is not None:  # (None: started with stdout closed, `ml --help >&-`)
+            sys.stdout.flush()  # here, not at the interpreter's exit, where a closed pipe is "ignored" as 120
         return code
     except BrokenPipeError:
         from ml.utils.progress import drop_stream
@@ -331,10 +333,13 @@ def _run(argv: list[str] | None) -> int:
         if ns.command == "resolve":
             return _to_stdout(lambda: _resolve(ns.args, multirun=ns.multirun))
         flags = ["--allow-config-change"] if ns.allow_config_change else []
-        swept = _sweep(ns.command, ns.args, multirun=ns.multirun, flags=flags)
-        if swept is not None:
-            return swept
-        return _one(ns.command, ns.args, flags)
+
+        def command() -> int:
+            swept = _sweep(ns.command, ns.args, multirun=ns.multirun, flags=flags)
+            return swept if swept is not None else _one(ns.command, ns.args, flags)
+
+        # `ml stage` prints the staged folders and `ml launch` a Slurm job's id, for scripts to read
+        return _to_stdout(command) if ns.command in ("stage", "launch") else command()
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C while shutting down changes nothing
         print("ml: interrupted", file=sys.stderr)

@@ -177,6 +177,7 @@ def stage_runs(configs: list[DictConfig]) -> int:
         raise
     for run in runs:
         print(f"ml: staged {run.path}: a job trains it with `ml train {run.config}`", file=sys.stderr)
+    for run in runs:  # (after the lines above: a reader of stdout that leaves early misses none of them)
         print(run.path)
     return 0
 

@@ -802,6 +802,16 @@ def test_a_reader_that_stops_early_ends_the_output_quietly(
     assert not (tmp_path / "runs").exists()
 
 
+def test_help_with_stdout_closed_says_nothing(files: Files, tmp_path: Path) -> None:
+    """``ml --help >&-``: Python has no stdout then (None); the flush of the output's end raised
+    AttributeError ("training failed", exit 1)."""
+    result = subprocess.run(
+        [*ML, "--help"], env=_env(files, tmp_path / "runs"), preexec_fn=lambda: os.close(1),
+        stderr=subprocess.PIPE, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert (result.returncode, result.stderr) == (0, "")
+
+
 @pytest.mark.parametrize("stderr_too", [False, True], ids=["stdout", "stdout-and-stderr"])
 def test_training_goes_on_when_the_reader_of_its_stdout_quits(
     files: Files, tmp_path: Path, stderr_too: bool

@@ -8,6 +8,7 @@ packages.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -151,3 +152,32 @@ def test_what_is_not_a_regular_file_is_not_staged(tmp_path: Path) -> None:
     assert code == ["pkg/__init__.py"]
     assert (run / "config.yaml").is_file()
     assert [e for e in _listing(tmp_path) if not e[0].startswith("runs")] == before
+
+
+def test_a_reader_of_the_staged_folders_that_leaves_early_misses_no_message(tmp_path: Path) -> None:
+    """``ml stage exp.yaml -m ... | head -1``: both runs staged, each named on stderr, exit 141 as a
+    shell tool SIGPIPE ended. It was a traceback and "training failed" (exit 1) without the second
+    run's line (stdout unbuffered), or "Exception ignored ... BrokenPipeError" and 120 (buffered)."""
+    (tmp_path / "exp.yaml").write_text(MLP_CONFIG)
+    env = {**_env(tmp_path / "runs"), "PYTHONPATH": str(tmp_path)}
+    for buffered in (False, True):
+        if buffered:
+            env.pop("PYTHONUNBUFFERED", None)
+        else:
+            env["PYTHONUNBUFFERED"] = "1"
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before anything is written
+        try:
+            result = subprocess.run(
+                [*ML, "stage", "exp.yaml", "-m", "optimizer.lr=1e-2,2e-2"], env=env, cwd=tmp_path,
+                stdout=write, stderr=subprocess.PIPE, text=True, timeout=TIMEOUT_S,
+            )  # fmt: skip
+        finally:
+            os.close(write)
+        assert result.returncode == 128 + signal.SIGPIPE, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+        runs = tmp_path / "runs" / "staged"
+        first, second = (2, 3) if buffered else (0, 1)
+        for number in (first, second):
+            assert f"ml: staged {runs / f'run_{number}'}: " in result.stderr
+            assert (runs / f"run_{number}" / "config.yaml").is_file()
