@@ -251,6 +251,19 @@ def typed_section(section: str, kind: Kind, raw: Any) -> DictConfig:
         raise ConfigError(f"{section}.name: {e}") from e
     try:
         return OmegaConf.merge(OmegaConf.structured(config_cls), raw)  # type: ignore[return-value]
+    except TypeError as e:  # OmegaConf's "Cannot merge incompatible container types": named here
+        found = _find_misfit(
+            OmegaConf.to_container(OmegaConf.structured(config_cls), resolve=False),
+            OmegaConf.to_container(raw, resolve=False),
+            [],
+        )
+        if found is None:
+            raise ConfigError(f"{section}: {_first_line(e)}") from e
+        path, default, given = found
+        takes = "a list" if isinstance(default, list) else "a mapping"
+        shape = "mapping" if isinstance(given, dict) else "list"
+        field, shown = f"{section}.{'.'.join(path)}", _flow(given)
+        raise ConfigError(f"{field} takes {takes} (default {_flow(default)}), not the {shape} {shown}") from e
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         where = f"{section}.{key}" if key else section

@@ -149,6 +149,14 @@ def test_a_moved_run_config_continues_in_its_new_folder(tmp_path: Path) -> None:
             ["trainer.checkpoint.save_every_n_steps=[1,2]"],
             "trainer.checkpoint.save_every_n_steps takes a single value, but was given the list [1, 2]",
         ),
+        (  # a mapping where a component takes a list, and a list for a mapping: a TypeError, traced
+            ["launcher.name=slurm", "launcher.extra_args={mem: 4G}"],
+            "launcher.extra_args takes a list (default []), not the mapping {mem: 4G}",
+        ),
+        (
+            ["optimizer.name=gan", "optimizer.generator=[1]"],
+            "optimizer.generator takes a mapping (default {name: adam}), not the list [1]",
+        ),
         (  # a whole sweep section: compose would drop it
             ["sweep={optimizer.lr: [1,2]}"],
             "a sweep is not a key=value override (it would be ignored): sweep on the command line with -m ",
