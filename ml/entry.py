@@ -23,7 +23,7 @@ from ml.utils.signals import enable_startup_watchdog, listen_early
 from ml.utils.startup_gc import collect_less_while_importing
 
 listen_early()
-collect_less_while_importing()  # until the config is composed: a fifth of torch's import was collecting
+collect_less_while_importing()  # until components are built: a fifth of torch's import was collecting
 
 
 def import_from_current_directory() -> None:

@@ -504,7 +504,9 @@ def build_objects(root: DictConfig) -> Objects:
         ConfigError: A component rejected its config (the message names the section).
     """
     from ml.utils.seeding import seed_everything
+    from ml.utils.startup_gc import imports_done
 
+    imports_done()  # the `ml` command's collector at its own pace before the user's code runs
     if root.task.get("seed") is not None:
         seed_everything(int(root.task.seed))
     return Objects(

@@ -55,12 +55,10 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
     from ml.launchers.checks import check_before_claim, device_of
     from ml.launchers.slurm import requeue_on_preemption
     from ml.run.claim import has_results
-    from ml.utils.startup_gc import imports_done
 
     # A bad file, section or shape is refused before torch is imported (a 0.1 s answer, not 1.5 s);
     # a component's keys are checked against its config class, whose module imports torch.
     root = compose_args(args)
-    imports_done()  # torch is imported: the user's code runs with the collector at its own pace
     check_before_claim(root)  # before the components are built (and warn): the error is the one line
     objects = build_objects(root)
     trainer_cls, _ = lookup("trainer", str(root.trainer.name))

@@ -1,16 +1,19 @@
 """ml.utils.startup_gc: fewer collections while the ``ml`` command imports, the process's own pace after.
 
-The ``ml`` command's side (its first module raises the threshold, ``train_in_process`` puts it back
+The ``ml`` command's side (its first module raises the threshold, ``build_objects`` puts it back
 before any component is built) is tests/e2e/test_cli.py's; here, what the two functions do to a
-process's collector.
+process's collector, and that ``build_objects`` (also a launcher's, which only checks) ends the pause.
 """
 
 import gc
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from ml.core.compose import build_objects, compose_config
+from ml.examples.digits import DigitsMLP, DigitsMLPConfig
 from ml.utils import startup_gc
 
 
@@ -70,3 +73,33 @@ def test_without_the_ml_command_the_collector_is_left_alone() -> None:
     startup_gc.imports_done()
     assert gc.get_threshold() == (700, 10, 10)
     assert gc.get_freeze_count() == frozen
+
+
+_THRESHOLDS_SEEN: list[int] = []
+
+
+class ThresholdModel(DigitsMLP):
+    """A user's model that notes the collector's first threshold as it is built."""
+
+    def __init__(self, config: DigitsMLPConfig) -> None:
+        _THRESHOLDS_SEEN.append(gc.get_threshold()[0])
+        super().__init__(config)
+
+
+def test_every_process_builds_the_components_at_its_own_pace(tmp_path: Path) -> None:
+    """``build_objects`` ends the pause before the first component: in a training process and in a
+    launcher's (``mp``'s parent builds them to check the config, then waits the whole run: its
+    start-up's garbage, made at 10,000, stayed there)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"model: {{name: '{__name__}:ThresholdModel', hidden: 4}}\n"
+        "task: {name: digits, max_steps: 1}\noptimizer: {name: sgd, lr: 0.1}\n"
+        "trainer: {name: sl, exp_name: gc}\nlauncher: {name: mp}\n"
+    )
+    gc.set_threshold(700, 10, 10)
+    startup_gc.collect_less_while_importing()
+    root = compose_config([str(config)])
+    assert gc.get_threshold()[0] == startup_gc.IMPORT_THRESHOLD  # composing is importing
+    _THRESHOLDS_SEEN.clear()
+    build_objects(root)
+    assert _THRESHOLDS_SEEN == [700]
