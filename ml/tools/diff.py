@@ -83,6 +83,8 @@ def _load(path: Path) -> tuple[Any, str]:
         composed = OmegaConf.to_container(config_to_save(compose_config([str(path)])), resolve=False)
     except (ConfigError, OmegaConfBaseException) as e:  # a layer of overrides, an unknown component
         return written, f"  (as written: {str(e).splitlines()[0]})"
+    if "sweep" in written and isinstance(composed, dict):  # a grid: composing drops it (one run's config)
+        composed["sweep"] = OmegaConf.to_container(written.sweep, resolve=False)
     return composed, "  (composed)"
 
 

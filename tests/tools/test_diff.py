@@ -135,6 +135,21 @@ def test_a_layer_of_overrides_is_compared_as_written_and_says_why(
     assert "+ model: {name: digits_cnn, channels: 32, hidden: 128, dropout: 0.25}  (only in B)" in lines
 
 
+def test_sweeps_are_compared_by_their_grids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Composing a file drops its ``sweep:`` section (it makes one run): two different grids were
+    ``no differences``, exit 0."""
+    digits = (Path(ml.__file__).parent / "examples" / "digits" / "config.yaml").read_text()
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(digits + "sweep: {optimizer.lr: [1e-3, 3e-4]}\n")
+    b.write_text(digits + "sweep: {model.channels: [8, 64]}\n")
+    code, stdout, err = diff(str(a), str(b), capsys=capsys)
+    assert code == 1, err
+    assert stdout.splitlines()[2:] == [
+        "- sweep.optimizer.lr: [1e-3, 3e-4]  (only in A)",
+        "+ sweep.model.channels: [8, 64]  (only in B)",
+    ]
+
+
 def _on_terminal(*args: str, **extra_env: str) -> str:
     """``ml ARGS`` with stdout on a pseudo-terminal; returns what it printed there."""
     master, slave = pty.openpty()
