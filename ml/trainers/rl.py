@@ -390,7 +390,9 @@ class ReinforcementLearningTrainer(
         self._non_finite: NonFiniteRecord | None = None  # this session's update minibatches, on the device
         self._found_on_host: list[NonFiniteStep] = []  # minibatches whose loss a stop flag's read found bad
         self._params: list[nn.Parameter] = []  # the trainable parameters the updates change
-        self._buffers: list[torch.Tensor] = []  # and the model's floating buffers (checked with them)
+        # The model inside its wrappers: its floating buffers are checked with them, as they are at the
+        # check (a normalizer may put a new tensor in a buffer's place instead of writing into it).
+        self._inner: nn.Module | None = None
         self._rollout: _Rollout | None = None
         self._eval_envs: Any = None
         self._task: ReinforcementLearningTask | None = None
@@ -611,7 +613,7 @@ class ReinforcementLearningTrainer(
         if self._non_finite is None:  # the first update: the parameters it changes, and their record
             named = [(name, p) for name, p in unwrap_model(model).named_parameters() if p.requires_grad]
             self._params = [p for _, p in named]
-            self._buffers = float_buffers(unwrap_model(model))
+            self._inner = unwrap_model(model)
             self._non_finite = NonFiniteRecord([name for name, _ in named], self.device)
         params, record = self._params, self._non_finite
         step = FusedAdamStep(optim) if self.config.fast_optimizer else functools.partial(step_skipping, optim)
@@ -715,7 +717,8 @@ class ReinforcementLearningTrainer(
     def _check_weights(self, where: str) -> None:
         """Stops if the weights are not finite: an update that no check caught (a finite loss with a
         non-finite gradient, without gradient clipping; or a learning rate that overflows them)."""
-        if all_finite([*self._params, *self._buffers]):  # (DDP keeps every rank's alike)
+        buffers = float_buffers(self._inner) if self._inner is not None else []
+        if all_finite([*self._params, *buffers]):  # (DDP keeps every rank's alike)
             return
         raise NonFiniteLossError(
             f"{where}: the weights themselves are no longer finite (an update the checks did not catch: "

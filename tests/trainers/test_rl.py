@@ -388,6 +388,35 @@ def test_weights_that_are_no_longer_finite_are_never_saved(tmp_path: Path) -> No
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt.*.pt")) == ["ckpt.1.pt"]
 
 
+class _NormalizedActorCritic(ActorCriticMLP):
+    """An actor-critic with an observation normalizer's buffer (running statistics, as RL keeps them)."""
+
+    def __init__(self, config: ActorCriticMLPConfig) -> None:
+        super().__init__(config)
+        self.register_buffer("obs_mean", torch.zeros(config.observation_size))
+
+
+def test_a_buffer_put_in_place_of_another_is_checked_as_it_is(tmp_path: Path) -> None:
+    """A normalizer that assigns its buffer anew (``self.obs_mean = new``) instead of writing into
+    it: the buffers found at the first update were checked, and a NaN mean was saved."""
+    from ml.errors import NonFiniteLossError
+
+    class NewMean(ClassicControlTask):
+        def on_step_end(self, state, loss_dict, model, optim, lr_sched) -> None:  # type: ignore[no-untyped-def]
+            super().on_step_end(state, loss_dict, model, optim, lr_sched)
+            model.obs_mean = torch.full_like(model.obs_mean, float("nan") if state.num_steps == 2 else 0.5)
+
+    model = _NormalizedActorCritic(ActorCriticMLPConfig(name="m", observation_size=4, action_size=2))
+    with pytest.raises(
+        NonFiniteLossError, match="at iteration 2: the weights themselves are no longer finite"
+    ):
+        _train(
+            tmp_path, _small_task(NewMean), {"non_finite_loss": "skip", "clip_grad_norm": None}, model=model
+        )
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt.*.pt")) == ["ckpt.1.pt"]
+    assert _ckpt(tmp_path / "run", 1)["model"]["obs_mean"].tolist() == [0.5] * 4  # the new one, saved
+
+
 class _SeesDeterminism(ClassicControlTask):
     seen: list[bool]
 
