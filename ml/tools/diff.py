@@ -1,13 +1,13 @@
 """Defines ``ml diff EXP_A EXP_B``: the config differences between two runs.
 
 Each argument is a run folder (its ``config.yaml``, the resolved config the run was trained with)
-or a config YAML file, which is compared as it composes (every default filled in, as ``ml resolve``
-prints it), so a run and the file it was trained from differ only in what the command line changed,
-and ``1e-3`` is ``0.001``; a file that does not compose on its own (a layer of overrides) is compared
-as written, and its header says so and why. The configs are compared like the trainer compares a
-continued run's config (:func:`ml.core.diff.config_changes`, the walk behind
-``ml.trainers.base.diff_configs``: keys and list items at any depth, ``1`` vs ``1.0`` and ``true`` vs
-``1`` differ), one line each::
+or a config YAML file, which is compared as it composes (every default filled in, as a run of it
+would save it in its ``config.yaml``; a ``sweep:`` grid as written), so a run and the file it was
+trained from differ only in what the command line changed, and ``1e-3`` is ``0.001``; a file that
+does not compose on its own (a layer of overrides) is compared as written, and its header says so
+and why. The configs are compared like the trainer compares a continued run's config
+(:func:`ml.core.diff.config_changes`, the walk behind ``ml.trainers.base.diff_configs``: keys and
+list items at any depth, ``1`` vs ``1.0`` and ``true`` vs ``1`` differ), one line each::
 
     --- runs/digits/run_0/config.yaml
     +++ runs/digits/run_1/config.yaml
