@@ -28,11 +28,13 @@ The contenders:
 * ``accelerate``: ``accelerate.Accelerator`` (``prepare``, ``accelerator.backward``);
 * ``lightning_stripped`` (only with ``--contenders``): the Trainer without logger, checkpoints,
   progress bar and model summary;
-* ``plain_tuned``: the plain loop with the two things ``ml``'s trainers
+* ``plain_tuned``: the plain loop with the three things ``ml``'s trainers
   do by default that a plain loop does not: Adam's fused kernel (``fused=True``; torch's default on
-  the CPU is the multi-tensor ``foreach`` step; ``trainer.fast_optimizer``) and glibc's malloc
+  the CPU is the multi-tensor ``foreach`` step; ``trainer.fast_optimizer``), glibc's malloc
   thresholds (``ml.utils.malloc.tune_malloc()``; ``trainer.tune_malloc``; the big model's steps
-  page-fault their freed memory back in without it). ``ml``'s ratio to it is the framework's own cost.
+  page-fault their freed memory back in without it) and the gradients unset without torch's
+  ``zero_grad`` wrapper (``ml.optimizers.fast.clear_grads``, always). ``ml``'s ratio to it is the
+  framework's own cost.
 
 Each run is a fresh interpreter, and the contenders alternate in rounds (plain, ml, ..., plain, ml,
 ...; each round starts one contender further on) so that changes in the machine's load hit them
@@ -242,10 +244,19 @@ class _PlainLoop:
     """
 
     def __init__(
-        self, widths: tuple[int, ...], clock: "_Clock | _NoClock", fused: bool | None = None
+        self,
+        widths: tuple[int, ...],
+        clock: "_Clock | _NoClock",
+        fused: bool | None = None,
+        tuned: bool = False,
     ) -> None:
         import torch
 
+        self.clear_grads: Callable[[Any], None] | None = None
+        if tuned:
+            from ml.optimizers.fast import clear_grads
+
+            self.clear_grads = clear_grads
         self.device = _device()
         self.model = _model(widths, clock).to(self.device)
         self.optim = torch.optim.Adam(self.model.parameters(), lr=LR, fused=fused)
@@ -265,7 +276,10 @@ class _PlainLoop:
                     batch = next(self.batches)
                 x, y = (t.to(self.device, non_blocking=True) for t in batch)
                 loss = F.cross_entropy(self.model(x), y)
-                self.optim.zero_grad(set_to_none=True)
+                if self.clear_grads is not None:
+                    self.clear_grads(self.optim)
+                else:
+                    self.optim.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optim.step()
 
@@ -345,18 +359,24 @@ def _sync() -> None:
 
 
 def run_plain(
-    widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path, fused: bool | None = None
+    widths: tuple[int, ...],
+    steps: int,
+    clock: _Clock,
+    workdir: Path,
+    fused: bool | None = None,
+    tuned: bool = False,
 ) -> None:
     del workdir
-    _PlainLoop(widths, clock, fused).train(steps)
+    _PlainLoop(widths, clock, fused, tuned).train(steps)
 
 
 def run_plain_tuned(widths: tuple[int, ...], steps: int, clock: _Clock, workdir: Path) -> None:
-    """The plain loop with what ``ml``'s trainers do by default: fused Adam, malloc's thresholds set."""
+    """The plain loop with what ``ml``'s trainers do by default: fused Adam, malloc's thresholds set,
+    the gradients unset directly."""
     from ml.utils.malloc import tune_malloc
 
     tune_malloc()
-    run_plain(widths, steps, clock, workdir, fused=True)
+    run_plain(widths, steps, clock, workdir, fused=True, tuned=True)
 
 
 _ML_MODEL: dict[str, Any] = {}  # the widths and clock the next ``overhead_mlp`` is built with

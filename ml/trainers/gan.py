@@ -52,7 +52,7 @@ from ml.lr_schedulers.base import BaseLRScheduler, SchedulerAdapter
 from ml.lr_schedulers.gan import GanLRScheduler
 from ml.models.base import BaseModel, eval_mode
 from ml.optimizers.base import BaseOptimizer
-from ml.optimizers.fast import step_skipping, use_fast_optimizer
+from ml.optimizers.fast import clear_grads, step_skipping, use_fast_optimizer
 from ml.optimizers.gan import GAN_PARTS, GanOptimizer
 from ml.tasks.gan import GanTask, Losses
 from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_interval, check_trainer_config
@@ -399,7 +399,7 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
         part, other = s.parts[name], s.parts[GENERATOR if name == DISCRIMINATOR else DISCRIMINATOR]
         optim: Optimizer = s.optim[name]
         lr_sched: SchedulerAdapter = s.lr_sched[name]
-        optim.zero_grad(set_to_none=True)
+        clear_grads(optim)
         for p in other.params:
             p.requires_grad_(False)
         try:

@@ -526,3 +526,36 @@ def test_a_subclass_of_adam_with_its_own_step_is_left_to_it() -> None:
     assert torch.equal(model.weight, before)  # skipped, as for any optimizer torch's scaler knows
     # Built fused by the user, its step still ignores a found_inf flag: read on the host instead.
     assert not fast.skips_on_device(SignAdam(model.parameters(), lr=0.1, fused=True))
+
+
+def test_clear_grads_unsets_the_optimizer_s_gradients_and_no_others() -> None:
+    """What ``zero_grad(set_to_none=True)`` does, without torch's wrapper: every group's gradients
+    go, and a parameter the optimizer does not step keeps its own."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    outside = nn.Parameter(torch.ones(2))
+    optim = torch.optim.Adam(
+        [{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 0.1}], lr=1e-3
+    )
+    (model(torch.ones(5, 4)).sum() + outside.sum()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    fast.clear_grads(optim)
+    assert all(p.grad is None for p in model.parameters())
+    assert outside.grad is not None and torch.equal(outside.grad, torch.ones(2))
+
+
+def test_clear_grads_calls_an_optimizer_s_own_zero_grad() -> None:
+    """A class that defines ``zero_grad`` (to keep a buffer in step with the gradients, say) has it
+    called, as torch's would be."""
+    calls: list[bool] = []
+
+    class Counting(torch.optim.SGD):
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            calls.append(set_to_none)
+            super().zero_grad(set_to_none=set_to_none)
+
+    model = nn.Linear(4, 2)
+    optim = Counting(model.parameters(), lr=0.1)
+    model(torch.ones(3, 4)).sum().backward()
+    fast.clear_grads(optim)
+    assert calls == [True]
+    assert model.weight.grad is None
