@@ -30,7 +30,7 @@ The contenders:
   progress bar and model summary;
 * ``plain_tuned``: the plain loop with the three things ``ml``'s trainers
   do by default that a plain loop does not: Adam's fused kernel (``fused=True``; torch's default on
-  the CPU is the multi-tensor ``foreach`` step; ``trainer.fast_optimizer``), glibc's malloc
+  the CPU is a loop over the tensors; ``trainer.fast_optimizer``), glibc's malloc
   thresholds (``ml.utils.malloc.tune_malloc()``; ``trainer.tune_malloc``; the big model's steps
   page-fault their freed memory back in without it) and the gradients unset without torch's
   ``zero_grad`` wrapper (``ml.optimizers.fast.clear_grads``, always). ``ml``'s ratio to it is the

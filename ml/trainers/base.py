@@ -388,8 +388,8 @@ class TrainerConfig(BaseTrainerConfig):
     )
     fast_optimizer: bool = conf_field(
         True,
-        help="Step Adam/AdamW with the fused kernel (else multi-tensor ops): much faster on CPU. "
-        "A resumed run steps as its checkpoint's optimizer did",
+        help="Step Adam/AdamW with the fused kernel (else torch's default, a per-tensor loop on CPU): much "
+        "faster on CPU. A resumed run steps as its checkpoint's optimizer did",
     )
     tune_malloc: bool = conf_field(
         True,
