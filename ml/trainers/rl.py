@@ -741,17 +741,25 @@ class ReinforcementLearningTrainer(
 
     # -- evaluation
 
-    def evaluate(self, task: ReinforcementLearningTask, model: nn.Module, state: State) -> dict[str, float]:
+    def evaluate(
+        self, task: ReinforcementLearningTask, model: nn.Module, state: State
+    ) -> dict[str, float] | None:
         """Runs ``num_eval_episodes`` episodes side by side with the deterministic policy; logs the means.
 
         The evaluation environments are seeded from ``(seed, rank, evaluation number)`` and the
         policy draws no random numbers, so evaluating changes nothing about training. The metrics
         are written at once, as a ``valid`` record of the current iteration.
+
+        Each episode runs to its end, which may be far off (an environment without a time limit
+        may never end one): a stop signal abandons the evaluation at the next environment step
+        (None is returned, nothing is logged), and the next session evaluates that iteration first.
         """
         with eval_mode(model):
             return self._evaluate(task, model, state)
 
-    def _evaluate(self, task: ReinforcementLearningTask, model: nn.Module, state: State) -> dict[str, float]:
+    def _evaluate(
+        self, task: ReinforcementLearningTask, model: nn.Module, state: State
+    ) -> dict[str, float] | None:
         count = self.config.num_eval_episodes
         state.set_phase("valid")
         if self._eval_envs is None:
@@ -764,6 +772,10 @@ class ReinforcementLearningTrainer(
         lengths = np.zeros(count, dtype=np.int64)
         running = np.ones(count, dtype=bool)
         while running.any():
+            if self.stop_signal is not None:  # abandoned: a partial evaluation is not reported
+                task.logger.clear()
+                state.set_phase("train")
+                return None
             observations = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
             actions, _ = self._act(task, model, observations, optimal=True)
             obs, rewards, terminated, truncated, _ = envs.step(self._env_actions(task, actions, count))
@@ -801,7 +813,7 @@ class ReinforcementLearningTrainer(
         try:
             obs, _ = env.reset(seed=env_seeds(task.config.seed, get_rank(), 1, stream=2**21)[0])
             done = False
-            while not done:
+            while not done and self.stop_signal is None:
                 observations = torch.as_tensor(obs, dtype=torch.float32, device=self.device)[None]
                 actions, _ = self._act(task, model, observations, optimal=True)
                 obs, _, terminated, truncated, _ = env.step(self._env_actions(task, actions, 1)[0])
@@ -812,6 +824,22 @@ class ReinforcementLearningTrainer(
     def _should_evaluate(self, state: State) -> bool:
         every = self.config.eval_every_n_iterations
         return bool(every) and state.num_steps % every == 0  # type: ignore[operator]
+
+    def _evaluation_left_undone(self, state: State) -> bool:
+        """Whether the iteration a session resumes at was due an evaluation its checkpoint does not
+        record (a stop signal abandoned it; each checkpoint of such an iteration is saved after it)."""
+        return (
+            state.num_steps > 0 and self._should_evaluate(state) and self._last_eval_step != state.num_steps
+        )
+
+    def _evaluate_and_judge(self, state: State, s: _Session) -> bool:
+        """An evaluation during training or at its end, judged for early stopping and the best
+        checkpoints; False if a stop signal abandoned it."""
+        metrics = self.evaluate(s.task, s.model, state)
+        if metrics is None:
+            return False
+        self.judge_evaluation(state, metrics, s)
+        return True
 
     # -- the session: set-up, loop, finish
 
@@ -898,6 +926,11 @@ class ReinforcementLearningTrainer(
     def _loop(self, state: State, s: Session, bar: TrainingBar) -> None:
         assert isinstance(s, _Session)
         task, model, optim, lr_sched, rollout = s.task, s.model, s.optim, s.lr_sched, s.rollout
+        if self._evaluation_left_undone(state):
+            # Done first, then saved again to say so: a kill after it does not evaluate it again.
+            if not self._evaluate_and_judge(state, s):
+                return
+            self.save_checkpoint(state, task, model, optim, lr_sched)
         self._start_environments(rollout, task, state)
         # rl/env_steps_per_s counts all the time since this loop started (logging and checkpoints
         # included) except the evaluations'.
@@ -929,7 +962,7 @@ class ReinforcementLearningTrainer(
                 bar.update(None if mean_return is None else {"return": mean_return}, force=last)
             if self._should_evaluate(state):
                 eval_started = time.perf_counter()
-                self.judge_evaluation(state, self.evaluate(task, model, state), s)
+                self._evaluate_and_judge(state, s)
                 eval_time += time.perf_counter() - eval_started
             if self.should_checkpoint(state):
                 self.save_checkpoint(state, task, model, optim, lr_sched)
@@ -956,16 +989,22 @@ class ReinforcementLearningTrainer(
             self.logger.log_scalar("skipped_steps", self.num_skipped_steps)
 
     def evaluates_again(self, phase: str, state: State, s: Session) -> bool:
-        """The final evaluation, where the run ends at this step (:meth:`finish`); no test phase."""
-        return phase == "valid" and self.config.eval_at_end and self.training_over(state, s.task)
+        """An evaluation a stop signal abandoned at this iteration (done first), and the final one,
+        where the run ends at this step (:meth:`finish`); no test phase."""
+        if phase != "valid":
+            return False
+        return self._evaluation_left_undone(state) or (
+            self.config.eval_at_end and self.training_over(state, s.task)
+        )
 
     def finish(self, state: State, s: Session) -> None:
         """The end of a completed run: a last evaluation, then the final checkpoint, which records it
         (saved again if the loop saved this iteration before), so that continuing a finished run
         evaluates nothing again."""
         if self.config.eval_at_end and self._last_eval_step != state.num_steps:
-            self.judge_evaluation(state, self.evaluate(s.task, s.model, state), s)
-            self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)
+            assert isinstance(s, _Session)
+            if self._evaluate_and_judge(state, s):  # (abandoned: the run is not finished)
+                self.save_checkpoint(state, s.task, s.model, s.optim, s.lr_sched)
         super().finish(state, s)
 
 

@@ -4,6 +4,8 @@ NaN/inf, the rolling episode statistics, and bad input (one line, nothing on dis
 Gradient clipping is ``ml.utils.grad_norm``'s (tests/utils/test_grad_norm.py)."""
 
 import json
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -803,3 +805,61 @@ def test_without_env_kwargs_an_environment_s_own_bug_is_the_training_failure_it_
     with pytest.raises(KeyError, match="missing"):
         _train(tmp_path, _small_task(Crashes), model=model)
     assert not list((tmp_path / "run" / "checkpoints").glob("ckpt.*.pt"))
+
+
+class _Endless(gymnasium.Env):
+    """A user's environment without a time limit: an episode never ends (until ``ends_after`` steps,
+    once the user bounds it). The 200th step of an episode sends this process a SIGTERM: only an
+    evaluation's episode gets that far (training takes 16 steps an iteration)."""
+
+    observation_space = gymnasium.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)
+    action_space = gymnasium.spaces.Discrete(2)
+    ends_after: int | None = None
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(4, dtype=np.float32), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.t += 1
+        if self.t == 200:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self.t > 5000:
+            raise RuntimeError("the evaluation went on after the stop signal")
+        ended = self.ends_after is not None and self.t >= self.ends_after
+        return np.zeros(4, dtype=np.float32), 1.0, ended, False, {}
+
+
+class _EndlessTask(ClassicControlTask):
+    def get_environment(self, render_mode: str | None = None) -> gymnasium.Env:
+        return _Endless()
+
+    def get_env_state(self, envs: object) -> None:
+        return None
+
+
+def test_a_stop_signal_abandons_an_evaluation_that_would_never_end_and_the_next_session_does_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An evaluation's episodes run to their end: in an environment without a time limit the run
+    could not be stopped, not even to be preempted. The signal abandons it (nothing is logged); the
+    continued run evaluates that iteration before it trains on, once."""
+    from ml.loggers.jsonl import read_metrics
+
+    def valid_steps() -> list[int]:
+        return [r["step"] for r in read_metrics(tmp_path / "run" / "logs") if r.get("phase") == "valid"]
+
+    every = {
+        "eval_every_n_iterations": 1,
+        "checkpoint": {"save_every_n_steps": 1, "only_save_most_recent": False},
+    }
+    stopped = _train(tmp_path, _small_task(_EndlessTask, max_steps=2), every)
+    assert stopped.stop_signal == signal.SIGTERM
+    assert valid_steps() == []
+    assert _ckpt(tmp_path / "run", 1)["last_eval_step"] == -1
+
+    monkeypatch.setattr(_Endless, "ends_after", 5)  # the user bounds the episodes, and continues
+    _train(tmp_path, _small_task(_EndlessTask, max_steps=2), every)
+    assert valid_steps() == [1, 2]
+    assert _ckpt(tmp_path / "run", 1)["last_eval_step"] == 1  # saved again once it was done
