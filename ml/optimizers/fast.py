@@ -371,14 +371,19 @@ class FusedAdamStep:
 
 def clear_grads(optim: Optimizer) -> None:
     """``optim.zero_grad(set_to_none=True)``, without torch's wrapper around it where that is all
-    it would do (torch's own ``zero_grad``: not an optimizer class that defines its own).
+    it would do: a torch optimizer whose ``zero_grad`` is torch's (not one its class or the instance
+    defines, nor an object that only passes calls on to an optimizer).
 
     torch's ``zero_grad`` runs its loop inside a profiler range and behind a ``torch._dynamo``
     guard, which cost ~11 us a call on one CPU thread where the loop costs ~1 us: about a fortieth
     of the 64-256-256-10 MLP's step (bench/overhead.py, ``ml`` with the plain loop's arithmetic:
     0.955x to 0.98x the plain loop in-process). A profiler trace then shows no ``zero_grad`` range.
     """
-    if type(optim).zero_grad is not Optimizer.zero_grad:
+    if (
+        not isinstance(optim, Optimizer)
+        or type(optim).zero_grad is not Optimizer.zero_grad
+        or "zero_grad" in vars(optim)
+    ):
         optim.zero_grad(set_to_none=True)
         return
     for group in optim.param_groups:

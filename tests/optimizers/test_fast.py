@@ -543,18 +543,46 @@ def test_clear_grads_unsets_the_optimizer_s_gradients_and_no_others() -> None:
     assert outside.grad is not None and torch.equal(outside.grad, torch.ones(2))
 
 
-def test_clear_grads_calls_an_optimizer_s_own_zero_grad() -> None:
-    """A class that defines ``zero_grad`` (to keep a buffer in step with the gradients, say) has it
-    called, as torch's would be."""
+class _CountingSGD(torch.optim.SGD):
+    calls: list[bool]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.calls.append(set_to_none)
+        super().zero_grad(set_to_none=set_to_none)
+
+
+class _PassesOn:
+    """A user's wrapper that passes every call on to the optimizer it holds."""
+
+    def __init__(self, optim: torch.optim.Optimizer) -> None:
+        self.optim = optim
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optim, name)
+
+
+@pytest.mark.parametrize("whose", ["its class's", "the instance's", "behind a wrapper"])
+def test_clear_grads_calls_an_optimizer_s_own_zero_grad(whose: str) -> None:
+    """A ``zero_grad`` the user defined (to keep a buffer in step with the gradients, say) is called,
+    as torch's would be: one of the class, one set on the instance, an optimizer's behind an
+    object that passes calls on (which has no ``zero_grad`` of its own class to look up)."""
     calls: list[bool] = []
-
-    class Counting(torch.optim.SGD):
-        def zero_grad(self, set_to_none: bool = True) -> None:
-            calls.append(set_to_none)
-            super().zero_grad(set_to_none=set_to_none)
-
     model = nn.Linear(4, 2)
-    optim = Counting(model.parameters(), lr=0.1)
+    optim: Any
+    if whose == "its class's":
+        optim = _CountingSGD(model.parameters(), lr=0.1)
+        optim.calls = calls
+    else:
+        optim = torch.optim.SGD(model.parameters(), lr=0.1)
+        own = optim.zero_grad
+
+        def counting(set_to_none: bool = True) -> None:
+            calls.append(set_to_none)
+            own(set_to_none=set_to_none)
+
+        optim.zero_grad = counting
+        if whose == "behind a wrapper":
+            optim = _PassesOn(optim)
     model(torch.ones(3, 4)).sum().backward()
     fast.clear_grads(optim)
     assert calls == [True]
