@@ -70,6 +70,7 @@ from ml.trainers.parallel import wrap_model
 from ml.utils.checkpoint import unwrap_model
 from ml.utils.distributed import (
     all_gather_object,
+    all_max,
     control_group,
     get_rank,
     get_world_size,
@@ -400,6 +401,7 @@ class ReinforcementLearningTrainer(
         self._train_time_s = 0.0
         self._warned: set[str] = set()
         self._last_eval_step = -1
+        self._abandoned_eval: int | None = None  # the iteration whose evaluation a stop signal abandoned
         self._rank_rollouts: list[Any] | None = None
         self._episodes = EpisodeWindow()  # the job's last finished episodes, for the logged means
 
@@ -424,6 +426,7 @@ class ReinforcementLearningTrainer(
 
     def update_state_dict(self, state_dict: dict) -> None:
         state_dict["last_eval_step"] = self._last_eval_step  # a continued finished run evaluates not again
+        state_dict["abandoned_eval_step"] = self._abandoned_eval
         state_dict["skipped_steps"] = self.num_skipped_steps
         rollout_state = self._rollout_state()
         if rollout_state is None:
@@ -435,6 +438,8 @@ class ReinforcementLearningTrainer(
     def load_state_dict(self, state_dict: dict) -> None:
         """Takes this rank's environment state; with another number of ranks, rank 0's goes on alone."""
         self._last_eval_step = int(state_dict.get("last_eval_step", -1))
+        abandoned = state_dict.get("abandoned_eval_step")
+        self._abandoned_eval = int(abandoned) if abandoned is not None else None
         self.num_skipped_steps = int(state_dict.get("skipped_steps", 0))
         ranks, rank = state_dict.get("rl_ranks"), get_rank()
         # Every rank's: the job's window. An older checkpoint has only the ranks' own episode counts.
@@ -771,11 +776,14 @@ class ReinforcementLearningTrainer(
         returns = np.zeros(count)
         lengths = np.zeros(count, dtype=np.int64)
         running = np.ones(count, dtype=bool)
-        while running.any():
+        while self._episodes_go_on(running, state):
             if self.stop_signal is not None:  # abandoned: a partial evaluation is not reported
                 task.logger.clear()
                 state.set_phase("train")
+                self._abandoned_eval = state.num_steps
                 return None
+            if not running.any():  # (another rank's go on)
+                continue
             observations = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
             actions, _ = self._act(task, model, observations, optimal=True)
             obs, rewards, terminated, truncated, _ = envs.step(self._env_actions(task, actions, count))
@@ -792,7 +800,17 @@ class ReinforcementLearningTrainer(
         state.set_phase("train")
         self.final_metrics.update(metrics)
         self._last_eval_step = state.num_steps
+        self._abandoned_eval = None
         return metrics
+
+    def _episodes_go_on(self, running: np.ndarray, state: State) -> bool:
+        """Whether an evaluation's episodes go on: this process's, or in a job any rank's. A job's
+        ranks agree at each environment step (two small all-reduces on the CPU control group) on
+        that and on a stop signal any of them received, so that they abandon it together."""
+        if not self.distributed:
+            return bool(running.any())
+        self.sync_ranks(state, force=True)
+        return all_max([float(running.any())])[0] > 0
 
     def _record_video(self, task: ReinforcementLearningTask, model: nn.Module, state: State) -> None:
         """Records one deterministic episode with gymnasium's ``RecordVideo`` (needs moviepy)."""
@@ -826,11 +844,8 @@ class ReinforcementLearningTrainer(
         return bool(every) and state.num_steps % every == 0  # type: ignore[operator]
 
     def _evaluation_left_undone(self, state: State) -> bool:
-        """Whether the iteration a session resumes at was due an evaluation its checkpoint does not
-        record (a stop signal abandoned it; each checkpoint of such an iteration is saved after it)."""
-        return (
-            state.num_steps > 0 and self._should_evaluate(state) and self._last_eval_step != state.num_steps
-        )
+        """Whether a stop signal abandoned the evaluation of the iteration a session resumes at."""
+        return self._abandoned_eval == state.num_steps
 
     def _evaluate_and_judge(self, state: State, s: _Session) -> bool:
         """An evaluation during training or at its end, judged for early stopping and the best
@@ -926,12 +941,13 @@ class ReinforcementLearningTrainer(
     def _loop(self, state: State, s: Session, bar: TrainingBar) -> None:
         assert isinstance(s, _Session)
         task, model, optim, lr_sched, rollout = s.task, s.model, s.optim, s.lr_sched, s.rollout
+        self._start_environments(rollout, task, state)
         if self._evaluation_left_undone(state):
-            # Done first, then saved again to say so: a kill after it does not evaluate it again.
+            # Done first, then saved again to say so (with the environments just restored): a kill
+            # after it does not evaluate it again.
             if not self._evaluate_and_judge(state, s):
                 return
             self.save_checkpoint(state, task, model, optim, lr_sched)
-        self._start_environments(rollout, task, state)
         # rl/env_steps_per_s counts all the time since this loop started (logging and checkpoints
         # included) except the evaluations'.
         first_samples, started, eval_time = state.num_samples, time.perf_counter(), 0.0
@@ -956,7 +972,9 @@ class ReinforcementLearningTrainer(
             self._train_time_s = time.perf_counter() - started - eval_time
             self._log_iteration(state, task, loss_dict, finished, lr_sched, state.num_samples - first_samples)
             last = self.stop_signal is not None or task.is_training_over(state)
-            self.write_logs(task, model, state, final=last)
+            # The last step is always written, and so is one whose evaluation may stop the run early.
+            written = last or (self.early_stopping is not None and self._should_evaluate(state))
+            self.write_logs(task, model, state, final=written)
             if last or state.num_steps >= bar.due:  # an int compare; values are read on a redraw only
                 mean_return = self._episodes.mean_return()
                 bar.update(None if mean_return is None else {"return": mean_return}, force=last)

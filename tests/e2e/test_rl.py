@@ -185,3 +185,37 @@ def test_continuing_with_other_environments_resets_them_and_says_so(
     )
     assert "resuming resets them" in stderr
     assert os.readlink(exp_dir / "checkpoints" / "ckpt.pt") == "ckpt.4.pt"
+
+
+def test_sigterm_abandons_a_job_s_evaluation_that_would_never_end(tmp_path: Path, logging_yaml: Path) -> None:
+    """In a job of two processes a stop signal reaches each rank's evaluation at its own moment: the
+    ranks agree at each environment step and abandon it together (it used to run on, forever in an
+    environment without a time limit), and the checkpoint says which evaluation to do first."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    env = _env(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    env["ENDLESS_MARKS"] = str(marks)
+    command = [
+        *ML, "launch", "cartpole", str(logging_yaml), "launcher.name=torchrun", "launcher.nproc_per_node=2",
+        "task.env_id=endless_env:Endless-v0", "task.max_samples=null", "task.max_steps=3",
+        "task.num_envs=2", "task.num_env_steps=32", "task.minibatch_size=32", "task.num_update_epochs=1",
+        "trainer.eval_every_n_iterations=1", "trainer.num_eval_episodes=2",
+    ]  # fmt: skip
+    with (tmp_path / "stderr.txt").open("w") as err:
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(list(marks.iterdir())) < 2:  # both ranks in the first evaluation
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.txt").read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # to torchrun (`ml launch` became it), which passes it on
+        proc.wait(timeout=TIMEOUT_S)  # (torchrun itself then exits 1, with its own traceback)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the workers too
+    saved = _checkpoint(tmp_path / "cartpole" / "run_0")
+    assert saved["abandoned_eval_step"] == 1 and saved["last_eval_step"] == -1
+    assert _metric(tmp_path / "cartpole" / "run_0", "rl/eval_return") == []

@@ -862,4 +862,36 @@ def test_a_stop_signal_abandons_an_evaluation_that_would_never_end_and_the_next_
     monkeypatch.setattr(_Endless, "ends_after", 5)  # the user bounds the episodes, and continues
     _train(tmp_path, _small_task(_EndlessTask, max_steps=2), every)
     assert valid_steps() == [1, 2]
-    assert _ckpt(tmp_path / "run", 1)["last_eval_step"] == 1  # saved again once it was done
+    saved_again = _ckpt(tmp_path / "run", 1)  # once it was done, with the environments where they stand
+    assert saved_again["last_eval_step"] == 1 and saved_again["abandoned_eval_step"] is None
+    assert saved_again["rl"]["observations"].shape == (2, 4)
+
+
+def test_a_finished_run_continued_with_another_evaluation_cadence_evaluates_nothing(tmp_path: Path) -> None:
+    """Only an evaluation a stop signal abandoned is done again: not one the new cadence would have
+    asked for at the step the run ended (it evaluated again and saved its checkpoint anew)."""
+    from ml.loggers.jsonl import read_metrics
+
+    settings = {"eval_every_n_iterations": 3, "eval_at_end": False}
+    _train(tmp_path, _small_task(max_steps=2), settings)
+    again = _train(tmp_path, _small_task(max_steps=2), {**settings, "eval_every_n_iterations": 2})
+    assert [r for r in read_metrics(tmp_path / "run" / "logs") if r.get("phase") == "valid"] == []
+    assert again.finished
+
+
+def test_with_early_stopping_every_evaluated_iteration_is_written_first(tmp_path: Path) -> None:
+    """As in sl: the evaluation may end the run, and the iteration it ends at is written (here the
+    logger writes every 100 iterations otherwise)."""
+    from ml.loggers.jsonl import read_metrics
+
+    settings = {
+        "eval_every_n_iterations": 2,
+        "early_stopping": {"monitor": "rl/eval_return", "patience": 1, "min_delta": 1e9},
+    }
+    trainer = _train(tmp_path, _small_task(max_steps=8), settings, write_every=100)
+    assert trainer.stop_reason is not None  # stopped at the second evaluation
+    records = list(read_metrics(tmp_path / "run" / "logs"))
+    valid = [r["step"] for r in records if r.get("phase") == "valid"]
+    train = {r["step"] for r in records if r.get("phase") == "train"}
+    assert valid == [2, 4]
+    assert set(valid) <= train
