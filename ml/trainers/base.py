@@ -1103,6 +1103,13 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
             every = self._sync_every = max(1, int(getattr(self.config, "sync_every_n_steps", 10)))
         return every
 
+    @property
+    def signal_received(self) -> bool:
+        """Whether this process received a stop signal, whether or not the ranks agreed on it yet
+        (:meth:`sync_ranks`): for work this process alone does, with no collective inside, that
+        can end at once (the ranks then agree at the next sync)."""
+        return self.stop_signal is not None or self._pending_signal is not None
+
     def sync_ranks(self, state: State, *, force: bool = False) -> None:
         """Every ``sync_every_n_steps`` steps, the ranks agree on what only some of them know.
 

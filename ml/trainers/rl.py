@@ -74,6 +74,7 @@ from ml.utils.distributed import (
     control_group,
     get_rank,
     get_world_size,
+    is_master,
     mean_over_ranks,
 )
 from ml.utils.grad_norm import clip_grad_norm_
@@ -794,7 +795,7 @@ class ReinforcementLearningTrainer(
         metrics = mean_over_ranks(metrics)  # each rank ran its own episodes
         task.logger.log_scalar("eval_return", metrics["rl/eval_return"], namespace="rl")
         task.logger.log_scalar("eval_length", metrics["rl/eval_length"], namespace="rl")
-        if self.config.record_video:
+        if self.config.record_video and is_master():  # one video, in the run folder rank 0 writes
             self._record_video(task, model, state)
         self.write_logs(task, model, state)  # type: ignore[arg-type]
         state.set_phase("train")
@@ -813,7 +814,8 @@ class ReinforcementLearningTrainer(
         return all_max([float(running.any())])[0] > 0
 
     def _record_video(self, task: ReinforcementLearningTask, model: nn.Module, state: State) -> None:
-        """Records one deterministic episode with gymnasium's ``RecordVideo`` (needs moviepy)."""
+        """Records one deterministic episode with gymnasium's ``RecordVideo`` (needs moviepy), on
+        rank 0; a stop signal ends it, and the video then ends there too."""
         if importlib.util.find_spec("moviepy") is None:
             if "video" not in self._warned:
                 logger.warning("trainer.record_video needs moviepy (pip install moviepy); not recording")
@@ -831,7 +833,7 @@ class ReinforcementLearningTrainer(
         try:
             obs, _ = env.reset(seed=env_seeds(task.config.seed, get_rank(), 1, stream=2**21)[0])
             done = False
-            while not done and self.stop_signal is None:
+            while not done and not self.signal_received:  # (rank 0 alone: no collective to wait for)
                 observations = torch.as_tensor(obs, dtype=torch.float32, device=self.device)[None]
                 actions, _ = self._act(task, model, observations, optimal=True)
                 obs, _, terminated, truncated, _ = env.step(self._env_actions(task, actions, 1)[0])

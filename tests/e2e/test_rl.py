@@ -187,20 +187,52 @@ def test_continuing_with_other_environments_resets_them_and_says_so(
     assert os.readlink(exp_dir / "checkpoints" / "ckpt.pt") == "ckpt.4.pt"
 
 
-def test_sigterm_abandons_a_job_s_evaluation_that_would_never_end(tmp_path: Path, logging_yaml: Path) -> None:
-    """In a job of two processes a stop signal reaches each rank's evaluation at its own moment: the
-    ranks agree at each environment step and abandon it together (it used to run on, forever in an
-    environment without a time limit), and the checkpoint says which evaluation to do first."""
+# No moviepy here: for trainer.record_video to record, a stand-in writes which rank saved a video.
+_MOVIEPY = """
+import os
+
+
+class ImageSequenceClip:
+    def __init__(self, frames, fps=None):
+        self.frames = len(frames)
+
+    def write_videofile(self, path, logger=None):
+        with open(path, "a") as f:
+            f.write(f"{self.frames} frames from rank {os.environ.get('RANK')}\\n")
+
+    def close(self):
+        pass
+"""
+
+
+@pytest.mark.parametrize("where", ["evaluation", "video"])
+def test_sigterm_stops_a_job_s_evaluation_that_would_never_end(
+    tmp_path: Path, logging_yaml: Path, where: str
+) -> None:
+    """In a job of two processes a stop signal reaches each rank at its own moment: in an evaluation
+    the ranks agree at each environment step and abandon it together (it used to run on, forever in
+    an environment without a time limit), and the checkpoint says which evaluation to do first; the
+    video's episode is rank 0's alone (it used to be every rank's, into one file), which stops it."""
     marks = tmp_path / "marks"
     marks.mkdir()
     env = _env(tmp_path)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    paths = [str(Path(__file__).parent), env.get("PYTHONPATH", "")]
+    overrides = ["task.env_id=endless_env:Endless-v0"]
+    if where == "video":
+        video = tmp_path / "moviepy" / "video" / "io"
+        video.mkdir(parents=True)
+        for folder in (video, video.parent, video.parent.parent):
+            (folder / "__init__.py").touch()
+        (video / "ImageSequenceClip.py").write_text(_MOVIEPY)
+        paths.insert(0, str(tmp_path))
+        overrides = ["task.env_id=endless_env:EndlessVideo-v0", "trainer.record_video=true"]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     env["ENDLESS_MARKS"] = str(marks)
     command = [
         *ML, "launch", "cartpole", str(logging_yaml), "launcher.name=torchrun", "launcher.nproc_per_node=2",
-        "task.env_id=endless_env:Endless-v0", "task.max_samples=null", "task.max_steps=3",
-        "task.num_envs=2", "task.num_env_steps=32", "task.minibatch_size=32", "task.num_update_epochs=1",
-        "trainer.eval_every_n_iterations=1", "trainer.num_eval_episodes=2",
+        "task.max_samples=null", "task.max_steps=3", "task.num_envs=2", "task.num_env_steps=32",
+        "task.minibatch_size=32", "task.num_update_epochs=1", "trainer.eval_every_n_iterations=1",
+        "trainer.num_eval_episodes=2", *overrides,
     ]  # fmt: skip
     with (tmp_path / "stderr.txt").open("w") as err:
         proc = subprocess.Popen(
@@ -208,7 +240,7 @@ def test_sigterm_abandons_a_job_s_evaluation_that_would_never_end(tmp_path: Path
         )
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        while len(list(marks.iterdir())) < 2:  # both ranks in the first evaluation
+        while len(list(marks.iterdir())) < (2 if where == "evaluation" else 1):  # in the long episodes
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.txt").read_text()
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)  # to torchrun (`ml launch` became it), which passes it on
@@ -216,6 +248,12 @@ def test_sigterm_abandons_a_job_s_evaluation_that_would_never_end(tmp_path: Path
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the workers too
-    saved = _checkpoint(tmp_path / "cartpole" / "run_0")
-    assert saved["abandoned_eval_step"] == 1 and saved["last_eval_step"] == -1
-    assert _metric(tmp_path / "cartpole" / "run_0", "rl/eval_return") == []
+    exp_dir = tmp_path / "cartpole" / "run_0"
+    saved = _checkpoint(exp_dir)
+    if where == "evaluation":
+        assert saved["abandoned_eval_step"] == 1 and saved["last_eval_step"] == -1
+        assert _metric(exp_dir, "rl/eval_return") == []
+    else:  # iteration 1's evaluation was over; its video ends where the signal stopped it
+        assert saved["last_eval_step"] == 1
+        videos = [p.read_text() for p in (exp_dir / "videos").iterdir()]
+        assert len(videos) == 1 and [line.split()[-1] for line in videos[0].splitlines()] == ["0"], videos
