@@ -8,6 +8,7 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,6 +33,8 @@ from ml.trainers.rl import (
 from tests.same import assert_same
 
 gymnasium = pytest.importorskip("gymnasium")
+
+from tests.e2e.endless_env import Endless  # noqa: E402 (it needs gymnasium)
 
 
 def test_every_environment_of_every_rank_gets_its_own_seed() -> None:
@@ -807,33 +810,23 @@ def test_without_env_kwargs_an_environment_s_own_bug_is_the_training_failure_it_
     assert not list((tmp_path / "run" / "checkpoints").glob("ckpt.*.pt"))
 
 
-class _Endless(gymnasium.Env):
-    """A user's environment without a time limit: an episode never ends (until ``ends_after`` steps,
-    once the user bounds it). The 200th step of an episode sends this process a SIGTERM: only an
-    evaluation's episode gets that far (training takes 16 steps an iteration)."""
+class _SignalsInEvaluation(Endless):
+    """A user's environment without a time limit (tests/e2e/endless_env.py): an episode never ends
+    (until ``ends_after`` steps, once the user bounds it). The 200th step of an episode sends this
+    process a SIGTERM: only an evaluation's episode gets that far (training takes 16 steps an
+    iteration); one that goes on past the 300th fails (no folder for its mark)."""
 
-    observation_space = gymnasium.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)
-    action_space = gymnasium.spaces.Discrete(2)
-    ends_after: int | None = None
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
-        super().reset(seed=seed)
-        self.t = 0
-        return np.zeros(4, dtype=np.float32), {}
-
-    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
-        self.t += 1
-        if self.t == 200:
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self.t == 199:
             os.kill(os.getpid(), signal.SIGTERM)
-        if self.t > 5000:
-            raise RuntimeError("the evaluation went on after the stop signal")
-        ended = self.ends_after is not None and self.t >= self.ends_after
-        return np.zeros(4, dtype=np.float32), 1.0, ended, False, {}
+        return super().step(action)
 
 
 class _EndlessTask(ClassicControlTask):
+    ends_after: int | None = None
+
     def get_environment(self, render_mode: str | None = None) -> gymnasium.Env:
-        return _Endless()
+        return _SignalsInEvaluation(ends_after=self.ends_after)
 
     def get_env_state(self, envs: object) -> None:
         return None
@@ -859,7 +852,7 @@ def test_a_stop_signal_abandons_an_evaluation_that_would_never_end_and_the_next_
     assert valid_steps() == []
     assert _ckpt(tmp_path / "run", 1)["last_eval_step"] == -1
 
-    monkeypatch.setattr(_Endless, "ends_after", 5)  # the user bounds the episodes, and continues
+    monkeypatch.setattr(_EndlessTask, "ends_after", 5)  # the user bounds the episodes, and continues
     _train(tmp_path, _small_task(_EndlessTask, max_steps=2), every)
     assert valid_steps() == [1, 2]
     saved_again = _ckpt(tmp_path / "run", 1)  # once it was done, with the environments where they stand
