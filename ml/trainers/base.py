@@ -38,6 +38,7 @@ Notes for subclass authors:
 
 import dataclasses
 import datetime
+import functools
 import itertools
 import logging
 import os
@@ -1158,7 +1159,8 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         """Sends what the task, model and trainer logged to the sub-loggers that write now.
 
         In a distributed job the ranks write training logs only at the steps they agreed on in
-        :meth:`sync_ranks`; only then are the values materialised and averaged over the ranks.
+        :meth:`sync_ranks`; only then are the values materialised and averaged over the ranks,
+        each rank's weighted by :meth:`rank_weight`.
 
         Args:
             task: The task (its logger is one source).
@@ -1186,7 +1188,14 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         # The ranks decide on the clock they last agreed on (sync_ranks), up to sync_every_n_steps
         # steps old; the records say when they were written (rank 0 writes them, on its clock).
         now = dataclasses.replace(state, elapsed_time_s=time.time() - state.start_time_s)
-        MultiLogger.write_all(multi, self.loggers, now, reduce=mean_over_ranks, force=final)
+        reduce = functools.partial(mean_over_ranks, weight=self.rank_weight())
+        MultiLogger.write_all(multi, self.loggers, now, reduce=reduce, force=final)
+
+    def rank_weight(self) -> float:
+        """This rank's weight in the job's mean of the values logged at this step: its share of the
+        step's samples. Alike on every rank (each covers as many samples) unless a trainer says
+        otherwise (``sl``'s stream, whose ranks' last batches of an epoch may differ in size)."""
+        return 1.0
 
     def _log_sources(self, task: TaskT, model: ModelT) -> list[MultiLogger]:
         """Where values are logged: the task's, the model's (if it has one) and the trainer's loggers.

@@ -561,9 +561,19 @@ class SupervisedLearningTrainer(
         return loss_dict, _summed(loss_dict)
 
     def _one_batch(
-        self, state: State, batch: Any, task: SupervisedLearningTask, model: nn.Module, optim: Optimizer
+        self,
+        state: State,
+        batch: Any,
+        task: SupervisedLearningTask,
+        model: nn.Module,
+        optim: Optimizer,
+        share: float,
     ) -> dict[str, torch.Tensor]:
-        """Forward and backward over one batch (the usual step); returns its losses, detached."""
+        """Forward and backward over one batch (the usual step); returns its losses, detached.
+
+        The gradient is of the loss times ``share``, this rank's part of the job's step (see
+        :meth:`_train_step`).
+        """
         batch = move_to(batch, self.device, self._dtype)
         loss_dict, loss = self._losses(task, model, batch, state)
         # After the forward pass, as a plain loop does: the last step's gradients are freed just
@@ -571,7 +581,7 @@ class SupervisedLearningTrainer(
         # the activations took it, and glibc's malloc page-faulted twice as often: 0.87x a plain
         # loop on 1024-wide layers).
         clear_grads(optim)
-        self.precision.backward(loss)
+        self.precision.backward(loss if share == 1.0 else loss * share)
         return {name: _scalar(value.detach().float()) for name, value in loss_dict.items()}
 
     def _accumulated(
@@ -581,11 +591,13 @@ class SupervisedLearningTrainer(
         task: SupervisedLearningTask,
         model: nn.Module,
         optim: Optimizer,
+        share: float,
     ) -> dict[str, torch.Tensor]:
         """Forward and backward over several batches, one gradient; returns the mean losses.
 
         Each batch's loss is weighted by its share of the step's samples, so accumulating k batches
-        gives the gradient of one batch k times as large.
+        gives the gradient of one batch k times as large; the gradient is of that mean times
+        ``share``, this rank's part of the job's step (see :meth:`_train_step`).
         """
         total = sum(batch_size_of(b) for b in batches)
         losses: dict[str, torch.Tensor] = {}
@@ -601,7 +613,7 @@ class SupervisedLearningTrainer(
                 loss_dict, loss = self._losses(task, model, batch, state)
                 if i == 0:
                     clear_grads(optim)  # after the forward pass: see _one_batch
-                self.precision.backward(loss * weight)
+                self.precision.backward(loss * (weight * share))
             for name, value in loss_dict.items():
                 part = _scalar(value.detach().float())
                 losses[name] = losses.get(name, 0.0) + part * weight
@@ -628,10 +640,16 @@ class SupervisedLearningTrainer(
         # submodule alone in eval mode is the user's choice (a frozen batch norm) and stays so.
         if not inner.training:
             model.train()
+        # DDP and FSDP average the ranks' gradients as equals. Each rank's step covers as many
+        # samples, but for a stream's last step of an epoch, whose batches may differ in size from
+        # rank to rank: there each rank's loss is weighted by its share of the job's samples, so
+        # that the gradient is their mean (its logged values too: see rank_weight).
+        stream = self._train_stream
+        share = stream.rank_share if stream is not None else 1.0
         if len(batches) == 1:
-            losses = self._one_batch(state, batches[0], task, model, optim)
+            losses = self._one_batch(state, batches[0], task, model, optim, share)
         else:
-            losses = self._accumulated(state, batches, task, model, optim)
+            losses = self._accumulated(state, batches, task, model, optim, share)
         step_loss = (
             next(iter(losses.values())) if len(losses) == 1 else torch.stack(list(losses.values())).sum()
         )
@@ -767,6 +785,11 @@ class SupervisedLearningTrainer(
             "with a finite loss, or an update that overflowed: too large a learning rate, Adam's eps=0), "
             f"or a batch that was not finite{hint}"
         )
+
+    def rank_weight(self) -> float:
+        """This rank's share of the last step's samples (see _train_step)."""
+        stream = self._train_stream
+        return stream.rank_share if stream is not None else 1.0
 
     def _logs_due(self, state: State, last: bool) -> bool:
         """Whether the trainer's loggers write at this step (then the device's values are read anyway)."""

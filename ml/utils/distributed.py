@@ -137,14 +137,26 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def mean_over_ranks(scalars: dict[str, float]) -> dict[str, float]:
-    """Averages each named value over the ranks that logged it."""
+def mean_over_ranks(scalars: dict[str, float], weight: float = 1.0) -> dict[str, float]:
+    """Averages each named value over the ranks that logged it, each weighted by its rank's
+    ``weight`` (its share of the step's samples: see ``BaseTrainer.rank_weight``).
+
+    A value every rank logged alike (an evaluation's, agreed on) comes back as it is, not as a sum
+    divided again, which rounds (three ranks' 0.1 would come back as 0.10000000000000002).
+    """
     if not is_initialized():
         return scalars
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for part in all_gather_object(scalars):
+    logged: dict[str, list[tuple[float, float]]] = {}
+    for rank_weight, part in all_gather_object((weight, scalars)):
         for name, value in part.items():
-            sums[name] = sums.get(name, 0.0) + value
-            counts[name] = counts.get(name, 0) + 1
-    return {name: sums[name] / counts[name] for name in sums}
+            logged.setdefault(name, []).append((rank_weight, value))
+    return {name: _weighted_mean(parts) for name, parts in logged.items()}
+
+
+def _weighted_mean(parts: list[tuple[float, float]]) -> float:
+    first_weight, first = parts[0]
+    if all(value == first for _, value in parts):
+        return first
+    if all(weight == first_weight for weight, _ in parts):
+        return sum(value for _, value in parts) / len(parts)
+    return sum(weight * value for weight, value in parts) / sum(weight for weight, _ in parts)

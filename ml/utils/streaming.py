@@ -219,7 +219,17 @@ class TrainStream:
             )
         self._live = False  # an epoch's iteration is under way (its state is worth saving)
         self.step_samples = 0  # the job's samples in the step last handed out (see steps)
+        self.rank_samples = 0  # this rank's part of them
         self._resume: dict[str, Any] | None = None  # this rank's saved state, for the epoch resumed
+
+    @property
+    def rank_share(self) -> float:
+        """This rank's samples in the step last handed out over the job's mean per rank: 1 but at an
+        epoch's last step, where the ranks' last batches may differ in size (drop_last off); 1
+        before the session's first step."""
+        if self.step_samples == 0:
+            return 1.0
+        return self.rank_samples * self.world_size / self.step_samples
 
     # -- the checkpoint
 
@@ -308,9 +318,10 @@ class TrainStream:
         first = True
         while True:
             group = list(itertools.islice(batches, batches_per_step))
-            ended, samples = not group, sum(map(batch_size_of, group))
+            ended, own = not group, sum(map(batch_size_of, group))
+            samples = own
             if self.world_size > 1:  # every rank steps, or none: DDP's collectives need them all
-                ranks_ended, job_samples = all_sum([float(ended), float(samples)])
+                ranks_ended, job_samples = all_sum([float(ended), float(own)])
                 ended, samples = ranks_ended > 0, int(job_samples)
             if ended:
                 self._live = False
@@ -324,5 +335,5 @@ class TrainStream:
             first = False
             # The job's samples in this step: every rank's own (the last batches of an epoch may
             # differ in size from rank to rank, when drop_last is off).
-            self.step_samples = samples
+            self.step_samples, self.rank_samples = samples, own
             yield group

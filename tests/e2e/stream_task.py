@@ -37,6 +37,19 @@ NUM_CLASSES = 3
 SPLIT_SEEDS = {"train": 0, "valid": 1, "test": 2}
 
 
+def split(phase: Phase, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``size`` points of ``phase`` (drawn from the split's own seed) and their labels."""
+    generator = torch.Generator().manual_seed(SPLIT_SEEDS[phase])
+    features = torch.randn(size, NUM_FEATURES, generator=generator)
+    labels = (features[:, :NUM_CLASSES].argmax(dim=1) + (features[:, 3] > 1).long()) % NUM_CLASSES
+    return features, labels
+
+
+def epoch_order(size: int, epoch: int) -> torch.Tensor:
+    """The indices in the order of ``epoch``; each copy of the stream reads every count-th one."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(epoch))
+
+
 class NoisyStream(IterableDataset):
     """Streams ``(features + noise, label, index)``; each copy reads its shard of the epoch's order."""
 
@@ -59,8 +72,7 @@ class NoisyStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         index, count = shard_of_stream()
-        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.epoch))
-        mine = order[index::count].tolist()
+        mine = epoch_order(len(self.labels), self.epoch)[index::count].tolist()
         while self.position < len(mine):
             i = mine[self.position]
             self.position += 1
@@ -84,9 +96,7 @@ class StreamTask(SupervisedLearningTask[StreamTaskConfig]):
     def get_dataset(self, phase: Phase) -> NoisyStream:
         size = 0 if self.config.empty else self.config.num_samples
         size = size if phase == "train" else size // 2
-        generator = torch.Generator().manual_seed(SPLIT_SEEDS[phase])
-        features = torch.randn(size, NUM_FEATURES, generator=generator)
-        labels = (features[:, :NUM_CLASSES].argmax(dim=1) + (features[:, 3] > 1).long()) % NUM_CLASSES
+        features, labels = split(phase, size)
         noise = self.config.noise if phase == "train" else 0.0
         return NoisyStream(features, labels, noise, opaque=self.config.opaque_state)
 

@@ -244,3 +244,55 @@ def test_two_ranks_stop_and_resume_exactly_and_not_with_another_world_size(
     # 5 steps an epoch, of 8 samples but the last (7: the ranks' sum, not rank 0's times 2).
     assert (state["num_epochs"], state["num_epoch_steps"]) == (2, 2)
     assert state["num_samples"] == 2 * 39 + 2 * 8 and state["num_epoch_samples"] == 2 * 8
+
+
+@pytest.mark.slow
+def test_two_ranks_whose_last_batches_differ_step_on_the_mean_over_all_their_samples(tmp_path: Path) -> None:
+    """37 samples over two ranks: shards of 19 and 18, whose last batches of 4 hold 3 and 2. DDP
+    averages the ranks' gradients as equals, so unweighted, the 5th step's gradient would be the
+    mean of a 3-sample and a 2-sample mean; it is the mean over the 5 samples, and so is the loss
+    and the accuracy logged for the step."""
+    from torch.nn import functional as F
+
+    from tests.e2e.stream_task import DropoutMLP, DropoutMLPConfig, epoch_order, split
+
+    lr, size = 0.5, 37
+    config = tmp_path / "uneven.yaml"
+    config.write_text(
+        CONFIG.replace("num_samples: 38", f"num_samples: {size}")
+        .replace(f"max_steps: {MAX_STEPS}", "max_steps: 5")  # one epoch
+        .replace("{name: adamw, lr: 1e-2}", f"{{name: sgd, lr: {lr}}}")
+        .replace("{name: cosine, warmup_steps: 2}", "{name: constant}")
+        .replace("dropout: 0.2", "dropout: 0.0")
+        .replace("save_every_n_steps: 1000", "save_every_n_steps: 4, only_save_most_recent: false")
+    )
+    overrides = (*DIST_OVERRIDES, f"task.num_samples={size}", "task.noise=0.0")
+    run = Run(tmp_path / "run").train(str(config), *overrides, ranks=2)
+    try:
+        run.finish(0)
+    finally:
+        run.kill()
+    before = torch.load(run.checkpoints / "ckpt.4.pt", map_location="cpu", weights_only=True)
+    after = torch.load(run.checkpoints / "ckpt.5.pt", map_location="cpu", weights_only=True)
+    assert json.loads(after["state"])["num_samples"] == size  # one epoch, every sample once
+
+    # The 5th step by hand: one SGD step from step 4's weights on both ranks' last batches together.
+    features, labels = split("train", size)
+    order = epoch_order(size, 0)
+    last = torch.cat([order[rank::2][16:] for rank in range(2)])
+    assert last.numel() == 5
+    model = DropoutMLP(DropoutMLPConfig(hidden=16, dropout=0.0))
+    model.load_state_dict(before["model"])
+    output = model(features[last])
+    loss = F.cross_entropy(output, labels[last])
+    loss.backward()
+    expected = {name: (p - lr * p.grad).detach() for name, p in model.named_parameters()}
+    for name, value in expected.items():
+        torch.testing.assert_close(after["model"][name], value, rtol=0, atol=1e-6, msg=name)
+
+    lines = (run.exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    (logged,) = [r["metrics"] for r in records if r["phase"] == "train" and r["step"] == 5]
+    assert logged["train/loss"] == pytest.approx(loss.item(), rel=1e-6)
+    accuracy = (output.argmax(dim=1) == labels[last]).float().mean().item()
+    assert logged["train/accuracy"] == pytest.approx(accuracy, rel=1e-6)

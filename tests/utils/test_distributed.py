@@ -1,9 +1,16 @@
-"""Tests of where a process stands in a job (torchrun's or Slurm's variables) and of data sharding."""
+"""Tests of where a process stands in a job (torchrun's or Slurm's variables), of data sharding and
+of the mean of logged values over ranks."""
+
+import multiprocessing
+from pathlib import Path
+from typing import Any
 
 import pytest
+import torch.distributed as dist
 
 from ml.errors import ConfigError
 from ml.utils.data import ResumableSampler
+from ml.utils.distributed import mean_over_ranks
 from ml.utils.ranks import DistEnv, dist_env, slurm_master_port
 
 SLURM_STEP = {
@@ -115,3 +122,46 @@ def test_sample_seeds_follow_the_position_not_the_rank() -> None:
 def test_a_rank_outside_the_world_is_refused() -> None:
     with pytest.raises(ValueError, match="rank 2 is outside the world of 2"):
         ResumableSampler([1, 2], shuffle=False, seed=0, rank=2, world_size=2)
+
+
+# What each of three ranks logged at one step, and its share of the step's samples.
+LOGGED = [
+    (1.5, {"loss": 2.0, "lr": 0.1, "only_0_and_2": 1.0}),
+    (0.5, {"loss": 6.0, "lr": 0.1}),
+    (1.0, {"loss": 4.0, "lr": 0.1, "only_0_and_2": 3.0}),
+]
+
+
+def _mean_over_ranks(rank: int, store: str, weighted: bool, queue: Any) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=len(LOGGED))
+    try:
+        weight, scalars = LOGGED[rank]
+        queue.put((rank, mean_over_ranks(scalars, weight) if weighted else mean_over_ranks(scalars)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_the_mean_over_ranks_weights_each_by_its_samples_and_keeps_agreed_values_as_they_are(
+    tmp_path: Path, weighted: bool
+) -> None:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    store = tmp_path / "store"
+    procs = [
+        context.Process(target=_mean_over_ranks, args=(rank, store, weighted, queue)) for rank in range(3)
+    ]
+    for proc in procs:
+        proc.start()
+    results = dict(queue.get(timeout=60) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    expected = {
+        # (1.5 * 2 + 0.5 * 6 + 1 * 4) / 3, else (2 + 6 + 4) / 3; each over the ranks that logged it
+        "loss": 10 / 3 if weighted else 4.0,
+        "only_0_and_2": (1.5 * 1 + 1 * 3) / 2.5 if weighted else 2.0,
+        "lr": 0.1,  # not (0.1 + 0.1 + 0.1) / 3 == 0.10000000000000002
+    }
+    assert all(result == pytest.approx(expected, rel=1e-12) for result in results.values())
+    assert all(result["lr"] == 0.1 for result in results.values())
