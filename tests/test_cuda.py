@@ -129,6 +129,27 @@ def test_digits_trains_through_torch_compile(tmp_path: Path) -> None:
     assert not any(key.startswith("_orig_mod.") for key in _checkpoint(tmp_path)["model"])
 
 
+@pytest.mark.parametrize(
+    ("configured", "said"), [("null", "run in full float32"), ("high", "TF32 tensor cores")]
+)
+def test_tf32_matmuls_are_the_config_s_choice_and_said_at_the_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, configured: str, said: str
+) -> None:
+    torch.set_float32_matmul_precision("highest")  # torch's default (the fixture restores the flags)
+    tf32: set[bool] = set()
+
+    def look(model: Any, batch: Any, state: State, output: Any) -> None:
+        del model, batch, state, output
+        tf32.add(torch.backends.cuda.matmul.allow_tf32)
+
+    caplog.set_level("INFO", logger="ml")
+    _train(tmp_path, "task.max_steps=3", f"trainer.float32_matmul_precision={configured}", hook=look)
+    assert tf32 == {configured == "high"}
+    assert not torch.backends.cuda.matmul.allow_tf32  # restored after the run
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("float32 matmuls on cuda")]
+    assert said in line
+
+
 def test_an_asynchronous_save_from_gpu_memory_holds_the_step_s_exact_state(tmp_path: Path) -> None:
     """The background write copies GPU tensors to pinned host buffers: the file holds exactly the
     weights and moments of its step, though training changed them in place meanwhile."""

@@ -114,6 +114,7 @@ from ml.utils.distributed import (
     is_master,
     mean_over_ranks,
 )
+from ml.utils.precision import MATMUL_PRECISIONS, describe_matmul_precision, float32_matmul_precision
 from ml.utils.profiling import ProfileConfig, StepProfiler, check_profile_config
 from ml.utils.ranks import dist_env, export_env
 from ml.utils.seeding import seed_everything
@@ -381,6 +382,11 @@ class TrainerConfig(BaseTrainerConfig):
         help="auto (CUDA, else MPS, else CPU), cpu, cuda (a distributed job: the local rank's GPU), cuda:N "
         "or mps; the ML_DEVICE environment variable overrides it",
     )
+    float32_matmul_precision: str | None = conf_field(
+        None,
+        help="torch.set_float32_matmul_precision for the run: highest (float32), high (on CUDA, TF32 tensor "
+        "cores: faster, inputs rounded to 10 mantissa bits) or medium (bfloat16); null: as torch has it",
+    )
     parallel: str = conf_field(
         "ddp", help="With several processes: `ddp` (a model copy per process) or `fsdp` (sharded, FSDP2)"
     )
@@ -425,6 +431,11 @@ def check_trainer_config(config: TrainerConfig) -> None:
     parse_device(config.device)  # its form; whether this machine has it: when the trainer asks
     check_interval("trainer.checkpoint.save_every_n_steps", config.checkpoint.save_every_n_steps)
     check_interval("trainer.checkpoint.save_every_n_seconds", config.checkpoint.save_every_n_seconds)
+    if config.float32_matmul_precision not in (None, *MATMUL_PRECISIONS):
+        raise ConfigError(
+            f"trainer.float32_matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)} (or null), "
+            f"got {config.float32_matmul_precision!r}"
+        )
     if config.parallel not in PARALLEL_MODES:
         choices = ", ".join(PARALLEL_MODES)
         raise ConfigError(f"trainer.parallel must be one of {choices}, got {config.parallel!r}")
@@ -757,8 +768,12 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
 
     @contextmanager
     def training_context(self) -> Iterator[None]:
-        """Process-wide settings held for the whole of :meth:`train` (restored after)."""
-        yield
+        """Process-wide settings held for the whole of :meth:`train` (restored after): here the
+        float32 matmul precision; a trainer adds its own around it."""
+        with float32_matmul_precision(getattr(self.config, "float32_matmul_precision", None)):
+            if self.device.type == "cuda":
+                logger.info("%s", describe_matmul_precision(self.device))
+            yield
 
     def check_task(self, task: Any) -> None:
         """Refuses a task of the wrong kind (one line), and warns when nothing would ever stop training."""

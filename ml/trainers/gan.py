@@ -205,7 +205,7 @@ class GanTrainer(BaseTrainer[GanTrainerConfig, BaseModel, GanTask]):
 
     @contextlib.contextmanager
     def training_context(self) -> Iterator[None]:
-        with deterministic_algorithms(self.config.deterministic):
+        with super().training_context(), deterministic_algorithms(self.config.deterministic):
             yield
 
     def set_up(

@@ -864,7 +864,7 @@ class ReinforcementLearningTrainer(
     def training_context(self) -> Iterator[None]:
         threads = torch.get_num_threads()
         try:
-            with deterministic_algorithms(self.config.deterministic):
+            with super().training_context(), deterministic_algorithms(self.config.deterministic):
                 yield
         finally:
             torch.set_num_threads(threads)

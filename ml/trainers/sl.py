@@ -983,7 +983,7 @@ class SupervisedLearningTrainer(
 
     @contextlib.contextmanager
     def training_context(self) -> Iterator[None]:
-        with deterministic_algorithms(self.config.deterministic):
+        with super().training_context(), deterministic_algorithms(self.config.deterministic):
             yield
 
     def set_up(

@@ -1,4 +1,5 @@
-"""Defines :class:`MixedPrecision`: autocast and, for float16, the gradient scaler.
+"""Defines :class:`MixedPrecision`: autocast and, for float16, the gradient scaler; and
+:func:`float32_matmul_precision` (``trainer.float32_matmul_precision``: TF32 on CUDA).
 
 ``fp32`` runs everything in float32 (or float64 when the trainer keeps float64 weights); ``bf16``
 and ``fp16`` run the forward pass under ``torch.autocast`` with the weights and inputs kept in
@@ -7,6 +8,7 @@ checkpointed; a checkpoint without one (from an fp32 run, or from the CPU) loads
 """
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any, Literal, get_args
 
 import torch
@@ -18,6 +20,37 @@ Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _NO_AUTOCAST = contextlib.nullcontext()  # reusable: it holds no state
+# torch.set_float32_matmul_precision's names: on CUDA, `high` lets float32 matmuls run on TF32
+# tensor cores (inputs rounded to a 10-bit mantissa), `medium` on bfloat16 ones.
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str | None) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(precision)`` inside the block, restored after; ``None``
+    leaves torch's setting as it is (``highest`` unless the user's code changed it)."""
+    if precision is None:
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def describe_matmul_precision(device: torch.device) -> str:
+    """How float32 matmuls run on ``device`` now (said at a session's start on CUDA, where TF32
+    makes them several times faster: torch leaves it off for matmuls, so Lightning warns too)."""
+    precision = torch.get_float32_matmul_precision()
+    if precision == "highest":
+        return (
+            f"float32 matmuls on {device} run in full float32: trainer.float32_matmul_precision=high "
+            "runs them on TF32 tensor cores (faster; inputs rounded to 10 mantissa bits)"
+        )
+    cores = "TF32" if precision == "high" else "bfloat16 or TF32"
+    return f"float32 matmuls on {device} may run on {cores} tensor cores (matmul precision {precision!r})"
 
 
 class MixedPrecision:

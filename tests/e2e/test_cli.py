@@ -445,6 +445,10 @@ BAD_OVERRIDES: dict[str, tuple[list[str], str]] = {
     "value a component rejects": (["task.max_steps=-1"], "task.max_steps must be positive"),
     "value the trainer rejects": (["trainer.non_finite_loss=maybe"], "trainer.non_finite_loss"),
     "broken interpolation": (["optimizer.lr=${nope}"], "optimizer.lr"),
+    "a matmul precision torch lacks": (
+        ["trainer.float32_matmul_precision=tf32"],
+        "trainer.float32_matmul_precision must be one of highest, high, medium (or null), got 'tf32'",
+    ),
     "a trainer setting, after a component's warning": (  # the trainer's checks come first now
         [
             "lr_scheduler.name=cosine",

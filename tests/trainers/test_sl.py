@@ -404,6 +404,41 @@ def test_the_loss_sees_float32_outputs_under_autocast(tmp_path: Path) -> None:
     assert _NamedLosses.output_dtypes and set(_NamedLosses.output_dtypes) == {torch.float32}
 
 
+class _MatmulPrecisionSeen(TinyTask):
+    precisions: set[str] = set()
+
+    def compute_loss(self, model, batch, state, output):  # type: ignore[no-untyped-def]
+        self.precisions.add(torch.get_float32_matmul_precision())
+        return super().compute_loss(model, batch, state, output)
+
+
+@pytest.mark.parametrize(("configured", "during"), [("medium", "medium"), (None, "high")])
+def test_the_float32_matmul_precision_holds_for_the_run_and_is_restored_after(
+    tmp_path: Path, configured: str | None, during: str
+) -> None:
+    """Set for training, validation and test alike (null: as the user's code left it, here high);
+    what was set before comes back after, as with trainer.deterministic."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        _MatmulPrecisionSeen.precisions = set()
+        _fit(_trainer(tmp_path, float32_matmul_precision=configured), 4, task_cls=_MatmulPrecisionSeen)
+        assert _MatmulPrecisionSeen.precisions == {during}
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_a_float32_matmul_precision_torch_lacks_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"^trainer.float32_matmul_precision must be one of highest, high, medium \(or null\), "
+        "got 'tf32'$",
+    ):
+        _trainer(tmp_path, float32_matmul_precision="tf32")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_signal_during_the_final_test_abandons_it_and_runs_the_handlers(tmp_path: Path) -> None:
     class SignalDuringTest(TinyTask):
         def compute_loss(self, model, batch, state, output):  # type: ignore[no-untyped-def]
