@@ -233,12 +233,14 @@ def _optim_state(model: nn.Module, optim: torch.optim.Optimizer) -> dict[str, An
     return get_optimizer_state_dict(model, optim)
 
 
-@contextlib.contextmanager
-def _quiet_alone() -> Iterator[None]:
-    """DCP warns at every read or write without a process group, which is this process's intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
+def _quiet_alone() -> None:
+    """DCP warns at every read or write without a process group, which is this process's intent.
+
+    Ignored from the first such read or write on, for the process: an asynchronous save warns from
+    its background thread, after a ``catch_warnings`` block around the call has ended (it printed the
+    warning at each save of a run in one process).
+    """
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 
 
 def _alone() -> bool:
@@ -300,22 +302,23 @@ def save_shards(
     if folder is None:
         return skeletons, None
     writer = _hashing_writer_class()(str(folder), sync_files=True, thread_count=_writer_threads())
+    if _alone():
+        _quiet_alone()
     try:
-        with _quiet_alone():
-            if asynchronous:
-                group = _save_group()
-                staged = _host_copy(state)  # what the background write reads: training cannot change it
-                future = dcp.async_save(
-                    staged,
-                    storage_writer=writer,
-                    process_group=group,
-                    no_dist=_alone(),
-                    async_stager=_passthrough_stager(),
-                )
-                # Staged (copied to host memory) already: the future is the write's, then the hashing.
-                return skeletons, cast(Future, _HashedShards(cast(Future, future), folder, writer, group))
-            dcp.save(state, storage_writer=writer, no_dist=_alone())
-            _share_digests(folder, writer, _save_group())
+        if asynchronous:
+            group = _save_group()
+            staged = _host_copy(state)  # what the background write reads: training cannot change it
+            future = dcp.async_save(
+                staged,
+                storage_writer=writer,
+                process_group=group,
+                no_dist=_alone(),
+                async_stager=_passthrough_stager(),
+            )
+            # Staged (copied to host memory) already: the future is the write's, then the hashing.
+            return skeletons, cast(Future, _HashedShards(cast(Future, future), folder, writer, group))
+        dcp.save(state, storage_writer=writer, no_dist=_alone())
+        _share_digests(folder, writer, _save_group())
     except (Exception, _dcp_failure()) as e:
         raise _write_failed(folder, _cause(e)) from e
     return skeletons, None
@@ -504,14 +507,15 @@ def _load(state: dict[str, dict[str, torch.Tensor]], part: ShardedState, *, alon
 
     folder = part.folder
     reader_class, planner_class = _reader_classes()
+    if alone or _alone():
+        _quiet_alone()
     try:
-        with _quiet_alone():
-            dcp.load(
-                state,
-                storage_reader=reader_class(str(folder), part.files),
-                planner=planner_class(),
-                no_dist=alone or _alone(),
-            )
+        dcp.load(
+            state,
+            storage_reader=reader_class(str(folder), part.files),
+            planner=planner_class(),
+            no_dist=alone or _alone(),
+        )
     except (CheckpointError, UnsafeCheckpointError):
         raise
     except (Exception, _dcp_failure()) as e:

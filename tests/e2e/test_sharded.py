@@ -151,6 +151,8 @@ def test_resume_with_another_number_of_processes(
             read_checkpoint(uninterrupted / "checkpoints" / "ckpt.12")["rng_ranks"],
         )
     else:  # another sum order of the same global batch
+        if nproc == 1:  # DCP without a process group is this process's intent: not said at each save
+            assert "torch.distributed is disabled" not in stderr
         for step in range(9, 13):
             assert resumed[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-6), step
         for name, tensor in theirs.items():
