@@ -870,8 +870,14 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         model, so the weights go in as a resume's do: a sharded checkpoint's pieces through
         :func:`load_sharded_model`, full weights (a file, an export) through
         :meth:`restore_model_state`, which scatters them into the shards under FSDP.
+
+        In a job every rank reads the file rank 0 finds: a link that a run still training moves on
+        (its ``ckpt.pt``) could otherwise give the ranks weights of different steps, which nothing
+        would bring together (DDP broadcast rank 0's weights when it wrapped the model, before this).
         """
         where = Path(path).expanduser()
+        if self.distributed:
+            where = Path(broadcast_object(str(where.resolve())))
         if where.suffix == ".safetensors":
             from ml.models.export import read_weights
 

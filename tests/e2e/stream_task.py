@@ -124,6 +124,7 @@ class StreamTask(SupervisedLearningTask[StreamTaskConfig]):
 class DropoutMLPConfig(BaseModelConfig):
     hidden: int = conf_field(16, help="Hidden width")
     dropout: float = conf_field(0.2, help="Dropout probability after the hidden layer")
+    log_weight_sum: bool = conf_field(False, help="Log the sum of the weights a training step starts from")
 
 
 class DropoutMLP(BaseModel[DropoutMLPConfig]):
@@ -139,4 +140,6 @@ class DropoutMLP(BaseModel[DropoutMLPConfig]):
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.training and self.config.log_weight_sum:
+            self.logger.log_scalar("weight_sum", sum(p.detach().double().sum() for p in self.parameters()))
         return self.net(features)

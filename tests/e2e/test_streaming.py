@@ -7,7 +7,8 @@ SIGKILL after a checkpoint) and continued with ``ml train <exp_dir>/config.yaml`
 exactly the tensors of a run that never stopped: weights, optimizer, generators and the stream's
 own position. The same holds for two ranks (two ``ml train`` processes given torchrun's
 variables, joined in a gloo group), whose shards differ in length (every rank ends each epoch at the
-same step); resuming their stream with one process is refused.
+same step); resuming their stream with one process is refused. A job's ranks started as processes
+of their own also show that every rank starts from the initial weights rank 0 names.
 """
 
 import json
@@ -296,3 +297,38 @@ def test_two_ranks_whose_last_batches_differ_step_on_the_mean_over_all_their_sam
     assert logged["train/loss"] == pytest.approx(loss.item(), rel=1e-6)
     accuracy = (output.argmax(dim=1) == labels[last]).float().mean().item()
     assert logged["train/accuracy"] == pytest.approx(accuracy, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_every_rank_starts_from_the_initial_weights_rank_0_names(tmp_path: Path) -> None:
+    """``checkpoint.load_from_ckpt_path`` names a file for each rank here (through its RANK), as a
+    link that a run still training moves on may between two ranks' reads: every rank reads rank 0's
+    (DDP broadcast rank 0's weights before, so the ranks' copies would have trained apart). Seen in
+    the sum of the weights the first step starts from, averaged over the ranks."""
+    from safetensors.torch import save_file
+
+    from tests.e2e.stream_task import DropoutMLP, DropoutMLPConfig
+
+    sums = []
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        weights = DropoutMLP(DropoutMLPConfig(hidden=16)).state_dict()
+        save_file(weights, tmp_path / f"init{rank}.safetensors")
+        sums.append(sum(value.double().sum().item() for value in weights.values()))
+    config = tmp_path / "init.yaml"
+    config.write_text(CONFIG)
+    overrides = (
+        *DIST_OVERRIDES,
+        "task.max_steps=1",
+        "model.log_weight_sum=true",
+        f"trainer.checkpoint.load_from_ckpt_path={tmp_path}/init${{oc.env:RANK}}.safetensors",
+    )
+    run = Run(tmp_path / "run").train(str(config), *overrides, ranks=2)
+    try:
+        run.finish(0)
+    finally:
+        run.kill()
+    records = [json.loads(line) for line in (run.exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    (first,) = [r["metrics"] for r in records if r["phase"] == "train" and r["step"] == 1]
+    assert first["model/weight_sum"] == pytest.approx(sums[0], rel=1e-6)  # logged in float32
+    assert abs(sums[1] - sums[0]) > 1e-3  # the other rank's file would show
