@@ -876,8 +876,10 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         would bring together (DDP broadcast rank 0's weights when it wrapped the model, before this).
         """
         where = Path(path).expanduser()
-        if self.distributed:
-            where = Path(broadcast_object(str(where.resolve())))
+        if self.distributed:  # (the link's target only: another machine may mount the folders elsewhere)
+            where = Path(
+                broadcast_object(str(where.parent / os.readlink(where) if where.is_symlink() else where))
+            )
         if where.suffix == ".safetensors":
             from ml.models.export import read_weights
 

@@ -314,6 +314,7 @@ def test_every_rank_starts_from_the_initial_weights_rank_0_names(tmp_path: Path)
         torch.manual_seed(100 + rank)
         weights = DropoutMLP(DropoutMLPConfig(hidden=16)).state_dict()
         save_file(weights, tmp_path / f"init{rank}.safetensors")
+        (tmp_path / f"latest{rank}.safetensors").symlink_to(f"init{rank}.safetensors")
         sums.append(sum(value.double().sum().item() for value in weights.values()))
     config = tmp_path / "init.yaml"
     config.write_text(CONFIG)
@@ -321,7 +322,7 @@ def test_every_rank_starts_from_the_initial_weights_rank_0_names(tmp_path: Path)
         *DIST_OVERRIDES,
         "task.max_steps=1",
         "model.log_weight_sum=true",
-        f"trainer.checkpoint.load_from_ckpt_path={tmp_path}/init${{oc.env:RANK}}.safetensors",
+        f"trainer.checkpoint.load_from_ckpt_path={tmp_path}/latest${{oc.env:RANK}}.safetensors",
     )
     run = Run(tmp_path / "run").train(str(config), *overrides, ranks=2)
     try:
