@@ -189,9 +189,28 @@ def load_full_model_state(model: nn.Module, state: dict[str, Any], *, strict: bo
 
 
 def load_full_optim_state(model: nn.Module, optim: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Loads an optimizer state saved by :func:`full_optim_state` into a sharded model's optimizer."""
+    """Loads an optimizer state saved by :func:`full_optim_state` into a sharded model's optimizer.
+
+    An optimizer that keeps no state (SGD without momentum) gets its groups' settings alone: torch's
+    loader takes the device from the state's tensors, and fails without any.
+
+    Raises:
+        CheckpointError: The checkpoint's parameter groups are not the optimizer's.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(
-        model, optim, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
-    )
+    if state.get("state"):
+        set_optimizer_state_dict(
+            model, optim, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+        )
+        return
+    from ml.errors import CheckpointError
+
+    saved = state["param_groups"]
+    if [len(group["params"]) for group in saved] != [len(group["params"]) for group in optim.param_groups]:
+        raise CheckpointError(
+            "the checkpoint's optimizer state does not fit the optimizer (other parameter groups): "
+            "were the model's parameters or optimizer.weight_decay (0 or not) changed since?"
+        )
+    for group, settings in zip(optim.param_groups, saved, strict=True):
+        group.update({key: value for key, value in settings.items() if key != "params"})

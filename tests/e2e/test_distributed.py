@@ -163,6 +163,19 @@ def test_fsdp_trains_checkpoints_full_state_and_resumes(
     assert _state(exp_dir / "checkpoints" / "ckpt.pt")["num_steps"] == 30
 
 
+def test_fsdp_resumes_the_full_state_of_an_optimizer_that_keeps_none(config: Path, tmp_path: Path) -> None:
+    """SGD without momentum keeps no state: its full checkpoint holds only the groups' settings,
+    which torch's loader could not place (it takes the device from the state's tensors)."""
+    run_dir = tmp_path / "runs"
+    sgd = ("trainer.parallel=fsdp", "trainer.checkpoint.format=full", "optimizer.name=sgd")
+    _torchrun(config, run_dir, *sgd, "optimizer.lr=0.1", "task.max_steps=2")
+    exp_dir = _only_run(run_dir)
+    assert torch.load(exp_dir / "checkpoints" / "ckpt.2.pt", weights_only=True)["optim"]["state"] == {}
+    result = _torchrun(exp_dir / "config.yaml", run_dir, "task.max_steps=3")
+    assert "Resumed from" in result.stderr and "at step 2" in result.stderr
+    assert _state(exp_dir / "checkpoints" / "ckpt.pt")["num_steps"] == 3
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

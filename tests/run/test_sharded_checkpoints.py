@@ -35,7 +35,12 @@ from ml.errors import CheckpointError, ConfigError, DamagedCheckpointError, Unsa
 from ml.models.base import BaseModel, BaseModelConfig
 from ml.run.checkpoints import checkpoint_candidates, newest_verified_checkpoint, sha256_file
 from ml.run.layout import RunDir
-from ml.trainers.parallel import fsdp_mesh_shape, wrap_model
+from ml.trainers.parallel import (
+    fsdp_mesh_shape,
+    full_optim_state,
+    load_full_optim_state,
+    wrap_model,
+)
 from ml.utils.checkpoint import ShardedState, read_checkpoint, verify_checkpoint
 from ml.utils.sharded import load_sharded_model, save_shards
 from tests.same import assert_same
@@ -392,6 +397,27 @@ def test_fsdp_mixed_precision_activation_checkpointing_and_a_hybrid_mesh(
     load_sharded_model(plain, part, strict=True)  # into a plain model: the whole tensors
     for name, tensor in plain.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name].full_tensor()), name
+
+
+def test_the_full_state_of_an_optimizer_that_keeps_none_loads_into_fsdp(one_process_group: object) -> None:
+    """SGD without momentum keeps no state: a full checkpoint (trainer.checkpoint.format=full) gives
+    its groups' settings back (torch's loader failed: it takes the device from the state's tensors)."""
+    from types import SimpleNamespace
+
+    fsdp = SimpleNamespace(param_dtype=None, reduce_dtype=None, hybrid=False, shard_size=None)
+    model = wrap_model(Blocks(), torch.device("cpu"), "fsdp", fsdp=fsdp, activation_checkpointing=False)
+    optim = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(4, 8)).sum().backward()
+    optim.step()
+    saved = full_optim_state(model, optim)
+    assert saved["state"] == {}
+    saved["param_groups"][0]["lr"] = 0.025  # as a schedule left it
+    load_full_optim_state(model, optim, saved)
+    assert optim.param_groups[0]["lr"] == 0.025
+
+    saved["param_groups"][0]["params"] = saved["param_groups"][0]["params"][1:]  # one parameter fewer
+    with pytest.raises(CheckpointError, match="does not fit the optimizer"):
+        load_full_optim_state(model, optim, saved)
 
 
 def test_hybrid_mesh_shapes() -> None:
