@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ml.errors import CheckpointError, ConfigError
 from ml.utils.checkpoint import check_loadable, get_rng_state, set_rng_state
 from ml.utils.data import batch_size_of, sample_seed
-from ml.utils.distributed import all_gather_object, all_sum
+from ml.utils.distributed import all_gather_object, all_sum, is_initialized
 from ml.utils.signals import isolate_from_stop_signals
 
 # The (rank, world_size) of the process whose loader iterates a stream, set by _Stream.__iter__ in
@@ -219,17 +219,10 @@ class TrainStream:
             )
         self._live = False  # an epoch's iteration is under way (its state is worth saving)
         self.step_samples = 0  # the job's samples in the step last handed out (see steps)
-        self.rank_samples = 0  # this rank's part of them
+        # This rank's samples in it over the job's mean per rank: 1 but at an epoch's last step,
+        # where the ranks' last batches may differ in size (drop_last off).
+        self.rank_share = 1.0
         self._resume: dict[str, Any] | None = None  # this rank's saved state, for the epoch resumed
-
-    @property
-    def rank_share(self) -> float:
-        """This rank's samples in the step last handed out over the job's mean per rank: 1 but at an
-        epoch's last step, where the ranks' last batches may differ in size (drop_last off); 1
-        before the session's first step."""
-        if self.step_samples == 0:
-            return 1.0
-        return self.rank_samples * self.world_size / self.step_samples
 
     # -- the checkpoint
 
@@ -291,8 +284,9 @@ class TrainStream:
     def steps(self, epoch: int, position: int, batches_per_step: int) -> Iterator[list[Any]]:
         """The rest of ``epoch`` (``position`` samples in), as groups of ``batches_per_step`` batches.
 
-        The last group may be short. In a job of several processes the epoch ends on every rank at
-        the first step for which some rank has no batch left.
+        The last group may be short. In a job of several processes every rank's group holds as many
+        batches (the shortest sets how many: see _agreed), and the epoch ends on every rank at the
+        first step for which some rank has no batch left.
         """
         self.stream.set_epoch(epoch)
         assert self.loader.generator is not None
@@ -316,14 +310,12 @@ class TrainStream:
         # stopped for a signal (and dropped this generator), for the checkpoint saved after it.
         self._live = True
         first = True
+        in_job = self.world_size > 1 and is_initialized()  # (not in a test of one rank's shard)
         while True:
             group = list(itertools.islice(batches, batches_per_step))
-            ended, own = not group, sum(map(batch_size_of, group))
-            samples = own
-            if self.world_size > 1:  # every rank steps, or none: DDP's collectives need them all
-                ranks_ended, job_samples = all_sum([float(ended), float(own)])
-                ended, samples = ranks_ended > 0, int(job_samples)
-            if ended:
+            sizes = [batch_size_of(batch) for batch in group]
+            samples = self._agreed(group, sizes, batches_per_step) if in_job else sum(sizes)
+            if not group:
                 self._live = False
                 if first and position == 0:
                     where = " on at least one rank" if self.world_size > 1 else ""
@@ -335,5 +327,24 @@ class TrainStream:
             first = False
             # The job's samples in this step: every rank's own (the last batches of an epoch may
             # differ in size from rank to rank, when drop_last is off).
-            self.step_samples, self.rank_samples = samples, own
+            self.step_samples = samples
+            self.rank_share = sum(sizes[: len(group)]) * self.world_size / samples if in_job else 1.0
             yield group
+
+    def _agreed(self, group: list[Any], sizes: list[int], batches_per_step: int) -> int:
+        """Cuts this rank's ``group`` to the part the job steps over; returns the job's samples in it.
+
+        Every rank steps over as many batches, or none: DDP's and FSDP's collectives need them all
+        (FSDP's come with each micro-batch's passes: a rank with fewer would wait forever). The
+        shortest group (of a shard that ran out) sets how many; the batches others hold beyond it
+        are dropped with the rest of the epoch, as the batches they have not reached are. One
+        all-reduce: each rank fills its own row (its count, then its batches' sizes).
+        """
+        width = batches_per_step + 1
+        rows = [0.0] * (self.world_size * width)
+        rows[self.rank * width : self.rank * width + len(sizes) + 1] = [float(len(sizes)), *map(float, sizes)]
+        job = all_sum(rows)
+        per_rank = [job[rank * width : (rank + 1) * width] for rank in range(self.world_size)]
+        taken = int(min(row[0] for row in per_rank))
+        del group[taken:]
+        return int(sum(sum(row[1 : taken + 1]) for row in per_rank))

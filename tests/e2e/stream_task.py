@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, TensorDataset
 
 from ml.core.config import conf_field
 from ml.core.state import Phase, State
@@ -86,6 +86,7 @@ class StreamTaskConfig(SupervisedLearningTaskConfig):
     noise: float = conf_field(0.1, help="Gaussian noise added to training features as they stream")
     empty: bool = conf_field(False, help="Stream nothing (a stream that would never make a step)")
     opaque_state: bool = conf_field(False, help="state_dict() returns an object, not plain data")
+    eval_streams: bool = conf_field(True, help="Valid and test sets are streams (else map-style datasets)")
     stops: str = conf_field("", help="STEP:SIGNAL,...: rank 0 sends itself SIGNAL during training step STEP")
     stop_marker_dir: str = conf_field(".", help="Each stop happens once: while stop.<step> is not here")
 
@@ -93,10 +94,12 @@ class StreamTaskConfig(SupervisedLearningTaskConfig):
 class StreamTask(SupervisedLearningTask[StreamTaskConfig]):
     """Classifies fixed random points, streamed; every split is a stream (valid and test without noise)."""
 
-    def get_dataset(self, phase: Phase) -> NoisyStream:
+    def get_dataset(self, phase: Phase) -> NoisyStream | TensorDataset:
         size = 0 if self.config.empty else self.config.num_samples
         size = size if phase == "train" else size // 2
         features, labels = split(phase, size)
+        if phase != "train" and not self.config.eval_streams:
+            return TensorDataset(features, labels, torch.arange(size))
         noise = self.config.noise if phase == "train" else 0.0
         return NoisyStream(features, labels, noise, opaque=self.config.opaque_state)
 

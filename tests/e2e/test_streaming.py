@@ -248,40 +248,62 @@ def test_two_ranks_stop_and_resume_exactly_and_not_with_another_world_size(
 
 
 @pytest.mark.slow
-def test_two_ranks_whose_last_batches_differ_step_on_the_mean_over_all_their_samples(tmp_path: Path) -> None:
-    """37 samples over two ranks: shards of 19 and 18, whose last batches of 4 hold 3 and 2. DDP
-    averages the ranks' gradients as equals, so unweighted, the 5th step's gradient would be the
-    mean of a 3-sample and a 2-sample mean; it is the mean over the 5 samples, and so is the loss
-    and the accuracy logged for the step."""
+@pytest.mark.parametrize(
+    ("parallel", "size", "batches_per_step", "steps", "trained"),
+    [
+        # Shards of 19 and 18 in batches of 4: the 5th step's hold 3 and 2 samples. DDP averages
+        # the ranks' gradients as equals: unweighted, the step's would be the mean of a 3-sample
+        # and a 2-sample mean.
+        ("ddp", 37, 1, 5, 37),
+        # Shards of 17 and 16, 3 batches a step: the 2nd step's groups hold 2 batches (4 and 1
+        # samples) and 1 (4 samples). Every rank steps over as many batches (FSDP's passes are
+        # collectives: a rank with fewer waited forever), the shortest group's count: rank 0's
+        # last sample is dropped with the end of the epoch.
+        ("fsdp", 33, 3, 2, 32),
+    ],
+)
+def test_two_ranks_whose_last_batches_differ_step_on_the_mean_over_all_their_samples(
+    tmp_path: Path, parallel: str, size: int, batches_per_step: int, steps: int, trained: int
+) -> None:
+    """The last step of the epoch is one SGD step over both ranks' last batches together, and the
+    loss and accuracy logged for it are their means over those samples."""
     from torch.nn import functional as F
 
     from tests.e2e.stream_task import DropoutMLP, DropoutMLPConfig, epoch_order, split
 
-    lr, size = 0.5, 37
+    lr = 0.5
     config = tmp_path / "uneven.yaml"
     config.write_text(
-        CONFIG.replace("num_samples: 38", f"num_samples: {size}")
-        .replace(f"max_steps: {MAX_STEPS}", "max_steps: 5")  # one epoch
+        CONFIG.replace(f"max_steps: {MAX_STEPS}", f"max_steps: {steps}")  # one epoch
         .replace("{name: adamw, lr: 1e-2}", f"{{name: sgd, lr: {lr}}}")
         .replace("{name: cosine, warmup_steps: 2}", "{name: constant}")
         .replace("dropout: 0.2", "dropout: 0.0")
-        .replace("save_every_n_steps: 1000", "save_every_n_steps: 4, only_save_most_recent: false")
+        .replace("save_every_n_steps: 1000", "save_every_n_steps: 1, only_save_most_recent: false")
     )
-    overrides = (*DIST_OVERRIDES, f"task.num_samples={size}", "task.noise=0.0")
+    overrides = (
+        *DIST_OVERRIDES,
+        f"task.num_samples={size}",
+        "task.noise=0.0",
+        f"trainer.batches_per_step={batches_per_step}",
+        f"trainer.parallel={parallel}",
+        "trainer.checkpoint.format=full",
+        "task.eval_streams=false",  # (FSDP evaluates map-style data only)
+    )
     run = Run(tmp_path / "run").train(str(config), *overrides, ranks=2)
     try:
         run.finish(0)
     finally:
         run.kill()
-    before = torch.load(run.checkpoints / "ckpt.4.pt", map_location="cpu", weights_only=True)
-    after = torch.load(run.checkpoints / "ckpt.5.pt", map_location="cpu", weights_only=True)
-    assert json.loads(after["state"])["num_samples"] == size  # one epoch, every sample once
+    before = torch.load(run.checkpoints / f"ckpt.{steps - 1}.pt", map_location="cpu", weights_only=True)
+    after = torch.load(run.checkpoints / f"ckpt.{steps}.pt", map_location="cpu", weights_only=True)
+    assert json.loads(after["state"])["num_samples"] == trained  # one epoch
 
-    # The 5th step by hand: one SGD step from step 4's weights on both ranks' last batches together.
+    # The step by hand, from the weights before it: each rank's last batch (of 4 samples at most).
     features, labels = split("train", size)
     order = epoch_order(size, 0)
-    last = torch.cat([order[rank::2][16:] for rank in range(2)])
-    assert last.numel() == 5
+    first = 4 * batches_per_step * (steps - 1)
+    last = torch.cat([order[rank::2][first : first + 4] for rank in range(2)])
+    assert last.numel() == trained - 2 * first
     model = DropoutMLP(DropoutMLPConfig(hidden=16, dropout=0.0))
     model.load_state_dict(before["model"])
     output = model(features[last])
@@ -293,7 +315,7 @@ def test_two_ranks_whose_last_batches_differ_step_on_the_mean_over_all_their_sam
 
     lines = (run.exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
-    (logged,) = [r["metrics"] for r in records if r["phase"] == "train" and r["step"] == 5]
+    (logged,) = [r["metrics"] for r in records if r["phase"] == "train" and r["step"] == steps]
     assert logged["train/loss"] == pytest.approx(loss.item(), rel=1e-6)
     accuracy = (output.argmax(dim=1) == labels[last]).float().mean().item()
     assert logged["train/accuracy"] == pytest.approx(accuracy, rel=1e-6)
