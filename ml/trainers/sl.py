@@ -22,7 +22,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -212,6 +212,34 @@ def _with_total(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return losses
     total = torch.stack([v.float().sum() for v in losses.values()]).sum()
     return {**losses, ("total_loss" if "loss" in losses else "loss"): total}
+
+
+def _in_step(batches: Iterable[Any], what: str) -> Iterator[Any]:
+    """A stream's evaluation batches under FSDP, whose forward passes are collective: the ranks
+    agree before each (one all-reduce); a rank whose shard ran out while another's goes on gets None
+    (it joins their pass with a stand-in), until no rank has a batch left.
+
+    Raises:
+        ConfigError: A rank's shard has no batch at all (it has nothing to join with).
+    """
+    iterator = iter(batches)
+    first = True
+    while True:
+        batch = next(iterator, _NO_BATCH)
+        has = batch is not _NO_BATCH
+        any_has, any_lacks = all_max([float(has), float(not has)])
+        if not any_has:
+            return
+        if first and any_lacks:
+            raise ConfigError(
+                f"{what} gave at least one rank no batch: under trainer.parallel=fsdp every rank "
+                "takes part in each forward pass; give it more samples, or fewer loader workers"
+            )
+        first = False
+        yield batch if has else None
+
+
+_NO_BATCH = object()
 
 
 def _check_config(config: SupervisedLearningTrainerConfig) -> None:
@@ -481,11 +509,6 @@ class SupervisedLearningTrainer(
         pin = self.device_type == "cuda" if cfg.pin_memory is None else cfg.pin_memory
         rank, world_size = get_rank(), get_world_size()
         if phase != "train":
-            if world_size > 1 and self.config.parallel == "fsdp":
-                raise ConfigError(  # ranks' shards may hold different numbers of batches
-                    f"{where} returned an IterableDataset: under trainer.parallel=fsdp every rank must "
-                    "evaluate as many batches (its forward pass is collective); give a map-style dataset"
-                )
             return eval_loader(
                 dataset,
                 batch_size=cfg.batch_size,
@@ -886,18 +909,24 @@ class SupervisedLearningTrainer(
         # FSDP's forward passes are collective: a rank with fewer batches (a set need not split
         # evenly) joins the others' last passes (_stand_in_passes). How many it lacks is agreed
         # now: asked after the pass, it would wait in that agreement while another rank waits in a
-        # forward pass for it. (Streams are evaluated under FSDP by one process only.)
-        sharded = is_sharded(model) and not streamed
-        lacking = int(all_max([float(len(loader))])[0]) - len(loader) if sharded else 0
+        # forward pass for it. A stream's ranks, whose batches nobody counts, agree batch by batch.
+        sharded = is_sharded(model) and self.distributed
+        lacking = int(all_max([float(len(loader))])[0]) - len(loader) if sharded and not streamed else 0
         description = f"{phase}/{name}" if name else phase
-        for batch in progress(
+        batches: Iterable[Any] = progress(
             loader,
             total=None if streamed else len(loader),
             description=description,
             enabled=self.config.progress_bar,
-        ):
+        )
+        if sharded and streamed:
+            batches = _in_step(batches, f"the {description} stream of {type(task).__name__}")
+        for batch in batches:
             if self.stop_signal is not None:  # stop promptly
                 return None
+            if batch is None:  # (a stream under FSDP: this rank's shard ran out, another's goes on)
+                self._stand_in_passes(task, model, state, last_batch, 1, sources)
+                continue
             batch = move_to(batch, self.device, self.weight_precision)
             loss_dict = _with_total(self._losses(task, model, batch, state)[0])
             for key, value in loss_dict.items():

@@ -355,3 +355,51 @@ def test_every_rank_starts_from_the_initial_weights_rank_0_names(tmp_path: Path)
     (first,) = [r["metrics"] for r in records if r["phase"] == "train" and r["step"] == 1]
     assert first["model/weight_sum"] == pytest.approx(sums[0], rel=1e-6)  # logged in float32
     assert abs(sums[1] - sums[0]) > 1e-3  # the other rank's file would show
+
+
+@pytest.mark.slow
+def test_fsdp_evaluates_streams_whose_shards_hold_different_numbers_of_batches(tmp_path: Path) -> None:
+    """19 validation samples over two ranks, in batches of 3: 4 batches and 3. FSDP's forward passes
+    are collective, so the rank with fewer joins the other's last one with a stand-in (what it logs
+    is dropped): the metrics are the means over the 19 samples, without a hang."""
+    from torch.nn import functional as F
+
+    from tests.e2e.stream_task import DropoutMLP, DropoutMLPConfig, split
+
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(CONFIG)
+    overrides = (
+        *DIST_OVERRIDES,
+        "task.num_samples=38",  # (validation: half as many)
+        "task.max_steps=2",
+        "task.valid_dl.batch_size=3",
+        "trainer.parallel=fsdp",
+        "trainer.checkpoint.format=full",
+    )
+    run = Run(tmp_path / "run").train(str(config), *overrides, ranks=2)
+    try:
+        run.finish(0)
+    finally:
+        run.kill()
+    model = DropoutMLP(DropoutMLPConfig(hidden=16)).eval()
+    model.load_state_dict(run.ckpt()["model"])
+    features, labels = split("valid", 19)
+    with torch.no_grad():
+        output = model(features)
+    records = [json.loads(line) for line in (run.exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    (valid,) = [r["metrics"] for r in records if r["phase"] == "valid" and r["step"] == 2]
+    assert valid["valid/loss"] == pytest.approx(F.cross_entropy(output, labels).item(), rel=1e-5)
+    accuracy = (output.argmax(dim=1) == labels).float().mean().item()
+    assert valid["valid/accuracy"] == pytest.approx(accuracy, rel=1e-6)
+
+    # One validation sample: rank 1's shard has no batch to take part with. Said in one line.
+    small = Run(tmp_path / "small").train(str(config), *overrides, "task.num_samples=2", ranks=2)
+    try:
+        stderr = small.finish(2)
+    finally:
+        small.kill()
+    assert stderr.strip().splitlines()[-1] == (
+        "ml: error: the valid stream of StreamTask gave at least one rank no batch: under "
+        "trainer.parallel=fsdp every rank takes part in each forward pass; give it more samples, "
+        "or fewer loader workers"
+    )
