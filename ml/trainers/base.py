@@ -507,6 +507,16 @@ def _load_named(objs: Any, state: Any, what: str) -> None:
         objs.load_state_dict(state)
 
 
+def _end_of_links(path: Path) -> Path:
+    """The path a chain of links ends at, the folders above each left as written (another machine
+    may mount them elsewhere); a loop is left to the reader, which says so."""
+    seen = set()
+    while path.is_symlink() and path not in seen:
+        seen.add(path)
+        path = path.parent / os.readlink(path)
+    return path
+
+
 def _steps_on_cpu(state: Any) -> Any:
     """An optimizer state dict (or a dict of them by name) with every ``step`` tensor on the CPU."""
     if not isinstance(state, Mapping):
@@ -876,11 +886,10 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         would bring together (DDP broadcast rank 0's weights when it wrapped the model, before this).
         """
         where = Path(path).expanduser()
-        if self.distributed:  # (the link's target only: another machine may mount the folders elsewhere)
-            where = Path(
-                broadcast_object(str(where.parent / os.readlink(where) if where.is_symlink() else where))
-            )
-        if where.suffix == ".safetensors":
+        exported = where.suffix == ".safetensors"  # the name given says which (a link's target may not)
+        if self.distributed:
+            where = Path(broadcast_object(str(_end_of_links(where))))
+        if exported:
             from ml.models.export import read_weights
 
             weights: Mapping[str, Any] = read_weights(where, device=self.device)[0]

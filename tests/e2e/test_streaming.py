@@ -335,8 +335,11 @@ def test_every_rank_starts_from_the_initial_weights_rank_0_names(tmp_path: Path)
     for rank in range(2):
         torch.manual_seed(100 + rank)
         weights = DropoutMLP(DropoutMLPConfig(hidden=16)).state_dict()
-        save_file(weights, tmp_path / f"init{rank}.safetensors")
-        (tmp_path / f"latest{rank}.safetensors").symlink_to(f"init{rank}.safetensors")
+        # A chain of links, as a run still training keeps (latest -> its newest) and as a hub cache
+        # keeps files (a name -> a blob without the suffix): rank 0's end of the chain is read.
+        save_file(weights, tmp_path / f"blob{rank}")
+        (tmp_path / f"newest{rank}").symlink_to(tmp_path / f"blob{rank}")
+        (tmp_path / f"latest{rank}.safetensors").symlink_to(f"newest{rank}")
         sums.append(sum(value.double().sum().item() for value in weights.values()))
     config = tmp_path / "init.yaml"
     config.write_text(CONFIG)

@@ -726,3 +726,20 @@ def test_exp_name_must_be_a_plain_folder_name(
     with pytest.raises(ValueError, match="plain folder name"):
         BaseTrainerConfig.resolve(BaseTrainerConfig(name="x", exp_name=name))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_end_of_a_chain_of_links_keeps_the_folders_as_written(tmp_path: Path) -> None:
+    """What rank 0 tells every rank to read as initial weights (load_initial_weights): the file a
+    chain of links ends at, whichever link a run still training moves on next."""
+    from ml.trainers.base import _end_of_links
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "mounted").symlink_to("runs")  # a folder another machine may mount elsewhere
+    (tmp_path / "runs" / "ckpt.7.pt").write_bytes(b"")
+    (tmp_path / "runs" / "ckpt.pt").symlink_to("ckpt.7.pt")
+    (tmp_path / "runs" / "latest").symlink_to(tmp_path / "mounted" / "ckpt.pt")
+    assert _end_of_links(tmp_path / "mounted" / "latest") == tmp_path / "mounted" / "ckpt.7.pt"
+    assert _end_of_links(tmp_path / "runs" / "ckpt.7.pt") == tmp_path / "runs" / "ckpt.7.pt"
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    assert _end_of_links(tmp_path / "a") in (tmp_path / "a", tmp_path / "b")  # a loop: the reader says so
