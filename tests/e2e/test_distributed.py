@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import torch
 
+from ml.loggers.jsonl import read_metrics
+
 _SCRIPT = Path(sys.executable).parent / "ml"
 ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.cli"]
 TIMEOUT_S = 180
@@ -86,7 +88,8 @@ def _only_run(run_dir: Path) -> Path:
 
 
 def _records(exp_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    """The records so far (read while a run writes: a line still being written is skipped)."""
+    return list(read_metrics(exp_dir / "logs"))
 
 
 def _train_losses(exp_dir: Path) -> dict[int, float]:
@@ -167,11 +170,14 @@ def test_fsdp_resumes_the_full_state_of_an_optimizer_that_keeps_none(config: Pat
     """SGD without momentum keeps no state: its full checkpoint holds only the groups' settings,
     which torch's loader could not place (it takes the device from the state's tensors)."""
     run_dir = tmp_path / "runs"
+    mp = ("launcher.name=mp", "launcher.nproc_per_node=2")  # (torchrun's own process: 3 s more a run)
     sgd = ("trainer.parallel=fsdp", "trainer.checkpoint.format=full", "optimizer.name=sgd")
-    _torchrun(config, run_dir, *sgd, "optimizer.lr=0.1", "task.max_steps=2")
+    result = _ml("launch", str(config), *mp, *sgd, "optimizer.lr=0.1", "task.max_steps=2", run_dir=run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
     exp_dir = _only_run(run_dir)
     assert torch.load(exp_dir / "checkpoints" / "ckpt.2.pt", weights_only=True)["optim"]["state"] == {}
-    result = _torchrun(exp_dir / "config.yaml", run_dir, "task.max_steps=3")
+    result = _ml("launch", str(exp_dir / "config.yaml"), *mp, "task.max_steps=3", run_dir=run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from" in result.stderr and "at step 2" in result.stderr
     assert _state(exp_dir / "checkpoints" / "ckpt.pt")["num_steps"] == 3
 

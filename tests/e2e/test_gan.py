@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ml.loggers.jsonl import read_metrics
 from tests.same import assert_same
 
 _SCRIPT = Path(sys.executable).parent / "ml"
@@ -61,10 +62,9 @@ def _finish(proc: subprocess.Popen, run_dir: Path) -> str:
 
 
 def _records(exp_dir: Path) -> list[dict[str, Any]]:
+    """The records so far (read while the run writes: a line still being written is skipped)."""
     path = exp_dir / "logs" / "metrics.jsonl"
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    )
+    return list(read_metrics(path)) if path.exists() else []
 
 
 def _comparable(records: list[dict[str, Any]]) -> dict[tuple[int, str], dict[str, float]]:

@@ -132,36 +132,38 @@ LOGGED = [
 ]
 
 
-def _mean_over_ranks(rank: int, store: str, weighted: bool, queue: Any) -> None:
+def _mean_over_ranks(rank: int, store: str, queue: Any) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=len(LOGGED))
     try:
         weight, scalars = LOGGED[rank]
-        queue.put((rank, mean_over_ranks(scalars, weight) if weighted else mean_over_ranks(scalars)))
+        queue.put((rank, mean_over_ranks(scalars, weight), mean_over_ranks(scalars)))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("weighted", [True, False])
 def test_the_mean_over_ranks_weights_each_by_its_samples_and_keeps_agreed_values_as_they_are(
-    tmp_path: Path, weighted: bool
+    tmp_path: Path,
 ) -> None:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    store = tmp_path / "store"
     procs = [
-        context.Process(target=_mean_over_ranks, args=(rank, store, weighted, queue)) for rank in range(3)
+        context.Process(target=_mean_over_ranks, args=(rank, tmp_path / "store", queue)) for rank in range(3)
     ]
     for proc in procs:
         proc.start()
-    results = dict(queue.get(timeout=60) for _ in procs)
+    results = [queue.get(timeout=60) for _ in procs]
     for proc in procs:
         proc.join(timeout=60)
         assert proc.exitcode == 0
-    expected = {
-        # (1.5 * 2 + 0.5 * 6 + 1 * 4) / 3, else (2 + 6 + 4) / 3; each over the ranks that logged it
-        "loss": 10 / 3 if weighted else 4.0,
-        "only_0_and_2": (1.5 * 1 + 1 * 3) / 2.5 if weighted else 2.0,
+    weighted = {
+        "loss": (1.5 * 2 + 0.5 * 6 + 1 * 4) / 3,
+        "only_0_and_2": (1.5 * 1 + 1 * 3) / 2.5,  # over the ranks that logged it
         "lr": 0.1,  # not (0.1 + 0.1 + 0.1) / 3 == 0.10000000000000002
     }
-    assert all(result == pytest.approx(expected, rel=1e-12) for result in results.values())
-    assert all(result["lr"] == 0.1 for result in results.values())
+    equal = {"loss": (2 + 6 + 4) / 3, "only_0_and_2": 2.0, "lr": 0.1}
+    assert len(results) == 3
+    for _, with_weights, without in results:
+        assert with_weights == pytest.approx(weighted, rel=1e-12) and without == pytest.approx(
+            equal, rel=1e-12
+        )
+        assert with_weights["lr"] == without["lr"] == 0.1
