@@ -1,4 +1,5 @@
-"""End-to-end tests of training in several processes: real torchrun, real gloo process groups.
+"""End-to-end tests of training in several processes: real torchrun (or the mp launcher, which
+gives each process torchrun's environment), real gloo process groups.
 
 - DDP in 2 processes with batch B follows the loss curve of 1 process with batch 2B (the ranks'
   shards of each step together are that process's batch), and writes one run folder, one log.
@@ -66,13 +67,13 @@ def _ml(*args: str, run_dir: Path, timeout: float = TIMEOUT_S) -> subprocess.Com
     )
 
 
-def _torchrun(
-    config: Path, run_dir: Path, *overrides: str, nproc: int = 2
-) -> subprocess.CompletedProcess[str]:
+def _job(config: Path, run_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
+    """``nproc`` processes of one job, started by the mp launcher: torchrun's environment, without
+    torchrun's own process (3 s a run); the tests of torchrun itself start it."""
     result = _ml(
         "launch",
         str(config),
-        "launcher.name=torchrun",
+        "launcher.name=mp",
         f"launcher.nproc_per_node={nproc}",
         *overrides,
         run_dir=run_dir,
@@ -127,7 +128,7 @@ def _assert_same_curve(losses: dict[int, float], reference: dict[int, float]) ->
 def test_ddp_two_processes_follow_one_process_with_the_doubled_batch(
     config: Path, tmp_path: Path, reference: dict[int, float]
 ) -> None:
-    result = _torchrun(config, tmp_path / "runs")
+    result = _job(config, tmp_path / "runs")
     exp_dir = _only_run(tmp_path / "runs")
     _assert_same_curve(_train_losses(exp_dir), reference)
     assert "Joined the gloo process group as rank 0 of 2" in result.stderr
@@ -143,7 +144,7 @@ def test_fsdp_trains_checkpoints_full_state_and_resumes(
     config: Path, tmp_path: Path, reference: dict[int, float]
 ) -> None:
     run_dir = tmp_path / "runs"
-    _torchrun(config, run_dir, "trainer.parallel=fsdp", "trainer.checkpoint.format=full", "task.max_steps=12")
+    _job(config, run_dir, "trainer.parallel=fsdp", "trainer.checkpoint.format=full", "task.max_steps=12")
     exp_dir = _only_run(run_dir)
     ckpt = torch.load(exp_dir / "checkpoints" / "ckpt.12.pt", weights_only=True)
     # Full tensors, not shards: the shapes of the whole model (64 -> 64 -> 64 -> 10).
@@ -153,7 +154,7 @@ def test_fsdp_trains_checkpoints_full_state_and_resumes(
     assert ckpt["optim"]["state"]["net.0.weight"]["exp_avg"].shape == (64, 64)
 
     # Continue the same run to step 24 with FSDP in 2 processes: the curve is the reference's.
-    _torchrun(exp_dir / "config.yaml", run_dir, "task.max_steps=24")
+    _job(exp_dir / "config.yaml", run_dir, "task.max_steps=24")
     assert _state(exp_dir / "checkpoints" / "ckpt.pt")["num_steps"] == 24
     _assert_same_curve(_train_losses(exp_dir), reference)
 
@@ -170,14 +171,11 @@ def test_fsdp_resumes_the_full_state_of_an_optimizer_that_keeps_none(config: Pat
     """SGD without momentum keeps no state: its full checkpoint holds only the groups' settings,
     which torch's loader could not place (it takes the device from the state's tensors)."""
     run_dir = tmp_path / "runs"
-    mp = ("launcher.name=mp", "launcher.nproc_per_node=2")  # (torchrun's own process: 3 s more a run)
     sgd = ("trainer.parallel=fsdp", "trainer.checkpoint.format=full", "optimizer.name=sgd")
-    result = _ml("launch", str(config), *mp, *sgd, "optimizer.lr=0.1", "task.max_steps=2", run_dir=run_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _job(config, run_dir, *sgd, "optimizer.lr=0.1", "task.max_steps=2")
     exp_dir = _only_run(run_dir)
     assert torch.load(exp_dir / "checkpoints" / "ckpt.2.pt", weights_only=True)["optim"]["state"] == {}
-    result = _ml("launch", str(exp_dir / "config.yaml"), *mp, "task.max_steps=3", run_dir=run_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _job(exp_dir / "config.yaml", run_dir, "task.max_steps=3")
     assert "Resumed from" in result.stderr and "at step 2" in result.stderr
     assert _state(exp_dir / "checkpoints" / "ckpt.pt")["num_steps"] == 3
 
@@ -360,7 +358,7 @@ def test_fsdp_starts_from_an_export_and_one_process_from_the_sharded_folder(
     assert _ml("export", str(run_dir / "dist" / "run_0"), "-o", str(export), run_dir=run_dir).returncode == 0
     exported = load_file(export)
     frozen = ["optimizer.lr=0.0", "task.max_steps=1", "trainer.checkpoint.save_every_n_steps=null"]
-    _torchrun(
+    _job(
         config, run_dir, "trainer.parallel=fsdp", f"trainer.checkpoint.load_from_ckpt_path={export}", *frozen
     )
     folder = run_dir / "dist" / "run_1" / "checkpoints" / "ckpt.1"
@@ -407,8 +405,8 @@ logger: [{name: jsonl, write_every_n_steps: 1}]
 
 
 def _train_counting(tmp_path: Path, config_text: str) -> Path:
-    """Trains ``config_text`` (the counting task, ``counting_task.py``) on 2 processes under torchrun;
-    returns the run folder."""
+    """Trains ``config_text`` (the counting task, ``counting_task.py``) on 2 processes; returns the
+    run folder."""
     config = tmp_path / "counting.yaml"
     config.write_text(config_text)
     run_dir = tmp_path / "runs"
@@ -416,7 +414,7 @@ def _train_counting(tmp_path: Path, config_text: str) -> Path:
         **_env(run_dir),
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
     }
-    command = [*ML, "launch", str(config), "launcher.name=torchrun", "launcher.nproc_per_node=2"]
+    command = [*ML, "launch", str(config), "launcher.name=mp", "launcher.nproc_per_node=2"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return _only_run(run_dir)

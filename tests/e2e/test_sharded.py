@@ -1,5 +1,6 @@
 """End-to-end tests of sharded checkpoints (``trainer.checkpoint.format=sharded``, the default
-under FSDP): real torchrun, real gloo process groups, real files.
+under FSDP): real processes (the mp launcher's; torchrun's for the kill -9), real gloo process
+groups, real files.
 
 - 2 FSDP processes save sharded checkpoints (asynchronously: DCP's ``async_save``) into
   ``checkpoints/ckpt.<step>/``, every rank its own shard file.
@@ -52,7 +53,7 @@ def _launch(config: Path, run_dir: Path, nproc: int, *overrides: str) -> subproc
     if nproc == 1:
         result = _ml("train", str(config), *overrides, run_dir=run_dir)
     else:
-        launch = ["launch", str(config), "launcher.name=torchrun", f"launcher.nproc_per_node={nproc}"]
+        launch = ["launch", str(config), "launcher.name=mp", f"launcher.nproc_per_node={nproc}"]
         result = _ml(*launch, *overrides, run_dir=run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -111,7 +112,7 @@ def resumed(uninterrupted: Path, tmp_path_factory: pytest.TempPathFactory) -> di
             batch = f"task.train_dl.batch_size={GLOBAL_BATCH // nproc}"
             args = [str(exp_dir / "config.yaml"), batch, "--allow-config-change"]
             if nproc > 1:
-                args = ["launch", *args, "launcher.name=torchrun", f"launcher.nproc_per_node={nproc}"]
+                args = ["launch", *args, "launcher.name=mp", f"launcher.nproc_per_node={nproc}"]
             else:
                 args = ["train", *args]
             with (tmp / "stderr").open("w") as stderr:  # the child keeps its own copy
