@@ -666,9 +666,8 @@ class SupervisedLearningTrainer(
         # DDP and FSDP average the ranks' gradients as equals. Each rank's step covers as many
         # samples, but for a stream's last step of an epoch, whose batches may differ in size from
         # rank to rank: there each rank's loss is weighted by its share of the job's samples, so
-        # that the gradient is their mean (its logged values too: see rank_weight).
-        stream = self._train_stream
-        share = stream.rank_share if stream is not None else 1.0
+        # that the gradient is their mean (and so are the values logged for the step).
+        share = self.rank_weight()
         if len(batches) == 1:
             losses = self._one_batch(state, batches[0], task, model, optim, share)
         else:
@@ -810,7 +809,7 @@ class SupervisedLearningTrainer(
         )
 
     def rank_weight(self) -> float:
-        """This rank's share of the last step's samples (see _train_step)."""
+        """This rank's share of the step's samples (a stream's: see _train_step)."""
         stream = self._train_stream
         return stream.rank_share if stream is not None else 1.0
 
