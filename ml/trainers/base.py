@@ -98,6 +98,7 @@ from ml.utils.checkpoint import (
     check_loadable,
     get_rng_state,
     load_model_state,
+    optimizer_misfit,
     read_checkpoint,
     set_rng_state,
     unwrap_model,
@@ -1658,10 +1659,7 @@ class BaseTrainer(BaseObject[TrainerConfigT], Generic[TrainerConfigT, ModelT, Ta
         try:
             _load_named(optims, _steps_on_cpu(state), "optimizers")
         except ValueError as e:  # torch's: other parameter groups, or other sizes in them
-            raise CheckpointError(
-                f"the checkpoint's optimizer state does not fit the optimizer ({str(e).splitlines()[0]}): "
-                "were the model's parameters or optimizer.weight_decay (0 or not) changed since?"
-            ) from e
+            raise optimizer_misfit(str(e).splitlines()[0]) from e
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Function for loading state dict keys for different components.

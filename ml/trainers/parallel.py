@@ -204,13 +204,10 @@ def load_full_optim_state(model: nn.Module, optim: torch.optim.Optimizer, state:
             model, optim, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
         )
         return
-    from ml.errors import CheckpointError
+    from ml.utils.checkpoint import optimizer_misfit
 
     saved = state["param_groups"]
     if [len(group["params"]) for group in saved] != [len(group["params"]) for group in optim.param_groups]:
-        raise CheckpointError(
-            "the checkpoint's optimizer state does not fit the optimizer (other parameter groups): "
-            "were the model's parameters or optimizer.weight_decay (0 or not) changed since?"
-        )
+        raise optimizer_misfit("other parameter groups")
     for group, settings in zip(optim.param_groups, saved, strict=True):
         group.update({key: value for key, value in settings.items() if key != "params"})

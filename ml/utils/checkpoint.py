@@ -316,6 +316,14 @@ def check_loadable(value: Any, where: str = "checkpoint") -> None:
     )
 
 
+def optimizer_misfit(reason: str) -> CheckpointError:
+    """The one line for a checkpoint's optimizer state that does not fit the optimizer."""
+    return CheckpointError(
+        f"the checkpoint's optimizer state does not fit the optimizer ({reason}): were the model's "
+        "parameters or optimizer.weight_decay (0 or not) changed since?"
+    )
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Returns the module inside DDP/FSDP-style (``.module``) and ``torch.compile`` wrappers."""
     while True:

@@ -157,6 +157,6 @@ def _weighted_mean(parts: list[tuple[float, float]]) -> float:
     first_weight, first = parts[0]
     if all(value == first for _, value in parts):
         return first
-    if all(weight == first_weight for weight, _ in parts):
+    if all(weight == first_weight for weight, _ in parts):  # the plain mean, rounded as it always was
         return sum(value for _, value in parts) / len(parts)
     return sum(weight * value for weight, value in parts) / sum(weight for weight, _ in parts)
