@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 import yaml
 
 from ml.utils.startup_gc import IMPORT_THRESHOLD
+from tests.forked_ml import Command, run_forked
 
 _SCRIPT = Path(sys.executable).parent / "ml"
 ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.cli"]
@@ -502,7 +502,8 @@ class BadRun:
 
 @pytest.fixture(scope="module")
 def bad_runs(files: Files, tmp_path_factory: pytest.TempPathFactory) -> dict[str, BadRun]:
-    """Every bad-input case, run side by side (each mostly waits for `import torch`)."""
+    """Every bad-input case, run side by side, each forked from one process that imported torch
+    (tests/forked_ml.py): the cases are about what ``ml`` says, not about its start-up."""
     root = tmp_path_factory.mktemp("bad")
     (root / "extra.yaml").write_text("sheduler: {name: cosine}\n")
     broken = root / "broken.yaml"
@@ -520,15 +521,16 @@ def bad_runs(files: Files, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     cases["bad YAML"] = ([str(broken)], f"bad YAML in {broken}:4")  # the line of the unclosed brace's end
     cases["missing file"] = ([str(root / "nope.yaml")], f"config file not found: {root / 'nope.yaml'}")
 
-    def run(numbered: tuple[int, str]) -> BadRun:
-        number, case = numbered
-        run_dir = root / f"runs_{number}"
+    run_dirs = [root / f"runs_{number}" for number in range(len(cases))]
+    commands = []
+    for run_dir, (args, _) in zip(run_dirs, cases.values(), strict=True):
         run_dir.mkdir()
-        args, expected = cases[case]
-        return BadRun(ml(files, "train", *args, run_dir=run_dir), expected, run_dir)
-
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        return dict(zip(cases, pool.map(run, enumerate(cases)), strict=True))
+        commands.append(Command(["train", *args], _env(files, run_dir), timeout_s=TIMEOUT_S))
+    results = run_forked(commands, parallel=max(2, os.cpu_count() or 2))
+    return {
+        case: BadRun(result, expected, run_dir)
+        for (case, (_, expected)), result, run_dir in zip(cases.items(), results, run_dirs, strict=True)
+    }
 
 
 @pytest.mark.parametrize("case", [*BAD_OVERRIDES, *BAD_FILES])

@@ -1,4 +1,4 @@
-"""Hostile input to ``ml train``: each case is a real ``ml`` subprocess against a real RUN_DIR.
+"""Hostile input to ``ml train``: each case is an ``ml train`` process of its own against a real RUN_DIR.
 
 Every case must end with exit code 2 and exactly one stderr line, ``ml: error: ...``, naming the
 problem (a distinctive substring per case), no traceback, and the case's folder (its RUN_DIR with an
@@ -12,7 +12,8 @@ exit 0 (:func:`test_non_strict_initial_weights_of_another_model_load_what_fits`)
 cannot be created is a write the disk refused: one line and exit 1
 (:func:`test_an_exp_dir_that_cannot_be_created_stops_with_one_line`).
 
-All cases run side by side in one module fixture (each mostly waits for ``import torch``).
+All cases run side by side in one module fixture, each forked from one process that imported torch
+(``tests/forked_ml.py``); the finished run they start from is the real ``ml`` script's.
 """
 
 import hashlib
@@ -20,9 +21,7 @@ import os
 import pathlib
 import shutil
 import subprocess
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 import yaml
 
 from tests.e2e.test_cli import ML, USER_CONFIG, Files, _env, files
+from tests.forked_ml import Command, run_forked
 
 __all__ = ["Snapshot", "files", "one_error_line", "run_ml", "snapshot", "snapshot_diff"]
 
@@ -399,7 +399,6 @@ class CaseRun:
     result: subprocess.CompletedProcess[str]
     before: Snapshot
     after: Snapshot
-    seconds: float
 
 
 @dataclass(frozen=True)
@@ -462,17 +461,19 @@ def case_runs(
         args = [str(a) for a in args_of(where)]
         prepared[name] = (where, args, snapshot(where.root))
 
-    def run(name: str) -> CaseRun:
-        where, args, before = prepared[name]
-        start = time.monotonic()
-        result = run_ml(files, "train", *args, run_dir=where.runs)
-        return CaseRun(where, result, before, snapshot(where.root), time.monotonic() - start)
-
-    # The bomb, if it is not refused, holds a core until it is killed: start it first.
+    # Each case forked from one process that imported torch (tests/forked_ml.py): the cases are
+    # about what ``ml`` does with the files, not about its start-up. The bomb, if it is not
+    # refused, holds a core until it is killed: it starts first.
     order = [BOMB, *[name for name in todo if name != BOMB]]
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        done = dict(zip(order, pool.map(run, order), strict=True))
-    return {name: done[name] for name in todo}
+    commands = [
+        Command(["train", *prepared[name][1]], _env(files, prepared[name][0].runs), timeout_s=CASE_TIMEOUT_S)
+        for name in order
+    ]
+    results = dict(zip(order, run_forked(commands, parallel=max(2, os.cpu_count() or 2)), strict=True))
+    return {
+        name: CaseRun(where, results[name], before, snapshot(where.root))
+        for name, (where, _, before) in prepared.items()
+    }
 
 
 @pytest.mark.slow
