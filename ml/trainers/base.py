@@ -318,6 +318,16 @@ class FsdpConfig:
 
 
 @dataclass
+class DdpConfig:
+    find_unused_parameters: bool = conf_field(
+        False,
+        help="Let trainable parameters that take no part in a step's loss (a branch not taken, a head "
+        "left unused) go without a gradient: DDP then looks for them after each forward pass. Off, such a "
+        "parameter stops the run at its first step",
+    )
+
+
+@dataclass
 class EarlyStoppingConfig:
     monitor: str | None = conf_field(
         None, help="Stop training (as finished) once this evaluation metric (e.g. valid/loss) stops improving"
@@ -412,6 +422,7 @@ class TrainerConfig(BaseTrainerConfig):
     profile: ProfileConfig = conf_field(
         ProfileConfig(), help="torch's profiler over chosen training steps (trace in logs/profile)"
     )
+    ddp: DdpConfig = conf_field(DdpConfig(), help="With parallel=ddp: parameters the loss may leave out")
     fsdp: FsdpConfig = conf_field(FsdpConfig(), help="With parallel=fsdp: mixed precision, hybrid sharding")
     activation_checkpointing: bool = conf_field(
         False,

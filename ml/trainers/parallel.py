@@ -70,10 +70,12 @@ def wrap_model(
     *,
     distributed: bool = True,
     fsdp: Any = None,
+    ddp: Any = None,
     activation_checkpointing: bool = False,
 ) -> nn.Module:
     """The module the training step runs: ``model`` wrapped in DDP, or ``model`` sharded in place
-    (``distributed=False``: ``model`` itself). ``fsdp`` holds ``trainer.fsdp``'s settings."""
+    (``distributed=False``: ``model`` itself). ``fsdp`` and ``ddp`` hold ``trainer.fsdp``'s and
+    ``trainer.ddp``'s settings."""
     if activation_checkpointing:
         from torch.distributed._composable import checkpoint
 
@@ -104,7 +106,38 @@ def wrap_model(
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=bool(getattr(ddp, "find_unused_parameters", False)),
+    )
+
+
+def expects_every_gradient(model: nn.Module) -> bool:
+    """Whether ``model`` is wrapped in DDP that waits for a gradient of every trainable parameter
+    (``trainer.ddp.find_unused_parameters=false``): see :func:`refuse_parameters_without_gradient`."""
+    return isinstance(model, nn.parallel.DistributedDataParallel) and not model.find_unused_parameters
+
+
+def refuse_parameters_without_gradient(model: nn.Module, step: str) -> None:
+    """Refuses, after a step's backward pass, trainable parameters of ``model`` (the module in a DDP
+    that waits for every gradient: :func:`expects_every_gradient`) that the loss left out: they have
+    no gradient.
+
+    DDP then never averages the gradients of their bucket: each rank would step on its own (the
+    ranks' weights part), and the next forward pass fails with torch's error, which names the
+    parameters by number and asks for an argument the config does not reach. The trainers call
+    this once, at their first step, before the optimizer's: refused by name, before any update.
+    A model that leaves parameters out only at some steps meets torch's error at such a step.
+    """
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ConfigError(
+            f"the loss of {step} left out trainable parameters of the model ({shown}), for which DDP "
+            "waits; set trainer.ddp.find_unused_parameters=true if the model leaves parameters out "
+            "on purpose, or freeze them (requires_grad=False)"
+        )
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -66,7 +66,7 @@ from ml.optimizers.base import BaseOptimizer
 from ml.optimizers.fast import FusedAdamStep, step_skipping, use_fast_optimizer
 from ml.tasks.rl import ReinforcementLearningTask, environment_name
 from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_interval, check_trainer_config
-from ml.trainers.parallel import wrap_model
+from ml.trainers.parallel import expects_every_gradient, refuse_parameters_without_gradient, wrap_model
 from ml.utils.checkpoint import unwrap_model
 from ml.utils.distributed import (
     all_gather_object,
@@ -395,6 +395,7 @@ class ReinforcementLearningTrainer(
         # The model inside its wrappers: its floating buffers are checked with them, as they are at the
         # check (a normalizer may put a new tensor in a buffer's place instead of writing into it).
         self._inner: nn.Module | None = None
+        self._every_gradient_unchecked = False  # DDP waits for every gradient: checked at the first update
         self._rollout: _Rollout | None = None
         self._eval_envs: Any = None
         self._task: ReinforcementLearningTask | None = None
@@ -648,6 +649,11 @@ class ReinforcementLearningTrainer(
                 for p in params:
                     p.grad = None
                 loss.backward()
+                if self._every_gradient_unchecked:  # before the update, which DDP would not have averaged
+                    self._every_gradient_unchecked = False
+                    refuse_parameters_without_gradient(
+                        unwrap_model(model), f"iteration {state.num_steps + 1}"
+                    )
                 grad_norm = clip_grad_norm_(params, clip_norm) if clip_norm is not None else None
                 if stop_flag is not None and grad_norm is None:  # the loss was checked; nothing else is
                     step(None)
@@ -891,7 +897,8 @@ class ReinforcementLearningTrainer(
         task.to(self.device)
         # Every rank collects its own experience with the plain model; gradient steps go
         # through DDP, which averages the gradients over the ranks.
-        learner = wrap_model(model, self.device, "ddp") if self.distributed else model
+        learner = wrap_model(model, self.device, "ddp", ddp=self.config.ddp) if self.distributed else model
+        self._every_gradient_unchecked = expects_every_gradient(learner)
         optim = optimizer.get(model)
         if self.config.fast_optimizer:
             use_fast_optimizer(optim)

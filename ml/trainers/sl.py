@@ -51,11 +51,13 @@ from ml.trainers.base import (
     warn_unused,
 )
 from ml.trainers.parallel import (
+    expects_every_gradient,
     full_model_state,
     full_optim_state,
     is_sharded,
     load_full_model_state,
     load_full_optim_state,
+    refuse_parameters_without_gradient,
     share_rank_0_buffers,
     wrap_model,
 )
@@ -316,6 +318,7 @@ class SupervisedLearningTrainer(
         self._parts: tuple[nn.Module, nn.Module, list[nn.Parameter]] | None = None  # _parts_of
         self._non_finite: NonFiniteRecord | None = None  # this loop's steps, on the device (_settle)
         self._sharded = False  # FSDP: the gradients are DTensors (set for each loop)
+        self._every_gradient_unchecked = False  # DDP waits for every gradient: checked at the first step
         self._fused_step: FusedAdamStep | None = None  # set for each session's loop (see loop)
         self._checks_on_host = False  # whether the non-finite check reads the loss (see _loop)
         self._step_grad_norm: torch.Tensor | None = None  # the last step's, if it measured it
@@ -672,6 +675,9 @@ class SupervisedLearningTrainer(
             losses = self._one_batch(state, batches[0], task, model, optim, share)
         else:
             losses = self._accumulated(state, batches, task, model, optim, share)
+        if self._every_gradient_unchecked:  # before the update, which DDP would not have averaged
+            self._every_gradient_unchecked = False
+            refuse_parameters_without_gradient(inner, f"step {state.num_steps + 1}")
         step_loss = (
             next(iter(losses.values())) if len(losses) == 1 else torch.stack(list(losses.values())).sum()
         )
@@ -1034,8 +1040,10 @@ class SupervisedLearningTrainer(
             self.config.parallel,
             distributed=self.distributed,
             fsdp=self.config.fsdp,
+            ddp=self.config.ddp,
             activation_checkpointing=self.config.activation_checkpointing,
         )
+        self._every_gradient_unchecked = expects_every_gradient(wrapped)
         optim = optimizer.get(model)
         if self.config.fast_optimizer:
             use_fast_optimizer(optim)

@@ -140,6 +140,69 @@ def test_ddp_two_processes_follow_one_process_with_the_doubled_batch(
     assert len(test_records) == 1  # the test set, sharded over the ranks, is reported once
 
 
+def _one_error_line_per_rank(result: subprocess.CompletedProcess[str]) -> str:
+    """The job's exit code 2 and one ``error:`` line from each of its 2 ranks, the same; returns it."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = [
+        line for line in result.stderr.splitlines() if line.startswith(("ml: error:", "ml[rank 1]: error:"))
+    ]
+    assert len(lines) == 2 and lines[0].partition("error: ")[2] == lines[1].partition("error: ")[2], lines
+    return lines[0]
+
+
+def test_ddp_refuses_parameters_the_loss_leaves_out_unless_told_to_find_them(
+    config: Path, tmp_path: Path, reference: dict[int, float]
+) -> None:
+    """DDP waits for a gradient of every parameter: one the loss leaves out kept the gradients of its
+    bucket from being averaged (the ranks stepped apart) and failed the next step with torch's error,
+    which names parameters by number and asks for an argument the config did not reach."""
+    # (A section whose component is renamed starts from that component's defaults.)
+    model = ["model.name=tests.e2e.unused_head:DigitsWithUnusedHead", "model.hidden=64", "model.dropout=0"]
+    refused = _ml(
+        "launch",
+        str(config),
+        "launcher.name=mp",
+        "launcher.nproc_per_node=2",
+        *model,
+        "logger=[{name: jsonl}, {name: tensorboard}]",  # which writes the config as the run starts
+        run_dir=tmp_path / "no",
+    )
+    line = _one_error_line_per_rank(refused)
+    assert (
+        "the loss of step 1 left out trainable parameters of the model (unused_head.weight, unused_head.bias)"
+        in line
+    )
+    assert "set trainer.ddp.find_unused_parameters=true" in line
+    assert not (tmp_path / "no").exists()  # refused before a step: no run folder left behind
+
+    # Told to find them, the job follows one process with the doubled batch (and the plain model).
+    _job(config, tmp_path / "runs", *model, "trainer.ddp.find_unused_parameters=true")
+    exp_dir = _only_run(tmp_path / "runs")
+    _assert_same_curve(_train_losses(exp_dir), reference)
+    assert _state(exp_dir / "checkpoints" / "ckpt.pt")["num_steps"] == 24
+
+
+def test_rl_under_ddp_refuses_parameters_the_loss_leaves_out(tmp_path: Path) -> None:
+    refused = _ml(
+        "launch",
+        "cartpole",
+        "model.name=tests.e2e.unused_head:ActorCriticWithUnusedHead",
+        "model.observation_size=4",
+        "model.action_size=2",
+        "launcher.name=mp",
+        "launcher.nproc_per_node=2",
+        "task.max_steps=2",
+        "task.num_envs=2",
+        "task.minibatch_size=64",
+        "trainer.eval_every_n_iterations=null",
+        run_dir=tmp_path / "runs",
+    )
+    line = _one_error_line_per_rank(refused)
+    assert "the loss of iteration 1 left out trainable parameters of the model (unused_head.weight" in line
+    assert not (tmp_path / "runs").exists()
+
+
 def test_fsdp_trains_checkpoints_full_state_and_resumes(
     config: Path, tmp_path: Path, reference: dict[int, float]
 ) -> None:
