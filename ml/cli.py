@@ -33,8 +33,7 @@ from ml.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     BadInput,
-    CheckpointWriteError,
-    NonFiniteLossError,
+    TrainingFailure,
     UserError,
     first_line,
 )
@@ -249,9 +248,9 @@ _DISK_ERRNOS = {
 
 def _failure_line(e: BaseException) -> str | None:
     """One line for a failure of training that is no bug to trace, or None for any other error: a
-    write the disk refused (which, and why), or values that stopped being finite (the message names
-    the step and the fix)."""
-    if isinstance(e, (CheckpointWriteError, NonFiniteLossError)):
+    :class:`~ml.errors.TrainingFailure` (its message names the cause and the fix), or a write the
+    disk refused (which, and why)."""
+    if isinstance(e, TrainingFailure):
         return first_line(e)
     if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
         where = f" {e.filename}" if e.filename else ""

@@ -8,8 +8,9 @@ line - is a :class:`UserError`: the ``ml`` command prints its message as one lin
 a ``ValueError``, ``RegistryError`` a ``LookupError``, ...), so existing ``except`` clauses still
 catch them.
 
-A failure of training itself (exit code :data:`EXIT_FAILURE`) is any other exception; of those,
-:class:`CheckpointWriteError` is reported in one line too, since the disk, not the code, refused.
+A failure of training itself (exit code :data:`EXIT_FAILURE`) is any other exception; of those, a
+:class:`TrainingFailure` (a checkpoint the disk refused, values that stopped being finite,
+parameters DDP waited for in vain) is reported in one line too: no code to trace.
 
 This module imports nothing heavy: the command line maps exceptions without importing torch.
 """
@@ -34,7 +35,9 @@ __all__ = [
     "RegistryError",
     "RunDirNotSetError",
     "RunLockedError",
+    "TrainingFailure",
     "UnsafeCheckpointError",
+    "UnusedParametersError",
     "UserError",
 ]
 
@@ -89,19 +92,24 @@ class ModelFileError(UserError, ValueError):
     """An exported model cannot be loaded: not a safetensors file, no config, or weights that do not fit."""
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss or gradient became NaN or infinite and ``trainer.non_finite_loss`` is ``stop``.
-
-    A failure of training (exit code 1), reported in one line: the message names the step (and the
-    module, the part or the minibatch) and the fix.
-    """
+class TrainingFailure(RuntimeError):
+    """A failure of training that is no bug to trace: exit code 1, and one line (the message's
+    first) that names the cause and, where there is one, the fix."""
 
 
-class CheckpointWriteError(RuntimeError):
+class NonFiniteLossError(TrainingFailure):
+    """A loss or gradient became NaN or infinite and ``trainer.non_finite_loss`` is ``stop``: the
+    message names the step (and the module, the part or the minibatch) and the fix."""
+
+
+class CheckpointWriteError(TrainingFailure):
     """A checkpoint could not be written (disk full, file too large, read-only); the old one is kept.
+    Not bad input: the message says which file and why."""
 
-    A failure of training (exit code 1), not bad input: the message says which file and why.
-    """
+
+class UnusedParametersError(TrainingFailure):
+    """Under DDP, which waits for a gradient of every trainable parameter, the loss left some out:
+    the message names them and the fix (``trainer.ddp.find_unused_parameters``)."""
 
 
 def first_line(e: BaseException) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import importlib.machinery
 import json
 import os
 import signal
@@ -55,8 +56,8 @@ def run_forked(commands: Sequence[Command], parallel: int = 2) -> list[subproces
         work = Path(folder)
         cwd = os.getcwd()
         (work / "commands.json").write_text(json.dumps([asdict(c) | {"cwd": c.cwd or cwd} for c in commands]))
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        # The caller's PYTHONPATH too: the ml it selects (a checkout's) is the one imported.
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         budget = sum(c.timeout_s for c in commands) + 60
         server = subprocess.run(
             [sys.executable, __file__, str(work), str(parallel)],
@@ -87,6 +88,10 @@ def _child(work: Path, number: int, command: dict) -> None:
     os.environ.update(command["env"])
     # At start-up PYTHONPATH's folders come right after the script's own folder.
     sys.path[1:1] = [p for p in command["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    # The command's own start-up must find the ml imported here, or it would test another one.
+    spec = importlib.machinery.PathFinder.find_spec("ml", sys.path)
+    if spec is not None and spec.origin != ml.__file__:
+        raise SystemExit(f"forked_ml: the command would import ml from {spec.origin}, not {ml.__file__}")
     stdin = os.open(os.devnull, os.O_RDONLY)
     os.dup2(stdin, 0)
     for fd, suffix in ((1, "out"), (2, "err")):

@@ -81,15 +81,12 @@ def train_in_process(args: list[str], *, allow_config_change: bool = False) -> i
     try:
         trainer.train(objects.model, objects.task, objects.optimizer, objects.lr_scheduler)
     except BaseException as e:
-        # Bad input found before the session trained a step (an unusable task, initial weights that
-        # do not fit, parameters DDP waits for in vain): a new run is removed, whatever its loggers
-        # wrote at the start (TensorBoard's copy of the config); write_status left no status.json
-        # for it. An immediate interrupt, or a failure before the session began (a full disk
-        # refusing the lock): no empty run is left behind. A failure of training (exit 1) keeps its
-        # run folder, with its logs and status.json.
+        # Bad input found while setting up (an unusable task, initial weights that do not fit), an
+        # immediate interrupt, or a failure before the session began (a full disk refusing the
+        # lock): leave no empty run behind. A failure of training (exit 1) keeps its run folder,
+        # with its logs and status.json.
         began = trainer.run.status.exists()
-        refused = isinstance(e, UserError) and not began
-        if refused or ((isinstance(e, KeyboardInterrupt) or not began) and not has_results(trainer.run)):
+        if (isinstance(e, (UserError, KeyboardInterrupt)) or not began) and not has_results(trainer.run):
             release()
         raise
     from ml.utils.distributed import barrier, is_master

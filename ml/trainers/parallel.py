@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ml.errors import ConfigError
+from ml.errors import ConfigError, UnusedParametersError
 
 
 def fsdp_mesh_shape(
@@ -115,25 +115,27 @@ def wrap_model(
 
 def expects_every_gradient(model: nn.Module) -> bool:
     """Whether ``model`` is wrapped in DDP that waits for a gradient of every trainable parameter
-    (``trainer.ddp.find_unused_parameters=false``): see :func:`refuse_parameters_without_gradient`."""
+    (``trainer.ddp.find_unused_parameters=false``): see :func:`require_every_gradient`."""
     return isinstance(model, nn.parallel.DistributedDataParallel) and not model.find_unused_parameters
 
 
-def refuse_parameters_without_gradient(model: nn.Module, step: str) -> None:
-    """Refuses, after a step's backward pass, trainable parameters of ``model`` (the module in a DDP
-    that waits for every gradient: :func:`expects_every_gradient`) that the loss left out: they have
-    no gradient.
+def require_every_gradient(model: nn.Module, step: str) -> None:
+    """Raises :class:`~ml.errors.UnusedParametersError`, after a step's backward pass, for trainable
+    parameters of ``model`` (the module in a DDP that waits for every gradient:
+    :func:`expects_every_gradient`) that the loss left out: they have no gradient.
 
     DDP then never averages the gradients of their bucket: each rank would step on its own (the
     ranks' weights part), and the next forward pass fails with torch's error, which names the
     parameters by number and asks for an argument the config does not reach. The trainers call
-    this once, at their first step, before the optimizer's: refused by name, before any update.
-    A model that leaves parameters out only at some steps meets torch's error at such a step.
+    this once, at their first step, before the optimizer's: the run fails (exit 1) in one line
+    that names them, before any update. A model that leaves parameters out only at some steps, or
+    on some ranks (a rank whose parameters all had gradients waits in DDP's all-reduce for the
+    others' and ends with gloo's or NCCL's error), meets torch's error there.
     """
     missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        raise ConfigError(
+        raise UnusedParametersError(
             f"the loss of {step} left out trainable parameters of the model ({shown}), for which DDP "
             "waits; set trainer.ddp.find_unused_parameters=true if the model leaves parameters out "
             "on purpose, or freeze them (requires_grad=False)"

@@ -66,7 +66,7 @@ from ml.optimizers.base import BaseOptimizer
 from ml.optimizers.fast import FusedAdamStep, step_skipping, use_fast_optimizer
 from ml.tasks.rl import ReinforcementLearningTask, environment_name
 from ml.trainers.base import BaseTrainer, Session, TrainerConfig, check_interval, check_trainer_config
-from ml.trainers.parallel import expects_every_gradient, refuse_parameters_without_gradient, wrap_model
+from ml.trainers.parallel import expects_every_gradient, require_every_gradient, wrap_model
 from ml.utils.checkpoint import unwrap_model
 from ml.utils.distributed import (
     all_gather_object,
@@ -651,9 +651,7 @@ class ReinforcementLearningTrainer(
                 loss.backward()
                 if self._every_gradient_unchecked:  # before the update, which DDP would not have averaged
                     self._every_gradient_unchecked = False
-                    refuse_parameters_without_gradient(
-                        unwrap_model(model), f"iteration {state.num_steps + 1}"
-                    )
+                    require_every_gradient(unwrap_model(model), f"iteration {state.num_steps + 1}")
                 grad_norm = clip_grad_norm_(params, clip_norm) if clip_norm is not None else None
                 if stop_flag is not None and grad_norm is None:  # the loss was checked; nothing else is
                     step(None)

@@ -57,7 +57,7 @@ from ml.trainers.parallel import (
     is_sharded,
     load_full_model_state,
     load_full_optim_state,
-    refuse_parameters_without_gradient,
+    require_every_gradient,
     share_rank_0_buffers,
     wrap_model,
 )
@@ -677,7 +677,7 @@ class SupervisedLearningTrainer(
             losses = self._accumulated(state, batches, task, model, optim, share)
         if self._every_gradient_unchecked:  # before the update, which DDP would not have averaged
             self._every_gradient_unchecked = False
-            refuse_parameters_without_gradient(inner, f"step {state.num_steps + 1}")
+            require_every_gradient(inner, f"step {state.num_steps + 1}")
         step_loss = (
             next(iter(losses.values())) if len(losses) == 1 else torch.stack(list(losses.values())).sum()
         )

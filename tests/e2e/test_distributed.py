@@ -140,18 +140,21 @@ def test_ddp_two_processes_follow_one_process_with_the_doubled_batch(
     assert len(test_records) == 1  # the test set, sharded over the ranks, is reported once
 
 
-def _one_error_line_per_rank(result: subprocess.CompletedProcess[str]) -> str:
-    """The job's exit code 2 and one ``error:`` line from each of its 2 ranks, the same; returns it."""
-    assert result.returncode == 2, result.stderr[-3000:]
+def _failed_alike_on_both_ranks(result: subprocess.CompletedProcess[str], run: Path) -> str:
+    """Exit code 1, one ``training failed:`` line from each of the 2 ranks (the same), no traceback,
+    and the run failed at step 0 without a checkpoint; returns the line."""
+    assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    lines = [
-        line for line in result.stderr.splitlines() if line.startswith(("ml: error:", "ml[rank 1]: error:"))
-    ]
-    assert len(lines) == 2 and lines[0].partition("error: ")[2] == lines[1].partition("error: ")[2], lines
+    prefixes = ("ml: training failed: ", "ml[rank 1]: training failed: ")
+    lines = [line for line in result.stderr.splitlines() if line.startswith(prefixes)]
+    assert len(lines) == 2 and lines[0].partition("failed: ")[2] == lines[1].partition("failed: ")[2], lines
+    status = json.loads((run / "status.json").read_text())
+    assert (status["state"], status["step"]) == ("failed", 0)
+    assert not list(run.glob("checkpoints/ckpt.*"))
     return lines[0]
 
 
-def test_ddp_refuses_parameters_the_loss_leaves_out_unless_told_to_find_them(
+def test_ddp_fails_on_parameters_the_loss_leaves_out_unless_told_to_find_them(
     config: Path, tmp_path: Path, reference: dict[int, float]
 ) -> None:
     """DDP waits for a gradient of every parameter: one the loss leaves out kept the gradients of its
@@ -159,22 +162,20 @@ def test_ddp_refuses_parameters_the_loss_leaves_out_unless_told_to_find_them(
     which names parameters by number and asks for an argument the config did not reach."""
     # (A section whose component is renamed starts from that component's defaults.)
     model = ["model.name=tests.e2e.unused_head:DigitsWithUnusedHead", "model.hidden=64", "model.dropout=0"]
-    refused = _ml(
+    failed = _ml(
         "launch",
         str(config),
         "launcher.name=mp",
         "launcher.nproc_per_node=2",
         *model,
-        "logger=[{name: jsonl}, {name: tensorboard}]",  # which writes the config as the run starts
         run_dir=tmp_path / "no",
     )
-    line = _one_error_line_per_rank(refused)
+    line = _failed_alike_on_both_ranks(failed, _only_run(tmp_path / "no"))
     assert (
         "the loss of step 1 left out trainable parameters of the model (unused_head.weight, unused_head.bias)"
         in line
     )
     assert "set trainer.ddp.find_unused_parameters=true" in line
-    assert not (tmp_path / "no").exists()  # refused before a step: no run folder left behind
 
     # Told to find them, the job follows one process with the doubled batch (and the plain model).
     _job(config, tmp_path / "runs", *model, "trainer.ddp.find_unused_parameters=true")
@@ -183,8 +184,8 @@ def test_ddp_refuses_parameters_the_loss_leaves_out_unless_told_to_find_them(
     assert _state(exp_dir / "checkpoints" / "ckpt.pt")["num_steps"] == 24
 
 
-def test_rl_under_ddp_refuses_parameters_the_loss_leaves_out(tmp_path: Path) -> None:
-    refused = _ml(
+def test_rl_under_ddp_fails_on_parameters_the_loss_leaves_out(tmp_path: Path) -> None:
+    failed = _ml(
         "launch",
         "cartpole",
         "model.name=tests.e2e.unused_head:ActorCriticWithUnusedHead",
@@ -198,9 +199,9 @@ def test_rl_under_ddp_refuses_parameters_the_loss_leaves_out(tmp_path: Path) -> 
         "trainer.eval_every_n_iterations=null",
         run_dir=tmp_path / "runs",
     )
-    line = _one_error_line_per_rank(refused)
+    (run,) = (tmp_path / "runs" / "cartpole").iterdir()
+    line = _failed_alike_on_both_ranks(failed, run)
     assert "the loss of iteration 1 left out trainable parameters of the model (unused_head.weight" in line
-    assert not (tmp_path / "runs").exists()
 
 
 def test_fsdp_trains_checkpoints_full_state_and_resumes(
