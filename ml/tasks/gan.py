@@ -38,7 +38,7 @@ from ml.core.config import conf_field
 from ml.core.state import Phase, State
 from ml.errors import ConfigError
 from ml.tasks.base import BaseTask, BaseTaskConfig
-from ml.tasks.sl import DataLoaderConfig
+from ml.tasks.sl import DataLoaderConfig, check_max_batches
 
 Losses = torch.Tensor | dict[str, torch.Tensor]
 
@@ -64,6 +64,7 @@ class GanTask(BaseTask[GanTaskConfigT]):
             raise ConfigError(f"task.train_dl.batch_size must be positive, got {loader.batch_size}")
         if loader.num_workers < 0:
             raise ConfigError(f"task.train_dl.num_workers must be 0 or more, got {loader.num_workers}")
+        check_max_batches("task.train_dl", loader.max_batches, evaluation=False)
 
     @abstractmethod
     def get_dataset(self, phase: Phase) -> Dataset:

@@ -42,6 +42,25 @@ class DataLoaderConfig:
     )
     drop_last: bool = conf_field(False, help="Drop the last incomplete batch")
     shuffle: bool = conf_field(False, help="Shuffle the samples every epoch (resumable mid-epoch)")
+    max_batches: int | None = conf_field(
+        None,
+        help="Validation and test: evaluate at most this many batches of each set in each process, the "
+        "set's first ones, the same at every evaluation (null: the whole set)",
+    )
+
+
+def check_max_batches(key: str, max_batches: int | None, *, evaluation: bool) -> None:
+    """Refuses a ``max_batches`` that is not positive, or any on training data (which the task's
+    limits end: a training epoch is not cut short)."""
+    if max_batches is None:
+        return
+    if not evaluation:
+        raise ConfigError(
+            f"{key}.max_batches={max_batches}: only validation and test sets are cut short; end "
+            "training with task.max_steps, max_epochs or max_samples"
+        )
+    if max_batches < 1:
+        raise ConfigError(f"{key}.max_batches must be positive (or null: the whole set), got {max_batches}")
 
 
 @dataclass
@@ -68,6 +87,7 @@ class SupervisedLearningTask(BaseTask[SLTaskConfigT]):
                 raise ConfigError(f"task.{phase}_dl.batch_size must be positive, got {loader.batch_size}")
             if loader.num_workers < 0:
                 raise ConfigError(f"task.{phase}_dl.num_workers must be 0 or more, got {loader.num_workers}")
+            check_max_batches(f"task.{phase}_dl", loader.max_batches, evaluation=phase != "train")
 
     @abstractmethod
     def get_dataset(self, phase: Phase) -> Dataset:

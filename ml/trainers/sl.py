@@ -916,11 +916,15 @@ class SupervisedLearningTrainer(
         # now: asked after the pass, it would wait in that agreement while another rank waits in a
         # forward pass for it. A stream's ranks, whose batches nobody counts, agree batch by batch.
         sharded = is_sharded(model) and self.distributed
-        lacking = int(all_max([float(len(loader))])[0]) - len(loader) if sharded and not streamed else 0
+        # task.<phase>_dl.max_batches: the set's first batches in each process (iterating a
+        # loader's first ones only is torch's own early end of an epoch, workers kept or not).
+        limit = task.dataloader_config(phase).max_batches
+        count = None if streamed else len(loader) if limit is None else min(len(loader), limit)
+        lacking = int(all_max([float(count)])[0]) - count if sharded and count is not None else 0
         description = f"{phase}/{name}" if name else phase
         batches: Iterable[Any] = progress(
-            loader,
-            total=None if streamed else len(loader),
+            loader if limit is None else itertools.islice(loader, limit),
+            total=count,
             description=description,
             enabled=self.config.progress_bar,
         )

@@ -412,7 +412,9 @@ def test_help_with_a_config_shows_the_values_that_apply(files: Files, tmp_path: 
     args = ("digits", "task.max_steps=60")
     shown = _ok(ml(files, "train", *args, "--help", run_dir=tmp_path)).stdout
     resolved = _ok(ml(files, "resolve", *args, run_dir=tmp_path)).stdout
-    assert "    drop_last: true\n    shuffle: true\n  valid_dl:" in resolved  # train_dl's, as resolved
+    assert (
+        "    drop_last: true\n    shuffle: true\n    max_batches: null\n  valid_dl:" in resolved
+    )  # train_dl's
     for line in (
         "task.train_dl.shuffle: bool = True",  # train_dl's own default, not DataLoaderConfig's False
         "task.train_dl.drop_last: bool = True",
@@ -434,6 +436,11 @@ BAD_OVERRIDES: dict[str, tuple[list[str], str]] = {
     "typo in a key": (["optimizer.lrr=1"], "optimizer.lrr"),
     "typo in a nested key": (["trainer.checkpoint.save_every=1"], "trainer.checkpoint.save_every"),
     "wrong type": (["task.max_steps=abc"], "task.max_steps"),
+    "an evaluation's limit on the training data": (  # task.max_steps and the like end training
+        ["task.train_dl.max_batches=5"],
+        "task.train_dl.max_batches=5: only validation and test sets are cut short; end training with "
+        "task.max_steps, max_epochs or max_samples",
+    ),
     "unknown section in an override": (["optimiser.lr=1"], "unknown section 'optimiser'"),
     "unknown component": (["optimizer.name=adamx"], "unknown optimizer 'adamx'"),
     "unknown import path": (["model.name=no_such_module_e2e:Model"], "cannot import module"),

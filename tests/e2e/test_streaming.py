@@ -364,10 +364,11 @@ def test_every_rank_starts_from_the_initial_weights_rank_0_names(tmp_path: Path)
 def test_fsdp_evaluates_streams_whose_shards_hold_different_numbers_of_batches(tmp_path: Path) -> None:
     """19 validation samples over two ranks, in batches of 3: 4 batches and 3. FSDP's forward passes
     are collective, so the rank with fewer joins the other's last one with a stand-in (what it logs
-    is dropped): the metrics are the means over the 19 samples, without a hang."""
+    is dropped): the metrics are the means over the 19 samples, without a hang; with
+    ``task.valid_dl.max_batches=3``, over the 18 of the ranks' first 3 batches."""
     from torch.nn import functional as F
 
-    from tests.e2e.stream_task import DropoutMLP, DropoutMLPConfig, split
+    from tests.e2e.stream_task import DropoutMLP, DropoutMLPConfig, epoch_order, split
 
     config = tmp_path / "fsdp.yaml"
     config.write_text(CONFIG)
@@ -394,6 +395,23 @@ def test_fsdp_evaluates_streams_whose_shards_hold_different_numbers_of_batches(t
     assert valid["valid/loss"] == pytest.approx(F.cross_entropy(output, labels).item(), rel=1e-5)
     accuracy = (output.argmax(dim=1) == labels).float().mean().item()
     assert valid["valid/accuracy"] == pytest.approx(accuracy, rel=1e-6)
+
+    # At most 3 batches in each rank: rank 0 leaves out its 4th (the pass's 19th sample, which the
+    # shards take in turn), and no rank waits for another's pass.
+    capped = Run(tmp_path / "capped").train(str(config), *overrides, "task.valid_dl.max_batches=3", ranks=2)
+    try:
+        capped.finish(0)
+    finally:
+        capped.kill()
+    model.load_state_dict(capped.ckpt()["model"])
+    first = epoch_order(19, 0)[:18]
+    with torch.no_grad():
+        output = model(features[first])
+    records = [
+        json.loads(line) for line in (capped.exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
+    (valid,) = [r["metrics"] for r in records if r["phase"] == "valid" and r["step"] == 2]
+    assert valid["valid/loss"] == pytest.approx(F.cross_entropy(output, labels[first]).item(), rel=1e-5)
 
     # One validation sample: rank 1's shard has no batch to take part with. Said in one line.
     small = Run(tmp_path / "small").train(str(config), *overrides, "task.num_samples=2", ranks=2)

@@ -15,7 +15,7 @@ from ml.core.compose import ConfigError
 from ml.loggers.jsonl import JsonlLogger, JsonlLoggerConfig
 from ml.lr_schedulers.builtin import ConstantConfig, ConstantLRScheduler
 from ml.optimizers.builtin import AdamConfig, AdamOptimizer, SGDConfig, SGDOptimizer
-from ml.tasks.sl import SupervisedLearningTaskConfig
+from ml.tasks.sl import DataLoaderConfig, SupervisedLearningTaskConfig
 from ml.trainers.base import has_lock_file
 from ml.trainers.sl import NonFiniteLossError, SupervisedLearningTrainer, SupervisedLearningTrainerConfig
 from ml.utils.checkpoint import CheckpointError, unwrap_model
@@ -338,6 +338,51 @@ def test_a_task_without_validation_or_test_data_skips_them(tmp_path: Path) -> No
     _fit(trainer, max_steps=2, task_cls=TrainOnly)
     assert trainer.final_metrics == {}
     assert {r["phase"] for r in _records(tmp_path)} == {"train"}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_max_batches_evaluates_the_first_batches_of_a_set_at_every_evaluation(
+    tmp_path: Path, workers: int
+) -> None:
+    """task.valid_dl.max_batches=3 of 8: each validation is the mean over the set's first 24 samples
+    (of 64), the same ones each time, kept workers or none; the test set, without a limit, all 64."""
+    task = TinyTask(
+        SupervisedLearningTaskConfig(
+            name="tiny",
+            max_steps=4,
+            valid_dl=DataLoaderConfig(batch_size=8, max_batches=3, num_workers=workers),
+            test_dl=DataLoaderConfig(batch_size=8),
+        )
+    )
+    torch.manual_seed(0)
+    model = TinyModel(TinyModelConfig(name="tiny"))
+    trainer = _trainer(tmp_path, valid_every_n_steps=2, valid_at_end=False)
+    trainer.train(
+        model,
+        task,
+        AdamOptimizer(AdamConfig(name="adam")),
+        ConstantLRScheduler(ConstantConfig(name="constant")),
+    )
+    valid = [r for r in _records(tmp_path) if r["phase"] == "valid"]
+    assert [r["step"] for r in valid] == [2, 4]
+    model.eval()
+    with torch.no_grad():
+        for phase, first in (("valid", 24), ("test", 64)):
+            x, y = task.get_dataset(phase)[:first]
+            expected = torch.nn.functional.cross_entropy(model(x), y).item()
+            assert trainer.final_metrics[f"{phase}/loss"] == pytest.approx(expected, rel=1e-6)
+    assert valid[-1]["metrics"]["valid/loss"] == pytest.approx(trainer.final_metrics["valid/loss"], rel=1e-6)
+    # 4 steps of 32, two validations of 3 batches of 8, one test of 64
+    assert int(task.seen) == 4 * 32 + 2 * 24 + 64
+
+
+def test_max_batches_is_for_evaluation_and_positive() -> None:
+    with pytest.raises(
+        ConfigError, match=r"task.test_dl.max_batches must be positive \(or null: the whole set\), got 0"
+    ):
+        TinyTask(SupervisedLearningTaskConfig(name="tiny", test_dl=DataLoaderConfig(max_batches=0)))
+    with pytest.raises(ConfigError, match=r"task\.train_dl\.max_batches=2: only validation and test sets"):
+        TinyTask(SupervisedLearningTaskConfig(name="tiny", train_dl=DataLoaderConfig(max_batches=2)))
 
 
 @pytest.mark.slow
