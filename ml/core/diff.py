@@ -174,6 +174,7 @@ FREE_TASK_KEYS = (
     "pin_memory",
     "persistent_workers",
     "prefetch_factor",
+    "max_batches",  # evaluation only (refused on train_dl); a run from before the key has none
 )
 FREE_TASK_SECTIONS = ("valid_dl.", "test_dl.")
 

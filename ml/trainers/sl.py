@@ -521,6 +521,7 @@ class SupervisedLearningTrainer(
                 rank=rank,
                 world_size=world_size,
                 prefetch_factor=cfg.prefetch_factor,
+                cut_short=None if cfg.max_batches is None else f"task.{phase}_dl.max_batches",
             )
         self._train_stream = TrainStream(
             dataset,
@@ -907,6 +908,9 @@ class SupervisedLearningTrainer(
         counts: dict[str, int] = {}  # the samples behind each total
         last_batch: Any = None
         streamed = is_stream(loader.dataset)  # read to exhaustion; how many batches, nobody knows
+        # task.<phase>_dl.max_batches: the set's first batches in each process (iterating a
+        # loader's first ones only is torch's own early end of an epoch, workers kept or not).
+        limit = task.dataloader_config(phase).max_batches
         if streamed:
             begin_pass(loader, self._data_seed)
         else:
@@ -916,9 +920,6 @@ class SupervisedLearningTrainer(
         # now: asked after the pass, it would wait in that agreement while another rank waits in a
         # forward pass for it. A stream's ranks, whose batches nobody counts, agree batch by batch.
         sharded = is_sharded(model) and self.distributed
-        # task.<phase>_dl.max_batches: the set's first batches in each process (iterating a
-        # loader's first ones only is torch's own early end of an epoch, workers kept or not).
-        limit = task.dataloader_config(phase).max_batches
         count = None if streamed else len(loader) if limit is None else min(len(loader), limit)
         lacking = int(all_max([float(count)])[0]) - count if sharded and count is not None else 0
         description = f"{phase}/{name}" if name else phase

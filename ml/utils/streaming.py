@@ -88,9 +88,18 @@ def is_resumable(dataset: Any) -> bool:
 class _Stream(IterableDataset):
     """The user's stream, as the loaders read it: tells :func:`shard_of_stream` this process's rank."""
 
-    def __init__(self, dataset: IterableDataset, rank: int, world_size: int) -> None:
+    def __init__(
+        self, dataset: IterableDataset, rank: int, world_size: int, *, copy_per_pass: bool = False
+    ) -> None:
         self.dataset = dataset
+        self.made = dataset  # as the loader was made
+        self.copy_per_pass = copy_per_pass  # see eval_loader's cut_short
         self.ranks = (rank, world_size)
+
+    def restart(self) -> None:
+        """Before a pass: with ``copy_per_pass``, the pass reads a fresh copy of the stream as made."""
+        if self.copy_per_pass:
+            self.dataset = copy.deepcopy(self.made)
 
     def __iter__(self) -> Iterator[Any]:
         global _ranks
@@ -138,13 +147,31 @@ def eval_loader(
     rank: int,
     world_size: int,
     prefetch_factor: int | None = None,
+    cut_short: str | None = None,
 ) -> DataLoader:
     """A loader for a validation or test stream: read to exhaustion, each rank its own shard.
 
-    Start each pass with :func:`begin_pass` (the same worker seeds every time).
+    Start each pass with :func:`begin_pass` (the same worker seeds every time). ``cut_short``
+    names the setting (``task.valid_dl.max_batches``) by which passes may end before the stream
+    does. Read in this process (no workers), each pass then reads a fresh copy of the stream as it
+    is now, as each pass's workers do: the stream itself, left where the cut came, would go on
+    from there at the next pass.
+
+    Raises:
+        ConfigError: Passes are cut short, without workers, and the stream cannot be copied.
     """
+    copy_per_pass = cut_short is not None and num_workers == 0
+    if copy_per_pass:
+        try:
+            copy.deepcopy(dataset)
+        except Exception as e:
+            raise ConfigError(
+                f"{cut_short} cuts each pass over {_describe(dataset)} short, and without workers "
+                f"each pass reads a copy of it, which cannot be made ({type(e).__name__}: {e}); "
+                "read it with num_workers=1 or more, or whole"
+            ) from e
     return DataLoader(
-        _Stream(dataset, rank, world_size),
+        _Stream(dataset, rank, world_size, copy_per_pass=copy_per_pass),
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=pin_memory,
@@ -159,6 +186,7 @@ def begin_pass(loader: DataLoader, seed: int) -> None:
     """Before an evaluation pass over a stream: epoch 0, and the same worker seeds on every pass."""
     stream = loader.dataset
     assert isinstance(stream, _Stream) and loader.generator is not None
+    stream.restart()
     stream.set_epoch(0)
     # Epoch -1: training's epochs are 0, 1, ...; an evaluation's workers share no seed with them.
     loader.generator.manual_seed(sample_seed(seed, -1, stream.ranks[0]))

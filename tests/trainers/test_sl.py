@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ml.tasks.sl import DataLoaderConfig, SupervisedLearningTaskConfig
 from ml.trainers.base import has_lock_file
 from ml.trainers.sl import NonFiniteLossError, SupervisedLearningTrainer, SupervisedLearningTrainerConfig
 from ml.utils.checkpoint import CheckpointError, unwrap_model
+from ml.utils.streaming import shard_of_stream
 from tests.tiny import TinyModel, TinyModelConfig, TinyTask
 
 
@@ -91,6 +93,19 @@ def _trainer(exp_dir: Path, **trainer: object) -> SupervisedLearningTrainer:
     sl = SupervisedLearningTrainer(config)  # type: ignore[arg-type]
     sl.add_logger(JsonlLogger(JsonlLoggerConfig(name="jsonl", write_every_n_steps=1)))
     return sl
+
+
+def _fit_task(trainer: SupervisedLearningTrainer, task: TinyTask) -> TinyModel:
+    """Trains a seeded TinyModel on ``task`` with Adam; returns the model."""
+    torch.manual_seed(0)
+    model = TinyModel(TinyModelConfig(name="tiny"))
+    trainer.train(
+        model,
+        task,
+        AdamOptimizer(AdamConfig(name="adam")),
+        ConstantLRScheduler(ConstantConfig(name="constant")),
+    )
+    return model
 
 
 def _fit(
@@ -354,15 +369,8 @@ def test_max_batches_evaluates_the_first_batches_of_a_set_at_every_evaluation(
             test_dl=DataLoaderConfig(batch_size=8),
         )
     )
-    torch.manual_seed(0)
-    model = TinyModel(TinyModelConfig(name="tiny"))
     trainer = _trainer(tmp_path, valid_every_n_steps=2, valid_at_end=False)
-    trainer.train(
-        model,
-        task,
-        AdamOptimizer(AdamConfig(name="adam")),
-        ConstantLRScheduler(ConstantConfig(name="constant")),
-    )
+    model = _fit_task(trainer, task)
     valid = [r for r in _records(tmp_path) if r["phase"] == "valid"]
     assert [r["step"] for r in valid] == [2, 4]
     model.eval()
@@ -374,6 +382,75 @@ def test_max_batches_evaluates_the_first_batches_of_a_set_at_every_evaluation(
     assert valid[-1]["metrics"]["valid/loss"] == pytest.approx(trainer.final_metrics["valid/loss"], rel=1e-6)
     # 4 steps of 32, two validations of 3 batches of 8, one test of 64
     assert int(task.seen) == 4 * 32 + 2 * 24 + 64
+
+
+class _GoesOnWhereItStopped(torch.utils.data.IterableDataset):
+    """A stream that goes on from where the last pass left it and rewinds only at its end (no
+    set_epoch): as a stream with a position it saves (state_dict) may well be."""
+
+    def __init__(self, data: torch.utils.data.TensorDataset) -> None:
+        self.inputs, self.labels = data.tensors
+        self.position = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        index, count = shard_of_stream()  # (2 workers: the even samples and the odd ones)
+        mine = range(index, len(self.labels), count)
+        while self.position < len(mine):
+            self.position += 1
+            yield self.inputs[mine[self.position - 1]], self.labels[mine[self.position - 1]]
+        self.position = 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_max_batches_of_a_stream_are_its_first_at_every_evaluation(tmp_path: Path, workers: int) -> None:
+    """Cut short, a stream read in the main process was left where the cut came: the next
+    validation went on from there (samples 16-31, then 32-47, ...). Each pass reads it from the start."""
+
+    class StreamedValidation(TinyTask):
+        def get_dataset(self, phase):  # type: ignore[no-untyped-def]
+            data = super().get_dataset(phase)
+            return _GoesOnWhereItStopped(data) if phase == "valid" else data
+
+    task = StreamedValidation(
+        SupervisedLearningTaskConfig(
+            name="tiny",
+            max_steps=6,
+            valid_dl=DataLoaderConfig(batch_size=8, max_batches=2, num_workers=workers),
+        )
+    )
+    trainer = _trainer(tmp_path, valid_every_n_steps=2, valid_at_end=False)
+    model = _fit_task(trainer, task)
+    model.eval()
+    x, y = TinyTask.get_dataset(task, "valid")[:16]
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(x), y).item()
+    valid = [r for r in _records(tmp_path) if r["phase"] == "valid"]
+    assert [r["step"] for r in valid] == [2, 4, 6]  # the third pass over the stream, at the last step
+    assert valid[-1]["metrics"]["valid/loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_stream_cut_short_without_workers_that_cannot_be_copied_is_refused_before_training(
+    tmp_path: Path,
+) -> None:
+    class Locked(_GoesOnWhereItStopped):
+        def __init__(self, data: torch.utils.data.TensorDataset) -> None:
+            super().__init__(data)
+            self.lock = threading.Lock()
+
+    class LockedValidation(TinyTask):
+        def get_dataset(self, phase):  # type: ignore[no-untyped-def]
+            return Locked(super().get_dataset(phase)) if phase == "valid" else super().get_dataset(phase)
+
+    task = LockedValidation(
+        SupervisedLearningTaskConfig(name="tiny", max_steps=2, valid_dl=DataLoaderConfig(max_batches=1))
+    )
+    with pytest.raises(
+        ConfigError, match=r"task\.valid_dl\.max_batches cuts each pass over .*Locked short"
+    ) as e:
+        _fit_task(_trainer(tmp_path), task)
+    assert "TypeError: cannot pickle '_thread.lock' object" in str(e.value)
+    assert "read it with num_workers=1 or more, or whole" in str(e.value)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_max_batches_is_for_evaluation_and_positive() -> None:

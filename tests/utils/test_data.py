@@ -158,15 +158,23 @@ def test_worker_settings_are_config_keys_and_mean_nothing_without_workers() -> N
 
 
 def test_a_run_from_before_these_keys_resumes() -> None:
-    # Its checkpoint's config has neither key; worker settings may change freely.
-    old = {"task": {"train_dl": {"batch_size": 4, "num_workers": 2}}}
+    # Its checkpoint's config has none of the keys; worker settings and evaluation's cut may change
+    # freely (max_batches is refused on train_dl, but every loader's config has the key: null).
+    old = {"task": {"train_dl": {"batch_size": 4, "num_workers": 2}, "valid_dl": {"batch_size": 8}}}
     new = {
         "task": {
-            "train_dl": {"batch_size": 4, "num_workers": 2, "persistent_workers": True, "prefetch_factor": 2}
+            "train_dl": {
+                "batch_size": 4,
+                "num_workers": 2,
+                "persistent_workers": True,
+                "prefetch_factor": 2,
+                "max_batches": None,
+            },
+            "valid_dl": {"batch_size": 8, "max_batches": None},
         }
     }
     lines, meaningful = segment_changes(old, new)
-    assert len(lines) == 2 and meaningful == []
+    assert len(lines) == 4 and meaningful == []
 
 
 # -- 4. the sampler's order and memory
