@@ -33,14 +33,7 @@ def _run(
     )
     sl = SupervisedLearningTrainer(config)  # type: ignore[arg-type]
     sl.add_logger(JsonlLogger(jsonl or JsonlLoggerConfig(name="jsonl", write_every_n_steps=1)))
-    task = TinyTask(SupervisedLearningTaskConfig(name="tiny", max_steps=max_steps))
-    model = TinyModel(TinyModelConfig(name="tiny"))
-    sl.train(
-        model,
-        task,
-        AdamOptimizer(AdamConfig(name="adam")),
-        ConstantLRScheduler(ConstantConfig(name="constant")),
-    )
+    _fit(sl, max_steps)
     return sl
 
 
@@ -95,27 +88,19 @@ def _trainer(exp_dir: Path, **trainer: object) -> SupervisedLearningTrainer:
     return sl
 
 
-def _fit_task(trainer: SupervisedLearningTrainer, task: TinyTask) -> TinyModel:
-    """Trains a seeded TinyModel on ``task`` with Adam; returns the model."""
+def _fit_task(trainer: SupervisedLearningTrainer, task: TinyTask, sgd: bool = False) -> TinyModel:
+    """Trains a seeded TinyModel on ``task`` with Adam (or SGD at 0.1); returns the model."""
     torch.manual_seed(0)
     model = TinyModel(TinyModelConfig(name="tiny"))
-    trainer.train(
-        model,
-        task,
-        AdamOptimizer(AdamConfig(name="adam")),
-        ConstantLRScheduler(ConstantConfig(name="constant")),
-    )
+    optimizer = SGDOptimizer(SGDConfig(name="sgd", lr=0.1)) if sgd else AdamOptimizer(AdamConfig(name="adam"))
+    trainer.train(model, task, optimizer, ConstantLRScheduler(ConstantConfig(name="constant")))
     return model
 
 
 def _fit(
     trainer: SupervisedLearningTrainer, max_steps: int, task_cls: type = TinyTask, sgd: bool = False
 ) -> None:
-    task = task_cls(SupervisedLearningTaskConfig(name="tiny", max_steps=max_steps))
-    torch.manual_seed(0)
-    model = TinyModel(TinyModelConfig(name="tiny"))
-    optimizer = SGDOptimizer(SGDConfig(name="sgd", lr=0.1)) if sgd else AdamOptimizer(AdamConfig(name="adam"))
-    trainer.train(model, task, optimizer, ConstantLRScheduler(ConstantConfig(name="constant")))
+    _fit_task(trainer, task_cls(SupervisedLearningTaskConfig(name="tiny", max_steps=max_steps)), sgd=sgd)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
