@@ -1,35 +1,44 @@
-"""Many short ``ml`` commands for the start-up cost of one: each runs in its own process, forked from
-one that has already imported torch and ml.
+"""``ml`` commands for a fraction of their start-up cost: each runs in its own process, forked from
+one that has already imported torch and ml (a zygote, one per test process, started on first use).
 
-The bad-input cases (``tests/e2e/test_cli.py``, ``tests/reliability/test_hostile_input.py``) are
-dozens of ``ml train`` commands that each stop within a fraction of a second of work, after 1.2 to
-2.4 s of CPU importing torch (and ``torch._dynamo``, which torch's optimizers import): most of
-the suite's time went into those imports. Here one interpreter imports what the ``ml`` console
-script imports, in its order (:mod:`ml.entry` first, which listens for signals and slows the
-collector), and nothing more runs in it; each command is then a child forked from it that takes the
+An ``ml train`` process spends about 2.4 of its 2.5 CPU-seconds importing torch and
+``torch._dynamo`` (which torch's optimizers import), and the suite starts a few hundred of them on
+two cores. Here one interpreter imports what the ``ml`` console script imports, in its order
+(:mod:`ml.entry` first, which listens for signals and slows the collector), freezes those objects
+for the collector, and runs nothing else. Each command is a child forked from it that takes the
 command's arguments, environment (``PYTHONPATH``'s folders put on ``sys.path`` as at start-up),
 working directory and output files, and exits through :func:`ml.entry.main` as the script does.
-Its exit code, stdout, stderr and files on disk are the command's own.
+Its exit code, stdout, stderr and files on disk are the command's own; the zygote itself is never
+changed by one.
 
-What a forked command cannot show is the start-up itself (a signal during it, the collector while
-importing, what a fresh interpreter imports): the tests of those start the real script. The
-interpreter-wide settings read once at start-up (``PYTHONUNBUFFERED``, ``OMP_NUM_THREADS`` when the
-OpenMP runtime loads) are the ones the tests use: unbuffered output, one thread.
+What a forked command cannot show, and which tests therefore start the real script:
 
-Run as a script by :func:`run_forked`; not a test module.
+- the start-up itself: a signal during it, the collector while importing, what a fresh interpreter
+  imports (``tests/test_import.py``), settings read once at start-up (``PYTHONUNBUFFERED``,
+  ``OMP_NUM_THREADS`` when the OpenMP runtime loads, malloc's environment);
+- a process the test signals, kills or talks to while it runs (those need its pid at once);
+- a run resumed in another process: forked commands share the zygote's string-hash seed, where
+  two real processes differ, so a resume that depends on set order would pass here.
+
+Use :func:`run_ml` (one command, like ``subprocess.run``) or :func:`run_forked` (a batch, side by
+side). The zygote is this file run as a script; not a test module.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 import importlib
 import importlib.machinery
 import json
+import multiprocessing.process
 import os
+import select
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -48,25 +57,23 @@ class Command:
     timeout_s: float = 120.0
 
 
-def run_forked(commands: Sequence[Command], parallel: int = 2) -> list[subprocess.CompletedProcess[str]]:
-    """Runs every command, ``parallel`` at a time, each in a child of one process that imported torch
-    and ml once; returns their results in order. A command past its timeout is killed (SIGKILL):
-    return code -9, and its stderr ends with a ``TIMEOUT after ... s`` line."""
+def run_ml(
+    args: Sequence[str], env: dict[str, str], cwd: str | Path | None = None, timeout_s: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """``ml ARGS`` to completion, as ``subprocess.run(..., capture_output=True, text=True)`` runs it."""
+    return run_forked([Command([str(a) for a in args], env, None if cwd is None else str(cwd), timeout_s)])[0]
+
+
+def run_forked(commands: Sequence[Command], parallel: int = 1) -> list[subprocess.CompletedProcess[str]]:
+    """Runs every command, ``parallel`` at a time, each forked from the zygote; returns their results
+    in order. A command past its timeout is killed (SIGKILL): return code -9, and its stderr ends
+    with a ``TIMEOUT after ... s`` line."""
     with tempfile.TemporaryDirectory(prefix="forked_ml_") as folder:
         work = Path(folder)
         cwd = os.getcwd()
         (work / "commands.json").write_text(json.dumps([asdict(c) | {"cwd": c.cwd or cwd} for c in commands]))
-        # The caller's PYTHONPATH too: the ml it selects (a checkout's) is the one imported.
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        budget = sum(c.timeout_s for c in commands) + 60
-        server = subprocess.run(
-            [sys.executable, __file__, str(work), str(parallel)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=budget,
-        )
-        assert server.returncode == 0, f"the forking process failed:\n{server.stderr[-3000:]}"
+        with _ONE_BATCH_AT_A_TIME:  # callers in threads take turns
+            _zygote().run(work, parallel, budget_s=sum(c.timeout_s for c in commands) + 60)
         codes = json.loads((work / "codes.json").read_text())
         results = []
         for number, command in enumerate(commands):
@@ -79,6 +86,75 @@ def run_forked(commands: Sequence[Command], parallel: int = 2) -> list[subproces
         return results
 
 
+class _Zygote:
+    """This file run as a script: it imports, then forks each batch of commands it is sent (the path
+    of a folder holding ``commands.json``, on a line of its stdin) and answers ``done FOLDER`` once
+    that folder's ``codes.json`` is written. It ends when its stdin closes (this process's exit)."""
+
+    def __init__(self) -> None:
+        # The caller's PYTHONPATH too: the ml it selects (a checkout's) is the one imported. Not
+        # the ML_ variables of the test that happens to start it: each child has its command's own.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ML_")}
+        env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (read when it fails; closed with this process)
+        self._process = subprocess.Popen(
+            [sys.executable, __file__],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
+    def run(self, work: Path, parallel: int, budget_s: float) -> None:
+        assert self._process.stdin is not None and self._process.stdout is not None
+        answer = ""
+        try:
+            self._process.stdin.write(f"{parallel} {work}\n")
+            self._process.stdin.flush()
+            ready, _, _ = select.select([self._process.stdout], [], [], budget_s)
+            answer = self._process.stdout.readline() if ready else ""
+        finally:
+            if answer != f"done {work}\n":  # failed, or interrupted: the next batch needs a new one
+                self._process.kill()
+                self._process.wait()
+        if answer != f"done {work}\n":
+            self._log.seek(0)
+            raise AssertionError(f"the zygote failed:\n{self._log.read()[-3000:].decode(errors='replace')}")
+
+    def close(self) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.close()
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+_ZYGOTE: _Zygote | None = None
+_ONE_BATCH_AT_A_TIME = threading.Lock()
+
+
+def _zygote() -> _Zygote:
+    global _ZYGOTE
+    if _ZYGOTE is None or not _ZYGOTE.alive():
+        _ZYGOTE = _Zygote()
+        atexit.register(_ZYGOTE.close)
+    return _ZYGOTE
+
+
+_ZYGOTE_PYTHON_PATH: list[str] = []  # in the zygote: its own PYTHONPATH's folders
+
+
+def _python_path(env: dict[str, str]) -> list[str]:
+    """``PYTHONPATH``'s folders as the interpreter puts them on ``sys.path`` at start-up."""
+    return [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+
+
 def _child(work: Path, number: int, command: dict) -> None:
     """Becomes the command: its folder, environment, output files and arguments; then ml's main."""
     import ml.entry
@@ -86,8 +162,9 @@ def _child(work: Path, number: int, command: dict) -> None:
     os.chdir(command["cwd"])
     os.environ.clear()
     os.environ.update(command["env"])
-    # At start-up PYTHONPATH's folders come right after the script's own folder.
-    sys.path[1:1] = [p for p in command["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    # At start-up PYTHONPATH's folders come right after the script's own folder: the command's,
+    # in place of the zygote's.
+    sys.path[1 : 1 + len(_ZYGOTE_PYTHON_PATH)] = _python_path(command["env"])
     # The command's own start-up must find the ml imported here, or it would test another one.
     spec = importlib.machinery.PathFinder.find_spec("ml", sys.path)
     if spec is not None and spec.origin != ml.__file__:
@@ -99,10 +176,15 @@ def _child(work: Path, number: int, command: dict) -> None:
         os.dup2(out, fd)
         os.close(out)
     sys.argv = [str(SCRIPT), *command["args"]]
-    sys.exit(ml.entry.main())  # unwinds out of _serve: the interpreter's own exit, atexit hooks and all
+    # What a process it spawns (the mp launcher's ranks) runs first, as for the script: the script
+    # as its main module, relative paths from the command's folder.
+    sys.modules["__main__"].__file__ = str(SCRIPT)
+    multiprocessing.process.ORIGINAL_DIR = os.getcwd()
+    # Unwinds out of the zygote's loop: the interpreter's own exit, atexit hooks and all.
+    sys.exit(ml.entry.main())
 
 
-def _serve(work: Path, parallel: int) -> None:
+def _serve_batch(work: Path, parallel: int) -> None:
     commands = json.loads((work / "commands.json").read_text())
     codes: list[int | None] = [None] * len(commands)
     waiting = list(range(len(commands)))
@@ -129,6 +211,8 @@ def _serve(work: Path, parallel: int) -> None:
 
 if __name__ == "__main__":
     sys.path[0] = str(SCRIPT.parent)  # as for the console script, not this file's folder
+    _ZYGOTE_PYTHON_PATH = _python_path(dict(os.environ))
+    assert sys.path[1 : 1 + len(_ZYGOTE_PYTHON_PATH)] == _ZYGOTE_PYTHON_PATH, sys.path
     # In the script's order: ml.entry first (it listens for signals and slows the collector), then
     # the command, torch, what torch's optimizers import when the first one is made, and the
     # built-in components' modules.
@@ -138,4 +222,7 @@ if __name__ == "__main__":
         sys.modules["ml.core.registry"].registered_names(kind)
     gc.collect()
     gc.freeze()  # no child's collection walks (and so copies) the imported objects
-    _serve(Path(sys.argv[1]), int(sys.argv[2]))
+    for line in sys.stdin:  # "PARALLEL FOLDER", until the test process closes our stdin
+        parallel, folder = line.rstrip("\n").split(" ", 1)
+        _serve_batch(Path(folder), int(parallel))
+        print("done", folder, flush=True)
