@@ -1,13 +1,14 @@
-"""``ml train`` in a subprocess, as a user runs it: runs under the test's own ``RUN_DIR``, this folder's
-task modules (``resume_task``, ``kill_logger``, ...) importable, one thread, no launcher's variables."""
+"""``ml train`` in a subprocess: runs under the test's own ``RUN_DIR``, this folder's task modules
+(``resume_task``, ``kill_logger``, ...) importable, one thread, no launcher's variables; forked from
+a process that imported torch (``tests/forked_ml.py``): what these tests check is the run, not its
+start-up."""
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-_SCRIPT = Path(sys.executable).parent / "ml"
-ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.entry"]
+from tests.forked_ml import run_ml
+
 TIMEOUT_S = 120
 
 
@@ -22,5 +23,4 @@ def ml_train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
     )
-    cmd = [*ML, "train", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    return run_ml(["train", *args], env, timeout_s=TIMEOUT_S)

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from ml.utils.startup_gc import IMPORT_THRESHOLD
-from tests.forked_ml import Command, run_forked
+from tests.forked_ml import Command, run_forked, run_ml
 
 _SCRIPT = Path(sys.executable).parent / "ml"
 ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.cli"]
@@ -160,9 +160,12 @@ def _env(files: Files, run_dir: Path | None) -> dict[str, str]:
 
 
 def ml(
-    files: Files, *args: str | Path, run_dir: Path | None, cwd: Path | None = None
+    files: Files, *args: str | Path, run_dir: Path | None, cwd: Path | None = None, fresh: bool = False
 ) -> subprocess.CompletedProcess[str]:
-    """Runs the ``ml`` command to completion."""
+    """Runs the ``ml`` command to completion, forked from a process that imported torch
+    (tests/forked_ml.py), or with ``fresh`` the script in a new interpreter: for what its start-up does."""
+    if not fresh:
+        return run_ml([str(a) for a in args], _env(files, run_dir), cwd, TIMEOUT_S)
     return subprocess.run(
         [*ML, *map(str, args)],
         env=_env(files, run_dir),
@@ -649,7 +652,8 @@ def test_the_collector_runs_less_often_while_torch_is_imported(files: Files, tmp
     """ml.utils.startup_gc: fewer collections while the config is composed (a fifth of torch's import
     was the collector walking its objects again and again); the user's code at Python's pace."""
     task = f"task.name={USER_MODULE}:GcWatchTask"
-    _ok(ml(files, "train", files.user, task, "task.threshold=0", "task.max_steps=2", run_dir=tmp_path))
+    args = ["train", files.user, task, "task.threshold=0", "task.max_steps=2"]
+    _ok(ml(files, *args, run_dir=tmp_path, fresh=True))
     steps = [r for r in _records(tmp_path / "user" / "run_0") if r["phase"] == "train"]
     assert [r["step"] for r in steps] == [1, 2]
     default = gc.get_threshold()[0]

@@ -1,4 +1,5 @@
-"""End-to-end tests of components by name through the ``ml`` command (real subprocesses).
+"""End-to-end tests of components by name through the ``ml`` command (subprocesses forked from one
+that imported torch, tests/forked_ml.py).
 
 Covered: a torch optimizer and a torch schedule by import path (``config.yaml``, the rates used, an
 exact resume), swapping a section on the command line (``optimizer.name=lion``: rebuilt from the
@@ -6,8 +7,8 @@ new component's defaults), the library optimizers and the original's schedules i
 unknown key, initial weights from an ``ml export`` file, and a user package imported from the
 current directory by the ``ml`` console script (every run here uses one: ``cwd_models``).
 
-The module's commands start as early as they can, side by side: those needing nothing at once, the
-two that start from the SGD run's checkpoints as soon as it ends; each test waits for its own.
+The module's commands are queued as early as they can be: those needing nothing first, the two that
+start from the SGD run's checkpoints as soon as it ends; each test waits for its own.
 """
 
 import json
@@ -25,6 +26,7 @@ import torch
 import yaml
 
 from ml.models.export import export_weights
+from tests.forked_ml import run_ml
 from tests.same import assert_same
 
 _SCRIPT = Path(sys.executable).parent / "ml"
@@ -79,11 +81,11 @@ STEP_LR = 'lr_scheduler={name: "torch.optim.lr_scheduler:StepLR", step_size: 3, 
 
 
 def ml(*args: str | Path, cwd: Path, run_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``ml ARGS`` in ``cwd`` to completion, forked from a process that imported torch
+    (tests/forked_ml.py), with no ``PYTHONPATH``."""
     env = {k: v for k, v in os.environ.items() if k not in ("RUN_DIR", "ML_EXP_NAME", "PYTHONPATH")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RUN_DIR=str(run_dir or cwd / "runs"))
-    return subprocess.run(
-        [*ML, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
-    )
+    return run_ml([str(a) for a in args], env, cwd, TIMEOUT_S)
 
 
 def _ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
@@ -118,7 +120,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[ThreadPoolExecutor]:
-    """Runs the module's ``ml`` commands side by side (each in a thread waiting on its process)."""
+    """Runs the module's ``ml`` commands in the background while fixtures prepare the next ones (the
+    forked commands take turns, tests/forked_ml.py)."""
     with ThreadPoolExecutor(max_workers=8) as executor:
         yield executor
 
@@ -127,7 +130,7 @@ def pool() -> Iterator[ThreadPoolExecutor]:
 def independent(
     home: Path, pool: ThreadPoolExecutor, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Future]:
-    """The commands that need no run of this module, started at once (before the SGD run)."""
+    """The commands that need no run of this module, queued first (before the SGD run)."""
     (home / "bad.safetensors").write_bytes(b"not a safetensors file")
     unknown_run_dir = tmp_path_factory.mktemp("unknown_key")
     return {
@@ -156,7 +159,7 @@ def independent(
 @pytest.fixture(scope="module")
 def sgd_run(home: Path, independent: dict[str, Future]) -> Path:
     """10 steps with torch.optim.SGD and StepLR by import path (checkpoints at 5 and 10)."""
-    del independent  # started first, to run beside this one
+    del independent  # queued first
     _ok(ml("train", "tiny.yaml", TORCH_SGD, STEP_LR, cwd=home))
     return home / "runs" / "tiny" / "run_0"
 
@@ -165,7 +168,7 @@ def sgd_run(home: Path, independent: dict[str, Future]) -> Path:
 def from_sgd_run(
     sgd_run: Path, home: Path, pool: ThreadPoolExecutor, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path | Future]:
-    """The two runs that start from the SGD run's checkpoints, started together as soon as it ends.
+    """The two runs that start from the SGD run's checkpoints, queued as soon as it ends.
 
     - ``resumed``: the SGD run as it was at step 5 (its folder copied, the later checkpoint gone,
       the link back), continued to step 10.

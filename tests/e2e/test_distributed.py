@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from ml.loggers.jsonl import read_metrics
+from tests.forked_ml import run_ml
 
 _SCRIPT = Path(sys.executable).parent / "ml"
 ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.cli"]
@@ -62,9 +63,9 @@ def _env(run_dir: Path) -> dict[str, str]:
 
 
 def _ml(*args: str, run_dir: Path, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*ML, *args], env=_env(run_dir), capture_output=True, text=True, timeout=timeout, check=False
-    )
+    """``ml ARGS`` to completion, forked from a process that imported torch (tests/forked_ml.py): the
+    processes it starts (ranks, torchrun's workers) are new interpreters, as for the script."""
+    return run_ml(args, _env(run_dir), timeout_s=timeout)
 
 
 def _job(config: Path, run_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:

@@ -1,4 +1,5 @@
-"""End-to-end tests of the ``rl`` trainer: real ``ml train cartpole`` subprocesses, signals and files.
+"""End-to-end tests of the ``rl`` trainer: real ``ml train cartpole`` processes (forked from one that
+imported torch where no signal reaches them, tests/forked_ml.py), signals and files.
 
 A short CartPole run improves its return. A run stopped by SIGTERM (at an iteration boundary) and
 continued from its ``config.yaml`` ends with exactly the tensors of a run that never stopped:
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from ml.loggers.jsonl import read_metrics
+from tests.forked_ml import run_ml
 from tests.same import assert_same
 
 pytest.importorskip("gymnasium")
@@ -50,6 +52,14 @@ def _start(run_dir: Path, *args: str) -> subprocess.Popen:
         )
 
 
+def _train(run_dir: Path, *args: str, expected: int = 0) -> str:
+    """``ml train ARGS`` to completion, forked from a process that imported torch
+    (tests/forked_ml.py): for a run no signal reaches. Returns its stderr."""
+    result = run_ml(["train", *args], _env(run_dir), timeout_s=TIMEOUT_S)
+    assert result.returncode == expected, f"exit {result.returncode}\n{result.stderr}"
+    return result.stderr
+
+
 def _finish(proc: subprocess.Popen, run_dir: Path, expected: int = 0) -> str:
     try:
         code = proc.wait(timeout=TIMEOUT_S)
@@ -75,8 +85,7 @@ def _metric(exp_dir: Path, name: str) -> list[float]:
 def test_short_cartpole_run_improves_the_return(tmp_path: Path, logging_yaml: Path) -> None:
     # As Stable-Baselines3's EvalCallback keeps best_model: the best checkpoint by evaluation return.
     monitor = "trainer.checkpoint.monitor=rl/eval_return"
-    proc = _start(tmp_path, "cartpole", str(logging_yaml), "task.max_samples=10240", monitor)
-    _finish(proc, tmp_path)
+    _train(tmp_path, "cartpole", str(logging_yaml), "task.max_samples=10240", monitor)
     exp_dir = tmp_path / "cartpole" / "run_0"
     returns = _metric(exp_dir, "rl/episode_return")
     evals = _metric(exp_dir, "rl/eval_return")
@@ -165,7 +174,7 @@ def _episode_logs(exp_dir: Path) -> list[tuple[int, float, float, float]]:
     ids=["bad-env-id", "wrong-action-shape", "wrong-observation-size", "bad-gamma"],
 )
 def test_bad_environment_or_actions_give_one_clear_line(tmp_path: Path, args: tuple, message: str) -> None:
-    stderr = _finish(_start(tmp_path, *args), tmp_path, expected=2)
+    stderr = _train(tmp_path, *args, expected=2)
     errors = [line for line in stderr.splitlines() if line.startswith("ml: error:")]
     assert len(errors) == 1 and message in errors[0], stderr
     assert "Traceback" not in stderr
@@ -176,13 +185,11 @@ def test_bad_environment_or_actions_give_one_clear_line(tmp_path: Path, args: tu
 def test_continuing_with_other_environments_resets_them_and_says_so(
     tmp_path: Path, logging_yaml: Path, change: str
 ) -> None:
-    _finish(_start(tmp_path, "cartpole", str(logging_yaml), "task.max_steps=2"), tmp_path)
+    _train(tmp_path, "cartpole", str(logging_yaml), "task.max_steps=2")
     exp_dir = tmp_path / "cartpole" / "run_0"
     # Other environments change the experiment: continuing takes --allow-config-change.
     flags = ["--allow-config-change"] if change.startswith("task.") else []
-    stderr = _finish(
-        _start(tmp_path, str(exp_dir / "config.yaml"), "task.max_steps=4", change, *flags), tmp_path
-    )
+    stderr = _train(tmp_path, str(exp_dir / "config.yaml"), "task.max_steps=4", change, *flags)
     assert "resuming resets them" in stderr
     assert os.readlink(exp_dir / "checkpoints" / "ckpt.pt") == "ckpt.4.pt"
 

@@ -9,7 +9,8 @@ groups, real files.
   resume, which the loaded weights alone decide, and the whole curve to step 12 are the
   uninterrupted run's (the same global batch in every case: the per-process batch times the
   processes), and so are the final weights. The three resumed runs are started side by side, once
-  for the module, each in a copy of the run of its own.
+  for the module, each in a copy of the run of its own. (Each ``ml`` command is forked from a
+  process that imported torch, tests/forked_ml.py; the ranks it starts are new interpreters.)
 - ``ml export`` streams a sharded checkpoint into one safetensors file.
 - kill -9 of rank 1 while a sharded checkpoint is being written: the link still names the
   previous complete checkpoint, and the run resumes from it.
@@ -29,6 +30,7 @@ from ml.run.layout import RunDir
 from ml.utils.checkpoint import read_checkpoint
 from ml.utils.sharded import model_tensor_specs, stream_model_tensors
 from tests.e2e.test_distributed import ML, TIMEOUT_S, _env, _ml, _records, _worker_pid
+from tests.forked_ml import Command, run_forked
 from tests.same import assert_same
 
 GLOBAL_BATCH = 24  # 2 x 12, 3 x 8, 1 x 24
@@ -98,40 +100,30 @@ def test_every_rank_writes_its_shards_into_the_checkpoint_folder(uninterrupted: 
 @pytest.fixture(scope="module")
 def resumed(uninterrupted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, str]]:
     """The run as it stood at step 8 (its checkpoint linked, the later one gone), copied once per
-    number of processes (2, 3, 1) and resumed to step 12 in each, the three side by side; for each,
-    the resumed run folder and its stderr."""
-    procs: dict[int, tuple[Path, subprocess.Popen[bytes]]] = {}
-    try:
-        for nproc in (2, 3, 1):
-            tmp = tmp_path_factory.mktemp(f"resumed{nproc}")
-            exp_dir = tmp / "runs" / "sharded" / "run_0"
-            shutil.copytree(uninterrupted, exp_dir, symlinks=True)
-            shutil.rmtree(exp_dir / "checkpoints" / "ckpt.12")
-            (exp_dir / "checkpoints" / "ckpt.pt").unlink()
-            (exp_dir / "checkpoints" / "ckpt.pt").symlink_to("ckpt.8")
-            batch = f"task.train_dl.batch_size={GLOBAL_BATCH // nproc}"
-            args = [str(exp_dir / "config.yaml"), batch, "--allow-config-change"]
-            if nproc > 1:
-                args = ["launch", *args, "launcher.name=mp", f"launcher.nproc_per_node={nproc}"]
-            else:
-                args = ["train", *args]
-            with (tmp / "stderr").open("w") as stderr:  # the child keeps its own copy
-                proc = subprocess.Popen(
-                    [*ML, *args], env=_env(tmp / "runs"), stdout=subprocess.DEVNULL, stderr=stderr
-                )
-            procs[nproc] = (exp_dir, proc)
-        results = {}
-        for nproc, (exp_dir, proc) in procs.items():
-            code = proc.wait(timeout=TIMEOUT_S)
-            stderr = (exp_dir.parents[2] / "stderr").read_text()
-            assert code == 0, stderr[-3000:]
-            results[nproc] = (exp_dir, stderr)
-        return results
-    finally:
-        for _, proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    number of processes (2, 3, 1) and resumed to step 12 in each, the three side by side (each
+    ``ml`` command forked from a process that imported torch, tests/forked_ml.py); for each, the
+    resumed run folder and its stderr."""
+    folders, commands = {}, []
+    for nproc in (2, 3, 1):
+        tmp = tmp_path_factory.mktemp(f"resumed{nproc}")
+        exp_dir = tmp / "runs" / "sharded" / "run_0"
+        shutil.copytree(uninterrupted, exp_dir, symlinks=True)
+        shutil.rmtree(exp_dir / "checkpoints" / "ckpt.12")
+        (exp_dir / "checkpoints" / "ckpt.pt").unlink()
+        (exp_dir / "checkpoints" / "ckpt.pt").symlink_to("ckpt.8")
+        batch = f"task.train_dl.batch_size={GLOBAL_BATCH // nproc}"
+        args = [str(exp_dir / "config.yaml"), batch, "--allow-config-change"]
+        if nproc > 1:
+            args = ["launch", *args, "launcher.name=mp", f"launcher.nproc_per_node={nproc}"]
+        else:
+            args = ["train", *args]
+        folders[nproc] = exp_dir
+        commands.append(Command(args, _env(tmp / "runs"), timeout_s=TIMEOUT_S))
+    results = {}
+    for (nproc, exp_dir), result in zip(folders.items(), run_forked(commands, parallel=3), strict=True):
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[nproc] = (exp_dir, result.stderr)
+    return results
 
 
 @pytest.mark.parametrize("nproc", [2, 3, 1])

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.forked_ml import Command, run_forked
 from tests.same import assert_same
 
 _SCRIPT = Path(sys.executable).parent / "ml"
@@ -88,10 +89,9 @@ class Run:
     def checkpoints(self) -> Path:
         return self.exp_dir / "checkpoints"
 
-    def train(self, *args: str, ranks: int = 1) -> "Run":
-        """Starts ``ml train ARGS`` in ``ranks`` processes: with several, each is given its rank in
-        torchrun's variables (as torchrun would, without the cost of its own process)."""
-        self.segments += 1
+    def _environments(self, ranks: int) -> list[dict[str, str]]:
+        """Each rank's: with several, its rank in torchrun's variables (as torchrun would give it,
+        without the cost of its own process)."""
         env = {
             k: v
             for k, v in os.environ.items()
@@ -104,20 +104,39 @@ class Run:
             OMP_NUM_THREADS="1",
             PYTHONUNBUFFERED="1",
         )
-        if ranks > 1:
-            env.update(WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1")
-            env.update(MASTER_PORT=str(_free_port()))
+        if ranks == 1:
+            return [env]
+        env.update(WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1")
+        env.update(MASTER_PORT=str(_free_port()))
+        return [dict(env, RANK=str(rank), LOCAL_RANK=str(rank)) for rank in range(ranks)]
+
+    def train(self, *args: str, ranks: int = 1) -> "Run":
+        """Starts ``ml train ARGS`` in ``ranks`` processes (the script, in new interpreters)."""
+        self.segments += 1
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.procs = []
-        for rank in range(ranks):
-            if ranks > 1:
-                env.update(RANK=str(rank), LOCAL_RANK=str(rank))
+        for rank, env in enumerate(self._environments(ranks)):
             with (
                 self._output("stdout", rank).open("w") as out,
                 self._output("stderr", rank).open("w") as err,
             ):
                 self.procs.append(subprocess.Popen([*ML, "train", *args], env=env, stdout=out, stderr=err))
         return self
+
+    def run(self, *args: str, ranks: int = 1, expected_code: int = 0) -> str:
+        """``ml train ARGS`` in ``ranks`` processes side by side to their end, each forked from a
+        process that imported torch (tests/forked_ml.py); asserts their exit codes; returns rank 0's
+        stderr. For a run no signal reaches."""
+        self.segments += 1
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        commands = [Command(["train", *args], env, timeout_s=TIMEOUT_S) for env in self._environments(ranks)]
+        for rank, result in enumerate(run_forked(commands, parallel=ranks)):
+            self._output("stdout", rank).write_text(result.stdout)
+            self._output("stderr", rank).write_text(result.stderr)
+            assert result.returncode == expected_code, (
+                f"rank {rank}: exit {result.returncode}\n{result.stderr[-3000:]}"
+            )
+        return self._output("stderr", 0).read_text()
 
     def _output(self, name: str, rank: int) -> Path:
         return self.run_dir / f"{name}.{self.segments}.{rank}.txt"
@@ -289,11 +308,8 @@ def test_two_ranks_whose_last_batches_differ_step_on_the_mean_over_all_their_sam
         "trainer.checkpoint.format=full",
         "task.eval_streams=false",  # (FSDP evaluates map-style data only)
     )
-    run = Run(tmp_path / "run").train(str(config), *overrides, ranks=2)
-    try:
-        run.finish(0)
-    finally:
-        run.kill()
+    run = Run(tmp_path / "run")
+    run.run(str(config), *overrides, ranks=2)
     before = torch.load(run.checkpoints / f"ckpt.{steps - 1}.pt", map_location="cpu", weights_only=True)
     after = torch.load(run.checkpoints / f"ckpt.{steps}.pt", map_location="cpu", weights_only=True)
     assert json.loads(after["state"])["num_samples"] == trained  # one epoch
@@ -349,11 +365,8 @@ def test_every_rank_starts_from_the_initial_weights_rank_0_names(tmp_path: Path)
         "model.log_weight_sum=true",
         f"trainer.checkpoint.load_from_ckpt_path={tmp_path}/latest${{oc.env:RANK}}.safetensors",
     )
-    run = Run(tmp_path / "run").train(str(config), *overrides, ranks=2)
-    try:
-        run.finish(0)
-    finally:
-        run.kill()
+    run = Run(tmp_path / "run")
+    run.run(str(config), *overrides, ranks=2)
     records = [json.loads(line) for line in (run.exp_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     (first,) = [r["metrics"] for r in records if r["phase"] == "train" and r["step"] == 1]
     assert first["model/weight_sum"] == pytest.approx(sums[0], rel=1e-6)  # logged in float32
@@ -380,11 +393,8 @@ def test_fsdp_evaluates_streams_whose_shards_hold_different_numbers_of_batches(t
         "trainer.parallel=fsdp",
         "trainer.checkpoint.format=full",
     )
-    run = Run(tmp_path / "run").train(str(config), *overrides, ranks=2)
-    try:
-        run.finish(0)
-    finally:
-        run.kill()
+    run = Run(tmp_path / "run")
+    run.run(str(config), *overrides, ranks=2)
     model = DropoutMLP(DropoutMLPConfig(hidden=16)).eval()
     model.load_state_dict(run.ckpt()["model"])
     features, labels = split("valid", 19)
@@ -398,11 +408,8 @@ def test_fsdp_evaluates_streams_whose_shards_hold_different_numbers_of_batches(t
 
     # At most 3 batches in each rank: rank 0 leaves out its 4th (the pass's 19th sample, which the
     # shards take in turn), and no rank waits for another's pass.
-    capped = Run(tmp_path / "capped").train(str(config), *overrides, "task.valid_dl.max_batches=3", ranks=2)
-    try:
-        capped.finish(0)
-    finally:
-        capped.kill()
+    capped = Run(tmp_path / "capped")
+    capped.run(str(config), *overrides, "task.valid_dl.max_batches=3", ranks=2)
     model.load_state_dict(capped.ckpt()["model"])
     first = epoch_order(19, 0)[:18]
     with torch.no_grad():
@@ -414,11 +421,8 @@ def test_fsdp_evaluates_streams_whose_shards_hold_different_numbers_of_batches(t
     assert valid["valid/loss"] == pytest.approx(F.cross_entropy(output, labels[first]).item(), rel=1e-5)
 
     # One validation sample: rank 1's shard has no batch to take part with. Said in one line.
-    small = Run(tmp_path / "small").train(str(config), *overrides, "task.num_samples=2", ranks=2)
-    try:
-        stderr = small.finish(2)
-    finally:
-        small.kill()
+    small = Run(tmp_path / "small")
+    stderr = small.run(str(config), *overrides, "task.num_samples=2", ranks=2, expected_code=2)
     assert stderr.strip().splitlines()[-1] == (
         "ml: error: the valid stream of StreamTask gave at least one rank no batch: under "
         "trainer.parallel=fsdp every rank takes part in each forward pass; give it more samples, "

@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from tests.e2e.test_distributed import ML, TIMEOUT_S, _env, _train_losses
+from tests.forked_ml import run_ml
 
 CONFIG = """\
 model: {name: digits_mlp, hidden: 16, dropout: 0.0}
@@ -40,15 +41,9 @@ logger: [{name: jsonl, write_every_n_steps: 1}]
 
 
 def _ml(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*ML, *args],
-        env=_env(cwd / "runs"),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+    """``ml ARGS`` in ``cwd`` to completion, forked from a process that imported torch
+    (tests/forked_ml.py); a sweep's points are new interpreters, as for the script."""
+    return run_ml(args, _env(cwd / "runs"), cwd, TIMEOUT_S)
 
 
 def _config(run: Path) -> dict:

@@ -12,7 +12,8 @@
 8. A disk that fills while metrics are written stops the run naming the file, and ``status.json``
    still says the run failed.
 
-Every test runs the real ``ml`` command in a subprocess; the full disks are small tmpfs mounts
+Every test runs the real ``ml`` command in a subprocess (forked from one that imported torch, see
+``tests/forked_ml.py``, where its start-up is not what is tested); the full disks are small tmpfs mounts
 (root only, as in ``test_disk.py``).
 """
 
@@ -35,6 +36,7 @@ import pytest
 import torch
 
 from ml.cli import main as ml_main
+from tests.forked_ml import run_ml
 from tests.reliability.test_disk import tmpfs
 
 _SCRIPT = Path(sys.executable).parent / "ml"
@@ -69,9 +71,13 @@ def _env(run_dir: Path, **extra: str) -> dict[str, str]:
 def _ml(
     *args: str, run_dir: Path, limit_files: int | None = None, **env: str
 ) -> subprocess.CompletedProcess[str]:
+    """``ml ARGS`` to completion, forked from a process that imported torch (tests/forked_ml.py);
+    with ``limit_files``, the script in a new interpreter that may open that many files."""
+    if limit_files is None:
+        return run_ml(args, _env(run_dir, **env), timeout_s=TIMEOUT_S)
+
     def preexec() -> None:
-        if limit_files is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (limit_files, limit_files))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit_files, limit_files))
 
     return subprocess.run(
         [*ML, *args],

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.forked_ml import run_ml
+
 _SCRIPT = Path(sys.executable).parent / "ml"
 ML = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ml.cli"]
 TIMEOUT_S = 120
@@ -48,11 +50,15 @@ def _env(run_dir: Path) -> dict[str, str]:
 
 
 def _ml(*args: str, run_dir: Path, file_limit: int | None = None) -> subprocess.CompletedProcess[str]:
+    """``ml ARGS`` to completion, forked from a process that imported torch (tests/forked_ml.py); with
+    ``file_limit``, the script in a new interpreter that may write files of at most that size."""
+    if file_limit is None:
+        return run_ml(args, _env(run_dir), timeout_s=TIMEOUT_S)
+
     def limit() -> None:
-        if file_limit is not None:
-            # Past the limit a write fails with EFBIG instead of the process being killed by SIGXFSZ.
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+        # Past the limit a write fails with EFBIG instead of the process being killed by SIGXFSZ.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
 
     return subprocess.run(
         [*ML, *args],

@@ -20,21 +20,16 @@ from safetensors import safe_open
 from ml.cli import main as ml_main
 from ml.run.checkpoints import newest_checkpoint
 from ml.run.layout import RunDir, find_runs, is_run
-from tests.tools.test_export import ML, TIMEOUT_S, env
+from tests.forked_ml import run_ml
+from tests.tools.test_export import TIMEOUT_S, env
 
 DIGITS = ["digits", "task.max_steps=4", "lr_scheduler.warmup_steps=1", "trainer.valid_every_n_steps=2"]
 KEEP_ALL = ["trainer.checkpoint.save_every_n_steps=2", "trainer.checkpoint.only_save_most_recent=false"]
 
 
 def _ml_train(args: list[str], run_dir: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*ML, "train", *args],
-        env=env(run_dir),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+    """``ml train ARGS`` to completion, forked from a process that imported torch (tests/forked_ml.py)."""
+    return run_ml(["train", *args], env(run_dir), timeout_s=TIMEOUT_S)
 
 
 def _stdout_of(argv: list[str]) -> tuple[int, str]:
