@@ -7,26 +7,31 @@ two cores. Here one interpreter imports what the ``ml`` console script imports, 
 (:mod:`ml.entry` first, which listens for signals and slows the collector), freezes those objects
 for the collector, and runs nothing else. Each command is a child forked from it that takes the
 command's arguments, environment (``PYTHONPATH``'s folders put on ``sys.path`` as at start-up),
-working directory and output files, and exits through :func:`ml.entry.main` as the script does.
-Its exit code, stdout, stderr and files on disk are the command's own; the zygote itself is never
-changed by one.
+working directory and output files, reseeds torch's and NumPy's global generators from fresh
+entropy (as a new interpreter starts them), and exits through :func:`ml.entry.main` as the script
+does. Its exit code, stdout, stderr and files on disk are the command's own; the zygote itself is
+never changed by one, and a command dies with it (a test stopped mid-batch leaves no orphan).
 
 What a forked command cannot show, and which tests therefore start the real script:
 
 - the start-up itself: a signal during it, the collector while importing, what a fresh interpreter
   imports (``tests/test_import.py``), settings read once at start-up (``PYTHONUNBUFFERED``,
-  ``OMP_NUM_THREADS`` when the OpenMP runtime loads, malloc's environment);
+  ``PYTHONSAFEPATH`` and the other interpreter flags, ``OMP_NUM_THREADS`` when the OpenMP runtime
+  loads, malloc's environment);
 - a process the test signals, kills or talks to while it runs (those need its pid at once);
-- a run resumed in another process: forked commands share the zygote's string-hash seed, where
-  two real processes differ, so a resume that depends on set order would pass here.
+- a run resumed in another process, compared with one that was not: forked commands share the
+  zygote's string-hash seed, where two real processes differ, so a resume that depends on set
+  order would pass here.
 
 Use :func:`run_ml` (one command, like ``subprocess.run``) or :func:`run_forked` (a batch, side by
-side). The zygote is this file run as a script; not a test module.
+side). Callers in several threads take turns: one batch runs at a time. The zygote is this file
+run as a script; not a test module.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import gc
 import importlib
 import importlib.machinery
@@ -45,6 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 SCRIPT = Path(sys.executable).parent / "ml"  # the console script; the children's sys.argv[0]
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,8 @@ def run_ml(
 
 def run_forked(commands: Sequence[Command], parallel: int = 1) -> list[subprocess.CompletedProcess[str]]:
     """Runs every command, ``parallel`` at a time, each forked from the zygote; returns their results
-    in order. A command past its timeout is killed (SIGKILL): return code -9, and its stderr ends
-    with a ``TIMEOUT after ... s`` line."""
+    in order. A command past its timeout is killed, and then, once the batch has ended,
+    ``subprocess.TimeoutExpired`` is raised for the first such command, as ``subprocess.run`` does."""
     with tempfile.TemporaryDirectory(prefix="forked_ml_") as folder:
         work = Path(folder)
         cwd = os.getcwd()
@@ -76,13 +82,13 @@ def run_forked(commands: Sequence[Command], parallel: int = 1) -> list[subproces
             _zygote().run(work, parallel, budget_s=sum(c.timeout_s for c in commands) + 60)
         codes = json.loads((work / "codes.json").read_text())
         results = []
-        for number, command in enumerate(commands):
+        for number, (command, code) in enumerate(zip(commands, codes, strict=True)):
             out = (work / f"{number}.out").read_text(errors="replace")
             err = (work / f"{number}.err").read_text(errors="replace")
-            if codes[number] is None:
-                err += f"\nTIMEOUT after {command.timeout_s} s\n"
-            code = -signal.SIGKILL if codes[number] is None else codes[number]
-            results.append(subprocess.CompletedProcess([str(SCRIPT), *command.args], code, out, err))
+            argv = [str(SCRIPT), *command.args]
+            if code is None:
+                raise subprocess.TimeoutExpired(argv, command.timeout_s, output=out, stderr=err)
+            results.append(subprocess.CompletedProcess(argv, code, out, err))
         return results
 
 
@@ -151,14 +157,26 @@ _ZYGOTE_PYTHON_PATH: list[str] = []  # in the zygote: its own PYTHONPATH's folde
 
 
 def _python_path(env: dict[str, str]) -> list[str]:
-    """``PYTHONPATH``'s folders as the interpreter puts them on ``sys.path`` at start-up."""
-    return [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    """``PYTHONPATH``'s folders as the interpreter puts them on ``sys.path`` at start-up (an empty
+    entry is the current directory)."""
+    value = env.get("PYTHONPATH", "")
+    return [os.path.abspath(p) for p in value.split(os.pathsep)] if value else []
 
 
 def _child(work: Path, number: int, command: dict) -> None:
-    """Becomes the command: its folder, environment, output files and arguments; then ml's main."""
+    """Becomes the command: its folder, environment, output files, arguments and random state; then
+    ml's main."""
     import ml.entry
 
+    # Ends with the zygote (a test stopped mid-batch, a batch past its budget): no orphan trains on.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(stdin, 0)
+    os.close(stdin)
+    for fd, suffix in ((1, "out"), (2, "err")):
+        out = os.open(work / f"{number}.{suffix}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(out, fd)
+        os.close(out)
     os.chdir(command["cwd"])
     os.environ.clear()
     os.environ.update(command["env"])
@@ -169,12 +187,11 @@ def _child(work: Path, number: int, command: dict) -> None:
     spec = importlib.machinery.PathFinder.find_spec("ml", sys.path)
     if spec is not None and spec.origin != ml.__file__:
         raise SystemExit(f"forked_ml: the command would import ml from {spec.origin}, not {ml.__file__}")
-    stdin = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(stdin, 0)
-    for fd, suffix in ((1, "out"), (2, "err")):
-        out = os.open(work / f"{number}.{suffix}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(out, fd)
-        os.close(out)
+    # A new process's generators start from fresh entropy, not from the zygote's state (Python's
+    # random module reseeds itself after a fork; torch's and NumPy's do not).
+    sys.modules["torch"].seed()
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
     sys.argv = [str(SCRIPT), *command["args"]]
     # What a process it spawns (the mp launcher's ranks) runs first, as for the script: the script
     # as its main module, relative paths from the command's folder.
@@ -186,9 +203,10 @@ def _child(work: Path, number: int, command: dict) -> None:
 
 def _serve_batch(work: Path, parallel: int) -> None:
     commands = json.loads((work / "commands.json").read_text())
-    codes: list[int | None] = [None] * len(commands)
+    codes: list[int | None] = [None] * len(commands)  # None: killed at its deadline
     waiting = list(range(len(commands)))
     running: dict[int, tuple[int, float]] = {}  # pid -> (command number, deadline)
+    timed_out: set[int] = set()
     while waiting or running:
         while waiting and len(running) < parallel:
             number = waiting.pop(0)
@@ -198,13 +216,14 @@ def _serve_batch(work: Path, parallel: int) -> None:
             running[pid] = (number, time.monotonic() + commands[number]["timeout_s"])
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid:
-            number, deadline = running.pop(pid)
-            if time.monotonic() <= deadline:
+            number, _ = running.pop(pid)
+            if pid not in timed_out:
                 codes[number] = os.waitstatus_to_exitcode(status)
             continue
         for pid, (_, deadline) in running.items():
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)  # reaped above, its code left None: a timeout
+            if time.monotonic() > deadline and pid not in timed_out:
+                os.kill(pid, signal.SIGKILL)
+                timed_out.add(pid)
         time.sleep(0.01)
     (work / "codes.json").write_text(json.dumps(codes))
 

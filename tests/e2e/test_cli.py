@@ -1,4 +1,6 @@
-"""End-to-end tests of the ``ml`` command: real subprocesses, a tiny digits config, a temporary RUN_DIR.
+"""End-to-end tests of the ``ml`` command: subprocesses, a tiny digits config, a temporary RUN_DIR.
+Most commands are forked from a process that imported torch (tests/forked_ml.py); the tests of
+start-up, Ctrl-C and the readers of its output start the real script.
 
 Covered: the run folder layout, continuing a run from its ``config.yaml``, ``ml resolve``, help
 texts, user components by import path, and bad input (one ``ml: error:`` line, exit code 2, nothing

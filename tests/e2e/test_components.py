@@ -1,5 +1,6 @@
-"""End-to-end tests of components by name through the ``ml`` command (subprocesses forked from one
-that imported torch, tests/forked_ml.py).
+"""End-to-end tests of components by name through the ``ml`` command (subprocesses: the script for
+the SGD run and its exact resume, the others forked from one that imported torch,
+tests/forked_ml.py).
 
 Covered: a torch optimizer and a torch schedule by import path (``config.yaml``, the rates used, an
 exact resume), swapping a section on the command line (``optimizer.name=lion``: rebuilt from the
@@ -7,8 +8,9 @@ new component's defaults), the library optimizers and the original's schedules i
 unknown key, initial weights from an ``ml export`` file, and a user package imported from the
 current directory by the ``ml`` console script (every run here uses one: ``cwd_models``).
 
-The module's commands are queued as early as they can be: those needing nothing first, the two that
-start from the SGD run's checkpoints as soon as it ends; each test waits for its own.
+The module's commands start as early as they can (the forked ones take turns): those needing
+nothing first, the two that start from the SGD run's checkpoints as soon as it ends; each test
+waits for its own.
 """
 
 import json
@@ -80,12 +82,19 @@ TORCH_SGD = 'optimizer={name: "torch.optim:SGD", lr: 0.1, momentum: 0.9}'
 STEP_LR = 'lr_scheduler={name: "torch.optim.lr_scheduler:StepLR", step_size: 3, gamma: 0.5}'
 
 
-def ml(*args: str | Path, cwd: Path, run_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """``ml ARGS`` in ``cwd`` to completion, forked from a process that imported torch
-    (tests/forked_ml.py), with no ``PYTHONPATH``."""
+def ml(
+    *args: str | Path, cwd: Path, run_dir: Path | None = None, fresh: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``ml ARGS`` in ``cwd`` to completion, with no ``PYTHONPATH``: forked from a process that
+    imported torch (tests/forked_ml.py), or with ``fresh`` the script in a new interpreter (the two
+    runs an exact resume compares must not share one's hash seed)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RUN_DIR", "ML_EXP_NAME", "PYTHONPATH")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RUN_DIR=str(run_dir or cwd / "runs"))
-    return run_ml([str(a) for a in args], env, cwd, TIMEOUT_S)
+    if not fresh:
+        return run_ml([str(a) for a in args], env, cwd, TIMEOUT_S)
+    return subprocess.run(
+        [*ML, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
 
 
 def _ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
@@ -120,8 +129,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[ThreadPoolExecutor]:
-    """Runs the module's ``ml`` commands in the background while fixtures prepare the next ones (the
-    forked commands take turns, tests/forked_ml.py)."""
+    """Runs the module's ``ml`` commands side by side, each in a thread waiting on its process (the
+    forked ones take turns, tests/forked_ml.py)."""
     with ThreadPoolExecutor(max_workers=8) as executor:
         yield executor
 
@@ -130,7 +139,7 @@ def pool() -> Iterator[ThreadPoolExecutor]:
 def independent(
     home: Path, pool: ThreadPoolExecutor, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Future]:
-    """The commands that need no run of this module, queued first (before the SGD run)."""
+    """The commands that need no run of this module, started at once (before the SGD run)."""
     (home / "bad.safetensors").write_bytes(b"not a safetensors file")
     unknown_run_dir = tmp_path_factory.mktemp("unknown_key")
     return {
@@ -159,8 +168,8 @@ def independent(
 @pytest.fixture(scope="module")
 def sgd_run(home: Path, independent: dict[str, Future]) -> Path:
     """10 steps with torch.optim.SGD and StepLR by import path (checkpoints at 5 and 10)."""
-    del independent  # queued first
-    _ok(ml("train", "tiny.yaml", TORCH_SGD, STEP_LR, cwd=home))
+    del independent  # started first, to run beside this one
+    _ok(ml("train", "tiny.yaml", TORCH_SGD, STEP_LR, cwd=home, fresh=True))
     return home / "runs" / "tiny" / "run_0"
 
 
@@ -168,7 +177,7 @@ def sgd_run(home: Path, independent: dict[str, Future]) -> Path:
 def from_sgd_run(
     sgd_run: Path, home: Path, pool: ThreadPoolExecutor, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path | Future]:
-    """The two runs that start from the SGD run's checkpoints, queued as soon as it ends.
+    """The two runs that start from the SGD run's checkpoints, started together as soon as it ends.
 
     - ``resumed``: the SGD run as it was at step 5 (its folder copied, the later checkpoint gone,
       the link back), continued to step 10.
@@ -199,7 +208,9 @@ def from_sgd_run(
     )
     return {
         "resumed_run": run,
-        "resumed": pool.submit(ml, "train", run / "config.yaml", cwd=home, run_dir=resumed_run_dir),
+        "resumed": pool.submit(
+            ml, "train", run / "config.yaml", cwd=home, run_dir=resumed_run_dir, fresh=True
+        ),
         "initial": pool.submit(ml, *initial, cwd=home),
     }
 

@@ -1,4 +1,6 @@
-"""End-to-end tests of streamed training data: real ``ml train`` / torchrun subprocesses, real signals.
+"""End-to-end tests of streamed training data: ``ml train`` subprocesses, real signals. A run that is
+signalled, killed or resumed is the real script; a run of one segment is forked from a process that
+imported torch (tests/forked_ml.py).
 
 The task (``stream_task.py``, on the subprocesses' PYTHONPATH) streams an ``IterableDataset`` that
 shards by rank and loader worker, adds random noise to every sample, and implements

@@ -12,8 +12,10 @@
 
 The Slurm job array is tested with the other Slurm tests, in ``tests/e2e/test_slurm.py``.
 
-Every command that needs no other's result starts when the module does, side by side (the
-``started`` fixture), each in a folder of its own; each test waits for its own.
+Every command that needs no other's result starts when the module does (the ``started`` fixture),
+each in a folder of its own; each test waits for its own. The sweep a test stops is the real
+script; the others are forked from a process that imported torch (tests/forked_ml.py) and take
+turns, while the points a sweep runs are new interpreters, as for the script.
 """
 
 import json
@@ -192,7 +194,7 @@ def test_a_sweep_runs_each_point_as_its_own_resumable_run(started: Started) -> N
     assert sorted(losses[0]) == sorted(losses[1]) == [1, 2, 3]
     assert losses[0][1] == losses[1][1] and losses[0][3] != losses[1][3]  # same start, own learning rate
 
-    # Side by side, with the swept key's values; overlaid (these three read the runs together).
+    # The runs side by side in a table, with the swept key's values; overlaid in a plot.
     with ThreadPoolExecutor(max_workers=3) as pool:
         table, listed, plot = (
             pool.submit(_ml, *args, cwd=tmp_path)
