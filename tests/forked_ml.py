@@ -217,7 +217,9 @@ def _serve_batch(work: Path, parallel: int) -> None:
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid:
             number, _ = running.pop(pid)
-            if pid not in timed_out:
+            if pid in timed_out:
+                timed_out.discard(pid)  # its code stays None (and its pid may be given again)
+            else:
                 codes[number] = os.waitstatus_to_exitcode(status)
             continue
         for pid, (_, deadline) in running.items():
